@@ -1,0 +1,679 @@
+//! Wire types shared by kakuremichi's control, gateways and agents.
+//!
+//! Everything that crosses the control channel (a WebSocket carrying JSON text frames) or the
+//! enrollment call is defined here, and nothing else: this crate has serde and no I/O, no tokio and
+//! no clock. A message is an internally tagged enum (`{"type": "hello", ...}`); unknown fields are
+//! refused so that a mismatched peer fails loudly instead of half-working.
+//!
+//! The handshake: a node opens the socket and sends [`NodeMessage::Hello`] with the protocol version
+//! it speaks and the credential it got at enrollment. Control answers [`ControlMessage::Welcome`] and
+//! a full [`ConfigSnapshot`], or [`ControlMessage::Refused`] with a reason and closes. After every
+//! change that concerns the node, control sends a new snapshot with a higher version; the node
+//! answers [`NodeMessage::Applied`] and reports [`StatusReport`]s on the same socket.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The control-channel protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The versions this build accepts from a peer.
+pub const SUPPORTED_PROTOCOL_VERSIONS: RangeInclusive<u32> = 1..=1;
+
+/// Path of the node WebSocket on control.
+pub const NODE_WS_PATH: &str = "/api/v1/nodes/connect";
+
+/// Path of the enrollment call on control.
+pub const ENROLL_PATH: &str = "/api/v1/enroll";
+
+/// Overlay MTU as deployed: WireGuard over IPv4/IPv6 UDP within a 1500-byte path.
+pub const DEFAULT_OVERLAY_MTU: u16 = 1420;
+
+/// A peer spoke a protocol version this build does not support.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unsupported protocol version {got}: this build speaks versions {}..={}",
+    SUPPORTED_PROTOCOL_VERSIONS.start(),
+    SUPPORTED_PROTOCOL_VERSIONS.end()
+)]
+pub struct UnsupportedVersion {
+    /// The version the peer announced.
+    pub got: u32,
+}
+
+/// Checks a peer's announced protocol version.
+pub fn check_protocol_version(got: u32) -> Result<(), UnsupportedVersion> {
+    if SUPPORTED_PROTOCOL_VERSIONS.contains(&got) {
+        Ok(())
+    } else {
+        Err(UnsupportedVersion { got })
+    }
+}
+
+/// Which kind of node is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    /// A public gateway: terminates users' traffic, forwards it over WireGuard.
+    Gateway,
+    /// An agent next to private apps (its identity in the API is a *site*).
+    Agent,
+}
+
+impl fmt::Display for NodeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeKind::Gateway => "gateway",
+            NodeKind::Agent => "agent",
+        })
+    }
+}
+
+/// A secret string (enrollment token, node credential, API key). Its `Debug` and `Display`
+/// print a mask, so it never reaches a log by accident; read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the few places that must send or hash it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A WireGuard (X25519) public key; base64 on the wire, as `wg` prints it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WgPublicKey(pub [u8; 32]);
+
+/// A string was not a base64 WireGuard key of 32 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a WireGuard key: expected 32 bytes in base64")]
+pub struct BadKey;
+
+impl WgPublicKey {
+    /// Parses the base64 form.
+    pub fn from_base64(s: &str) -> Result<Self, BadKey> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .map_err(|_| BadKey)?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| BadKey)?;
+        Ok(Self(arr))
+    }
+
+    /// The base64 form.
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+}
+
+impl fmt::Debug for WgPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgPublicKey({})", self.to_base64())
+    }
+}
+
+impl fmt::Display for WgPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl Serialize for WgPublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for WgPublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        WgPublicKey::from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Body of `POST /api/v1/enroll`: a node trades its one-time enrollment token for a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The protocol version the node speaks.
+    pub protocol_version: u32,
+    /// The kind of node enrolling; must match what the token was issued for.
+    pub kind: NodeKind,
+    /// The one-time enrollment token shown when the site or gateway was created.
+    pub token: Secret,
+    /// The node's WireGuard public key (the private key never leaves the node).
+    pub public_key: WgPublicKey,
+}
+
+/// Answer to a successful enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    /// The node's id (the site's or the gateway's id in the API).
+    pub node_id: Uuid,
+    /// The kind the node was enrolled as.
+    pub kind: NodeKind,
+    /// Long-lived credential for the WebSocket hello. Shown once; keep it on disk.
+    pub credential: Secret,
+    /// The node's overlay address.
+    pub overlay_address: Ipv4Addr,
+}
+
+/// Messages a node (gateway or agent) sends to control.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NodeMessage {
+    /// First message on a new socket.
+    Hello {
+        /// The protocol version the node speaks.
+        protocol_version: u32,
+        /// The node's kind.
+        kind: NodeKind,
+        /// The node's id from enrollment.
+        node_id: Uuid,
+        /// The credential from enrollment.
+        credential: Secret,
+        /// The node's current WireGuard public key.
+        public_key: WgPublicKey,
+        /// The node's software version, for the API.
+        software_version: String,
+        /// The config version the node has applied (from its disk cache), if any.
+        applied_version: Option<u64>,
+    },
+    /// The node applied the snapshot with this version.
+    Applied {
+        /// The version applied.
+        version: u64,
+    },
+    /// Periodic status.
+    Status(StatusReport),
+    /// Liveness probe; answered with [`ControlMessage::Pong`].
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Answer to [`ControlMessage::Ping`].
+    Pong {
+        /// The nonce of the ping.
+        nonce: u64,
+    },
+}
+
+/// Why control refused a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// The node speaks a protocol version control does not support.
+    UnsupportedProtocolVersion,
+    /// The credential is wrong, revoked, or the node was deleted.
+    BadCredential,
+    /// The first message was not a valid hello.
+    BadHello,
+}
+
+/// Messages control sends to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlMessage {
+    /// The hello was accepted; a [`ControlMessage::Config`] follows.
+    Welcome {
+        /// The protocol version control speaks on this socket.
+        protocol_version: u32,
+        /// Echo of the node's id.
+        node_id: Uuid,
+    },
+    /// The hello was refused; control closes the socket after this.
+    Refused {
+        /// Machine-readable reason.
+        reason: RefuseReason,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// A full config snapshot for this node.
+    Config(ConfigSnapshot),
+    /// Liveness probe; answered with [`NodeMessage::Pong`].
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Answer to [`NodeMessage::Ping`].
+    Pong {
+        /// The nonce of the ping.
+        nonce: u64,
+    },
+}
+
+/// Everything a node needs to run, as of one config version. Applying the same snapshot twice is a
+/// no-op; applying a newer one changes only what differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSnapshot {
+    /// Monotonically increasing config version (control-wide).
+    pub version: u64,
+    /// The node this snapshot is for.
+    pub node_id: Uuid,
+    /// The node's kind.
+    pub kind: NodeKind,
+    /// The node's place in the overlay.
+    pub overlay: OverlayConfig,
+    /// WireGuard peers: for a gateway, the agents; for an agent, its gateways.
+    pub peers: Vec<PeerConfig>,
+    /// Gateway only: hostnames and where to send them.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Agent only: overlay ports and the private targets behind them.
+    #[serde(default)]
+    pub targets: Vec<Target>,
+}
+
+/// A node's overlay address and link settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayConfig {
+    /// The node's overlay address.
+    pub address: Ipv4Addr,
+    /// The overlay network's prefix length (10 for 100.64.0.0/10).
+    pub prefix_len: u8,
+    /// The overlay MTU.
+    pub mtu: u16,
+}
+
+/// A WireGuard peer of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's node id.
+    pub node_id: Uuid,
+    /// The peer's kind.
+    pub kind: NodeKind,
+    /// The peer's display name.
+    pub name: String,
+    /// The peer's WireGuard public key.
+    pub public_key: WgPublicKey,
+    /// The peer's overlay address: the only source address accepted from it (a /32).
+    pub overlay_address: Ipv4Addr,
+    /// Where to send the first packet (`host:port`); `None` for peers behind NAT, whose endpoint
+    /// is learned from their authenticated packets.
+    pub endpoint: Option<String>,
+    /// Persistent keepalive in seconds, set on the NATed side.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The transport a route forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteProtocol {
+    /// HTTP/1.1 reverse proxy, routed by `Host`.
+    Http,
+}
+
+/// Gateway routing entry: requests for `hostname` go to `overlay_address:port` (an agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The resource's id.
+    pub resource_id: Uuid,
+    /// The public hostname, lower case, without port.
+    pub hostname: String,
+    /// What the route forwards.
+    pub protocol: RouteProtocol,
+    /// The site (agent) that reaches the target.
+    pub site_id: Uuid,
+    /// The agent's overlay address.
+    pub overlay_address: Ipv4Addr,
+    /// The port on the agent's overlay address that leads to the target.
+    pub port: u16,
+}
+
+/// Agent target: flows to `port` on the agent's overlay address are forwarded to `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// The resource's id.
+    pub resource_id: Uuid,
+    /// The overlay port the agent accepts.
+    pub port: u16,
+    /// The private target as `host:port`.
+    pub target: String,
+}
+
+/// A node's periodic status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    /// The config version the node runs.
+    pub applied_version: u64,
+    /// WireGuard peers.
+    pub peers: Vec<PeerStatus>,
+    /// Agent only: whether each target accepted a connection recently.
+    #[serde(default)]
+    pub targets: Vec<TargetStatus>,
+}
+
+/// Status of one WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerStatus {
+    /// The peer's public key.
+    pub public_key: WgPublicKey,
+    /// The endpoint last seen or configured.
+    pub endpoint: Option<String>,
+    /// Milliseconds since the last completed handshake, if any.
+    pub last_handshake_age_ms: Option<u64>,
+    /// Bytes sent to the peer (WireGuard payload).
+    pub tx_bytes: u64,
+    /// Bytes received from the peer (WireGuard payload).
+    pub rx_bytes: u64,
+}
+
+/// Reachability of one agent target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetStatus {
+    /// The resource's id.
+    pub resource_id: Uuid,
+    /// The target as configured.
+    pub target: String,
+    /// Whether the last connection attempt succeeded.
+    pub reachable: bool,
+    /// The last error, if the last attempt failed.
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(b: u8) -> WgPublicKey {
+        WgPublicKey([b; 32])
+    }
+
+    const ID: Uuid = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+    const ID2: Uuid = Uuid::from_u128(0xfedc_ba98_7654_3210_fedc_ba98_7654_3210);
+
+    fn golden<T>(value: T, expected: serde_json::Value)
+    where
+        T: Serialize + for<'de> Deserialize<'de> + PartialEq + fmt::Debug,
+    {
+        assert_eq!(serde_json::to_value(&value).unwrap(), expected);
+        let back: T = serde_json::from_value(expected).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn hello_golden() {
+        golden(
+            NodeMessage::Hello {
+                protocol_version: 1,
+                kind: NodeKind::Agent,
+                node_id: ID,
+                credential: Secret::new("kmn_secret"),
+                public_key: key(1),
+                software_version: "0.1.0".into(),
+                applied_version: Some(7),
+            },
+            json!({
+                "type": "hello",
+                "protocol_version": 1,
+                "kind": "agent",
+                "node_id": "01234567-89ab-cdef-0123-456789abcdef",
+                "credential": "kmn_secret",
+                "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                "software_version": "0.1.0",
+                "applied_version": 7
+            }),
+        );
+    }
+
+    #[test]
+    fn snapshot_golden() {
+        golden(
+            ControlMessage::Config(ConfigSnapshot {
+                version: 42,
+                node_id: ID,
+                kind: NodeKind::Gateway,
+                overlay: OverlayConfig {
+                    address: Ipv4Addr::new(100, 64, 0, 1),
+                    prefix_len: 10,
+                    mtu: 1420,
+                },
+                peers: vec![PeerConfig {
+                    node_id: ID2,
+                    kind: NodeKind::Agent,
+                    name: "home".into(),
+                    public_key: key(2),
+                    overlay_address: Ipv4Addr::new(100, 64, 0, 2),
+                    endpoint: None,
+                    persistent_keepalive: None,
+                }],
+                routes: vec![Route {
+                    resource_id: ID,
+                    hostname: "demo.localhost".into(),
+                    protocol: RouteProtocol::Http,
+                    site_id: ID2,
+                    overlay_address: Ipv4Addr::new(100, 64, 0, 2),
+                    port: 10000,
+                }],
+                targets: vec![],
+            }),
+            json!({
+                "type": "config",
+                "version": 42,
+                "node_id": "01234567-89ab-cdef-0123-456789abcdef",
+                "kind": "gateway",
+                "overlay": {"address": "100.64.0.1", "prefix_len": 10, "mtu": 1420},
+                "peers": [{
+                    "node_id": "fedcba98-7654-3210-fedc-ba9876543210",
+                    "kind": "agent",
+                    "name": "home",
+                    "public_key": "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+                    "overlay_address": "100.64.0.2",
+                    "endpoint": null,
+                    "persistent_keepalive": null
+                }],
+                "routes": [{
+                    "resource_id": "01234567-89ab-cdef-0123-456789abcdef",
+                    "hostname": "demo.localhost",
+                    "protocol": "http",
+                    "site_id": "fedcba98-7654-3210-fedc-ba9876543210",
+                    "overlay_address": "100.64.0.2",
+                    "port": 10000
+                }],
+                "targets": []
+            }),
+        );
+    }
+
+    #[test]
+    fn agent_snapshot_golden() {
+        golden(
+            ConfigSnapshot {
+                version: 3,
+                node_id: ID2,
+                kind: NodeKind::Agent,
+                overlay: OverlayConfig {
+                    address: Ipv4Addr::new(100, 64, 0, 2),
+                    prefix_len: 10,
+                    mtu: 1420,
+                },
+                peers: vec![PeerConfig {
+                    node_id: ID,
+                    kind: NodeKind::Gateway,
+                    name: "edge".into(),
+                    public_key: key(1),
+                    overlay_address: Ipv4Addr::new(100, 64, 0, 1),
+                    endpoint: Some("203.0.113.7:51820".into()),
+                    persistent_keepalive: Some(25),
+                }],
+                routes: vec![],
+                targets: vec![Target {
+                    resource_id: ID,
+                    port: 10000,
+                    target: "127.0.0.1:9000".into(),
+                }],
+            },
+            json!({
+                "version": 3,
+                "node_id": "fedcba98-7654-3210-fedc-ba9876543210",
+                "kind": "agent",
+                "overlay": {"address": "100.64.0.2", "prefix_len": 10, "mtu": 1420},
+                "peers": [{
+                    "node_id": "01234567-89ab-cdef-0123-456789abcdef",
+                    "kind": "gateway",
+                    "name": "edge",
+                    "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                    "overlay_address": "100.64.0.1",
+                    "endpoint": "203.0.113.7:51820",
+                    "persistent_keepalive": 25
+                }],
+                "routes": [],
+                "targets": [{
+                    "resource_id": "01234567-89ab-cdef-0123-456789abcdef",
+                    "port": 10000,
+                    "target": "127.0.0.1:9000"
+                }]
+            }),
+        );
+    }
+
+    #[test]
+    fn small_messages_golden() {
+        golden(
+            NodeMessage::Applied { version: 5 },
+            json!({"type": "applied", "version": 5}),
+        );
+        golden(NodeMessage::Ping { nonce: 9 }, json!({"type": "ping", "nonce": 9}));
+        golden(ControlMessage::Pong { nonce: 9 }, json!({"type": "pong", "nonce": 9}));
+        golden(
+            ControlMessage::Welcome {
+                protocol_version: 1,
+                node_id: ID,
+            },
+            json!({"type": "welcome", "protocol_version": 1, "node_id": "01234567-89ab-cdef-0123-456789abcdef"}),
+        );
+        golden(
+            ControlMessage::Refused {
+                reason: RefuseReason::UnsupportedProtocolVersion,
+                message: "no".into(),
+            },
+            json!({"type": "refused", "reason": "unsupported_protocol_version", "message": "no"}),
+        );
+    }
+
+    #[test]
+    fn status_golden() {
+        golden(
+            NodeMessage::Status(StatusReport {
+                applied_version: 4,
+                peers: vec![PeerStatus {
+                    public_key: key(1),
+                    endpoint: Some("198.51.100.2:40000".into()),
+                    last_handshake_age_ms: Some(1500),
+                    tx_bytes: 10,
+                    rx_bytes: 20,
+                }],
+                targets: vec![TargetStatus {
+                    resource_id: ID,
+                    target: "127.0.0.1:9000".into(),
+                    reachable: false,
+                    error: Some("connection refused".into()),
+                }],
+            }),
+            json!({
+                "type": "status",
+                "applied_version": 4,
+                "peers": [{
+                    "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                    "endpoint": "198.51.100.2:40000",
+                    "last_handshake_age_ms": 1500,
+                    "tx_bytes": 10,
+                    "rx_bytes": 20
+                }],
+                "targets": [{
+                    "resource_id": "01234567-89ab-cdef-0123-456789abcdef",
+                    "target": "127.0.0.1:9000",
+                    "reachable": false,
+                    "error": "connection refused"
+                }]
+            }),
+        );
+    }
+
+    #[test]
+    fn enroll_golden() {
+        golden(
+            EnrollRequest {
+                protocol_version: 1,
+                kind: NodeKind::Gateway,
+                token: Secret::new("kme_tok"),
+                public_key: key(3),
+            },
+            json!({
+                "protocol_version": 1,
+                "kind": "gateway",
+                "token": "kme_tok",
+                "public_key": "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="
+            }),
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_refused() {
+        let err = serde_json::from_value::<NodeMessage>(json!({"type": "ping", "nonce": 1, "x": 2}));
+        assert!(err.is_err());
+        let err = serde_json::from_value::<NodeMessage>(json!({"type": "teleport"}));
+        assert!(err.is_err());
+        let err = serde_json::from_value::<WgPublicKey>(json!("AAAA"));
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn version_check() {
+        assert!(check_protocol_version(PROTOCOL_VERSION).is_ok());
+        let err = check_protocol_version(99).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unsupported protocol version 99: this build speaks versions 1..=1"
+        );
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");
+        let hello = NodeMessage::Hello {
+            protocol_version: 1,
+            kind: NodeKind::Gateway,
+            node_id: ID,
+            credential: s,
+            public_key: key(0),
+            software_version: String::new(),
+            applied_version: None,
+        };
+        assert!(!format!("{hello:?}").contains("hunter2"));
+    }
+}
