@@ -1,1 +1,142 @@
-fn main() {}
+//! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
+//! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
+//! echoes uploads, shows the request headers it got, and answers late on request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Parser;
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+
+/// Command line of the demo app.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kakuremichi-demo-app",
+    about = "A private HTTP app to publish through kakuremichi"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "KAKUREMICHI_DEMO_LISTEN",
+        default_value = "127.0.0.1:9000"
+    )]
+    listen: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    tracing::info!(listen = %args.listen, "demo app listening");
+    axum::serve(listener, app())
+        .await
+        .context("serving the demo app")
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/bytes/{n}", get(bytes))
+        .route("/headers", get(headers))
+        .route("/slow/{ms}", get(slow))
+        .route("/sha256", post(sha256))
+        .route("/echo", post(echo))
+}
+
+async fn index() -> Html<&'static str> {
+    Html(concat!(
+        "<!doctype html><html><head><title>kakuremichi demo app</title></head>",
+        "<body><h1>Hello from the kakuremichi demo app</h1>",
+        "<p>This page is served by a private app behind the agent, ",
+        "reached through the gateway and a WireGuard tunnel.</p></body></html>\n"
+    ))
+}
+
+/// The byte at offset `i` of every `/bytes/{n}` body.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+async fn bytes(Path(n): Path<u64>) -> Response {
+    // A multiple of the pattern's period, so every chunk is the same bytes: no work per request.
+    const CHUNK: u64 = 251 * 256;
+    static PATTERN: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let full = PATTERN
+        .get_or_init(|| (0..CHUNK).map(pattern).collect::<Vec<u8>>().into())
+        .clone();
+    let chunks = futures_util::stream::iter((0..n.div_ceil(CHUNK)).map(move |c| {
+        let len = (n - c * CHUNK).min(CHUNK) as usize;
+        Ok::<_, std::convert::Infallible>(full.slice(..len))
+    }));
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, n.to_string()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
+async fn headers(map: HeaderMap) -> Json<serde_json::Value> {
+    let obj: serde_json::Map<String, serde_json::Value> = map
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            )
+        })
+        .collect();
+    Json(serde_json::Value::Object(obj))
+}
+
+async fn slow(Path(ms): Path<u64>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    "slow response\n"
+}
+
+async fn sha256(req: Request) -> Result<Json<serde_json::Value>, StatusCode> {
+    let mut stream = req.into_body().into_data_stream();
+    let mut hasher = Sha256::new();
+    let mut len: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| StatusCode::BAD_REQUEST)?;
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok(Json(serde_json::json!({
+        "len": len,
+        "sha256": hex(&hasher.finalize()),
+    })))
+}
+
+async fn echo(req: Request) -> Response {
+    let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+    let mut resp = Body::from_stream(req.into_body().into_data_stream()).into_response();
+    if let Some(ct) = content_type {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

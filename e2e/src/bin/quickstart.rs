@@ -1,1 +1,60 @@
-fn main() {}
+//! The quickstart: starts control (SQLite), a gateway, an agent and the demo private app on
+//! loopback, publishes the app at http://demo.localhost:8080, prints where to look, and runs
+//! until Ctrl-C. It uses the release binaries next to it (build them with
+//! `cargo build --release --workspace --bins`, which `scripts/quickstart` does).
+
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use kakuremichi_e2e::{Stack, StackOptions, DEMO_HOST};
+use rand::distributions::{Alphanumeric, DistString as _};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let admin_key = format!(
+        "kma_quickstart_{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
+    );
+    let opts = StackOptions {
+        control_listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+        control_url_for_test: "http://127.0.0.1:3000".into(),
+        control_url_for_nodes: "http://127.0.0.1:3000".into(),
+        gateway_http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        gateway_http_for_test: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        gateway_wg_listen: SocketAddr::from(([127, 0, 0, 1], 51820)),
+        gateway_endpoint: "127.0.0.1:51820".into(),
+        app_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+        admin_key: admin_key.clone(),
+        ..StackOptions::loopback()
+    };
+    println!("starting control, a gateway, an agent and the demo app on loopback...");
+    let stack = Stack::start_with(opts)
+        .await
+        .context("starting the quickstart (are ports 3000, 8080, 9000 and UDP 51820 free?)")?;
+    println!(
+        r#"
+kakuremichi is running.
+
+  Your app, through the tunnel:  http://{DEMO_HOST}:8080/
+      try: curl http://{DEMO_HOST}:8080/
+  Control (admin UI and API):    http://127.0.0.1:3000/
+  Admin API key (shown once):    {admin_key}
+      try: curl -H 'Authorization: Bearer {admin_key}' http://127.0.0.1:3000/api/v1/resources
+  Data folders and logs:         {}
+
+Press Ctrl-C to stop everything.
+"#,
+        stack.dir.path().display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    println!("stopping");
+    drop(stack);
+    Ok(())
+}

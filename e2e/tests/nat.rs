@@ -1,0 +1,92 @@
+//! Across a real NAT: the agent and the private app sit in a network namespace behind iptables
+//! MASQUERADE with no inbound path; control and the gateway sit in another namespace.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kakuremichi_e2e::netns::{NatLab, GW_FROM_HARNESS, GW_PUBLIC, LAN_HOST};
+use kakuremichi_e2e::{Placement, Stack, StackOptions, DEMO_HOST};
+
+#[tokio::test]
+async fn request_crosses_a_real_nat_to_an_agent_with_no_inbound_path() {
+    let lab = NatLab::new().unwrap();
+    let gw_public = std::net::Ipv4Addr::from(GW_PUBLIC);
+    let gw_harness = std::net::Ipv4Addr::from(GW_FROM_HARNESS);
+    let lan = std::net::Ipv4Addr::from(LAN_HOST);
+    let opts = StackOptions {
+        control_listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+        control_url_for_test: format!("http://{gw_harness}:3000"),
+        control_url_for_nodes: format!("http://{gw_public}:3000"),
+        control_at: Placement {
+            netns: Some(lab.gw_ns.clone()),
+        },
+        gateway_http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        gateway_http_for_test: SocketAddr::from((gw_harness, 8080)),
+        gateway_wg_listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+        gateway_endpoint: format!("{gw_public}:51820"),
+        gateway_at: Placement {
+            netns: Some(lab.gw_ns.clone()),
+        },
+        agent_at: Placement {
+            netns: Some(lab.lan_ns.clone()),
+        },
+        agent_wg_listen: None,
+        app_listen: SocketAddr::from((lan, 9000)),
+        gateway_args: Vec::new(),
+        admin_key: kakuremichi_e2e::TEST_ADMIN_KEY.to_string(),
+    };
+    let stack = Stack::start_with(opts).await.unwrap();
+
+    // The private app is not reachable from the gateway's side: no inbound path.
+    assert!(
+        !lab.exec_ok(
+            &lab.gw_ns,
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                "-o",
+                "/dev/null",
+                &format!("http://{lan}:9000/")
+            ]
+        ),
+        "the LAN must not be reachable from outside"
+    );
+    // But the LAN reaches out (the agent does exactly that).
+    assert!(lab.exec_ok(
+        &lab.lan_ns,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            &format!("http://{gw_public}:3000/healthz")
+        ]
+    ));
+
+    for _ in 0..5 {
+        let resp = stack.get(DEMO_HOST, "/").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.text().await.unwrap().contains("kakuremichi demo app"));
+    }
+    let resp = stack.get(DEMO_HOST, "/bytes/1048576").await.unwrap();
+    assert_eq!(resp.bytes().await.unwrap().len(), 1 << 20);
+
+    // The gateway saw the agent through the NAT's outside address.
+    let gw = stack
+        .api
+        .get(&format!("/api/v1/gateways/{}", stack.gateway_id))
+        .await
+        .unwrap();
+    let seen = gw.to_string();
+    assert!(
+        seen.contains("198.18.1.2"),
+        "gateway status should show the NATed endpoint: {gw}"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
