@@ -566,8 +566,14 @@ mod tests {
             NodeMessage::Applied { version: 5 },
             json!({"type": "applied", "version": 5}),
         );
-        golden(NodeMessage::Ping { nonce: 9 }, json!({"type": "ping", "nonce": 9}));
-        golden(ControlMessage::Pong { nonce: 9 }, json!({"type": "pong", "nonce": 9}));
+        golden(
+            NodeMessage::Ping { nonce: 9 },
+            json!({"type": "ping", "nonce": 9}),
+        );
+        golden(
+            ControlMessage::Pong { nonce: 9 },
+            json!({"type": "pong", "nonce": 9}),
+        );
         golden(
             ControlMessage::Welcome {
                 protocol_version: 1,
@@ -643,7 +649,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_types_are_refused() {
-        let err = serde_json::from_value::<NodeMessage>(json!({"type": "ping", "nonce": 1, "x": 2}));
+        let err =
+            serde_json::from_value::<NodeMessage>(json!({"type": "ping", "nonce": 1, "x": 2}));
         assert!(err.is_err());
         let err = serde_json::from_value::<NodeMessage>(json!({"type": "teleport"}));
         assert!(err.is_err());
