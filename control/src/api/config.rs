@@ -1,0 +1,27 @@
+//! `GET /config/version`.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+use super::ApiJson;
+use crate::{ApiError, AppState};
+
+/// Answer of `GET /config/version`.
+#[derive(Debug, Serialize)]
+pub struct VersionView {
+    /// The current config version.
+    pub version: u64,
+}
+
+/// The config router.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/config/version", get(version))
+}
+
+async fn version(State(state): State<AppState>) -> Result<ApiJson<VersionView>, ApiError> {
+    Ok(ApiJson(VersionView {
+        version: state.store.config_version().await?,
+    }))
+}

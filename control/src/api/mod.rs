@@ -1,0 +1,83 @@
+//! The REST API under `/api/v1`: one `router()` per resource module, admin auth, JSON extractors
+//! whose rejections go through [`ApiError`].
+
+pub mod config;
+pub mod enroll;
+pub mod gateways;
+pub mod nodes;
+pub mod resources;
+pub mod sites;
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use kakuremichi_proto::{Secret, NODE_WS_PATH};
+
+use crate::{ApiError, AppState};
+
+/// A JSON body; malformed JSON, a wrong content type, unknown fields and oversized bodies become
+/// [`ApiError`]s (400 or 413 with a JSON body), never axum's default 422 or plain text.
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// A path parameter whose rejection is an [`ApiError`].
+#[derive(Debug, Clone, Copy, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// The `/api/v1` router. Everything but `/enroll` and `/nodes/connect` needs the admin key.
+pub fn router(state: AppState) -> Router<AppState> {
+    let ws_path = NODE_WS_PATH.strip_prefix("/api/v1").unwrap_or(NODE_WS_PATH);
+    Router::new()
+        .merge(sites::router())
+        .merge(gateways::router())
+        .merge(resources::router())
+        .merge(config::router())
+        .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
+        .merge(enroll::router())
+        .route(ws_path, get(crate::hub::connect))
+}
+
+async fn require_admin(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let key = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing admin key: send Authorization: Bearer <key>".into())
+        })?;
+    if !state.check_admin_key(&Secret::new(key)).await? {
+        return Err(ApiError::Unauthorized("invalid admin key".into()));
+    }
+    Ok(next.run(req).await)
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Turns a validation message into a 400.
+pub(crate) fn invalid(msg: String) -> ApiError {
+    ApiError::BadRequest(msg)
+}

@@ -1,0 +1,203 @@
+//! Settings of the control binary: command line and environment (clap) over an optional TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use kakuremichi_proto::Secret;
+use serde::Deserialize;
+
+use crate::overlay::OverlayNet;
+use crate::store::Backend;
+
+/// The default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+/// The default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// The settings of `--config FILE` (every key optional; the command line and env win).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Database URL.
+    pub database_url: Option<String>,
+    /// Overlay CIDR.
+    pub overlay_cidr: Option<String>,
+    /// Admin key to seed when the store has none.
+    pub initial_admin_key: Option<Secret>,
+}
+
+/// A setting was invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value was invalid.
+    #[error("invalid {setting}: {message}")]
+    Invalid {
+        /// Which setting.
+        setting: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the HTTP server listens.
+    pub listen: SocketAddr,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The database URL.
+    pub database_url: String,
+    /// The overlay network.
+    pub overlay: OverlayNet,
+    /// Admin key to seed when the store has none.
+    pub initial_admin_key: Option<Secret>,
+}
+
+/// Raw settings before validation (each from the command line/env, else the file, else default).
+#[derive(Debug, Default)]
+pub struct RawSettings {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Database URL.
+    pub database_url: Option<String>,
+    /// Overlay CIDR.
+    pub overlay_cidr: Option<String>,
+    /// Initial admin key.
+    pub initial_admin_key: Option<Secret>,
+}
+
+impl RawSettings {
+    /// `self` (command line and env) over `file`.
+    pub fn over(self, file: FileConfig) -> RawSettings {
+        RawSettings {
+            listen: self.listen.or(file.listen),
+            data_dir: self.data_dir.or(file.data_dir),
+            database_url: self.database_url.or(file.database_url),
+            overlay_cidr: self.overlay_cidr.or(file.overlay_cidr),
+            initial_admin_key: self.initial_admin_key.or(file.initial_admin_key),
+        }
+    }
+
+    /// Applies defaults and validates.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let listen_s = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = listen_s.parse().map_err(|_| ConfigError::Invalid {
+            setting: "listen address",
+            message: format!("{listen_s:?} is not an IP:port such as 127.0.0.1:3000"),
+        })?;
+        let data_dir = self.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let database_url = match self.database_url {
+            Some(u) => u,
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("control.db").display()
+            ),
+        };
+        if Backend::of_url(&database_url).is_none() {
+            return Err(ConfigError::Invalid {
+                setting: "database URL",
+                message: "expected sqlite://FILE or postgres://...".into(),
+            });
+        }
+        let overlay = match self.overlay_cidr {
+            Some(c) => c
+                .parse()
+                .map_err(|e: crate::overlay::BadCidr| ConfigError::Invalid {
+                    setting: "overlay CIDR",
+                    message: e.to_string(),
+                })?,
+            None => OverlayNet::DEFAULT,
+        };
+        if let Some(k) = &self.initial_admin_key {
+            if crate::secrets::embedded_id(crate::secrets::ADMIN_KEY_PREFIX, k).is_none() {
+                return Err(ConfigError::Invalid {
+                    setting: "initial admin key",
+                    message: "expected kma_<32 hex digits>_<secret>".into(),
+                });
+            }
+        }
+        Ok(Settings {
+            listen,
+            data_dir,
+            database_url,
+            overlay,
+            initial_admin_key: self.initial_admin_key,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_precedence() {
+        let file: FileConfig =
+            toml::from_str("listen = \"0.0.0.0:4000\"\noverlay_cidr = \"10.0.0.0/16\"").unwrap();
+        let raw = RawSettings {
+            listen: Some("127.0.0.1:5000".into()),
+            ..Default::default()
+        };
+        let s = raw.over(file).validate().unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(s.overlay.to_string(), "10.0.0.0/16");
+        assert_eq!(s.database_url, "sqlite://./data/control.db?mode=rwc");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+        let bad = RawSettings {
+            listen: Some("nope".into()),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = RawSettings {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = RawSettings {
+            initial_admin_key: Some(Secret::new("short")),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,1034 @@
+//! The store: sites, gateways, resources, admin keys and the config version, in SQLite or
+//! PostgreSQL through one sqlx `AnyPool` code path (`$1` placeholders work in both).
+//!
+//! Every change that affects any node's snapshot bumps the config version in the same
+//! transaction, then publishes the new version on a `tokio::sync::watch` channel
+//! ([`Store::subscribe`]). WebSocket sessions recompute their snapshot on each new version. The
+//! channel's sender is exposed ([`Store::signal`]) so that another source, such as a Postgres
+//! `LISTEN` task for several control replicas, can feed the same signal.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kakuremichi_proto::{
+    ConfigSnapshot, EnrollResponse, NodeKind, OverlayConfig, PeerConfig, Route, RouteProtocol,
+    Secret, StatusReport, Target, WgPublicKey, DEFAULT_OVERLAY_MTU,
+};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+use tokio::sync::{watch, Mutex};
+use uuid::Uuid;
+
+use crate::overlay::OverlayNet;
+use crate::secrets::{self, HashError};
+
+/// The first overlay port given to a resource on its site.
+pub const FIRST_OVERLAY_PORT: u16 = 10000;
+
+/// Persistent keepalive agents use towards gateways, in seconds.
+pub const AGENT_KEEPALIVE_SECS: u16 = 25;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique value (name, hostname, address) is already taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// A value refers to something that does not exist or cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+    /// A token or credential did not match.
+    #[error("invalid or already used token or credential")]
+    BadSecret,
+    /// No overlay address or port is left.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The database URL is not one this build supports.
+    #[error("unsupported database URL scheme (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    /// The database said no.
+    #[error("database error: {0}")]
+    Db(sqlx::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Hashing a secret failed.
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    /// A stored value could not be read back.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let unique = e
+            .as_database_error()
+            .is_some_and(|d| d.is_unique_violation());
+        if unique {
+            StoreError::Conflict("a value that must be unique is already in use".into())
+        } else {
+            StoreError::Db(e)
+        }
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A site (an agent) or a gateway, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// The node's id.
+    pub id: Uuid,
+    /// Site (agent) or gateway.
+    pub kind: NodeKind,
+    /// Display name, unique per kind.
+    pub name: String,
+    /// Overlay address, unique across sites and gateways.
+    pub overlay_address: Ipv4Addr,
+    /// Gateways only: the public `host:port` agents dial.
+    pub endpoint: Option<String>,
+    /// The WireGuard public key, known after enrollment.
+    pub public_key: Option<WgPublicKey>,
+    /// Whether the node holds a credential.
+    pub has_credential: bool,
+    /// Last message from the node (unix ms).
+    pub last_seen_at: Option<i64>,
+    /// The config version the node last reported as applied.
+    pub applied_version: Option<u64>,
+    /// The node's software version from its hello.
+    pub software_version: Option<String>,
+    /// The latest status report.
+    pub last_status: Option<StatusReport>,
+    /// When the latest status report arrived (unix ms).
+    pub last_status_at: Option<i64>,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+}
+
+impl Node {
+    /// Enrolled: holds a credential and a public key.
+    pub fn enrolled(&self) -> bool {
+        self.has_credential && self.public_key.is_some()
+    }
+}
+
+/// A resource: a public hostname forwarded to a private target through a site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    /// The resource's id.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// Public hostname, lower case, unique.
+    pub hostname: String,
+    /// The site whose agent reaches the target.
+    pub site_id: Uuid,
+    /// The private target, `host:port`.
+    pub target: String,
+    /// The port on the site's overlay address that leads to the target.
+    pub overlay_port: u16,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+}
+
+/// Fields of a new resource (already validated).
+#[derive(Debug, Clone)]
+pub struct NewResource {
+    /// Display name.
+    pub name: String,
+    /// Public hostname.
+    pub hostname: String,
+    /// The site.
+    pub site_id: Uuid,
+    /// The target.
+    pub target: String,
+}
+
+/// Changes to a resource (already validated); `None` keeps the field.
+#[derive(Debug, Clone, Default)]
+pub struct ResourcePatch {
+    /// New name.
+    pub name: Option<String>,
+    /// New hostname.
+    pub hostname: Option<String>,
+    /// New site (the resource gets a new overlay port there).
+    pub site_id: Option<Uuid>,
+    /// New target.
+    pub target: Option<String>,
+}
+
+fn table(kind: NodeKind) -> &'static str {
+    match kind {
+        NodeKind::Agent => "sites",
+        NodeKind::Gateway => "gateways",
+    }
+}
+
+fn what(kind: NodeKind) -> &'static str {
+    match kind {
+        NodeKind::Agent => "site",
+        NodeKind::Gateway => "gateway",
+    }
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).map_err(corrupt)
+}
+
+const NODE_COLUMNS: &str = "id, name, overlay_address, public_key, credential_hash, last_seen_at, \
+     applied_version, software_version, last_status, last_status_at, created_at";
+
+fn node_from_row(kind: NodeKind, row: &AnyRow) -> Result<Node> {
+    let id: String = row.try_get("id")?;
+    let addr: String = row.try_get("overlay_address")?;
+    let public_key: Option<String> = row.try_get("public_key")?;
+    let credential: Option<String> = row.try_get("credential_hash")?;
+    let applied: Option<i64> = row.try_get("applied_version")?;
+    let status: Option<String> = row.try_get("last_status")?;
+    let endpoint = match kind {
+        NodeKind::Gateway => Some(row.try_get::<String, _>("endpoint")?),
+        NodeKind::Agent => None,
+    };
+    Ok(Node {
+        id: parse_uuid(&id)?,
+        kind,
+        name: row.try_get("name")?,
+        overlay_address: Ipv4Addr::from_str(&addr).map_err(corrupt)?,
+        endpoint,
+        public_key: public_key
+            .map(|k| WgPublicKey::from_base64(&k).map_err(corrupt))
+            .transpose()?,
+        has_credential: credential.is_some(),
+        last_seen_at: row.try_get("last_seen_at")?,
+        applied_version: applied.map(|v| v.max(0) as u64),
+        software_version: row.try_get("software_version")?,
+        last_status: status
+            .map(|s| serde_json::from_str(&s).map_err(corrupt))
+            .transpose()?,
+        last_status_at: row.try_get("last_status_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn resource_from_row(row: &AnyRow) -> Result<Resource> {
+    let id: String = row.try_get("id")?;
+    let site_id: String = row.try_get("site_id")?;
+    let port: i64 = row.try_get("overlay_port")?;
+    Ok(Resource {
+        id: parse_uuid(&id)?,
+        name: row.try_get("name")?,
+        hostname: row.try_get("hostname")?,
+        site_id: parse_uuid(&site_id)?,
+        target: row.try_get("target")?,
+        overlay_port: u16::try_from(port).map_err(corrupt)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// The store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    overlay: OverlayNet,
+    signal: watch::Sender<u64>,
+    /// Serializes config mutations in this process, so allocations do not race.
+    write: std::sync::Arc<Mutex<()>>,
+}
+
+/// Which database a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a database URL.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://...` or `postgres://...`) and runs the migrations.
+    pub async fn connect(url: &str, overlay: OverlayNet) -> Result<Store> {
+        Self::connect_with(url, overlay, 8).await
+    }
+
+    /// Like [`Store::connect`], with a maximum pool size.
+    pub async fn connect_with(url: &str, overlay: OverlayNet, max_conns: u32) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url).ok_or(StoreError::UnsupportedUrl)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_conns)
+            .connect(url)
+            .await?;
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await?,
+            Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await?,
+        }
+        let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
+            .fetch_one(&pool)
+            .await?;
+        let (signal, _) = watch::channel(version.max(0) as u64);
+        Ok(Store {
+            pool,
+            overlay,
+            signal,
+            write: Default::default(),
+        })
+    }
+
+    /// The overlay network addresses are allocated from.
+    pub fn overlay(&self) -> OverlayNet {
+        self.overlay
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A receiver of the config version; it changes after every committed config change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.signal.subscribe()
+    }
+
+    /// The sender behind [`Store::subscribe`], for other sources of changes (e.g. Postgres NOTIFY).
+    pub fn signal(&self) -> &watch::Sender<u64> {
+        &self.signal
+    }
+
+    fn publish(&self, version: u64) {
+        self.signal.send_if_modified(|v| {
+            if version > *v {
+                *v = version;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The current config version, from the database.
+    pub async fn config_version(&self) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.max(0) as u64)
+    }
+
+    async fn bump(tx: &mut Transaction<'static, Any>) -> Result<u64> {
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE config_state SET version = version + 1 WHERE id = 1 RETURNING version",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(v.max(0) as u64)
+    }
+
+    async fn commit_bumped(&self, mut tx: Transaction<'static, Any>) -> Result<u64> {
+        let v = Self::bump(&mut tx).await?;
+        tx.commit().await?;
+        self.publish(v);
+        Ok(v)
+    }
+
+    // ---------------------------------------------------------------- admin keys
+
+    /// Makes sure an admin key exists. With none stored, stores `initial` if given, otherwise
+    /// generates one. Returns the key only when it was generated here (to show it once).
+    pub async fn ensure_admin_key(&self, initial: Option<&Secret>) -> Result<Option<Secret>> {
+        let _w = self.write.lock().await;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?;
+        if count > 0 {
+            return Ok(None);
+        }
+        let (id, key, generated) = match initial {
+            Some(k) => {
+                let id = secrets::embedded_id(secrets::ADMIN_KEY_PREFIX, k).ok_or_else(|| {
+                    StoreError::Invalid(
+                        "initial admin key must look like kma_<32 hex>_<secret>".into(),
+                    )
+                })?;
+                (id, k.clone(), false)
+            }
+            None => {
+                let id = Uuid::new_v4();
+                (
+                    id,
+                    secrets::new_with_id(secrets::ADMIN_KEY_PREFIX, id),
+                    true,
+                )
+            }
+        };
+        let hash = secrets::hash(&key).await?;
+        sqlx::query("INSERT INTO api_keys (id, hash, created_at) VALUES ($1, $2, $3)")
+            .bind(id.to_string())
+            .bind(hash)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(generated.then_some(key))
+    }
+
+    /// Whether `key` is a stored admin key (looked up by its embedded id, checked with argon2).
+    pub async fn verify_admin_key(&self, key: &Secret) -> Result<bool> {
+        let Some(id) = secrets::embedded_id(secrets::ADMIN_KEY_PREFIX, key) else {
+            return Ok(false);
+        };
+        let hash: Option<String> = sqlx::query_scalar("SELECT hash FROM api_keys WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match hash {
+            Some(h) => secrets::verify(&h, key).await,
+            None => false,
+        })
+    }
+
+    // ---------------------------------------------------------------- nodes
+
+    async fn used_addresses(tx: &mut Transaction<'static, Any>) -> Result<HashSet<Ipv4Addr>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT overlay_address FROM sites UNION ALL SELECT overlay_address FROM gateways",
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        Ok(rows.iter().filter_map(|a| a.parse().ok()).collect())
+    }
+
+    /// Creates a site (`endpoint: None`) or a gateway (`endpoint: Some`), allocating the lowest
+    /// free overlay address. Returns the node and its one-time enrollment token.
+    pub async fn create_node(
+        &self,
+        kind: NodeKind,
+        name: &str,
+        endpoint: Option<&str>,
+    ) -> Result<(Node, Secret)> {
+        let _w = self.write.lock().await;
+        let id = Uuid::new_v4();
+        let token = secrets::new_with_id(secrets::ENROLL_TOKEN_PREFIX, id);
+        let token_hash = secrets::hash(&token).await?;
+        let mut tx = self.pool.begin().await?;
+        self.check_name_free(&mut tx, kind, name, None).await?;
+        let used = Self::used_addresses(&mut tx).await?;
+        let addr = self.overlay.lowest_free(&used).ok_or_else(|| {
+            StoreError::Exhausted(format!("overlay network {} is full", self.overlay))
+        })?;
+        let now = now_ms();
+        match kind {
+            NodeKind::Agent => {
+                sqlx::query(
+                    "INSERT INTO sites (id, name, overlay_address, enrollment_token_hash, created_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id.to_string())
+                .bind(name)
+                .bind(addr.to_string())
+                .bind(token_hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            NodeKind::Gateway => {
+                sqlx::query(
+                    "INSERT INTO gateways (id, name, overlay_address, endpoint, enrollment_token_hash, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(id.to_string())
+                .bind(name)
+                .bind(addr.to_string())
+                .bind(endpoint.unwrap_or_default())
+                .bind(token_hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        // A node without a public key appears in no snapshot, but the bump keeps "every change
+        // bumps" simple to reason about.
+        self.commit_bumped(tx).await?;
+        let node = self.get_node(kind, id).await?;
+        Ok((node, token))
+    }
+
+    async fn check_name_free(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        kind: NodeKind,
+        name: &str,
+        except: Option<Uuid>,
+    ) -> Result<()> {
+        let sql = format!("SELECT id FROM {} WHERE name = $1", table(kind));
+        let other: Option<String> = sqlx::query_scalar(&sql)
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await?;
+        match other {
+            Some(o) if Some(o.as_str()) != except.map(|e| e.to_string()).as_deref() => Err(
+                StoreError::Conflict(format!("a {} named {name:?} already exists", what(kind))),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn node_select(kind: NodeKind) -> String {
+        match kind {
+            NodeKind::Agent => format!("SELECT {NODE_COLUMNS} FROM sites"),
+            NodeKind::Gateway => format!("SELECT {NODE_COLUMNS}, endpoint FROM gateways"),
+        }
+    }
+
+    /// One site or gateway.
+    pub async fn get_node(&self, kind: NodeKind, id: Uuid) -> Result<Node> {
+        let sql = format!("{} WHERE id = $1", Self::node_select(kind));
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound(what(kind)))?;
+        node_from_row(kind, &row)
+    }
+
+    /// All sites or gateways, oldest first.
+    pub async fn list_nodes(&self, kind: NodeKind) -> Result<Vec<Node>> {
+        let sql = format!("{} ORDER BY created_at, id", Self::node_select(kind));
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| node_from_row(kind, r)).collect()
+    }
+
+    /// Renames a node and/or (gateways) changes its endpoint.
+    pub async fn update_node(
+        &self,
+        kind: NodeKind,
+        id: Uuid,
+        name: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> Result<Node> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<String> =
+            sqlx::query_scalar(&format!("SELECT id FROM {} WHERE id = $1", table(kind)))
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(what(kind)));
+        }
+        if let Some(name) = name {
+            self.check_name_free(&mut tx, kind, name, Some(id)).await?;
+            sqlx::query(&format!(
+                "UPDATE {} SET name = $1 WHERE id = $2",
+                table(kind)
+            ))
+            .bind(name)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let (NodeKind::Gateway, Some(endpoint)) = (kind, endpoint) {
+            sqlx::query("UPDATE gateways SET endpoint = $1 WHERE id = $2")
+                .bind(endpoint)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        self.commit_bumped(tx).await?;
+        self.get_node(kind, id).await
+    }
+
+    /// Deletes a node. Deleting a site deletes its resources too.
+    pub async fn delete_node(&self, kind: NodeKind, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        if kind == NodeKind::Agent {
+            sqlx::query("DELETE FROM resources WHERE site_id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query(&format!("DELETE FROM {} WHERE id = $1", table(kind)))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what(kind)));
+        }
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    /// Replaces the node's enrollment token with a new one-time token, returned once.
+    pub async fn regenerate_enrollment_token(&self, kind: NodeKind, id: Uuid) -> Result<Secret> {
+        let token = secrets::new_with_id(secrets::ENROLL_TOKEN_PREFIX, id);
+        let hash = secrets::hash(&token).await?;
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET enrollment_token_hash = $1 WHERE id = $2",
+            table(kind)
+        ))
+        .bind(hash)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what(kind)));
+        }
+        Ok(token)
+    }
+
+    /// Trades a one-time enrollment token for a credential; stores the public key. The token is
+    /// consumed whether or not the node was enrolled before.
+    pub async fn enroll(
+        &self,
+        kind: NodeKind,
+        token: &Secret,
+        public_key: &WgPublicKey,
+    ) -> Result<EnrollResponse> {
+        let id = secrets::embedded_id(secrets::ENROLL_TOKEN_PREFIX, token)
+            .ok_or(StoreError::BadSecret)?;
+        let t = table(kind);
+        let row = sqlx::query(&format!(
+            "SELECT enrollment_token_hash, overlay_address FROM {t} WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::BadSecret)?;
+        let hash: Option<String> = row.try_get("enrollment_token_hash")?;
+        let addr: String = row.try_get("overlay_address")?;
+        let hash = hash.ok_or(StoreError::BadSecret)?;
+        if !secrets::verify(&hash, token).await {
+            return Err(StoreError::BadSecret);
+        }
+        let credential = secrets::new_plain(secrets::CREDENTIAL_PREFIX);
+        let cred_hash = secrets::hash(&credential).await?;
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        // Compare-and-swap on the token hash: of two concurrent enrollments, one wins.
+        let done = sqlx::query(&format!(
+            "UPDATE {t} SET enrollment_token_hash = NULL, credential_hash = $1, public_key = $2 \
+             WHERE id = $3 AND enrollment_token_hash = $4"
+        ))
+        .bind(cred_hash)
+        .bind(public_key.to_base64())
+        .bind(id.to_string())
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::BadSecret);
+        }
+        self.commit_bumped(tx).await?;
+        Ok(EnrollResponse {
+            node_id: id,
+            kind,
+            credential,
+            overlay_address: addr.parse().map_err(corrupt)?,
+        })
+    }
+
+    /// Checks a node's credential; returns the node if it matches.
+    pub async fn authenticate_node(
+        &self,
+        kind: NodeKind,
+        id: Uuid,
+        credential: &Secret,
+    ) -> Result<Node> {
+        let hash: Option<Option<String>> = sqlx::query_scalar(&format!(
+            "SELECT credential_hash FROM {} WHERE id = $1",
+            table(kind)
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(Some(hash)) = hash else {
+            return Err(StoreError::BadSecret);
+        };
+        if !secrets::verify(&hash, credential).await {
+            return Err(StoreError::BadSecret);
+        }
+        self.get_node(kind, id).await
+    }
+
+    /// Records a hello: software version, applied version, last seen; and the public key, which
+    /// bumps the config version when it changed.
+    pub async fn record_hello(
+        &self,
+        kind: NodeKind,
+        id: Uuid,
+        public_key: &WgPublicKey,
+        software_version: &str,
+        applied_version: Option<u64>,
+    ) -> Result<()> {
+        let t = table(kind);
+        sqlx::query(&format!(
+            "UPDATE {t} SET software_version = $1, last_seen_at = $2, \
+             applied_version = COALESCE($3, applied_version) WHERE id = $4"
+        ))
+        .bind(software_version)
+        .bind(now_ms())
+        .bind(applied_version.map(|v| v as i64))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let key = public_key.to_base64();
+        let done = sqlx::query(&format!(
+            "UPDATE {t} SET public_key = $1 WHERE id = $2 AND (public_key IS NULL OR public_key <> $1)"
+        ))
+        .bind(&key)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() > 0 {
+            self.commit_bumped(tx).await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(())
+    }
+
+    /// Records that the node applied `version`.
+    pub async fn record_applied(&self, kind: NodeKind, id: Uuid, version: u64) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE {} SET applied_version = $1, last_seen_at = $2 WHERE id = $3",
+            table(kind)
+        ))
+        .bind(version as i64)
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a status report.
+    pub async fn record_status(
+        &self,
+        kind: NodeKind,
+        id: Uuid,
+        report: &StatusReport,
+    ) -> Result<()> {
+        let json = serde_json::to_string(report).map_err(corrupt)?;
+        let now = now_ms();
+        sqlx::query(&format!(
+            "UPDATE {} SET last_status = $1, last_status_at = $2, last_seen_at = $2, \
+             applied_version = $3 WHERE id = $4",
+            table(kind)
+        ))
+        .bind(json)
+        .bind(now)
+        .bind(report.applied_version as i64)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that the node was heard from now.
+    pub async fn record_seen(&self, kind: NodeKind, id: Uuid) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE {} SET last_seen_at = $1 WHERE id = $2",
+            table(kind)
+        ))
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- resources
+
+    async fn site_exists(tx: &mut Transaction<'static, Any>, site_id: Uuid) -> Result<()> {
+        let found: Option<String> = sqlx::query_scalar("SELECT id FROM sites WHERE id = $1")
+            .bind(site_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        match found {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Invalid(format!(
+                "site {site_id} does not exist"
+            ))),
+        }
+    }
+
+    async fn check_hostname_free(
+        tx: &mut Transaction<'static, Any>,
+        hostname: &str,
+        except: Option<Uuid>,
+    ) -> Result<()> {
+        let other: Option<String> =
+            sqlx::query_scalar("SELECT id FROM resources WHERE hostname = $1")
+                .bind(hostname)
+                .fetch_optional(&mut **tx)
+                .await?;
+        match other {
+            Some(o) if Some(o.as_str()) != except.map(|e| e.to_string()).as_deref() => {
+                Err(StoreError::Conflict(format!(
+                    "hostname {hostname:?} is already used by a resource"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn free_port(tx: &mut Transaction<'static, Any>, site_id: Uuid) -> Result<u16> {
+        let used: Vec<i64> =
+            sqlx::query_scalar("SELECT overlay_port FROM resources WHERE site_id = $1")
+                .bind(site_id.to_string())
+                .fetch_all(&mut **tx)
+                .await?;
+        let used: HashSet<i64> = used.into_iter().collect();
+        (FIRST_OVERLAY_PORT..=u16::MAX)
+            .find(|p| !used.contains(&i64::from(*p)))
+            .ok_or_else(|| {
+                StoreError::Exhausted(format!("site {site_id} has no free overlay port"))
+            })
+    }
+
+    /// Creates a resource on an existing site, with the lowest free overlay port there.
+    pub async fn create_resource(&self, new: &NewResource) -> Result<Resource> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        Self::site_exists(&mut tx, new.site_id).await?;
+        Self::check_hostname_free(&mut tx, &new.hostname, None).await?;
+        let port = Self::free_port(&mut tx, new.site_id).await?;
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(&new.name)
+        .bind(&new.hostname)
+        .bind(new.site_id.to_string())
+        .bind(&new.target)
+        .bind(i64::from(port))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        self.commit_bumped(tx).await?;
+        self.get_resource(id).await
+    }
+
+    /// One resource.
+    pub async fn get_resource(&self, id: Uuid) -> Result<Resource> {
+        let row = sqlx::query("SELECT * FROM resources WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("resource"))?;
+        resource_from_row(&row)
+    }
+
+    /// All resources, oldest first.
+    pub async fn list_resources(&self) -> Result<Vec<Resource>> {
+        let rows = sqlx::query("SELECT * FROM resources ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(resource_from_row).collect()
+    }
+
+    /// Changes a resource. Moving it to another site gives it a new overlay port there.
+    pub async fn update_resource(&self, id: Uuid, patch: &ResourcePatch) -> Result<Resource> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT * FROM resources WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("resource"))?;
+        let mut r = resource_from_row(&row)?;
+        if let Some(h) = &patch.hostname {
+            Self::check_hostname_free(&mut tx, h, Some(id)).await?;
+            r.hostname = h.clone();
+        }
+        if let Some(site) = patch.site_id {
+            if site != r.site_id {
+                Self::site_exists(&mut tx, site).await?;
+                r.overlay_port = Self::free_port(&mut tx, site).await?;
+                r.site_id = site;
+            }
+        }
+        if let Some(n) = &patch.name {
+            r.name = n.clone();
+        }
+        if let Some(t) = &patch.target {
+            r.target = t.clone();
+        }
+        sqlx::query(
+            "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
+             overlay_port = $5 WHERE id = $6",
+        )
+        .bind(&r.name)
+        .bind(&r.hostname)
+        .bind(r.site_id.to_string())
+        .bind(&r.target)
+        .bind(i64::from(r.overlay_port))
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        self.commit_bumped(tx).await?;
+        Ok(r)
+    }
+
+    /// Deletes a resource.
+    pub async fn delete_resource(&self, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM resources WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("resource"));
+        }
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- snapshots
+
+    /// The config snapshot for a node, or `None` if the node no longer exists.
+    pub async fn snapshot(&self, kind: NodeKind, id: Uuid) -> Result<Option<ConfigSnapshot>> {
+        let mut tx = self.pool.begin().await?;
+        // The version is read first: the rows read after it are at least as new.
+        let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let me = sqlx::query(&format!("{} WHERE id = $1", Self::node_select(kind)))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(me) = me else {
+            return Ok(None);
+        };
+        let me = node_from_row(kind, &me)?;
+        let mut snap = ConfigSnapshot {
+            version: version.max(0) as u64,
+            node_id: id,
+            kind,
+            overlay: OverlayConfig {
+                address: me.overlay_address,
+                prefix_len: self.overlay.prefix_len(),
+                mtu: DEFAULT_OVERLAY_MTU,
+            },
+            peers: Vec::new(),
+            routes: Vec::new(),
+            targets: Vec::new(),
+        };
+        match kind {
+            NodeKind::Gateway => {
+                let rows = sqlx::query(&format!(
+                    "{} ORDER BY created_at, id",
+                    Self::node_select(NodeKind::Agent)
+                ))
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut enrolled_sites = std::collections::HashMap::new();
+                for row in &rows {
+                    let site = node_from_row(NodeKind::Agent, row)?;
+                    let Some(key) = site.public_key else { continue };
+                    enrolled_sites.insert(site.id, site.overlay_address);
+                    snap.peers.push(PeerConfig {
+                        node_id: site.id,
+                        kind: NodeKind::Agent,
+                        name: site.name,
+                        public_key: key,
+                        overlay_address: site.overlay_address,
+                        endpoint: None,
+                        persistent_keepalive: None,
+                    });
+                }
+                let rows = sqlx::query("SELECT * FROM resources ORDER BY hostname")
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for row in &rows {
+                    let r = resource_from_row(row)?;
+                    if let Some(addr) = enrolled_sites.get(&r.site_id) {
+                        snap.routes.push(Route {
+                            resource_id: r.id,
+                            hostname: r.hostname,
+                            protocol: RouteProtocol::Http,
+                            site_id: r.site_id,
+                            overlay_address: *addr,
+                            port: r.overlay_port,
+                        });
+                    }
+                }
+            }
+            NodeKind::Agent => {
+                let rows = sqlx::query(&format!(
+                    "{} ORDER BY created_at, id",
+                    Self::node_select(NodeKind::Gateway)
+                ))
+                .fetch_all(&mut *tx)
+                .await?;
+                for row in &rows {
+                    let gw = node_from_row(NodeKind::Gateway, row)?;
+                    let (Some(key), Some(endpoint)) = (gw.public_key, gw.endpoint) else {
+                        continue;
+                    };
+                    if endpoint.is_empty() {
+                        continue;
+                    }
+                    snap.peers.push(PeerConfig {
+                        node_id: gw.id,
+                        kind: NodeKind::Gateway,
+                        name: gw.name,
+                        public_key: key,
+                        overlay_address: gw.overlay_address,
+                        endpoint: Some(endpoint),
+                        persistent_keepalive: Some(AGENT_KEEPALIVE_SECS),
+                    });
+                }
+                let rows =
+                    sqlx::query("SELECT * FROM resources WHERE site_id = $1 ORDER BY overlay_port")
+                        .bind(id.to_string())
+                        .fetch_all(&mut *tx)
+                        .await?;
+                for row in &rows {
+                    let r = resource_from_row(row)?;
+                    snap.targets.push(Target {
+                        resource_id: r.id,
+                        port: r.overlay_port,
+                        target: r.target,
+                    });
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(snap))
+    }
+}

@@ -1,0 +1,524 @@
+//! REST API tests through `tower::ServiceExt::oneshot`.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt as _;
+use kakuremichi_control::app;
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+use crate::common::{self, ADMIN_KEY};
+
+struct TestApp {
+    router: Router,
+    _db: common::TestDb,
+}
+
+impl TestApp {
+    async fn new() -> Self {
+        let db = common::sqlite().await;
+        let state = common::state(&db).await;
+        Self {
+            router: app(state),
+            _db: db,
+        }
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        key: Option<&str>,
+    ) -> (StatusCode, String, Option<String>) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(b.to_owned())
+            }
+            None => Body::empty(),
+        };
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap(), ctype)
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| b.to_string());
+        let (status, text, _) = self
+            .raw(method, path, body.as_deref(), Some(ADMIN_KEY))
+            .await;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+        };
+        (status, v)
+    }
+}
+
+fn assert_error(status: StatusCode, text: &str, want: StatusCode) {
+    assert_eq!(status, want, "{text}");
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert!(v["error"]["code"].is_string(), "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn site_crud() {
+    let t = TestApp::new().await;
+    let (s, site) = t
+        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "home"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{site}");
+    assert!(site["enrollment_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("kme_"));
+    assert_eq!(site["overlay_address"], "100.64.0.1");
+    assert_eq!(site["enrolled"], false);
+    assert_eq!(site["online"], false);
+    assert!(site["peers"].as_array().unwrap().is_empty());
+    let id = site["id"].as_str().unwrap();
+    let (s, got) = t
+        .call(Method::GET, &format!("/api/v1/sites/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        got.get("enrollment_token").is_none(),
+        "token shown once: {got}"
+    );
+    let (s, list) = t.call(Method::GET, "/api/v1/sites", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (s, upd) = t
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/sites/{id}"),
+            Some(json!({"name": "lab"})),
+        )
+        .await;
+    assert_eq!((s, upd["name"].as_str()), (StatusCode::OK, Some("lab")));
+    let (s, tok) = t
+        .call(
+            Method::POST,
+            &format!("/api/v1/sites/{id}/enrollment-token"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(tok["enrollment_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("kme_"));
+    let (s, _) = t
+        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "lab"})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _) = t
+        .call(Method::DELETE, &format!("/api/v1/sites/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, e) = t
+        .call(Method::GET, &format!("/api/v1/sites/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(e["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn gateway_crud_and_validation() {
+    let t = TestApp::new().await;
+    let (s, gw) = t
+        .call(
+            Method::POST,
+            "/api/v1/gateways",
+            Some(json!({"name": "edge", "endpoint": "203.0.113.7:51820"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{gw}");
+    assert_eq!(gw["endpoint"], "203.0.113.7:51820");
+    assert!(gw.get("targets").is_none());
+    let id = gw["id"].as_str().unwrap();
+    for bad in [
+        json!({"name": "x", "endpoint": "nope"}),
+        json!({"name": "x", "endpoint": "h:0"}),
+        json!({"name": "", "endpoint": "h:1"}),
+        json!({"name": "x".repeat(65), "endpoint": "h:1"}),
+        json!({"name": "x"}),
+    ] {
+        let (s, e) = t
+            .call(Method::POST, "/api/v1/gateways", Some(bad.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+        assert_eq!(e["error"]["code"], "bad_request");
+    }
+    let (s, upd) = t
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/gateways/{id}"),
+            Some(json!({"endpoint": "gw.example.com:443"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(upd["endpoint"], "gw.example.com:443");
+    assert_eq!(upd["name"], "edge");
+    let (s, _) = t
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/gateways/{id}"),
+            Some(json!({"endpoint": "x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = t
+        .call(
+            Method::POST,
+            &format!("/api/v1/gateways/{id}/enrollment-token"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = t
+        .call(Method::DELETE, &format!("/api/v1/gateways/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t
+        .call(Method::DELETE, &format!("/api/v1/gateways/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn resource_crud_and_validation() {
+    let t = TestApp::new().await;
+    let (_, site) = t
+        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "home"})))
+        .await;
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    let (s, r) = t
+        .call(
+            Method::POST,
+            "/api/v1/resources",
+            Some(json!({"hostname": "Demo.Localhost", "site_id": site_id, "target": "127.0.0.1:9000"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["hostname"], "demo.localhost");
+    assert_eq!(r["name"], "demo.localhost");
+    assert_eq!(r["overlay_port"], 10000);
+    let id = r["id"].as_str().unwrap().to_owned();
+    let (s, dup) = t
+        .call(
+            Method::POST,
+            "/api/v1/resources",
+            Some(json!({"name": "b", "hostname": "demo.localhost", "site_id": site_id, "target": "127.0.0.1:1"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(dup["error"]["code"], "conflict");
+    for bad in [
+        json!({"hostname": "bad_host", "site_id": site_id, "target": "127.0.0.1:1"}),
+        json!({"hostname": "a.localhost", "site_id": site_id, "target": "127.0.0.1:0"}),
+        json!({"hostname": "a.localhost", "site_id": site_id, "target": "127.0.0.1:70000"}),
+        json!({"hostname": "a.localhost", "site_id": site_id, "target": "noport"}),
+        json!({"hostname": "a.localhost", "site_id": "not-a-uuid", "target": "h:1"}),
+        json!({"hostname": "a.localhost", "site_id": uuid::Uuid::new_v4(), "target": "h:1"}),
+    ] {
+        let (s, e) = t
+            .call(Method::POST, "/api/v1/resources", Some(bad.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    let (s, upd) = t
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/resources/{id}"),
+            Some(json!({"target": "10.0.0.2:8080", "name": "demo"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (upd["target"].as_str(), upd["name"].as_str()),
+        (Some("10.0.0.2:8080"), Some("demo"))
+    );
+    let (s, list) = t.call(Method::GET, "/api/v1/resources", None).await;
+    assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (s, got) = t
+        .call(Method::GET, &format!("/api/v1/resources/{id}"), None)
+        .await;
+    assert_eq!((s, got), (StatusCode::OK, upd));
+    // Deleting the site deletes its resources.
+    let (s, _) = t
+        .call(Method::DELETE, &format!("/api/v1/sites/{site_id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t
+        .call(Method::GET, &format!("/api/v1/resources/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn config_version_rises() {
+    let t = TestApp::new().await;
+    let (s, v1) = t.call(Method::GET, "/api/v1/config/version", None).await;
+    assert_eq!(s, StatusCode::OK);
+    t.call(Method::POST, "/api/v1/sites", Some(json!({"name": "a"})))
+        .await;
+    let (_, v2) = t.call(Method::GET, "/api/v1/config/version", None).await;
+    assert!(v2["version"].as_u64().unwrap() > v1["version"].as_u64().unwrap());
+}
+
+/// Every route with a body, with a valid path.
+async fn body_routes(t: &TestApp) -> Vec<(Method, String)> {
+    let (_, site) = t
+        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "s"})))
+        .await;
+    let (_, gw) = t
+        .call(
+            Method::POST,
+            "/api/v1/gateways",
+            Some(json!({"name": "g", "endpoint": "h:1"})),
+        )
+        .await;
+    let (_, r) = t
+        .call(
+            Method::POST,
+            "/api/v1/resources",
+            Some(json!({"hostname": "a.localhost", "site_id": site["id"], "target": "h:1"})),
+        )
+        .await;
+    vec![
+        (Method::POST, "/api/v1/sites".into()),
+        (
+            Method::PATCH,
+            format!("/api/v1/sites/{}", site["id"].as_str().unwrap()),
+        ),
+        (Method::POST, "/api/v1/gateways".into()),
+        (
+            Method::PATCH,
+            format!("/api/v1/gateways/{}", gw["id"].as_str().unwrap()),
+        ),
+        (Method::POST, "/api/v1/resources".into()),
+        (
+            Method::PATCH,
+            format!("/api/v1/resources/{}", r["id"].as_str().unwrap()),
+        ),
+        (Method::POST, "/api/v1/enroll".into()),
+    ]
+}
+
+#[tokio::test]
+async fn malformed_json_unknown_fields_and_content_type_are_400_json() {
+    let t = TestApp::new().await;
+    for (method, path) in body_routes(&t).await {
+        for body in ["{", "[1,2]", "{\"name\": \"x\", \"surprise\": 1}", "{\"protocol_version\": 1, \"kind\": \"agent\", \"token\": \"t\", \"public_key\": \"AAAA\", \"x\": 1}"] {
+            let (s, text, ctype) = t.raw(method.clone(), &path, Some(body), Some(ADMIN_KEY)).await;
+            assert_error(s, &text, StatusCode::BAD_REQUEST);
+            assert_eq!(ctype.as_deref(), Some("application/json"), "{method} {path}");
+        }
+        // Wrong content type.
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(&path)
+            .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("{\"name\": \"x\"}"))
+            .unwrap();
+        let resp = t.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let text = String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        assert_error(status, &text, StatusCode::BAD_REQUEST);
+    }
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_json() {
+    let t = TestApp::new().await;
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(1 << 20));
+    for (method, path) in body_routes(&t).await {
+        let (s, text, _) = t
+            .raw(method.clone(), &path, Some(&big), Some(ADMIN_KEY))
+            .await;
+        assert_error(s, &text, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}
+
+#[tokio::test]
+async fn every_admin_route_needs_the_key() {
+    let t = TestApp::new().await;
+    let id = uuid::Uuid::new_v4();
+    let routes = [
+        (Method::GET, "/api/v1/sites".to_owned()),
+        (Method::POST, "/api/v1/sites".into()),
+        (Method::GET, format!("/api/v1/sites/{id}")),
+        (Method::PATCH, format!("/api/v1/sites/{id}")),
+        (Method::DELETE, format!("/api/v1/sites/{id}")),
+        (Method::POST, format!("/api/v1/sites/{id}/enrollment-token")),
+        (Method::GET, "/api/v1/gateways".into()),
+        (Method::POST, "/api/v1/gateways".into()),
+        (Method::GET, format!("/api/v1/gateways/{id}")),
+        (Method::PATCH, format!("/api/v1/gateways/{id}")),
+        (Method::DELETE, format!("/api/v1/gateways/{id}")),
+        (
+            Method::POST,
+            format!("/api/v1/gateways/{id}/enrollment-token"),
+        ),
+        (Method::GET, "/api/v1/resources".into()),
+        (Method::POST, "/api/v1/resources".into()),
+        (Method::GET, format!("/api/v1/resources/{id}")),
+        (Method::PATCH, format!("/api/v1/resources/{id}")),
+        (Method::DELETE, format!("/api/v1/resources/{id}")),
+        (Method::GET, "/api/v1/config/version".into()),
+    ];
+    let wrong = "kma_0123456789abcdef0123456789abcdef_wrongsecret";
+    for (method, path) in routes {
+        for key in [None, Some(wrong), Some("garbage")] {
+            let (s, text, _) = t.raw(method.clone(), &path, Some("{}"), key).await;
+            assert_error(s, &text, StatusCode::UNAUTHORIZED);
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json() {
+    let t = TestApp::new().await;
+    let (s, text, _) = t
+        .raw(Method::GET, "/api/v1/nope", None, Some(ADMIN_KEY))
+        .await;
+    assert_error(s, &text, StatusCode::NOT_FOUND);
+    let (s, text, _) = t.raw(Method::GET, "/nope", None, None).await;
+    assert_error(s, &text, StatusCode::NOT_FOUND);
+    let (s, text, _) = t
+        .raw(Method::PUT, "/api/v1/sites", Some("{}"), Some(ADMIN_KEY))
+        .await;
+    assert_error(s, &text, StatusCode::METHOD_NOT_ALLOWED);
+    let (s, text, _) = t
+        .raw(
+            Method::GET,
+            "/api/v1/sites/not-a-uuid",
+            None,
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_error(s, &text, StatusCode::BAD_REQUEST);
+    let (s, text, _) = t
+        .raw(Method::GET, "/api/v1/nodes/connect", None, None)
+        .await;
+    assert_error(s, &text, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn health_metrics_and_page() {
+    let t = TestApp::new().await;
+    let (s, text, _) = t.raw(Method::GET, "/healthz", None, None).await;
+    assert_eq!((s, text.as_str()), (StatusCode::OK, "ok"));
+    t.call(Method::GET, "/api/v1/sites", None).await;
+    let (s, text, _) = t.raw(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        text.contains("kakuremichi_nodes_online{kind=\"gateway\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("kakuremichi_config_version "), "{text}");
+    assert!(
+        text.contains("kakuremichi_api_requests_total{class=\"2xx\"} "),
+        "{text}"
+    );
+    let (s, text, ctype) = t.raw(Method::GET, "/", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(ctype.unwrap().starts_with("text/html"));
+    assert!(text.contains("<title>kakuremichi</title>"));
+}
+
+#[tokio::test]
+async fn enrollment_over_the_api() {
+    let t = TestApp::new().await;
+    let (_, gw) = t
+        .call(
+            Method::POST,
+            "/api/v1/gateways",
+            Some(json!({"name": "g", "endpoint": "h:1"})),
+        )
+        .await;
+    let token = gw["enrollment_token"].as_str().unwrap();
+    let pk = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let body = |v: u32, kind: &str| {
+        json!({"protocol_version": v, "kind": kind, "token": token, "public_key": pk}).to_string()
+    };
+    let (s, text, _) = t
+        .raw(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(&body(99, "gateway")),
+            None,
+        )
+        .await;
+    assert_error(s, &text, StatusCode::BAD_REQUEST);
+    assert!(text.contains("unsupported protocol version 99"), "{text}");
+    let (s, text, _) = t
+        .raw(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(&body(1, "agent")),
+            None,
+        )
+        .await;
+    assert_error(s, &text, StatusCode::UNAUTHORIZED);
+    let (s, text, _) = t
+        .raw(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(&body(1, "gateway")),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let resp: kakuremichi_proto::EnrollResponse = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        resp.overlay_address.to_string(),
+        gw["overlay_address"].as_str().unwrap()
+    );
+    let (s, text, _) = t
+        .raw(
+            Method::POST,
+            "/api/v1/enroll",
+            Some(&body(1, "gateway")),
+            None,
+        )
+        .await;
+    assert_error(s, &text, StatusCode::UNAUTHORIZED);
+    let (_, got) = t
+        .call(
+            Method::GET,
+            &format!("/api/v1/gateways/{}", gw["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(got["enrolled"], true);
+    assert_eq!(got["public_key"], pk);
+}

@@ -1,0 +1,135 @@
+//! Test helpers: a store on a fresh SQLite file or a fresh PostgreSQL schema, and a test app.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use kakuremichi_control::overlay::OverlayNet;
+use kakuremichi_control::store::Store;
+use kakuremichi_control::{app, AppState};
+use kakuremichi_proto::Secret;
+use sqlx::Connection as _;
+
+pub const ADMIN_KEY: &str = "kma_0123456789abcdef0123456789abcdef_testsecretvalue";
+
+pub fn postgres_url() -> String {
+    std::env::var("KAKUREMICHI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A store and what keeps its database alive; dropping it removes the database.
+pub struct TestDb {
+    pub store: Store,
+    pub backend: &'static str,
+    _dir: Option<tempfile::TempDir>,
+    _schema: Option<SchemaGuard>,
+}
+
+/// Drops a PostgreSQL test schema, even when the test panicked.
+pub struct SchemaGuard {
+    schema: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&postgres_url()).await.unwrap();
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            })
+        })
+        .join();
+    }
+}
+
+pub async fn sqlite() -> TestDb {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("control.db").display()
+    );
+    let store = Store::connect(&url, OverlayNet::DEFAULT).await.unwrap();
+    TestDb {
+        store,
+        backend: "sqlite",
+        _dir: Some(dir),
+        _schema: None,
+    }
+}
+
+/// A store in a fresh schema `t_<random>`; panics (fails the test) if PostgreSQL is unreachable.
+pub async fn postgres() -> TestDb {
+    let base = postgres_url();
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is unreachable: {e}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let guard = SchemaGuard {
+        schema: schema.clone(),
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let store = Store::connect_with(&url, OverlayNet::DEFAULT, 4)
+        .await
+        .unwrap();
+    TestDb {
+        store,
+        backend: "postgres",
+        _dir: None,
+        _schema: Some(guard),
+    }
+}
+
+/// Runs a store test body.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let db = $crate::common::sqlite().await;
+                    super::$name(db.store.clone()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let db = $crate::common::postgres().await;
+                    super::$name(db.store.clone()).await;
+                }
+            }
+        )*
+    };
+}
+
+/// An app state on a fresh SQLite store with [`ADMIN_KEY`] seeded.
+pub async fn state(db: &TestDb) -> AppState {
+    db.store
+        .ensure_admin_key(Some(&Secret::new(ADMIN_KEY)))
+        .await
+        .unwrap();
+    AppState::new(db.store.clone())
+}
+
+/// Serves the app on an ephemeral port.
+pub async fn serve(state: AppState) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app(state)).await.unwrap();
+    });
+    addr
+}

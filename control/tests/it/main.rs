@@ -1,0 +1,9 @@
+//! Integration tests of the control service: store (SQLite and PostgreSQL), REST API, node hub.
+
+// Tests may unwrap: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod common;
+mod store;
+mod ws;

@@ -1,0 +1,358 @@
+//! Store tests, each on SQLite and on PostgreSQL.
+
+use std::net::Ipv4Addr;
+
+use kakuremichi_control::store::{NewResource, ResourcePatch, Store, StoreError};
+use kakuremichi_proto::{NodeKind, Secret, WgPublicKey};
+
+use crate::on_both_backends;
+
+fn key(b: u8) -> WgPublicKey {
+    WgPublicKey([b; 32])
+}
+
+fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
+    NewResource {
+        name: hostname.into(),
+        hostname: hostname.into(),
+        site_id,
+        target: "127.0.0.1:9000".into(),
+    }
+}
+
+on_both_backends!(
+    node_crud,
+    resource_crud_and_unique_hostname,
+    overlay_addresses_are_lowest_free,
+    overlay_ports_are_lowest_free_per_site,
+    config_version_bumps_on_every_change,
+    enrollment_token_is_one_time,
+    admin_key_seeded_once,
+    snapshots_follow_enrollment,
+);
+
+async fn node_crud(store: Store) {
+    let (site, token) = store
+        .create_node(NodeKind::Agent, "home", None)
+        .await
+        .unwrap();
+    assert!(token.expose().starts_with("kme_"));
+    assert_eq!(site.name, "home");
+    assert!(!site.enrolled());
+    let (gw, _) = store
+        .create_node(NodeKind::Gateway, "edge", Some("203.0.113.1:51820"))
+        .await
+        .unwrap();
+    assert_eq!(gw.endpoint.as_deref(), Some("203.0.113.1:51820"));
+    // Names are unique per kind.
+    assert!(matches!(
+        store.create_node(NodeKind::Agent, "home", None).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.list_nodes(NodeKind::Agent).await.unwrap().len(), 1);
+    let gw2 = store
+        .update_node(
+            NodeKind::Gateway,
+            gw.id,
+            Some("edge2"),
+            Some("gw.example.com:51820"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(gw2.name, "edge2");
+    assert_eq!(gw2.endpoint.as_deref(), Some("gw.example.com:51820"));
+    assert_eq!(store.get_node(NodeKind::Gateway, gw.id).await.unwrap(), gw2);
+    // A site's id is not a gateway's.
+    assert!(matches!(
+        store.get_node(NodeKind::Gateway, site.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store.delete_node(NodeKind::Gateway, gw.id).await.unwrap();
+    assert!(matches!(
+        store.delete_node(NodeKind::Gateway, gw.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn resource_crud_and_unique_hostname(store: Store) {
+    let (site, _) = store
+        .create_node(NodeKind::Agent, "home", None)
+        .await
+        .unwrap();
+    let (site2, _) = store
+        .create_node(NodeKind::Agent, "office", None)
+        .await
+        .unwrap();
+    let r = store
+        .create_resource(&res("demo.localhost", site.id))
+        .await
+        .unwrap();
+    assert_eq!(r.overlay_port, 10000);
+    assert_eq!(store.get_resource(r.id).await.unwrap(), r);
+    let dup = store
+        .create_resource(&res("demo.localhost", site2.id))
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let missing = store
+        .create_resource(&res("x.localhost", uuid::Uuid::new_v4()))
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::Invalid(_))),
+        "{missing:?}"
+    );
+
+    let r2 = store
+        .create_resource(&res("two.localhost", site.id))
+        .await
+        .unwrap();
+    let clash = store
+        .update_resource(
+            r2.id,
+            &ResourcePatch {
+                hostname: Some("demo.localhost".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(clash, Err(StoreError::Conflict(_))));
+    let moved = store
+        .update_resource(
+            r2.id,
+            &ResourcePatch {
+                site_id: Some(site2.id),
+                target: Some("10.0.0.5:80".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((moved.site_id, moved.overlay_port), (site2.id, 10000));
+    assert_eq!(moved.target, "10.0.0.5:80");
+    assert_eq!(store.list_resources().await.unwrap().len(), 2);
+
+    // Deleting a site deletes its resources.
+    store.delete_node(NodeKind::Agent, site.id).await.unwrap();
+    let left = store.list_resources().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, r2.id);
+    store.delete_resource(r2.id).await.unwrap();
+    assert!(matches!(
+        store.get_resource(r2.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn overlay_addresses_are_lowest_free(store: Store) {
+    let (a, _) = store.create_node(NodeKind::Agent, "a", None).await.unwrap();
+    let (g, _) = store
+        .create_node(NodeKind::Gateway, "g", Some("h:1"))
+        .await
+        .unwrap();
+    let (b, _) = store.create_node(NodeKind::Agent, "b", None).await.unwrap();
+    assert_eq!(a.overlay_address, Ipv4Addr::new(100, 64, 0, 1));
+    assert_eq!(g.overlay_address, Ipv4Addr::new(100, 64, 0, 2));
+    assert_eq!(b.overlay_address, Ipv4Addr::new(100, 64, 0, 3));
+    store.delete_node(NodeKind::Gateway, g.id).await.unwrap();
+    let (c, _) = store.create_node(NodeKind::Agent, "c", None).await.unwrap();
+    assert_eq!(c.overlay_address, Ipv4Addr::new(100, 64, 0, 2));
+}
+
+async fn overlay_ports_are_lowest_free_per_site(store: Store) {
+    let (s, _) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    let (t, _) = store.create_node(NodeKind::Agent, "t", None).await.unwrap();
+    let a = store
+        .create_resource(&res("a.localhost", s.id))
+        .await
+        .unwrap();
+    let b = store
+        .create_resource(&res("b.localhost", s.id))
+        .await
+        .unwrap();
+    let c = store
+        .create_resource(&res("c.localhost", t.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.overlay_port, b.overlay_port, c.overlay_port),
+        (10000, 10001, 10000)
+    );
+    store.delete_resource(a.id).await.unwrap();
+    let d = store
+        .create_resource(&res("d.localhost", s.id))
+        .await
+        .unwrap();
+    assert_eq!(d.overlay_port, 10000);
+}
+
+async fn config_version_bumps_on_every_change(store: Store) {
+    let mut rx = store.subscribe();
+    let v0 = store.config_version().await.unwrap();
+    assert_eq!(*rx.borrow_and_update(), v0);
+    let (s, token) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    let v1 = store.config_version().await.unwrap();
+    assert!(v1 > v0);
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), v1);
+    store
+        .enroll(NodeKind::Agent, &token, &key(1))
+        .await
+        .unwrap();
+    let v2 = store.config_version().await.unwrap();
+    assert!(v2 > v1);
+    let r = store
+        .create_resource(&res("a.localhost", s.id))
+        .await
+        .unwrap();
+    let v3 = store.config_version().await.unwrap();
+    assert!(v3 > v2);
+    store
+        .update_resource(
+            r.id,
+            &ResourcePatch {
+                target: Some("127.0.0.1:1".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let v4 = store.config_version().await.unwrap();
+    assert!(v4 > v3);
+    store.delete_resource(r.id).await.unwrap();
+    let v5 = store.config_version().await.unwrap();
+    assert!(v5 > v4);
+    // Same public key in a hello: no bump; a new one: bump.
+    store
+        .record_hello(NodeKind::Agent, s.id, &key(1), "0.1.0", Some(v5))
+        .await
+        .unwrap();
+    assert_eq!(store.config_version().await.unwrap(), v5);
+    store
+        .record_hello(NodeKind::Agent, s.id, &key(2), "0.1.0", Some(v5))
+        .await
+        .unwrap();
+    let v6 = store.config_version().await.unwrap();
+    assert!(v6 > v5);
+    // Status and applied reports do not bump.
+    store
+        .record_applied(NodeKind::Agent, s.id, v6)
+        .await
+        .unwrap();
+    assert_eq!(store.config_version().await.unwrap(), v6);
+    assert_eq!(*rx.borrow_and_update(), v6);
+}
+
+async fn enrollment_token_is_one_time(store: Store) {
+    let (s, token) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    // The kind must match the token's node.
+    assert!(matches!(
+        store.enroll(NodeKind::Gateway, &token, &key(1)).await,
+        Err(StoreError::BadSecret)
+    ));
+    assert!(matches!(
+        store
+            .enroll(NodeKind::Agent, &Secret::new("kme_nonsense"), &key(1))
+            .await,
+        Err(StoreError::BadSecret)
+    ));
+    let resp = store
+        .enroll(NodeKind::Agent, &token, &key(1))
+        .await
+        .unwrap();
+    assert_eq!(resp.node_id, s.id);
+    assert_eq!(resp.overlay_address, s.overlay_address);
+    assert!(matches!(
+        store.enroll(NodeKind::Agent, &token, &key(1)).await,
+        Err(StoreError::BadSecret)
+    ));
+    let node = store
+        .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
+        .await
+        .unwrap();
+    assert!(node.enrolled());
+    assert_eq!(node.public_key, Some(key(1)));
+    assert!(matches!(
+        store
+            .authenticate_node(NodeKind::Agent, s.id, &Secret::new("kmc_wrong"))
+            .await,
+        Err(StoreError::BadSecret)
+    ));
+    // A regenerated token works once and replaces the old credential.
+    let t2 = store
+        .regenerate_enrollment_token(NodeKind::Agent, s.id)
+        .await
+        .unwrap();
+    let resp2 = store.enroll(NodeKind::Agent, &t2, &key(2)).await.unwrap();
+    assert!(store
+        .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
+        .await
+        .is_err());
+    assert!(store
+        .authenticate_node(NodeKind::Agent, s.id, &resp2.credential)
+        .await
+        .is_ok());
+}
+
+async fn admin_key_seeded_once(store: Store) {
+    let seeded = Secret::new(crate::common::ADMIN_KEY);
+    assert_eq!(store.ensure_admin_key(Some(&seeded)).await.unwrap(), None);
+    assert!(store.verify_admin_key(&seeded).await.unwrap());
+    // Once a key exists, nothing is generated or seeded.
+    assert_eq!(store.ensure_admin_key(None).await.unwrap(), None);
+    assert!(!store
+        .verify_admin_key(&Secret::new("kma_0123456789abcdef0123456789abcdef_wrong"))
+        .await
+        .unwrap());
+    assert!(!store
+        .verify_admin_key(&Secret::new("garbage"))
+        .await
+        .unwrap());
+}
+
+async fn snapshots_follow_enrollment(store: Store) {
+    let (s, st) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    let (g, gt) = store
+        .create_node(NodeKind::Gateway, "g", Some("gw.example:51820"))
+        .await
+        .unwrap();
+    let r = store
+        .create_resource(&res("a.localhost", s.id))
+        .await
+        .unwrap();
+    let snap = store
+        .snapshot(NodeKind::Gateway, g.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(snap.peers.is_empty() && snap.routes.is_empty());
+    assert_eq!(snap.overlay.prefix_len, 10);
+    assert_eq!(snap.overlay.mtu, 1420);
+    store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let snap = store
+        .snapshot(NodeKind::Gateway, g.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.version, store.config_version().await.unwrap());
+    assert_eq!(snap.peers.len(), 1);
+    assert_eq!(snap.peers[0].public_key, key(1));
+    assert_eq!(snap.peers[0].endpoint, None);
+    assert_eq!(snap.routes.len(), 1);
+    assert_eq!(snap.routes[0].overlay_address, s.overlay_address);
+    assert_eq!(snap.routes[0].port, r.overlay_port);
+    let snap = store
+        .snapshot(NodeKind::Agent, s.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.peers.len(), 1);
+    assert_eq!(snap.peers[0].endpoint.as_deref(), Some("gw.example:51820"));
+    assert_eq!(snap.peers[0].persistent_keepalive, Some(25));
+    assert_eq!(snap.targets.len(), 1);
+    assert_eq!(snap.targets[0].port, 10000);
+    assert!(store
+        .snapshot(NodeKind::Agent, uuid::Uuid::new_v4())
+        .await
+        .unwrap()
+        .is_none());
+}

@@ -1,0 +1,371 @@
+//! Node hub tests: a real server on 127.0.0.1:0 and tokio-tungstenite clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use kakuremichi_proto::{
+    ControlMessage, EnrollResponse, NodeKind, NodeMessage, PeerStatus, RefuseReason, Secret,
+    StatusReport, WgPublicKey, NODE_WS_PATH,
+};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::common::{self, ADMIN_KEY};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Server {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    _db: common::TestDb,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let db = common::sqlite().await;
+        let state = common::state(&db).await;
+        let addr = common::serve(state).await;
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            _db: db,
+        }
+    }
+
+    async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method, format!("http://{}/api/v1{path}", self.addr))
+            .bearer_auth(ADMIN_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    /// Creates and enrolls a node; returns its id and credential.
+    async fn enrolled(&self, kind: NodeKind, name: &str, key: u8) -> EnrollResponse {
+        let created = match kind {
+            NodeKind::Agent => {
+                self.api(reqwest::Method::POST, "/sites", Some(json!({"name": name})))
+                    .await
+            }
+            NodeKind::Gateway => {
+                self.api(
+                    reqwest::Method::POST,
+                    "/gateways",
+                    Some(json!({"name": name, "endpoint": "127.0.0.1:51820"})),
+                )
+                .await
+            }
+        };
+        let body = json!({
+            "protocol_version": 1,
+            "kind": kind,
+            "token": created["enrollment_token"],
+            "public_key": WgPublicKey([key; 32]),
+        });
+        let resp = self
+            .http
+            .post(format!("http://{}/api/v1/enroll", self.addr))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+        resp.json().await.unwrap()
+    }
+
+    async fn connect(&self) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{NODE_WS_PATH}", self.addr))
+            .await
+            .unwrap();
+        ws
+    }
+}
+
+fn hello(e: &EnrollResponse, credential: &str, version: u32, key: u8) -> NodeMessage {
+    NodeMessage::Hello {
+        protocol_version: version,
+        kind: e.kind,
+        node_id: e.node_id,
+        credential: Secret::new(credential),
+        public_key: WgPublicKey([key; 32]),
+        software_version: "9.9.9-test".into(),
+        applied_version: None,
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &NodeMessage) {
+    ws.send(Message::text(serde_json::to_string(msg).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// The next control message, skipping pings.
+async fn recv(ws: &mut Ws) -> ControlMessage {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("no message within 5 s")
+            .expect("socket closed")
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let m: ControlMessage = serde_json::from_str(t.as_str()).unwrap();
+            if !matches!(m, ControlMessage::Ping { .. }) {
+                return m;
+            }
+        }
+    }
+}
+
+async fn expect_closed(ws: &mut Ws) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            None | Some(Err(_)) => return,
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(u16::from(frame.unwrap().code), 1008);
+                return;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn good_hello_gets_welcome_and_config_then_pushes() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&gw, gw.credential.expose(), 1, 1)).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        ControlMessage::Welcome {
+            protocol_version: 1,
+            node_id: gw.node_id
+        }
+    );
+    let ControlMessage::Config(first) = recv(&mut ws).await else {
+        panic!("expected a config")
+    };
+    assert_eq!(first.node_id, gw.node_id);
+    assert_eq!(first.overlay.address, gw.overlay_address);
+    assert_eq!(first.peers.len(), 1);
+    assert_eq!(first.peers[0].node_id, site.node_id);
+    assert!(first.routes.is_empty());
+
+    // The agent gets the gateway as a peer with its endpoint.
+    let mut agent = s.connect().await;
+    send(&mut agent, &hello(&site, site.credential.expose(), 1, 2)).await;
+    assert!(matches!(
+        recv(&mut agent).await,
+        ControlMessage::Welcome { .. }
+    ));
+    let ControlMessage::Config(asnap) = recv(&mut agent).await else {
+        panic!("expected a config")
+    };
+    assert_eq!(asnap.peers[0].endpoint.as_deref(), Some("127.0.0.1:51820"));
+    assert_eq!(asnap.peers[0].persistent_keepalive, Some(25));
+
+    // Creating a resource pushes a new snapshot with a higher version within 1 s to both.
+    s.api(
+        reqwest::Method::POST,
+        "/resources",
+        Some(json!({"hostname": "demo.localhost", "site_id": site.node_id, "target": "127.0.0.1:9000"})),
+    )
+    .await;
+    let pushed = tokio::time::timeout(Duration::from_secs(1), recv(&mut ws))
+        .await
+        .expect("no push within 1 s");
+    let ControlMessage::Config(next) = pushed else {
+        panic!("expected a config")
+    };
+    assert!(next.version > first.version);
+    assert_eq!(next.routes.len(), 1);
+    assert_eq!(next.routes[0].hostname, "demo.localhost");
+    assert_eq!(next.routes[0].port, 10000);
+    let ControlMessage::Config(anext) =
+        tokio::time::timeout(Duration::from_secs(1), recv(&mut agent))
+            .await
+            .expect("no push within 1 s")
+    else {
+        panic!("expected a config")
+    };
+    assert_eq!(anext.targets.len(), 1);
+    assert_eq!(anext.targets[0].target, "127.0.0.1:9000");
+
+    // Node pings are answered.
+    send(&mut ws, &NodeMessage::Ping { nonce: 77 }).await;
+    assert_eq!(recv(&mut ws).await, ControlMessage::Pong { nonce: 77 });
+
+    // Online shows through the API and metrics.
+    let got = s
+        .api(
+            reqwest::Method::GET,
+            &format!("/gateways/{}", gw.node_id),
+            None,
+        )
+        .await;
+    assert_eq!(got["online"], true);
+    assert_eq!(got["software_version"], "9.9.9-test");
+}
+
+#[tokio::test]
+async fn bad_credential_is_refused() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&gw, "kmc_wrong", 1, 1)).await;
+    match recv(&mut ws).await {
+        ControlMessage::Refused { reason, .. } => assert_eq!(reason, RefuseReason::BadCredential),
+        other => panic!("expected refused, got {other:?}"),
+    }
+    expect_closed(&mut ws).await;
+    // The wrong kind for the id is a bad credential too.
+    let mut ws = s.connect().await;
+    let mut h = hello(&gw, gw.credential.expose(), 1, 1);
+    if let NodeMessage::Hello { kind, .. } = &mut h {
+        *kind = NodeKind::Agent;
+    }
+    send(&mut ws, &h).await;
+    assert!(matches!(
+        recv(&mut ws).await,
+        ControlMessage::Refused {
+            reason: RefuseReason::BadCredential,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn unsupported_protocol_version_is_refused_clearly() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&gw, gw.credential.expose(), 99, 1)).await;
+    match recv(&mut ws).await {
+        ControlMessage::Refused { reason, message } => {
+            assert_eq!(reason, RefuseReason::UnsupportedProtocolVersion);
+            assert!(
+                message.contains("unsupported protocol version 99"),
+                "{message}"
+            );
+        }
+        other => panic!("expected refused, got {other:?}"),
+    }
+    expect_closed(&mut ws).await;
+}
+
+#[tokio::test]
+async fn bad_hello_is_refused() {
+    let s = Server::start().await;
+    let mut ws = s.connect().await;
+    ws.send(Message::text("{\"type\": \"hello\", \"nonsense\": true}"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut ws).await,
+        ControlMessage::Refused {
+            reason: RefuseReason::BadHello,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn applied_and_status_are_visible_through_get() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&site, site.credential.expose(), 1, 2)).await;
+    recv(&mut ws).await;
+    let ControlMessage::Config(snap) = recv(&mut ws).await else {
+        panic!("expected a config")
+    };
+    send(
+        &mut ws,
+        &NodeMessage::Applied {
+            version: snap.version,
+        },
+    )
+    .await;
+    send(
+        &mut ws,
+        &NodeMessage::Status(StatusReport {
+            applied_version: snap.version,
+            peers: vec![PeerStatus {
+                public_key: WgPublicKey([1; 32]),
+                endpoint: Some("127.0.0.1:51820".into()),
+                last_handshake_age_ms: Some(2000),
+                tx_bytes: 10,
+                rx_bytes: 20,
+            }],
+            targets: vec![],
+        }),
+    )
+    .await;
+    let path = format!("/sites/{}", site.node_id);
+    let mut got = Value::Null;
+    for _ in 0..50 {
+        got = s.api(reqwest::Method::GET, &path, None).await;
+        if !got["peers"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got["online"], true, "{got}");
+    assert_eq!(got["enrolled"], true);
+    assert_eq!(got["applied_version"], snap.version);
+    assert_eq!(got["software_version"], "9.9.9-test");
+    assert_eq!(got["peers"][0]["tx_bytes"], 10);
+    assert!(got["last_seen_at"].as_i64().is_some());
+    let hs = got["last_handshake_at"].as_i64().unwrap();
+    assert_eq!(hs, got["status_at"].as_i64().unwrap() - 2000);
+    let _ = gw;
+
+    // After the socket closes the node is offline, with its last status kept.
+    ws.close(None).await.unwrap();
+    for _ in 0..50 {
+        got = s.api(reqwest::Method::GET, &path, None).await;
+        if got["online"] == false {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(got["online"], false);
+    assert_eq!(got["peers"][0]["rx_bytes"], 20);
+}
+
+#[tokio::test]
+async fn new_public_key_in_hello_is_stored_and_bumps() {
+    let s = Server::start().await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let v1 = s.api(reqwest::Method::GET, "/config/version", None).await["version"]
+        .as_u64()
+        .unwrap();
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&site, site.credential.expose(), 1, 3)).await;
+    recv(&mut ws).await;
+    let ControlMessage::Config(snap) = recv(&mut ws).await else {
+        panic!("expected a config")
+    };
+    assert!(snap.version > v1);
+    let got = s
+        .api(
+            reqwest::Method::GET,
+            &format!("/sites/{}", site.node_id),
+            None,
+        )
+        .await;
+    assert_eq!(got["public_key"], WgPublicKey([3; 32]).to_base64());
+}
