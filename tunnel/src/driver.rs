@@ -1,0 +1,528 @@
+//! The tokio shell around [`Core`]: one UDP socket, one driver task, async streams.
+//!
+//! The driver task receives datagrams in batches, runs the core's timers, and sends what the
+//! core produces (outside the lock). Streams lock the core to copy straight into and out of the
+//! smoltcp socket buffers; the driver wakes them after each poll when their readiness changed.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, trace};
+
+use crate::core::{ConnectError, ConnectFailure, Core, Event, StreamError, StreamId};
+use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
+
+/// Datagrams read per batch before the core is polled.
+const RECV_BATCH: usize = 128;
+/// Datagrams collected under the lock before they are sent.
+const SEND_BATCH: usize = 64;
+/// Accepted streams waiting for [`Incoming::accept`]; more are reset.
+const ACCEPT_BACKLOG: usize = 1024;
+
+struct State {
+    core: Core,
+    read_wakers: HashMap<StreamId, Waker>,
+    write_wakers: HashMap<StreamId, Waker>,
+    connects: HashMap<StreamId, oneshot::Sender<Result<(), ConnectFailure>>>,
+    seen_epoch: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    notify: Notify,
+    closed: AtomicBool,
+    handles: AtomicUsize,
+    local_addr: SocketAddr,
+}
+
+impl Shared {
+    /// Runs `f` on the core and wakes the driver if the core now wants a poll.
+    fn with_core<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut st = self.state.lock();
+        let before = st.core.needs_poll();
+        let r = f(&mut st);
+        let after = st.core.needs_poll();
+        drop(st);
+        if after && !before {
+            self.notify.notify_one();
+        }
+        r
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+/// Keeps the driver running while alive: one for all `Tunnel` clones, one for `Incoming`.
+struct HandleGuard(Arc<Shared>);
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        if self.0.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.close();
+        }
+    }
+}
+
+/// A running tunnel endpoint: a cheap, cloneable handle to the driver task.
+///
+/// The driver stops on [`Tunnel::shutdown`] or when every handle and the [`Incoming`] are dropped.
+#[derive(Clone)]
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    _guard: Arc<HandleGuard>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("local_addr", &self.shared.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Inbound streams (to ports listed with [`Tunnel::set_listen_ports`]).
+pub struct Incoming {
+    rx: mpsc::Receiver<TunnelStream>,
+    _guard: HandleGuard,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// The next inbound stream, or `None` once the tunnel has shut down.
+    pub async fn accept(&mut self) -> Option<TunnelStream> {
+        self.rx.recv().await
+    }
+}
+
+impl Tunnel {
+    /// Binds the UDP socket and starts the driver task (call inside a tokio runtime).
+    pub async fn bind(config: TunnelConfig) -> Result<(Tunnel, Incoming), TunnelError> {
+        if !(576..=1920).contains(&config.mtu) {
+            return Err(TunnelError::InvalidConfig(format!(
+                "mtu {} is outside 576..=1920",
+                config.mtu
+            )));
+        }
+        let socket = UdpSocket::bind(config.listen)
+            .await
+            .map_err(|source| TunnelError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = socket.local_addr().map_err(|source| TunnelError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let core = Core::new(&config, rand::random(), Instant::now());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                read_wakers: HashMap::new(),
+                write_wakers: HashMap::new(),
+                connects: HashMap::new(),
+                seen_epoch: 0,
+            }),
+            notify: Notify::new(),
+            closed: AtomicBool::new(false),
+            handles: AtomicUsize::new(2),
+            local_addr,
+        });
+        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        tokio::spawn(run(shared.clone(), socket, tx));
+        debug!(%local_addr, overlay = %config.overlay_address, "tunnel started");
+        Ok((
+            Tunnel {
+                shared: shared.clone(),
+                _guard: Arc::new(HandleGuard(shared.clone())),
+            },
+            Incoming {
+                rx,
+                _guard: HandleGuard(shared),
+            },
+        ))
+    }
+
+    /// The UDP address the tunnel receives on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Replaces the peer set (see [`Core::set_peers`]).
+    pub fn set_peers(&self, peers: Vec<PeerSpec>) {
+        self.shared
+            .with_core(|st| st.core.set_peers(peers, Instant::now()));
+        self.shared.notify.notify_one();
+    }
+
+    /// Sets the overlay ports on which inbound streams are accepted.
+    pub fn set_listen_ports(&self, ports: Vec<u16>) {
+        self.shared.with_core(|st| st.core.set_listen_ports(ports));
+    }
+
+    /// Opens a TCP stream to `remote` through the peer whose allowed IP is `remote`'s address.
+    ///
+    /// Errors: `ConnectionRefused` when the remote answers with RST, `TimedOut` after 10 s,
+    /// `HostUnreachable` when no peer has that address, `NotConnected` after shutdown.
+    pub async fn connect(&self, remote: SocketAddrV4) -> io::Result<TunnelStream> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(shut_down());
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.shared.with_core(|st| {
+            let id = st.core.connect(remote, Instant::now())?;
+            st.connects.insert(id, tx);
+            Ok::<_, ConnectError>(id)
+        });
+        let id = id.map_err(|e| match e {
+            ConnectError::NoRoute(_) => io::Error::new(io::ErrorKind::HostUnreachable, e),
+            ConnectError::Exhausted => io::Error::new(io::ErrorKind::AddrNotAvailable, e),
+        })?;
+        self.shared.notify.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(TunnelStream::new(self.shared.clone(), id, remote)),
+            Ok(Err(ConnectFailure::Refused)) => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{remote} refused the connection"),
+            )),
+            Ok(Err(ConnectFailure::TimedOut)) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {remote} timed out"),
+            )),
+            Err(_) => Err(shut_down()),
+        }
+    }
+
+    /// Counters of every peer.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        self.shared.state.lock().core.peer_stats()
+    }
+
+    /// Stops the driver task; streams fail afterwards.
+    pub fn shutdown(&self) {
+        self.shared.close();
+    }
+}
+
+fn shut_down() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "tunnel shut down")
+}
+
+/// The driver task.
+async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<TunnelStream>) {
+    let mut recv_buf = vec![0u8; 65536];
+    let mut out: Vec<(Vec<u8>, SocketAddr, usize)> = Vec::with_capacity(SEND_BATCH);
+    for _ in 0..SEND_BATCH {
+        out.push((
+            vec![0u8; MAX_DATAGRAM_SIZE],
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            0,
+        ));
+    }
+    let mut accepted: Vec<TunnelStream> = Vec::new();
+    let sleep = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(sleep);
+    loop {
+        if shared.closed.load(Ordering::Acquire) {
+            break;
+        }
+        let mut batch = 0;
+        let deadline;
+        {
+            let mut st = shared.state.lock();
+            let st = &mut *st;
+            let now = Instant::now();
+            for _ in 0..RECV_BATCH {
+                match socket.try_recv_from(&mut recv_buf) {
+                    Ok((n, from)) => st.core.handle_datagram(from, &recv_buf[..n], now),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => trace!(error = %e, "udp receive error"),
+                }
+            }
+            if st.core.poll_timeout().is_some_and(|t| t <= now) {
+                st.core.handle_timeout(now);
+            }
+            while batch < SEND_BATCH {
+                let slot = &mut out[batch];
+                match st.core.poll_transmit(now, &mut slot.0) {
+                    Some(t) => {
+                        slot.1 = t.dst;
+                        slot.2 = t.len;
+                        batch += 1;
+                    }
+                    None => break,
+                }
+            }
+            while let Some(event) = st.core.poll_event() {
+                match event {
+                    Event::Accepted(id) => {
+                        if let Some((local, remote)) = st.core.stream_addrs(id) {
+                            accepted.push(TunnelStream {
+                                shared: shared.clone(),
+                                id,
+                                local,
+                                remote,
+                                released: false,
+                            });
+                        }
+                    }
+                    Event::Connected(id) => {
+                        let delivered = st
+                            .connects
+                            .remove(&id)
+                            .is_some_and(|tx| tx.send(Ok(())).is_ok());
+                        if !delivered {
+                            st.core.stream_abort(id, now);
+                        }
+                    }
+                    Event::ConnectFailed(id, failure) => {
+                        if let Some(tx) = st.connects.remove(&id) {
+                            let _ = tx.send(Err(failure));
+                        }
+                    }
+                }
+            }
+            let epoch = st.core.readiness_epoch();
+            if epoch != st.seen_epoch {
+                st.seen_epoch = epoch;
+                let core = &st.core;
+                st.read_wakers.retain(|id, w| {
+                    if core.stream_readable(*id) {
+                        w.wake_by_ref();
+                        false
+                    } else {
+                        true
+                    }
+                });
+                st.write_wakers.retain(|id, w| {
+                    if core.stream_writable(*id) {
+                        w.wake_by_ref();
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            deadline = st.core.poll_timeout();
+        }
+        for stream in accepted.drain(..) {
+            // A full backlog or a dropped `Incoming` drops (and so closes) the stream.
+            let _ = accept_tx.try_send(stream);
+        }
+        for (buf, dst, len) in &out[..batch] {
+            if let Err(e) = socket.send_to(&buf[..*len], *dst).await {
+                trace!(error = %e, %dst, "udp send error");
+            }
+        }
+        if batch == SEND_BATCH {
+            continue;
+        }
+        let wake_at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(wake_at));
+        tokio::select! {
+            biased;
+            _ = shared.notify.notified() => {}
+            r = socket.readable() => {
+                if let Err(e) = r {
+                    trace!(error = %e, "udp readiness error");
+                }
+            }
+            _ = &mut sleep => {}
+        }
+    }
+    // Fail everything still waiting.
+    let mut st = shared.state.lock();
+    st.connects.clear();
+    for (_, w) in st.read_wakers.drain() {
+        w.wake();
+    }
+    for (_, w) in st.write_wakers.drain() {
+        w.wake();
+    }
+    debug!(local_addr = %shared.local_addr, "tunnel stopped");
+}
+
+/// A TCP stream through the tunnel. Dropping it closes it gracefully (FIN after queued data);
+/// [`TunnelStream::abort`] resets it.
+pub struct TunnelStream {
+    shared: Arc<Shared>,
+    id: StreamId,
+    local: SocketAddrV4,
+    remote: SocketAddrV4,
+    released: bool,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelStream {
+    fn new(shared: Arc<Shared>, id: StreamId, remote: SocketAddrV4) -> TunnelStream {
+        let local = shared
+            .state
+            .lock()
+            .core
+            .stream_addrs(id)
+            .map(|(l, _)| l)
+            .unwrap_or_else(|| SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
+        TunnelStream {
+            shared,
+            id,
+            local,
+            remote,
+            released: false,
+        }
+    }
+
+    /// Our overlay address and port.
+    pub fn local_addr(&self) -> SocketAddrV4 {
+        self.local
+    }
+
+    /// The remote overlay address and port.
+    pub fn peer_addr(&self) -> SocketAddrV4 {
+        self.remote
+    }
+
+    /// Resets the connection (RST) instead of closing it.
+    pub fn abort(mut self) {
+        self.released = true;
+        let id = self.id;
+        self.shared.with_core(|st| {
+            st.read_wakers.remove(&id);
+            st.write_wakers.remove(&id);
+            st.core.stream_abort(id, Instant::now());
+        });
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let id = self.id;
+        self.shared.with_core(|st| {
+            st.read_wakers.remove(&id);
+            st.write_wakers.remove(&id);
+            st.core.stream_release(id, Instant::now());
+        });
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.shared.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(shut_down()));
+        }
+        let id = this.id;
+        let mut st = this.shared.state.lock();
+        let before = st.core.needs_poll();
+        let result = st.core.stream_recv(id, buf.initialize_unfilled());
+        let poll = match result {
+            Ok(n) => {
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Err(StreamError::WouldBlock) => {
+                st.read_wakers.insert(id, cx.waker().clone());
+                Poll::Pending
+            }
+            Err(StreamError::Closed) => Poll::Ready(Ok(())),
+            Err(StreamError::Reset) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection reset",
+            ))),
+            Err(StreamError::Unknown) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "stream released",
+            ))),
+        };
+        let wake = st.core.needs_poll() && !before;
+        drop(st);
+        if wake {
+            this.shared.notify.notify_one();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.shared.closed.load(Ordering::Acquire) {
+            return Poll::Ready(Err(shut_down()));
+        }
+        let id = this.id;
+        let mut st = this.shared.state.lock();
+        let before = st.core.needs_poll();
+        let poll = match st.core.stream_send(id, data) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(StreamError::WouldBlock) => {
+                st.write_wakers.insert(id, cx.waker().clone());
+                Poll::Pending
+            }
+            Err(StreamError::Closed) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "stream closed",
+            ))),
+            Err(StreamError::Reset) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection reset",
+            ))),
+            Err(StreamError::Unknown) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "stream released",
+            ))),
+        };
+        let wake = st.core.needs_poll() && !before;
+        drop(st);
+        if wake {
+            this.shared.notify.notify_one();
+        }
+        poll
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let id = self.id;
+        self.shared.with_core(|st| st.core.stream_close(id));
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,244 @@
+//! Driver tests over real UDP on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use kakuremichi_tunnel::{
+    generate_private_key, public_key, Incoming, PeerSpec, Tunnel, TunnelConfig, TunnelStream,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GW_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+
+struct Pair {
+    gateway: Tunnel,
+    agent: Tunnel,
+    agent_incoming: Incoming,
+    gw_peers: Vec<PeerSpec>,
+}
+
+async fn pair(ports: Vec<u16>) -> Pair {
+    let gw_key = generate_private_key();
+    let agent_key = generate_private_key();
+    let (gateway, _gw_incoming) = Tunnel::bind(TunnelConfig {
+        private_key: gw_key,
+        overlay_address: GW_IP,
+        mtu: 1420,
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let (agent, agent_incoming) = Tunnel::bind(TunnelConfig {
+        private_key: agent_key,
+        overlay_address: AGENT_IP,
+        mtu: 1420,
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    // The gateway does not know the agent's endpoint: the agent dials it.
+    let gw_peers = vec![PeerSpec {
+        public_key: public_key(&agent_key),
+        allowed_ip: AGENT_IP,
+        endpoint: None,
+        persistent_keepalive: None,
+    }];
+    gateway.set_peers(gw_peers.clone());
+    agent.set_peers(vec![PeerSpec {
+        public_key: public_key(&gw_key),
+        allowed_ip: GW_IP,
+        endpoint: Some(gateway.local_addr()),
+        persistent_keepalive: Some(25),
+    }]);
+    agent.set_listen_ports(ports);
+    // Wait for the handshake.
+    for _ in 0..200 {
+        if gateway.peer_stats()[0].last_handshake.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        gateway.peer_stats()[0].last_handshake.is_some(),
+        "no handshake"
+    );
+    Pair {
+        gateway,
+        agent,
+        agent_incoming,
+        gw_peers,
+    }
+}
+
+/// Echoes every accepted stream until EOF.
+fn spawn_echo(mut incoming: Incoming) {
+    tokio::spawn(async move {
+        while let Some(stream) = incoming.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+        .collect()
+}
+
+async fn echo_roundtrip(stream: TunnelStream, data: Vec<u8>) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut got = Vec::with_capacity(expected.len());
+    r.read_to_end(&mut got).await.unwrap();
+    let _w = writer.await.unwrap();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn connect_and_echo() {
+    let p = pair(vec![80]).await;
+    spawn_echo(p.agent_incoming);
+    let stream = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 80))
+        .await
+        .unwrap();
+    assert_eq!(stream.peer_addr(), SocketAddrV4::new(AGENT_IP, 80));
+    assert_eq!(*stream.local_addr().ip(), GW_IP);
+    echo_roundtrip(stream, b"hello through the tunnel".to_vec()).await;
+    drop(p.agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mib_both_ways_byte_exact() {
+    let p = pair(vec![80]).await;
+    spawn_echo(p.agent_incoming);
+    let stream = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 80))
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        echo_roundtrip(stream, pattern(10 << 20, 7)),
+    )
+    .await
+    .unwrap();
+    let stats = p.gateway.peer_stats();
+    assert!(stats[0].tx_bytes > 10 << 20);
+    assert!(stats[0].rx_bytes > 10 << 20);
+    drop(p.agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_streams() {
+    let p = pair(vec![80, 81]).await;
+    spawn_echo(p.agent_incoming);
+    let mut tasks = Vec::new();
+    for i in 0..100u32 {
+        let gw = p.gateway.clone();
+        tasks.push(tokio::spawn(async move {
+            let port = 80 + (i % 2) as u16;
+            let stream = gw.connect(SocketAddrV4::new(AGENT_IP, port)).await.unwrap();
+            echo_roundtrip(stream, pattern(64 * 1024 + i as usize, i as u8)).await;
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(p.agent);
+}
+
+#[tokio::test]
+async fn unlisted_port_is_refused() {
+    let p = pair(vec![80]).await;
+    spawn_echo(p.agent_incoming);
+    let err = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 81))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let err = p
+        .gateway
+        .connect(SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 9), 80))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable);
+    drop(p.agent);
+}
+
+#[tokio::test]
+async fn random_datagrams_do_not_break_the_tunnel() {
+    use rand::{Rng, RngCore};
+    let p = pair(vec![80]).await;
+    spawn_echo(p.agent_incoming);
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; 2000];
+    for i in 0..10_000 {
+        let len = rng.gen_range(0..buf.len());
+        rng.fill_bytes(&mut buf[..len]);
+        // Some look like WireGuard messages (type 1..4, right sizes).
+        if len >= 4 && i % 2 == 0 {
+            let ty = rng.gen_range(1u8..=4);
+            buf[..4].copy_from_slice(&[ty, 0, 0, 0]);
+        }
+        let target = if i % 2 == 0 {
+            p.gateway.local_addr()
+        } else {
+            p.agent.local_addr()
+        };
+        junk.send_to(&buf[..len], target).await.unwrap();
+        if i % 500 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let stream = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 80))
+        .await
+        .unwrap();
+    echo_roundtrip(stream, pattern(1 << 20, 3)).await;
+}
+
+#[tokio::test]
+async fn same_peer_set_keeps_stream_alive() {
+    let p = pair(vec![80]).await;
+    spawn_echo(p.agent_incoming);
+    let stream = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 80))
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(stream);
+    w.write_all(b"one").await.unwrap();
+    let mut got = [0u8; 3];
+    r.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"one");
+    p.gateway.set_peers(p.gw_peers.clone());
+    p.gateway.set_peers(p.gw_peers.clone());
+    w.write_all(b"two").await.unwrap();
+    r.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"two");
+    w.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    drop(p.agent);
+}
