@@ -1,0 +1,144 @@
+//! Pure functions behind applying a snapshot on the agent.
+
+use std::collections::BTreeMap;
+
+use kakuremichi_proto::{ConfigSnapshot, PeerConfig, Target, WgPublicKey};
+
+/// What a new snapshot changes compared to the running one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The tunnel must be (re)bound: first snapshot, or overlay settings changed.
+    pub rebind_tunnel: bool,
+    /// Gateways added.
+    pub peers_added: Vec<WgPublicKey>,
+    /// Gateways removed.
+    pub peers_removed: Vec<WgPublicKey>,
+    /// Gateways whose settings changed.
+    pub peers_changed: Vec<WgPublicKey>,
+    /// Overlay ports opened.
+    pub ports_added: Vec<u16>,
+    /// Overlay ports closed.
+    pub ports_removed: Vec<u16>,
+    /// Overlay ports whose target changed.
+    pub ports_changed: Vec<u16>,
+}
+
+impl Changes {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+type Diff<K> = (Vec<K>, Vec<K>, Vec<K>);
+
+fn diff<K: Ord + Copy, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Diff<K> {
+    let added = new
+        .keys()
+        .filter(|k| !old.contains_key(k))
+        .copied()
+        .collect();
+    let removed = old
+        .keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect();
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(k).is_some_and(|o| o != *v))
+        .map(|(k, _)| *k)
+        .collect();
+    (added, removed, changed)
+}
+
+/// Compares the running snapshot (if any) with a new one.
+pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
+    let peers = |s: &ConfigSnapshot| -> BTreeMap<WgPublicKey, PeerConfig> {
+        s.peers.iter().map(|p| (p.public_key, p.clone())).collect()
+    };
+    let targets = |s: &ConfigSnapshot| -> BTreeMap<u16, Target> {
+        s.targets.iter().map(|t| (t.port, t.clone())).collect()
+    };
+    let (old_peers, old_targets) = old.map(|o| (peers(o), targets(o))).unwrap_or_default();
+    let (peers_added, peers_removed, peers_changed) = diff(&old_peers, &peers(new));
+    let (ports_added, ports_removed, ports_changed) = diff(&old_targets, &targets(new));
+    Changes {
+        rebind_tunnel: old.is_none_or(|o| o.overlay != new.overlay),
+        peers_added,
+        peers_removed,
+        peers_changed,
+        ports_added,
+        ports_removed,
+        ports_changed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kakuremichi_proto::{NodeKind, OverlayConfig};
+    use std::net::Ipv4Addr;
+    use uuid::Uuid;
+
+    fn target(port: u16, to: &str) -> Target {
+        Target {
+            resource_id: Uuid::from_u128(port as u128),
+            port,
+            target: to.into(),
+        }
+    }
+
+    fn gw(k: u8, endpoint: &str) -> PeerConfig {
+        PeerConfig {
+            node_id: Uuid::from_u128(k as u128),
+            kind: NodeKind::Gateway,
+            name: "edge".into(),
+            public_key: WgPublicKey([k; 32]),
+            overlay_address: Ipv4Addr::new(100, 64, 0, k),
+            endpoint: Some(endpoint.into()),
+            persistent_keepalive: Some(25),
+        }
+    }
+
+    fn snap(peers: Vec<PeerConfig>, targets: Vec<Target>) -> ConfigSnapshot {
+        ConfigSnapshot {
+            version: 1,
+            node_id: Uuid::from_u128(9),
+            kind: NodeKind::Agent,
+            overlay: OverlayConfig {
+                address: Ipv4Addr::new(100, 64, 0, 9),
+                prefix_len: 10,
+                mtu: 1420,
+            },
+            peers,
+            routes: vec![],
+            targets,
+        }
+    }
+
+    #[test]
+    fn plans_target_and_peer_changes() {
+        let old = snap(
+            vec![gw(1, "a:1")],
+            vec![target(10000, "127.0.0.1:80"), target(10001, "db:5432")],
+        );
+        let new = snap(
+            vec![gw(1, "a:2")],
+            vec![
+                target(10000, "127.0.0.1:80"),
+                target(10001, "db:5433"),
+                target(10002, "x:1"),
+            ],
+        );
+        let c = plan(Some(&old), &new);
+        assert!(!c.rebind_tunnel);
+        assert_eq!(c.peers_changed, vec![WgPublicKey([1; 32])]);
+        assert_eq!(c.ports_added, vec![10002]);
+        assert_eq!(c.ports_changed, vec![10001]);
+        assert!(c.ports_removed.is_empty());
+        assert!(plan(Some(&new), &new).is_empty());
+        let first = plan(None, &new);
+        assert!(first.rebind_tunnel);
+        assert_eq!(first.ports_added, vec![10000, 10001, 10002]);
+    }
+}

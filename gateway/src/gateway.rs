@@ -1,0 +1,363 @@
+//! The gateway runtime: holds the tunnel, the route table and the endpoint memory, and applies
+//! snapshots (from the control channel or the disk cache).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use kakuremichi_node::{ConfigCache, NodeHooks};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, PeerStatus, StatusReport, WgPublicKey};
+use kakuremichi_tunnel::{Tunnel, TunnelConfig};
+
+use crate::apply::{peer_specs, plan, EndpointHints};
+use crate::metrics::{Metrics, PeerSample};
+use crate::proxy::{Proxy, ProxyTimeouts, Upstream, UpstreamIo};
+use crate::routing::RouteTable;
+
+/// What the gateway needs besides snapshots.
+#[derive(Clone)]
+pub struct GatewayOptions {
+    /// Where `config.json` and `peers.json` live.
+    pub data_dir: PathBuf,
+    /// The WireGuard UDP listen address.
+    pub wg_listen: SocketAddr,
+    /// The node's WireGuard private key.
+    pub private_key: [u8; 32],
+    /// Proxy timeouts.
+    pub timeouts: ProxyTimeouts,
+}
+
+impl std::fmt::Debug for GatewayOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayOptions")
+            .field("data_dir", &self.data_dir)
+            .field("wg_listen", &self.wg_listen)
+            .field("private_key", &"***")
+            .field("timeouts", &self.timeouts)
+            .finish()
+    }
+}
+
+/// Applying a snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The snapshot is for another node or kind.
+    #[error("the snapshot is for a {kind} node, not this gateway")]
+    WrongKind {
+        /// The snapshot's kind.
+        kind: NodeKind,
+    },
+    /// The tunnel could not be bound.
+    #[error(transparent)]
+    Tunnel(#[from] kakuremichi_tunnel::TunnelError),
+}
+
+type SharedTunnel = Arc<RwLock<Option<Tunnel>>>;
+
+struct TunnelUpstream {
+    tunnel: SharedTunnel,
+}
+
+impl Upstream for TunnelUpstream {
+    fn connect(
+        &self,
+        addr: SocketAddrV4,
+    ) -> Pin<Box<dyn std::future::Future<Output = io::Result<UpstreamIo>> + Send + '_>> {
+        Box::pin(async move {
+            let tunnel = self
+                .tunnel
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet"))?;
+            let stream = tunnel.connect(addr).await?;
+            Ok(Box::new(stream) as UpstreamIo)
+        })
+    }
+}
+
+struct Inner {
+    options: GatewayOptions,
+    tunnel: SharedTunnel,
+    routes: Arc<RwLock<Arc<RouteTable>>>,
+    current: tokio::sync::Mutex<Option<ConfigSnapshot>>,
+    configured_peers: Mutex<BTreeSet<WgPublicKey>>,
+    hints: Mutex<EndpointHints>,
+    applied_version: AtomicU64,
+    cache: ConfigCache,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+}
+
+/// The gateway: cheap to clone, shared by the proxy, the control channel and background tasks.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// A gateway with no config yet (it answers 404 until the first snapshot), with the endpoint
+    /// memory loaded from the data dir.
+    pub fn new(options: GatewayOptions) -> Self {
+        let tunnel: SharedTunnel = Arc::new(RwLock::new(None));
+        let routes = Arc::new(RwLock::new(Arc::new(RouteTable::default())));
+        let metrics = Arc::new(Metrics::default());
+        let proxy = Arc::new(Proxy::new(
+            Arc::clone(&routes),
+            Arc::new(TunnelUpstream {
+                tunnel: Arc::clone(&tunnel),
+            }),
+            options.timeouts,
+            Arc::clone(&metrics),
+        ));
+        let hints = EndpointHints::load(&options.data_dir);
+        let cache = ConfigCache::new(&options.data_dir);
+        Self {
+            inner: Arc::new(Inner {
+                options,
+                tunnel,
+                routes,
+                current: tokio::sync::Mutex::new(None),
+                configured_peers: Mutex::new(BTreeSet::new()),
+                hints: Mutex::new(hints),
+                applied_version: AtomicU64::new(0),
+                cache,
+                metrics,
+                proxy,
+            }),
+        }
+    }
+
+    /// The reverse proxy serving this gateway's routes.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        Arc::clone(&self.inner.proxy)
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.inner.metrics)
+    }
+
+    /// The tunnel, once bound.
+    pub fn tunnel(&self) -> Option<Tunnel> {
+        self.inner
+            .tunnel
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The applied config version (0 before any).
+    pub fn applied_version(&self) -> u64 {
+        self.inner.applied_version.load(Ordering::Acquire)
+    }
+
+    /// The cached snapshot from a previous run, if any and if it is for a gateway.
+    pub fn cached_config(&self) -> Option<ConfigSnapshot> {
+        match self.inner.cache.load() {
+            Ok(Some(s)) if s.kind == NodeKind::Gateway => Some(s),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the unreadable config cache");
+                None
+            }
+        }
+    }
+
+    /// Applies a snapshot: binds the tunnel if needed, sets peers, swaps routes, and when
+    /// `persist` writes the cache. Existing connections of unchanged routes are untouched.
+    pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
+        if snapshot.kind != NodeKind::Gateway {
+            return Err(ApplyError::WrongKind {
+                kind: snapshot.kind,
+            });
+        }
+        let mut current = self.inner.current.lock().await;
+        let changes = plan(current.as_ref(), &snapshot);
+        tracing::debug!(version = snapshot.version, ?changes, "applying config");
+        if changes.rebind_tunnel || self.tunnel().is_none() {
+            self.bind_tunnel(&snapshot).await?;
+        }
+        let configured: BTreeSet<WgPublicKey> =
+            snapshot.peers.iter().map(|p| p.public_key).collect();
+        let specs = {
+            let mut hints = self.inner.hints.lock().unwrap_or_else(|e| e.into_inner());
+            hints.merge([], &configured);
+            peer_specs(&snapshot.peers, &hints)
+        };
+        if let Some(tunnel) = self.tunnel() {
+            tunnel.set_peers(specs);
+            tunnel.set_listen_ports(Vec::new());
+        }
+        *self
+            .inner
+            .configured_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = configured;
+        let table = RouteTable::from_routes(&snapshot.routes);
+        self.inner.metrics.set_routes(table.len());
+        *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        if persist {
+            if let Err(error) = self.inner.cache.store(&snapshot) {
+                tracing::warn!(%error, "could not write the config cache; serving from memory");
+            }
+        }
+        self.inner
+            .applied_version
+            .store(snapshot.version, Ordering::Release);
+        if !changes.is_empty() {
+            tracing::info!(
+                version = snapshot.version,
+                routes = snapshot.routes.len(),
+                peers = snapshot.peers.len(),
+                "gateway config applied"
+            );
+        }
+        *current = Some(snapshot);
+        Ok(())
+    }
+
+    async fn bind_tunnel(&self, snapshot: &ConfigSnapshot) -> Result<(), ApplyError> {
+        let old = self
+            .inner
+            .tunnel
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            tracing::info!("overlay settings changed: restarting the tunnel");
+            old.shutdown();
+        }
+        let config = TunnelConfig {
+            private_key: self.inner.options.private_key,
+            overlay_address: snapshot.overlay.address,
+            mtu: snapshot.overlay.mtu,
+            listen: self.inner.options.wg_listen,
+        };
+        let mut attempt = 0;
+        let (tunnel, mut incoming) = loop {
+            match Tunnel::bind(config.clone()).await {
+                Ok(t) => break t,
+                // The old socket may take a moment to close.
+                Err(kakuremichi_tunnel::TunnelError::Bind { .. }) if attempt < 20 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        tracing::info!(
+            listen = %tunnel.local_addr(),
+            overlay = %snapshot.overlay.address,
+            "WireGuard tunnel bound"
+        );
+        // The gateway accepts no inbound flows: refuse anything that arrives.
+        tokio::spawn(async move {
+            while let Some(stream) = incoming.accept().await {
+                stream.abort();
+            }
+        });
+        *self.inner.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
+        Ok(())
+    }
+
+    /// The status report: applied version and peer counters.
+    pub fn status(&self) -> StatusReport {
+        let peers = self
+            .tunnel()
+            .map(|t| t.peer_stats())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| PeerStatus {
+                public_key: WgPublicKey(s.public_key),
+                endpoint: s.endpoint.map(|e| e.to_string()),
+                last_handshake_age_ms: s
+                    .last_handshake
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                tx_bytes: s.tx_bytes,
+                rx_bytes: s.rx_bytes,
+            })
+            .collect();
+        StatusReport {
+            applied_version: self.applied_version(),
+            peers,
+            targets: Vec::new(),
+        }
+    }
+
+    /// Samples peer stats once: refreshes metrics and remembers learned endpoints (saved to
+    /// `peers.json` when they change).
+    pub fn remember_endpoints(&self) {
+        let Some(tunnel) = self.tunnel() else { return };
+        let stats = tunnel.peer_stats();
+        self.inner.metrics.set_peers(
+            stats
+                .iter()
+                .map(|s| PeerSample {
+                    public_key: WgPublicKey(s.public_key).to_base64(),
+                    tx_bytes: s.tx_bytes,
+                    rx_bytes: s.rx_bytes,
+                    handshake_age_secs: s.last_handshake.map(|d| d.as_secs()),
+                })
+                .collect(),
+        );
+        let configured = self
+            .inner
+            .configured_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let observed = stats
+            .iter()
+            .filter_map(|s| s.endpoint.map(|e| (WgPublicKey(s.public_key), e)));
+        let mut hints = self.inner.hints.lock().unwrap_or_else(|e| e.into_inner());
+        if hints.merge(observed, &configured) {
+            tracing::debug!("peer endpoints changed; saving them");
+            if let Err(error) = hints.save(&self.inner.options.data_dir) {
+                tracing::warn!(%error, "could not save peer endpoints");
+            }
+        }
+    }
+
+    /// Runs [`Gateway::remember_endpoints`] every `every`, forever.
+    pub async fn run_endpoint_memory(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.remember_endpoints();
+        }
+    }
+
+    /// Stops the tunnel.
+    pub fn shutdown(&self) {
+        if let Some(t) = self.tunnel() {
+            t.shutdown();
+        }
+    }
+}
+
+impl NodeHooks for Gateway {
+    async fn apply(&self, snapshot: ConfigSnapshot) -> Result<(), String> {
+        Gateway::apply(self, snapshot, true)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn status(&self) -> StatusReport {
+        Gateway::status(self)
+    }
+}

@@ -1,0 +1,755 @@
+//! The HTTP/1.1 reverse proxy: hyper on both sides, streaming bodies, a small pool of idle
+//! upstream connections per target, clear error pages.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument as _;
+
+use crate::metrics::Metrics;
+use crate::routing::{request_host, RouteTable, RouteTarget};
+
+/// Body of every response the proxy sends.
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A byte stream to an upstream (a tunnel stream in production, TCP in some tests).
+pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamStream for T {}
+
+/// A boxed upstream stream.
+pub type UpstreamIo = Box<dyn UpstreamStream>;
+
+/// Opens streams to targets (agent overlay address and port).
+pub trait Upstream: Send + Sync + 'static {
+    /// Opens a stream to `addr`. `ConnectionRefused`, `ConnectionReset`, `NotConnected` and
+    /// `TimedOut` all mean "the agent or its target is not there".
+    fn connect(
+        &self,
+        addr: SocketAddrV4,
+    ) -> Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send + '_>>;
+}
+
+/// Proxy timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyTimeouts {
+    /// Opening the upstream stream and the HTTP handshake.
+    pub connect: Duration,
+    /// From sending the request until the response head arrives.
+    pub response: Duration,
+}
+
+impl Default for ProxyTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            response: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the proxy answered with an error page instead of the site's response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// The request had no usable `Host`.
+    #[error("the request has no Host header")]
+    MissingHost,
+    /// No resource is published at this hostname.
+    #[error("no resource is published at {0}")]
+    UnknownHost(String),
+    /// The agent is offline, has no handshake, or its target refused or reset the connection.
+    #[error("the site that serves {0} is offline or its target refused the connection")]
+    Offline(String),
+    /// The site did not answer within the upstream timeout.
+    #[error("the site that serves {0} did not answer in time")]
+    Timeout(String),
+}
+
+impl ProxyError {
+    /// The status code of the error page.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MissingHost => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
+            ProxyError::Offline(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The error page: text/plain, or a small HTML page when the client accepts HTML.
+    pub fn response(&self, accept: Option<&HeaderValue>) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let wants_html = accept
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/html"));
+        let (content_type, body) = if wants_html {
+            let escaped = html_escape(&message);
+            let status = self.status();
+            (
+                "text/html; charset=utf-8",
+                format!(
+                    "<!doctype html><html><head><meta charset=\"utf-8\"><title>{} {}</title></head>\
+                     <body><h1>{} {}</h1><p>{escaped}</p><hr><p>kakuremichi gateway</p></body></html>\n",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or(""),
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or(""),
+                ),
+            )
+        } else {
+            ("text/plain; charset=utf-8", format!("{message}\n"))
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = self.status();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn full(s: String) -> ProxyBody {
+    Full::new(Bytes::from(s))
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn empty() -> ProxyBody {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded by a proxy.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`, and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: x`).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Rewrites request headers for the upstream: strips hop-by-hop headers, appends the client to
+/// `X-Forwarded-For`, sets `X-Forwarded-Proto: http` and `X-Forwarded-Host`, and keeps `Host` as
+/// the client sent it (from the absolute-form URI if that is what it used).
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: std::net::IpAddr,
+    original_host: &HeaderValue,
+    upgrade: Option<&HeaderValue>,
+) {
+    strip_hop_by_hop(headers);
+    let previous: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    let mut xff = previous.join(", ");
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&client_ip.to_string());
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-host", original_host.clone());
+    headers.insert(header::HOST, original_host.clone());
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
+}
+
+struct IdleConn {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Idle upstream connections, per target.
+struct Pool {
+    idle: Mutex<HashMap<SocketAddrV4, Vec<IdleConn>>>,
+    max_idle_per_target: usize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    fn take(&self, addr: SocketAddrV4) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(conn) = list.pop() {
+            if conn.since.elapsed() < self.idle_timeout
+                && !conn.sender.is_closed()
+                && conn.sender.is_ready()
+            {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddrV4, sender: SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr).or_default();
+        list.retain(|c| c.since.elapsed() < self.idle_timeout && !c.sender.is_closed());
+        if list.len() < self.max_idle_per_target {
+            list.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Returns a connection to the pool once it is ready for another request.
+    fn release(self: &Arc<Self>, addr: SocketAddrV4, mut sender: SendRequest<Incoming>) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            if tokio::time::timeout(Duration::from_secs(5), sender.ready())
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                pool.put(addr, sender);
+            }
+        });
+    }
+}
+
+/// A response body that hands its upstream connection back to the pool at its end.
+struct PooledBody {
+    inner: Incoming,
+    release: Option<(Arc<Pool>, SocketAddrV4, SendRequest<Incoming>)>,
+}
+
+impl PooledBody {
+    fn finish(&mut self) {
+        if let Some((pool, addr, sender)) = self.release.take() {
+            pool.release(addr, sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.release = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
+}
+
+/// The reverse proxy: routes, upstream, pool and metrics.
+pub struct Proxy {
+    routes: Arc<RwLock<Arc<RouteTable>>>,
+    upstream: Arc<dyn Upstream>,
+    pool: Arc<Pool>,
+    timeouts: ProxyTimeouts,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+enum SendError {
+    Offline,
+    Timeout,
+}
+
+impl Proxy {
+    /// A proxy reading routes from `routes` (swapped by the gateway on each snapshot).
+    pub fn new(
+        routes: Arc<RwLock<Arc<RouteTable>>>,
+        upstream: Arc<dyn Upstream>,
+        timeouts: ProxyTimeouts,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            routes,
+            upstream,
+            pool: Arc::new(Pool {
+                idle: Mutex::new(HashMap::new()),
+                max_idle_per_target: 32,
+                idle_timeout: Duration::from_secs(60),
+            }),
+            timeouts,
+            metrics,
+        }
+    }
+
+    fn route(&self, host: &str) -> Option<RouteTarget> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(host)
+    }
+
+    /// Handles one request from `client`.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let accept = req.headers().get(header::ACCEPT).cloned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let host = request_host(req.uri(), req.headers());
+        let (response, resource) = match host {
+            None => (ProxyError::MissingHost.response(accept.as_ref()), None),
+            Some(host) => match self.route(&host) {
+                None => (
+                    ProxyError::UnknownHost(host).response(accept.as_ref()),
+                    None,
+                ),
+                Some(target) => {
+                    let span = tracing::debug_span!(
+                        "request",
+                        resource_id = %target.resource_id,
+                        %host
+                    );
+                    let result = self
+                        .forward(req, client, &host, target)
+                        .instrument(span)
+                        .await;
+                    let response = match result {
+                        Ok(r) => r,
+                        Err(e) => e.response(accept.as_ref()),
+                    };
+                    (response, Some(target.resource_id))
+                }
+            },
+        };
+        let status = response.status();
+        self.metrics.record_request(status.as_u16());
+        tracing::debug!(
+            %client,
+            %method,
+            %path,
+            status = status.as_u16(),
+            resource_id = ?resource,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    async fn connect(&self, addr: SocketAddrV4) -> Result<SendRequest<Incoming>, io::Error> {
+        let attempt = async {
+            let io = self.upstream.connect(addr).await?;
+            let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, Incoming>(TokioIo::new(io))
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                if let Err(error) = conn.with_upgrades().await {
+                    tracing::debug!(%error, "upstream connection ended");
+                }
+            });
+            Ok::<_, io::Error>(sender)
+        };
+        match tokio::time::timeout(self.timeouts.connect, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connecting to the agent timed out",
+            )),
+        }
+    }
+
+    async fn send(
+        &self,
+        sender: &mut SendRequest<Incoming>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, (SendError, Option<Request<Incoming>>)> {
+        match tokio::time::timeout(self.timeouts.response, sender.try_send_request(req)).await {
+            Err(_) => Err((SendError::Timeout, None)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(mut e)) => {
+                let req = e.take_message();
+                tracing::debug!(error = %e.error(), "upstream request failed");
+                Err((SendError::Offline, req))
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        host: &str,
+        target: RouteTarget,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let offline = || ProxyError::Offline(host.to_owned());
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        // Origin-form towards the upstream; Host as the client named it.
+        let original_host = match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        }
+        .ok_or(ProxyError::MissingHost)?;
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = path_and_query
+            .parse()
+            .map_err(|_| ProxyError::MissingHost)?;
+        *req.version_mut() = http::Version::HTTP_11;
+        rewrite_request_headers(
+            req.headers_mut(),
+            client.ip(),
+            &original_host,
+            upgrade.as_ref(),
+        );
+
+        // A pooled connection first; if it turns out dead before the request went out, a fresh one.
+        let pooled = if upgrade.is_none() {
+            self.pool.take(target.addr)
+        } else {
+            None
+        };
+        let (sender, response) = match pooled {
+            Some(mut sender) => match self.send(&mut sender, req).await {
+                Ok(r) => (sender, r),
+                Err((SendError::Timeout, _)) => return Err(ProxyError::Timeout(host.to_owned())),
+                Err((SendError::Offline, Some(req))) => {
+                    let mut sender = self.connect(target.addr).await.map_err(|e| {
+                        tracing::debug!(error = %e, "connecting upstream failed");
+                        offline()
+                    })?;
+                    match self.send(&mut sender, req).await {
+                        Ok(r) => (sender, r),
+                        Err((SendError::Timeout, _)) => {
+                            return Err(ProxyError::Timeout(host.to_owned()))
+                        }
+                        Err((SendError::Offline, _)) => return Err(offline()),
+                    }
+                }
+                Err((SendError::Offline, None)) => return Err(offline()),
+            },
+            None => {
+                let mut sender = self.connect(target.addr).await.map_err(|e| {
+                    tracing::debug!(error = %e, "connecting upstream failed");
+                    offline()
+                })?;
+                match self.send(&mut sender, req).await {
+                    Ok(r) => (sender, r),
+                    Err((SendError::Timeout, _)) => {
+                        return Err(ProxyError::Timeout(host.to_owned()))
+                    }
+                    Err((SendError::Offline, _)) => return Err(offline()),
+                }
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                return Ok(self.switch_protocols(response, client_upgrade));
+            }
+        }
+
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        // A connection that carried an upgrade attempt stays out of the pool.
+        let release = upgrade
+            .is_none()
+            .then(|| (Arc::clone(&self.pool), target.addr, sender));
+        let body = PooledBody {
+            inner: body,
+            release,
+        };
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    fn switch_protocols(
+        &self,
+        mut response: Response<Incoming>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+    ) -> Response<ProxyBody> {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(
+            async move {
+                let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                    (Ok(c), Ok(u)) => (c, u),
+                    (c, u) => {
+                        tracing::debug!(
+                            client_ok = c.is_ok(),
+                            upstream_ok = u.is_ok(),
+                            "upgrade failed"
+                        );
+                        return;
+                    }
+                };
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+                    Err(error) => tracing::debug!(%error, "upgraded connection ended"),
+                }
+            }
+            .in_current_span(),
+        );
+        let (parts, _body) = response.into_parts();
+        Response::from_parts(parts, empty())
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Serves the proxy on `listener` until `shutdown` turns true, then lets in-flight requests finish
+/// (for at most `drain`).
+pub async fn serve_http(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopping(&mut shutdown) => break,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        let mut shutdown = shutdown.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopping(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%client, %error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(done_tx);
+    let _ = tokio::time::timeout(drain, done_rx.recv()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        names.sort();
+        assert_eq!(names, vec!["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_added() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("Demo.localhost:8080"));
+        h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        let host = HeaderValue::from_static("Demo.localhost:8080");
+        rewrite_request_headers(&mut h, "192.0.2.9".parse().unwrap(), &host, None);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.51.100.7, 192.0.2.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "Demo.localhost:8080");
+        assert_eq!(h["host"], "Demo.localhost:8080");
+        assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn upgrade_requests_keep_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        let proto = upgrade_protocol(&h);
+        assert_eq!(proto.as_ref().unwrap(), "websocket");
+        let host = HeaderValue::from_static("a");
+        rewrite_request_headers(&mut h, "::1".parse().unwrap(), &host, proto.as_ref());
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        let mut plain = HeaderMap::new();
+        plain.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(upgrade_protocol(&plain).is_none());
+    }
+
+    #[tokio::test]
+    async fn error_pages_map_to_statuses() {
+        let cases = [
+            (
+                ProxyError::MissingHost,
+                400,
+                "the request has no Host header",
+            ),
+            (
+                ProxyError::UnknownHost("x.example".into()),
+                404,
+                "no resource is published at x.example",
+            ),
+            (
+                ProxyError::Offline("x.example".into()),
+                502,
+                "the site that serves x.example is offline or its target refused the connection",
+            ),
+            (
+                ProxyError::Timeout("x.example".into()),
+                504,
+                "the site that serves x.example did not answer in time",
+            ),
+        ];
+        for (error, status, message) in cases {
+            let response = error.response(None);
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(
+                response.headers()["content-type"],
+                "text/plain; charset=utf-8"
+            );
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("{message}\n"));
+        }
+        let html = ProxyError::UnknownHost("<b>".into()).response(Some(&HeaderValue::from_static(
+            "text/html,application/xhtml+xml",
+        )));
+        assert_eq!(html.headers()["content-type"], "text/html; charset=utf-8");
+        let body = html.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains("404 Not Found"));
+        assert!(body.contains("no resource is published at &lt;b&gt;"));
+    }
+}

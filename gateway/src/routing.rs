@@ -1,0 +1,153 @@
+//! The route table (hostname -> agent overlay address and port) and `Host` normalization.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+
+use http::{HeaderMap, Uri};
+use kakuremichi_proto::{Route, RouteProtocol};
+use uuid::Uuid;
+
+/// Where requests for one hostname go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTarget {
+    /// The resource's id (for logs and metrics).
+    pub resource_id: Uuid,
+    /// The agent's overlay address and the port leading to the target.
+    pub addr: SocketAddrV4,
+}
+
+/// Hostname (lower case, no port) -> target. Replaced as a whole on every snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    by_host: HashMap<String, RouteTarget>,
+}
+
+impl RouteTable {
+    /// Builds the table from a snapshot's routes.
+    pub fn from_routes(routes: &[Route]) -> Self {
+        let by_host = routes
+            .iter()
+            .filter(|r| r.protocol == RouteProtocol::Http)
+            .filter_map(|r| {
+                let host = normalize_host(&r.hostname)?;
+                Some((
+                    host,
+                    RouteTarget {
+                        resource_id: r.resource_id,
+                        addr: SocketAddrV4::new(r.overlay_address, r.port),
+                    },
+                ))
+            })
+            .collect();
+        Self { by_host }
+    }
+
+    /// The target of a normalized hostname.
+    pub fn lookup(&self, host: &str) -> Option<RouteTarget> {
+        self.by_host.get(host).copied()
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.by_host.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_host.is_empty()
+    }
+}
+
+/// Lower-cases a hostname and strips a port and a trailing dot. `None` if nothing is left.
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    let host = match raw.parse::<http::uri::Authority>() {
+        Ok(authority) => authority.host().to_owned(),
+        Err(_) => return None,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        None
+    } else {
+        Some(host)
+    }
+}
+
+/// The request's host: the authority of an absolute-form URI wins over the `Host` header
+/// (RFC 9112 §3.2.2). `None` when there is neither, or it is not a valid authority.
+pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    if let Some(authority) = uri.authority() {
+        return normalize_host(authority.as_str());
+    }
+    let value = headers.get(http::header::HOST)?.to_str().ok()?;
+    normalize_host(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::net::Ipv4Addr;
+
+    fn headers(host: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(host) = host {
+            h.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn host_header_is_normalized() {
+        let uri: Uri = "/path?q=1".parse().unwrap();
+        assert_eq!(
+            request_host(&uri, &headers(Some("Demo.Example.COM"))).as_deref(),
+            Some("demo.example.com")
+        );
+        assert_eq!(
+            request_host(&uri, &headers(Some("demo.localhost:8080"))).as_deref(),
+            Some("demo.localhost")
+        );
+        assert_eq!(
+            request_host(&uri, &headers(Some("demo.localhost."))).as_deref(),
+            Some("demo.localhost")
+        );
+        assert_eq!(
+            request_host(&uri, &headers(Some("[::1]:8080"))).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(request_host(&uri, &headers(None)), None);
+        assert_eq!(request_host(&uri, &headers(Some(""))), None);
+        assert_eq!(request_host(&uri, &headers(Some("a b"))), None);
+    }
+
+    #[test]
+    fn absolute_form_authority_wins() {
+        let uri: Uri = "http://App.Example.com:80/x".parse().unwrap();
+        assert_eq!(
+            request_host(&uri, &headers(Some("other.example.com"))).as_deref(),
+            Some("app.example.com")
+        );
+    }
+
+    #[test]
+    fn table_lookup() {
+        let id = Uuid::from_u128(1);
+        let table = RouteTable::from_routes(&[Route {
+            resource_id: id,
+            hostname: "Demo.Localhost".into(),
+            protocol: RouteProtocol::Http,
+            site_id: Uuid::from_u128(2),
+            overlay_address: Ipv4Addr::new(100, 64, 0, 2),
+            port: 10000,
+        }]);
+        assert_eq!(table.len(), 1);
+        let t = table.lookup("demo.localhost").unwrap();
+        assert_eq!(t.resource_id, id);
+        assert_eq!(t.addr, "100.64.0.2:10000".parse().unwrap());
+        assert!(table.lookup("other.localhost").is_none());
+    }
+}

@@ -1,0 +1,408 @@
+//! The control-channel client: one long-lived task per node that keeps a WebSocket to control,
+//! receives config snapshots, hands them to the node, acknowledges what was applied and reports
+//! status. It reconnects forever with jittered backoff; the data plane never waits for it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use kakuremichi_proto::{
+    check_protocol_version, ConfigSnapshot, ControlMessage, NodeKind, NodeMessage, RefuseReason,
+    Secret, StatusReport, WgPublicKey, NODE_WS_PATH, PROTOCOL_VERSION,
+};
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::state::NodeState;
+
+/// What the node binary provides to the channel.
+pub trait NodeHooks: Send + Sync + 'static {
+    /// Applies a snapshot. `Ok` makes the channel acknowledge it with `Applied{version}`; an `Err`
+    /// is logged and not acknowledged (control keeps showing the old applied version).
+    fn apply(&self, snapshot: ConfigSnapshot) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// A status report, sent every few seconds.
+    fn status(&self) -> StatusReport;
+}
+
+/// Settings of the control channel.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// Control's base URL (`http://` or `https://`); the socket uses `ws://` or `wss://`.
+    pub control_url: String,
+    /// This node's kind.
+    pub kind: NodeKind,
+    /// This node's id.
+    pub node_id: Uuid,
+    /// The credential from enrollment.
+    pub credential: Secret,
+    /// This node's WireGuard public key.
+    pub public_key: WgPublicKey,
+    /// Reported software version.
+    pub software_version: String,
+    /// The data dir, named in error messages.
+    pub data_dir: PathBuf,
+    /// How often a status report is sent.
+    pub status_interval: Duration,
+    /// How often control is pinged.
+    pub ping_interval: Duration,
+    /// Reconnect when control said nothing for this long.
+    pub idle_timeout: Duration,
+    /// Timeout of connecting and of the hello/welcome exchange.
+    pub handshake_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Delay before retrying after control refused the node.
+    pub refused_retry: Duration,
+}
+
+impl ChannelConfig {
+    /// Defaults for a node with this state.
+    pub fn new(state: &NodeState, data_dir: PathBuf) -> Self {
+        Self {
+            control_url: state.control_url.clone(),
+            kind: state.kind,
+            node_id: state.node_id,
+            credential: state.credential.clone(),
+            public_key: state.private_key.public_key(),
+            software_version: crate::SOFTWARE_VERSION.to_owned(),
+            data_dir,
+            status_interval: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            handshake_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            refused_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where the channel stands, for the binary and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelState {
+    /// Not connected (yet or any more); retrying.
+    Connecting,
+    /// Welcomed by control.
+    Connected,
+    /// Control refused this node, or speaks a version this build does not support.
+    Refused {
+        /// Control's reason, if it sent one (`None` for a version this node refused).
+        reason: Option<RefuseReason>,
+        /// Explanation.
+        message: String,
+    },
+}
+
+/// Turns a control base URL into the node socket URL.
+pub fn ws_url(control_url: &str) -> String {
+    let base = control_url.trim().trim_end_matches('/');
+    let base = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        base.to_owned()
+    };
+    format!("{base}{NODE_WS_PATH}")
+}
+
+enum SessionEnd {
+    /// Could not connect or the hello failed.
+    Failed(String),
+    /// A welcomed session ended.
+    Lost(String),
+    /// Control refused the node.
+    Refused(RefuseReason, String),
+    /// Control speaks an unsupported protocol version.
+    Incompatible(String),
+}
+
+/// Runs the control channel forever (abort the task to stop it). `applied_version` is the version
+/// of the cached config the node already runs, announced in the hello.
+pub async fn run_channel<H: NodeHooks>(
+    config: ChannelConfig,
+    hooks: Arc<H>,
+    mut applied_version: Option<u64>,
+    state: watch::Sender<ChannelState>,
+) {
+    let seed = rand::random::<u64>();
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max, seed);
+    let mut in_outage = false;
+    let url = ws_url(&config.control_url);
+    loop {
+        state.send_replace(ChannelState::Connecting);
+        let mut welcomed = false;
+        let end = session(
+            &config,
+            &url,
+            &*hooks,
+            &mut applied_version,
+            &state,
+            &mut welcomed,
+        )
+        .await;
+        if welcomed {
+            backoff.reset();
+            in_outage = false;
+        }
+        let delay = match end {
+            SessionEnd::Failed(error) | SessionEnd::Lost(error) => {
+                if in_outage {
+                    tracing::debug!(%url, %error, "control channel still down");
+                } else {
+                    tracing::warn!(
+                        %url,
+                        %error,
+                        "control channel down; serving the last applied config and reconnecting"
+                    );
+                    in_outage = true;
+                }
+                backoff.next_delay()
+            }
+            SessionEnd::Refused(reason, message) => {
+                in_outage = true;
+                if reason == RefuseReason::BadCredential {
+                    tracing::error!(
+                        %message,
+                        "control refused this node's credential; re-enroll: delete {} and start \
+                         with a new --token",
+                        crate::state::NodeState::path(&config.data_dir).display()
+                    );
+                } else {
+                    tracing::error!(?reason, %message, "control refused this node");
+                }
+                state.send_replace(ChannelState::Refused {
+                    reason: Some(reason),
+                    message,
+                });
+                config.refused_retry
+            }
+            SessionEnd::Incompatible(message) => {
+                in_outage = true;
+                tracing::error!(
+                    %message,
+                    "control speaks a protocol version this node does not support; upgrade \
+                     the node or control"
+                );
+                state.send_replace(ChannelState::Refused {
+                    reason: None,
+                    message,
+                });
+                config.refused_retry
+            }
+        };
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn encode(msg: &NodeMessage) -> Result<Message, String> {
+    serde_json::to_string(msg)
+        .map(|s| Message::Text(s.into()))
+        .map_err(|e| format!("encoding a message failed: {e}"))
+}
+
+async fn session<H: NodeHooks>(
+    config: &ChannelConfig,
+    url: &str,
+    hooks: &H,
+    applied: &mut Option<u64>,
+    state: &watch::Sender<ChannelState>,
+    welcomed: &mut bool,
+) -> SessionEnd {
+    let connect = timeout(
+        config.handshake_timeout,
+        tokio_tungstenite::connect_async(url),
+    )
+    .await;
+    let ws = match connect {
+        Err(_) => return SessionEnd::Failed("connect timed out".into()),
+        Ok(Err(e)) => return SessionEnd::Failed(e.to_string()),
+        Ok(Ok((ws, _response))) => ws,
+    };
+    let (mut sink, mut stream) = ws.split();
+
+    let hello = NodeMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        kind: config.kind,
+        node_id: config.node_id,
+        credential: config.credential.clone(),
+        public_key: config.public_key,
+        software_version: config.software_version.clone(),
+        applied_version: *applied,
+    };
+    let hello = match encode(&hello) {
+        Ok(m) => m,
+        Err(e) => return SessionEnd::Failed(e),
+    };
+    if let Err(e) = sink.send(hello).await {
+        return SessionEnd::Failed(format!("sending hello: {e}"));
+    }
+
+    // The first answer must be Welcome or Refused.
+    let first = timeout(config.handshake_timeout, async {
+        loop {
+            match stream.next().await {
+                None => return Err("control closed the socket before welcome".to_owned()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str::<ControlMessage>(text.as_str())
+                        .map_err(|e| format!("control sent an unreadable message: {e}"));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(format!(
+                        "control closed the socket before welcome{}",
+                        frame.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                    ))
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    match first {
+        Err(_) => return SessionEnd::Failed("no welcome from control within the timeout".into()),
+        Ok(Err(e)) => return SessionEnd::Failed(e),
+        Ok(Ok(ControlMessage::Welcome {
+            protocol_version,
+            node_id,
+        })) => {
+            if let Err(e) = check_protocol_version(protocol_version) {
+                let _ = sink.close().await;
+                return SessionEnd::Incompatible(e.to_string());
+            }
+            if node_id != config.node_id {
+                tracing::warn!(%node_id, expected = %config.node_id, "control welcomed another node id");
+            }
+        }
+        Ok(Ok(ControlMessage::Refused { reason, message })) => {
+            return SessionEnd::Refused(reason, message)
+        }
+        Ok(Ok(other)) => {
+            return SessionEnd::Failed(format!("expected welcome, got {}", message_name(&other)))
+        }
+    }
+    *welcomed = true;
+    state.send_replace(ChannelState::Connected);
+    tracing::info!(%url, node_id = %config.node_id, "connected to control");
+
+    let mut last_rx = Instant::now();
+    let mut status_tick = tokio::time::interval(config.status_interval);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping_tick =
+        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    ping_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_check = config
+        .idle_timeout
+        .min(config.status_interval)
+        .max(Duration::from_millis(10));
+    let mut idle_tick = tokio::time::interval(idle_check);
+    let mut nonce: u64 = rand::random();
+
+    loop {
+        let outgoing: Option<NodeMessage> = tokio::select! {
+            frame = stream.next() => {
+                last_rx = Instant::now();
+                match frame {
+                    None => return SessionEnd::Lost("control closed the socket".into()),
+                    Some(Err(e)) => return SessionEnd::Lost(e.to_string()),
+                    Some(Ok(Message::Close(frame))) => {
+                        return SessionEnd::Lost(format!(
+                            "control closed the socket{}",
+                            frame.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                        ))
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        match serde_json::from_str::<ControlMessage>(text.as_str()) {
+                            Err(e) => {
+                                tracing::error!(error = %e, "ignoring a control message this node cannot read");
+                                None
+                            }
+                            Ok(ControlMessage::Config(snapshot)) => {
+                                let version = snapshot.version;
+                                match hooks.apply(snapshot).await {
+                                    Ok(()) => {
+                                        tracing::info!(version, "config applied");
+                                        *applied = Some(version);
+                                        Some(NodeMessage::Applied { version })
+                                    }
+                                    Err(error) => {
+                                        tracing::error!(version, %error, "applying config failed");
+                                        None
+                                    }
+                                }
+                            }
+                            Ok(ControlMessage::Ping { nonce }) => Some(NodeMessage::Pong { nonce }),
+                            Ok(ControlMessage::Pong { .. }) | Ok(ControlMessage::Welcome { .. }) => None,
+                            Ok(ControlMessage::Refused { reason, message }) => {
+                                return SessionEnd::Refused(reason, message)
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => None,
+                }
+            }
+            _ = status_tick.tick() => {
+                let mut report = hooks.status();
+                report.applied_version = applied.unwrap_or(0);
+                Some(NodeMessage::Status(report))
+            }
+            _ = ping_tick.tick() => {
+                nonce = nonce.wrapping_add(1);
+                Some(NodeMessage::Ping { nonce })
+            }
+            _ = idle_tick.tick() => {
+                if last_rx.elapsed() > config.idle_timeout {
+                    return SessionEnd::Lost(format!(
+                        "control silent for {} s",
+                        config.idle_timeout.as_secs()
+                    ));
+                }
+                None
+            }
+        };
+        if let Some(msg) = outgoing {
+            let frame = match encode(&msg) {
+                Ok(f) => f,
+                Err(e) => return SessionEnd::Lost(e),
+            };
+            if let Err(e) = sink.send(frame).await {
+                return SessionEnd::Lost(format!("sending to control: {e}"));
+            }
+        }
+    }
+}
+
+fn message_name(msg: &ControlMessage) -> &'static str {
+    match msg {
+        ControlMessage::Welcome { .. } => "welcome",
+        ControlMessage::Refused { .. } => "refused",
+        ControlMessage::Config(_) => "config",
+        ControlMessage::Ping { .. } => "ping",
+        ControlMessage::Pong { .. } => "pong",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_url_maps_schemes() {
+        assert_eq!(
+            ws_url("http://127.0.0.1:3000/"),
+            "ws://127.0.0.1:3000/api/v1/nodes/connect"
+        );
+        assert_eq!(
+            ws_url("https://control.example.com"),
+            "wss://control.example.com/api/v1/nodes/connect"
+        );
+    }
+}
