@@ -408,7 +408,7 @@ impl Agent {
 /// close (FIN before any response) is seen by the gateway as "closed before the response", which
 /// it maps to the same 502. Switch back to `abort()` once the tunnel sends the RST.
 async fn refuse(stream: TunnelStream) {
-    drop(stream);
+    stream.abort();
 }
 
 impl NodeHooks for Agent {

@@ -709,7 +709,7 @@ impl Core {
                 },
                 Phase::Open => {}
             }
-            if s.released.is_some() && matches!(state, tcp::State::Closed | tcp::State::TimeWait) {
+            if s.released.is_some() && is_finished(self.sockets.get::<tcp::Socket>(s.handle)) {
                 gone.push(*id);
             }
             self.tuples.insert((s.local.port(), s.remote));
@@ -986,7 +986,7 @@ impl Core {
         }
         let socket = self.sockets.get_mut::<tcp::Socket>(s.handle);
         socket.close();
-        if matches!(socket.state(), tcp::State::Closed) {
+        if is_finished(socket) {
             self.remove_stream(id);
         }
         self.needs_poll = true;
@@ -995,6 +995,16 @@ impl Core {
     /// Number of streams (of any phase) currently held.
     pub fn stream_count(&self) -> usize {
         self.streams.len()
+    }
+}
+
+/// Whether a released socket may be dropped: closed with nothing left to send (an aborted socket
+/// keeps its remote endpoint until its RST has gone out), or in TIME-WAIT.
+fn is_finished(socket: &tcp::Socket<'_>) -> bool {
+    match socket.state() {
+        tcp::State::Closed => socket.remote_endpoint().is_none(),
+        tcp::State::TimeWait => true,
+        _ => false,
     }
 }
 

@@ -242,3 +242,24 @@ async fn same_peer_set_keeps_stream_alive() {
     assert!(rest.is_empty());
     drop(p.agent);
 }
+
+#[tokio::test]
+async fn aborted_stream_resets_the_other_side() {
+    let mut p = pair(vec![80]).await;
+    let mut client = p
+        .gateway
+        .connect(SocketAddrV4::new(AGENT_IP, 80))
+        .await
+        .unwrap();
+    let accepted = p.agent_incoming.accept().await.unwrap();
+    accepted.abort();
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("the reset must arrive, not a hang");
+    assert_eq!(
+        res.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    drop(p.agent);
+}
