@@ -19,7 +19,8 @@ use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
 /// The admin key every harness-started control is seeded with.
-pub const TEST_ADMIN_KEY: &str = "kma_e2eharness_0123456789abcdef0123456789abcdef";
+pub const TEST_ADMIN_KEY: &str =
+    "kma_00000000000000000000000000000e2e_harness0123456789abcdef0123456789";
 
 /// Where the release binaries are: `$KAKUREMICHI_BIN_DIR`, else `<workspace>/target/release`.
 pub fn bin_dir() -> PathBuf {

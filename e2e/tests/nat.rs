@@ -77,16 +77,16 @@ async fn request_crosses_a_real_nat_to_an_agent_with_no_inbound_path() {
     let resp = stack.get(DEMO_HOST, "/bytes/1048576").await.unwrap();
     assert_eq!(resp.bytes().await.unwrap().len(), 1 << 20);
 
-    // The gateway saw the agent through the NAT's outside address.
-    let gw = stack
-        .api
-        .get(&format!("/api/v1/gateways/{}", stack.gateway_id))
-        .await
-        .unwrap();
-    let seen = gw.to_string();
-    assert!(
-        seen.contains("198.18.1.2"),
-        "gateway status should show the NATed endpoint: {gw}"
-    );
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The gateway saw the agent through the NAT's outside address (status reports are periodic).
+    let path = format!("/api/v1/gateways/{}", stack.gateway_id);
+    let seen = kakuremichi_e2e::wait_for(
+        "the NATed endpoint in the gateway's status",
+        Duration::from_secs(15),
+        || async {
+            let gw = stack.api.get(&path).await?;
+            Ok(gw["peers"].to_string().contains("198.18.1.2").then_some(gw))
+        },
+    )
+    .await;
+    assert!(seen.is_ok(), "{seen:?}\n{}", stack.logs());
 }

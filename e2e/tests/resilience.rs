@@ -93,6 +93,14 @@ async fn control_down_data_plane_serves_restarts_from_cache_and_resyncs() {
     let _ = fresh;
 }
 
+async fn serve_for(stack: &Stack, time: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < time {
+        assert_eq!(stack.get(DEMO_HOST, "/").await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn assert_resumes_within(stack: &Stack, limit: Duration, what: &str) {
     let took = stack
         .wait_serving(limit)
@@ -114,6 +122,9 @@ async fn agent_restart_resumes_traffic_within_5s() {
 async fn gateway_restart_resumes_traffic_within_5s() {
     let mut stack = Stack::start().await.unwrap();
     for _ in 0..2 {
+        // A gateway that has been serving for a moment (it remembers agents' endpoints within
+        // 250 ms of learning them).
+        serve_for(&stack, Duration::from_secs(1)).await;
         stack.restart_gateway().unwrap();
         assert_resumes_within(&stack, Duration::from_secs(5), "gateway restart").await;
     }

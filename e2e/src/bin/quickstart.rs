@@ -14,7 +14,8 @@ use rand::distributions::{Alphanumeric, DistString as _};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let admin_key = format!(
-        "kma_quickstart_{}",
+        "kma_{}_{}",
+        uuid::Uuid::new_v4().simple(),
         Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
     );
     let opts = StackOptions {
