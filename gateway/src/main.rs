@@ -102,7 +102,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let memory = tokio::spawn(gateway.clone().run_endpoint_memory(Duration::from_millis(250)));
+    let memory = tokio::spawn(
+        gateway
+            .clone()
+            .run_endpoint_memory(Duration::from_millis(250)),
+    );
     let (state_tx, _state_rx) = watch::channel(ChannelState::Connecting);
     let channel = tokio::spawn(run_channel(
         ChannelConfig::new(&state, settings.data_dir.clone()),
