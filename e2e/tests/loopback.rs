@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use kakuremichi_e2e::{demo_pattern, wait_for, Stack, StackOptions, DEMO_HOST};
 use sha2::{Digest as _, Sha256};
 
@@ -205,4 +206,52 @@ async fn node_status_is_visible_through_the_api() {
         .await
         .unwrap();
     assert_eq!(gw["online"], true, "{gw}");
+}
+
+#[tokio::test]
+async fn config_changes_do_not_drop_unrelated_connections() {
+    let stack = Stack::start().await.unwrap();
+    // An upload that trickles for ~3 s through the tunnel, echoed back as it goes.
+    let chunks: Vec<Vec<u8>> = (0..30u8).map(|i| vec![i; 10_000]).collect();
+    let expected: Vec<u8> = chunks.concat();
+    let body = futures_util::stream::iter(chunks).then(|c| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, std::io::Error>(c)
+    });
+    let req = stack
+        .request_builder(reqwest::Method::POST, DEMO_HOST, "/echo")
+        .body(reqwest::Body::wrap_stream(body));
+    let upload = tokio::spawn(async move {
+        let resp = req.send().await?;
+        anyhow::Ok((resp.status(), resp.bytes().await?))
+    });
+    // Meanwhile: new sites and resources, a deleted resource, a renamed one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let target = stack.opts.app_listen.to_string();
+    let other = stack.api.create_site("other").await.unwrap();
+    let a = stack
+        .api
+        .create_resource("a.localhost", &stack.site_id, &target)
+        .await
+        .unwrap();
+    stack
+        .api
+        .create_resource("b.localhost", &other.id, &target)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.api.delete_resource(&a).await.unwrap();
+    let (status, _) = stack
+        .api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/sites/{}", stack.site_id),
+            Some(serde_json::json!({"name": "home-renamed"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (status, echoed) = upload.await.unwrap().unwrap();
+    assert_eq!(status, 200);
+    assert!(echoed[..] == expected[..], "the echo was cut or changed");
 }

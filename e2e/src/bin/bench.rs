@@ -32,6 +32,9 @@ struct Args {
     /// Skip onetun.
     #[arg(long)]
     no_onetun: bool,
+    /// Skip the wireguard-go pair with kernel TCP (needs root and network namespaces).
+    #[arg(long)]
+    no_wireguard_go: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -115,6 +118,18 @@ async fn main() -> anyhow::Result<()> {
             http_download_mbit: Some(download(local_http, None, secs)?),
             ..measure_rps(local_http, None, secs, args.connections).await
         });
+    }
+
+    if !args.no_wireguard_go {
+        println!("wireguard-go pair with kernel TCP...");
+        match wireguard_go_pair(secs) {
+            Ok(mbit) => rows.push(Row {
+                path: "reference: wireguard-go pair, kernel TCP (TUN, 2 namespaces)",
+                iperf_mbit: Some(mbit),
+                ..Row::default()
+            }),
+            Err(e) => println!("  skipped: {e:#}"),
+        }
     }
 
     println!();
@@ -379,4 +394,152 @@ fn wg(args: &[&str], stdin: &str) -> anyhow::Result<String> {
     }
     let out = child.wait_with_output()?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Single-stream iperf3 between two network namespaces joined by two wireguard-go instances
+/// (TUN devices, the kernel's TCP): the stock userspace WireGuard reference.
+fn wireguard_go_pair(secs: Duration) -> anyhow::Result<f64> {
+    struct Lab(Vec<String>, Vec<std::process::Child>);
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            for c in &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            for ns in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+    fn sh(args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new(args[0]).args(&args[1..]).output()?;
+        if !out.status.success() {
+            bail!(
+                "`{}`: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+    let id = std::process::id() % 100_000;
+    let (a, b) = (format!("kmba{id}"), format!("kmbb{id}"));
+    let mut lab = Lab(vec![a.clone(), b.clone()], Vec::new());
+    for ns in [&a, &b] {
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
+    }
+    let (va, vb) = (format!("kmva{id}"), format!("kmvb{id}"));
+    sh(&[
+        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+    ])?;
+    sh(&["ip", "link", "set", &va, "netns", &a])?;
+    sh(&["ip", "link", "set", &vb, "netns", &b])?;
+    let keys: Vec<(String, String)> = (0..2)
+        .map(|_| {
+            let private = wg(&["genkey"], "")?;
+            let public = wg(&["pubkey"], &private)?;
+            anyhow::Ok((private, public))
+        })
+        .collect::<Result<_, _>>()?;
+    let dir = tempfile::tempdir()?;
+    for (i, (ns, veth)) in [(&a, &va), (&b, &vb)].into_iter().enumerate() {
+        let wgif = format!("kmwb{id}{i}");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.200.{}/24", i + 1),
+            "dev",
+            veth,
+        ])?;
+        sh(&["ip", "netns", "exec", ns, "ip", "link", "set", veth, "up"])?;
+        lab.1.push(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "wireguard-go", "-f", &wgif])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        );
+        let mut up = false;
+        for _ in 0..100 {
+            if sh(&["ip", "netns", "exec", ns, "ip", "link", "show", &wgif]).is_ok() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !up {
+            bail!("wireguard-go did not create {wgif}");
+        }
+        let key = dir.path().join(format!("key{i}"));
+        std::fs::write(&key, &keys[i].0)?;
+        let other = 1 - i;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "wg",
+            "set",
+            &wgif,
+            "private-key",
+            &key.display().to_string(),
+            "listen-port",
+            "51820",
+            "peer",
+            &keys[other].1,
+            "allowed-ips",
+            &format!("100.127.0.{}/32", other + 1),
+            "endpoint",
+            &format!("198.18.200.{}:51820", other + 1),
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("100.127.0.{}/24", i + 1),
+            "dev",
+            &wgif,
+        ])?;
+        sh(&[
+            "ip", "netns", "exec", ns, "ip", "link", "set", &wgif, "mtu", "1420", "up",
+        ])?;
+    }
+    lab.1.push(
+        Command::new("ip")
+            .args(["netns", "exec", &b, "iperf3", "-s", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a,
+            "iperf3",
+            "-c",
+            "100.127.0.2",
+            "-p",
+            "5201",
+            "-J",
+            "-t",
+        ])
+        .arg(secs.as_secs().to_string())
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 gave no result: {}", v["error"]))?;
+    Ok(bps / 1e6)
 }
