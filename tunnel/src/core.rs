@@ -5,7 +5,7 @@
 //! [`Core::poll_timeout`] has passed, and drain [`Core::poll_event`]. Every method that needs time
 //! takes `now`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +41,19 @@ const WG_TICK: Duration = Duration::from_millis(250);
 const KEEPALIVE_ANSWER_INTERVAL: Duration = Duration::from_secs(10);
 /// Handshakes per second above which the shared rate limiter asks for cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Resends of a handshake initiation while a peer has no session, after the first one: 1 s after
+/// it, then 2 s after that; then boringtun's own schedule (REKEY_TIMEOUT, 5 s) takes over.
+const FAST_RETRY: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+/// Least time between two handshakes started towards one peer because it sent transport data for
+/// a session we do not have (it still uses a session with our previous process).
+const RESET_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most such handshakes per second over all peers, so that forged packets cannot turn the node
+/// into an amplifier.
+const RESET_PROBES_PER_SECOND: u32 = 100;
+/// A session older than this is rejected by WireGuard (boringtun's REJECT_AFTER_TIME).
+const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// Peer indices are 24 bits (boringtun keeps the low 8 bits of a session index for itself).
+const INDEX_MASK: u32 = 0x00ff_ffff;
 /// Most TCP sockets at once (listeners, inbound and outbound streams).
 const MAX_SOCKETS: usize = 4096;
 /// Most decrypted packets waiting for the interface.
@@ -143,6 +156,21 @@ struct Peer {
     last_rx: Option<Instant>,
     /// When we last answered a keepalive, or forced a handshake.
     last_probe: Option<Instant>,
+    /// Fast resends of the initiation of the handshake in progress while there is no session.
+    fast_retry: Option<FastRetry>,
+    /// When we last started a handshake because the peer sent data for an unknown session.
+    last_reset_probe: Option<Instant>,
+}
+
+/// The fast resend schedule of one handshake attempt (see [`FAST_RETRY`]). It stays in place,
+/// finished, until the peer has a session or boringtun gives the attempt up, so that boringtun's
+/// own retries do not start it again.
+#[derive(Clone, Copy, Debug)]
+struct FastRetry {
+    /// When to resend next; `None` once the schedule is done.
+    next: Option<Instant>,
+    /// How many resends went out.
+    sent: usize,
 }
 
 /// Datagrams produced outside the data path (handshakes, cookies, keepalives).
@@ -157,8 +185,11 @@ pub struct Core {
     peers: HashMap<u32, Peer>,
     by_key: HashMap<[u8; 32], u32>,
     by_ip: HashMap<Ipv4Addr, u32>,
-    next_index: u32,
     control: ControlQueue,
+    /// The earliest [`FastRetry::next`] of all peers.
+    next_fast_retry: Option<Instant>,
+    /// Reset probes (handshakes started for unknown sessions) in the current second.
+    reset_probes: u32,
 
     epoch: Instant,
     iface: Interface,
@@ -232,8 +263,9 @@ impl Core {
             peers: HashMap::new(),
             by_key: HashMap::new(),
             by_ip: HashMap::new(),
-            next_index: (seed as u32) & 0x00ff_ffff,
             control: VecDeque::new(),
+            next_fast_retry: None,
+            reset_probes: 0,
             epoch: now,
             iface,
             device,
@@ -280,8 +312,8 @@ impl Core {
     /// starts a new session, connections survive). Removed peers are dropped and their streams
     /// reset. A new peer with an endpoint and a keepalive starts its handshake at once.
     pub fn set_peers(&mut self, specs: Vec<PeerSpec>, now: Instant) {
-        let _ = now;
-        let wanted: HashMap<[u8; 32], PeerSpec> =
+        // Key order, so that index collisions resolve the same way in every process.
+        let wanted: BTreeMap<[u8; 32], PeerSpec> =
             specs.into_iter().map(|s| (s.public_key, s)).collect();
         let removed: Vec<u32> = self
             .peers
@@ -301,20 +333,22 @@ impl Core {
         }
         for (key, spec) in wanted {
             match self.by_key.get(&key).copied() {
-                Some(index) => self.update_peer(index, spec),
-                None => self.add_peer(spec),
+                Some(index) => self.update_peer(index, spec, now),
+                None => self.add_peer(spec, now),
             }
         }
         self.needs_poll = true;
     }
 
-    fn fresh_index(&mut self) -> u32 {
-        loop {
-            self.next_index = (self.next_index + 1) & 0x00ff_ffff;
-            if !self.peers.contains_key(&self.next_index) {
-                return self.next_index;
-            }
+    /// The peer's index: derived from its key, so that it is the same in every process with the
+    /// same peer set, and a restarted node can tell whose stale session a data packet belongs to.
+    /// A collision takes the next free index (peers are added in key order).
+    fn stable_index(&self, key: &[u8; 32]) -> u32 {
+        let mut index = key_index(key);
+        while self.peers.contains_key(&index) {
+            index = (index + 1) & INDEX_MASK;
         }
+        index
     }
 
     fn new_tunn(&self, key: &[u8; 32], keepalive: Option<u16>, index: u32) -> Tunn {
@@ -328,8 +362,8 @@ impl Core {
         )
     }
 
-    fn add_peer(&mut self, spec: PeerSpec) {
-        let index = self.fresh_index();
+    fn add_peer(&mut self, spec: PeerSpec, now: Instant) {
+        let index = self.stable_index(&spec.public_key);
         let tunn = self.new_tunn(&spec.public_key, spec.persistent_keepalive, index);
         debug!(allowed_ip = %spec.allowed_ip, endpoint = ?spec.endpoint, "peer added");
         let mut peer = Peer {
@@ -342,16 +376,24 @@ impl Core {
             keepalive: spec.persistent_keepalive,
             last_rx: None,
             last_probe: None,
+            fast_retry: None,
+            last_reset_probe: None,
         };
         if spec.endpoint.is_some() && spec.persistent_keepalive.is_some() {
-            initiate(&mut peer, &mut self.control, &mut self.device.pool);
+            initiate(
+                &mut peer,
+                now,
+                &mut self.control,
+                &mut self.device.pool,
+                &mut self.next_fast_retry,
+            );
         }
         self.by_key.insert(spec.public_key, index);
         self.by_ip.insert(spec.allowed_ip, index);
         self.peers.insert(index, peer);
     }
 
-    fn update_peer(&mut self, index: u32, spec: PeerSpec) {
+    fn update_peer(&mut self, index: u32, spec: PeerSpec, now: Instant) {
         let new_tunn = match self.peers.get(&index) {
             Some(p) if p.keepalive != spec.persistent_keepalive => {
                 Some(self.new_tunn(&spec.public_key, spec.persistent_keepalive, index))
@@ -383,8 +425,15 @@ impl Core {
         if let Some(tunn) = new_tunn {
             peer.tunn = tunn;
             peer.keepalive = spec.persistent_keepalive;
+            peer.fast_retry = None;
             if peer.endpoint.is_some() && peer.keepalive.is_some() {
-                initiate(peer, &mut self.control, &mut self.device.pool);
+                initiate(
+                    peer,
+                    now,
+                    &mut self.control,
+                    &mut self.device.pool,
+                    &mut self.next_fast_retry,
+                );
             }
         }
     }
@@ -479,6 +528,7 @@ impl Core {
         let mut input = datagram;
         let mut delivered: Option<usize> = None;
         let mut authenticated = false;
+        let mut unknown_session = false;
         loop {
             match peer.tunn.decapsulate(Some(from.ip()), input, &mut buf) {
                 TunnResult::Done => {
@@ -496,7 +546,12 @@ impl Core {
                         WireGuardError::DuplicateCounter => {
                             trace!(%from, "duplicate packet dropped")
                         }
-                        other => trace!(%from, error = ?other, "datagram rejected"),
+                        other => {
+                            trace!(%from, error = ?other, "datagram rejected");
+                            // Transport data we cannot open: the sender may still use a session
+                            // with our previous process.
+                            unknown_session = datagram.first() == Some(&4);
+                        }
                     }
                     break;
                 }
@@ -527,6 +582,19 @@ impl Core {
         if authenticated && peer.endpoint != Some(from) {
             debug!(allowed_ip = %peer.allowed_ip, endpoint = %from, "peer endpoint updated");
             peer.endpoint = Some(from);
+        }
+        if unknown_session {
+            let budget = &mut self.reset_probes;
+            let next_fast = &mut self.next_fast_retry;
+            reset_probe(
+                peer,
+                from,
+                now,
+                budget,
+                next_fast,
+                &mut self.control,
+                &mut buf,
+            );
         }
         match delivered {
             Some(len) if self.device.rx.len() < RX_LIMIT => {
@@ -587,7 +655,7 @@ impl Core {
                 });
             }
             if let Some(packet) = self.device.tx.pop_front() {
-                let result = self.encapsulate(&packet, buf);
+                let result = self.encapsulate(&packet, buf, now);
                 VirtualDevice::recycle(&mut self.device.pool, packet);
                 match result {
                     Some(t) => return Some(t),
@@ -605,7 +673,7 @@ impl Core {
         }
     }
 
-    fn encapsulate(&mut self, packet: &[u8], buf: &mut [u8]) -> Option<Transmit> {
+    fn encapsulate(&mut self, packet: &[u8], buf: &mut [u8], now: Instant) -> Option<Transmit> {
         let dst = Ipv4Packet::new_checked(packet).ok()?.dst_addr();
         let Some(peer) = self.by_ip.get(&dst).and_then(|i| self.peers.get_mut(i)) else {
             trace!(%dst, "no peer for destination");
@@ -616,10 +684,16 @@ impl Core {
         }
         match peer.tunn.encapsulate(packet, buf) {
             TunnResult::WriteToNetwork(out) => match peer.endpoint {
-                Some(endpoint) => Some(Transmit {
-                    dst: endpoint,
-                    len: out.len(),
-                }),
+                Some(endpoint) => {
+                    if out.first() == Some(&1) {
+                        // No session: boringtun started a handshake instead.
+                        note_initiation(peer, now, &mut self.next_fast_retry);
+                    }
+                    Some(Transmit {
+                        dst: endpoint,
+                        len: out.len(),
+                    })
+                }
                 None => {
                     trace!(%dst, "peer has no endpoint yet");
                     None
@@ -741,6 +815,9 @@ impl Core {
         if let Some(at) = self.iface_poll_at {
             t = t.min(at);
         }
+        if let Some(at) = self.next_fast_retry {
+            t = t.min(at);
+        }
         for s in self.streams.values() {
             if let Phase::Connecting { deadline } = s.phase {
                 t = t.min(deadline);
@@ -757,16 +834,20 @@ impl Core {
     pub fn handle_timeout(&mut self, now: Instant) {
         if now >= self.next_rate_reset {
             self.rate_limiter.reset_count();
+            self.reset_probes = 0;
             self.next_rate_reset = now + Duration::from_secs(1);
         }
         if now >= self.next_wg_tick {
             self.next_wg_tick = now + WG_TICK;
             let mut buf = VirtualDevice::take_buf(&mut self.device.pool);
             for peer in self.peers.values_mut() {
+                let queued = self.control.len();
                 match peer.tunn.update_timers(&mut buf) {
                     TunnResult::Done => {}
                     TunnResult::Err(WireGuardError::ConnectionExpired) => {
                         trace!(allowed_ip = %peer.allowed_ip, "session expired");
+                        // boringtun gave the attempt up: the next one gets fast resends again.
+                        peer.fast_retry = None;
                     }
                     TunnResult::Err(e) => trace!(allowed_ip = %peer.allowed_ip, ?e, "timer error"),
                     TunnResult::WriteToNetwork(packet) => match peer.endpoint {
@@ -778,8 +859,16 @@ impl Core {
                     TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
                 }
                 probe_silent_peer(peer, now, &mut self.control, &mut buf);
+                if peer.fast_retry.is_some() && has_session(&peer.tunn) {
+                    peer.fast_retry = None;
+                }
+                let new = self.control.range(queued..);
+                note_initiations_in(peer, new, now, &mut self.next_fast_retry);
             }
             VirtualDevice::recycle(&mut self.device.pool, buf);
+        }
+        if self.next_fast_retry.is_some_and(|at| now >= at) {
+            self.run_fast_retries(now);
         }
         let mut failed = Vec::new();
         for (id, s) in &self.streams {
@@ -807,6 +896,48 @@ impl Core {
         if self.iface_poll_at.is_none_or(|at| now >= at) {
             self.needs_poll = true;
         }
+    }
+
+    /// Resends due initiations of handshakes that have not got a session yet.
+    fn run_fast_retries(&mut self, now: Instant) {
+        let mut next: Option<Instant> = None;
+        let mut buf = VirtualDevice::take_buf(&mut self.device.pool);
+        for peer in self.peers.values_mut() {
+            let Some(retry) = peer.fast_retry.as_mut() else {
+                continue;
+            };
+            let Some(at) = retry.next else {
+                continue;
+            };
+            if at > now {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            retry.sent += 1;
+            retry.next = FAST_RETRY.get(retry.sent).map(|d| now + *d);
+            if let Some(at) = retry.next {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+            let Some(endpoint) = peer.endpoint else {
+                continue;
+            };
+            if has_session(&peer.tunn) {
+                peer.fast_retry = None;
+                continue;
+            }
+            debug!(allowed_ip = %peer.allowed_ip, "no handshake response yet: resending");
+            match peer.tunn.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(packet) => {
+                    self.control.push_back((endpoint, packet.to_vec()))
+                }
+                TunnResult::Err(e) => trace!(?e, "cannot resend handshake"),
+                TunnResult::Done
+                | TunnResult::WriteToTunnelV4(..)
+                | TunnResult::WriteToTunnelV6(..) => {}
+            }
+        }
+        VirtualDevice::recycle(&mut self.device.pool, buf);
+        self.next_fast_retry = next;
     }
 
     /// True when the TCP/IP stack has work (input queued, data written): the owner should call
@@ -1062,19 +1193,117 @@ fn probe_silent_peer(peer: &mut Peer, now: Instant, control: &mut ControlQueue, 
 }
 
 /// Starts a handshake with `peer` and queues the initiation.
-fn initiate(peer: &mut Peer, control: &mut ControlQueue, pool: &mut Vec<Vec<u8>>) {
+fn initiate(
+    peer: &mut Peer,
+    now: Instant,
+    control: &mut ControlQueue,
+    pool: &mut Vec<Vec<u8>>,
+    next_fast: &mut Option<Instant>,
+) {
     let Some(endpoint) = peer.endpoint else {
         return;
     };
     let mut buf = VirtualDevice::take_buf(pool);
     match peer.tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(packet) => control.push_back((endpoint, packet.to_vec())),
+        TunnResult::WriteToNetwork(packet) => {
+            control.push_back((endpoint, packet.to_vec()));
+            note_initiation(peer, now, next_fast);
+        }
         TunnResult::Done => {}
         TunnResult::Err(e) => trace!(?e, "cannot start handshake"),
         TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
     }
     VirtualDevice::recycle(pool, buf);
     let _ = peer.index;
+}
+
+/// The 24-bit index a peer's key maps to (before collisions are resolved): the top bits of a
+/// 64-bit FNV-1a hash of the key, mixed by the SplitMix64 finalizer. Fixed here rather than
+/// taken from `std`, whose hasher may change between Rust versions: the index must be the same
+/// in every build, or a restart after an upgrade could not recognize stale sessions.
+fn key_index(key: &[u8; 32]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"kakuremichi peer index".iter().chain(key.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h >> 40) as u32 & INDEX_MASK
+}
+
+/// Whether the peer has a current session young enough to be used.
+fn has_session(tunn: &Tunn) -> bool {
+    tunn.time_since_last_handshake()
+        .is_some_and(|age| age < REJECT_AFTER_TIME)
+}
+
+/// Records that a handshake initiation went out to `peer`: if the peer has no session and no
+/// fast resend schedule, this starts one (see [`FAST_RETRY`]).
+fn note_initiation(peer: &mut Peer, now: Instant, next_fast: &mut Option<Instant>) {
+    if peer.fast_retry.is_some() || has_session(&peer.tunn) {
+        return;
+    }
+    let at = now + FAST_RETRY[0];
+    peer.fast_retry = Some(FastRetry {
+        next: Some(at),
+        sent: 0,
+    });
+    *next_fast = Some(next_fast.map_or(at, |n| n.min(at)));
+}
+
+/// [`note_initiation`] if any of the datagrams `queued` for `peer` is a handshake initiation.
+fn note_initiations_in<'a>(
+    peer: &mut Peer,
+    mut queued: impl Iterator<Item = &'a (SocketAddr, Vec<u8>)>,
+    now: Instant,
+    next_fast: &mut Option<Instant>,
+) {
+    if queued.any(|(_, packet)| packet.first() == Some(&1)) {
+        note_initiation(peer, now, next_fast);
+    }
+}
+
+/// The "stateless reset" of WireGuard: `peer` sent transport data (from `from`) that we cannot
+/// open, most likely because this process restarted and the peer still uses a session with the
+/// previous one. If the peer has no working session, start a fresh handshake towards `from`, at
+/// most once per [`RESET_PROBE_INTERVAL`] per peer and [`RESET_PROBES_PER_SECOND`] in all.
+///
+/// The packet is not authenticated, so it never changes the peer's endpoint: the initiation goes
+/// to `from` only (resends go to the endpoint, if there is one), and the authenticated response
+/// sets the endpoint as usual. Forged packets so cost at most one initiation per peer per second
+/// and [`RESET_PROBES_PER_SECOND`] in all, and never disturb a working session.
+fn reset_probe(
+    peer: &mut Peer,
+    from: SocketAddr,
+    now: Instant,
+    budget: &mut u32,
+    next_fast: &mut Option<Instant>,
+    control: &mut ControlQueue,
+    buf: &mut [u8],
+) {
+    if peer
+        .last_reset_probe
+        .is_some_and(|t| now.saturating_duration_since(t) < RESET_PROBE_INTERVAL)
+        || *budget >= RESET_PROBES_PER_SECOND
+        || has_session(&peer.tunn)
+    {
+        return;
+    }
+    *budget += 1;
+    peer.last_reset_probe = Some(now);
+    debug!(allowed_ip = %peer.allowed_ip, %from, "data for an unknown session: new handshake");
+    match peer.tunn.format_handshake_initiation(buf, true) {
+        TunnResult::WriteToNetwork(packet) => {
+            control.push_back((from, packet.to_vec()));
+            note_initiation(peer, now, next_fast);
+        }
+        TunnResult::Err(e) => trace!(?e, "cannot start handshake"),
+        TunnResult::Done | TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+    }
 }
 
 fn new_tcp_socket() -> tcp::Socket<'static> {

@@ -257,9 +257,91 @@ async fn aborted_stream_resets_the_other_side() {
     let res = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
         .await
         .expect("the reset must arrive, not a hang");
-    assert_eq!(
-        res.unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionReset
-    );
+    assert_eq!(res.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
     drop(p.agent);
+}
+
+// boringtun's timers (the agent's keepalive) need the real clock, which `mock-time` replaces.
+#[cfg(not(feature = "mock-time"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_restart_on_the_same_port_resumes_within_five_seconds() {
+    let gw_key = generate_private_key();
+    let agent_key = generate_private_key();
+    let gw_config = |listen| TunnelConfig {
+        private_key: gw_key,
+        overlay_address: GW_IP,
+        mtu: 1420,
+        listen,
+    };
+    let (gateway, gw_incoming) = Tunnel::bind(gw_config("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let gw_addr = gateway.local_addr();
+    let (agent, agent_incoming) = Tunnel::bind(TunnelConfig {
+        private_key: agent_key,
+        overlay_address: AGENT_IP,
+        mtu: 1420,
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let gw_peers = vec![PeerSpec {
+        public_key: public_key(&agent_key),
+        allowed_ip: AGENT_IP,
+        endpoint: None,
+        persistent_keepalive: None,
+    }];
+    gateway.set_peers(gw_peers.clone());
+    agent.set_peers(vec![PeerSpec {
+        public_key: public_key(&gw_key),
+        allowed_ip: GW_IP,
+        endpoint: Some(gw_addr),
+        persistent_keepalive: Some(1),
+    }]);
+    agent.set_listen_ports(vec![80]);
+    spawn_echo(agent_incoming);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        gateway.connect(SocketAddrV4::new(AGENT_IP, 80)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    echo_roundtrip(stream, b"before the restart".to_vec()).await;
+
+    // The gateway process restarts: same key, same port, same peers, no endpoint hint.
+    gateway.shutdown();
+    drop(gateway);
+    drop(gw_incoming);
+    let restart = tokio::time::Instant::now();
+    let gateway = loop {
+        match Tunnel::bind(gw_config(gw_addr)).await {
+            Ok((gateway, _incoming)) => break gateway,
+            Err(_) if restart.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("cannot rebind {gw_addr}: {e}"),
+        }
+    };
+    gateway.set_peers(gw_peers);
+    // The agent's keepalive (1 s) on its stale session makes the gateway start a handshake.
+    let recovered = async {
+        loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(1500),
+                gateway.connect(SocketAddrV4::new(AGENT_IP, 80)),
+            )
+            .await;
+            if let Ok(Ok(stream)) = attempt {
+                return stream;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let stream = tokio::time::timeout(Duration::from_secs(5), recovered)
+        .await
+        .expect("no traffic from the restarted gateway within 5 s");
+    echo_roundtrip(stream, pattern(64 * 1024, 11)).await;
+    assert!(restart.elapsed() < Duration::from_secs(6));
+    drop(agent);
 }

@@ -37,6 +37,8 @@ pub struct Sim {
     pub reorder: f64,
     /// Largest jump of the virtual clock per step.
     pub max_step: Duration,
+    /// Datagrams sent to each destination address (including lost ones).
+    pub sent_to: BTreeMap<SocketAddr, usize>,
     in_flight: BTreeMap<(Instant, u64), (SocketAddr, SocketAddr, Vec<u8>)>,
     seq: u64,
     pub rng: StdRng,
@@ -70,6 +72,7 @@ impl Sim {
             loss: 0.0,
             reorder: 0.0,
             max_step: Duration::from_millis(5),
+            sent_to: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
@@ -142,6 +145,7 @@ impl Sim {
             }
             while let Some(t) = self.nodes[i].core.poll_transmit(now, &mut self.buf) {
                 self.nodes[i].sent += 1;
+                *self.sent_to.entry(t.dst).or_default() += 1;
                 if self.rng.gen_bool(self.loss) {
                     continue;
                 }
