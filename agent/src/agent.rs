@@ -4,16 +4,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use kakuremichi_node::{ConfigCache, NodeHooks};
-use kakuremichi_proto::{
-    ConfigSnapshot, NodeKind, PeerConfig, PeerStatus, StatusReport, Target, TargetStatus,
-    WgPublicKey,
-};
-use kakuremichi_tunnel::{Incoming, PeerSpec, Tunnel, TunnelConfig, TunnelStream};
+use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, PeerConfig, StatusReport, Target, TargetStatus};
+use kakuremichi_tunnel::{Incoming, PeerSpec, Tunnel, TunnelStream};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
@@ -47,29 +43,15 @@ impl std::fmt::Debug for AgentOptions {
     }
 }
 
-/// Applying a snapshot failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The snapshot is for another kind of node.
-    #[error("the snapshot is for a {kind} node, not this agent")]
-    WrongKind {
-        /// The snapshot's kind.
-        kind: NodeKind,
-    },
-    /// The tunnel could not be bound.
-    #[error(transparent)]
-    Tunnel(#[from] kakuremichi_tunnel::TunnelError),
-}
+pub use kakuremichi_node::ApplyError;
 
 struct Inner {
     options: AgentOptions,
-    tunnel: RwLock<Option<Tunnel>>,
+    tunnel: NodeTunnel,
     targets: RwLock<Arc<HashMap<u16, Target>>>,
-    current: tokio::sync::Mutex<Option<ConfigSnapshot>>,
+    config: AppliedConfig,
     resolved: Mutex<HashMap<String, SocketAddr>>,
     target_status: Mutex<HashMap<Uuid, TargetStatus>>,
-    applied_version: AtomicU64,
-    cache: ConfigCache,
 }
 
 /// The agent: cheap to clone.
@@ -89,60 +71,44 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent with no config yet.
     pub fn new(options: AgentOptions) -> Self {
-        let cache = ConfigCache::new(&options.data_dir);
+        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen);
+        let config = AppliedConfig::new(&options.data_dir, NodeKind::Agent);
         Self {
             inner: Arc::new(Inner {
                 options,
-                tunnel: RwLock::new(None),
+                tunnel,
                 targets: RwLock::new(Arc::new(HashMap::new())),
-                current: tokio::sync::Mutex::new(None),
+                config,
                 resolved: Mutex::new(HashMap::new()),
                 target_status: Mutex::new(HashMap::new()),
-                applied_version: AtomicU64::new(0),
-                cache,
             }),
         }
     }
 
     /// The tunnel, once bound.
     pub fn tunnel(&self) -> Option<Tunnel> {
-        self.inner
-            .tunnel
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.tunnel.current()
     }
 
     /// The applied config version (0 before any).
     pub fn applied_version(&self) -> u64 {
-        self.inner.applied_version.load(Ordering::Acquire)
+        self.inner.config.version()
     }
 
     /// The cached snapshot from a previous run, if any and if it is for an agent.
     pub fn cached_config(&self) -> Option<ConfigSnapshot> {
-        match self.inner.cache.load() {
-            Ok(Some(s)) if s.kind == NodeKind::Agent => Some(s),
-            Ok(_) => None,
-            Err(error) => {
-                tracing::warn!(%error, "ignoring the unreadable config cache");
-                None
-            }
-        }
+        self.inner.config.cached()
     }
 
     /// Applies a snapshot: binds the tunnel if needed, resolves gateway endpoints, sets peers and
     /// listen ports, swaps the target map, and when `persist` writes the cache.
     pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
-        if snapshot.kind != NodeKind::Agent {
-            return Err(ApplyError::WrongKind {
-                kind: snapshot.kind,
-            });
-        }
-        let mut current = self.inner.current.lock().await;
-        let changes = plan(current.as_ref(), &snapshot);
+        let applying = self.inner.config.begin(&snapshot).await?;
+        let changes = plan(applying.running(), &snapshot);
         tracing::debug!(version = snapshot.version, ?changes, "applying config");
         if changes.rebind_tunnel || self.tunnel().is_none() {
-            self.bind_tunnel(&snapshot).await?;
+            let incoming = self.inner.tunnel.bind(&snapshot.overlay).await?;
+            tokio::spawn(self.clone().accept_loop(incoming));
         }
         let mut specs = Vec::with_capacity(snapshot.peers.len());
         for peer in &snapshot.peers {
@@ -180,14 +146,6 @@ impl Agent {
                     .iter()
                     .any(|t| t.resource_id == *id && t.target == st.target)
             });
-        if persist {
-            if let Err(error) = self.inner.cache.store(&snapshot) {
-                tracing::warn!(%error, "could not write the config cache; serving from memory");
-            }
-        }
-        self.inner
-            .applied_version
-            .store(snapshot.version, Ordering::Release);
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -196,7 +154,7 @@ impl Agent {
                 "agent config applied"
             );
         }
-        *current = Some(snapshot);
+        applying.commit(snapshot, persist);
         Ok(())
     }
 
@@ -240,46 +198,6 @@ impl Agent {
             }
             None => resolved.get(&endpoint).copied(),
         }
-    }
-
-    async fn bind_tunnel(&self, snapshot: &ConfigSnapshot) -> Result<(), ApplyError> {
-        let old = self
-            .inner
-            .tunnel
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(old) = old {
-            tracing::info!("overlay settings changed: restarting the tunnel");
-            old.shutdown();
-        }
-        let config = TunnelConfig {
-            private_key: self.inner.options.private_key,
-            overlay_address: snapshot.overlay.address,
-            mtu: snapshot.overlay.mtu,
-            listen: self.inner.options.wg_listen,
-        };
-        let mut attempt = 0;
-        let (tunnel, incoming) = loop {
-            match Tunnel::bind(config.clone()).await {
-                Ok(t) => break t,
-                Err(kakuremichi_tunnel::TunnelError::Bind { .. })
-                    if attempt < 20 && self.inner.options.wg_listen.port() != 0 =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        tracing::info!(
-            listen = %tunnel.local_addr(),
-            overlay = %snapshot.overlay.address,
-            "WireGuard tunnel bound"
-        );
-        tokio::spawn(self.clone().accept_loop(incoming));
-        *self.inner.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
-        Ok(())
     }
 
     async fn accept_loop(self, mut incoming: Incoming) {
@@ -362,21 +280,6 @@ impl Agent {
 
     /// The status report: applied version, gateway peers, target health.
     pub fn status(&self) -> StatusReport {
-        let peers = self
-            .tunnel()
-            .map(|t| t.peer_stats())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| PeerStatus {
-                public_key: WgPublicKey(s.public_key),
-                endpoint: s.endpoint.map(|e| e.to_string()),
-                last_handshake_age_ms: s
-                    .last_handshake
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                tx_bytes: s.tx_bytes,
-                rx_bytes: s.rx_bytes,
-            })
-            .collect();
         let mut targets: Vec<TargetStatus> = self
             .inner
             .target_status
@@ -388,16 +291,14 @@ impl Agent {
         targets.sort_by_key(|t| t.resource_id);
         StatusReport {
             applied_version: self.applied_version(),
-            peers,
+            peers: self.inner.tunnel.peer_statuses(),
             targets,
         }
     }
 
     /// Stops the tunnel.
     pub fn shutdown(&self) {
-        if let Some(t) = self.tunnel() {
-            t.shutdown();
-        }
+        self.inner.tunnel.shutdown();
     }
 }
 

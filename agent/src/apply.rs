@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use kakuremichi_proto::{ConfigSnapshot, PeerConfig, Target, WgPublicKey};
+use kakuremichi_node::plan::{diff, diff_peers, rebind_needed};
+use kakuremichi_proto::{ConfigSnapshot, Target, WgPublicKey};
 
 /// What a new snapshot changes compared to the running one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,40 +31,16 @@ impl Changes {
     }
 }
 
-type Diff<K> = (Vec<K>, Vec<K>, Vec<K>);
-
-fn diff<K: Ord + Copy, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Diff<K> {
-    let added = new
-        .keys()
-        .filter(|k| !old.contains_key(k))
-        .copied()
-        .collect();
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(k))
-        .copied()
-        .collect();
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(k).is_some_and(|o| o != *v))
-        .map(|(k, _)| *k)
-        .collect();
-    (added, removed, changed)
-}
-
 /// Compares the running snapshot (if any) with a new one.
 pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
-    let peers = |s: &ConfigSnapshot| -> BTreeMap<WgPublicKey, PeerConfig> {
-        s.peers.iter().map(|p| (p.public_key, p.clone())).collect()
-    };
     let targets = |s: &ConfigSnapshot| -> BTreeMap<u16, Target> {
         s.targets.iter().map(|t| (t.port, t.clone())).collect()
     };
-    let (old_peers, old_targets) = old.map(|o| (peers(o), targets(o))).unwrap_or_default();
-    let (peers_added, peers_removed, peers_changed) = diff(&old_peers, &peers(new));
-    let (ports_added, ports_removed, ports_changed) = diff(&old_targets, &targets(new));
+    let (peers_added, peers_removed, peers_changed) = diff_peers(old, new);
+    let (ports_added, ports_removed, ports_changed) =
+        diff(&old.map(targets).unwrap_or_default(), &targets(new));
     Changes {
-        rebind_tunnel: old.is_none_or(|o| o.overlay != new.overlay),
+        rebind_tunnel: rebind_needed(old, new),
         peers_added,
         peers_removed,
         peers_changed,
@@ -76,7 +53,7 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kakuremichi_proto::{NodeKind, OverlayConfig};
+    use kakuremichi_proto::{NodeKind, OverlayConfig, PeerConfig};
     use std::net::Ipv4Addr;
     use uuid::Uuid;
 

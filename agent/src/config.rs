@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use kakuremichi_proto::Secret;
+use kakuremichi_node::settings::{check_control_url, read_config_file, token_secret};
+use kakuremichi_node::NodeSettings;
 use serde::Deserialize;
+
+pub use kakuremichi_node::ConfigError;
 
 /// The kakuremichi agent: publishes private apps through kakuremichi gateways.
 #[derive(Debug, Parser)]
@@ -38,72 +41,17 @@ pub struct FileConfig {
     wg_listen: Option<SocketAddr>,
 }
 
-/// Validated settings.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Control URL if given (else the enrolled one).
-    pub control: Option<String>,
-    /// Enrollment token.
-    pub token: Option<Secret>,
-    /// Data dir.
-    pub data_dir: PathBuf,
-    /// WireGuard bind address.
-    pub wg_listen: SocketAddr,
-}
-
-/// The settings are invalid.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for this binary.
-    #[error("{path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: Box<toml::de::Error>,
-    },
-    /// A value is invalid.
-    #[error("{0}")]
-    Invalid(String),
-}
+/// Validated settings: the agent has only those every node has.
+pub type Settings = NodeSettings;
 
 impl Cli {
     /// Merges the command line (and environment) over the config file, applies defaults and
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let file = match &self.config {
-            None => FileConfig::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
-            }
-        };
-        let control = self.control.or(file.control);
-        if let Some(url) = &control {
-            kakuremichi_node::enroll::normalize_control_url(url)
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
+        let file: FileConfig = read_config_file(self.config.as_deref())?;
         Ok(Settings {
-            control,
-            token: self
-                .token
-                .or(file.token)
-                .filter(|t| !t.trim().is_empty())
-                .map(Secret::new),
+            control: check_control_url(self.control.or(file.control))?,
+            token: token_secret(self.token.or(file.token)),
             data_dir: self
                 .data_dir
                 .or(file.data_dir)

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use kakuremichi_node::plan::{diff, diff_peers, rebind_needed};
 use kakuremichi_proto::{ConfigSnapshot, PeerConfig, Route, WgPublicKey};
 use kakuremichi_tunnel::PeerSpec;
 use serde::{Deserialize, Serialize};
@@ -37,12 +38,6 @@ impl Changes {
 
 /// Compares the running snapshot (if any) with a new one.
 pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
-    let rebind_tunnel = old.is_none_or(|o| o.overlay != new.overlay);
-    let old_peers: BTreeMap<WgPublicKey, &PeerConfig> = old
-        .map(|o| o.peers.iter().map(|p| (p.public_key, p)).collect())
-        .unwrap_or_default();
-    let new_peers: BTreeMap<WgPublicKey, &PeerConfig> =
-        new.peers.iter().map(|p| (p.public_key, p)).collect();
     let old_routes: BTreeMap<&str, &Route> = old
         .map(|o| o.routes.iter().map(|r| (r.hostname.as_str(), r)).collect())
         .unwrap_or_default();
@@ -51,10 +46,10 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
         .iter()
         .map(|r| (r.hostname.as_str(), r))
         .collect();
-    let (peers_added, peers_removed, peers_changed) = diff(&old_peers, &new_peers);
+    let (peers_added, peers_removed, peers_changed) = diff_peers(old, new);
     let (routes_added, routes_removed, routes_changed) = diff(&old_routes, &new_routes);
     Changes {
-        rebind_tunnel,
+        rebind_tunnel: rebind_needed(old, new),
         peers_added,
         peers_removed,
         peers_changed,
@@ -62,27 +57,6 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
         routes_removed: routes_removed.into_iter().map(str::to_owned).collect(),
         routes_changed: routes_changed.into_iter().map(str::to_owned).collect(),
     }
-}
-
-type Diff<K> = (Vec<K>, Vec<K>, Vec<K>);
-
-fn diff<K: Ord + Copy, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Diff<K> {
-    let added = new
-        .keys()
-        .filter(|k| !old.contains_key(k))
-        .copied()
-        .collect();
-    let removed = old
-        .keys()
-        .filter(|k| !new.contains_key(k))
-        .copied()
-        .collect();
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(k).is_some_and(|o| o != *v))
-        .map(|(k, _)| *k)
-        .collect();
-    (added, removed, changed)
 }
 
 /// The WireGuard peers for a snapshot. An endpoint configured by control (an `ip:port`) wins;

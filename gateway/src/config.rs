@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use kakuremichi_proto::Secret;
+use kakuremichi_node::settings::{check_control_url, read_config_file, token_secret};
+use kakuremichi_node::NodeSettings;
 use serde::Deserialize;
+
+pub use kakuremichi_node::ConfigError;
 
 /// The kakuremichi gateway: public HTTP reverse proxy into the WireGuard overlay.
 #[derive(Debug, Parser)]
@@ -58,46 +61,16 @@ pub struct FileConfig {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Control URL if given (else the enrolled one).
-    pub control: Option<String>,
-    /// Enrollment token.
-    pub token: Option<Secret>,
-    /// Data dir.
-    pub data_dir: PathBuf,
+    /// Control URL, token, data dir and WireGuard listen address.
+    pub node: NodeSettings,
     /// HTTP listen address.
     pub http_listen: SocketAddr,
-    /// WireGuard listen address.
-    pub wg_listen: SocketAddr,
     /// Metrics listen address.
     pub metrics_listen: Option<SocketAddr>,
     /// Response timeout.
     pub upstream_timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
-}
-
-/// The settings are invalid.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for this binary.
-    #[error("{path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: Box<toml::de::Error>,
-    },
-    /// A value is invalid.
-    #[error("{0}")]
-    Invalid(String),
 }
 
 /// Parses `60`, `60s`, `500ms`, `2m`.
@@ -130,30 +103,14 @@ impl Cli {
     /// Merges the command line (and environment) over the config file, applies defaults and
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        let file = match &self.config {
-            None => FileConfig::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
-            }
-        };
+        let file: FileConfig = read_config_file(self.config.as_deref())?;
         let file_duration = |v: Option<String>,
                              name: &str|
          -> Result<Option<Duration>, ConfigError> {
             v.map(|s| parse_duration(&s).map_err(|e| ConfigError::Invalid(format!("{name}: {e}"))))
                 .transpose()
         };
-        let control = self.control.or(file.control);
-        if let Some(url) = &control {
-            kakuremichi_node::enroll::normalize_control_url(url)
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
+        let control = check_control_url(self.control.or(file.control))?;
         let data_dir = self.data_dir.or(file.data_dir).ok_or_else(|| {
             ConfigError::Invalid(
                 "--data-dir is required (KAKUREMICHI_GATEWAY_DATA_DIR or data_dir in --config)"
@@ -161,21 +118,19 @@ impl Cli {
             )
         })?;
         Ok(Settings {
-            control,
-            token: self
-                .token
-                .or(file.token)
-                .filter(|t| !t.trim().is_empty())
-                .map(Secret::new),
-            data_dir,
+            node: NodeSettings {
+                control,
+                token: token_secret(self.token.or(file.token)),
+                data_dir,
+                wg_listen: self
+                    .wg_listen
+                    .or(file.wg_listen)
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 51820))),
+            },
             http_listen: self
                 .http_listen
                 .or(file.http_listen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
-            wg_listen: self
-                .wg_listen
-                .or(file.wg_listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 51820))),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             upstream_timeout: match self.upstream_timeout {
                 Some(d) => d,
@@ -223,8 +178,8 @@ mod tests {
         let s = cli.resolve().unwrap();
         assert_eq!(s.http_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(s.upstream_timeout, Duration::from_secs(5));
-        assert_eq!(s.wg_listen, "0.0.0.0:51820".parse().unwrap());
-        assert_eq!(s.data_dir, PathBuf::from("/tmp/gw"));
+        assert_eq!(s.node.wg_listen, "0.0.0.0:51820".parse().unwrap());
+        assert_eq!(s.node.data_dir, PathBuf::from("/tmp/gw"));
 
         std::fs::write(&path, "data_dir = \"/tmp\"\nlisten = \"x\"\n").unwrap();
         let err = Cli::parse_from(["kakuremichi-gateway", "--config", path.to_str().unwrap()])

@@ -6,13 +6,12 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use kakuremichi_node::{ConfigCache, NodeHooks};
-use kakuremichi_proto::{ConfigSnapshot, NodeKind, PeerStatus, StatusReport, WgPublicKey};
-use kakuremichi_tunnel::{Tunnel, TunnelConfig};
+use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, StatusReport, WgPublicKey};
+use kakuremichi_tunnel::{Incoming, Tunnel};
 
 use crate::apply::{peer_specs, plan, EndpointHints};
 use crate::metrics::{Metrics, PeerSample};
@@ -43,24 +42,10 @@ impl std::fmt::Debug for GatewayOptions {
     }
 }
 
-/// Applying a snapshot failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The snapshot is for another node or kind.
-    #[error("the snapshot is for a {kind} node, not this gateway")]
-    WrongKind {
-        /// The snapshot's kind.
-        kind: NodeKind,
-    },
-    /// The tunnel could not be bound.
-    #[error(transparent)]
-    Tunnel(#[from] kakuremichi_tunnel::TunnelError),
-}
-
-type SharedTunnel = Arc<RwLock<Option<Tunnel>>>;
+pub use kakuremichi_node::ApplyError;
 
 struct TunnelUpstream {
-    tunnel: SharedTunnel,
+    tunnel: NodeTunnel,
 }
 
 impl Upstream for TunnelUpstream {
@@ -71,9 +56,7 @@ impl Upstream for TunnelUpstream {
         Box::pin(async move {
             let tunnel = self
                 .tunnel
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
+                .current()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet"))?;
             let stream = tunnel.connect(addr).await?;
             Ok(Box::new(stream) as UpstreamIo)
@@ -83,13 +66,11 @@ impl Upstream for TunnelUpstream {
 
 struct Inner {
     options: GatewayOptions,
-    tunnel: SharedTunnel,
+    tunnel: NodeTunnel,
     routes: Arc<RwLock<Arc<RouteTable>>>,
-    current: tokio::sync::Mutex<Option<ConfigSnapshot>>,
+    config: AppliedConfig,
     configured_peers: Mutex<BTreeSet<WgPublicKey>>,
     hints: Mutex<EndpointHints>,
-    applied_version: AtomicU64,
-    cache: ConfigCache,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
 }
@@ -112,29 +93,27 @@ impl Gateway {
     /// A gateway with no config yet (it answers 404 until the first snapshot), with the endpoint
     /// memory loaded from the data dir.
     pub fn new(options: GatewayOptions) -> Self {
-        let tunnel: SharedTunnel = Arc::new(RwLock::new(None));
+        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen);
         let routes = Arc::new(RwLock::new(Arc::new(RouteTable::default())));
         let metrics = Arc::new(Metrics::default());
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&routes),
             Arc::new(TunnelUpstream {
-                tunnel: Arc::clone(&tunnel),
+                tunnel: tunnel.clone(),
             }),
             options.timeouts,
             Arc::clone(&metrics),
         ));
         let hints = EndpointHints::load(&options.data_dir);
-        let cache = ConfigCache::new(&options.data_dir);
+        let config = AppliedConfig::new(&options.data_dir, NodeKind::Gateway);
         Self {
             inner: Arc::new(Inner {
                 options,
                 tunnel,
                 routes,
-                current: tokio::sync::Mutex::new(None),
+                config,
                 configured_peers: Mutex::new(BTreeSet::new()),
                 hints: Mutex::new(hints),
-                applied_version: AtomicU64::new(0),
-                cache,
                 metrics,
                 proxy,
             }),
@@ -153,43 +132,28 @@ impl Gateway {
 
     /// The tunnel, once bound.
     pub fn tunnel(&self) -> Option<Tunnel> {
-        self.inner
-            .tunnel
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.tunnel.current()
     }
 
     /// The applied config version (0 before any).
     pub fn applied_version(&self) -> u64 {
-        self.inner.applied_version.load(Ordering::Acquire)
+        self.inner.config.version()
     }
 
     /// The cached snapshot from a previous run, if any and if it is for a gateway.
     pub fn cached_config(&self) -> Option<ConfigSnapshot> {
-        match self.inner.cache.load() {
-            Ok(Some(s)) if s.kind == NodeKind::Gateway => Some(s),
-            Ok(_) => None,
-            Err(error) => {
-                tracing::warn!(%error, "ignoring the unreadable config cache");
-                None
-            }
-        }
+        self.inner.config.cached()
     }
 
     /// Applies a snapshot: binds the tunnel if needed, sets peers, swaps routes, and when
     /// `persist` writes the cache. Existing connections of unchanged routes are untouched.
     pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
-        if snapshot.kind != NodeKind::Gateway {
-            return Err(ApplyError::WrongKind {
-                kind: snapshot.kind,
-            });
-        }
-        let mut current = self.inner.current.lock().await;
-        let changes = plan(current.as_ref(), &snapshot);
+        let applying = self.inner.config.begin(&snapshot).await?;
+        let changes = plan(applying.running(), &snapshot);
         tracing::debug!(version = snapshot.version, ?changes, "applying config");
         if changes.rebind_tunnel || self.tunnel().is_none() {
-            self.bind_tunnel(&snapshot).await?;
+            let incoming = self.inner.tunnel.bind(&snapshot.overlay).await?;
+            tokio::spawn(refuse_all(incoming));
         }
         let configured: BTreeSet<WgPublicKey> =
             snapshot.peers.iter().map(|p| p.public_key).collect();
@@ -210,14 +174,6 @@ impl Gateway {
         let table = RouteTable::from_routes(&snapshot.routes);
         self.inner.metrics.set_routes(table.len());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
-        if persist {
-            if let Err(error) = self.inner.cache.store(&snapshot) {
-                tracing::warn!(%error, "could not write the config cache; serving from memory");
-            }
-        }
-        self.inner
-            .applied_version
-            .store(snapshot.version, Ordering::Release);
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -226,74 +182,15 @@ impl Gateway {
                 "gateway config applied"
             );
         }
-        *current = Some(snapshot);
-        Ok(())
-    }
-
-    async fn bind_tunnel(&self, snapshot: &ConfigSnapshot) -> Result<(), ApplyError> {
-        let old = self
-            .inner
-            .tunnel
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(old) = old {
-            tracing::info!("overlay settings changed: restarting the tunnel");
-            old.shutdown();
-        }
-        let config = TunnelConfig {
-            private_key: self.inner.options.private_key,
-            overlay_address: snapshot.overlay.address,
-            mtu: snapshot.overlay.mtu,
-            listen: self.inner.options.wg_listen,
-        };
-        let mut attempt = 0;
-        let (tunnel, mut incoming) = loop {
-            match Tunnel::bind(config.clone()).await {
-                Ok(t) => break t,
-                // The old socket may take a moment to close.
-                Err(kakuremichi_tunnel::TunnelError::Bind { .. }) if attempt < 20 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        tracing::info!(
-            listen = %tunnel.local_addr(),
-            overlay = %snapshot.overlay.address,
-            "WireGuard tunnel bound"
-        );
-        // The gateway accepts no inbound flows: refuse anything that arrives.
-        tokio::spawn(async move {
-            while let Some(stream) = incoming.accept().await {
-                stream.abort();
-            }
-        });
-        *self.inner.tunnel.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
+        applying.commit(snapshot, persist);
         Ok(())
     }
 
     /// The status report: applied version and peer counters.
     pub fn status(&self) -> StatusReport {
-        let peers = self
-            .tunnel()
-            .map(|t| t.peer_stats())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| PeerStatus {
-                public_key: WgPublicKey(s.public_key),
-                endpoint: s.endpoint.map(|e| e.to_string()),
-                last_handshake_age_ms: s
-                    .last_handshake
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                tx_bytes: s.tx_bytes,
-                rx_bytes: s.rx_bytes,
-            })
-            .collect();
         StatusReport {
             applied_version: self.applied_version(),
-            peers,
+            peers: self.inner.tunnel.peer_statuses(),
             targets: Vec::new(),
         }
     }
@@ -344,9 +241,14 @@ impl Gateway {
 
     /// Stops the tunnel.
     pub fn shutdown(&self) {
-        if let Some(t) = self.tunnel() {
-            t.shutdown();
-        }
+        self.inner.tunnel.shutdown();
+    }
+}
+
+/// The gateway accepts no inbound flows: refuses anything that arrives.
+async fn refuse_all(mut incoming: Incoming) {
+    while let Some(stream) = incoming.accept().await {
+        stream.abort();
     }
 }
 

@@ -1,19 +1,30 @@
 //! What gateways and agents share: enrollment, the on-disk node state and config cache, the
-//! control-channel client, and a sans-IO jittered backoff.
+//! control-channel client, a sans-IO jittered backoff, and the parts of a node runtime that do not
+//! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
+//! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the settings every node binary has
+//! ([`settings`]) and the process scaffolding of the binaries ([`process`]).
 //!
 //! This crate knows nodes, not traffic: it must never know about HTTP routing or agent targets
 //! (those belong to `kakuremichi-gateway` and `kakuremichi-agent`), and the control channel it runs
 //! is never needed for the data plane: a node serves from its cached config while control is away.
 
+pub mod applied;
 pub mod backoff;
 pub mod channel;
 pub mod enroll;
+pub mod plan;
+pub mod process;
+pub mod settings;
 pub mod state;
+pub mod tunnel;
 
+pub use applied::{AppliedConfig, ApplyError, Applying};
 pub use backoff::Backoff;
 pub use channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
 pub use enroll::{enroll, load_or_enroll, EnrollError};
+pub use settings::{ConfigError, NodeSettings};
 pub use state::{write_atomic, ConfigCache, NodeState, PrivateKey, StateError};
+pub use tunnel::NodeTunnel;
 
 /// The software version nodes report to control.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,130 @@
+//! The process around a node: logging, the runtime, identity at startup, serving the cached
+//! config, starting the control channel and waiting for a shutdown signal. Each binary's `main`
+//! strings these together around its own runtime object.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kakuremichi_proto::{ConfigSnapshot, NodeKind};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
+use crate::settings::NodeSettings;
+use crate::state::NodeState;
+
+/// Logs to stderr (filter from `RUST_LOG`, default `info`), runs `run` on a Tokio runtime and
+/// turns its result into the exit code; an error is logged with its causes.
+pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The node's identity: `state.json` if it enrolled before, else a fresh enrollment with the
+/// token. The control URL defaults to the enrolled one.
+pub async fn load_identity(settings: &NodeSettings, kind: NodeKind) -> anyhow::Result<NodeState> {
+    let control = match &settings.control {
+        Some(c) => c.clone(),
+        None => NodeState::load(&settings.data_dir)
+            .context("reading the node state")?
+            .map(|s| s.control_url)
+            .with_context(|| {
+                format!(
+                    "--control is required (KAKUREMICHI_{}_CONTROL)",
+                    kind.to_string().to_uppercase()
+                )
+            })?,
+    };
+    let state =
+        crate::enroll::load_or_enroll(&settings.data_dir, &control, kind, settings.token.as_ref())
+            .await
+            .context("enrollment")?;
+    tracing::info!(node_id = %state.node_id, public_key = %state.private_key.public_key(), "{kind} identity");
+    Ok(state)
+}
+
+/// Applies the config cached by a previous run (with `apply`, which should not rewrite the cache),
+/// so the node serves before control answers. Returns its version, for the channel's hello.
+pub async fn serve_cached_config<F, Fut, E>(
+    cached: Option<ConfigSnapshot>,
+    apply: F,
+) -> anyhow::Result<Option<u64>>
+where
+    F: FnOnce(ConfigSnapshot) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let Some(snapshot) = cached else {
+        tracing::info!("no cached config: waiting for control's first snapshot");
+        return Ok(None);
+    };
+    let version = snapshot.version;
+    apply(snapshot)
+        .await
+        .context("applying the cached config")?;
+    tracing::info!(version, "serving the cached config");
+    Ok(Some(version))
+}
+
+/// Starts the control channel for this node (abort the task to stop it).
+pub fn spawn_channel<H: NodeHooks>(
+    state: &NodeState,
+    data_dir: PathBuf,
+    hooks: Arc<H>,
+    applied_version: Option<u64>,
+) -> JoinHandle<()> {
+    let (state_tx, _state_rx) = watch::channel(ChannelState::Connecting);
+    tokio::spawn(run_channel(
+        ChannelConfig::new(state, data_dir),
+        hooks,
+        applied_version,
+        state_tx,
+    ))
+}
+
+/// Waits for Ctrl-C or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
