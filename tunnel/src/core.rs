@@ -19,7 +19,7 @@ use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket, TcpSeqNumber,
 };
 use tracing::{debug, trace};
 
@@ -205,6 +205,9 @@ pub struct Core {
     listeners: Vec<(SocketHandle, u16)>,
     /// (local port, remote) of every stream and of every SYN waiting for the next poll.
     tuples: HashSet<(u16, SocketAddrV4)>,
+    /// The highest sequence number sent so far (SND.MAX) on each connection, by (local port,
+    /// remote); see [`Core::stamp_outbound`].
+    send_max: HashMap<(u16, SocketAddrV4), TcpSeqNumber>,
     streams: HashMap<StreamId, Stream>,
     next_stream: u64,
     next_port: u16,
@@ -277,6 +280,7 @@ impl Core {
             listen_ports: HashSet::new(),
             listeners: Vec::new(),
             tuples: HashSet::new(),
+            send_max: HashMap::new(),
             streams: HashMap::new(),
             next_stream: 1,
             next_port,
@@ -654,7 +658,8 @@ impl Core {
                     len: packet.len(),
                 });
             }
-            if let Some(packet) = self.device.tx.pop_front() {
+            if let Some(mut packet) = self.device.tx.pop_front() {
+                self.stamp_outbound(&mut packet);
                 let result = self.encapsulate(&packet, buf, now);
                 VirtualDevice::recycle(&mut self.device.pool, packet);
                 match result {
@@ -670,6 +675,53 @@ impl Core {
                 continue;
             }
             return None;
+        }
+    }
+
+    /// Tracks the highest sequence number sent on each connection (SND.MAX), and stamps it on
+    /// outgoing pure ACKs whose sequence number is behind it.
+    ///
+    /// When its retransmission timer fires, smoltcp goes back to the first unacknowledged byte
+    /// ("go-back-N") and stamps every segment it sends afterwards, pure ACKs included, with the
+    /// rewound sequence number. The other end has usually received more than that already, and
+    /// (RFC 9293, 3.10.7.4) drops a zero-length segment below its RCV.NXT without looking at its
+    /// acknowledgment. When both ends of a connection retransmit at once (segments lost in both
+    /// directions, as when a burst overflows a UDP receive buffer), each end drops the other's
+    /// ACKs, neither learns what the other has received, and the connection stalls for good,
+    /// both ends resending their first unacknowledged segment with exponential backoff. BSD's
+    /// `tcp_output` stamps pure ACKs with SND.MAX for this reason, and so do we: a pure ACK
+    /// occupies no sequence space, and the other end has received nothing beyond SND.MAX and
+    /// has its window open up to at least there, so it always accepts and processes it.
+    fn stamp_outbound(&mut self, packet: &mut [u8]) {
+        let Ok(mut ip) = Ipv4Packet::new_checked(&mut packet[..]) else {
+            return;
+        };
+        if ip.next_header() != IpProtocol::Tcp {
+            return;
+        }
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) else {
+            return;
+        };
+        if tcp.rst() {
+            return;
+        }
+        let key = (tcp.src_port(), SocketAddrV4::new(dst, tcp.dst_port()));
+        let seq = tcp.seq_number();
+        let end = seq + tcp.segment_len();
+        if tcp.syn() {
+            // A new connection (or a retransmitted SYN): its sequence space starts here.
+            self.send_max.insert(key, end);
+            return;
+        }
+        let Some(max) = self.send_max.get_mut(&key) else {
+            return;
+        };
+        if end > *max {
+            *max = end;
+        } else if seq < *max && tcp.ack() && tcp.segment_len() == 0 {
+            tcp.set_seq_number(*max);
+            tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
         }
     }
 
@@ -797,6 +849,7 @@ impl Core {
     fn remove_stream(&mut self, id: StreamId) {
         if let Some(s) = self.streams.remove(&id) {
             self.sockets.remove(s.handle);
+            self.send_max.remove(&(s.local.port(), s.remote));
             if s.outbound {
                 self.used_ports.remove(&s.local.port());
             }

@@ -232,3 +232,19 @@ fn many_concurrent_inbound_connections_are_all_accepted() {
         .count();
     assert_eq!(accepted, 50);
 }
+
+#[test]
+fn both_ends_retransmitting_after_lost_acks_do_not_stall() {
+    // Both ends send a flight at the same moment; the flights arrive, but every ACK for them is
+    // lost, so both ends time out and go back to their first unacknowledged segment, which the
+    // other end already has. Each end then answers the other's retransmission with an ACK; those
+    // ACKs must be accepted (their sequence number must not go back with the retransmission), or
+    // the connection stalls for good with both ends retransmitting.
+    let mut sim = Sim::pair(11, Some(25));
+    let (g, a) = sim.connect(GW, AGENT_IP, 80, AGENT);
+    let start = sim.now + Duration::from_millis(1);
+    sim.blackout = Some((start, start + Duration::from_millis(1500)));
+    let ab = pattern(256 << 10, 5);
+    let ba = pattern(256 << 10, 6);
+    sim.transfer((GW, g), (AGENT, a), &ab, &ba, Duration::from_secs(30));
+}

@@ -37,6 +37,8 @@ pub struct Sim {
     pub reorder: f64,
     /// Largest jump of the virtual clock per step.
     pub max_step: Duration,
+    /// Datagrams sent in `[start, end)` are all dropped (a blackout in both directions).
+    pub blackout: Option<(Instant, Instant)>,
     /// Datagrams sent to each destination address (including lost ones).
     pub sent_to: BTreeMap<SocketAddr, usize>,
     in_flight: BTreeMap<(Instant, u64), (SocketAddr, SocketAddr, Vec<u8>)>,
@@ -72,6 +74,7 @@ impl Sim {
             loss: 0.0,
             reorder: 0.0,
             max_step: Duration::from_millis(5),
+            blackout: None,
             sent_to: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             seq: 0,
@@ -146,7 +149,11 @@ impl Sim {
             while let Some(t) = self.nodes[i].core.poll_transmit(now, &mut self.buf) {
                 self.nodes[i].sent += 1;
                 *self.sent_to.entry(t.dst).or_default() += 1;
-                if self.rng.gen_bool(self.loss) {
+                let lost = self.rng.gen_bool(self.loss);
+                let blacked_out = self
+                    .blackout
+                    .is_some_and(|(start, end)| now >= start && now < end);
+                if lost || blacked_out {
                     continue;
                 }
                 let mut at = now + self.latency;
