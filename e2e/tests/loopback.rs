@@ -255,3 +255,19 @@ async fn config_changes_do_not_drop_unrelated_connections() {
     assert_eq!(status, 200);
     assert!(echoed[..] == expected[..], "the echo was cut or changed");
 }
+
+#[tokio::test]
+async fn agent_offline_gives_a_clear_502() {
+    let mut stack = Stack::start().await.unwrap();
+    stack.agent.kill();
+    let started = Instant::now();
+    let resp = stack.get(DEMO_HOST, "/").await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains(DEMO_HOST) && body.contains("offline"),
+        "{body}"
+    );
+    println!("agent offline -> 502 after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

@@ -33,6 +33,11 @@ pub const MAX_DATAGRAM_SIZE: usize = BUF_SIZE;
 const TCP_BUFFER: usize = 4 * 1024 * 1024;
 /// How long an outbound connection may stay in SYN-SENT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose peer answers nothing for this long while it has something to answer (data,
+/// a keep-alive probe) is aborted.
+const TCP_SILENCE: Duration = Duration::from_secs(10);
+/// Idle connections are probed this often.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// How long a stream whose handle was dropped may take to finish its close before it is reset.
 const LINGER: Duration = Duration::from_secs(60);
 /// How often boringtun's timers are updated (boringtun's own device uses 250 ms).
@@ -1365,6 +1370,11 @@ fn new_tcp_socket() -> tcp::Socket<'static> {
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
+    // A peer that went away (agent killed, machine gone) must not leave connections that wait
+    // forever: abort when sent data or a keep-alive probe gets no answer for TCP_SILENCE, and
+    // probe idle connections so that pooled ones are found dead before they are reused.
+    socket.set_timeout(Some(TCP_SILENCE.into()));
+    socket.set_keep_alive(Some(TCP_KEEPALIVE.into()));
     socket.set_congestion_control(tcp::CongestionControl::Cubic);
     socket
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use common::*;
-use kakuremichi_tunnel::{ConnectFailure, Event};
+use kakuremichi_tunnel::{ConnectFailure, Event, StreamError};
 use rand::{Rng, RngCore};
 
 #[test]
@@ -247,4 +247,30 @@ fn both_ends_retransmitting_after_lost_acks_do_not_stall() {
     let ab = pattern(256 << 10, 5);
     let ba = pattern(256 << 10, 6);
     sim.transfer((GW, g), (AGENT, a), &ab, &ba, Duration::from_secs(30));
+}
+
+#[test]
+fn connection_to_a_peer_that_went_silent_is_aborted() {
+    // The agent vanishes (nothing it sends or receives gets through any more). A connection with
+    // unanswered data is aborted after 10 s of silence, an idle one after its keep-alive probe
+    // (15 s) goes unanswered for 10 s: neither waits forever.
+    let mut sim = Sim::pair(12, Some(25));
+    let (busy, _) = sim.connect(GW, AGENT_IP, 80, AGENT);
+    let (idle, _) = sim.connect(GW, AGENT_IP, 80, AGENT);
+    sim.blackout = Some((sim.now, sim.now + Duration::from_secs(3600)));
+    let now = sim.now;
+    assert_eq!(sim.nodes[GW].core.stream_send(busy, b"request").unwrap(), 7);
+    fn gone(sim: &mut Sim, id: kakuremichi_tunnel::StreamId) -> bool {
+        let mut buf = [0u8; 64];
+        !matches!(
+            sim.nodes[GW].core.stream_recv(id, &mut buf),
+            Err(StreamError::WouldBlock)
+        )
+    }
+    sim.run_for(Duration::from_secs(9));
+    assert!(!gone(&mut sim, busy), "aborted too early");
+    // (run_until fails the test if the condition is not met in time.)
+    sim.run_until(Duration::from_secs(3), |s| gone(s, busy));
+    assert!(sim.now - now <= Duration::from_secs(12));
+    sim.run_until(Duration::from_secs(30), |s| gone(s, idle));
 }
