@@ -42,6 +42,7 @@ struct Row {
     path: &'static str,
     iperf_mbit: Option<f64>,
     http_download_mbit: Option<f64>,
+    http_upload_mbit: Option<f64>,
     http_rps: Option<f64>,
     http_errors: u64,
 }
@@ -96,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         path: "direct (no tunnel)",
         iperf_mbit: Some(iperf(iperf_port, secs)?),
         http_download_mbit: Some(download(app, None, secs)?),
+        http_upload_mbit: Some(upload(app, None, secs)?),
         ..measure_rps(app, None, secs, args.connections).await
     });
 
@@ -104,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         path: "kakuremichi: gateway -> WireGuard -> agent",
         iperf_mbit: None,
         http_download_mbit: Some(download(gateway, Some(DEMO_HOST), secs)?),
+        http_upload_mbit: Some(upload(gateway, Some(DEMO_HOST), secs)?),
         ..measure_rps(gateway, Some(DEMO_HOST), secs, args.connections).await
     });
 
@@ -116,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             path: "onetun -> WireGuard -> agent",
             iperf_mbit: Some(iperf(local_iperf, secs)?),
             http_download_mbit: Some(download(local_http, None, secs)?),
+            http_upload_mbit: Some(upload(local_http, None, secs)?),
             ..measure_rps(local_http, None, secs, args.connections).await
         });
     }
@@ -133,8 +137,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("| path | single-stream TCP, iperf3 (Mbit/s) | single-stream HTTP download (Mbit/s) | HTTP requests/s ({} connections) |", args.connections);
-    println!("| --- | ---: | ---: | ---: |");
+    println!("| path | single-stream TCP, iperf3 (Mbit/s) | single-stream HTTP download (Mbit/s) | single-stream HTTP upload (Mbit/s) | HTTP requests/s ({} connections) |", args.connections);
+    println!("| --- | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
         let errors = if r.http_errors > 0 {
@@ -143,10 +147,11 @@ async fn main() -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {}{} |",
+            "| {} | {} | {} | {} | {}{} |",
             r.path,
             f(r.iperf_mbit),
             f(r.http_download_mbit),
+            f(r.http_upload_mbit),
             f(r.http_rps),
             errors
         );
@@ -239,6 +244,38 @@ fn download(addr: SocketAddr, host: Option<&str>, secs: Duration) -> anyhow::Res
         bail!("download through {addr} got nothing");
     }
     Ok(bytes * 8.0 / time / 1e6)
+}
+
+/// HTTP upload (chunked, from /dev/zero) to the demo app's `/discard`, timed until the app has
+/// answered, so that bytes buffered by a proxy do not count: a 16 MiB probe, then a body sized to
+/// take about `secs`. Mbit/s.
+fn upload(addr: SocketAddr, host: Option<&str>, secs: Duration) -> anyhow::Result<f64> {
+    let once = |bytes: u64| -> anyhow::Result<f64> {
+        let host_header = host.map(|h| format!("-H 'Host: {h}'")).unwrap_or_default();
+        let script = format!(
+            "head -c {bytes} /dev/zero | curl -s -m 120 -T - -X POST {host_header} \
+             -w ' %{{time_total}}' http://{addr}/discard"
+        );
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, time) = text.rsplit_once(' ').context("curl output")?;
+        let got: serde_json::Value = serde_json::from_str(body)
+            .with_context(|| format!("upload through {addr} did not complete: {text}"))?;
+        if got["len"].as_u64() != Some(bytes) {
+            bail!(
+                "upload through {addr}: the app got {} of {bytes} bytes",
+                got["len"]
+            );
+        }
+        let time: f64 = time.trim().parse().context("curl time")?;
+        Ok(bytes as f64 * 8.0 / time / 1e6)
+    };
+    let probe = once(16 << 20)?;
+    let bytes = (probe * 1e6 / 8.0 * secs.as_secs_f64()) as u64;
+    once(bytes.clamp(16 << 20, 64 << 30))
 }
 
 /// `connections` keep-alive clients sending `GET /` for `secs`.

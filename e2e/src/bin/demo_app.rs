@@ -1,6 +1,6 @@
 //! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
 //! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
-//! echoes uploads, shows the request headers it got, and answers late on request.
+//! echoes or discards uploads, shows the request headers it got, and answers late on request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,6 +58,7 @@ fn app() -> Router {
         .route("/slow/{ms}", get(slow))
         .route("/sha256", post(sha256))
         .route("/echo", post(echo))
+        .route("/discard", post(discard))
 }
 
 async fn index() -> Html<&'static str> {
@@ -126,6 +127,15 @@ async fn sha256(req: Request) -> Result<Json<serde_json::Value>, StatusCode> {
         "len": len,
         "sha256": hex(&hasher.finalize()),
     })))
+}
+
+async fn discard(req: Request) -> Result<Json<serde_json::Value>, StatusCode> {
+    let mut stream = req.into_body().into_data_stream();
+    let mut len: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        len += chunk.map_err(|_| StatusCode::BAD_REQUEST)?.len() as u64;
+    }
+    Ok(Json(serde_json::json!({ "len": len })))
 }
 
 async fn echo(req: Request) -> Response {
