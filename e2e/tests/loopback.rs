@@ -271,3 +271,32 @@ async fn agent_offline_gives_a_clear_502() {
     println!("agent offline -> 502 after {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_the_gateway() {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let stack = Stack::start().await.unwrap();
+    let mut req = format!("ws://{}/ws", stack.opts.gateway_http_for_test)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert("host", DEMO_HOST.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Message::text(format!("hello {i}")));
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let got = ws.next().await.unwrap().unwrap();
+    assert_eq!(got.into_data().len(), big.len());
+    ws.close(None).await.unwrap();
+}

@@ -1,6 +1,6 @@
 //! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
 //! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
-//! echoes or discards uploads, shows the request headers it got, and answers late on request.
+//! echoes or discards uploads, echoes WebSocket messages, shows the request headers it got, and answers late on request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -59,6 +59,7 @@ fn app() -> Router {
         .route("/sha256", post(sha256))
         .route("/echo", post(echo))
         .route("/discard", post(discard))
+        .route("/ws", get(ws_echo))
 }
 
 async fn index() -> Html<&'static str> {
@@ -127,6 +128,24 @@ async fn sha256(req: Request) -> Result<Json<serde_json::Value>, StatusCode> {
         "len": len,
         "sha256": hex(&hasher.finalize()),
     })))
+}
+
+/// A WebSocket that echoes every text and binary message.
+async fn ws_echo(ws: axum::extract::ws::WebSocketUpgrade) -> Response {
+    ws.on_upgrade(|mut socket| async move {
+        use axum::extract::ws::Message;
+        while let Some(Ok(msg)) = socket.recv().await {
+            let reply = match msg {
+                Message::Text(t) => Message::Text(t),
+                Message::Binary(b) => Message::Binary(b),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 async fn discard(req: Request) -> Result<Json<serde_json::Value>, StatusCode> {
