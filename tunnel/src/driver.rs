@@ -434,45 +434,60 @@ impl Drop for TunnelStream {
     }
 }
 
+/// The I/O error a stream operation's failure reads as.
+fn stream_error(e: StreamError) -> io::Error {
+    match e {
+        StreamError::WouldBlock => io::ErrorKind::WouldBlock.into(),
+        StreamError::Closed => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
+        StreamError::Reset => io::Error::new(io::ErrorKind::ConnectionReset, "connection reset"),
+        StreamError::Unknown => io::Error::new(io::ErrorKind::NotConnected, "stream released"),
+    }
+}
+
+impl TunnelStream {
+    /// Runs `op` on this stream under the lock; when it would block, parks the task's waker in
+    /// the slot `wakers` picks (read or write), to be woken when the stream's readiness changes.
+    fn poll_op<T>(
+        &self,
+        cx: &Context<'_>,
+        wakers: fn(&mut State) -> &mut HashMap<StreamId, Waker>,
+        op: impl FnOnce(&mut Core, StreamId) -> Result<T, StreamError>,
+    ) -> Poll<Result<T, StreamError>> {
+        let id = self.id;
+        self.shared.with_core(|st| match op(&mut st.core, id) {
+            Err(StreamError::WouldBlock) => {
+                wakers(st).insert(id, cx.waker().clone());
+                Poll::Pending
+            }
+            result => Poll::Ready(result),
+        })
+    }
+}
+
 impl AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.shared.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire) {
             return Poll::Ready(Err(shut_down()));
         }
-        let id = this.id;
-        let mut st = this.shared.state.lock();
-        let before = st.core.needs_poll();
-        let result = st.core.stream_recv(id, buf.initialize_unfilled());
-        let poll = match result {
-            Ok(n) => {
+        let read = self.poll_op(
+            cx,
+            |st| &mut st.read_wakers,
+            |core, id| core.stream_recv(id, buf.initialize_unfilled()),
+        );
+        match read {
+            Poll::Ready(Ok(n)) => {
                 buf.advance(n);
                 Poll::Ready(Ok(()))
             }
-            Err(StreamError::WouldBlock) => {
-                st.read_wakers.insert(id, cx.waker().clone());
-                Poll::Pending
-            }
-            Err(StreamError::Closed) => Poll::Ready(Ok(())),
-            Err(StreamError::Reset) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "connection reset",
-            ))),
-            Err(StreamError::Unknown) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "stream released",
-            ))),
-        };
-        let wake = st.core.needs_poll() && !before;
-        drop(st);
-        if wake {
-            this.shared.notify.notify_one();
+            // The peer closed in order: end of stream.
+            Poll::Ready(Err(StreamError::Closed)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(stream_error(e))),
+            Poll::Pending => Poll::Pending,
         }
-        poll
     }
 }
 
@@ -482,38 +497,15 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.shared.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire) {
             return Poll::Ready(Err(shut_down()));
         }
-        let id = this.id;
-        let mut st = this.shared.state.lock();
-        let before = st.core.needs_poll();
-        let poll = match st.core.stream_send(id, data) {
-            Ok(n) => Poll::Ready(Ok(n)),
-            Err(StreamError::WouldBlock) => {
-                st.write_wakers.insert(id, cx.waker().clone());
-                Poll::Pending
-            }
-            Err(StreamError::Closed) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "stream closed",
-            ))),
-            Err(StreamError::Reset) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "connection reset",
-            ))),
-            Err(StreamError::Unknown) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "stream released",
-            ))),
-        };
-        let wake = st.core.needs_poll() && !before;
-        drop(st);
-        if wake {
-            this.shared.notify.notify_one();
-        }
-        poll
+        self.poll_op(
+            cx,
+            |st| &mut st.write_wakers,
+            |core, id| core.stream_send(id, data),
+        )
+        .map_err(stream_error)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
