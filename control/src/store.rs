@@ -445,35 +445,26 @@ impl Store {
             StoreError::Exhausted(format!("overlay network {} is full", self.overlay))
         })?;
         let now = now_ms();
-        match kind {
-            NodeKind::Agent => {
-                sqlx::query(
-                    "INSERT INTO sites (id, name, overlay_address, enrollment_token_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(id.to_string())
-                .bind(name)
-                .bind(addr.to_string())
-                .bind(token_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
-            NodeKind::Gateway => {
-                sqlx::query(
-                    "INSERT INTO gateways (id, name, overlay_address, endpoint, enrollment_token_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(id.to_string())
-                .bind(name)
-                .bind(addr.to_string())
-                .bind(endpoint.unwrap_or_default())
-                .bind(token_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            }
+        // Gateways store their endpoint too, bound last.
+        let (endpoint_column, endpoint_param) = match kind {
+            NodeKind::Agent => ("", ""),
+            NodeKind::Gateway => (", endpoint", ", $6"),
+        };
+        let sql = format!(
+            "INSERT INTO {} (id, name, overlay_address, enrollment_token_hash, created_at{endpoint_column}) \
+             VALUES ($1, $2, $3, $4, $5{endpoint_param})",
+            table(kind)
+        );
+        let mut insert = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(name)
+            .bind(addr.to_string())
+            .bind(token_hash)
+            .bind(now);
+        if kind == NodeKind::Gateway {
+            insert = insert.bind(endpoint.unwrap_or_default());
         }
+        insert.execute(&mut *tx).await?;
         // A node without a public key appears in no snapshot, but the bump keeps "every change
         // bumps" simple to reason about.
         self.commit_bumped(tx).await?;

@@ -81,3 +81,11 @@ pub(crate) async fn method_not_allowed() -> ApiError {
 pub(crate) fn invalid(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
 }
+
+/// Validates an optional field of a `PATCH` body; `None` stays `None`, a bad value is a 400.
+pub(crate) fn valid_opt(
+    value: Option<&str>,
+    check: impl FnOnce(&str) -> Result<String, String>,
+) -> Result<Option<String>, ApiError> {
+    value.map(check).transpose().map_err(invalid)
+}

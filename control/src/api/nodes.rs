@@ -1,10 +1,14 @@
-//! What sites and gateways share in the API: the view with live status, and the handlers.
+//! What sites and gateways share in the API: the view with live status, the handlers and the
+//! router; [`NodeApi`] holds what differs.
 
 use std::net::Ipv4Addr;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
 use kakuremichi_proto::{NodeKind, PeerStatus, Secret, TargetStatus, WgPublicKey};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -98,68 +102,104 @@ pub struct TokenView {
     pub enrollment_token: Secret,
 }
 
+/// What sets the sites and gateways routers apart: the node kind, the path, and the bodies of
+/// `POST` and `PATCH` with their validation. Everything else is shared by [`router`].
+pub trait NodeApi: 'static {
+    /// The kind of node served.
+    const KIND: NodeKind;
+    /// The collection path, e.g. `/sites`.
+    const PATH: &'static str;
+    /// Body of `POST {PATH}`.
+    type Create: DeserializeOwned + Send + 'static;
+    /// Body of `PATCH {PATH}/{id}`.
+    type Update: DeserializeOwned + Send + 'static;
+    /// The validated name and endpoint of a create body; a bad value is a 400.
+    fn create_fields(body: Self::Create) -> Result<(String, Option<String>), ApiError>;
+    /// The validated new name and endpoint of an update body (`None` keeps the field).
+    fn update_fields(body: Self::Update) -> Result<(Option<String>, Option<String>), ApiError>;
+}
+
+/// The router of one node kind: list, create, get, update, delete, regenerate the token.
+pub fn router<N: NodeApi>() -> Router<AppState> {
+    let path = N::PATH;
+    Router::new()
+        .route(path, get(list::<N>).post(create::<N>))
+        .route(
+            &format!("{path}/{{id}}"),
+            get(one::<N>).patch(update::<N>).delete(remove::<N>),
+        )
+        .route(
+            &format!("{path}/{{id}}/enrollment-token"),
+            post(regenerate_token::<N>),
+        )
+}
+
 fn view(state: &AppState, node: Node) -> NodeView {
     let online = state.hub.is_online(node.id);
     NodeView::new(node, online)
 }
 
-pub(crate) async fn create(
-    state: &AppState,
-    kind: NodeKind,
-    name: &str,
-    endpoint: Option<&str>,
+async fn create<N: NodeApi>(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<N::Create>,
 ) -> Result<(StatusCode, ApiJson<NodeView>), ApiError> {
-    let (node, token) = state.store.create_node(kind, name, endpoint).await?;
+    let kind = N::KIND;
+    let (name, endpoint) = N::create_fields(body)?;
+    let (node, token) = state
+        .store
+        .create_node(kind, &name, endpoint.as_deref())
+        .await?;
     tracing::info!(node_id = %node.id, %kind, "node created");
-    let mut v = view(state, node);
+    let mut v = view(&state, node);
     v.enrollment_token = Some(token);
     Ok((StatusCode::CREATED, ApiJson(v)))
 }
 
-pub(crate) async fn list(
-    state: &AppState,
-    kind: NodeKind,
+async fn list<N: NodeApi>(
+    State(state): State<AppState>,
 ) -> Result<ApiJson<Vec<NodeView>>, ApiError> {
-    let nodes = state.store.list_nodes(kind).await?;
-    Ok(ApiJson(nodes.into_iter().map(|n| view(state, n)).collect()))
+    let nodes = state.store.list_nodes(N::KIND).await?;
+    Ok(ApiJson(
+        nodes.into_iter().map(|n| view(&state, n)).collect(),
+    ))
 }
 
-pub(crate) async fn get(
-    state: &AppState,
-    kind: NodeKind,
-    id: Uuid,
+async fn one<N: NodeApi>(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<NodeView>, ApiError> {
-    let node = state.store.get_node(kind, id).await?;
-    Ok(ApiJson(view(state, node)))
+    let node = state.store.get_node(N::KIND, id).await?;
+    Ok(ApiJson(view(&state, node)))
 }
 
-pub(crate) async fn update(
-    state: &AppState,
-    kind: NodeKind,
-    id: Uuid,
-    name: Option<&str>,
-    endpoint: Option<&str>,
+async fn update<N: NodeApi>(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<N::Update>,
 ) -> Result<ApiJson<NodeView>, ApiError> {
-    let node = state.store.update_node(kind, id, name, endpoint).await?;
-    Ok(ApiJson(view(state, node)))
+    let (name, endpoint) = N::update_fields(body)?;
+    let node = state
+        .store
+        .update_node(N::KIND, id, name.as_deref(), endpoint.as_deref())
+        .await?;
+    Ok(ApiJson(view(&state, node)))
 }
 
-pub(crate) async fn delete(
-    state: &AppState,
-    kind: NodeKind,
-    id: Uuid,
+async fn remove<N: NodeApi>(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    let kind = N::KIND;
     state.store.delete_node(kind, id).await?;
     tracing::info!(node_id = %id, %kind, "node deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(crate) async fn regenerate_token(
+async fn regenerate_token<N: NodeApi>(
     State(state): State<AppState>,
-    kind: NodeKind,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<TokenView>, ApiError> {
-    let token = state.store.regenerate_enrollment_token(kind, id).await?;
+    let token = state.store.regenerate_enrollment_token(N::KIND, id).await?;
     Ok(ApiJson(TokenView {
         enrollment_token: token,
     }))

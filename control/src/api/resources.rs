@@ -7,7 +7,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{invalid, ApiJson, ApiPath};
+use super::{invalid, valid_opt, ApiJson, ApiPath};
 use crate::store::{NewResource, Resource, ResourcePatch};
 use crate::{validate, ApiError, AppState};
 
@@ -120,25 +120,10 @@ async fn update(
     ApiJson(body): ApiJson<UpdateResource>,
 ) -> Result<ApiJson<ResourceView>, ApiError> {
     let patch = ResourcePatch {
-        name: body
-            .name
-            .as_deref()
-            .map(validate::name)
-            .transpose()
-            .map_err(invalid)?,
-        hostname: body
-            .hostname
-            .as_deref()
-            .map(validate::hostname)
-            .transpose()
-            .map_err(invalid)?,
+        name: valid_opt(body.name.as_deref(), validate::name)?,
+        hostname: valid_opt(body.hostname.as_deref(), validate::hostname)?,
         site_id: body.site_id,
-        target: body
-            .target
-            .as_deref()
-            .map(|t| validate::host_port(t, "target"))
-            .transpose()
-            .map_err(invalid)?,
+        target: valid_opt(body.target.as_deref(), |t| validate::host_port(t, "target"))?,
     };
     Ok(ApiJson(
         state.store.update_resource(id, &patch).await?.into(),

@@ -32,17 +32,27 @@ impl TestApp {
         body: Option<&str>,
         key: Option<&str>,
     ) -> (StatusCode, String, Option<String>) {
+        let ctype = body.map(|_| "application/json");
+        self.send(method, path, body, ctype, key).await
+    }
+
+    /// A request with the given content type (if any); returns status, body and content type.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        content_type: Option<&str>,
+        key: Option<&str>,
+    ) -> (StatusCode, String, Option<String>) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(k) = key {
             req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
         }
-        let body = match body {
-            Some(b) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Body::from(b.to_owned())
-            }
-            None => Body::empty(),
-        };
+        if let Some(c) = content_type {
+            req = req.header(header::CONTENT_TYPE, c);
+        }
+        let body = body.map_or_else(Body::empty, |b| Body::from(b.to_owned()));
         let resp = self
             .router
             .clone()
@@ -58,6 +68,24 @@ impl TestApp {
         (status, String::from_utf8(bytes.to_vec()).unwrap(), ctype)
     }
 
+    /// A raw request with the admin key.
+    async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, String, Option<String>) {
+        self.raw(method, path, body, Some(ADMIN_KEY)).await
+    }
+
+    /// `POST /api/v1/enroll` (no admin key) with a raw body.
+    async fn enroll(&self, body: &str) -> (StatusCode, String) {
+        let (s, text, _) = self
+            .raw(Method::POST, "/api/v1/enroll", Some(body), None)
+            .await;
+        (s, text)
+    }
+
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let body = body.map(|b| b.to_string());
         let (status, text, _) = self
@@ -70,6 +98,43 @@ impl TestApp {
         };
         (status, v)
     }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `POST` without a body.
+    async fn post_empty(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::POST, path, None).await
+    }
+
+    async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    /// Creates a site; returns the answer's body whatever its status.
+    async fn site(&self, name: &str) -> Value {
+        self.post("/api/v1/sites", json!({ "name": name })).await.1
+    }
+
+    /// Creates a gateway; returns the answer's body whatever its status.
+    async fn gateway(&self, name: &str, endpoint: &str) -> Value {
+        let body = json!({ "name": name, "endpoint": endpoint });
+        self.post("/api/v1/gateways", body).await.1
+    }
+}
+
+/// The `id` of a created thing.
+fn id(v: &Value) -> &str {
+    v["id"].as_str().unwrap()
 }
 
 fn assert_error(status: StatusCode, text: &str, want: StatusCode) {
@@ -82,9 +147,7 @@ fn assert_error(status: StatusCode, text: &str, want: StatusCode) {
 #[tokio::test]
 async fn site_crud() {
     let t = TestApp::new().await;
-    let (s, site) = t
-        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "home"})))
-        .await;
+    let (s, site) = t.post("/api/v1/sites", json!({"name": "home"})).await;
     assert_eq!(s, StatusCode::CREATED, "{site}");
     assert!(site["enrollment_token"]
         .as_str()
@@ -94,49 +157,33 @@ async fn site_crud() {
     assert_eq!(site["enrolled"], false);
     assert_eq!(site["online"], false);
     assert!(site["peers"].as_array().unwrap().is_empty());
-    let id = site["id"].as_str().unwrap();
-    let (s, got) = t
-        .call(Method::GET, &format!("/api/v1/sites/{id}"), None)
-        .await;
+    let id = id(&site);
+    let (s, got) = t.get(&format!("/api/v1/sites/{id}")).await;
     assert_eq!(s, StatusCode::OK);
     assert!(
         got.get("enrollment_token").is_none(),
         "token shown once: {got}"
     );
-    let (s, list) = t.call(Method::GET, "/api/v1/sites", None).await;
+    let (s, list) = t.get("/api/v1/sites").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(list.as_array().unwrap().len(), 1);
     let (s, upd) = t
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/sites/{id}"),
-            Some(json!({"name": "lab"})),
-        )
+        .patch(&format!("/api/v1/sites/{id}"), json!({"name": "lab"}))
         .await;
     assert_eq!((s, upd["name"].as_str()), (StatusCode::OK, Some("lab")));
     let (s, tok) = t
-        .call(
-            Method::POST,
-            &format!("/api/v1/sites/{id}/enrollment-token"),
-            None,
-        )
+        .post_empty(&format!("/api/v1/sites/{id}/enrollment-token"))
         .await;
     assert_eq!(s, StatusCode::OK);
     assert!(tok["enrollment_token"]
         .as_str()
         .unwrap()
         .starts_with("kme_"));
-    let (s, _) = t
-        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "lab"})))
-        .await;
+    let (s, _) = t.post("/api/v1/sites", json!({"name": "lab"})).await;
     assert_eq!(s, StatusCode::CONFLICT);
-    let (s, _) = t
-        .call(Method::DELETE, &format!("/api/v1/sites/{id}"), None)
-        .await;
+    let (s, _) = t.delete(&format!("/api/v1/sites/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, e) = t
-        .call(Method::GET, &format!("/api/v1/sites/{id}"), None)
-        .await;
+    let (s, e) = t.get(&format!("/api/v1/sites/{id}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(e["error"]["code"], "not_found");
 }
@@ -145,16 +192,15 @@ async fn site_crud() {
 async fn gateway_crud_and_validation() {
     let t = TestApp::new().await;
     let (s, gw) = t
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/gateways",
-            Some(json!({"name": "edge", "endpoint": "203.0.113.7:51820"})),
+            json!({"name": "edge", "endpoint": "203.0.113.7:51820"}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{gw}");
     assert_eq!(gw["endpoint"], "203.0.113.7:51820");
     assert!(gw.get("targets").is_none());
-    let id = gw["id"].as_str().unwrap();
+    let id = id(&gw);
     for bad in [
         json!({"name": "x", "endpoint": "nope"}),
         json!({"name": "x", "endpoint": "h:0"}),
@@ -162,74 +208,50 @@ async fn gateway_crud_and_validation() {
         json!({"name": "x".repeat(65), "endpoint": "h:1"}),
         json!({"name": "x"}),
     ] {
-        let (s, e) = t
-            .call(Method::POST, "/api/v1/gateways", Some(bad.clone()))
-            .await;
+        let (s, e) = t.post("/api/v1/gateways", bad.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
         assert_eq!(e["error"]["code"], "bad_request");
     }
     let (s, upd) = t
-        .call(
-            Method::PATCH,
+        .patch(
             &format!("/api/v1/gateways/{id}"),
-            Some(json!({"endpoint": "gw.example.com:443"})),
+            json!({"endpoint": "gw.example.com:443"}),
         )
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(upd["endpoint"], "gw.example.com:443");
     assert_eq!(upd["name"], "edge");
     let (s, _) = t
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/gateways/{id}"),
-            Some(json!({"endpoint": "x"})),
-        )
+        .patch(&format!("/api/v1/gateways/{id}"), json!({"endpoint": "x"}))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = t
-        .call(
-            Method::POST,
-            &format!("/api/v1/gateways/{id}/enrollment-token"),
-            None,
-        )
+        .post_empty(&format!("/api/v1/gateways/{id}/enrollment-token"))
         .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = t
-        .call(Method::DELETE, &format!("/api/v1/gateways/{id}"), None)
-        .await;
+    let (s, _) = t.delete(&format!("/api/v1/gateways/{id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = t
-        .call(Method::DELETE, &format!("/api/v1/gateways/{id}"), None)
-        .await;
+    let (s, _) = t.delete(&format!("/api/v1/gateways/{id}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn resource_crud_and_validation() {
     let t = TestApp::new().await;
-    let (_, site) = t
-        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "home"})))
-        .await;
-    let site_id = site["id"].as_str().unwrap().to_owned();
+    let site = t.site("home").await;
+    let site_id = id(&site);
     let (s, r) = t
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/resources",
-            Some(json!({"hostname": "Demo.Localhost", "site_id": site_id, "target": "127.0.0.1:9000"})),
+            json!({"hostname": "Demo.Localhost", "site_id": site_id, "target": "127.0.0.1:9000"}),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{r}");
     assert_eq!(r["hostname"], "demo.localhost");
     assert_eq!(r["name"], "demo.localhost");
     assert_eq!(r["overlay_port"], 10000);
-    let id = r["id"].as_str().unwrap().to_owned();
-    let (s, dup) = t
-        .call(
-            Method::POST,
-            "/api/v1/resources",
-            Some(json!({"name": "b", "hostname": "demo.localhost", "site_id": site_id, "target": "127.0.0.1:1"})),
-        )
-        .await;
+    let id = id(&r);
+    let (s, dup) = t.post("/api/v1/resources", json!({"name": "b", "hostname": "demo.localhost", "site_id": site_id, "target": "127.0.0.1:1"})).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(dup["error"]["code"], "conflict");
     for bad in [
@@ -240,16 +262,13 @@ async fn resource_crud_and_validation() {
         json!({"hostname": "a.localhost", "site_id": "not-a-uuid", "target": "h:1"}),
         json!({"hostname": "a.localhost", "site_id": uuid::Uuid::new_v4(), "target": "h:1"}),
     ] {
-        let (s, e) = t
-            .call(Method::POST, "/api/v1/resources", Some(bad.clone()))
-            .await;
+        let (s, e) = t.post("/api/v1/resources", bad.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
     }
     let (s, upd) = t
-        .call(
-            Method::PATCH,
+        .patch(
             &format!("/api/v1/resources/{id}"),
-            Some(json!({"target": "10.0.0.2:8080", "name": "demo"})),
+            json!({"target": "10.0.0.2:8080", "name": "demo"}),
         )
         .await;
     assert_eq!(s, StatusCode::OK);
@@ -257,69 +276,44 @@ async fn resource_crud_and_validation() {
         (upd["target"].as_str(), upd["name"].as_str()),
         (Some("10.0.0.2:8080"), Some("demo"))
     );
-    let (s, list) = t.call(Method::GET, "/api/v1/resources", None).await;
+    let (s, list) = t.get("/api/v1/resources").await;
     assert_eq!((s, list.as_array().unwrap().len()), (StatusCode::OK, 1));
-    let (s, got) = t
-        .call(Method::GET, &format!("/api/v1/resources/{id}"), None)
-        .await;
+    let (s, got) = t.get(&format!("/api/v1/resources/{id}")).await;
     assert_eq!((s, got), (StatusCode::OK, upd));
     // Deleting the site deletes its resources.
-    let (s, _) = t
-        .call(Method::DELETE, &format!("/api/v1/sites/{site_id}"), None)
-        .await;
+    let (s, _) = t.delete(&format!("/api/v1/sites/{site_id}")).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = t
-        .call(Method::GET, &format!("/api/v1/resources/{id}"), None)
-        .await;
+    let (s, _) = t.get(&format!("/api/v1/resources/{id}")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn config_version_rises() {
     let t = TestApp::new().await;
-    let (s, v1) = t.call(Method::GET, "/api/v1/config/version", None).await;
+    let (s, v1) = t.get("/api/v1/config/version").await;
     assert_eq!(s, StatusCode::OK);
-    t.call(Method::POST, "/api/v1/sites", Some(json!({"name": "a"})))
-        .await;
-    let (_, v2) = t.call(Method::GET, "/api/v1/config/version", None).await;
+    t.site("a").await;
+    let (_, v2) = t.get("/api/v1/config/version").await;
     assert!(v2["version"].as_u64().unwrap() > v1["version"].as_u64().unwrap());
 }
 
 /// Every route with a body, with a valid path.
 async fn body_routes(t: &TestApp) -> Vec<(Method, String)> {
-    let (_, site) = t
-        .call(Method::POST, "/api/v1/sites", Some(json!({"name": "s"})))
-        .await;
-    let (_, gw) = t
-        .call(
-            Method::POST,
-            "/api/v1/gateways",
-            Some(json!({"name": "g", "endpoint": "h:1"})),
-        )
-        .await;
+    let site = t.site("s").await;
+    let gw = t.gateway("g", "h:1").await;
     let (_, r) = t
-        .call(
-            Method::POST,
+        .post(
             "/api/v1/resources",
-            Some(json!({"hostname": "a.localhost", "site_id": site["id"], "target": "h:1"})),
+            json!({"hostname": "a.localhost", "site_id": site["id"], "target": "h:1"}),
         )
         .await;
     vec![
         (Method::POST, "/api/v1/sites".into()),
-        (
-            Method::PATCH,
-            format!("/api/v1/sites/{}", site["id"].as_str().unwrap()),
-        ),
+        (Method::PATCH, format!("/api/v1/sites/{}", id(&site))),
         (Method::POST, "/api/v1/gateways".into()),
-        (
-            Method::PATCH,
-            format!("/api/v1/gateways/{}", gw["id"].as_str().unwrap()),
-        ),
+        (Method::PATCH, format!("/api/v1/gateways/{}", id(&gw))),
         (Method::POST, "/api/v1/resources".into()),
-        (
-            Method::PATCH,
-            format!("/api/v1/resources/{}", r["id"].as_str().unwrap()),
-        ),
+        (Method::PATCH, format!("/api/v1/resources/{}", id(&r))),
         (Method::POST, "/api/v1/enroll".into()),
     ]
 }
@@ -329,30 +323,16 @@ async fn malformed_json_unknown_fields_and_content_type_are_400_json() {
     let t = TestApp::new().await;
     for (method, path) in body_routes(&t).await {
         for body in ["{", "[1,2]", "{\"name\": \"x\", \"surprise\": 1}", "{\"protocol_version\": 1, \"kind\": \"agent\", \"token\": \"t\", \"public_key\": \"AAAA\", \"x\": 1}"] {
-            let (s, text, ctype) = t.raw(method.clone(), &path, Some(body), Some(ADMIN_KEY)).await;
+            let (s, text, ctype) = t.admin(method.clone(), &path, Some(body)).await;
             assert_error(s, &text, StatusCode::BAD_REQUEST);
             assert_eq!(ctype.as_deref(), Some("application/json"), "{method} {path}");
         }
         // Wrong content type.
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(&path)
-            .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))
-            .header(header::CONTENT_TYPE, "text/plain")
-            .body(Body::from("{\"name\": \"x\"}"))
-            .unwrap();
-        let resp = t.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let text = String::from_utf8(
-            resp.into_body()
-                .collect()
-                .await
-                .unwrap()
-                .to_bytes()
-                .to_vec(),
-        )
-        .unwrap();
-        assert_error(status, &text, StatusCode::BAD_REQUEST);
+        let body = Some("{\"name\": \"x\"}");
+        let (s, text, _) = t
+            .send(method, &path, body, Some("text/plain"), Some(ADMIN_KEY))
+            .await;
+        assert_error(s, &text, StatusCode::BAD_REQUEST);
     }
 }
 
@@ -361,9 +341,7 @@ async fn oversized_body_is_413_json() {
     let t = TestApp::new().await;
     let big = format!("{{\"name\": \"{}\"}}", "x".repeat(1 << 20));
     for (method, path) in body_routes(&t).await {
-        let (s, text, _) = t
-            .raw(method.clone(), &path, Some(&big), Some(ADMIN_KEY))
-            .await;
+        let (s, text, _) = t.admin(method, &path, Some(&big)).await;
         assert_error(s, &text, StatusCode::PAYLOAD_TOO_LARGE);
     }
 }
@@ -372,29 +350,21 @@ async fn oversized_body_is_413_json() {
 async fn every_admin_route_needs_the_key() {
     let t = TestApp::new().await;
     let id = uuid::Uuid::new_v4();
-    let routes = [
-        (Method::GET, "/api/v1/sites".to_owned()),
-        (Method::POST, "/api/v1/sites".into()),
-        (Method::GET, format!("/api/v1/sites/{id}")),
-        (Method::PATCH, format!("/api/v1/sites/{id}")),
-        (Method::DELETE, format!("/api/v1/sites/{id}")),
-        (Method::POST, format!("/api/v1/sites/{id}/enrollment-token")),
-        (Method::GET, "/api/v1/gateways".into()),
-        (Method::POST, "/api/v1/gateways".into()),
-        (Method::GET, format!("/api/v1/gateways/{id}")),
-        (Method::PATCH, format!("/api/v1/gateways/{id}")),
-        (Method::DELETE, format!("/api/v1/gateways/{id}")),
-        (
-            Method::POST,
-            format!("/api/v1/gateways/{id}/enrollment-token"),
-        ),
-        (Method::GET, "/api/v1/resources".into()),
-        (Method::POST, "/api/v1/resources".into()),
-        (Method::GET, format!("/api/v1/resources/{id}")),
-        (Method::PATCH, format!("/api/v1/resources/{id}")),
-        (Method::DELETE, format!("/api/v1/resources/{id}")),
-        (Method::GET, "/api/v1/config/version".into()),
-    ];
+    let mut routes = vec![(Method::GET, "/api/v1/config/version".to_owned())];
+    for coll in ["sites", "gateways", "resources"] {
+        let all = format!("/api/v1/{coll}");
+        let one = format!("{all}/{id}");
+        routes.extend([
+            (Method::GET, all.clone()),
+            (Method::POST, all),
+            (Method::GET, one.clone()),
+            (Method::PATCH, one.clone()),
+            (Method::DELETE, one.clone()),
+        ]);
+        if coll != "resources" {
+            routes.push((Method::POST, format!("{one}/enrollment-token")));
+        }
+    }
     let wrong = "kma_0123456789abcdef0123456789abcdef_wrongsecret";
     for (method, path) in routes {
         for key in [None, Some(wrong), Some("garbage")] {
@@ -407,24 +377,13 @@ async fn every_admin_route_needs_the_key() {
 #[tokio::test]
 async fn unknown_routes_and_methods_are_json() {
     let t = TestApp::new().await;
-    let (s, text, _) = t
-        .raw(Method::GET, "/api/v1/nope", None, Some(ADMIN_KEY))
-        .await;
+    let (s, text, _) = t.admin(Method::GET, "/api/v1/nope", None).await;
     assert_error(s, &text, StatusCode::NOT_FOUND);
     let (s, text, _) = t.raw(Method::GET, "/nope", None, None).await;
     assert_error(s, &text, StatusCode::NOT_FOUND);
-    let (s, text, _) = t
-        .raw(Method::PUT, "/api/v1/sites", Some("{}"), Some(ADMIN_KEY))
-        .await;
+    let (s, text, _) = t.admin(Method::PUT, "/api/v1/sites", Some("{}")).await;
     assert_error(s, &text, StatusCode::METHOD_NOT_ALLOWED);
-    let (s, text, _) = t
-        .raw(
-            Method::GET,
-            "/api/v1/sites/not-a-uuid",
-            None,
-            Some(ADMIN_KEY),
-        )
-        .await;
+    let (s, text, _) = t.admin(Method::GET, "/api/v1/sites/not-a-uuid", None).await;
     assert_error(s, &text, StatusCode::BAD_REQUEST);
     let (s, text, _) = t
         .raw(Method::GET, "/api/v1/nodes/connect", None, None)
@@ -437,7 +396,7 @@ async fn health_metrics_and_page() {
     let t = TestApp::new().await;
     let (s, text, _) = t.raw(Method::GET, "/healthz", None, None).await;
     assert_eq!((s, text.as_str()), (StatusCode::OK, "ok"));
-    t.call(Method::GET, "/api/v1/sites", None).await;
+    t.get("/api/v1/sites").await;
     let (s, text, _) = t.raw(Method::GET, "/metrics", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(
@@ -458,67 +417,27 @@ async fn health_metrics_and_page() {
 #[tokio::test]
 async fn enrollment_over_the_api() {
     let t = TestApp::new().await;
-    let (_, gw) = t
-        .call(
-            Method::POST,
-            "/api/v1/gateways",
-            Some(json!({"name": "g", "endpoint": "h:1"})),
-        )
-        .await;
+    let gw = t.gateway("g", "h:1").await;
     let token = gw["enrollment_token"].as_str().unwrap();
     let pk = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
     let body = |v: u32, kind: &str| {
         json!({"protocol_version": v, "kind": kind, "token": token, "public_key": pk}).to_string()
     };
-    let (s, text, _) = t
-        .raw(
-            Method::POST,
-            "/api/v1/enroll",
-            Some(&body(99, "gateway")),
-            None,
-        )
-        .await;
+    let (s, text) = t.enroll(&body(99, "gateway")).await;
     assert_error(s, &text, StatusCode::BAD_REQUEST);
     assert!(text.contains("unsupported protocol version 99"), "{text}");
-    let (s, text, _) = t
-        .raw(
-            Method::POST,
-            "/api/v1/enroll",
-            Some(&body(1, "agent")),
-            None,
-        )
-        .await;
+    let (s, text) = t.enroll(&body(1, "agent")).await;
     assert_error(s, &text, StatusCode::UNAUTHORIZED);
-    let (s, text, _) = t
-        .raw(
-            Method::POST,
-            "/api/v1/enroll",
-            Some(&body(1, "gateway")),
-            None,
-        )
-        .await;
+    let (s, text) = t.enroll(&body(1, "gateway")).await;
     assert_eq!(s, StatusCode::OK, "{text}");
     let resp: kakuremichi_proto::EnrollResponse = serde_json::from_str(&text).unwrap();
     assert_eq!(
         resp.overlay_address.to_string(),
         gw["overlay_address"].as_str().unwrap()
     );
-    let (s, text, _) = t
-        .raw(
-            Method::POST,
-            "/api/v1/enroll",
-            Some(&body(1, "gateway")),
-            None,
-        )
-        .await;
+    let (s, text) = t.enroll(&body(1, "gateway")).await;
     assert_error(s, &text, StatusCode::UNAUTHORIZED);
-    let (_, got) = t
-        .call(
-            Method::GET,
-            &format!("/api/v1/gateways/{}", gw["id"].as_str().unwrap()),
-            None,
-        )
-        .await;
+    let (_, got) = t.get(&format!("/api/v1/gateways/{}", id(&gw))).await;
     assert_eq!(got["enrolled"], true);
     assert_eq!(got["public_key"], pk);
 }

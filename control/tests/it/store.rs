@@ -2,13 +2,42 @@
 
 use std::net::Ipv4Addr;
 
-use kakuremichi_control::store::{NewResource, ResourcePatch, Store, StoreError};
-use kakuremichi_proto::{NodeKind, Secret, WgPublicKey};
+use kakuremichi_control::store::{NewResource, Node, Resource, ResourcePatch, Store, StoreError};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, Secret, WgPublicKey};
 
 use crate::on_both_backends;
 
 fn key(b: u8) -> WgPublicKey {
     WgPublicKey([b; 32])
+}
+
+/// Creates a site (an agent node); returns it and its enrollment token.
+async fn add_site(store: &Store, name: &str) -> (Node, Secret) {
+    store
+        .create_node(NodeKind::Agent, name, None)
+        .await
+        .unwrap()
+}
+
+/// Creates a gateway; returns it and its enrollment token.
+async fn add_gateway(store: &Store, name: &str, endpoint: &str) -> (Node, Secret) {
+    store
+        .create_node(NodeKind::Gateway, name, Some(endpoint))
+        .await
+        .unwrap()
+}
+
+/// Creates a resource [`res`] on a site.
+async fn add_resource(store: &Store, hostname: &str, site_id: uuid::Uuid) -> Resource {
+    store
+        .create_resource(&res(hostname, site_id))
+        .await
+        .unwrap()
+}
+
+/// The snapshot of a node that exists.
+async fn snapshot(store: &Store, kind: NodeKind, id: uuid::Uuid) -> ConfigSnapshot {
+    store.snapshot(kind, id).await.unwrap().unwrap()
 }
 
 fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
@@ -32,17 +61,11 @@ on_both_backends!(
 );
 
 async fn node_crud(store: Store) {
-    let (site, token) = store
-        .create_node(NodeKind::Agent, "home", None)
-        .await
-        .unwrap();
+    let (site, token) = add_site(&store, "home").await;
     assert!(token.expose().starts_with("kme_"));
     assert_eq!(site.name, "home");
     assert!(!site.enrolled());
-    let (gw, _) = store
-        .create_node(NodeKind::Gateway, "edge", Some("203.0.113.1:51820"))
-        .await
-        .unwrap();
+    let (gw, _) = add_gateway(&store, "edge", "203.0.113.1:51820").await;
     assert_eq!(gw.endpoint.as_deref(), Some("203.0.113.1:51820"));
     // Names are unique per kind.
     assert!(matches!(
@@ -75,18 +98,9 @@ async fn node_crud(store: Store) {
 }
 
 async fn resource_crud_and_unique_hostname(store: Store) {
-    let (site, _) = store
-        .create_node(NodeKind::Agent, "home", None)
-        .await
-        .unwrap();
-    let (site2, _) = store
-        .create_node(NodeKind::Agent, "office", None)
-        .await
-        .unwrap();
-    let r = store
-        .create_resource(&res("demo.localhost", site.id))
-        .await
-        .unwrap();
+    let (site, _) = add_site(&store, "home").await;
+    let (site2, _) = add_site(&store, "office").await;
+    let r = add_resource(&store, "demo.localhost", site.id).await;
     assert_eq!(r.overlay_port, 10000);
     assert_eq!(store.get_resource(r.id).await.unwrap(), r);
     let dup = store
@@ -101,10 +115,7 @@ async fn resource_crud_and_unique_hostname(store: Store) {
         "{missing:?}"
     );
 
-    let r2 = store
-        .create_resource(&res("two.localhost", site.id))
-        .await
-        .unwrap();
+    let r2 = add_resource(&store, "two.localhost", site.id).await;
     let clash = store
         .update_resource(
             r2.id,
@@ -143,44 +154,29 @@ async fn resource_crud_and_unique_hostname(store: Store) {
 }
 
 async fn overlay_addresses_are_lowest_free(store: Store) {
-    let (a, _) = store.create_node(NodeKind::Agent, "a", None).await.unwrap();
-    let (g, _) = store
-        .create_node(NodeKind::Gateway, "g", Some("h:1"))
-        .await
-        .unwrap();
-    let (b, _) = store.create_node(NodeKind::Agent, "b", None).await.unwrap();
+    let (a, _) = add_site(&store, "a").await;
+    let (g, _) = add_gateway(&store, "g", "h:1").await;
+    let (b, _) = add_site(&store, "b").await;
     assert_eq!(a.overlay_address, Ipv4Addr::new(100, 64, 0, 1));
     assert_eq!(g.overlay_address, Ipv4Addr::new(100, 64, 0, 2));
     assert_eq!(b.overlay_address, Ipv4Addr::new(100, 64, 0, 3));
     store.delete_node(NodeKind::Gateway, g.id).await.unwrap();
-    let (c, _) = store.create_node(NodeKind::Agent, "c", None).await.unwrap();
+    let (c, _) = add_site(&store, "c").await;
     assert_eq!(c.overlay_address, Ipv4Addr::new(100, 64, 0, 2));
 }
 
 async fn overlay_ports_are_lowest_free_per_site(store: Store) {
-    let (s, _) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
-    let (t, _) = store.create_node(NodeKind::Agent, "t", None).await.unwrap();
-    let a = store
-        .create_resource(&res("a.localhost", s.id))
-        .await
-        .unwrap();
-    let b = store
-        .create_resource(&res("b.localhost", s.id))
-        .await
-        .unwrap();
-    let c = store
-        .create_resource(&res("c.localhost", t.id))
-        .await
-        .unwrap();
+    let (s, _) = add_site(&store, "s").await;
+    let (t, _) = add_site(&store, "t").await;
+    let a = add_resource(&store, "a.localhost", s.id).await;
+    let b = add_resource(&store, "b.localhost", s.id).await;
+    let c = add_resource(&store, "c.localhost", t.id).await;
     assert_eq!(
         (a.overlay_port, b.overlay_port, c.overlay_port),
         (10000, 10001, 10000)
     );
     store.delete_resource(a.id).await.unwrap();
-    let d = store
-        .create_resource(&res("d.localhost", s.id))
-        .await
-        .unwrap();
+    let d = add_resource(&store, "d.localhost", s.id).await;
     assert_eq!(d.overlay_port, 10000);
 }
 
@@ -188,7 +184,7 @@ async fn config_version_bumps_on_every_change(store: Store) {
     let mut rx = store.subscribe();
     let v0 = store.config_version().await.unwrap();
     assert_eq!(*rx.borrow_and_update(), v0);
-    let (s, token) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    let (s, token) = add_site(&store, "s").await;
     let v1 = store.config_version().await.unwrap();
     assert!(v1 > v0);
     assert!(rx.has_changed().unwrap());
@@ -199,10 +195,7 @@ async fn config_version_bumps_on_every_change(store: Store) {
         .unwrap();
     let v2 = store.config_version().await.unwrap();
     assert!(v2 > v1);
-    let r = store
-        .create_resource(&res("a.localhost", s.id))
-        .await
-        .unwrap();
+    let r = add_resource(&store, "a.localhost", s.id).await;
     let v3 = store.config_version().await.unwrap();
     assert!(v3 > v2);
     store
@@ -242,7 +235,7 @@ async fn config_version_bumps_on_every_change(store: Store) {
 }
 
 async fn enrollment_token_is_one_time(store: Store) {
-    let (s, token) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
+    let (s, token) = add_site(&store, "s").await;
     // The kind must match the token's node.
     assert!(matches!(
         store.enroll(NodeKind::Gateway, &token, &key(1)).await,
@@ -309,30 +302,16 @@ async fn admin_key_seeded_once(store: Store) {
 }
 
 async fn snapshots_follow_enrollment(store: Store) {
-    let (s, st) = store.create_node(NodeKind::Agent, "s", None).await.unwrap();
-    let (g, gt) = store
-        .create_node(NodeKind::Gateway, "g", Some("gw.example:51820"))
-        .await
-        .unwrap();
-    let r = store
-        .create_resource(&res("a.localhost", s.id))
-        .await
-        .unwrap();
-    let snap = store
-        .snapshot(NodeKind::Gateway, g.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let (s, st) = add_site(&store, "s").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    let r = add_resource(&store, "a.localhost", s.id).await;
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
     assert!(snap.peers.is_empty() && snap.routes.is_empty());
     assert_eq!(snap.overlay.prefix_len, 10);
     assert_eq!(snap.overlay.mtu, 1420);
     store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
     store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
-    let snap = store
-        .snapshot(NodeKind::Gateway, g.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
     assert_eq!(snap.version, store.config_version().await.unwrap());
     assert_eq!(snap.peers.len(), 1);
     assert_eq!(snap.peers[0].public_key, key(1));
@@ -340,11 +319,7 @@ async fn snapshots_follow_enrollment(store: Store) {
     assert_eq!(snap.routes.len(), 1);
     assert_eq!(snap.routes[0].overlay_address, s.overlay_address);
     assert_eq!(snap.routes[0].port, r.overlay_port);
-    let snap = store
-        .snapshot(NodeKind::Agent, s.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let snap = snapshot(&store, NodeKind::Agent, s.id).await;
     assert_eq!(snap.peers.len(), 1);
     assert_eq!(snap.peers[0].endpoint.as_deref(), Some("gw.example:51820"));
     assert_eq!(snap.peers[0].persistent_keepalive, Some(25));
