@@ -461,7 +461,7 @@ impl Stack {
         // KAKUREMICHI_E2E_KEEP=1 keeps the data folders and logs for a look after the test.
         let dir = tempfile::Builder::new()
             .prefix("kakuremichi-e2e")
-            .keep(std::env::var_os("KAKUREMICHI_E2E_KEEP").is_some())
+            .disable_cleanup(std::env::var_os("KAKUREMICHI_E2E_KEEP").is_some())
             .tempdir()?;
         let control = start_control(&opts, dir.path())?;
         let api = Api::new(&opts.control_url_for_test, &opts.admin_key);
