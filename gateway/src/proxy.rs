@@ -503,37 +503,26 @@ impl Proxy {
         } else {
             None
         };
-        let (sender, response) = match pooled {
-            Some(mut sender) => match self.send(&mut sender, req).await {
+        let timeout = || ProxyError::Timeout(host.to_owned());
+        let (sender, response) = 'sent: {
+            let req = match pooled {
+                Some(mut sender) => match self.send(&mut sender, req).await {
+                    Ok(r) => break 'sent (sender, r),
+                    Err((SendError::Timeout, _)) => return Err(timeout()),
+                    // The pooled connection was dead before the request went out: retry fresh.
+                    Err((SendError::Offline, Some(req))) => req,
+                    Err((SendError::Offline, None)) => return Err(offline()),
+                },
+                None => req,
+            };
+            let mut sender = self.connect(target.addr).await.map_err(|e| {
+                tracing::debug!(error = %e, "connecting upstream failed");
+                offline()
+            })?;
+            match self.send(&mut sender, req).await {
                 Ok(r) => (sender, r),
-                Err((SendError::Timeout, _)) => return Err(ProxyError::Timeout(host.to_owned())),
-                Err((SendError::Offline, Some(req))) => {
-                    let mut sender = self.connect(target.addr).await.map_err(|e| {
-                        tracing::debug!(error = %e, "connecting upstream failed");
-                        offline()
-                    })?;
-                    match self.send(&mut sender, req).await {
-                        Ok(r) => (sender, r),
-                        Err((SendError::Timeout, _)) => {
-                            return Err(ProxyError::Timeout(host.to_owned()))
-                        }
-                        Err((SendError::Offline, _)) => return Err(offline()),
-                    }
-                }
-                Err((SendError::Offline, None)) => return Err(offline()),
-            },
-            None => {
-                let mut sender = self.connect(target.addr).await.map_err(|e| {
-                    tracing::debug!(error = %e, "connecting upstream failed");
-                    offline()
-                })?;
-                match self.send(&mut sender, req).await {
-                    Ok(r) => (sender, r),
-                    Err((SendError::Timeout, _)) => {
-                        return Err(ProxyError::Timeout(host.to_owned()))
-                    }
-                    Err((SendError::Offline, _)) => return Err(offline()),
-                }
+                Err((SendError::Timeout, _)) => return Err(timeout()),
+                Err((SendError::Offline, _)) => return Err(offline()),
             }
         };
 
