@@ -285,10 +285,24 @@ impl Store {
     pub async fn connect_with(url: &str, overlay: OverlayNet, max_conns: u32) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url).ok_or(StoreError::UnsupportedUrl)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_conns)
-            .connect(url)
-            .await?;
+        // SQLite allows one writer at a time, and a transaction that reads first and then writes
+        // fails at once with "database is locked" (no busy wait can help it) when another
+        // connection wrote in between. One connection per process makes that impossible; WAL
+        // with synchronous=NORMAL keeps commits cheap (no fsync but at checkpoints), and the busy
+        // timeout covers another process (a backup, the sqlite3 shell) holding the file.
+        let options = match backend {
+            Backend::Sqlite => AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
+                Box::pin(async move {
+                    use sqlx::Executor as _;
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => AnyPoolOptions::new().max_connections(max_conns),
+        };
+        let pool = options.connect(url).await?;
         match backend {
             Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await?,
             Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await?,
