@@ -1,16 +1,37 @@
 //! The agent runtime: holds the tunnel and the port -> target map, applies snapshots and forwards
-//! accepted overlay flows to their targets.
+//! the streams gateways open to their targets.
+//!
+//! Every stream starts with a [`StreamHeader`] naming a resource and its overlay port; a stream
+//! whose header does not match a configured target exactly is reset before anything is dialed.
+//! HTTP streams carry one request each, forwarded over a keep-alive pool of kernel TCP
+//! connections per target; TCP streams are copied both ways. A flow ends (its stream reset)
+//! as soon as a snapshot removes its resource or changes its target.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming as Body;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
-use kakuremichi_proto::{ConfigSnapshot, NodeKind, PeerConfig, StatusReport, Target, TargetStatus};
+use kakuremichi_proto::{
+    ConfigSnapshot, NodeKind, PeerConfig, StatusReport, StreamHeader, StreamKind, Target,
+    TargetStatus, AGENT_ERROR_HEADER,
+};
 use kakuremichi_tunnel::{Incoming, PeerSpec, Tunnel, TunnelStream};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::apply::plan;
@@ -19,8 +40,19 @@ use crate::apply::plan;
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long resolving a gateway's endpoint may take before the last good answer is used.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction.
-pub const COPY_BUFFER: usize = 256 * 1024;
+/// Copy buffer per direction of a TCP flow.
+pub const COPY_BUFFER: usize = 64 * 1024;
+/// How long a gateway may take to send a stream's header.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle keep-alive connections kept per HTTP target.
+pub const POOL_MAX_IDLE: usize = 256;
+/// How long an idle pooled connection to a target is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The port -> target map, replaced as a whole by every snapshot.
+type Targets = Arc<HashMap<u16, Target>>;
+/// Responses the agent sends back to the gateway.
+type AgentBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// What the agent needs besides snapshots.
 #[derive(Clone)]
@@ -48,7 +80,10 @@ pub use kakuremichi_node::ApplyError;
 struct Inner {
     options: AgentOptions,
     tunnel: NodeTunnel,
-    targets: RwLock<Arc<HashMap<u16, Target>>>,
+    targets: watch::Sender<Targets>,
+    /// The gateways' overlay addresses: the only peers streams are taken from.
+    gateways: Mutex<HashSet<Ipv4Addr>>,
+    http: Client<HttpConnector, Body>,
     config: AppliedConfig,
     resolved: Mutex<HashMap<String, SocketAddr>>,
     target_status: Mutex<HashMap<Uuid, TargetStatus>>,
@@ -71,13 +106,22 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent with no config yet.
     pub fn new(options: AgentOptions) -> Self {
-        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen);
+        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen, true);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Agent);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(TARGET_CONNECT_TIMEOUT));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
         Self {
             inner: Arc::new(Inner {
                 options,
                 tunnel,
-                targets: RwLock::new(Arc::new(HashMap::new())),
+                targets: watch::Sender::new(Arc::new(HashMap::new())),
+                gateways: Mutex::new(HashSet::new()),
+                http,
                 config,
                 resolved: Mutex::new(HashMap::new()),
                 target_status: Mutex::new(HashMap::new()),
@@ -100,8 +144,9 @@ impl Agent {
         self.inner.config.cached()
     }
 
-    /// Applies a snapshot: binds the tunnel if needed, resolves gateway endpoints, sets peers and
-    /// listen ports, swaps the target map, and when `persist` writes the cache.
+    /// Applies a snapshot: binds the tunnel if needed, resolves gateway endpoints, sets peers,
+    /// swaps the target map (which ends flows whose target changed), and when `persist` writes
+    /// the cache.
     pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
         let applying = self.inner.config.begin(&snapshot).await?;
         let changes = plan(applying.running(), &snapshot);
@@ -124,17 +169,16 @@ impl Agent {
             .iter()
             .map(|t| (t.port, t.clone()))
             .collect();
-        let mut ports: Vec<u16> = targets.keys().copied().collect();
-        ports.sort_unstable();
-        // Swap the map before opening ports, so an accepted flow always finds its target.
+        // Flows watch the map: those whose target is gone or changed end now.
+        self.inner.targets.send_replace(Arc::new(targets));
         *self
             .inner
-            .targets
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(targets);
+            .gateways
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            snapshot.peers.iter().map(|p| p.overlay_address).collect();
         if let Some(tunnel) = self.tunnel() {
             tunnel.set_peers(specs);
-            tunnel.set_listen_ports(ports);
         }
         self.inner
             .target_status
@@ -202,27 +246,133 @@ impl Agent {
 
     async fn accept_loop(self, mut incoming: Incoming) {
         while let Some(stream) = incoming.accept().await {
-            tokio::spawn(self.clone().forward(stream));
+            let span = tracing::debug_span!("stream", gateway = %stream.peer());
+            tokio::spawn(self.clone().forward(stream).instrument(span));
         }
         tracing::debug!("tunnel closed: accept loop ends");
     }
 
-    /// Forwards one overlay flow to its target, or resets it.
+    /// Reads a stream's header, checks it against the config, and forwards the stream to its
+    /// target until it ends or the target changes; anything that does not match is reset.
     async fn forward(self, mut stream: TunnelStream) {
-        let port = stream.local_addr().port();
-        let peer = stream.peer_addr();
-        let target = self
+        let known_gateway = self
             .inner
-            .targets
-            .read()
+            .gateways
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&port)
-            .cloned();
-        let Some(target) = target else {
-            tracing::debug!(port, %peer, "flow to an unconfigured port: reset");
+            .contains(&stream.peer());
+        if !known_gateway {
+            tracing::debug!("stream from a peer that is not a configured gateway: reset");
+            stream.abort();
+            return;
+        }
+        let mut raw = [0u8; StreamHeader::LEN];
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, stream.read_exact(&mut raw)).await {
+            Ok(Ok(_)) => StreamHeader::decode(&raw),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "stream ended before its header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("no stream header in time: reset");
+                stream.abort();
+                return;
+            }
+        };
+        let header = match header {
+            Ok(h) => h,
+            Err(error) => {
+                tracing::debug!(%error, "bad stream header: reset");
+                stream.abort();
+                return;
+            }
+        };
+        let mut targets = self.inner.targets.subscribe();
+        let target = targets.borrow_and_update().get(&header.port).cloned();
+        let Some(target) = target.filter(|t| t.resource_id == header.resource_id) else {
+            tracing::debug!(
+                port = header.port,
+                resource_id = %header.resource_id,
+                "stream for a resource this agent does not serve there: reset"
+            );
             stream.abort();
             return;
         };
+        let span = tracing::debug_span!("flow", resource_id = %target.resource_id, target = %target.target);
+        let flow = async {
+            match header.kind {
+                StreamKind::Http => self.serve_http(stream, &target).await,
+                StreamKind::Tcp => self.copy_tcp(stream, &target).await,
+            }
+        }
+        .instrument(span);
+        tokio::select! {
+            () = flow => {}
+            () = target_changed(&mut targets, &target) => {
+                tracing::debug!(resource_id = %target.resource_id, "target changed: flow ended");
+            }
+        }
+    }
+
+    /// Serves the HTTP exchange on the stream, forwarding it over the target's keep-alive pool.
+    async fn serve_http(&self, stream: TunnelStream, target: &Target) {
+        let service = hyper::service::service_fn(|req: Request<Body>| async move {
+            Ok::<_, Infallible>(self.proxy_to_target(req, target).await)
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .await;
+        if let Err(error) = served {
+            tracing::debug!(%error, "HTTP stream ended with an error");
+        }
+    }
+
+    async fn proxy_to_target(
+        &self,
+        mut req: Request<Body>,
+        target: &Target,
+    ) -> Response<AgentBody> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri = match format!("http://{}{}", target.target, path).parse::<http::Uri>() {
+            Ok(uri) => uri,
+            Err(_) => return agent_error(StatusCode::BAD_REQUEST, "the request URI is not valid"),
+        };
+        *req.uri_mut() = uri;
+        let upgrading = req.headers().contains_key(header::UPGRADE);
+        let gateway_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        match self.inner.http.request(req).await {
+            Ok(mut response) => {
+                self.record(target, None);
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(gateway_upgrade) = gateway_upgrade {
+                        let target_upgrade = hyper::upgrade::on(&mut response);
+                        tokio::spawn(
+                            join_upgrades(gateway_upgrade, target_upgrade).in_current_span(),
+                        );
+                    }
+                }
+                response.map(|b| b.boxed_unsync())
+            }
+            Err(error) => {
+                let message = if error.is_connect() {
+                    "the target refused the connection"
+                } else {
+                    "the target closed the connection before answering"
+                };
+                self.record(target, Some(format!("{message}: {error}")));
+                tracing::debug!(%error, "target request failed");
+                agent_error(StatusCode::BAD_GATEWAY, message)
+            }
+        }
+    }
+
+    /// Copies a raw TCP flow both ways.
+    async fn copy_tcp(&self, mut stream: TunnelStream, target: &Target) {
         let dialed = tokio::time::timeout(
             TARGET_CONNECT_TIMEOUT,
             TcpStream::connect(target.target.as_str()),
@@ -231,21 +381,20 @@ impl Agent {
         let mut tcp = match dialed {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
-                self.record(&target, Some(e.to_string()));
-                tracing::debug!(port, target = %target.target, error = %e, "target refused: reset");
-                refuse(stream).await;
+                self.record(target, Some(e.to_string()));
+                tracing::debug!(error = %e, "target refused: reset");
+                stream.abort();
                 return;
             }
             Err(_) => {
-                self.record(&target, Some("connecting timed out".into()));
-                tracing::debug!(port, target = %target.target, "target timed out: reset");
-                refuse(stream).await;
+                self.record(target, Some("connecting timed out".into()));
+                tracing::debug!("target timed out: reset");
+                stream.abort();
                 return;
             }
         };
         let _ = tcp.set_nodelay(true);
-        self.record(&target, None);
-        tracing::debug!(port, %peer, target = %target.target, resource_id = %target.resource_id, "flow forwarded");
+        self.record(target, None);
         match tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut tcp,
@@ -254,10 +403,8 @@ impl Agent {
         )
         .await
         {
-            Ok((to_target, from_target)) => {
-                tracing::debug!(port, to_target, from_target, "flow closed")
-            }
-            Err(error) => tracing::debug!(port, %error, "flow ended with an error"),
+            Ok((to_target, from_target)) => tracing::debug!(to_target, from_target, "flow closed"),
+            Err(error) => tracing::debug!(%error, "flow ended with an error"),
         }
     }
 
@@ -302,14 +449,59 @@ impl Agent {
     }
 }
 
-/// Refuses an accepted flow so the gateway answers 502 at once.
-///
-/// The contract is `TunnelStream::abort` (RST), but the current tunnel drops an aborted socket
-/// before smoltcp emits its RST, so the gateway would wait for its response timeout. A graceful
-/// close (FIN before any response) is seen by the gateway as "closed before the response", which
-/// it maps to the same 502. Switch back to `abort()` once the tunnel sends the RST.
-async fn refuse(stream: TunnelStream) {
-    stream.abort();
+/// Resolves when the map no longer has `mine` at its port (removed or re-targeted).
+async fn target_changed(targets: &mut watch::Receiver<Targets>, mine: &Target) {
+    loop {
+        if targets.changed().await.is_err() {
+            // The agent is gone: its flows end with the runtime.
+            return std::future::pending().await;
+        }
+        if targets.borrow_and_update().get(&mine.port) != Some(mine) {
+            return;
+        }
+    }
+}
+
+/// Joins an upgraded exchange (WebSocket and the like) between the gateway's stream and the
+/// target's connection.
+async fn join_upgrades(gateway: hyper::upgrade::OnUpgrade, target: hyper::upgrade::OnUpgrade) {
+    let (gateway, target) = match tokio::join!(gateway, target) {
+        (Ok(g), Ok(t)) => (g, t),
+        (g, t) => {
+            tracing::debug!(
+                gateway_ok = g.is_ok(),
+                target_ok = t.is_ok(),
+                "upgrade failed"
+            );
+            return;
+        }
+    };
+    let mut gateway = TokioIo::new(gateway);
+    let mut target = TokioIo::new(target);
+    match tokio::io::copy_bidirectional(&mut gateway, &mut target).await {
+        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+        Err(error) => tracing::debug!(%error, "upgraded connection ended"),
+    }
+}
+
+/// An error answered by the agent itself, marked so that the gateway answers with its own page.
+fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
+    let body = Full::new(Bytes::from(format!("{message}\n")))
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(AGENT_ERROR_HEADER, HeaderValue::from_static("1"));
+    response
 }
 
 impl NodeHooks for Agent {

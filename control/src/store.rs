@@ -291,15 +291,17 @@ impl Store {
         // with synchronous=NORMAL keeps commits cheap (no fsync but at checkpoints), and the busy
         // timeout covers another process (a backup, the sqlite3 shell) holding the file.
         let options = match backend {
-            Backend::Sqlite => AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
-                Box::pin(async move {
-                    use sqlx::Executor as _;
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    Ok(())
-                })
-            }),
+            Backend::Sqlite => AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        use sqlx::Executor as _;
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        Ok(())
+                    })
+                }),
             Backend::Postgres => AnyPoolOptions::new().max_connections(max_conns),
         };
         let pool = options.connect(url).await?;

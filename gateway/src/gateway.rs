@@ -3,20 +3,22 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
-use kakuremichi_proto::{ConfigSnapshot, NodeKind, StatusReport, WgPublicKey};
+use kakuremichi_proto::{
+    ConfigSnapshot, NodeKind, StatusReport, StreamHeader, StreamKind, WgPublicKey,
+};
 use kakuremichi_tunnel::{Incoming, Tunnel};
 
 use crate::apply::{peer_specs, plan, EndpointHints};
 use crate::metrics::{Metrics, PeerSample};
 use crate::proxy::{Proxy, ProxyTimeouts, Upstream, UpstreamIo};
-use crate::routing::RouteTable;
+use crate::routing::{RouteTable, RouteTarget};
 
 /// What the gateway needs besides snapshots.
 #[derive(Clone)]
@@ -49,16 +51,24 @@ struct TunnelUpstream {
 }
 
 impl Upstream for TunnelUpstream {
-    fn connect(
-        &self,
-        addr: SocketAddrV4,
-    ) -> Pin<Box<dyn std::future::Future<Output = io::Result<UpstreamIo>> + Send + '_>> {
+    /// A QUIC stream to the agent, opened with the header that names the resource.
+    fn connect<'a>(
+        &'a self,
+        target: &'a RouteTarget,
+    ) -> Pin<Box<dyn std::future::Future<Output = io::Result<UpstreamIo>> + Send + 'a>> {
         Box::pin(async move {
+            use tokio::io::AsyncWriteExt as _;
             let tunnel = self
                 .tunnel
                 .current()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet"))?;
-            let stream = tunnel.connect(addr).await?;
+            let mut stream = tunnel.connect(*target.addr.ip()).await?;
+            let header = StreamHeader {
+                kind: StreamKind::Http,
+                port: target.addr.port(),
+                resource_id: target.resource_id,
+            };
+            stream.write_all(&header.encode()).await?;
             Ok(Box::new(stream) as UpstreamIo)
         })
     }
@@ -93,7 +103,7 @@ impl Gateway {
     /// A gateway with no config yet (it answers 404 until the first snapshot), with the endpoint
     /// memory loaded from the data dir.
     pub fn new(options: GatewayOptions) -> Self {
-        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen);
+        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen, false);
         let routes = Arc::new(RwLock::new(Arc::new(RouteTable::default())));
         let metrics = Arc::new(Metrics::default());
         let proxy = Arc::new(Proxy::new(
@@ -164,7 +174,6 @@ impl Gateway {
         };
         if let Some(tunnel) = self.tunnel() {
             tunnel.set_peers(specs);
-            tunnel.set_listen_ports(Vec::new());
         }
         *self
             .inner
@@ -245,7 +254,7 @@ impl Gateway {
     }
 }
 
-/// The gateway accepts no inbound flows: refuses anything that arrives.
+/// The gateway accepts no streams from agents: refuses anything that arrives.
 async fn refuse_all(mut incoming: Incoming) {
     while let Some(stream) = incoming.accept().await {
         stream.abort();

@@ -1,14 +1,15 @@
-//! The HTTP/1.1 reverse proxy: hyper on both sides, streaming bodies, a small pool of idle
-//! upstream connections per target, clear error pages.
+//! The HTTP/1.1 reverse proxy: hyper on both sides, streaming bodies, clear error pages.
+//!
+//! Every request goes to its upstream on a stream of its own (a QUIC stream through the tunnel
+//! in production): there is no pool of upstream connections, so none can go stale or keep
+//! reaching a target that was changed. The agent keeps the kernel-TCP connections to targets.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,14 +38,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamStream for T {}
 /// A boxed upstream stream.
 pub type UpstreamIo = Box<dyn UpstreamStream>;
 
-/// Opens streams to targets (agent overlay address and port).
+/// Opens streams to targets.
 pub trait Upstream: Send + Sync + 'static {
-    /// Opens a stream to `addr`. `ConnectionRefused`, `ConnectionReset`, `NotConnected` and
-    /// `TimedOut` all mean "the agent or its target is not there".
-    fn connect(
-        &self,
-        addr: SocketAddrV4,
-    ) -> Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send + '_>>;
+    /// Opens a stream for one request to `target`. `AddrNotAvailable` means "too many streams
+    /// to that agent right now"; every other error means "the agent is not there".
+    fn connect<'a>(
+        &'a self,
+        target: &'a RouteTarget,
+    ) -> Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send + 'a>>;
 }
 
 /// Proxy timeouts.
@@ -80,6 +81,9 @@ pub enum ProxyError {
     /// The site did not answer within the upstream timeout.
     #[error("the site that serves {0} did not answer in time")]
     Timeout(String),
+    /// The agent has as many requests in flight as it accepts; retry shortly.
+    #[error("the site that serves {0} is busy; try again shortly")]
+    Busy(String),
 }
 
 impl ProxyError {
@@ -90,6 +94,7 @@ impl ProxyError {
             ProxyError::UnknownHost(_) => StatusCode::NOT_FOUND,
             ProxyError::Offline(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -226,114 +231,10 @@ pub fn rewrite_request_headers(
     }
 }
 
-struct IdleConn {
-    sender: SendRequest<Incoming>,
-    since: Instant,
-}
-
-/// Idle upstream connections, per target.
-struct Pool {
-    idle: Mutex<HashMap<SocketAddrV4, Vec<IdleConn>>>,
-    max_idle_per_target: usize,
-    idle_timeout: Duration,
-}
-
-impl Pool {
-    fn take(&self, addr: SocketAddrV4) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&addr)?;
-        while let Some(conn) = list.pop() {
-            if conn.since.elapsed() < self.idle_timeout
-                && !conn.sender.is_closed()
-                && conn.sender.is_ready()
-            {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    fn put(&self, addr: SocketAddrV4, sender: SendRequest<Incoming>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(addr).or_default();
-        list.retain(|c| c.since.elapsed() < self.idle_timeout && !c.sender.is_closed());
-        if list.len() < self.max_idle_per_target {
-            list.push(IdleConn {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    /// Returns a connection to the pool once it is ready for another request.
-    fn release(self: &Arc<Self>, addr: SocketAddrV4, mut sender: SendRequest<Incoming>) {
-        let pool = Arc::clone(self);
-        tokio::spawn(async move {
-            if tokio::time::timeout(Duration::from_secs(5), sender.ready())
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                pool.put(addr, sender);
-            }
-        });
-    }
-}
-
-/// A response body that hands its upstream connection back to the pool at its end.
-struct PooledBody {
-    inner: Incoming,
-    release: Option<(Arc<Pool>, SocketAddrV4, SendRequest<Incoming>)>,
-}
-
-impl PooledBody {
-    fn finish(&mut self) {
-        if let Some((pool, addr, sender)) = self.release.take() {
-            pool.release(addr, sender);
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
-            Poll::Ready(Some(Err(_))) => this.release = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.finish();
-        }
-    }
-}
-
-/// The reverse proxy: routes, upstream, pool and metrics.
+/// The reverse proxy: routes, upstream and metrics.
 pub struct Proxy {
     routes: Arc<RwLock<Arc<RouteTable>>>,
     upstream: Arc<dyn Upstream>,
-    pool: Arc<Pool>,
     timeouts: ProxyTimeouts,
     metrics: Arc<Metrics>,
 }
@@ -344,11 +245,6 @@ impl std::fmt::Debug for Proxy {
             .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
     }
-}
-
-enum SendError {
-    Offline,
-    Timeout,
 }
 
 impl Proxy {
@@ -362,11 +258,6 @@ impl Proxy {
         Self {
             routes,
             upstream,
-            pool: Arc::new(Pool {
-                idle: Mutex::new(HashMap::new()),
-                max_idle_per_target: 32,
-                idle_timeout: Duration::from_secs(60),
-            }),
             timeouts,
             metrics,
         }
@@ -425,42 +316,39 @@ impl Proxy {
         response
     }
 
-    async fn connect(&self, addr: SocketAddrV4) -> Result<SendRequest<Incoming>, io::Error> {
+    /// A fresh stream to the target with an HTTP/1.1 client connection on it.
+    async fn connect(
+        &self,
+        target: &RouteTarget,
+        host: &str,
+    ) -> Result<SendRequest<Incoming>, ProxyError> {
         let attempt = async {
-            let io = self.upstream.connect(addr).await?;
+            let io = self.upstream.connect(target).await?;
             let (sender, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake::<_, Incoming>(TokioIo::new(io))
                 .await
                 .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.with_upgrades().await {
-                    tracing::debug!(%error, "upstream connection ended");
+            tokio::spawn(
+                async move {
+                    if let Err(error) = conn.with_upgrades().await {
+                        tracing::debug!(%error, "upstream stream ended");
+                    }
                 }
-            });
+                .in_current_span(),
+            );
             Ok::<_, io::Error>(sender)
         };
         match tokio::time::timeout(self.timeouts.connect, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connecting to the agent timed out",
-            )),
-        }
-    }
-
-    async fn send(
-        &self,
-        sender: &mut SendRequest<Incoming>,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, (SendError, Option<Request<Incoming>>)> {
-        match tokio::time::timeout(self.timeouts.response, sender.try_send_request(req)).await {
-            Err(_) => Err((SendError::Timeout, None)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(mut e)) => {
-                let req = e.take_message();
-                tracing::debug!(error = %e.error(), "upstream request failed");
-                Err((SendError::Offline, req))
+            Ok(Ok(sender)) => Ok(sender),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => {
+                tracing::debug!(error = %e, "agent busy");
+                Err(ProxyError::Busy(host.to_owned()))
             }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "opening the upstream stream failed");
+                Err(ProxyError::Offline(host.to_owned()))
+            }
+            Err(_) => Err(ProxyError::Timeout(host.to_owned())),
         }
     }
 
@@ -471,7 +359,6 @@ impl Proxy {
         host: &str,
         target: RouteTarget,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let offline = || ProxyError::Offline(host.to_owned());
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
@@ -497,51 +384,35 @@ impl Proxy {
             upgrade.as_ref(),
         );
 
-        // A pooled connection first; if it turns out dead before the request went out, a fresh one.
-        let pooled = if upgrade.is_none() {
-            self.pool.take(target.addr)
-        } else {
-            None
-        };
-        let timeout = || ProxyError::Timeout(host.to_owned());
-        let (sender, response) = 'sent: {
-            let req = match pooled {
-                Some(mut sender) => match self.send(&mut sender, req).await {
-                    Ok(r) => break 'sent (sender, r),
-                    Err((SendError::Timeout, _)) => return Err(timeout()),
-                    // The pooled connection was dead before the request went out: retry fresh.
-                    Err((SendError::Offline, Some(req))) => req,
-                    Err((SendError::Offline, None)) => return Err(offline()),
-                },
-                None => req,
+        let mut sender = self.connect(&target, host).await?;
+        let response =
+            match tokio::time::timeout(self.timeouts.response, sender.send_request(req)).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "upstream request failed");
+                    return Err(ProxyError::Offline(host.to_owned()));
+                }
+                Err(_) => return Err(ProxyError::Timeout(host.to_owned())),
             };
-            let mut sender = self.connect(target.addr).await.map_err(|e| {
-                tracing::debug!(error = %e, "connecting upstream failed");
-                offline()
-            })?;
-            match self.send(&mut sender, req).await {
-                Ok(r) => (sender, r),
-                Err((SendError::Timeout, _)) => return Err(timeout()),
-                Err((SendError::Offline, _)) => return Err(offline()),
-            }
-        };
 
+        if response
+            .headers()
+            .contains_key(kakuremichi_proto::AGENT_ERROR_HEADER)
+        {
+            // The agent could not reach the target: our own page, with the host in it.
+            return Err(ProxyError::Offline(host.to_owned()));
+        }
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 return Ok(self.switch_protocols(response, client_upgrade));
             }
         }
 
+        // The stream ends with the response body: dropping the sender lets the client
+        // connection finish once the body is read.
+        drop(sender);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        // A connection that carried an upgrade attempt stays out of the pool.
-        let release = upgrade
-            .is_none()
-            .then(|| (Arc::clone(&self.pool), target.addr, sender));
-        let body = PooledBody {
-            inner: body,
-            release,
-        };
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
@@ -720,6 +591,11 @@ mod tests {
                 ProxyError::Timeout("x.example".into()),
                 504,
                 "the site that serves x.example did not answer in time",
+            ),
+            (
+                ProxyError::Busy("x.example".into()),
+                503,
+                "the site that serves x.example is busy; try again shortly",
             ),
         ];
         for (error, status, message) in cases {

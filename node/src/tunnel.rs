@@ -19,6 +19,7 @@ pub struct NodeTunnel {
     slot: Arc<RwLock<Option<Tunnel>>>,
     private_key: [u8; 32],
     listen: SocketAddr,
+    dials: bool,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -33,11 +34,14 @@ impl std::fmt::Debug for NodeTunnel {
 
 impl NodeTunnel {
     /// An empty slot for a tunnel with this WireGuard key, bound to `listen` (port 0: ephemeral).
-    pub fn new(private_key: [u8; 32], listen: SocketAddr) -> Self {
+    /// `dials`: this node keeps a QUIC connection to every peer (agents); otherwise it waits for
+    /// its peers to dial (gateways).
+    pub fn new(private_key: [u8; 32], listen: SocketAddr, dials: bool) -> Self {
         Self {
             slot: Arc::new(RwLock::new(None)),
             private_key,
             listen,
+            dials,
         }
     }
 
@@ -60,6 +64,8 @@ impl NodeTunnel {
             overlay_address: overlay.address,
             mtu: overlay.mtu,
             listen: self.listen,
+            dials: self.dials,
+            quic: Default::default(),
         };
         let mut attempt = 0;
         let (tunnel, incoming) = loop {

@@ -10,6 +10,13 @@
 //! a full [`ConfigSnapshot`], or [`ControlMessage::Refused`] with a reason and closes. After every
 //! change that concerns the node, control sends a new snapshot with a higher version; the node
 //! answers [`NodeMessage::Applied`] and reports [`StatusReport`]s on the same socket.
+//!
+//! The data plane has one wire type here too: the [`StreamHeader`] that opens every stream a
+//! gateway sends to an agent through the tunnel.
+
+mod stream;
+
+pub use stream::{StreamHeader, StreamHeaderError, StreamKind, AGENT_ERROR_HEADER};
 
 use std::fmt;
 use std::net::Ipv4Addr;

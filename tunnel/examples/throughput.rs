@@ -3,7 +3,7 @@
 //! `cargo run --release -p kakuremichi-tunnel --example throughput [MiB]`
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use kakuremichi_tunnel::{generate_private_key, public_key, PeerSpec, Tunnel, TunnelConfig};
@@ -19,14 +19,18 @@ async fn main() {
     let agent_ip = Ipv4Addr::new(100, 64, 0, 2);
     let gw_key = generate_private_key();
     let agent_key = generate_private_key();
-    let config = |key, ip| TunnelConfig {
+    let config = |key, ip, dials| TunnelConfig {
         private_key: key,
         overlay_address: ip,
         mtu: 1420,
         listen: "127.0.0.1:0".parse().unwrap(),
+        dials,
+        quic: Default::default(),
     };
-    let (gateway, _gi) = Tunnel::bind(config(gw_key, gw_ip)).await.unwrap();
-    let (agent, mut incoming) = Tunnel::bind(config(agent_key, agent_ip)).await.unwrap();
+    let (gateway, _gi) = Tunnel::bind(config(gw_key, gw_ip, false)).await.unwrap();
+    let (agent, mut incoming) = Tunnel::bind(config(agent_key, agent_ip, true))
+        .await
+        .unwrap();
     gateway.set_peers(vec![PeerSpec {
         public_key: public_key(&agent_key),
         allowed_ip: agent_ip,
@@ -39,7 +43,6 @@ async fn main() {
         endpoint: Some(gateway.local_addr()),
         persistent_keepalive: Some(25),
     }]);
-    agent.set_listen_ports(vec![9000]);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let total = mib << 20;
@@ -56,10 +59,7 @@ async fn main() {
         }
         got
     });
-    let mut stream = gateway
-        .connect(SocketAddrV4::new(agent_ip, 9000))
-        .await
-        .unwrap();
+    let mut stream = gateway.connect(agent_ip).await.unwrap();
     let chunk = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut sent = 0;

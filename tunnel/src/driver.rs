@@ -2,11 +2,11 @@
 //!
 //! The driver task receives datagrams in batches, runs the core's timers, and sends what the
 //! core produces (outside the lock). Streams lock the core to copy straight into and out of the
-//! smoltcp socket buffers; the driver wakes them after each poll when their readiness changed.
+//! QUIC stream buffers; the driver wakes exactly the streams the core reports ready.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,7 +34,6 @@ struct State {
     read_wakers: HashMap<StreamId, Waker>,
     write_wakers: HashMap<StreamId, Waker>,
     connects: HashMap<StreamId, oneshot::Sender<Result<(), ConnectFailure>>>,
-    seen_epoch: u64,
 }
 
 struct Shared {
@@ -93,7 +92,7 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-/// Inbound streams (to ports listed with [`Tunnel::set_listen_ports`]).
+/// Streams the peers open.
 pub struct Incoming {
     rx: mpsc::Receiver<TunnelStream>,
     _guard: HandleGuard,
@@ -115,12 +114,7 @@ impl Incoming {
 impl Tunnel {
     /// Binds the UDP socket and starts the driver task (call inside a tokio runtime).
     pub async fn bind(config: TunnelConfig) -> Result<(Tunnel, Incoming), TunnelError> {
-        if !(576..=1920).contains(&config.mtu) {
-            return Err(TunnelError::InvalidConfig(format!(
-                "mtu {} is outside 576..=1920",
-                config.mtu
-            )));
-        }
+        let core = Core::new(&config, rand::random(), Instant::now())?;
         let socket = UdpSocket::bind(config.listen)
             .await
             .map_err(|source| TunnelError::Bind {
@@ -131,14 +125,13 @@ impl Tunnel {
             addr: config.listen,
             source,
         })?;
-        let core = Core::new(&config, rand::random(), Instant::now());
+        raise_buffers(&socket);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
                 read_wakers: HashMap::new(),
                 write_wakers: HashMap::new(),
                 connects: HashMap::new(),
-                seen_epoch: 0,
             }),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
@@ -172,16 +165,13 @@ impl Tunnel {
         self.shared.notify.notify_one();
     }
 
-    /// Sets the overlay ports on which inbound streams are accepted.
-    pub fn set_listen_ports(&self, ports: Vec<u16>) {
-        self.shared.with_core(|st| st.core.set_listen_ports(ports));
-    }
-
-    /// Opens a TCP stream to `remote` through the peer whose allowed IP is `remote`'s address.
+    /// Opens a stream to the peer whose allowed IP is `remote`.
     ///
-    /// Errors: `ConnectionRefused` when the remote answers with RST, `TimedOut` after 10 s,
-    /// `HostUnreachable` when no peer has that address, `NotConnected` after shutdown.
-    pub async fn connect(&self, remote: SocketAddrV4) -> io::Result<TunnelStream> {
+    /// Errors: `HostUnreachable` when no peer has that address, `TimedOut` when the peer has no
+    /// QUIC connection within the open timeout, `ConnectionRefused` when the peer was removed
+    /// meanwhile, `AddrNotAvailable` when the peer allows no more streams, `NotConnected` after
+    /// shutdown.
+    pub async fn connect(&self, remote: Ipv4Addr) -> io::Result<TunnelStream> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(shut_down());
         }
@@ -197,14 +187,23 @@ impl Tunnel {
         })?;
         self.shared.notify.notify_one();
         match rx.await {
-            Ok(Ok(())) => Ok(TunnelStream::new(self.shared.clone(), id, remote)),
+            Ok(Ok(())) => Ok(TunnelStream {
+                shared: self.shared.clone(),
+                id,
+                peer: remote,
+                released: false,
+            }),
             Ok(Err(ConnectFailure::Refused)) => Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
-                format!("{remote} refused the connection"),
+                format!("{remote} was removed"),
             )),
             Ok(Err(ConnectFailure::TimedOut)) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("connecting to {remote} timed out"),
+                format!("{remote} has no connection"),
+            )),
+            Ok(Err(ConnectFailure::Exhausted)) => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                format!("{remote} allows no more streams"),
             )),
             Err(_) => Err(shut_down()),
         }
@@ -215,9 +214,43 @@ impl Tunnel {
         self.shared.state.lock().core.peer_stats()
     }
 
+    /// The peers with an established QUIC connection.
+    pub fn connected_peers(&self) -> Vec<Ipv4Addr> {
+        self.shared.state.lock().core.connected_peers()
+    }
+
+    /// Streams currently held.
+    pub fn stream_count(&self) -> usize {
+        self.shared.state.lock().core.stream_count()
+    }
+
     /// Stops the driver task; streams fail afterwards.
     pub fn shutdown(&self) {
         self.shared.close();
+    }
+}
+
+/// UDP socket buffers to ask for; the kernel caps them at net.core.{r,w}mem_max.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Raises the socket's buffers so that bursts are not dropped, and says once if the system
+/// allows less.
+fn raise_buffers(socket: &UdpSocket) {
+    use std::sync::atomic::AtomicBool;
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let recv = sock.recv_buffer_size().unwrap_or(0);
+    let send = sock.send_buffer_size().unwrap_or(0);
+    // Linux reports twice what it grants (bookkeeping included).
+    if (recv < SOCKET_BUFFER || send < SOCKET_BUFFER) && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            recv,
+            send,
+            wanted = SOCKET_BUFFER,
+            "the system caps UDP socket buffers (net.core.rmem_max / wmem_max): bursts may be dropped"
+        );
     }
 }
 
@@ -273,12 +306,11 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
             while let Some(event) = st.core.poll_event() {
                 match event {
                     Event::Accepted(id) => {
-                        if let Some((local, remote)) = st.core.stream_addrs(id) {
+                        if let Some(peer) = st.core.stream_peer(id) {
                             accepted.push(TunnelStream {
                                 shared: shared.clone(),
                                 id,
-                                local,
-                                remote,
+                                peer,
                                 released: false,
                             });
                         }
@@ -289,7 +321,7 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
                             .remove(&id)
                             .is_some_and(|tx| tx.send(Ok(())).is_ok());
                         if !delivered {
-                            st.core.stream_abort(id, now);
+                            st.core.stream_abort(id);
                         }
                     }
                     Event::ConnectFailed(id, failure) => {
@@ -299,26 +331,13 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
                     }
                 }
             }
-            let epoch = st.core.readiness_epoch();
-            if epoch != st.seen_epoch {
-                st.seen_epoch = epoch;
-                let core = &st.core;
-                st.read_wakers.retain(|id, w| {
-                    if core.stream_readable(*id) {
-                        w.wake_by_ref();
-                        false
-                    } else {
-                        true
-                    }
-                });
-                st.write_wakers.retain(|id, w| {
-                    if core.stream_writable(*id) {
-                        w.wake_by_ref();
-                        false
-                    } else {
-                        true
-                    }
-                });
+            while let Some(id) = st.core.poll_ready() {
+                if let Some(w) = st.read_wakers.remove(&id) {
+                    w.wake();
+                }
+                if let Some(w) = st.write_wakers.remove(&id) {
+                    w.wake();
+                }
             }
             deadline = st.core.poll_timeout();
         }
@@ -361,61 +380,38 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
     debug!(local_addr = %shared.local_addr, "tunnel stopped");
 }
 
-/// A TCP stream through the tunnel. Dropping it closes it gracefully (FIN after queued data);
-/// [`TunnelStream::abort`] resets it.
+/// A stream through the tunnel (a QUIC bidirectional stream). Dropping it closes it
+/// gracefully (FIN after queued data); [`TunnelStream::abort`] resets it.
 pub struct TunnelStream {
     shared: Arc<Shared>,
     id: StreamId,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+    peer: Ipv4Addr,
     released: bool,
 }
 
 impl std::fmt::Debug for TunnelStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelStream")
-            .field("local", &self.local)
-            .field("remote", &self.remote)
+            .field("id", &self.id)
+            .field("peer", &self.peer)
             .finish_non_exhaustive()
     }
 }
 
 impl TunnelStream {
-    fn new(shared: Arc<Shared>, id: StreamId, remote: SocketAddrV4) -> TunnelStream {
-        let local = shared
-            .state
-            .lock()
-            .core
-            .stream_addrs(id)
-            .map(|(l, _)| l)
-            .unwrap_or_else(|| SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
-        TunnelStream {
-            shared,
-            id,
-            local,
-            remote,
-            released: false,
-        }
+    /// The overlay address of the peer at the other end.
+    pub fn peer(&self) -> Ipv4Addr {
+        self.peer
     }
 
-    /// Our overlay address and port.
-    pub fn local_addr(&self) -> SocketAddrV4 {
-        self.local
-    }
-
-    /// The remote overlay address and port.
-    pub fn peer_addr(&self) -> SocketAddrV4 {
-        self.remote
-    }
-
-    /// Resets the connection (RST) instead of closing it.
+    /// Resets the stream both ways instead of closing it.
     pub fn abort(mut self) {
         self.released = true;
         let id = self.id;
         self.shared.with_core(|st| {
             st.read_wakers.remove(&id);
             st.write_wakers.remove(&id);
-            st.core.stream_abort(id, Instant::now());
+            st.core.stream_abort(id);
         });
     }
 }
@@ -429,7 +425,7 @@ impl Drop for TunnelStream {
         self.shared.with_core(|st| {
             st.read_wakers.remove(&id);
             st.write_wakers.remove(&id);
-            st.core.stream_release(id, Instant::now());
+            st.core.stream_release(id);
         });
     }
 }

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use kakuremichi_tunnel::{
@@ -53,19 +53,31 @@ pub fn key(seed: u8) -> [u8; 32] {
     k
 }
 
+/// A node's config; the agent's address dials, every other node listens.
 pub fn config(key: [u8; 32], ip: Ipv4Addr) -> TunnelConfig {
     TunnelConfig {
         private_key: key,
         overlay_address: ip,
         mtu: 1420,
         listen: "0.0.0.0:0".parse().unwrap(),
+        dials: ip == AGENT_IP,
+        quic: Default::default(),
     }
 }
 
+/// A core for `config`.
+pub fn core(config: &TunnelConfig, seed: u64, now: Instant) -> Core {
+    Core::new(config, seed, now).unwrap()
+}
+
 impl Sim {
-    /// A gateway (node 0) and an agent (node 1) that dials it with the given keepalive and
-    /// accepts port 80.
+    /// A gateway (node 0) and an agent (node 1) that dials it with the given keepalive.
     pub fn pair(seed: u64, agent_keepalive: Option<u16>) -> Sim {
+        // RUST_LOG=kakuremichi_tunnel=debug,quinn_proto=debug shows what happened.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let now = Instant::now();
         let mut sim = Sim {
             now,
@@ -84,14 +96,14 @@ impl Sim {
         let gw_key = key(1);
         let agent_key = key(2);
         sim.nodes.push(SimNode {
-            core: Core::new(&config(gw_key, GW_IP), seed, now),
+            core: core(&config(gw_key, GW_IP), seed, now),
             addr: "10.0.0.1:51820".parse().unwrap(),
             key: gw_key,
             events: Vec::new(),
             sent: 0,
         });
         sim.nodes.push(SimNode {
-            core: Core::new(&config(agent_key, AGENT_IP), seed + 1, now),
+            core: core(&config(agent_key, AGENT_IP), seed + 1, now),
             addr: "10.0.0.2:40000".parse().unwrap(),
             key: agent_key,
             events: Vec::new(),
@@ -100,7 +112,6 @@ impl Sim {
         let gw_peer = sim.gw_peer();
         let agent_peer = sim.agent_peer(agent_keepalive);
         sim.nodes[GW].core.set_peers(vec![gw_peer], now);
-        sim.nodes[AGENT].core.set_listen_ports([80]);
         sim.nodes[AGENT].core.set_peers(vec![agent_peer], now);
         sim
     }
@@ -173,7 +184,7 @@ impl Sim {
         if let Some(((t, _), _)) = self.in_flight.first_key_value() {
             next = next.min(*t);
         }
-        for n in &self.nodes {
+        for n in &mut self.nodes {
             if let Some(t) = n.core.poll_timeout() {
                 next = next.min(t);
             }
@@ -212,7 +223,9 @@ impl Sim {
             .is_some_and(|s| s.last_handshake.is_some())
     }
 
-    /// Connects from `from` to `to`'s overlay address and port; returns both stream ids.
+    /// Opens a stream from `from` to `to` (whose overlay address is `to_ip`) and sends `port` as
+    /// its first two bytes (as nodes send a header), which `to` reads off and checks; returns
+    /// both stream ids.
     pub fn connect(
         &mut self,
         from: usize,
@@ -221,10 +234,7 @@ impl Sim {
         to: usize,
     ) -> (StreamId, StreamId) {
         let now = self.now;
-        let id = self.nodes[from]
-            .core
-            .connect(SocketAddrV4::new(to_ip, port), now)
-            .unwrap();
+        let id = self.nodes[from].core.connect(to_ip, now).unwrap();
         self.run_until(Duration::from_secs(11), |s| {
             s.nodes[from]
                 .events
@@ -236,8 +246,12 @@ impl Sim {
             "connect failed: {:?}",
             self.nodes[from].events
         );
+        assert_eq!(
+            self.nodes[from].core.stream_send(id, &port.to_be_bytes()),
+            Ok(2)
+        );
         let mut accepted = None;
-        self.run_until(Duration::from_secs(1), |s| {
+        self.run_until(Duration::from_secs(10), |s| {
             let pos = s.nodes[to]
                 .events
                 .iter()
@@ -251,10 +265,44 @@ impl Sim {
                 false
             }
         });
+        let accepted = accepted.unwrap();
+        let mut header = [0u8; 2];
+        let mut got = 0;
+        self.run_until(Duration::from_secs(10), |s| {
+            if let Ok(n) = s.nodes[to].core.stream_recv(accepted, &mut header[got..]) {
+                got += n;
+            }
+            got == 2
+        });
+        assert_eq!(u16::from_be_bytes(header), port);
         self.nodes[from]
             .events
             .retain(|e| *e != Event::Connected(id));
-        (id, accepted.unwrap())
+        (id, accepted)
+    }
+
+    /// Sends `msg` from a to b on an open stream (without closing it) and checks it arrives.
+    pub fn transfer_open(
+        &mut self,
+        (a, sa): (usize, StreamId),
+        (b, sb): (usize, StreamId),
+        msg: &[u8],
+    ) {
+        assert_eq!(self.nodes[a].core.stream_send(sa, msg), Ok(msg.len()));
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        self.run_until(Duration::from_secs(5), |s| {
+            if let Ok(n) = s.nodes[b].core.stream_recv(sb, &mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            got.len() >= msg.len()
+        });
+        assert_eq!(got, msg);
+    }
+
+    /// Whether `node` has an established QUIC connection to `peer`.
+    pub fn quic_up(&self, node: usize, peer: Ipv4Addr) -> bool {
+        self.nodes[node].core.connected_peers().contains(&peer)
     }
 
     /// Sends `ab` from a to b and `ba` from b to a at the same time, closes both, and checks that
@@ -290,7 +338,7 @@ impl Sim {
                 }
                 while !eof[k] {
                     match core.stream_recv(*id, &mut rbuf) {
-                        Ok(0) => eof[k] = true,
+                        Err(StreamError::Closed) => eof[k] = true,
                         Ok(n) => got[k].extend_from_slice(&rbuf[..n]),
                         Err(StreamError::WouldBlock) => break,
                         Err(e) => panic!("recv failed: {e}"),
