@@ -338,6 +338,12 @@ impl Api {
         Ok(())
     }
 
+    /// PATCH a path with a JSON body, expecting 200.
+    pub async fn patch(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.expect(reqwest::Method::PATCH, path, Some(body), 200)
+            .await
+    }
+
     /// GET a path, expecting 200.
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.expect(reqwest::Method::GET, path, None, 200).await
@@ -391,6 +397,36 @@ pub struct StackOptions {
 }
 
 impl StackOptions {
+    /// Control and the gateway in the lab's public namespace, the agent and the app in its LAN
+    /// behind the NAT.
+    pub fn in_lab(lab: &netns::NatLab) -> StackOptions {
+        let gw_public = std::net::Ipv4Addr::from(netns::GW_PUBLIC);
+        let gw_harness = std::net::Ipv4Addr::from(netns::GW_FROM_HARNESS);
+        let lan = std::net::Ipv4Addr::from(netns::LAN_HOST);
+        StackOptions {
+            control_listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            control_url_for_test: format!("http://{gw_harness}:3000"),
+            control_url_for_nodes: format!("http://{gw_public}:3000"),
+            control_at: Placement {
+                netns: Some(lab.gw_ns.clone()),
+            },
+            gateway_http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            gateway_http_for_test: SocketAddr::from((gw_harness, 8080)),
+            gateway_wg_listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
+            gateway_endpoint: format!("{gw_public}:51820"),
+            gateway_at: Placement {
+                netns: Some(lab.gw_ns.clone()),
+            },
+            agent_at: Placement {
+                netns: Some(lab.lan_ns.clone()),
+            },
+            agent_wg_listen: None,
+            app_listen: SocketAddr::from((lan, 9000)),
+            gateway_args: Vec::new(),
+            admin_key: TEST_ADMIN_KEY.to_string(),
+        }
+    }
+
     /// Everything on loopback with fresh ports.
     pub fn loopback() -> StackOptions {
         let control_port = free_tcp_port();

@@ -25,6 +25,8 @@ pub struct NatLab {
     /// Namespace of the agent and the private app.
     pub lan_ns: String,
     root_if: String,
+    /// The NAT router's outside interface (towards the gateway).
+    nat_out_if: String,
 }
 
 /// The gateway namespace's address as the harness reaches it.
@@ -75,6 +77,7 @@ impl NatLab {
             nat_ns: format!("kmnat{id}"),
             lan_ns: format!("kmlan{id}"),
             root_if: format!("kmr{id}"),
+            nat_out_if: format!("kmn{id}a"),
         };
         lab.teardown();
         lab.build().context("building the NAT lab")?;
@@ -132,12 +135,41 @@ impl NatLab {
         in_ns(nat, &["ip", "link", "set", &n1, "up"])?;
         in_ns(lan, &["ip", "addr", "add", "198.19.0.2/24", "dev", &l0])?;
         in_ns(lan, &["ip", "link", "set", &l0, "up"])?;
+        // No segmentation offloads on the routed path: packets are at most the MTU, as on a
+        // real link, so the router's random drops hit TCP segments and WireGuard datagrams
+        // alike (veth would otherwise carry 64 KB TCP super-segments and drop one of those).
+        for (ns, dev) in [(gw, &g1), (nat, &n0), (nat, &n1), (lan, &l0)] {
+            in_ns(
+                ns,
+                &[
+                    "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off",
+                ],
+            )
+            .context("ethtool is needed (package ethtool)")?;
+        }
         // routes: the LAN and the NAT go out through the gateway side; the gateway side has no
         // route back into the LAN.
         in_ns(lan, &["ip", "route", "add", "default", "via", "198.19.0.1"])?;
         in_ns(nat, &["ip", "route", "add", "default", "via", "198.18.1.1"])?;
         in_ns(nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        // NAT: masquerade what leaves, let back only what belongs to flows the LAN opened.
+        // NAT: masquerade what leaves (UDP by a rule of its own, first, which `rebind` swaps),
+        // let back only what belongs to flows the LAN opened.
+        in_ns(
+            nat,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                &n0,
+                "-p",
+                "udp",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
         in_ns(
             nat,
             &[
@@ -195,12 +227,110 @@ impl NatLab {
         Ok(())
     }
 
+    /// Makes the NAT router drop packets at random with `probability`, both ways (this kernel has
+    /// no `netem`: iptables' `statistic` match does it). 0 removes the rule.
+    pub fn set_router_loss(&self, probability: f64) -> anyhow::Result<()> {
+        let _ = in_ns(
+            &self.nat_ns,
+            &[
+                "iptables",
+                "-D",
+                "FORWARD",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &self.current_loss(),
+                "-j",
+                "DROP",
+            ],
+        );
+        if probability > 0.0 {
+            let p = format!("{probability}");
+            in_ns(
+                &self.nat_ns,
+                &[
+                    "iptables",
+                    "-I",
+                    "FORWARD",
+                    "1",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+            std::fs::write(self.loss_file(), &p)?;
+        } else {
+            let _ = std::fs::remove_file(self.loss_file());
+        }
+        Ok(())
+    }
+
+    fn loss_file(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.loss", self.nat_ns))
+    }
+
+    fn current_loss(&self) -> String {
+        std::fs::read_to_string(self.loss_file()).unwrap_or_else(|_| "0".into())
+    }
+
+    /// The NAT forgets every mapping (`conntrack -F`) and moves the source ports it maps to
+    /// (`ports`, e.g. `"41000-41999"`), as a home router does after a reboot or a lease change.
+    pub fn rebind(&self, ports: &str) -> anyhow::Result<()> {
+        in_ns(
+            &self.nat_ns,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-R",
+                "POSTROUTING",
+                "1",
+                "-o",
+                &self.nat_out_if,
+                "-p",
+                "udp",
+                "-j",
+                "MASQUERADE",
+                "--to-ports",
+                ports,
+            ],
+        )?;
+        in_ns(&self.nat_ns, &["conntrack", "-F"])
+            .context("conntrack is needed (package conntrack)")?;
+        Ok(())
+    }
+
+    /// Runs a command inside namespace `ns` and returns its standard output.
+    pub fn exec_output(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "`{}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Runs a command inside namespace `ns`; returns whether it succeeded.
     pub fn exec_ok(&self, ns: &str, args: &[&str]) -> bool {
         in_ns(ns, args).is_ok()
     }
 
     fn teardown(&self) {
+        let _ = std::fs::remove_file(self.loss_file());
         for ns in [&self.gw_ns, &self.nat_ns, &self.lan_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }

@@ -3,40 +3,17 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use kakuremichi_e2e::netns::{NatLab, GW_FROM_HARNESS, GW_PUBLIC, LAN_HOST};
-use kakuremichi_e2e::{Placement, Stack, StackOptions, DEMO_HOST};
+use kakuremichi_e2e::netns::{NatLab, GW_PUBLIC, LAN_HOST};
+use kakuremichi_e2e::{Stack, StackOptions, DEMO_HOST};
 
 #[tokio::test]
 async fn request_crosses_a_real_nat_to_an_agent_with_no_inbound_path() {
     let lab = NatLab::new().unwrap();
     let gw_public = std::net::Ipv4Addr::from(GW_PUBLIC);
-    let gw_harness = std::net::Ipv4Addr::from(GW_FROM_HARNESS);
     let lan = std::net::Ipv4Addr::from(LAN_HOST);
-    let opts = StackOptions {
-        control_listen: SocketAddr::from(([0, 0, 0, 0], 3000)),
-        control_url_for_test: format!("http://{gw_harness}:3000"),
-        control_url_for_nodes: format!("http://{gw_public}:3000"),
-        control_at: Placement {
-            netns: Some(lab.gw_ns.clone()),
-        },
-        gateway_http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-        gateway_http_for_test: SocketAddr::from((gw_harness, 8080)),
-        gateway_wg_listen: SocketAddr::from(([0, 0, 0, 0], 51820)),
-        gateway_endpoint: format!("{gw_public}:51820"),
-        gateway_at: Placement {
-            netns: Some(lab.gw_ns.clone()),
-        },
-        agent_at: Placement {
-            netns: Some(lab.lan_ns.clone()),
-        },
-        agent_wg_listen: None,
-        app_listen: SocketAddr::from((lan, 9000)),
-        gateway_args: Vec::new(),
-        admin_key: kakuremichi_e2e::TEST_ADMIN_KEY.to_string(),
-    };
+    let opts = StackOptions::in_lab(&lab);
     let stack = Stack::start_with(opts).await.unwrap();
 
     // The private app is not reachable from the gateway's side: no inbound path.

@@ -35,7 +35,8 @@ pub enum ConnectFailure {
     Refused,
     /// The peer had no QUIC connection within the open timeout, or it was lost meanwhile.
     TimedOut,
-    /// The peer's connection has as many streams open as it allows.
+    /// The peer's connection stayed full (as many streams open as it allows) for the open
+    /// timeout.
     Exhausted,
 }
 
@@ -56,9 +57,6 @@ pub enum ConnectError {
     /// No peer has this address as its allowed IP.
     #[error("no peer routes to {0}")]
     NoRoute(Ipv4Addr),
-    /// The peer's connection has as many streams open as it allows.
-    #[error("too many open streams to this peer")]
-    Exhausted,
 }
 
 /// Errors of the stream operations of [`Core`].
@@ -239,9 +237,7 @@ impl Core {
         if !self.peers.routes_to(peer) {
             return Err(ConnectError::NoRoute(peer));
         }
-        self.net
-            .open(peer, now)
-            .map_err(|_| ConnectError::Exhausted)
+        Ok(self.net.open(peer, now))
     }
 
     /// The peer a stream runs to.

@@ -183,7 +183,6 @@ impl Tunnel {
         });
         let id = id.map_err(|e| match e {
             ConnectError::NoRoute(_) => io::Error::new(io::ErrorKind::HostUnreachable, e),
-            ConnectError::Exhausted => io::Error::new(io::ErrorKind::AddrNotAvailable, e),
         })?;
         self.shared.notify.notify_one();
         match rx.await {

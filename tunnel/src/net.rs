@@ -34,9 +34,9 @@ const ABORTED: u32 = 1;
 /// the peer was removed.
 const REPLACED: u32 = 2;
 
-/// Why [`Net::open`] failed at once.
+/// Why a stream could not be opened on a connection right now.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
-pub enum OpenError {
+enum OpenError {
     /// The peer's connection has as many streams open as the peer allows.
     #[error("too many streams open to this peer")]
     Exhausted,
@@ -379,7 +379,9 @@ impl Net {
                     self.mark_ready(ours);
                 }
             }
-            E::Stream(StreamEvent::Finished { .. }) | E::Stream(StreamEvent::Available { .. }) => {}
+            E::Stream(StreamEvent::Available { dir: Dir::Bi }) => self.open_pending(peer, now),
+            E::Stream(StreamEvent::Finished { .. })
+            | E::Stream(StreamEvent::Available { dir: Dir::Uni }) => {}
         }
     }
 
@@ -465,19 +467,24 @@ impl Net {
         });
     }
 
+    /// Opens the streams waiting for `peer`, in the order they were asked for, until the peer
+    /// allows no more (the rest wait for its next MAX_STREAMS).
     fn open_pending(&mut self, peer: Ipv4Addr, now: Instant) {
         let (waiting, rest): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| p.peer == peer);
         self.pending = rest;
-        for p in waiting {
+        let mut waiting = waiting.into_iter();
+        for p in waiting.by_ref() {
             match self.open_on(peer, p.id, now) {
                 Ok(()) => self.events.push_back(Event::Connected(p.id)),
-                Err(OpenError::Exhausted) => self
-                    .events
-                    .push_back(Event::ConnectFailed(p.id, ConnectFailure::Exhausted)),
+                Err(OpenError::Exhausted) => {
+                    self.pending.push(p);
+                    break;
+                }
             }
         }
+        self.pending.extend(waiting);
     }
 
     fn open_on(&mut self, peer: Ipv4Addr, id: StreamId, _now: Instant) -> Result<(), OpenError> {
@@ -498,14 +505,15 @@ impl Net {
         Ok(())
     }
 
-    /// Opens a stream to `peer`. On an established connection it is open at once
-    /// ([`Event::Connected`] follows); otherwise it waits for the connection (at most the open
-    /// timeout), then [`Event::Connected`] or [`Event::ConnectFailed`].
-    pub(crate) fn open(&mut self, peer: Ipv4Addr, now: Instant) -> Result<StreamId, OpenError> {
+    /// Opens a stream to `peer`. On an established connection with room for another stream it
+    /// is open at once ([`Event::Connected`] follows); otherwise it waits for the connection or
+    /// for room (at most the open timeout), then [`Event::Connected`] or
+    /// [`Event::ConnectFailed`] (`Exhausted` when the connection was there but full).
+    pub(crate) fn open(&mut self, peer: Ipv4Addr, now: Instant) -> StreamId {
         let id = StreamId(self.next_stream);
         self.next_stream += 1;
-        if self.by_peer.contains_key(&peer) {
-            self.open_on(peer, id, now)?;
+        let queued = self.pending.iter().any(|p| p.peer == peer);
+        if self.by_peer.contains_key(&peer) && !queued && self.open_on(peer, id, now).is_ok() {
             self.events.push_back(Event::Connected(id));
         } else {
             self.pending.push(Pending {
@@ -520,7 +528,7 @@ impl Net {
                 self.run_dials(now);
             }
         }
-        Ok(id)
+        id
     }
 
     /// The peer a stream runs to.
@@ -629,7 +637,12 @@ impl Net {
         self.pending.retain(|p| p.id != id);
         if let Ok((ch, quic)) = self.conn_of(id) {
             if let Some(c) = self.conns.get_mut(&ch) {
-                let _ = c.conn.send_stream(quic).finish();
+                let mut send = c.conn.send_stream(quic);
+                if let Err(quinn_proto::FinishError::Stopped(code)) = send.finish() {
+                    // The peer stopped reading (it is done with the stream): only a reset
+                    // frees the stream, on both sides.
+                    let _ = send.reset(code);
+                }
                 let mut recv = c.conn.recv_stream(quic);
                 // A stream read to its end is gone on its receive side already.
                 let _ = recv.stop(VarInt::from_u32(0));
@@ -786,13 +799,18 @@ impl Net {
         }
         self.run_dials(now);
         let events = &mut self.events;
+        let by_peer = &self.by_peer;
         self.pending.retain(|p| {
-            if p.deadline <= now {
-                events.push_back(Event::ConnectFailed(p.id, ConnectFailure::TimedOut));
-                false
-            } else {
-                true
+            if p.deadline > now {
+                return true;
             }
+            let why = if by_peer.contains_key(&p.peer) {
+                ConnectFailure::Exhausted
+            } else {
+                ConnectFailure::TimedOut
+            };
+            events.push_back(Event::ConnectFailed(p.id, why));
+            false
         });
     }
 

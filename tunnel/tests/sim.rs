@@ -339,3 +339,40 @@ fn agent_behind_a_rebinding_nat_is_reached_again_at_once() {
         Duration::from_secs(10),
     );
 }
+
+#[test]
+fn streams_over_the_cap_wait_for_room_then_fail_as_exhausted() {
+    let quic = kakuremichi_tunnel::QuicSettings {
+        max_streams: 4,
+        ..Default::default()
+    };
+    let mut sim = Sim::pair_with(16, Some(25), quic);
+    let open: Vec<(StreamId, StreamId)> = (0..4)
+        .map(|_| sim.connect(GW, AGENT_IP, 80, AGENT))
+        .collect();
+    // A fifth waits for room: it opens once a stream ends on both sides.
+    let now = sim.now;
+    let fifth = sim.nodes[GW].core.connect(AGENT_IP, now).unwrap();
+    sim.run_for(Duration::from_millis(200));
+    assert!(!sim.nodes[GW]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Connected(x) | Event::ConnectFailed(x, _) if *x == fifth)));
+    // The gateway is done first (as after reading a response whose length it knew): its
+    // STOP_SENDING reaches the agent before the agent lets go of the stream.
+    let (g, a) = open[0];
+    sim.nodes[GW].core.stream_release(g);
+    sim.run_for(Duration::from_millis(50));
+    sim.nodes[AGENT].core.stream_release(a);
+    sim.run_until(Duration::from_secs(1), |s| {
+        s.nodes[GW].events.contains(&Event::Connected(fifth))
+    });
+    // A sixth finds no room for the whole open timeout: 503 material.
+    let now = sim.now;
+    let sixth = sim.nodes[GW].core.connect(AGENT_IP, now).unwrap();
+    sim.run_until(Duration::from_secs(5), |s| {
+        s.nodes[GW]
+            .events
+            .contains(&Event::ConnectFailed(sixth, ConnectFailure::Exhausted))
+    });
+}

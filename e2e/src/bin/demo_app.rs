@@ -1,6 +1,6 @@
 //! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
 //! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
-//! echoes or discards uploads, echoes WebSocket messages, shows the request headers it got, and answers late on request.
+//! echoes or discards uploads, echoes WebSocket messages, shows the request headers it got, says which address it listens on (`/whoami`), and answers late on request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -44,14 +44,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     tracing::info!(listen = %args.listen, "demo app listening");
-    axum::serve(listener, app())
+    axum::serve(listener, app(args.listen))
         .await
         .context("serving the demo app")
 }
 
-fn app() -> Router {
+fn app(listen: SocketAddr) -> Router {
+    let whoami = listen.to_string();
     Router::new()
         .route("/", get(index))
+        .route("/whoami", get(move || async move { whoami }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/bytes/{n}", get(bytes))
         .route("/headers", get(headers))

@@ -8,7 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use kakuremichi_tunnel::{
-    public_key, Core, Event, PeerSpec, StreamError, StreamId, TunnelConfig, MAX_DATAGRAM_SIZE,
+    public_key, Core, Event, PeerSpec, QuicSettings, StreamError, StreamId, TunnelConfig,
+    MAX_DATAGRAM_SIZE,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -73,6 +74,11 @@ pub fn core(config: &TunnelConfig, seed: u64, now: Instant) -> Core {
 impl Sim {
     /// A gateway (node 0) and an agent (node 1) that dials it with the given keepalive.
     pub fn pair(seed: u64, agent_keepalive: Option<u16>) -> Sim {
+        Self::pair_with(seed, agent_keepalive, QuicSettings::default())
+    }
+
+    /// [`Sim::pair`] with these QUIC settings on both nodes.
+    pub fn pair_with(seed: u64, agent_keepalive: Option<u16>, quic: QuicSettings) -> Sim {
         // RUST_LOG=kakuremichi_tunnel=debug,quinn_proto=debug shows what happened.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -96,14 +102,28 @@ impl Sim {
         let gw_key = key(1);
         let agent_key = key(2);
         sim.nodes.push(SimNode {
-            core: core(&config(gw_key, GW_IP), seed, now),
+            core: core(
+                &TunnelConfig {
+                    quic: quic.clone(),
+                    ..config(gw_key, GW_IP)
+                },
+                seed,
+                now,
+            ),
             addr: "10.0.0.1:51820".parse().unwrap(),
             key: gw_key,
             events: Vec::new(),
             sent: 0,
         });
         sim.nodes.push(SimNode {
-            core: core(&config(agent_key, AGENT_IP), seed + 1, now),
+            core: core(
+                &TunnelConfig {
+                    quic,
+                    ..config(agent_key, AGENT_IP)
+                },
+                seed + 1,
+                now,
+            ),
             addr: "10.0.0.2:40000".parse().unwrap(),
             key: agent_key,
             events: Vec::new(),
