@@ -8,12 +8,17 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
+use bytes::BytesMut;
+
 use crate::net::Net;
 use crate::wg::{Peers, MAX_OUTER, OVERHEAD};
 use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError};
 
 /// The largest datagram [`Core::poll_transmit`] writes: pass a buffer at least this long.
 pub const MAX_DATAGRAM_SIZE: usize = 2048;
+
+/// Bytes of one receive arena (see `Core::rx`).
+const RX_ARENA: usize = 64 * 1024;
 
 /// Identifies a stream of a [`Core`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,8 +86,9 @@ pub struct Core {
     address: Ipv4Addr,
     peers: Peers,
     net: Net,
-    /// Where WireGuard decrypts inner packets.
-    rx: Vec<u8>,
+    /// Where WireGuard decrypts inner packets: a delivered packet is split off and handed to
+    /// QUIC as is, so receiving allocates once per arena, not once per packet.
+    rx: BytesMut,
     /// The inner packet being encrypted.
     packet: Vec<u8>,
 }
@@ -120,7 +126,7 @@ impl Core {
             address: config.overlay_address,
             peers: Peers::new(config.private_key, now),
             net,
-            rx: vec![0; MAX_OUTER],
+            rx: BytesMut::new(),
             packet: Vec::with_capacity(MAX_DATAGRAM_SIZE),
         })
     }
@@ -168,11 +174,20 @@ impl Core {
     /// an unknown peer is dropped silently. Call [`Core::poll_transmit`] afterwards (after a
     /// batch of datagrams is best).
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        if let Some((peer, len)) = self
+        if self.rx.capacity() < MAX_OUTER {
+            self.rx = BytesMut::with_capacity(RX_ARENA);
+        }
+        self.rx.resize(MAX_OUTER, 0);
+        let delivered = self
             .peers
-            .handle_datagram(from, datagram, now, &mut self.rx)
-        {
-            self.net.handle_packet(peer, &self.rx[..len], now);
+            .handle_datagram(from, datagram, now, &mut self.rx);
+        match delivered {
+            Some((peer, len)) => {
+                let packet = self.rx.split_to(len);
+                self.rx.clear();
+                self.net.handle_packet(peer, packet, now);
+            }
+            None => self.rx.clear(),
         }
     }
 

@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, trace};
 
 use crate::core::{ConnectError, ConnectFailure, Core, Event, StreamError, StreamId};
+use crate::udp::{BatchSocket, SendQueue};
 use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
 
-/// Datagrams read per batch before the core is polled.
-const RECV_BATCH: usize = 128;
+/// Datagrams read before the core's output is sent.
+const RECV_BUDGET: usize = 1024;
 /// Datagrams collected under the lock before they are sent.
-const SEND_BATCH: usize = 64;
+const SEND_BATCH: usize = 256;
 /// Accepted streams waiting for [`Incoming::accept`]; more are reset.
 const ACCEPT_BACKLOG: usize = 1024;
 
@@ -126,6 +127,10 @@ impl Tunnel {
             source,
         })?;
         raise_buffers(&socket);
+        let socket = BatchSocket::new(socket).map_err(|source| TunnelError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
@@ -258,16 +263,9 @@ fn shut_down() -> io::Error {
 }
 
 /// The driver task.
-async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<TunnelStream>) {
-    let mut recv_buf = vec![0u8; 65536];
-    let mut out: Vec<(Vec<u8>, SocketAddr, usize)> = Vec::with_capacity(SEND_BATCH);
-    for _ in 0..SEND_BATCH {
-        out.push((
-            vec![0u8; MAX_DATAGRAM_SIZE],
-            SocketAddr::from(([0, 0, 0, 0], 0)),
-            0,
-        ));
-    }
+async fn run(shared: Arc<Shared>, socket: BatchSocket, accept_tx: mpsc::Sender<TunnelStream>) {
+    let mut socket = socket;
+    let mut queue = SendQueue::new(SEND_BATCH, MAX_DATAGRAM_SIZE, socket.max_segments());
     let mut accepted: Vec<TunnelStream> = Vec::new();
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
@@ -275,30 +273,25 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
         if shared.closed.load(Ordering::Acquire) {
             break;
         }
-        let mut batch = 0;
         let deadline;
         {
             let mut st = shared.state.lock();
             let st = &mut *st;
             let now = Instant::now();
-            for _ in 0..RECV_BATCH {
-                match socket.try_recv_from(&mut recv_buf) {
-                    Ok((n, from)) => st.core.handle_datagram(from, &recv_buf[..n], now),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => trace!(error = %e, "udp receive error"),
+            let mut received = 0;
+            while received < RECV_BUDGET {
+                let n = socket.recv_batch(|from, d| st.core.handle_datagram(from, d, now));
+                if n == 0 {
+                    break;
                 }
+                received += n;
             }
             if st.core.poll_timeout().is_some_and(|t| t <= now) {
                 st.core.handle_timeout(now);
             }
-            while batch < SEND_BATCH {
-                let slot = &mut out[batch];
-                match st.core.poll_transmit(now, &mut slot.0) {
-                    Some(t) => {
-                        slot.1 = t.dst;
-                        slot.2 = t.len;
-                        batch += 1;
-                    }
+            while let Some(slot) = queue.slot() {
+                match st.core.poll_transmit(now, slot) {
+                    Some(t) => queue.commit(t.dst, t.len),
                     None => break,
                 }
             }
@@ -341,15 +334,14 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
             deadline = st.core.poll_timeout();
         }
         for stream in accepted.drain(..) {
-            // A full backlog or a dropped `Incoming` drops (and so closes) the stream.
+            // A full backlog or a dropped `Incoming` drops (and so resets) the stream.
             let _ = accept_tx.try_send(stream);
         }
-        for (buf, dst, len) in &out[..batch] {
-            if let Err(e) = socket.send_to(&buf[..*len], *dst).await {
-                trace!(error = %e, %dst, "udp send error");
-            }
+        let full = queue.slot().is_none();
+        if !queue.is_empty() {
+            socket.flush(&mut queue).await;
         }
-        if batch == SEND_BATCH {
+        if full {
             continue;
         }
         let wake_at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -359,7 +351,7 @@ async fn run(shared: Arc<Shared>, socket: UdpSocket, accept_tx: mpsc::Sender<Tun
         tokio::select! {
             biased;
             _ = shared.notify.notified() => {}
-            r = socket.readable() => {
+            r = socket.socket().readable() => {
                 if let Err(e) = r {
                     trace!(error = %e, "udp readiness error");
                 }

@@ -19,6 +19,7 @@ pub mod driver;
 mod ip;
 mod net;
 pub mod tls;
+mod udp;
 mod wg;
 
 use std::fmt;

@@ -264,8 +264,8 @@ impl Net {
     }
 
     /// Handles one inner packet that WireGuard delivered from the peer at `peer`.
-    pub(crate) fn handle_packet(&mut self, peer: Ipv4Addr, packet: &[u8], now: Instant) {
-        let Some(udp) = ip::parse_udp(packet) else {
+    pub(crate) fn handle_packet(&mut self, peer: Ipv4Addr, mut packet: BytesMut, now: Instant) {
+        let Some(udp) = ip::parse_udp(&packet) else {
             trace!(%peer, "inner packet that is not IPv4/UDP dropped");
             return;
         };
@@ -274,7 +274,8 @@ impl Net {
             return;
         }
         let remote = SocketAddr::new(IpAddr::V4(udp.src), udp.src_port);
-        let data = BytesMut::from(&packet[udp.payload_start..udp.payload_end]);
+        packet.truncate(udp.payload_end);
+        let data = packet.split_off(udp.payload_start);
         self.scratch.clear();
         let event = self.endpoint.handle(
             now,

@@ -20,6 +20,11 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
+    // RUST_LOG=kakuremichi_tunnel=debug,quinn_proto=debug shows what happened.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let gw_key = generate_private_key();
     let agent_key = generate_private_key();
     let (gateway, _gw_incoming) = Tunnel::bind(TunnelConfig {
