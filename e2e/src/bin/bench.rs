@@ -1,23 +1,24 @@
-//! The benchmark: single-stream TCP throughput and HTTP requests/s through
-//! gateway -> WireGuard tunnel -> agent, each beside the direct path and beside onetun (the same
-//! boringtun + smoltcp stack, talking to the same agent), measured in one run on this machine.
+//! The benchmark: single-stream HTTP download and upload, requests/s at 32 and 500 keep-alive
+//! connections, and the nodes' memory, through gateway -> QUIC in WireGuard -> agent, each beside
+//! the direct path, rathole (plain TCP and Noise) and a wireguard-go pair with kernel TCP,
+//! measured in one run on this machine.
 //!
-//! Needs the release binaries, `iperf3`, `curl`, `wg`, and onetun (installed with
-//! `cargo install onetun --root target/bench-tools` when missing). Prints a Markdown table.
+//! Needs the release binaries, `iperf3`, `curl`, `wg`, `wrk` (scripts/setup installs them) and,
+//! for its rows, rathole (`cargo install rathole --root target/bench-tools --no-default-features
+//! --features server,client,noise`). Prints a Markdown table and the ratios.
 
 #![allow(clippy::print_stdout)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use kakuremichi_e2e::{free_tcp_port, free_udp_port, Proc, Stack, StackOptions, DEMO_HOST};
-use serde_json::json;
 
 /// Command line of the benchmark.
 #[derive(Debug, Parser)]
@@ -29,9 +30,6 @@ struct Args {
     /// Concurrent connections for the requests/s measurement.
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Skip onetun.
-    #[arg(long)]
-    no_onetun: bool,
     /// Skip the wireguard-go pair with kernel TCP (needs root and network namespaces).
     #[arg(long)]
     no_wireguard_go: bool,
@@ -45,30 +43,105 @@ struct Row {
     http_upload_mbit: Option<f64>,
     http_rps: Option<f64>,
     http_errors: u64,
+    /// Requests/s with 500 keep-alive connections (wrk).
+    rps_500: Option<f64>,
+    rps_500_errors: u64,
+}
+
+/// `wrk` with `connections` keep-alive connections for `secs`, `GET /bytes/1024`: requests/s
+/// and errors (socket errors plus non-2xx answers).
+fn wrk(
+    addr: SocketAddr,
+    host: Option<&str>,
+    secs: Duration,
+    connections: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{}s", secs.as_secs()),
+        "--timeout",
+        "10s",
+    ]);
+    if let Some(h) = host {
+        cmd.args(["-H", &format!("Host: {h}")]);
+    }
+    cmd.arg(format!("http://{addr}/bytes/1024"));
+    let out = cmd.output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    let mut errors = 0u64;
+    for line in text.lines() {
+        if let Some(rest) = line.trim().strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+        if let Some(rest) = line.trim().strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Ok((rps, errors))
+}
+
+/// RSS of the gateway and the agent (MiB) sampled every 100 ms while `f` runs: (peak gateway,
+/// peak agent).
+fn with_peak_rss<T>(stack: &Stack, f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gw_pid = stack.gateway.pid();
+    let agent_pid = stack.agent.pid();
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut g, mut a) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                g = g.max(rss_kib(gw_pid).unwrap_or(0));
+                a = a.max(rss_kib(agent_pid).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (g, a)
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::Relaxed);
+    let (g, a) = sampler.join().unwrap_or((0, 0));
+    (out, g as f64 / 1024.0, a as f64 / 1024.0)
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn mib(kib: Option<u64>) -> f64 {
+    kib.unwrap_or(0) as f64 / 1024.0
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secs = Duration::from_secs(args.seconds);
-    for tool in ["iperf3", "curl", "wg"] {
+    for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {
             bail!("{tool} is missing: run scripts/setup");
         }
     }
-    let onetun = if args.no_onetun {
-        None
-    } else {
-        Some(onetun_path()?)
-    };
-
     let mut opts = StackOptions::loopback();
     let agent_wg = free_udp_port();
     opts.agent_wg_listen = Some(SocketAddr::from(([127, 0, 0, 1], agent_wg)));
     let stack = Stack::start_with(opts).await?;
     let dir = stack.dir.path().to_path_buf();
 
-    // iperf3 server, published as a resource too (its overlay port is what onetun forwards to).
+    // iperf3 server for the direct row.
     let iperf_port = free_tcp_port();
     let _iperf = Proc::spawn(
         "iperf3",
@@ -78,14 +151,6 @@ async fn main() -> anyhow::Result<()> {
         None,
         dir.join("iperf3.log"),
     )?;
-    let iperf_res = stack
-        .api
-        .create_resource(
-            "iperf.localhost",
-            &stack.site_id,
-            &format!("127.0.0.1:{iperf_port}"),
-        )
-        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let app = stack.opts.app_listen;
@@ -93,37 +158,66 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
 
     println!("direct path...");
-    rows.push(Row {
-        path: "direct (no tunnel)",
-        iperf_mbit: Some(iperf(iperf_port, secs)?),
-        http_download_mbit: Some(download(app, None, secs)?),
-        http_upload_mbit: Some(upload(app, None, secs)?),
-        ..measure_rps(app, None, secs, args.connections).await
-    });
+    rows.push(http_row(
+        "direct (no tunnel)",
+        app,
+        None,
+        secs,
+        args.connections,
+        Some(iperf(iperf_port, secs)?),
+    )?);
 
     println!("kakuremichi gateway -> tunnel -> agent...");
-    rows.push(Row {
-        path: "kakuremichi: gateway -> WireGuard -> agent",
-        iperf_mbit: None,
-        http_download_mbit: Some(download(gateway, Some(DEMO_HOST), secs)?),
-        http_upload_mbit: Some(upload(gateway, Some(DEMO_HOST), secs)?),
-        ..measure_rps(gateway, Some(DEMO_HOST), secs, args.connections).await
-    });
+    let idle = (mib(stack.gateway.rss_kib()), mib(stack.agent.rss_kib()));
+    let mut row = http_row(
+        "kakuremichi: gateway -> WireGuard -> agent",
+        gateway,
+        Some(DEMO_HOST),
+        secs,
+        args.connections,
+        None,
+    )?;
+    let (measured, gw_peak, agent_peak) =
+        with_peak_rss(&stack, || wrk(gateway, Some(DEMO_HOST), secs, 500));
+    let (rps, errors) = measured?;
+    row.rps_500 = Some(rps);
+    row.rps_500_errors = errors;
+    rows.push(row);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = (mib(stack.gateway.rss_kib()), mib(stack.agent.rss_kib()));
+    let memory = format!(
+        "memory (RSS, MiB): gateway {:.0} idle, {:.0} peak with 500 connections, {:.0} 5 s after; \
+         agent {:.0} idle, {:.0} peak, {:.0} after",
+        idle.0, gw_peak, after.0, idle.1, agent_peak, after.1
+    );
+    println!("{memory}");
+    let idle_conns = idle_connections_cost(&stack, gateway, 10_000).await;
+    match &idle_conns {
+        Ok(line) => println!("{line}"),
+        Err(e) => println!("  idle connections: {e:#}"),
+    }
 
-    if let Some(onetun) = onetun {
-        println!("onetun -> agent...");
-        let (local_iperf, local_http, _proc) =
-            start_onetun(&stack, &onetun, agent_wg, &iperf_res, &dir).await?;
-        let local_http = SocketAddr::from(([127, 0, 0, 1], local_http));
-        rows.push(Row {
-            path: "onetun -> WireGuard -> agent",
-            iperf_mbit: iperf(local_iperf, secs)
-                .map_err(|e| println!("  onetun iperf3 failed: {e:#}"))
-                .ok(),
-            http_download_mbit: Some(download(local_http, None, secs)?),
-            http_upload_mbit: Some(upload(local_http, None, secs)?),
-            ..measure_rps(local_http, None, secs, args.connections).await
-        });
+    if let Some(rathole) = rathole_path() {
+        for noise in [false, true] {
+            println!("rathole ({})...", if noise { "noise" } else { "plain" });
+            match start_rathole(&rathole, app, noise, &dir) {
+                Ok((local, _procs)) => rows.push(http_row(
+                    if noise {
+                        "rathole, noise (encrypted)"
+                    } else {
+                        "rathole, plain TCP"
+                    },
+                    local,
+                    None,
+                    secs,
+                    args.connections,
+                    None,
+                )?),
+                Err(e) => println!("  skipped: {e:#}"),
+            }
+        }
+    } else {
+        println!("rathole not found in target/bench-tools (cargo install rathole --root target/bench-tools --no-default-features --features server,client,noise): skipped");
     }
 
     if !args.no_wireguard_go {
@@ -139,8 +233,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!("| path | single-stream TCP, iperf3 (Mbit/s) | single-stream HTTP download (Mbit/s) | single-stream HTTP upload (Mbit/s) | HTTP requests/s ({} connections) |", args.connections);
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| path | single-stream TCP, iperf3 (Mbit/s) | single-stream HTTP download (Mbit/s) | single-stream HTTP upload (Mbit/s) | HTTP requests/s ({} connections) | HTTP requests/s (500 connections) |", args.connections);
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
         let errors = if r.http_errors > 0 {
@@ -148,15 +242,47 @@ async fn main() -> anyhow::Result<()> {
         } else {
             String::new()
         };
+        let errors_500 = if r.rps_500_errors > 0 {
+            format!(" ({} errors)", r.rps_500_errors)
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {} | {} | {}{} |",
+            "| {} | {} | {} | {} | {}{} | {}{} |",
             r.path,
             f(r.iperf_mbit),
             f(r.http_download_mbit),
             f(r.http_upload_mbit),
             f(r.http_rps),
-            errors
+            errors,
+            f(r.rps_500),
+            errors_500
         );
+    }
+    println!("\n{memory}");
+    if let Ok(line) = &idle_conns {
+        println!("{line}");
+    }
+    let by = |name: &str| rows.iter().find(|r| r.path.starts_with(name)).cloned();
+    let k = by("kakuremichi");
+    for base in [
+        "rathole, plain",
+        "rathole, noise",
+        "reference: wireguard-go",
+    ] {
+        if let (Some(k), Some(b)) = (&k, by(base)) {
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "n/a".into(),
+            };
+            println!(
+                "kakuremichi / {base}: download {}, upload {}, requests/s {} (32) {} (500)",
+                ratio(k.http_download_mbit, b.http_download_mbit.or(b.iperf_mbit)),
+                ratio(k.http_upload_mbit, b.http_upload_mbit.or(b.iperf_mbit)),
+                ratio(k.http_rps, b.http_rps),
+                ratio(k.rps_500, b.rps_500),
+            );
+        }
     }
     if let (Some(d), Some(k)) = (rows[0].http_download_mbit, rows[1].http_download_mbit) {
         println!("\nkakuremichi download / direct: {:.2}", k / d);
@@ -164,12 +290,153 @@ async fn main() -> anyhow::Result<()> {
     if let (Some(d), Some(k)) = (rows[0].http_rps, rows[1].http_rps) {
         println!("kakuremichi requests/s / direct: {:.2}", k / d);
     }
-    if let Some(o) = rows.get(2) {
-        if let (Some(oo), Some(k)) = (o.http_download_mbit, rows[1].http_download_mbit) {
-            println!("kakuremichi download / onetun: {:.1}", k / oo);
-        }
-    }
     Ok(())
+}
+
+/// Opens `n` keep-alive client connections to the gateway, one request on each, holds them idle,
+/// and reports what each costs the gateway in RSS.
+async fn idle_connections_cost(
+    stack: &Stack,
+    gateway: SocketAddr,
+    n: usize,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = stack.gateway.rss_kib().context("gateway RSS")?;
+    let mut held = Vec::with_capacity(n);
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {DEMO_HOST}\r\n\r\n");
+    let mut buf = [0u8; 1024];
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(gateway).await?;
+        s.write_all(request.as_bytes()).await?;
+        let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+        anyhow::ensure!(buf[..got].starts_with(b"HTTP/1.1 200"), "not 200");
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = stack.gateway.rss_kib().context("gateway RSS")?;
+    let per = after.saturating_sub(before) as f64 * 1024.0 / n as f64 / 1024.0;
+    drop(held);
+    Ok(format!(
+        "{n} idle keep-alive client connections: gateway RSS {:.0} -> {:.0} MiB, {per:.1} KiB each",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0
+    ))
+}
+
+/// Download, upload and requests/s (32 connections with reqwest-free wrk, and 500) through `addr`.
+fn http_row(
+    path: &'static str,
+    addr: SocketAddr,
+    host: Option<&str>,
+    secs: Duration,
+    connections: usize,
+    iperf_mbit: Option<f64>,
+) -> anyhow::Result<Row> {
+    let (rps, errors) = wrk(addr, host, secs, connections)?;
+    let (rps_500, errors_500) = wrk(addr, host, secs, 500)?;
+    Ok(Row {
+        path,
+        iperf_mbit,
+        http_download_mbit: Some(download(addr, host, secs)?),
+        http_upload_mbit: Some(upload(addr, host, secs)?),
+        http_rps: Some(rps),
+        http_errors: errors,
+        rps_500: Some(rps_500),
+        rps_500_errors: errors_500,
+    })
+}
+
+fn rathole_path() -> Option<PathBuf> {
+    which("rathole").or_else(|| {
+        let p = PathBuf::from("target/bench-tools/bin/rathole");
+        p.exists().then_some(p)
+    })
+}
+
+/// A rathole server and client on loopback forwarding a local port to `app`, plain TCP or with
+/// the Noise transport (encrypted, as kakuremichi is); returns the forwarded port's address.
+fn start_rathole(
+    rathole: &std::path::Path,
+    app: SocketAddr,
+    noise: bool,
+    dir: &std::path::Path,
+) -> anyhow::Result<(SocketAddr, Vec<Proc>)> {
+    let control = free_tcp_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let (server_transport, client_transport) = if noise {
+        let out = Command::new(rathole).arg("--genkey").output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let keys: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.contains(':'))
+            .collect();
+        anyhow::ensure!(
+            keys.len() >= 2,
+            "unexpected `rathole --genkey` output: {text}"
+        );
+        (
+            format!("[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{}\"\n", keys[0]),
+            format!("[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{}\"\n", keys[1]),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let tag = if noise { "noise" } else { "plain" };
+    let server_toml = dir.join(format!("rathole-server-{tag}.toml"));
+    let client_toml = dir.join(format!("rathole-client-{tag}.toml"));
+    std::fs::write(
+        &server_toml,
+        format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_transport}[server.services.demo]\ntoken = \"bench\"\nbind_addr = \"{local}\"\n"),
+    )?;
+    std::fs::write(
+        &client_toml,
+        format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_transport}[client.services.demo]\ntoken = \"bench\"\nlocal_addr = \"{app}\"\n"),
+    )?;
+    let server = Proc::spawn(
+        "rathole-server",
+        rathole,
+        &["--server".into(), server_toml.display().to_string()],
+        &[],
+        None,
+        dir.join(format!("rathole-server-{tag}.log")),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Proc::spawn(
+        "rathole-client",
+        rathole,
+        &["--client".into(), client_toml.display().to_string()],
+        &[],
+        None,
+        dir.join(format!("rathole-client-{tag}.log")),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = Command::new("curl")
+            .args([
+                "-s",
+                "-m",
+                "1",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{local}/healthz"),
+            ])
+            .output()
+            .map(|o| o.stdout == b"200")
+            .unwrap_or(false);
+        if ok {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rathole did not forward within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok((local, vec![server, client]))
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -178,26 +445,6 @@ fn which(tool: &str) -> Option<PathBuf> {
             .map(|p| p.join(tool))
             .find(|p| p.is_file())
     })
-}
-
-fn onetun_path() -> anyhow::Result<PathBuf> {
-    if let Some(p) = which("onetun") {
-        return Ok(p);
-    }
-    let root = kakuremichi_e2e::bin_dir().join("../bench-tools");
-    let path = root.join("bin/onetun");
-    if !path.exists() {
-        println!("installing onetun into {} ...", root.display());
-        let status = Command::new("cargo")
-            .args(["install", "onetun", "--locked", "--root"])
-            .arg(&root)
-            .status()
-            .context("running cargo install onetun")?;
-        if !status.success() {
-            bail!("cargo install onetun failed");
-        }
-    }
-    Ok(path)
 }
 
 /// Single-stream iperf3 client to 127.0.0.1:port; received Mbit/s.
@@ -278,146 +525,6 @@ fn upload(addr: SocketAddr, host: Option<&str>, secs: Duration) -> anyhow::Resul
     let probe = once(16 << 20)?;
     let bytes = (probe * 1e6 / 8.0 * secs.as_secs_f64()) as u64;
     once(bytes.clamp(16 << 20, 64 << 30))
-}
-
-/// `connections` keep-alive clients sending `GET /` for `secs`.
-async fn measure_rps(
-    addr: SocketAddr,
-    host: Option<&'static str>,
-    secs: Duration,
-    connections: usize,
-) -> Row {
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + secs;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(connections)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (ok, errors, client) = (ok.clone(), errors.clone(), client.clone());
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let mut req = client.get(format!("http://{addr}/"));
-                if let Some(h) = host {
-                    req = req.header(reqwest::header::HOST, h);
-                }
-                let good = match req.send().await {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                if good {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    Row {
-        http_rps: Some(ok.load(Ordering::Relaxed) as f64 / elapsed),
-        http_errors: errors.load(Ordering::Relaxed),
-        ..Row::default()
-    }
-}
-
-/// Registers onetun as a peer of the agent (a gateway record enrolled with onetun's key) and
-/// starts it forwarding two local ports to the iperf3 and demo-app resources on the agent.
-async fn start_onetun(
-    stack: &Stack,
-    onetun: &std::path::Path,
-    agent_wg: u16,
-    iperf_resource: &str,
-    dir: &std::path::Path,
-) -> anyhow::Result<(u16, u16, Proc)> {
-    let private = wg(&["genkey"], "")?;
-    let public = wg(&["pubkey"], &private)?;
-    // Its endpoint is never dialled with success: onetun initiates and the agent learns it.
-    let gw = stack.api.create_gateway("onetun", "127.0.0.1:9").await?;
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    let enrolled: serde_json::Value = http
-        .post(format!(
-            "{}{}",
-            stack.api.base(),
-            kakuremichi_proto::ENROLL_PATH
-        ))
-        .json(&json!({
-            "protocol_version": kakuremichi_proto::PROTOCOL_VERSION,
-            "kind": "gateway",
-            "token": gw.token,
-            "public_key": public,
-        }))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let onetun_ip = enrolled["overlay_address"]
-        .as_str()
-        .context("overlay")?
-        .to_string();
-    let site = stack
-        .api
-        .get(&format!("/api/v1/sites/{}", stack.site_id))
-        .await?;
-    let agent_ip = site["overlay_address"].as_str().context("agent overlay")?;
-    let agent_key = site["public_key"].as_str().context("agent key")?;
-    let port_of = |v: serde_json::Value| v["overlay_port"].as_u64().context("overlay_port");
-    let iperf_port = port_of(
-        stack
-            .api
-            .get(&format!("/api/v1/resources/{iperf_resource}"))
-            .await?,
-    )?;
-    let demo_port = port_of(
-        stack
-            .api
-            .get(&format!("/api/v1/resources/{}", stack.resource_id))
-            .await?,
-    )?;
-    let (l1, l2) = (free_tcp_port(), free_tcp_port());
-    // Let the agent apply the new peer.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let proc = Proc::spawn(
-        "onetun",
-        onetun,
-        &[
-            format!("127.0.0.1:{l1}:{agent_ip}:{iperf_port}"),
-            format!("127.0.0.1:{l2}:{agent_ip}:{demo_port}"),
-            "--endpoint-addr".into(),
-            format!("127.0.0.1:{agent_wg}"),
-            "--endpoint-public-key".into(),
-            agent_key.into(),
-            "--private-key".into(),
-            private,
-            "--source-peer-ip".into(),
-            onetun_ip,
-            "--keep-alive".into(),
-            "10".into(),
-        ],
-        &[],
-        None,
-        dir.join("onetun.log"),
-    )?;
-    kakuremichi_e2e::wait_for("onetun to forward", Duration::from_secs(15), || async {
-        let r = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{l2}/"))
-            .timeout(Duration::from_secs(3))
-            .send()
-            .await;
-        Ok(r.ok().filter(|r| r.status() == 200).map(|_| ()))
-    })
-    .await
-    .with_context(|| proc.log_tail(20))?;
-    Ok((l1, l2, proc))
 }
 
 fn wg(args: &[&str], stdin: &str) -> anyhow::Result<String> {
