@@ -810,6 +810,9 @@ impl Store {
         }
     }
 
+    /// The overlay port for a new resource of the site: the lowest free port above the highest
+    /// one the site ever gave out (so a freed port is not reused while a gateway or an agent may
+    /// still hold it), wrapping to the lowest free port once the range is used up.
     async fn free_port(tx: &mut Transaction<'static, Any>, site_id: Uuid) -> Result<u16> {
         let used: Vec<i64> =
             sqlx::query_scalar("SELECT overlay_port FROM resources WHERE site_id = $1")
@@ -817,14 +820,29 @@ impl Store {
                 .fetch_all(&mut **tx)
                 .await?;
         let used: HashSet<i64> = used.into_iter().collect();
-        (FIRST_OVERLAY_PORT..=u16::MAX)
+        let last: i64 = sqlx::query_scalar("SELECT last_overlay_port FROM sites WHERE id = $1")
+            .bind(site_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?
+            .unwrap_or(0);
+        let start = u16::try_from(last.saturating_add(1))
+            .unwrap_or(u16::MAX)
+            .max(FIRST_OVERLAY_PORT);
+        let port = (start..=u16::MAX)
+            .chain(FIRST_OVERLAY_PORT..start)
             .find(|p| !used.contains(&i64::from(*p)))
             .ok_or_else(|| {
                 StoreError::Exhausted(format!("site {site_id} has no free overlay port"))
-            })
+            })?;
+        sqlx::query("UPDATE sites SET last_overlay_port = $1 WHERE id = $2")
+            .bind(i64::from(port))
+            .bind(site_id.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(port)
     }
 
-    /// Creates a resource on an existing site, with the lowest free overlay port there.
+    /// Creates a resource on an existing site, with the next free overlay port there.
     pub async fn create_resource(&self, new: &NewResource) -> Result<Resource> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;

@@ -269,7 +269,13 @@ async fn agent_offline_gives_a_clear_502() {
         "{body}"
     );
     println!("agent offline -> 502 after {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(15));
+    // The tunnel's QUIC idle timeout (5 s after the agent last answered, which was before the
+    // request) fails the stream; a second of slack for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -53,7 +53,7 @@ on_both_backends!(
     node_crud,
     resource_crud_and_unique_hostname,
     overlay_addresses_are_lowest_free,
-    overlay_ports_are_lowest_free_per_site,
+    overlay_ports_are_not_reused_once_freed,
     config_version_bumps_on_every_change,
     enrollment_token_is_one_time,
     admin_key_seeded_once,
@@ -165,7 +165,7 @@ async fn overlay_addresses_are_lowest_free(store: Store) {
     assert_eq!(c.overlay_address, Ipv4Addr::new(100, 64, 0, 2));
 }
 
-async fn overlay_ports_are_lowest_free_per_site(store: Store) {
+async fn overlay_ports_are_not_reused_once_freed(store: Store) {
     let (s, _) = add_site(&store, "s").await;
     let (t, _) = add_site(&store, "t").await;
     let a = add_resource(&store, "a.localhost", s.id).await;
@@ -175,9 +175,13 @@ async fn overlay_ports_are_lowest_free_per_site(store: Store) {
         (a.overlay_port, b.overlay_port, c.overlay_port),
         (10000, 10001, 10000)
     );
+    // A freed port is not handed out again: a node may still hold it for the old resource.
     store.delete_resource(a.id).await.unwrap();
     let d = add_resource(&store, "d.localhost", s.id).await;
-    assert_eq!(d.overlay_port, 10000);
+    assert_eq!(d.overlay_port, 10002);
+    // Each site counts on its own.
+    let e = add_resource(&store, "e.localhost", t.id).await;
+    assert_eq!(e.overlay_port, 10001);
 }
 
 async fn config_version_bumps_on_every_change(store: Store) {
