@@ -63,6 +63,8 @@ pub struct AgentOptions {
     pub wg_listen: SocketAddr,
     /// The node's WireGuard private key.
     pub private_key: [u8; 32],
+    /// QUIC windows and limits inside the tunnel.
+    pub quic: kakuremichi_tunnel::QuicSettings,
 }
 
 impl std::fmt::Debug for AgentOptions {
@@ -71,6 +73,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("data_dir", &self.data_dir)
             .field("wg_listen", &self.wg_listen)
             .field("private_key", &"***")
+            .field("quic", &self.quic)
             .finish()
     }
 }
@@ -106,7 +109,12 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent with no config yet.
     pub fn new(options: AgentOptions) -> Self {
-        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen, true);
+        let tunnel = NodeTunnel::new(
+            options.private_key,
+            options.wg_listen,
+            true,
+            options.quic.clone(),
+        );
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Agent);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

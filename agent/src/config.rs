@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use kakuremichi_node::settings::{check_control_url, read_config_file, token_secret};
+use kakuremichi_node::settings::{
+    check_control_url, read_config_file, token_secret, QuicArgs, QuicFile,
+};
 use kakuremichi_node::NodeSettings;
 use serde::Deserialize;
 
@@ -29,6 +31,9 @@ pub struct Cli {
     /// WireGuard UDP bind address; port 0 picks an ephemeral port [default: 0.0.0.0:0].
     #[arg(long, env = "KAKUREMICHI_AGENT_WG_LISTEN")]
     pub wg_listen: Option<SocketAddr>,
+    /// QUIC sizes inside the tunnel.
+    #[command(flatten)]
+    pub quic: QuicArgs,
 }
 
 /// The `--config` file.
@@ -39,6 +44,8 @@ pub struct FileConfig {
     token: Option<String>,
     data_dir: Option<PathBuf>,
     wg_listen: Option<SocketAddr>,
+    #[serde(default)]
+    quic: QuicFile,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -60,6 +67,7 @@ impl Cli {
                 .wg_listen
                 .or(file.wg_listen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            quic: self.quic.resolve(file.quic)?,
         })
     }
 }

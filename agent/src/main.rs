@@ -22,6 +22,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: settings.data_dir.clone(),
         wg_listen: settings.wg_listen,
         private_key: state.private_key.0,
+        quic: settings.quic.clone(),
     });
     let cached_version =
         process::serve_cached_config(agent.cached_config(), |s| agent.apply(s, false)).await?;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use kakuremichi_node::settings::{check_control_url, read_config_file, token_secret};
+use kakuremichi_node::settings::{
+    check_control_url, read_config_file, token_secret, QuicArgs, QuicFile,
+};
 use kakuremichi_node::NodeSettings;
 use serde::Deserialize;
 
@@ -42,6 +44,9 @@ pub struct Cli {
     /// How long to wait for a connection to a site, e.g. 10s [default: 10s].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_CONNECT_TIMEOUT", value_parser = parse_duration)]
     pub connect_timeout: Option<Duration>,
+    /// QUIC sizes inside the tunnel.
+    #[command(flatten)]
+    pub quic: QuicArgs,
 }
 
 /// The `--config` file.
@@ -56,6 +61,8 @@ pub struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     upstream_timeout: Option<String>,
     connect_timeout: Option<String>,
+    #[serde(default)]
+    quic: QuicFile,
 }
 
 /// Validated settings.
@@ -126,6 +133,7 @@ impl Cli {
                     .wg_listen
                     .or(file.wg_listen)
                     .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 51820))),
+                quic: self.quic.resolve(file.quic)?,
             },
             http_listen: self
                 .http_listen

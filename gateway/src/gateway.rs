@@ -31,6 +31,8 @@ pub struct GatewayOptions {
     pub private_key: [u8; 32],
     /// Proxy timeouts.
     pub timeouts: ProxyTimeouts,
+    /// QUIC windows and limits inside the tunnel.
+    pub quic: kakuremichi_tunnel::QuicSettings,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -40,6 +42,7 @@ impl std::fmt::Debug for GatewayOptions {
             .field("wg_listen", &self.wg_listen)
             .field("private_key", &"***")
             .field("timeouts", &self.timeouts)
+            .field("quic", &self.quic)
             .finish()
     }
 }
@@ -103,7 +106,12 @@ impl Gateway {
     /// A gateway with no config yet (it answers 404 until the first snapshot), with the endpoint
     /// memory loaded from the data dir.
     pub fn new(options: GatewayOptions) -> Self {
-        let tunnel = NodeTunnel::new(options.private_key, options.wg_listen, false);
+        let tunnel = NodeTunnel::new(
+            options.private_key,
+            options.wg_listen,
+            false,
+            options.quic.clone(),
+        );
         let routes = Arc::new(RwLock::new(Arc::new(RouteTable::default())));
         let metrics = Arc::new(Metrics::default());
         let proxy = Arc::new(Proxy::new(

@@ -28,6 +28,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             connect: settings.connect_timeout,
             response: settings.upstream_timeout,
         },
+        quic: settings.node.quic.clone(),
     });
     let cached_version =
         process::serve_cached_config(gateway.cached_config(), |s| gateway.apply(s, false)).await?;

@@ -189,6 +189,7 @@ async fn setup() -> Setup {
             connect: Duration::from_secs(10),
             response: Duration::from_secs(20),
         },
+        quic: Default::default(),
     });
     gateway
         .apply(
@@ -202,6 +203,7 @@ async fn setup() -> Setup {
         data_dir: agent_dir.path().to_owned(),
         wg_listen: "127.0.0.1:0".parse().unwrap(),
         private_key: agent_key,
+        quic: Default::default(),
     });
     agent
         .apply(
@@ -405,6 +407,7 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
             connect: Duration::from_secs(10),
             response: Duration::from_secs(20),
         },
+        quic: Default::default(),
     });
     let cached = restarted
         .cached_config()

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use kakuremichi_proto::Secret;
+use kakuremichi_tunnel::QuicSettings;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// The settings shared by gateways and agents, validated.
 #[derive(Debug, Clone)]
@@ -21,6 +23,70 @@ pub struct NodeSettings {
     pub data_dir: PathBuf,
     /// WireGuard listen (gateway) or bind (agent) address.
     pub wg_listen: SocketAddr,
+    /// QUIC windows and limits inside the tunnel.
+    pub quic: QuicSettings,
+}
+
+/// The tunnel's QUIC sizes on the command line: the same flags and environment variables on the
+/// gateway and the agent (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct QuicArgs {
+    /// Receive window of one stream inside the tunnel, in KiB [default: 16384, 1 Gbit/s at 100 ms].
+    #[arg(long, env = "KAKUREMICHI_QUIC_STREAM_WINDOW_KIB")]
+    pub quic_stream_window_kib: Option<u32>,
+    /// Receive window of all streams of one peer, in KiB [default: 32768].
+    #[arg(long, env = "KAKUREMICHI_QUIC_CONNECTION_WINDOW_KIB")]
+    pub quic_connection_window_kib: Option<u32>,
+    /// Streams a peer may have open towards this node at once; more wait, then get 503
+    /// [default: 10000].
+    #[arg(long, env = "KAKUREMICHI_QUIC_MAX_STREAMS")]
+    pub quic_max_streams: Option<u32>,
+}
+
+/// The same sizes in the `--config` file, as a `[quic]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicFile {
+    stream_window_kib: Option<u32>,
+    connection_window_kib: Option<u32>,
+    max_streams: Option<u32>,
+}
+
+impl QuicArgs {
+    /// The command line over the file over the defaults, validated.
+    pub fn resolve(self, file: QuicFile) -> Result<QuicSettings, ConfigError> {
+        let d = QuicSettings::default();
+        let kib = |v: Option<u32>, name: &str, default: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(k) => k
+                    .checked_mul(1024)
+                    .ok_or_else(|| ConfigError::Invalid(format!("{name}: {k} KiB is too large"))),
+            }
+        };
+        let settings = QuicSettings {
+            stream_window: kib(
+                self.quic_stream_window_kib.or(file.stream_window_kib),
+                "quic stream window",
+                d.stream_window,
+            )?,
+            connection_window: kib(
+                self.quic_connection_window_kib
+                    .or(file.connection_window_kib),
+                "quic connection window",
+                d.connection_window,
+            )?,
+            max_streams: self
+                .quic_max_streams
+                .or(file.max_streams)
+                .unwrap_or(d.max_streams),
+            ..d
+        };
+        settings
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(settings)
+    }
 }
 
 /// The settings are invalid.
@@ -119,5 +185,35 @@ mod tests {
             token_secret(Some("kmt_x".into())).map(|s| s.expose().to_owned()),
             Some("kmt_x".to_owned())
         );
+    }
+}
+
+#[cfg(test)]
+mod quic_tests {
+    use super::*;
+
+    #[test]
+    fn quic_sizes_merge_flags_over_file_and_are_validated() {
+        let file: QuicFile = toml::from_str("stream_window_kib = 1024\nmax_streams = 50").unwrap();
+        let args = QuicArgs {
+            quic_max_streams: Some(100),
+            ..Default::default()
+        };
+        let s = args.resolve(file).unwrap();
+        assert_eq!(s.stream_window, 1024 * 1024);
+        assert_eq!(s.max_streams, 100);
+        assert_eq!(
+            s.connection_window,
+            QuicSettings::default().connection_window
+        );
+        let tiny = QuicArgs {
+            quic_stream_window_kib: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            tiny.resolve(QuicFile::default()),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(toml::from_str::<QuicFile>("stream_window = 1").is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kakuremichi_proto::{OverlayConfig, PeerStatus, WgPublicKey};
-use kakuremichi_tunnel::{Incoming, Tunnel, TunnelConfig, TunnelError};
+use kakuremichi_tunnel::{Incoming, QuicSettings, Tunnel, TunnelConfig, TunnelError};
 
 /// How often binding a fixed UDP port is retried while the previous tunnel's socket closes.
 const BIND_ATTEMPTS: u32 = 20;
@@ -20,6 +20,7 @@ pub struct NodeTunnel {
     private_key: [u8; 32],
     listen: SocketAddr,
     dials: bool,
+    quic: QuicSettings,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -36,12 +37,13 @@ impl NodeTunnel {
     /// An empty slot for a tunnel with this WireGuard key, bound to `listen` (port 0: ephemeral).
     /// `dials`: this node keeps a QUIC connection to every peer (agents); otherwise it waits for
     /// its peers to dial (gateways).
-    pub fn new(private_key: [u8; 32], listen: SocketAddr, dials: bool) -> Self {
+    pub fn new(private_key: [u8; 32], listen: SocketAddr, dials: bool, quic: QuicSettings) -> Self {
         Self {
             slot: Arc::new(RwLock::new(None)),
             private_key,
             listen,
             dials,
+            quic,
         }
     }
 
@@ -65,7 +67,7 @@ impl NodeTunnel {
             mtu: overlay.mtu,
             listen: self.listen,
             dials: self.dials,
-            quic: Default::default(),
+            quic: self.quic.clone(),
         };
         let mut attempt = 0;
         let (tunnel, incoming) = loop {
