@@ -386,6 +386,7 @@ impl Net {
         }
     }
 
+    /// A new id for a stream the peer opened.
     fn insert_stream(
         &mut self,
         ch: ConnectionHandle,
@@ -394,6 +395,18 @@ impl Net {
     ) -> StreamId {
         let id = StreamId(self.next_stream);
         self.next_stream += 1;
+        self.register(id, ch, quic, peer);
+        id
+    }
+
+    /// Records that our stream `id` is QUIC stream `quic` on connection `ch`.
+    fn register(
+        &mut self,
+        id: StreamId,
+        ch: ConnectionHandle,
+        quic: quinn_proto::StreamId,
+        peer: Ipv4Addr,
+    ) {
         self.streams.insert(
             id,
             Stream {
@@ -407,7 +420,6 @@ impl Net {
         if let Some(c) = self.conns.get_mut(&ch) {
             c.streams.insert(id);
         }
-        id
     }
 
     /// The connection is lost: its streams fail, a dialing node dials again soon.
@@ -492,17 +504,7 @@ impl Net {
         let ch = *self.by_peer.get(&peer).ok_or(OpenError::Exhausted)?;
         let c = self.conns.get_mut(&ch).ok_or(OpenError::Exhausted)?;
         let quic = c.conn.streams().open(Dir::Bi).ok_or(OpenError::Exhausted)?;
-        self.streams.insert(
-            id,
-            Stream {
-                conn: ch,
-                quic,
-                peer,
-                lost: false,
-            },
-        );
-        self.by_quic.insert((ch, quic), id);
-        c.streams.insert(id);
+        self.register(id, ch, quic, peer);
         Ok(())
     }
 
