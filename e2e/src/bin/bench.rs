@@ -101,8 +101,8 @@ fn with_peak_rss<T>(stack: &Stack, f: impl FnOnce() -> T) -> (T, f64, f64) {
         std::thread::spawn(move || {
             let (mut g, mut a) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
-                g = g.max(rss_kib(gw_pid).unwrap_or(0));
-                a = a.max(rss_kib(agent_pid).unwrap_or(0));
+                g = g.max(gw_pid.and_then(kakuremichi_e2e::rss_kib).unwrap_or(0));
+                a = a.max(agent_pid.and_then(kakuremichi_e2e::rss_kib).unwrap_or(0));
                 std::thread::sleep(Duration::from_millis(100));
             }
             (g, a)
@@ -112,14 +112,6 @@ fn with_peak_rss<T>(stack: &Stack, f: impl FnOnce() -> T) -> (T, f64, f64) {
     stop.store(true, Ordering::Relaxed);
     let (g, a) = sampler.join().unwrap_or((0, 0));
     (out, g as f64 / 1024.0, a as f64 / 1024.0)
-}
-
-fn rss_kib(pid: Option<u32>) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn mib(kib: Option<u64>) -> f64 {
