@@ -12,6 +12,7 @@ use kakuremichi_proto::{
     check_protocol_version, ConfigSnapshot, ControlMessage, NodeKind, NodeMessage, RefuseReason,
     Secret, StatusReport, WgPublicKey, NODE_WS_PATH, PROTOCOL_VERSION,
 };
+use rand::Rng as _;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -121,6 +122,8 @@ enum SessionEnd {
     Lost(String),
     /// Control refused the node.
     Refused(RefuseReason, String),
+    /// Control is busy; retry after about this long.
+    Busy(Duration),
     /// Control speaks an unsupported protocol version.
     Incompatible(String),
 }
@@ -167,6 +170,12 @@ pub async fn run_channel<H: NodeHooks>(
                 }
                 backoff.next_delay()
             }
+            SessionEnd::Busy(after) => {
+                tracing::debug!(%url, ?after, "control is busy; retrying later");
+                // Up to half again as long, so that a refused crowd does not come back at once.
+                let jitter = rand::thread_rng().gen_range(0..=after.as_millis() as u64 / 2);
+                after + Duration::from_millis(jitter)
+            }
             SessionEnd::Refused(reason, message) => {
                 in_outage = true;
                 if reason == RefuseReason::BadCredential {
@@ -175,6 +184,12 @@ pub async fn run_channel<H: NodeHooks>(
                         "control refused this node's credential; re-enroll: delete {} and start \
                          with a new --token",
                         crate::state::NodeState::path(&config.data_dir).display()
+                    );
+                } else if reason == RefuseReason::Replaced {
+                    tracing::error!(
+                        %message,
+                        "another session with this node's credential took over; is a second \
+                         copy of this node running with the same data dir?"
                     );
                 } else {
                     tracing::error!(?reason, %message, "control refused this node");
@@ -282,9 +297,18 @@ async fn session<H: NodeHooks>(
                 tracing::warn!(%node_id, expected = %config.node_id, "control welcomed another node id");
             }
         }
-        Ok(Ok(ControlMessage::Refused { reason, message })) => {
-            return SessionEnd::Refused(reason, message)
+        Ok(Ok(ControlMessage::Refused {
+            reason: RefuseReason::Busy,
+            retry_after_ms,
+            ..
+        })) => {
+            return SessionEnd::Busy(Duration::from_millis(
+                retry_after_ms.unwrap_or(1000).min(60_000),
+            ))
         }
+        Ok(Ok(ControlMessage::Refused {
+            reason, message, ..
+        })) => return SessionEnd::Refused(reason, message),
         Ok(Ok(other)) => {
             return SessionEnd::Failed(format!("expected welcome, got {}", message_name(&other)))
         }
@@ -341,7 +365,7 @@ async fn session<H: NodeHooks>(
                             }
                             Ok(ControlMessage::Ping { nonce }) => Some(NodeMessage::Pong { nonce }),
                             Ok(ControlMessage::Pong { .. }) | Ok(ControlMessage::Welcome { .. }) => None,
-                            Ok(ControlMessage::Refused { reason, message }) => {
+                            Ok(ControlMessage::Refused { reason, message, .. }) => {
                                 return SessionEnd::Refused(reason, message)
                             }
                         }

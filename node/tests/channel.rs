@@ -315,6 +315,7 @@ async fn bad_credential_is_reported_and_retried_slowly() {
         ControlMessage::Refused {
             reason: RefuseReason::BadCredential,
             message: "unknown node".into(),
+            retry_after_ms: None,
         },
     )
     .await;
@@ -333,5 +334,56 @@ async fn bad_credential_is_reported_and_retried_slowly() {
     // No quick retry.
     let again = tokio::time::timeout(Duration::from_millis(700), listener.accept()).await;
     assert!(again.is_err(), "retried too fast after a refusal");
+    task.abort();
+}
+
+#[tokio::test]
+async fn busy_is_retried_after_the_delay_with_jitter_and_is_not_a_refusal() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (task, mut applied, mut state) = start(addr, None);
+    let mut ws = accept(&listener).await;
+    assert!(matches!(recv(&mut ws).await, NodeMessage::Hello { .. }));
+    send(
+        &mut ws,
+        ControlMessage::Refused {
+            reason: RefuseReason::Busy,
+            message: "busy".into(),
+            retry_after_ms: Some(400),
+        },
+    )
+    .await;
+    let told = tokio::time::Instant::now();
+    drop(ws);
+    // Not before the delay (the backoff alone would retry within 50 ms); the jitter adds at most
+    // 50% (the upper bound leaves room for a loaded machine).
+    let mut ws = tokio::time::timeout(Duration::from_secs(2), accept(&listener))
+        .await
+        .expect("no retry after busy");
+    let waited = told.elapsed();
+    assert!(
+        waited >= Duration::from_millis(390) && waited <= Duration::from_millis(1500),
+        "retried after {waited:?}"
+    );
+    assert_eq!(
+        *state.borrow(),
+        ChannelState::Connecting,
+        "busy is not a refusal"
+    );
+    assert!(matches!(recv(&mut ws).await, NodeMessage::Hello { .. }));
+    send(
+        &mut ws,
+        ControlMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: NODE,
+        },
+    )
+    .await;
+    send(&mut ws, ControlMessage::Config(snapshot(4))).await;
+    state
+        .wait_for(|s| *s == ChannelState::Connected)
+        .await
+        .unwrap();
+    assert_eq!(applied.recv().await, Some(4));
     task.abort();
 }

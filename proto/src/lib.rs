@@ -239,6 +239,13 @@ pub enum RefuseReason {
     BadCredential,
     /// The first message was not a valid hello.
     BadHello,
+    /// The hello names a WireGuard public key another node holds.
+    KeyInUse,
+    /// Control is at its limit of handshakes in progress; retry after `retry_after_ms`, with
+    /// jitter.
+    Busy,
+    /// Another session of the same node took over (the newest session wins).
+    Replaced,
 }
 
 /// Messages control sends to a node.
@@ -258,6 +265,9 @@ pub enum ControlMessage {
         reason: RefuseReason,
         /// Human-readable explanation.
         message: String,
+        /// With [`RefuseReason::Busy`]: wait about this long (plus jitter) before retrying.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// A full config snapshot for this node.
     Config(ConfigSnapshot),
@@ -592,8 +602,17 @@ mod tests {
             ControlMessage::Refused {
                 reason: RefuseReason::UnsupportedProtocolVersion,
                 message: "no".into(),
+                retry_after_ms: None,
             },
             json!({"type": "refused", "reason": "unsupported_protocol_version", "message": "no"}),
+        );
+        golden(
+            ControlMessage::Refused {
+                reason: RefuseReason::Busy,
+                message: "busy".into(),
+                retry_after_ms: Some(750),
+            },
+            json!({"type": "refused", "reason": "busy", "message": "busy", "retry_after_ms": 750}),
         );
     }
 
