@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout)]
 
+pub mod fleet;
 pub mod netns;
 
 use std::fmt;
@@ -679,6 +680,28 @@ fn start_control(opts: &StackOptions, dir: &Path) -> anyhow::Result<Proc> {
     )
 }
 
+/// `--allow-insecure-control` when nodes reach control over plain `http://` at a host that is not
+/// loopback (the NAT lab, where control is at its public-side address), nothing otherwise: loopback
+/// stacks start nodes without the flag, so they keep proving the default accepts them. (The harness
+/// does not link the node crate, so this mirrors its rule rather than calling it.)
+pub fn insecure_control_args(control_url: &str) -> Vec<String> {
+    let insecure = reqwest::Url::parse(control_url)
+        .is_ok_and(|url| url.scheme() == "http" && !url.host_str().is_some_and(is_loopback_host));
+    if insecure {
+        vec!["--allow-insecure-control".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => bare == "localhost" || bare.ends_with(".localhost"),
+    }
+}
+
 fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
     let data = dir.join("gateway");
     std::fs::create_dir_all(&data)?;
@@ -692,6 +715,7 @@ fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow
         "--wg-listen".into(),
         opts.gateway_wg_listen.to_string(),
     ];
+    args.extend(insecure_control_args(&opts.control_url_for_nodes));
     if let Some(t) = token {
         args.extend(["--token".into(), t.to_string()]);
     }
@@ -715,6 +739,7 @@ fn start_agent(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::
         "--data-dir".into(),
         data.display().to_string(),
     ];
+    args.extend(insecure_control_args(&opts.control_url_for_nodes));
     if let Some(t) = token {
         args.extend(["--token".into(), t.to_string()]);
     }
@@ -746,4 +771,33 @@ pub fn start_demo_app(listen: SocketAddr, netns: Option<&str>, dir: &Path) -> an
 /// The byte at offset `i` of the demo app's `/bytes/{n}` bodies.
 pub fn demo_pattern(i: u64) -> u8 {
     (i % 251) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_off_loopback_gets_the_insecure_flag() {
+        let lab = StackOptions {
+            control_url_for_nodes: format!(
+                "http://{}:3000",
+                std::net::Ipv4Addr::from(netns::GW_PUBLIC)
+            ),
+            ..StackOptions::loopback()
+        };
+        assert_eq!(
+            insecure_control_args(&lab.control_url_for_nodes),
+            vec!["--allow-insecure-control".to_owned()]
+        );
+        for url in [
+            StackOptions::loopback().control_url_for_nodes,
+            "http://127.0.0.1:3000".into(),
+            "http://[::1]:3000".into(),
+            "http://localhost:3000".into(),
+            "https://10.0.0.1:3000".into(),
+        ] {
+            assert!(insecure_control_args(&url).is_empty(), "{url}");
+        }
+    }
 }

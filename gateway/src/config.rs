@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use kakuremichi_node::settings::{
-    check_control_url, read_config_file, token_secret, QuicArgs, QuicFile,
+    parse_secret, read_config_file, ControlArgs, ControlFile, QuicArgs, QuicFile,
 };
 use kakuremichi_node::NodeSettings;
+use kakuremichi_proto::Secret;
 use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;
@@ -20,12 +21,21 @@ pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
     #[arg(long, env = "KAKUREMICHI_GATEWAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Control's base URL, e.g. http://127.0.0.1:3000 (defaults to the enrolled one).
+    /// Control's base URL, e.g. https://control.example.com (defaults to the enrolled one); plain
+    /// http:// only to loopback, unless --allow-insecure-control.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_CONTROL")]
     pub control: Option<String>,
-    /// One-time enrollment token (first start only).
-    #[arg(long, env = "KAKUREMICHI_GATEWAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// One-time enrollment token (first start only); see also --token-file.
+    #[arg(
+        long,
+        env = "KAKUREMICHI_GATEWAY_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub token: Option<Secret>,
+    /// How to reach control: --token-file, --allow-insecure-control.
+    #[command(flatten)]
+    pub control_access: ControlArgs,
     /// Folder for state.json, config.json and peers.json.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -54,7 +64,9 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     control: Option<String>,
-    token: Option<String>,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    allow_insecure_control: Option<bool>,
     data_dir: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
     wg_listen: Option<SocketAddr>,
@@ -117,7 +129,16 @@ impl Cli {
             v.map(|s| parse_duration(&s).map_err(|e| ConfigError::Invalid(format!("{name}: {e}"))))
                 .transpose()
         };
-        let control = check_control_url(self.control.or(file.control))?;
+        let control = self.control_access.resolve(
+            self.control,
+            self.token,
+            ControlFile {
+                control: file.control,
+                token: file.token,
+                token_file: file.token_file,
+                allow_insecure_control: file.allow_insecure_control,
+            },
+        )?;
         let data_dir = self.data_dir.or(file.data_dir).ok_or_else(|| {
             ConfigError::Invalid(
                 "--data-dir is required (KAKUREMICHI_GATEWAY_DATA_DIR or data_dir in --config)"
@@ -126,8 +147,9 @@ impl Cli {
         })?;
         Ok(Settings {
             node: NodeSettings {
-                control,
-                token: token_secret(self.token.or(file.token)),
+                control: control.control,
+                token: control.token,
+                allow_insecure_control: control.allow_insecure_control,
                 data_dir,
                 wg_listen: self
                     .wg_listen
@@ -205,5 +227,70 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn insecure_control_and_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Cli::parse_from([
+            "kakuremichi-gateway",
+            "--control",
+            "http://example.com",
+            "--data-dir",
+            "/tmp",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--allow-insecure-control"),
+            "{err}"
+        );
+
+        let token = dir.path().join("token");
+        std::fs::write(&token, "\tkme_gw_secret \n").unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "control = \"http://example.com\"\ndata_dir = \"/tmp\"\nallow_insecure_control = true\ntoken_file = {:?}\n",
+                token.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let s = Cli::parse_from(["kakuremichi-gateway", "--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert!(s.node.allow_insecure_control);
+        assert_eq!(
+            s.node.token.as_ref().map(Secret::expose),
+            Some("kme_gw_secret")
+        );
+        assert!(!format!("{s:?}").contains("kme_gw_secret"), "{s:?}");
+
+        let cli = Cli::parse_from([
+            "kakuremichi-gateway",
+            "--data-dir",
+            "/tmp",
+            "--token",
+            "kme_gw_inline",
+            "--token-file",
+            token.to_str().unwrap(),
+        ]);
+        assert!(!format!("{cli:?}").contains("kme_gw_inline"), "{cli:?}");
+        let err = cli.resolve().unwrap_err();
+        assert!(err.to_string().contains("both given"), "{err}");
+
+        std::fs::write(&token, "").unwrap();
+        let err = Cli::parse_from([
+            "kakuremichi-gateway",
+            "--data-dir",
+            "/tmp",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        assert!(err.to_string().contains(token.to_str().unwrap()), "{err}");
     }
 }

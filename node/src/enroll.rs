@@ -107,8 +107,11 @@ pub async fn enroll(
             error,
         }
     };
+    // Redirects are not followed: a 307/308 would resend the token, possibly to plain http:// or
+    // another host, past the check of the control URL.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(http)?;
     let request = EnrollRequest {
@@ -124,6 +127,23 @@ pub async fn enroll(
         .await
         .map_err(http)?;
     let status = response.status();
+    if status.is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .unwrap_or("nowhere")
+            .chars()
+            .take(300)
+            .collect::<String>();
+        return Err(EnrollError::Refused {
+            status: status.as_u16(),
+            message: format!(
+                "redirected to {location}: enrollment does not follow redirects, give the URL \
+                 control is served at as --control"
+            ),
+        });
+    }
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
         let message = match serde_json::from_str::<ErrorBody>(&text) {
@@ -285,6 +305,35 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "control refused the enrollment (401): the enrollment token is unknown or was already used"
+        );
+        assert!(NodeState::load(dir.path()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed_with_the_token() {
+        let (url, server) = one_shot(
+            "307 Temporary Redirect\r\nlocation: http://elsewhere.example/api/v1/enroll",
+            String::new(),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_or_enroll(
+            dir.path(),
+            &url,
+            NodeKind::Agent,
+            Some(&Secret::new("kme_t")),
+        )
+        .await
+        .unwrap_err();
+        server.await.unwrap();
+        assert!(
+            matches!(err, EnrollError::Refused { status: 307, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("redirected to http://elsewhere.example/api/v1/enroll"),
+            "{err}"
         );
         assert!(NodeState::load(dir.path()).unwrap().is_none());
     }

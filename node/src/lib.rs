@@ -1,4 +1,5 @@
 //! What gateways and agents share: enrollment, the on-disk node state and config cache, the
+//! rule for the control URL ([`control_url`]: HTTPS unless control is on loopback), the
 //! control-channel client, a sans-IO jittered backoff, and the parts of a node runtime that do not
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
 //! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the settings every node binary has
@@ -11,6 +12,7 @@
 pub mod applied;
 pub mod backoff;
 pub mod channel;
+pub mod control_url;
 pub mod enroll;
 pub mod plan;
 pub mod process;
@@ -21,6 +23,7 @@ pub mod tunnel;
 pub use applied::{AppliedConfig, ApplyError, Applying};
 pub use backoff::Backoff;
 pub use channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
+pub use control_url::{check_control_url, ControlUrlError};
 pub use enroll::{enroll, load_or_enroll, EnrollError};
 pub use settings::{ConfigError, NodeSettings};
 pub use state::{write_atomic, ConfigCache, NodeState, PrivateKey, StateError};

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
+use crate::control_url::check_control_url;
 use crate::settings::NodeSettings;
 use crate::state::NodeState;
 
@@ -43,19 +44,32 @@ pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
 }
 
 /// The node's identity: `state.json` if it enrolled before, else a fresh enrollment with the
-/// token. The control URL defaults to the enrolled one.
+/// token. The control URL defaults to the enrolled one; either way it must pass
+/// [`check_control_url`] before the token or the credential is sent to it.
 pub async fn load_identity(settings: &NodeSettings, kind: NodeKind) -> anyhow::Result<NodeState> {
     let control = match &settings.control {
-        Some(c) => c.clone(),
-        None => NodeState::load(&settings.data_dir)
-            .context("reading the node state")?
-            .map(|s| s.control_url)
-            .with_context(|| {
+        Some(c) => {
+            check_control_url(c, settings.allow_insecure_control).context("--control")?;
+            c.clone()
+        }
+        None => {
+            let url = NodeState::load(&settings.data_dir)
+                .context("reading the node state")?
+                .map(|s| s.control_url)
+                .with_context(|| {
+                    format!(
+                        "--control is required (KAKUREMICHI_{}_CONTROL)",
+                        kind.to_string().to_uppercase()
+                    )
+                })?;
+            check_control_url(&url, settings.allow_insecure_control).with_context(|| {
                 format!(
-                    "--control is required (KAKUREMICHI_{}_CONTROL)",
-                    kind.to_string().to_uppercase()
+                    "the control URL this node enrolled with ({}); pass --control to change it",
+                    NodeState::path(&settings.data_dir).display()
                 )
-            })?,
+            })?;
+            url
+        }
     };
     let state =
         crate::enroll::load_or_enroll(&settings.data_dir, &control, kind, settings.token.as_ref())
@@ -127,4 +141,84 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::PrivateKey;
+    use kakuremichi_proto::Secret;
+    use kakuremichi_tunnel::QuicSettings;
+
+    fn settings(data_dir: &std::path::Path, control: Option<&str>, allow: bool) -> NodeSettings {
+        NodeSettings {
+            control: control.map(Into::into),
+            token: None,
+            allow_insecure_control: allow,
+            data_dir: data_dir.to_owned(),
+            wg_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            quic: QuicSettings::default(),
+        }
+    }
+
+    fn enrolled(data_dir: &std::path::Path, control_url: &str) -> NodeState {
+        let state = NodeState {
+            node_id: uuid::Uuid::from_u128(7),
+            kind: NodeKind::Agent,
+            credential: Secret::new("kmc_secret"),
+            private_key: PrivateKey([9; 32]),
+            control_url: control_url.into(),
+            overlay_address: None,
+        };
+        state.save(data_dir).unwrap();
+        state
+    }
+
+    #[tokio::test]
+    async fn the_enrolled_control_url_is_checked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = enrolled(dir.path(), "http://10.0.0.1:3000");
+        let err = load_identity(&settings(dir.path(), None, false), NodeKind::Agent)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("state.json"), "{text}");
+        assert!(text.contains("http://10.0.0.1:3000 is not HTTPS"), "{text}");
+        assert!(!text.contains("kmc_secret"), "{text}");
+        // With the flag it starts from the state (no network needed).
+        let got = load_identity(&settings(dir.path(), None, true), NodeKind::Agent)
+            .await
+            .unwrap();
+        assert_eq!(got, state);
+        // An HTTPS --control replaces the enrolled URL; the check is on the URL in use.
+        let got = load_identity(
+            &settings(dir.path(), Some("https://control.example.com"), false),
+            NodeKind::Agent,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.control_url, "https://control.example.com");
+        let err = load_identity(
+            &settings(dir.path(), Some("http://example.com"), false),
+            NodeKind::Agent,
+        )
+        .await
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("not HTTPS"), "{err:#}");
+        assert_eq!(
+            NodeState::load(dir.path()).unwrap().map(|s| s.control_url),
+            Some("https://control.example.com".to_owned()),
+            "a refused --control does not touch the state"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_enrolled_loopback_url_needs_no_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = enrolled(dir.path(), "http://127.0.0.1:3000");
+        let got = load_identity(&settings(dir.path(), None, false), NodeKind::Agent)
+            .await
+            .unwrap();
+        assert_eq!(got, state);
+    }
 }

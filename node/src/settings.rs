@@ -2,7 +2,10 @@
 //! address) and the helpers both binaries use to merge their command line over a TOML file.
 //!
 //! The command line itself stays in each binary: flags, environment variable names, defaults
-//! and the file's keys are part of each binary's interface.
+//! and the file's keys are part of each binary's interface. Flags that are the same on both
+//! binaries, environment variable included, live here as `clap::Args` to flatten: the QUIC sizes
+//! ([`QuicArgs`]) and how the node reaches control ([`ControlArgs`]: `--token-file`,
+//! `--allow-insecure-control`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,13 +15,18 @@ use kakuremichi_tunnel::QuicSettings;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::control_url::{check_control_url, ControlUrlError};
+
 /// The settings shared by gateways and agents, validated.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
     /// Control URL if given (else the enrolled one).
     pub control: Option<String>,
-    /// Enrollment token.
+    /// Enrollment token (from `--token` or `--token-file`).
     pub token: Option<Secret>,
+    /// Whether plain `http://` to a control that is not on loopback is allowed
+    /// (`--allow-insecure-control`); see [`crate::control_url`].
+    pub allow_insecure_control: bool,
     /// Data dir.
     pub data_dir: PathBuf,
     /// WireGuard listen (gateway) or bind (agent) address.
@@ -89,6 +97,132 @@ impl QuicArgs {
     }
 }
 
+/// How the node reaches control, on the command line: the flags both binaries share, with the same
+/// environment variables (`#[command(flatten)]`). `--control` and `--token` stay in each binary,
+/// as their environment variables name it; [`ControlArgs::resolve`] takes them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ControlArgs {
+    /// Read the one-time enrollment token from this file (trimmed) instead of --token, so it stays
+    /// out of the command line and the environment.
+    #[arg(long, env = "KAKUREMICHI_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Allow a plain http:// control URL whose host is not loopback. The enrollment token and the
+    /// node credential then travel in clear text: for a lab only.
+    #[arg(
+        long,
+        env = "KAKUREMICHI_ALLOW_INSECURE_CONTROL",
+        value_parser = parse_switch
+    )]
+    pub allow_insecure_control: bool,
+}
+
+/// The same settings as the `--config` file gives them: top-level keys `control`, `token`,
+/// `token_file` and `allow_insecure_control` of each binary's file, which copies them here.
+#[derive(Debug, Clone, Default)]
+pub struct ControlFile {
+    /// `control`.
+    pub control: Option<String>,
+    /// `token`.
+    pub token: Option<Secret>,
+    /// `token_file`.
+    pub token_file: Option<PathBuf>,
+    /// `allow_insecure_control`.
+    pub allow_insecure_control: Option<bool>,
+}
+
+/// Where control is and how to enroll with it, validated.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// The control URL, if given (else the enrolled one is used, and checked at start).
+    pub control: Option<String>,
+    /// The enrollment token, if given.
+    pub token: Option<Secret>,
+    /// Plain `http://` to a host that is not loopback is allowed.
+    pub allow_insecure_control: bool,
+}
+
+impl ControlArgs {
+    /// The command line (`control` and `token` are the binary's own `--control` and `--token`)
+    /// over the file, validated: the control URL must be HTTPS unless it is on loopback or insecure
+    /// control is allowed (by the flag, its environment variable or the file), and the token
+    /// comes from `--token` or `--token-file`, never both. The command line wins over the file for
+    /// the token as a whole: `--token-file` there overrides `token` in the file.
+    pub fn resolve(
+        self,
+        control: Option<String>,
+        token: Option<Secret>,
+        file: ControlFile,
+    ) -> Result<ControlSettings, ConfigError> {
+        let allow_insecure_control =
+            self.allow_insecure_control || file.allow_insecure_control.unwrap_or(false);
+        let control = control.or(file.control);
+        if let Some(url) = &control {
+            check_control_url(url, allow_insecure_control)?;
+        }
+        let token = match enrollment_token(token, self.token_file, "--token and --token-file")? {
+            Some(token) => Some(token),
+            None => enrollment_token(
+                file.token,
+                file.token_file,
+                "token and token_file in the --config file",
+            )?,
+        };
+        Ok(ControlSettings {
+            control,
+            token,
+            allow_insecure_control,
+        })
+    }
+}
+
+/// The token of one layer (command line or file): given inline or read from a file, not both.
+fn enrollment_token(
+    token: Option<Secret>,
+    file: Option<PathBuf>,
+    both: &'static str,
+) -> Result<Option<Secret>, ConfigError> {
+    let token = token.filter(|t| !t.expose().trim().is_empty());
+    match (token, file) {
+        (Some(_), Some(_)) => Err(ConfigError::TokenTwice(both)),
+        (Some(token), None) => Ok(Some(token)),
+        (None, Some(path)) => read_token_file(&path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Reads an enrollment token file: its contents, trimmed; unreadable or blank is an error naming
+/// the file (never its contents).
+pub fn read_token_file(path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::TokenFile {
+        path: path.to_owned(),
+        error,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(ConfigError::EmptyTokenFile {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Secret::new(token))
+}
+
+/// Parses the value of an on/off switch from its environment variable (`--flag` alone is `true`):
+/// `1`, `true`, `yes`, `on` (any case) or `0`, `false`, `no`, `off` and empty; anything else is an
+/// error rather than a guess, as these switches loosen security.
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false (or 1/0, yes/no, on/off)".to_owned()),
+    }
+}
+
+/// Parses a secret flag (`--token`) straight into a [`Secret`], so that no `String` copy of it
+/// sits in a `Debug`-printable command line.
+pub fn parse_secret(s: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(s))
+}
+
 /// The settings are invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -111,6 +245,26 @@ pub enum ConfigError {
     /// A value is invalid.
     #[error("{0}")]
     Invalid(String),
+    /// The control URL is unusable or would carry credentials in clear text.
+    #[error(transparent)]
+    ControlUrl(#[from] ControlUrlError),
+    /// The token was given inline and as a file.
+    #[error("{0} are both given: use one (--token-file keeps the token out of the command line and the environment)")]
+    TokenTwice(&'static str),
+    /// The token file could not be read.
+    #[error("cannot read the token file {path}: {error}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause (shown in the message, not chained, so it is printed once).
+        error: std::io::Error,
+    },
+    /// The token file holds nothing but white space.
+    #[error("the token file {path} is empty: put the enrollment token in it")]
+    EmptyTokenFile {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// Reads the `--config` TOML file, or the defaults (all unset) without one.
@@ -128,20 +282,6 @@ pub fn read_config_file<T: DeserializeOwned + Default>(
         path: path.to_owned(),
         source: Box::new(source),
     })
-}
-
-/// Checks a control URL's scheme, if one was given; the URL is kept as written.
-pub fn check_control_url(control: Option<String>) -> Result<Option<String>, ConfigError> {
-    if let Some(url) = &control {
-        crate::enroll::normalize_control_url(url)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    }
-    Ok(control)
-}
-
-/// The enrollment token, if one was given and is not blank.
-pub fn token_secret(token: Option<String>) -> Option<Secret> {
-    token.filter(|t| !t.trim().is_empty()).map(Secret::new)
 }
 
 #[cfg(test)]
@@ -169,22 +309,227 @@ mod tests {
         assert!(err.to_string().starts_with("cannot read"), "{err}");
     }
 
+    fn resolve(
+        args: ControlArgs,
+        control: Option<&str>,
+        token: Option<&str>,
+        file: ControlFile,
+    ) -> Result<ControlSettings, ConfigError> {
+        args.resolve(control.map(Into::into), token.map(Secret::new), file)
+    }
+
     #[test]
-    fn control_url_and_token_checks() {
-        assert!(check_control_url(Some("ftp://x".into()))
-            .unwrap_err()
-            .to_string()
-            .contains("http://"));
-        assert_eq!(
-            check_control_url(Some("http://c:3000/".into())).unwrap(),
-            Some("http://c:3000/".to_owned())
+    fn control_url_is_checked_and_kept_as_written() {
+        let ok = resolve(
+            ControlArgs::default(),
+            Some("http://127.0.0.1:3000/"),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.control.as_deref(), Some("http://127.0.0.1:3000/"));
+        assert!(!ok.allow_insecure_control);
+        let none = resolve(ControlArgs::default(), None, None, ControlFile::default()).unwrap();
+        assert_eq!(none.control, None);
+        let err = resolve(
+            ControlArgs::default(),
+            Some("ftp://x"),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("http://"), "{err}");
+        let err = resolve(
+            ControlArgs::default(),
+            Some("not a url"),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("is not a valid URL"), "{err}");
+    }
+
+    #[test]
+    fn insecure_control_is_refused_unless_allowed_by_flag_or_file() {
+        let lab = Some("http://10.0.0.1:3000");
+        let err = resolve(ControlArgs::default(), lab, None, ControlFile::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::ControlUrl(ControlUrlError::Insecure { .. })
+            ),
+            "{err}"
         );
-        assert_eq!(check_control_url(None).unwrap(), None);
-        assert!(token_secret(Some("  ".into())).is_none());
-        assert_eq!(
-            token_secret(Some("kmt_x".into())).map(|s| s.expose().to_owned()),
-            Some("kmt_x".to_owned())
+        assert!(
+            err.to_string().contains("--allow-insecure-control"),
+            "{err}"
         );
+        // The URL from the file is checked the same way.
+        let file = ControlFile {
+            control: lab.map(Into::into),
+            ..Default::default()
+        };
+        assert!(resolve(ControlArgs::default(), None, None, file).is_err());
+
+        let flag = ControlArgs {
+            allow_insecure_control: true,
+            ..Default::default()
+        };
+        assert!(
+            resolve(flag, lab, None, ControlFile::default())
+                .unwrap()
+                .allow_insecure_control
+        );
+        let file = ControlFile {
+            allow_insecure_control: Some(true),
+            ..Default::default()
+        };
+        let s = resolve(ControlArgs::default(), lab, None, file).unwrap();
+        assert!(s.allow_insecure_control);
+        assert_eq!(s.control.as_deref(), lab);
+        let file = ControlFile {
+            allow_insecure_control: Some(false),
+            ..Default::default()
+        };
+        assert!(resolve(ControlArgs::default(), lab, None, file).is_err());
+    }
+
+    #[test]
+    fn token_inline_or_from_a_file_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  kme_from_file\n\n").unwrap();
+        let args = ControlArgs {
+            token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = resolve(args, None, None, ControlFile::default()).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_from_file"));
+        assert!(!format!("{s:?}").contains("kme_from_file"), "{s:?}");
+
+        let s = resolve(
+            ControlArgs::default(),
+            None,
+            Some("kme_inline"),
+            ControlFile::default(),
+        )
+        .unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_inline"));
+        // A blank --token is no token (and does not clash with a token file).
+        let s = resolve(
+            ControlArgs::default(),
+            None,
+            Some("  "),
+            ControlFile::default(),
+        )
+        .unwrap();
+        assert!(s.token.is_none());
+        let args = ControlArgs {
+            token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = resolve(args, None, Some(""), ControlFile::default()).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_from_file"));
+
+        // The file's token_file, and the command line over the file.
+        let file = ControlFile {
+            token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = resolve(ControlArgs::default(), None, None, file.clone()).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_from_file"));
+        let s = resolve(ControlArgs::default(), None, Some("kme_inline"), file).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_inline"));
+        let file = ControlFile {
+            token: Some(Secret::new("kme_in_toml")),
+            ..Default::default()
+        };
+        let args = ControlArgs {
+            token_file: Some(path),
+            ..Default::default()
+        };
+        let s = resolve(args, None, None, file).unwrap();
+        assert_eq!(s.token.as_ref().map(Secret::expose), Some("kme_from_file"));
+    }
+
+    #[test]
+    fn token_twice_or_a_bad_token_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "kme_from_file").unwrap();
+        let args = ControlArgs {
+            token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let err = resolve(args, None, Some("kme_inline"), ControlFile::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--token and --token-file are both given"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("kme_"), "{err}");
+        let file = ControlFile {
+            token: Some(Secret::new("kme_in_toml")),
+            token_file: Some(path),
+            ..Default::default()
+        };
+        let err = resolve(ControlArgs::default(), None, None, file).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("token and token_file in the --config file"),
+            "{err}"
+        );
+
+        let missing = dir.path().join("missing");
+        let args = ControlArgs {
+            token_file: Some(missing.clone()),
+            ..Default::default()
+        };
+        let err = resolve(args, None, None, ControlFile::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::TokenFile { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n\t\n").unwrap();
+        let args = ControlArgs {
+            token_file: Some(empty.clone()),
+            ..Default::default()
+        };
+        let err = resolve(args, None, None, ControlFile::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the token file {} is empty: put the enrollment token in it",
+                empty.display()
+            )
+        );
+        // A folder is unreadable as a token file.
+        let err = read_token_file(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the token file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn switches_parse_strictly() {
+        for on in ["1", "true", "TRUE", "yes", "on"] {
+            assert_eq!(parse_switch(on), Ok(true), "{on}");
+        }
+        for off in ["", " ", "0", "false", "No", "off"] {
+            assert_eq!(parse_switch(off), Ok(false), "{off:?}");
+        }
+        assert!(parse_switch("flase").is_err());
+    }
+
+    #[test]
+    fn secret_flags_parse_into_secrets() {
+        let s = parse_secret("kme_x").unwrap();
+        assert_eq!(s.expose(), "kme_x");
+        assert!(!format!("{s:?}").contains("kme_x"));
     }
 }
 
