@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kakuremichi_proto::Secret;
 use serde::Deserialize;
@@ -28,6 +29,14 @@ pub struct FileConfig {
     pub overlay_cidr: Option<String>,
     /// Admin key to seed when the store has none.
     pub initial_admin_key: Option<Secret>,
+    /// PostgreSQL pool size.
+    pub database_max_connections: Option<u32>,
+    /// How long enrollment tokens are valid, e.g. "24h", "30m".
+    pub enrollment_token_ttl: Option<String>,
+    /// Open connections at most.
+    pub max_connections: Option<usize>,
+    /// Node handshakes in progress at most.
+    pub max_handshakes: Option<usize>,
 }
 
 /// A setting was invalid.
@@ -86,7 +95,22 @@ pub struct Settings {
     pub overlay: OverlayNet,
     /// Admin key to seed when the store has none.
     pub initial_admin_key: Option<Secret>,
+    /// PostgreSQL pool size (SQLite always uses one connection).
+    pub database_max_connections: u32,
+    /// How long enrollment tokens are valid.
+    pub enrollment_token_ttl: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Node handshakes in progress at most.
+    pub max_handshakes: usize,
 }
+
+/// Default PostgreSQL pool size.
+pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 8;
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on node handshakes in progress.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 
 /// Raw settings before validation (each from the command line/env, else the file, else default).
 #[derive(Debug, Default)]
@@ -101,6 +125,14 @@ pub struct RawSettings {
     pub overlay_cidr: Option<String>,
     /// Initial admin key.
     pub initial_admin_key: Option<Secret>,
+    /// PostgreSQL pool size.
+    pub database_max_connections: Option<u32>,
+    /// Enrollment token lifetime.
+    pub enrollment_token_ttl: Option<String>,
+    /// Open connections at most.
+    pub max_connections: Option<usize>,
+    /// Node handshakes in progress at most.
+    pub max_handshakes: Option<usize>,
 }
 
 impl RawSettings {
@@ -112,6 +144,12 @@ impl RawSettings {
             database_url: self.database_url.or(file.database_url),
             overlay_cidr: self.overlay_cidr.or(file.overlay_cidr),
             initial_admin_key: self.initial_admin_key.or(file.initial_admin_key),
+            database_max_connections: self
+                .database_max_connections
+                .or(file.database_max_connections),
+            enrollment_token_ttl: self.enrollment_token_ttl.or(file.enrollment_token_ttl),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_handshakes: self.max_handshakes.or(file.max_handshakes),
         }
     }
 
@@ -153,14 +191,69 @@ impl RawSettings {
                 });
             }
         }
+        let database_max_connections = self
+            .database_max_connections
+            .unwrap_or(DEFAULT_DATABASE_MAX_CONNECTIONS);
+        if database_max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "database max connections",
+                message: "must be at least 1".into(),
+            });
+        }
+        let enrollment_token_ttl = match self.enrollment_token_ttl {
+            None => crate::store::DEFAULT_ENROLLMENT_TOKEN_TTL,
+            Some(t) => parse_duration(&t).ok_or_else(|| ConfigError::Invalid {
+                setting: "enrollment token TTL",
+                message: format!(
+                    "{t:?} is not a duration such as 24h, 30m or 90s (at least 1s, at most 365d)"
+                ),
+            })?,
+        };
+        let positive = |v: Option<usize>, default: usize, setting: &'static str| match v {
+            Some(0) => Err(ConfigError::Invalid {
+                setting,
+                message: "must be at least 1".into(),
+            }),
+            v => Ok(v.unwrap_or(default)),
+        };
         Ok(Settings {
             listen,
             data_dir,
             database_url,
             overlay,
             initial_admin_key: self.initial_admin_key,
+            database_max_connections,
+            enrollment_token_ttl,
+            max_connections: positive(
+                self.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                "max connections",
+            )?,
+            max_handshakes: positive(
+                self.max_handshakes,
+                DEFAULT_MAX_HANDSHAKES,
+                "max handshakes",
+            )?,
         })
     }
+}
+
+/// A duration written as a number and a unit: `90s`, `30m`, `24h`, `7d`; from 1 s to 365 days.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit.trim() {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (1..=365 * 86_400)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -199,5 +292,43 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+        for ttl in [
+            "",
+            "24",
+            "h",
+            "0s",
+            "-1h",
+            "1y",
+            "400d",
+            "99999999999999999999d",
+        ] {
+            let bad = RawSettings {
+                enrollment_token_ttl: Some(ttl.into()),
+                ..Default::default()
+            };
+            assert!(bad.validate().is_err(), "{ttl:?} accepted");
+        }
+        let bad = RawSettings {
+            max_handshakes: Some(0),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn durations_and_fleet_defaults() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration(" 24h "), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        let s = RawSettings::default().validate().unwrap();
+        assert_eq!(s.enrollment_token_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.database_max_connections, 8);
+        assert_eq!(s.max_handshakes, 64);
+        let file: FileConfig =
+            toml::from_str("enrollment_token_ttl = \"1h\"\nmax_connections = 50").unwrap();
+        let s = RawSettings::default().over(file).validate().unwrap();
+        assert_eq!(s.enrollment_token_ttl, Duration::from_secs(3600));
+        assert_eq!(s.max_connections, 50);
     }
 }

@@ -76,6 +76,8 @@ impl From<StoreError> for ApiError {
             StoreError::BadSecret => {
                 ApiError::Unauthorized("invalid or already used token or credential".into())
             }
+            e @ StoreError::Expired => ApiError::Unauthorized(e.to_string()),
+            e @ StoreError::KeyInUse => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -1,56 +1,117 @@
 //! The node WebSocket hub at `GET /api/v1/nodes/connect`.
 //!
-//! A session: the first frame must be a [`NodeMessage::Hello`] within the hello timeout; control
-//! checks the protocol version and the credential, answers [`ControlMessage::Welcome`] and a full
-//! [`ConfigSnapshot`], then waits on the store's config-version signal. On every new version the
-//! session recomputes the node's snapshot and sends it only if it differs from the last one sent.
-//! Applied versions, status reports and liveness are recorded in the store; online state is the
-//! set of open sessions in this process.
+//! A session: the first frame must be a [`NodeMessage::Hello`] within the hello timeout, counted
+//! from when control starts on the socket. The hello then waits (briefly) for one of a bounded
+//! number of handshake slots, or is answered [`RefuseReason::Busy`] with a retry delay; in its slot
+//! control checks the protocol version, the credential (a digest lookup) and the public key (one
+//! key, one node), answers [`ControlMessage::Welcome`] and a full [`ConfigSnapshot`], and frees the
+//! slot. Then the session waits on the store's config-version signal: on every new version it
+//! takes the shared [`crate::world::World`] and sends its snapshot if it differs from the last one
+//! sent, or refuses the node if it was deleted or its credential revoked. One live session per
+//! node: a newer one replaces the older ([`RefuseReason::Replaced`]). Activity (applied versions,
+//! status, last seen) is coalesced in [`crate::activity::Activity`]; online state is the set of
+//! open sessions in this process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use kakuremichi_proto::{
     check_protocol_version, ConfigSnapshot, ControlMessage, NodeKind, NodeMessage, RefuseReason,
     PROTOCOL_VERSION,
 };
+use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use crate::serve::ConnectionSlot;
+use crate::store::{now_ms, StoreError};
 use crate::{ApiError, AppState, MAX_BODY_BYTES};
 
 /// Close code for refused sessions (policy violation).
 const CLOSE_POLICY: u16 = 1008;
 /// Close code when control shuts down.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code when control is busy (try again later).
+const CLOSE_TRY_AGAIN: u16 = 1013;
 
-/// The open sessions, by node id.
-#[derive(Debug, Default)]
+struct Entry {
+    kind: NodeKind,
+    generation: u64,
+    replaced: Arc<Notify>,
+}
+
+/// The open sessions, by node id, and how many session tasks are alive.
+#[derive(Default)]
 pub struct Hub {
-    sessions: Mutex<HashMap<Uuid, (NodeKind, u64)>>,
+    sessions: Mutex<HashMap<Uuid, Entry>>,
     next_generation: AtomicU64,
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("sessions", &self.lock().len())
+            .field("live", &self.live.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Counts a live session task; see [`Hub::wait_idle`].
+struct LiveGuard(Arc<Hub>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Hub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, (NodeKind, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, id: Uuid, kind: NodeKind) -> u64 {
+    fn live_guard(self: &Arc<Self>) -> LiveGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(self.clone())
+    }
+
+    /// Registers a welcomed session; an older session of the same node is told to go.
+    fn register(&self, id: Uuid, kind: NodeKind) -> (u64, Arc<Notify>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, (kind, generation));
-        generation
+        let replaced = Arc::new(Notify::new());
+        let old = self.lock().insert(
+            id,
+            Entry {
+                kind,
+                generation,
+                replaced: replaced.clone(),
+            },
+        );
+        if let Some(old) = old {
+            // notify_one keeps the wake-up even if the old session is not waiting right now.
+            old.replaced.notify_one();
+        }
+        (generation, replaced)
     }
 
     fn unregister(&self, id: Uuid, generation: u64) {
         let mut sessions = self.lock();
-        if sessions.get(&id).is_some_and(|(_, g)| *g == generation) {
+        if sessions
+            .get(&id)
+            .is_some_and(|e| e.generation == generation)
+        {
             sessions.remove(&id);
         }
     }
@@ -62,19 +123,46 @@ impl Hub {
 
     /// How many nodes of a kind have an open session.
     pub fn online_count(&self, kind: NodeKind) -> usize {
-        self.lock().values().filter(|(k, _)| *k == kind).count()
+        self.lock().values().filter(|e| e.kind == kind).count()
+    }
+
+    /// Session tasks alive (welcomed or still in their handshake).
+    pub fn live_sessions(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Waits until no session task is alive, or `limit` passed; returns how many are left.
+    pub async fn wait_idle(&self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            if self.live_sessions() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.live_sessions();
+            }
+        }
     }
 }
 
-/// Upgrades `GET /api/v1/nodes/connect` to a node session.
+/// Upgrades `GET /api/v1/nodes/connect` to a node session. Frames are bounded like API bodies,
+/// and buffers start small (a thousand idle sessions must not hold 128 KiB each).
 pub async fn connect(
     State(state): State<AppState>,
+    slot: Option<Extension<ConnectionSlot>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
         Ok(ws) => ws
             .max_message_size(MAX_BODY_BYTES)
-            .on_upgrade(move |socket| session(state, socket))
+            .max_frame_size(MAX_BODY_BYTES)
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .on_upgrade(move |socket| async move {
+                let _slot = slot;
+                session(state, socket).await;
+            })
             .into_response(),
         Err(e) => ApiError::BadRequest(format!(
             "this path expects a WebSocket upgrade: {}",
@@ -101,22 +189,57 @@ async fn send(socket: &mut WebSocket, msg: &ControlMessage) -> bool {
     }
 }
 
-async fn refuse(mut socket: WebSocket, reason: RefuseReason, message: String) {
+async fn refuse(socket: &mut WebSocket, reason: RefuseReason, message: String) {
     tracing::info!(?reason, %message, "node refused");
-    let _ = send(&mut socket, &ControlMessage::Refused { reason, message }).await;
+    refuse_quietly(socket, reason, message, None).await;
+}
+
+async fn refuse_quietly(
+    socket: &mut WebSocket,
+    reason: RefuseReason,
+    message: String,
+    retry_after: Option<Duration>,
+) {
+    let retry_after_ms = retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let _ = send(
+        socket,
+        &ControlMessage::Refused {
+            reason,
+            message,
+            retry_after_ms,
+        },
+    )
+    .await;
+    let (code, why) = match reason {
+        RefuseReason::Busy => (CLOSE_TRY_AGAIN, "busy"),
+        RefuseReason::Replaced => (CLOSE_POLICY, "replaced"),
+        _ => (CLOSE_POLICY, "refused"),
+    };
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
-            code: CLOSE_POLICY,
-            reason: Utf8Bytes::from_static("refused"),
+            code,
+            reason: Utf8Bytes::from_static(why),
         })))
         .await;
 }
 
+async fn busy(state: &AppState, socket: &mut WebSocket, why: &str) {
+    tracing::debug!(why, "node told to come back later");
+    refuse_quietly(
+        socket,
+        RefuseReason::Busy,
+        format!("control is busy ({why}); retry later"),
+        Some(state.timing.busy_retry),
+    )
+    .await;
+}
+
 async fn session(state: AppState, mut socket: WebSocket) {
+    let _live = state.hub.live_guard();
     let first = match timeout(state.timing.hello_timeout, socket.recv()).await {
         Err(_) => {
             return refuse(
-                socket,
+                &mut socket,
                 RefuseReason::BadHello,
                 "no hello within the timeout".into(),
             )
@@ -127,7 +250,7 @@ async fn session(state: AppState, mut socket: WebSocket) {
     };
     let Message::Text(first) = first else {
         return refuse(
-            socket,
+            &mut socket,
             RefuseReason::BadHello,
             "the first message must be a JSON hello text frame".into(),
         )
@@ -137,7 +260,7 @@ async fn session(state: AppState, mut socket: WebSocket) {
         Ok(h @ NodeMessage::Hello { .. }) => h,
         Ok(_) => {
             return refuse(
-                socket,
+                &mut socket,
                 RefuseReason::BadHello,
                 "the first message must be a hello".into(),
             )
@@ -145,13 +268,14 @@ async fn session(state: AppState, mut socket: WebSocket) {
         }
         Err(e) => {
             return refuse(
-                socket,
+                &mut socket,
                 RefuseReason::BadHello,
                 format!("invalid hello: {e}"),
             )
             .await
         }
     };
+    drop(first);
     let NodeMessage::Hello {
         protocol_version,
         kind,
@@ -166,7 +290,7 @@ async fn session(state: AppState, mut socket: WebSocket) {
     };
     if let Err(e) = check_protocol_version(protocol_version) {
         return refuse(
-            socket,
+            &mut socket,
             RefuseReason::UnsupportedProtocolVersion,
             e.to_string(),
         )
@@ -174,50 +298,94 @@ async fn session(state: AppState, mut socket: WebSocket) {
     }
     let span = tracing::info_span!("node", %node_id, %kind);
     async move {
-        match state
+        if state.shutting_down() {
+            return busy(&state, &mut socket, "shutting down").await;
+        }
+        let permit = match timeout(
+            state.timing.handshake_wait,
+            state.handshakes().clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) | Err(_) => {
+                return busy(&state, &mut socket, "too many handshakes in progress").await
+            }
+        };
+        let credential_hash = match state
             .store
             .authenticate_node(kind, node_id, &credential)
             .await
         {
-            Ok(_) => {}
-            Err(crate::store::StoreError::BadSecret) => {
-                return refuse(
-                    socket,
+            Ok(h) => h,
+            Err(StoreError::BadSecret) => {
+                // Not logged at info: a crowd of wrong hellos must not flood the log.
+                tracing::debug!("wrong credential");
+                return refuse_quietly(
+                    &mut socket,
                     RefuseReason::BadCredential,
                     format!("unknown {kind} or wrong credential"),
+                    None,
+                )
+                .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a node credential");
+                return busy(&state, &mut socket, "store unavailable").await;
+            }
+        };
+        match state.store.claim_key(kind, node_id, &public_key).await {
+            Ok(()) => {}
+            Err(StoreError::KeyInUse) => {
+                return refuse(
+                    &mut socket,
+                    RefuseReason::KeyInUse,
+                    format!(
+                        "the WireGuard public key {public_key} belongs to another node; each \
+                         node needs its own key"
+                    ),
+                )
+                .await
+            }
+            Err(StoreError::NotFound(_)) => {
+                return refuse(
+                    &mut socket,
+                    RefuseReason::BadCredential,
+                    format!("this {kind} was deleted"),
                 )
                 .await
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot check a node credential");
-                let _ = socket.send(Message::Close(None)).await;
-                return;
+                tracing::warn!(error = %e, "cannot record a node's public key");
+                return busy(&state, &mut socket, "store unavailable").await;
             }
         }
-        if let Err(e) = state
-            .store
-            .record_hello(
-                kind,
-                node_id,
-                &public_key,
-                &software_version,
-                applied_version,
-            )
-            .await
-        {
-            tracing::error!(error = %e, "cannot record a hello");
-        }
-        let generation = state.hub.register(node_id, kind);
+        state
+            .activity
+            .hello(kind, node_id, &software_version, applied_version, now_ms());
+        let (generation, replaced) = state.hub.register(node_id, kind);
         tracing::info!(%software_version, "node connected");
-        run(&state, &mut socket, kind, node_id).await;
+        let me = Me {
+            kind,
+            id: node_id,
+            credential_hash,
+        };
+        run(&state, &mut socket, &me, permit, &replaced).await;
         state.hub.unregister(node_id, generation);
-        if let Err(e) = state.store.record_seen(kind, node_id).await {
-            tracing::warn!(error = %e, "cannot record last seen");
-        }
+        state.activity.seen(kind, node_id, now_ms());
         tracing::info!("node disconnected");
     }
     .instrument(span)
     .await;
+}
+
+/// The node a session serves.
+struct Me {
+    kind: NodeKind,
+    id: Uuid,
+    /// The credential digest the node authenticated with; a world with another one means the
+    /// credential was revoked or replaced.
+    credential_hash: String,
 }
 
 /// Whether two snapshots differ in anything but their version.
@@ -233,38 +401,60 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
 enum Push {
     Sent,
     Unchanged,
-    Gone,
+    Refused(String),
     Failed,
 }
 
 async fn push_snapshot(
     state: &AppState,
     socket: &mut WebSocket,
-    kind: NodeKind,
-    id: Uuid,
+    me: &Me,
     last: &mut Option<ConfigSnapshot>,
 ) -> Push {
-    let snap = match state.store.snapshot(kind, id).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Push::Gone,
+    let world = match state.world().await {
+        Ok(w) => w,
         Err(e) => {
-            tracing::error!(error = %e, "cannot compute a snapshot");
+            tracing::error!(error = %e, "cannot load the config");
             return Push::Unchanged;
         }
     };
+    let kind = me.kind;
+    match world.node(kind, me.id) {
+        None => return Push::Refused(format!("this {kind} was deleted")),
+        Some(n) if n.credential_hash.as_deref() != Some(me.credential_hash.as_str()) => {
+            return Push::Refused(format!(
+                "this {kind}'s credential was revoked or replaced; enroll it again with a new token"
+            ))
+        }
+        Some(_) => {}
+    }
+    let Some(snap) = world.snapshot(kind, me.id) else {
+        return Push::Refused(format!("this {kind} was deleted"));
+    };
+    drop(world);
     if last.as_ref().is_some_and(|l| same_content(l, &snap)) {
         return Push::Unchanged;
     }
     let version = snap.version;
-    if !send(socket, &ControlMessage::Config(snap.clone())).await {
+    let msg = ControlMessage::Config(snap);
+    if !send(socket, &msg).await {
         return Push::Failed;
     }
     tracing::debug!(version, "snapshot sent");
-    *last = Some(snap);
+    if let ControlMessage::Config(snap) = msg {
+        *last = Some(snap);
+    }
     Push::Sent
 }
 
-async fn run(state: &AppState, socket: &mut WebSocket, kind: NodeKind, id: Uuid) {
+async fn run(
+    state: &AppState,
+    socket: &mut WebSocket,
+    me: &Me,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    replaced: &Notify,
+) {
+    let (kind, id) = (me.kind, me.id);
     // Subscribe before the first snapshot so that no change is missed.
     let mut versions = state.store.subscribe();
     versions.borrow_and_update();
@@ -281,10 +471,13 @@ async fn run(state: &AppState, socket: &mut WebSocket, kind: NodeKind, id: Uuid)
         return;
     }
     let mut last = None;
-    match push_snapshot(state, socket, kind, id, &mut last).await {
+    match push_snapshot(state, socket, me, &mut last).await {
         Push::Sent | Push::Unchanged => {}
-        Push::Gone | Push::Failed => return,
+        Push::Refused(m) => return refuse(socket, RefuseReason::BadCredential, m).await,
+        Push::Failed => return,
     }
+    // The handshake is over: its slot goes to the next node.
+    drop(permit);
     let mut ping = tokio::time::interval_at(
         Instant::now() + state.timing.ping_interval,
         state.timing.ping_interval,
@@ -307,7 +500,7 @@ async fn run(state: &AppState, socket: &mut WebSocket, kind: NodeKind, id: Uuid)
                     }
                     Message::Close(_) => return,
                     Message::Binary(_) => tracing::warn!("ignoring a binary frame"),
-                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Ping(_) | Message::Pong(_) => state.activity.seen(kind, id, now_ms()),
                 }
             }
             changed = versions.changed() => {
@@ -315,21 +508,19 @@ async fn run(state: &AppState, socket: &mut WebSocket, kind: NodeKind, id: Uuid)
                     return;
                 }
                 versions.borrow_and_update();
-                match push_snapshot(state, socket, kind, id, &mut last).await {
+                match push_snapshot(state, socket, me, &mut last).await {
                     Push::Sent | Push::Unchanged => {}
                     Push::Failed => return,
-                    Push::Gone => {
-                        let _ = send(socket, &ControlMessage::Refused {
-                            reason: RefuseReason::BadCredential,
-                            message: format!("this {kind} was deleted"),
-                        }).await;
-                        let _ = socket.send(Message::Close(Some(CloseFrame {
-                            code: CLOSE_POLICY,
-                            reason: Utf8Bytes::from_static("deleted"),
-                        }))).await;
-                        return;
-                    }
+                    Push::Refused(m) => return refuse(socket, RefuseReason::BadCredential, m).await,
                 }
+            }
+            () = replaced.notified() => {
+                return refuse(
+                    socket,
+                    RefuseReason::Replaced,
+                    format!("a newer session of this {kind} took over"),
+                )
+                .await;
             }
             _ = ping.tick() => {
                 nonce = nonce.wrapping_add(1);
@@ -341,7 +532,7 @@ async fn run(state: &AppState, socket: &mut WebSocket, kind: NodeKind, id: Uuid)
                 tracing::warn!("nothing heard from the node; dropping the session");
                 return;
             }
-            _ = shutdown.changed() => {
+            () = crate::until_set(&mut shutdown) => {
                 let _ = socket.send(Message::Close(Some(CloseFrame {
                     code: CLOSE_GOING_AWAY,
                     reason: Utf8Bytes::from_static("control is shutting down"),
@@ -367,23 +558,26 @@ async fn handle(
             return true;
         }
     };
-    let recorded = match msg {
+    let now = now_ms();
+    match msg {
         NodeMessage::Hello { .. } => {
             tracing::warn!("ignoring a second hello");
-            Ok(())
         }
         NodeMessage::Applied { version } => {
             tracing::debug!(version, "node applied config");
-            state.store.record_applied(kind, id, version).await
+            state.activity.applied(kind, id, version, now);
         }
-        NodeMessage::Status(report) => state.store.record_status(kind, id, &report).await,
+        NodeMessage::Status(report) => match serde_json::to_string(&report) {
+            Ok(json) => state
+                .activity
+                .status(kind, id, json, report.applied_version, now),
+            Err(e) => tracing::warn!(error = %e, "cannot encode a status report"),
+        },
         NodeMessage::Ping { nonce } => {
+            state.activity.seen(kind, id, now);
             return send(socket, &ControlMessage::Pong { nonce }).await;
         }
-        NodeMessage::Pong { .. } => Ok(()),
-    };
-    if let Err(e) = recorded {
-        tracing::error!(error = %e, "cannot record a node message");
+        NodeMessage::Pong { .. } => state.activity.seen(kind, id, now),
     }
     true
 }

@@ -4,9 +4,15 @@
 //!
 //! Control is the control plane only. It must never be on the data path: no user traffic passes
 //! through it, and gateways and agents keep serving from their last applied config while it is
-//! down. Secrets (admin keys, enrollment tokens, credentials) are stored as argon2id hashes, shown
-//! once, and never logged.
+//! down. Secrets (admin keys, enrollment tokens, credentials) are random 238-bit strings stored as
+//! SHA-256 digests ([`secrets`]), shown once, and never logged.
+//!
+//! At fleet scale: snapshots are built in memory from one [`world::World`] per config version,
+//! node activity is coalesced ([`activity`]) and flushed once a second, handshakes are admitted a
+//! bounded number at a time (the rest are told `busy` with a retry delay), and the listener caps
+//! its connections and header-read time ([`serve`]).
 
+pub mod activity;
 pub mod api;
 pub mod config;
 pub mod error;
@@ -14,11 +20,12 @@ pub mod hub;
 pub mod metrics;
 pub mod overlay;
 pub mod secrets;
+pub mod serve;
 pub mod store;
 pub mod validate;
 mod web;
+pub mod world;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +33,14 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use kakuremichi_proto::Secret;
-use sha2::{Digest, Sha256};
-use tokio::sync::{watch, RwLock};
+use tokio::sync::{watch, Mutex, Semaphore};
 
+use crate::activity::Activity;
 pub use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::world::World;
 
 /// The largest request body the API accepts.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -46,6 +54,14 @@ pub struct HubTiming {
     pub ping_interval: Duration,
     /// A session with nothing heard for this long is dropped.
     pub idle_timeout: Duration,
+    /// Handshakes (credential check, key, welcome, first snapshot) in progress at most.
+    pub max_handshakes: usize,
+    /// How long a hello waits for a handshake slot before it is answered `busy`.
+    pub handshake_wait: Duration,
+    /// The `retry_after_ms` of a `busy` answer.
+    pub busy_retry: Duration,
+    /// How often coalesced node activity is written to the store.
+    pub flush_interval: Duration,
 }
 
 impl Default for HubTiming {
@@ -54,6 +70,10 @@ impl Default for HubTiming {
             hello_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
+            max_handshakes: 64,
+            handshake_wait: Duration::from_secs(2),
+            busy_retry: Duration::from_secs(1),
+            flush_interval: Duration::from_secs(1),
         }
     }
 }
@@ -67,25 +87,68 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Request counters.
     pub metrics: Arc<Metrics>,
-    /// Session timers.
+    /// Session timers and limits.
     pub timing: HubTiming,
-    /// SHA-256 of admin keys already verified with argon2, so argon2 is paid once per key.
-    verified_keys: Arc<RwLock<HashSet<[u8; 32]>>>,
+    /// Node activity not yet written to the store.
+    pub activity: Arc<Activity>,
+    /// Handshake slots.
+    handshakes: Arc<Semaphore>,
+    /// The world of the newest config version seen, shared by all sessions.
+    world: Arc<Mutex<Option<Arc<World>>>>,
     shutdown: Arc<watch::Sender<bool>>,
 }
 
 impl AppState {
-    /// State around a store, with default timers.
+    /// State around a store, with default timers; in a tokio runtime, also starts the task that
+    /// flushes node activity every [`HubTiming::flush_interval`] until shutdown.
     pub fn new(store: Store) -> Self {
+        Self::with_timing(store, HubTiming::default())
+    }
+
+    /// State around a store with these timers and limits.
+    pub fn with_timing(store: Store, timing: HubTiming) -> Self {
         let (shutdown, _) = watch::channel(false);
-        Self {
+        let state = Self {
             store,
             hub: Arc::default(),
             metrics: Arc::default(),
-            timing: HubTiming::default(),
-            verified_keys: Arc::default(),
+            timing,
+            activity: Arc::default(),
+            handshakes: Arc::new(Semaphore::new(timing.max_handshakes.max(1))),
+            world: Arc::default(),
             shutdown: Arc::new(shutdown),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(state.clone().flush_until_shutdown());
         }
+        state
+    }
+
+    async fn flush_until_shutdown(self) {
+        let mut tick = tokio::time::interval(self.timing.flush_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown_signal();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.flush_activity().await {
+                        tracing::warn!(error = %e, "cannot record node activity; will retry");
+                    }
+                }
+                () = until_set(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// Writes pending node activity now (also the last step before closing the store).
+    pub async fn flush_activity(&self) -> Result<usize, StoreError> {
+        let batch = self.activity.take();
+        let n = batch.len();
+        if let Err(e) = self.store.record_activity(&batch).await {
+            self.activity.restore(batch);
+            return Err(e);
+        }
+        Ok(n)
     }
 
     /// Asks every node session to close (for graceful shutdown).
@@ -98,17 +161,42 @@ impl AppState {
         self.shutdown.subscribe()
     }
 
-    /// Whether `key` is a valid admin key (cached after the first argon2 verification).
+    /// Whether shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// The handshake slots ([`HubTiming::max_handshakes`]); a hello that finds none free within
+    /// [`HubTiming::handshake_wait`] is answered `busy`.
+    pub fn handshakes(&self) -> &Arc<Semaphore> {
+        &self.handshakes
+    }
+
+    /// The world at the newest published config version or later: loaded by the first caller
+    /// that needs it, shared by the rest.
+    pub async fn world(&self) -> Result<Arc<World>, StoreError> {
+        let want = *self.store.subscribe().borrow();
+        let mut cached = self.world.lock().await;
+        if let Some(w) = cached.as_ref().filter(|w| w.version >= want) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(self.store.load_world().await?);
+        *cached = Some(w.clone());
+        Ok(w)
+    }
+
+    /// Whether `key` is a valid admin key.
     pub async fn check_admin_key(&self, key: &Secret) -> Result<bool, StoreError> {
-        let digest: [u8; 32] = Sha256::digest(key.expose().as_bytes()).into();
-        if self.verified_keys.read().await.contains(&digest) {
-            return Ok(true);
+        self.store.verify_admin_key(key).await
+    }
+}
+
+/// Resolves once the flag behind `rx` is `true` (never if its sender is gone while it is false).
+pub async fn until_set(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
-        let ok = self.store.verify_admin_key(key).await?;
-        if ok {
-            self.verified_keys.write().await.insert(digest);
-        }
-        Ok(ok)
     }
 }
 

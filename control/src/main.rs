@@ -1,13 +1,16 @@
 //! The `kakuremichi-control` binary: parses settings, opens the store, seeds or prints the admin
 //! key, and serves the API, the node hub and the admin page until SIGTERM or ctrl-c.
 
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use kakuremichi_control::config::{FileConfig, RawSettings};
+use kakuremichi_control::serve::{serve, ServeOptions};
 use kakuremichi_control::store::{Backend, Store};
-use kakuremichi_control::{app, AppState};
+use kakuremichi_control::{app, AppState, HubTiming};
 use kakuremichi_proto::Secret;
 use tracing_subscriber::EnvFilter;
 
@@ -30,22 +33,77 @@ struct Cli {
     /// Admin key (kma_<id>_<secret>) to seed when the store has none.
     #[arg(long, env = "KAKUREMICHI_INITIAL_ADMIN_KEY", hide_env_values = true)]
     initial_admin_key: Option<String>,
+    /// PostgreSQL connection pool size (SQLite always uses one connection). Default 8.
+    #[arg(long, env = "KAKUREMICHI_DATABASE_MAX_CONNECTIONS")]
+    database_max_connections: Option<u32>,
+    /// How long a new enrollment token is valid: 90s, 30m, 24h, 7d. Default 24h.
+    #[arg(long, env = "KAKUREMICHI_ENROLLMENT_TOKEN_TTL")]
+    enrollment_token_ttl: Option<String>,
+    /// Open connections (API clients and node sessions) at most; more wait in the backlog.
+    /// Default 10000.
+    #[arg(long, env = "KAKUREMICHI_CONTROL_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Node handshakes in progress at most; more hellos are answered busy with a retry delay.
+    /// Default 64.
+    #[arg(long, env = "KAKUREMICHI_CONTROL_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize>,
     /// TOML file with the same settings (snake_case keys); the command line and env win.
     #[arg(long, env = "KAKUREMICHI_CONTROL_CONFIG")]
     config: Option<PathBuf>,
 }
 
+/// Writes a generated admin key to `<data dir>/admin-key`, readable by the owner only, and says
+/// where it is: the key itself never reaches the terminal or the logs.
 #[allow(clippy::print_stdout)]
-fn print_admin_key_banner(key: &Secret) {
+fn save_admin_key(data_dir: &Path, key: &Secret) -> anyhow::Result<()> {
+    let path = data_dir.join("admin-key");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", key.expose())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!();
     println!("================================================================================");
-    println!(" kakuremichi: a new admin API key was generated. It is shown only this once.");
+    println!(" kakuremichi: a new admin API key was generated and written to");
     println!();
-    println!("   {}", key.expose());
+    println!("   {}", path.display());
     println!();
-    println!(" Use it as: Authorization: Bearer <key>");
+    println!(" (readable by this user only). Use it as: Authorization: Bearer <key>,");
+    println!(
+        " e.g. curl -H \"Authorization: Bearer $(cat {})\" ...",
+        path.display()
+    );
+    println!(" Keep it somewhere safe and delete the file.");
     println!("================================================================================");
     println!();
+    Ok(())
+}
+
+/// Makes the data folder private to this user (0700), and the SQLite files in it (0600).
+#[cfg(unix)]
+fn restrict(data_dir: &Path, sqlite: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", data_dir.display()))?;
+    if sqlite {
+        for entry in std::fs::read_dir(data_dir)?.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().contains(".db") {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict {}", entry.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn restrict(_data_dir: &Path, _sqlite: bool) -> anyhow::Result<()> {
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -94,30 +152,47 @@ async fn main() -> anyhow::Result<()> {
         database_url: cli.database_url,
         overlay_cidr: cli.overlay_cidr,
         initial_admin_key: cli.initial_admin_key.map(Secret::new),
+        database_max_connections: cli.database_max_connections,
+        enrollment_token_ttl: cli.enrollment_token_ttl,
+        max_connections: cli.max_connections,
+        max_handshakes: cli.max_handshakes,
     }
     .over(file)
     .validate()?;
-
-    if Backend::of_url(&settings.database_url) == Some(Backend::Sqlite) {
-        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-            format!(
-                "cannot create data directory {}",
-                settings.data_dir.display()
-            )
-        })?;
+    // A thousand nodes need a thousand sockets: take the hard limit.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
     }
-    let store = Store::connect(&settings.database_url, settings.overlay)
-        .await
-        .context("cannot open the database")?;
+
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let sqlite = Backend::of_url(&settings.database_url) == Some(Backend::Sqlite);
+    let store = Store::connect_with(
+        &settings.database_url,
+        settings.overlay,
+        settings.database_max_connections,
+    )
+    .await
+    .context("cannot open the database")?
+    .with_enrollment_token_ttl(settings.enrollment_token_ttl);
+    restrict(&settings.data_dir, sqlite)?;
     if let Some(key) = store
         .ensure_admin_key(settings.initial_admin_key.as_ref())
         .await
         .context("cannot set up the admin key")?
     {
-        print_admin_key_banner(&key);
+        save_admin_key(&settings.data_dir, &key)?;
     }
 
-    let state = AppState::new(store.clone());
+    let timing = HubTiming {
+        max_handshakes: settings.max_handshakes,
+        ..HubTiming::default()
+    };
+    let state = AppState::with_timing(store.clone(), timing);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -132,13 +207,32 @@ async fn main() -> anyhow::Result<()> {
     );
     let router = app(state.clone());
     let shutdown_state = state.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
+    let options = ServeOptions {
+        max_connections: settings.max_connections,
+        ..ServeOptions::default()
+    };
+    serve(
+        listener,
+        router,
+        options,
+        async move {
             shutdown_signal().await;
+            // Stops accepting (serve), and tells every node session to close: nodes reconnect
+            // with their jittered backoff, to this control once it is back or to another one.
             shutdown_state.shutdown();
-        })
-        .await
-        .context("server failed")?;
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    let left = state.hub.wait_idle(Duration::from_secs(5)).await;
+    if left > 0 {
+        tracing::warn!(sessions = left, "node sessions still open at shutdown");
+    }
+    match state.flush_activity().await {
+        Ok(n) => tracing::info!(nodes = n, "recorded the nodes' last activity"),
+        Err(e) => tracing::error!(error = %e, "cannot record the nodes' last activity"),
+    }
     store.close().await;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -10,22 +10,26 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kakuremichi_proto::{
-    ConfigSnapshot, EnrollResponse, NodeKind, OverlayConfig, PeerConfig, Route, RouteProtocol,
-    Secret, StatusReport, Target, WgPublicKey, DEFAULT_OVERLAY_MTU,
+    ConfigSnapshot, EnrollResponse, NodeKind, Secret, StatusReport, WgPublicKey,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{watch, Mutex};
 use uuid::Uuid;
 
+use crate::activity::NodeActivity;
 use crate::overlay::OverlayNet;
 use crate::secrets::{self, HashError};
+use crate::world::{World, WorldNode};
 
 /// The first overlay port given to a resource on its site.
 pub const FIRST_OVERLAY_PORT: u16 = 10000;
+
+/// How long an enrollment token is valid unless configured otherwise.
+pub const DEFAULT_ENROLLMENT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Persistent keepalive agents use towards gateways, in seconds.
 pub const AGENT_KEEPALIVE_SECS: u16 = 25;
@@ -45,6 +49,12 @@ pub enum StoreError {
     /// A token or credential did not match.
     #[error("invalid or already used token or credential")]
     BadSecret,
+    /// An enrollment token was valid but expired.
+    #[error("this enrollment token has expired: create a new one for the node")]
+    Expired,
+    /// A public key another node holds.
+    #[error("this WireGuard public key belongs to another node")]
+    KeyInUse,
     /// No overlay address or port is left.
     #[error("{0}")]
     Exhausted(String),
@@ -251,6 +261,8 @@ pub struct Store {
     signal: watch::Sender<u64>,
     /// Serializes config mutations in this process, so allocations do not race.
     write: std::sync::Arc<Mutex<()>>,
+    /// How long a new enrollment token is valid.
+    token_ttl: Duration,
 }
 
 /// Which database a URL points at.
@@ -318,7 +330,14 @@ impl Store {
             overlay,
             signal,
             write: Default::default(),
+            token_ttl: DEFAULT_ENROLLMENT_TOKEN_TTL,
         })
+    }
+
+    /// The same store, issuing enrollment tokens valid for `ttl`.
+    pub fn with_enrollment_token_ttl(mut self, ttl: Duration) -> Store {
+        self.token_ttl = ttl;
+        self
     }
 
     /// The overlay network addresses are allocated from.
@@ -406,17 +425,16 @@ impl Store {
                 )
             }
         };
-        let hash = secrets::hash(&key).await?;
         sqlx::query("INSERT INTO api_keys (id, hash, created_at) VALUES ($1, $2, $3)")
             .bind(id.to_string())
-            .bind(hash)
+            .bind(secrets::digest(&key))
             .bind(now_ms())
             .execute(&self.pool)
             .await?;
         Ok(generated.then_some(key))
     }
 
-    /// Whether `key` is a stored admin key (looked up by its embedded id, checked with argon2).
+    /// Whether `key` is a stored admin key (looked up by its embedded id, compared by digest).
     pub async fn verify_admin_key(&self, key: &Secret) -> Result<bool> {
         let Some(id) = secrets::embedded_id(secrets::ADMIN_KEY_PREFIX, key) else {
             return Ok(false);
@@ -425,10 +443,19 @@ impl Store {
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?;
-        Ok(match hash {
-            Some(h) => secrets::verify(&h, key).await,
-            None => false,
-        })
+        let Some(hash) = hash else {
+            return Ok(false);
+        };
+        let verified = secrets::verify(&hash, key).await;
+        if verified == secrets::Verified::YesUpgrade {
+            sqlx::query("UPDATE api_keys SET hash = $1 WHERE id = $2 AND hash = $3")
+                .bind(secrets::digest(key))
+                .bind(id.to_string())
+                .bind(&hash)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(verified.ok())
     }
 
     // ---------------------------------------------------------------- nodes
@@ -453,7 +480,7 @@ impl Store {
         let _w = self.write.lock().await;
         let id = Uuid::new_v4();
         let token = secrets::new_with_id(secrets::ENROLL_TOKEN_PREFIX, id);
-        let token_hash = secrets::hash(&token).await?;
+        let token_hash = secrets::digest(&token);
         let mut tx = self.pool.begin().await?;
         self.check_name_free(&mut tx, kind, name, None).await?;
         let used = Self::used_addresses(&mut tx).await?;
@@ -464,11 +491,12 @@ impl Store {
         // Gateways store their endpoint too, bound last.
         let (endpoint_column, endpoint_param) = match kind {
             NodeKind::Agent => ("", ""),
-            NodeKind::Gateway => (", endpoint", ", $6"),
+            NodeKind::Gateway => (", endpoint", ", $7"),
         };
         let sql = format!(
-            "INSERT INTO {} (id, name, overlay_address, enrollment_token_hash, created_at{endpoint_column}) \
-             VALUES ($1, $2, $3, $4, $5{endpoint_param})",
+            "INSERT INTO {} (id, name, overlay_address, enrollment_token_hash, \
+             enrollment_token_expires_at, created_at{endpoint_column}) \
+             VALUES ($1, $2, $3, $4, $5, $6{endpoint_param})",
             table(kind)
         );
         let mut insert = sqlx::query(&sql)
@@ -476,6 +504,7 @@ impl Store {
             .bind(name)
             .bind(addr.to_string())
             .bind(token_hash)
+            .bind(self.token_expiry(now))
             .bind(now);
         if kind == NodeKind::Gateway {
             insert = insert.bind(endpoint.unwrap_or_default());
@@ -590,30 +619,111 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(what(kind)));
         }
+        sqlx::query("DELETE FROM node_keys WHERE node_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
         self.commit_bumped(tx).await?;
         Ok(())
     }
 
-    /// Replaces the node's enrollment token with a new one-time token, returned once.
+    /// When a token issued at `now` expires.
+    fn token_expiry(&self, now: i64) -> i64 {
+        let ttl = i64::try_from(self.token_ttl.as_millis()).unwrap_or(i64::MAX);
+        now.saturating_add(ttl)
+    }
+
+    /// Revokes the node's credential and forgets its public key (it leaves every snapshot, and
+    /// its live session is refused at the next config version, which this bumps), then issues a
+    /// new one-time enrollment token, returned once. The node must enroll again.
     pub async fn regenerate_enrollment_token(&self, kind: NodeKind, id: Uuid) -> Result<Secret> {
         let token = secrets::new_with_id(secrets::ENROLL_TOKEN_PREFIX, id);
-        let hash = secrets::hash(&token).await?;
+        self.reset_credentials(kind, id, Some(&token)).await?;
+        Ok(token)
+    }
+
+    /// Revokes the node: no credential, no public key, no enrollment token. Its live session is
+    /// refused at once (the config version is bumped); a new token brings it back.
+    pub async fn revoke_node(&self, kind: NodeKind, id: Uuid) -> Result<()> {
+        self.reset_credentials(kind, id, None).await
+    }
+
+    async fn reset_credentials(
+        &self,
+        kind: NodeKind,
+        id: Uuid,
+        token: Option<&Secret>,
+    ) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(&format!(
-            "UPDATE {} SET enrollment_token_hash = $1 WHERE id = $2",
+            "UPDATE {} SET enrollment_token_hash = $1, enrollment_token_expires_at = $2, \
+             credential_hash = NULL, public_key = NULL WHERE id = $3",
             table(kind)
         ))
-        .bind(hash)
+        .bind(token.map(secrets::digest))
+        .bind(token.map(|_| self.token_expiry(now_ms())))
         .bind(id.to_string())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(what(kind)));
         }
-        Ok(token)
+        sqlx::query("DELETE FROM node_keys WHERE node_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    /// Makes `key` the node's public key in the `node_keys` table (inside `tx`); a key another
+    /// node holds is a [`StoreError::KeyInUse`].
+    async fn set_key(
+        tx: &mut Transaction<'static, Any>,
+        kind: NodeKind,
+        id: Uuid,
+        key: &WgPublicKey,
+    ) -> Result<()> {
+        let key = key.to_base64();
+        let holder: Option<String> =
+            sqlx::query_scalar("SELECT node_id FROM node_keys WHERE public_key = $1")
+                .bind(&key)
+                .fetch_optional(&mut **tx)
+                .await?;
+        match holder {
+            Some(h) if h == id.to_string() => {}
+            Some(_) => return Err(StoreError::KeyInUse),
+            None => {
+                sqlx::query("DELETE FROM node_keys WHERE node_id = $1")
+                    .bind(id.to_string())
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query("INSERT INTO node_keys (public_key, node_id) VALUES ($1, $2)")
+                    .bind(&key)
+                    .bind(id.to_string())
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|e| match StoreError::from(e) {
+                        StoreError::Conflict(_) => StoreError::KeyInUse,
+                        other => other,
+                    })?;
+            }
+        }
+        sqlx::query(&format!(
+            "UPDATE {} SET public_key = $1 WHERE id = $2",
+            table(kind)
+        ))
+        .bind(&key)
+        .bind(id.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     /// Trades a one-time enrollment token for a credential; stores the public key. The token is
-    /// consumed whether or not the node was enrolled before.
+    /// consumed whether or not the node was enrolled before; an expired token is refused, and so
+    /// is a public key another node holds.
     pub async fn enroll(
         &self,
         kind: NodeKind,
@@ -624,29 +734,32 @@ impl Store {
             .ok_or(StoreError::BadSecret)?;
         let t = table(kind);
         let row = sqlx::query(&format!(
-            "SELECT enrollment_token_hash, overlay_address FROM {t} WHERE id = $1"
+            "SELECT enrollment_token_hash, enrollment_token_expires_at, overlay_address \
+             FROM {t} WHERE id = $1"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?
         .ok_or(StoreError::BadSecret)?;
         let hash: Option<String> = row.try_get("enrollment_token_hash")?;
+        let expires: Option<i64> = row.try_get("enrollment_token_expires_at")?;
         let addr: String = row.try_get("overlay_address")?;
         let hash = hash.ok_or(StoreError::BadSecret)?;
-        if !secrets::verify(&hash, token).await {
+        if !secrets::verify(&hash, token).await.ok() {
             return Err(StoreError::BadSecret);
         }
+        if expires.is_some_and(|e| e <= now_ms()) {
+            return Err(StoreError::Expired);
+        }
         let credential = secrets::new_plain(secrets::CREDENTIAL_PREFIX);
-        let cred_hash = secrets::hash(&credential).await?;
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
         // Compare-and-swap on the token hash: of two concurrent enrollments, one wins.
         let done = sqlx::query(&format!(
-            "UPDATE {t} SET enrollment_token_hash = NULL, credential_hash = $1, public_key = $2 \
-             WHERE id = $3 AND enrollment_token_hash = $4"
+            "UPDATE {t} SET enrollment_token_hash = NULL, enrollment_token_expires_at = NULL, \
+             credential_hash = $1 WHERE id = $2 AND enrollment_token_hash = $3"
         ))
-        .bind(cred_hash)
-        .bind(public_key.to_base64())
+        .bind(secrets::digest(&credential))
         .bind(id.to_string())
         .bind(&hash)
         .execute(&mut *tx)
@@ -654,6 +767,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Err(StoreError::BadSecret);
         }
+        Self::set_key(&mut tx, kind, id, public_key).await?;
         self.commit_bumped(tx).await?;
         Ok(EnrollResponse {
             node_id: id,
@@ -663,13 +777,14 @@ impl Store {
         })
     }
 
-    /// Checks a node's credential; returns the node if it matches.
+    /// Checks a node's credential; returns the stored credential digest it matched (after
+    /// replacing a legacy argon2 hash with a digest), which sessions compare against later worlds.
     pub async fn authenticate_node(
         &self,
         kind: NodeKind,
         id: Uuid,
         credential: &Secret,
-    ) -> Result<Node> {
+    ) -> Result<String> {
         let hash: Option<Option<String>> = sqlx::query_scalar(&format!(
             "SELECT credential_hash FROM {} WHERE id = $1",
             table(kind)
@@ -680,98 +795,85 @@ impl Store {
         let Some(Some(hash)) = hash else {
             return Err(StoreError::BadSecret);
         };
-        if !secrets::verify(&hash, credential).await {
-            return Err(StoreError::BadSecret);
+        match secrets::verify(&hash, credential).await {
+            secrets::Verified::Yes => Ok(hash),
+            secrets::Verified::No => Err(StoreError::BadSecret),
+            secrets::Verified::YesUpgrade => {
+                let digest = secrets::digest(credential);
+                sqlx::query(&format!(
+                    "UPDATE {} SET credential_hash = $1 WHERE id = $2 AND credential_hash = $3",
+                    table(kind)
+                ))
+                .bind(&digest)
+                .bind(id.to_string())
+                .bind(&hash)
+                .execute(&self.pool)
+                .await?;
+                Ok(digest)
+            }
         }
-        self.get_node(kind, id).await
     }
 
-    /// Records a hello: software version, applied version, last seen; and the public key, which
-    /// bumps the config version when it changed.
-    pub async fn record_hello(
+    /// Makes `public_key` the node's key if it changed (bumping the config version); a key
+    /// another node holds is a [`StoreError::KeyInUse`] and changes nothing.
+    pub async fn claim_key(
         &self,
         kind: NodeKind,
         id: Uuid,
         public_key: &WgPublicKey,
-        software_version: &str,
-        applied_version: Option<u64>,
     ) -> Result<()> {
-        let t = table(kind);
-        sqlx::query(&format!(
-            "UPDATE {t} SET software_version = $1, last_seen_at = $2, \
-             applied_version = COALESCE($3, applied_version) WHERE id = $4"
+        let current: Option<Option<String>> = sqlx::query_scalar(&format!(
+            "SELECT public_key FROM {} WHERE id = $1",
+            table(kind)
         ))
-        .bind(software_version)
-        .bind(now_ms())
-        .bind(applied_version.map(|v| v as i64))
         .bind(id.to_string())
-        .execute(&self.pool)
+        .fetch_optional(&self.pool)
         .await?;
+        let Some(current) = current else {
+            return Err(StoreError::NotFound(what(kind)));
+        };
+        if current.as_deref() == Some(public_key.to_base64().as_str()) {
+            return Ok(());
+        }
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
-        let key = public_key.to_base64();
-        let done = sqlx::query(&format!(
-            "UPDATE {t} SET public_key = $1 WHERE id = $2 AND (public_key IS NULL OR public_key <> $1)"
-        ))
-        .bind(&key)
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() > 0 {
-            self.commit_bumped(tx).await?;
-        } else {
-            tx.rollback().await?;
+        Self::set_key(&mut tx, kind, id, public_key).await?;
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    /// Writes coalesced node activity (see [`crate::activity`]) in one transaction.
+    pub async fn record_activity(&self, batch: &[((NodeKind, Uuid), NodeActivity)]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    /// Records that the node applied `version`.
-    pub async fn record_applied(&self, kind: NodeKind, id: Uuid, version: u64) -> Result<()> {
-        sqlx::query(&format!(
-            "UPDATE {} SET applied_version = $1, last_seen_at = $2 WHERE id = $3",
-            table(kind)
-        ))
-        .bind(version as i64)
-        .bind(now_ms())
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Records a status report.
-    pub async fn record_status(
-        &self,
-        kind: NodeKind,
-        id: Uuid,
-        report: &StatusReport,
-    ) -> Result<()> {
-        let json = serde_json::to_string(report).map_err(corrupt)?;
-        let now = now_ms();
-        sqlx::query(&format!(
-            "UPDATE {} SET last_status = $1, last_status_at = $2, last_seen_at = $2, \
-             applied_version = $3 WHERE id = $4",
-            table(kind)
-        ))
-        .bind(json)
-        .bind(now)
-        .bind(report.applied_version as i64)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Records that the node was heard from now.
-    pub async fn record_seen(&self, kind: NodeKind, id: Uuid) -> Result<()> {
-        sqlx::query(&format!(
-            "UPDATE {} SET last_seen_at = $1 WHERE id = $2",
-            table(kind)
-        ))
-        .bind(now_ms())
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        for ((kind, id), a) in batch {
+            let (status, status_at) = match &a.status {
+                Some((json, at)) => (Some(json.as_str()), Some(*at)),
+                None => (None, None),
+            };
+            sqlx::query(&format!(
+                "UPDATE {} SET last_seen_at = COALESCE($1, last_seen_at), \
+                 applied_version = COALESCE($2, applied_version), \
+                 software_version = COALESCE($3, software_version), \
+                 last_status = COALESCE($4, last_status), \
+                 last_status_at = COALESCE($5, last_status_at) WHERE id = $6",
+                table(*kind)
+            ))
+            .bind(a.seen_at)
+            .bind(
+                a.applied_version
+                    .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+            )
+            .bind(a.software_version.as_deref())
+            .bind(status)
+            .bind(status_at)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -945,115 +1047,82 @@ impl Store {
 
     // ---------------------------------------------------------------- snapshots
 
-    /// The config snapshot for a node, or `None` if the node no longer exists.
-    pub async fn snapshot(&self, kind: NodeKind, id: Uuid) -> Result<Option<ConfigSnapshot>> {
+    fn world_node(kind: NodeKind, row: &AnyRow) -> Result<WorldNode> {
+        let id: String = row.try_get("id")?;
+        let addr: String = row.try_get("overlay_address")?;
+        let public_key: Option<String> = row.try_get("public_key")?;
+        Ok(WorldNode {
+            id: parse_uuid(&id)?,
+            name: row.try_get("name")?,
+            overlay_address: Ipv4Addr::from_str(&addr).map_err(corrupt)?,
+            endpoint: match kind {
+                NodeKind::Gateway => Some(row.try_get::<String, _>("endpoint")?),
+                NodeKind::Agent => None,
+            },
+            public_key: public_key
+                .map(|k| WgPublicKey::from_base64(&k).map_err(corrupt))
+                .transpose()?,
+            credential_hash: row.try_get("credential_hash")?,
+        })
+    }
+
+    /// Everything snapshots are built from, read in one transaction.
+    pub async fn load_world(&self) -> Result<World> {
         let mut tx = self.pool.begin().await?;
         // The version is read first: the rows read after it are at least as new.
         let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
-        let me = sqlx::query(&format!("{} WHERE id = $1", Self::node_select(kind)))
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(me) = me else {
-            return Ok(None);
-        };
-        let me = node_from_row(kind, &me)?;
-        let mut snap = ConfigSnapshot {
-            version: version.max(0) as u64,
-            node_id: id,
-            kind,
-            overlay: OverlayConfig {
-                address: me.overlay_address,
-                prefix_len: self.overlay.prefix_len(),
-                mtu: DEFAULT_OVERLAY_MTU,
-            },
-            peers: Vec::new(),
-            routes: Vec::new(),
-            targets: Vec::new(),
-        };
-        match kind {
-            NodeKind::Gateway => {
-                let rows = sqlx::query(&format!(
-                    "{} ORDER BY created_at, id",
-                    Self::node_select(NodeKind::Agent)
-                ))
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut enrolled_sites = std::collections::HashMap::new();
-                for row in &rows {
-                    let site = node_from_row(NodeKind::Agent, row)?;
-                    let Some(key) = site.public_key else { continue };
-                    enrolled_sites.insert(site.id, site.overlay_address);
-                    snap.peers.push(PeerConfig {
-                        node_id: site.id,
-                        kind: NodeKind::Agent,
-                        name: site.name,
-                        public_key: key,
-                        overlay_address: site.overlay_address,
-                        endpoint: None,
-                        persistent_keepalive: None,
-                    });
-                }
-                let rows = sqlx::query("SELECT * FROM resources ORDER BY hostname")
-                    .fetch_all(&mut *tx)
-                    .await?;
-                for row in &rows {
-                    let r = resource_from_row(row)?;
-                    if let Some(addr) = enrolled_sites.get(&r.site_id) {
-                        snap.routes.push(Route {
-                            resource_id: r.id,
-                            hostname: r.hostname,
-                            protocol: RouteProtocol::Http,
-                            site_id: r.site_id,
-                            overlay_address: *addr,
-                            port: r.overlay_port,
-                        });
-                    }
-                }
-            }
-            NodeKind::Agent => {
-                let rows = sqlx::query(&format!(
-                    "{} ORDER BY created_at, id",
-                    Self::node_select(NodeKind::Gateway)
-                ))
-                .fetch_all(&mut *tx)
-                .await?;
-                for row in &rows {
-                    let gw = node_from_row(NodeKind::Gateway, row)?;
-                    let (Some(key), Some(endpoint)) = (gw.public_key, gw.endpoint) else {
-                        continue;
-                    };
-                    if endpoint.is_empty() {
-                        continue;
-                    }
-                    snap.peers.push(PeerConfig {
-                        node_id: gw.id,
-                        kind: NodeKind::Gateway,
-                        name: gw.name,
-                        public_key: key,
-                        overlay_address: gw.overlay_address,
-                        endpoint: Some(endpoint),
-                        persistent_keepalive: Some(AGENT_KEEPALIVE_SECS),
-                    });
-                }
-                let rows =
-                    sqlx::query("SELECT * FROM resources WHERE site_id = $1 ORDER BY overlay_port")
-                        .bind(id.to_string())
-                        .fetch_all(&mut *tx)
-                        .await?;
-                for row in &rows {
-                    let r = resource_from_row(row)?;
-                    snap.targets.push(Target {
-                        resource_id: r.id,
-                        port: r.overlay_port,
-                        target: r.target,
-                    });
-                }
-            }
-        }
+        let columns = "id, name, overlay_address, public_key, credential_hash";
+        let sites = sqlx::query(&format!(
+            "SELECT {columns} FROM sites ORDER BY created_at, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Self::world_node(NodeKind::Agent, r))
+        .collect::<Result<Vec<_>>>()?;
+        let gateways = sqlx::query(&format!(
+            "SELECT {columns}, endpoint FROM gateways ORDER BY created_at, id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Self::world_node(NodeKind::Gateway, r))
+        .collect::<Result<Vec<_>>>()?;
+        let resources = sqlx::query("SELECT * FROM resources")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(resource_from_row)
+            .collect::<Result<Vec<_>>>()?;
         tx.commit().await?;
-        Ok(Some(snap))
+        Ok(World::new(
+            version.max(0) as u64,
+            self.overlay.prefix_len(),
+            sites,
+            gateways,
+            resources,
+        ))
+    }
+
+    /// The config snapshot for a node, or `None` if the node no longer exists (loads a whole
+    /// world: sessions share one through [`crate::AppState::world`] instead).
+    pub async fn snapshot(&self, kind: NodeKind, id: Uuid) -> Result<Option<ConfigSnapshot>> {
+        Ok(self.load_world().await?.snapshot(kind, id))
+    }
+
+    /// Overwrites a node's stored credential hash, as an earlier version may have stored it
+    /// (tests of the upgrade path only).
+    #[doc(hidden)]
+    pub async fn set_credential_hash_for_test(&self, kind: NodeKind, id: Uuid, hash: &str) {
+        let _ = sqlx::query(&format!(
+            "UPDATE {} SET credential_hash = $1 WHERE id = $2",
+            table(kind)
+        ))
+        .bind(hash)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await;
     }
 }

@@ -119,7 +119,8 @@ pub trait NodeApi: 'static {
     fn update_fields(body: Self::Update) -> Result<(Option<String>, Option<String>), ApiError>;
 }
 
-/// The router of one node kind: list, create, get, update, delete, regenerate the token.
+/// The router of one node kind: list, create, get, update, delete, regenerate the token (which
+/// revokes the current credential), revoke.
 pub fn router<N: NodeApi>() -> Router<AppState> {
     let path = N::PATH;
     Router::new()
@@ -132,10 +133,23 @@ pub fn router<N: NodeApi>() -> Router<AppState> {
             &format!("{path}/{{id}}/enrollment-token"),
             post(regenerate_token::<N>),
         )
+        .route(&format!("{path}/{{id}}/revoke"), post(revoke::<N>))
 }
 
-fn view(state: &AppState, node: Node) -> NodeView {
+fn view(state: &AppState, mut node: Node) -> NodeView {
     let online = state.hub.is_online(node.id);
+    // Activity not flushed yet is newer than the row.
+    if let Some(a) = state.activity.peek(node.kind, node.id) {
+        node.last_seen_at = node.last_seen_at.max(a.seen_at);
+        node.applied_version = a.applied_version.or(node.applied_version);
+        node.software_version = a.software_version.or(node.software_version);
+        if let Some((json, at)) = a.status {
+            if let Ok(report) = serde_json::from_str(&json) {
+                node.last_status = Some(report);
+                node.last_status_at = Some(at);
+            }
+        }
+    }
     NodeView::new(node, online)
 }
 
@@ -200,7 +214,19 @@ async fn regenerate_token<N: NodeApi>(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<TokenView>, ApiError> {
     let token = state.store.regenerate_enrollment_token(N::KIND, id).await?;
+    tracing::info!(node_id = %id, kind = %N::KIND, "enrollment token regenerated; credential revoked");
     Ok(ApiJson(TokenView {
         enrollment_token: token,
     }))
+}
+
+async fn revoke<N: NodeApi>(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiJson<NodeView>, ApiError> {
+    let kind = N::KIND;
+    state.store.revoke_node(kind, id).await?;
+    tracing::info!(node_id = %id, %kind, "node revoked");
+    let node = state.store.get_node(kind, id).await?;
+    Ok(ApiJson(view(&state, node)))
 }

@@ -129,7 +129,14 @@ pub async fn serve(state: AppState) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(listener, app(state)).await.unwrap();
+        kakuremichi_control::serve::serve(
+            listener,
+            app(state),
+            kakuremichi_control::serve::ServeOptions::default(),
+            std::future::pending(),
+            std::time::Duration::from_secs(1),
+        )
+        .await;
     });
     addr
 }

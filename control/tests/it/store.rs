@@ -2,8 +2,11 @@
 
 use std::net::Ipv4Addr;
 
+use kakuremichi_control::activity::NodeActivity;
 use kakuremichi_control::store::{NewResource, Node, Resource, ResourcePatch, Store, StoreError};
 use kakuremichi_proto::{ConfigSnapshot, NodeKind, Secret, WgPublicKey};
+
+use kakuremichi_control::secrets;
 
 use crate::on_both_backends;
 
@@ -58,6 +61,11 @@ on_both_backends!(
     enrollment_token_is_one_time,
     admin_key_seeded_once,
     snapshots_follow_enrollment,
+    a_public_key_belongs_to_one_node_across_kinds,
+    revoking_and_regenerating_drop_the_credential_and_the_key,
+    expired_enrollment_tokens_are_refused,
+    legacy_argon2_hashes_still_work_and_are_replaced,
+    activity_is_written_in_one_batch,
 );
 
 async fn node_crud(store: Store) {
@@ -219,19 +227,26 @@ async fn config_version_bumps_on_every_change(store: Store) {
     assert!(v5 > v4);
     // Same public key in a hello: no bump; a new one: bump.
     store
-        .record_hello(NodeKind::Agent, s.id, &key(1), "0.1.0", Some(v5))
+        .claim_key(NodeKind::Agent, s.id, &key(1))
         .await
         .unwrap();
     assert_eq!(store.config_version().await.unwrap(), v5);
     store
-        .record_hello(NodeKind::Agent, s.id, &key(2), "0.1.0", Some(v5))
+        .claim_key(NodeKind::Agent, s.id, &key(2))
         .await
         .unwrap();
     let v6 = store.config_version().await.unwrap();
     assert!(v6 > v5);
     // Status and applied reports do not bump.
     store
-        .record_applied(NodeKind::Agent, s.id, v6)
+        .record_activity(&[(
+            (NodeKind::Agent, s.id),
+            NodeActivity {
+                applied_version: Some(v6),
+                seen_at: Some(1),
+                ..Default::default()
+            },
+        )])
         .await
         .unwrap();
     assert_eq!(store.config_version().await.unwrap(), v6);
@@ -261,10 +276,11 @@ async fn enrollment_token_is_one_time(store: Store) {
         store.enroll(NodeKind::Agent, &token, &key(1)).await,
         Err(StoreError::BadSecret)
     ));
-    let node = store
+    store
         .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
         .await
         .unwrap();
+    let node = store.get_node(NodeKind::Agent, s.id).await.unwrap();
     assert!(node.enrolled());
     assert_eq!(node.public_key, Some(key(1)));
     assert!(matches!(
@@ -334,4 +350,178 @@ async fn snapshots_follow_enrollment(store: Store) {
         .await
         .unwrap()
         .is_none());
+}
+
+async fn a_public_key_belongs_to_one_node_across_kinds(store: Store) {
+    let (a, at) = add_site(&store, "a").await;
+    let (b, bt) = add_site(&store, "b").await;
+    let (_g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &at, &key(1)).await.unwrap();
+    // Enrolling with a key another node holds is refused, and the token is not spent.
+    assert!(matches!(
+        store.enroll(NodeKind::Agent, &bt, &key(1)).await,
+        Err(StoreError::KeyInUse)
+    ));
+    assert!(matches!(
+        store.enroll(NodeKind::Gateway, &gt, &key(1)).await,
+        Err(StoreError::KeyInUse)
+    ));
+    store.enroll(NodeKind::Agent, &bt, &key(2)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(3)).await.unwrap();
+    // A hello claiming another node's key changes nothing.
+    let v = store.config_version().await.unwrap();
+    assert!(matches!(
+        store.claim_key(NodeKind::Agent, b.id, &key(1)).await,
+        Err(StoreError::KeyInUse)
+    ));
+    assert!(matches!(
+        store.claim_key(NodeKind::Agent, b.id, &key(3)).await,
+        Err(StoreError::KeyInUse)
+    ));
+    assert_eq!(store.config_version().await.unwrap(), v);
+    let got = store.get_node(NodeKind::Agent, b.id).await.unwrap();
+    assert_eq!(got.public_key, Some(key(2)));
+    // A node may move to a fresh key; its old key is free again.
+    store
+        .claim_key(NodeKind::Agent, a.id, &key(9))
+        .await
+        .unwrap();
+    store
+        .claim_key(NodeKind::Agent, b.id, &key(1))
+        .await
+        .unwrap();
+    // Deleting a node frees its key.
+    store.delete_node(NodeKind::Agent, b.id).await.unwrap();
+    store
+        .claim_key(NodeKind::Agent, a.id, &key(1))
+        .await
+        .unwrap();
+}
+
+async fn revoking_and_regenerating_drop_the_credential_and_the_key(store: Store) {
+    let (s, st) = add_site(&store, "s").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    let resp = store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    assert_eq!(
+        snapshot(&store, NodeKind::Gateway, g.id).await.peers.len(),
+        1
+    );
+    let v = store.config_version().await.unwrap();
+    store.revoke_node(NodeKind::Agent, s.id).await.unwrap();
+    assert!(store.config_version().await.unwrap() > v, "revoking bumps");
+    assert!(matches!(
+        store
+            .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
+            .await,
+        Err(StoreError::BadSecret)
+    ));
+    let node = store.get_node(NodeKind::Agent, s.id).await.unwrap();
+    assert!(!node.enrolled());
+    assert!(snapshot(&store, NodeKind::Gateway, g.id)
+        .await
+        .peers
+        .is_empty());
+    // Its key is free; a new token brings the node back, and regenerating revokes again.
+    let t2 = store
+        .regenerate_enrollment_token(NodeKind::Agent, s.id)
+        .await
+        .unwrap();
+    let resp2 = store.enroll(NodeKind::Agent, &t2, &key(1)).await.unwrap();
+    store
+        .authenticate_node(NodeKind::Agent, s.id, &resp2.credential)
+        .await
+        .unwrap();
+    let _t3 = store
+        .regenerate_enrollment_token(NodeKind::Agent, s.id)
+        .await
+        .unwrap();
+    assert!(store
+        .authenticate_node(NodeKind::Agent, s.id, &resp2.credential)
+        .await
+        .is_err());
+    assert!(matches!(
+        store
+            .revoke_node(NodeKind::Agent, uuid::Uuid::new_v4())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn expired_enrollment_tokens_are_refused(store: Store) {
+    let store = store.with_enrollment_token_ttl(std::time::Duration::from_millis(1));
+    let (_s, st) = add_site(&store, "s").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(matches!(
+        store.enroll(NodeKind::Agent, &st, &key(1)).await,
+        Err(StoreError::Expired)
+    ));
+    let store = store.with_enrollment_token_ttl(std::time::Duration::from_secs(60));
+    let (_s, st) = add_site(&store, "t").await;
+    store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+}
+
+async fn legacy_argon2_hashes_still_work_and_are_replaced(store: Store) {
+    let (s, st) = add_site(&store, "s").await;
+    let resp = store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    // As an earlier version stored it.
+    let legacy = secrets::hash_password(&resp.credential).await.unwrap();
+    store
+        .set_credential_hash_for_test(NodeKind::Agent, s.id, &legacy)
+        .await;
+    let digest = store
+        .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
+        .await
+        .unwrap();
+    assert_eq!(digest, secrets::digest(&resp.credential));
+    assert_eq!(
+        store
+            .authenticate_node(NodeKind::Agent, s.id, &resp.credential)
+            .await
+            .unwrap(),
+        digest,
+        "the digest replaced the argon2 hash"
+    );
+}
+
+async fn activity_is_written_in_one_batch(store: Store) {
+    let mut batch = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let (s, _) = add_site(&store, &format!("s{i}")).await;
+        ids.push(s.id);
+        batch.push((
+            (NodeKind::Agent, s.id),
+            NodeActivity {
+                seen_at: Some(1000 + i),
+                applied_version: Some(7),
+                software_version: Some("1.2.3".into()),
+                status: Some((
+                    "{\"applied_version\":7,\"peers\":[],\"targets\":[]}".into(),
+                    999,
+                )),
+            },
+        ));
+    }
+    store.record_activity(&batch).await.unwrap();
+    let n = store.get_node(NodeKind::Agent, ids[49]).await.unwrap();
+    assert_eq!(n.last_seen_at, Some(1049));
+    assert_eq!(n.applied_version, Some(7));
+    assert_eq!(n.software_version.as_deref(), Some("1.2.3"));
+    assert_eq!(n.last_status_at, Some(999));
+    // Fields left out keep their values.
+    store
+        .record_activity(&[(
+            (NodeKind::Agent, ids[0]),
+            NodeActivity {
+                seen_at: Some(5000),
+                ..Default::default()
+            },
+        )])
+        .await
+        .unwrap();
+    let n = store.get_node(NodeKind::Agent, ids[0]).await.unwrap();
+    assert_eq!(n.last_seen_at, Some(5000));
+    assert_eq!(n.applied_version, Some(7));
+    assert!(n.last_status.is_some());
 }

@@ -20,6 +20,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 struct Server {
     addr: SocketAddr,
     http: reqwest::Client,
+    state: kakuremichi_control::AppState,
     _db: common::TestDb,
 }
 
@@ -27,10 +28,11 @@ impl Server {
     async fn start() -> Self {
         let db = common::sqlite().await;
         let state = common::state(&db).await;
-        let addr = common::serve(state).await;
+        let addr = common::serve(state.clone()).await;
         Self {
             addr,
             http: reqwest::Client::new(),
+            state,
             _db: db,
         }
     }
@@ -127,7 +129,9 @@ async fn recv(ws: &mut Ws) -> ControlMessage {
 /// Receives a `Refused`; returns its reason and message.
 async fn recv_refused(ws: &mut Ws) -> (RefuseReason, String) {
     match recv(ws).await {
-        ControlMessage::Refused { reason, message } => (reason, message),
+        ControlMessage::Refused {
+            reason, message, ..
+        } => (reason, message),
         other => panic!("expected refused, got {other:?}"),
     }
 }
@@ -360,4 +364,226 @@ async fn new_public_key_in_hello_is_stored_and_bumps() {
         )
         .await;
     assert_eq!(got["public_key"], WgPublicKey([3; 32]).to_base64());
+}
+
+/// Receives the welcome and the first config of a hello that was accepted.
+async fn welcomed(ws: &mut Ws) -> kakuremichi_proto::ConfigSnapshot {
+    assert!(matches!(recv(ws).await, ControlMessage::Welcome { .. }));
+    match recv(ws).await {
+        ControlMessage::Config(c) => c,
+        other => panic!("expected a config, got {other:?}"),
+    }
+}
+
+async fn add_resource(s: &Server, site: &EnrollResponse, hostname: &str) {
+    s.api(
+        reqwest::Method::POST,
+        "/resources",
+        Some(json!({"hostname": hostname, "site_id": site.node_id, "target": "127.0.0.1:9000"})),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_hello_with_another_nodes_key_is_refused_and_the_owner_keeps_working() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let a = s.enrolled(NodeKind::Agent, "a", 2).await;
+    let b = s.enrolled(NodeKind::Agent, "b", 3).await;
+    let mut gws = s.connect().await;
+    send(&mut gws, &hello(&gw, gw.credential.expose(), 1, 1)).await;
+    let first = welcomed(&mut gws).await;
+    assert_eq!(first.peers.len(), 2);
+
+    // Site b, with its own valid credential, claims site a's key (2), then the gateway's (1).
+    for stolen in [2, 1] {
+        let mut bws = s.connect().await;
+        send(&mut bws, &hello(&b, b.credential.expose(), 1, stolen)).await;
+        let (reason, message) = recv_refused(&mut bws).await;
+        assert_eq!(reason, RefuseReason::KeyInUse);
+        assert!(message.contains("another node"), "{message}");
+        expect_closed(&mut bws).await;
+    }
+    // Nothing changed: the gateway still has a's key for a, and a change still reaches it.
+    add_resource(&s, &a, "a.localhost").await;
+    let ControlMessage::Config(next) = recv(&mut gws).await else {
+        panic!("expected a config")
+    };
+    let peer_a = next.peers.iter().find(|p| p.node_id == a.node_id).unwrap();
+    assert_eq!(peer_a.public_key, WgPublicKey([2; 32]));
+    let peer_b = next.peers.iter().find(|p| p.node_id == b.node_id).unwrap();
+    assert_eq!(peer_b.public_key, WgPublicKey([3; 32]));
+    assert_eq!(next.routes.len(), 1);
+}
+
+/// A session of `site` is refused within 1 s of `act` (revoke or regenerate), with a reason that
+/// says what to do.
+async fn loses_its_session_within_1s(path: &str) {
+    let s = Server::start().await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let other = s.enrolled(NodeKind::Agent, "other", 3).await;
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&site, site.credential.expose(), 1, 2)).await;
+    welcomed(&mut ws).await;
+    let mut ows = s.connect().await;
+    send(&mut ows, &hello(&other, other.credential.expose(), 1, 3)).await;
+    welcomed(&mut ows).await;
+
+    let started = tokio::time::Instant::now();
+    s.api(
+        reqwest::Method::POST,
+        &format!("/sites/{}/{path}", site.node_id),
+        None,
+    )
+    .await;
+    let (reason, message) = tokio::time::timeout(Duration::from_secs(1), recv_refused(&mut ws))
+        .await
+        .expect("the session was not refused within 1 s");
+    assert_eq!(reason, RefuseReason::BadCredential);
+    assert!(message.contains("revoked"), "{message}");
+    expect_closed(&mut ws).await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The old credential is refused from now on; the other site is still online.
+    let mut again = s.connect().await;
+    send(&mut again, &hello(&site, site.credential.expose(), 1, 2)).await;
+    assert_eq!(
+        recv_refused(&mut again).await.0,
+        RefuseReason::BadCredential
+    );
+    send(&mut ows, &NodeMessage::Ping { nonce: 5 }).await;
+    assert_eq!(recv(&mut ows).await, ControlMessage::Pong { nonce: 5 });
+    let got = s
+        .api(
+            reqwest::Method::GET,
+            &format!("/sites/{}", site.node_id),
+            None,
+        )
+        .await;
+    assert_eq!(got["enrolled"], false, "{got}");
+}
+
+#[tokio::test]
+async fn a_revoked_node_loses_its_live_session_within_1s() {
+    loses_its_session_within_1s("revoke").await;
+}
+
+#[tokio::test]
+async fn a_regenerated_token_ends_the_live_session_within_1s() {
+    loses_its_session_within_1s("enrollment-token").await;
+}
+
+#[tokio::test]
+async fn a_second_session_of_a_node_replaces_the_first() {
+    let s = Server::start().await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let mut old = s.connect().await;
+    send(&mut old, &hello(&site, site.credential.expose(), 1, 2)).await;
+    welcomed(&mut old).await;
+    let mut new = s.connect().await;
+    send(&mut new, &hello(&site, site.credential.expose(), 1, 2)).await;
+    welcomed(&mut new).await;
+    let (reason, _) = recv_refused(&mut old).await;
+    assert_eq!(reason, RefuseReason::Replaced);
+    expect_closed(&mut old).await;
+    // The new one is the live one: it still gets changes, and the node is online.
+    add_resource(&s, &site, "a.localhost").await;
+    let ControlMessage::Config(next) = recv(&mut new).await else {
+        panic!("expected a config")
+    };
+    assert_eq!(next.targets.len(), 1);
+    assert!(s.state.hub.is_online(site.node_id));
+    assert_eq!(s.state.hub.online_count(NodeKind::Agent), 1);
+}
+
+#[tokio::test]
+async fn a_hello_with_no_handshake_slot_is_told_busy_with_a_retry_delay() {
+    let s = Server::start().await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let all = u32::try_from(s.state.timing.max_handshakes).unwrap();
+    let held = s
+        .state
+        .handshakes()
+        .clone()
+        .acquire_many_owned(all)
+        .await
+        .unwrap();
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&site, site.credential.expose(), 1, 2)).await;
+    let started = tokio::time::Instant::now();
+    match recv(&mut ws).await {
+        ControlMessage::Refused {
+            reason: RefuseReason::Busy,
+            retry_after_ms,
+            ..
+        } => assert_eq!(
+            retry_after_ms,
+            Some(s.state.timing.busy_retry.as_millis() as u64)
+        ),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    // It waited for a slot for the configured time, no longer.
+    assert!(started.elapsed() < s.state.timing.handshake_wait + Duration::from_secs(1));
+    drop(held);
+    let mut ws = s.connect().await;
+    send(&mut ws, &hello(&site, site.credential.expose(), 1, 2)).await;
+    welcomed(&mut ws).await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_before_it_is_buffered() {
+    let s = Server::start().await;
+    let mut ws = s.connect().await;
+    // 2 MiB in one frame: over the 1 MiB frame limit.
+    let big = "x".repeat(2 << 20);
+    let _ = ws.send(Message::text(big)).await;
+    // Control closes the socket (protocol error) instead of reading it all.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the socket stayed open");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_no_request_headers_is_dropped() {
+    use tokio::io::AsyncReadExt as _;
+    let db = common::sqlite().await;
+    let state = common::state(&db).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kakuremichi_control::serve::serve(
+        listener,
+        kakuremichi_control::app(state),
+        kakuremichi_control::serve::ServeOptions {
+            max_connections: 2,
+            header_read_timeout: Duration::from_millis(300),
+        },
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    // Two silent clients take both slots; a third waits in the backlog.
+    let mut silent1 = TcpStream::connect(addr).await.unwrap();
+    let mut silent2 = TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut silent2, b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), silent1.read(&mut buf))
+        .await
+        .expect("the silent client was not dropped")
+        .unwrap_or(0);
+    let _ = n;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let _ = tokio::time::timeout(Duration::from_secs(3), silent2.read(&mut buf)).await;
+    // Their slots are free again: a real request is served.
+    let ok = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
 }

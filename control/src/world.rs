@@ -1,0 +1,262 @@
+//! The world: everything that goes into node snapshots, loaded once per config version, and the
+//! pure function that builds one node's [`ConfigSnapshot`] from it.
+//!
+//! With a thousand nodes a change used to cost a thousand sets of queries (each session asked the
+//! store for its own snapshot). Now the first session to see a new version loads the world in one
+//! read transaction ([`crate::store::Store::load_world`]), the others share that `Arc`, and each
+//! builds its snapshot in memory ([`World::snapshot`]). The world also carries each node's stored
+//! credential digest, so a session notices at once when its node was revoked or re-enrolled.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use kakuremichi_proto::{
+    ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, RouteProtocol, Target, WgPublicKey,
+    DEFAULT_OVERLAY_MTU,
+};
+use uuid::Uuid;
+
+use crate::store::{Resource, AGENT_KEEPALIVE_SECS};
+
+/// A site or gateway as snapshots need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorldNode {
+    /// Id.
+    pub id: Uuid,
+    /// Display name.
+    pub name: String,
+    /// Overlay address.
+    pub overlay_address: Ipv4Addr,
+    /// Gateways: the endpoint agents dial (may be empty).
+    pub endpoint: Option<String>,
+    /// WireGuard public key, once enrolled.
+    pub public_key: Option<WgPublicKey>,
+    /// The stored credential digest, if the node holds a credential.
+    pub credential_hash: Option<String>,
+}
+
+/// Everything snapshots are made of, as of one config version.
+#[derive(Debug, Clone, Default)]
+pub struct World {
+    /// The config version this world was read at.
+    pub version: u64,
+    /// The overlay prefix length.
+    pub prefix_len: u8,
+    /// Sites, oldest first.
+    pub sites: Vec<WorldNode>,
+    /// Gateways, oldest first.
+    pub gateways: Vec<WorldNode>,
+    /// Resources, by hostname.
+    pub resources: Vec<Resource>,
+    sites_by_id: HashMap<Uuid, usize>,
+    gateways_by_id: HashMap<Uuid, usize>,
+    resources_by_site: HashMap<Uuid, Vec<usize>>,
+}
+
+impl World {
+    /// A world from its parts (in any order; they are sorted here).
+    pub fn new(
+        version: u64,
+        prefix_len: u8,
+        sites: Vec<WorldNode>,
+        gateways: Vec<WorldNode>,
+        mut resources: Vec<Resource>,
+    ) -> World {
+        resources.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        let index = |nodes: &[WorldNode]| {
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.id, i))
+                .collect::<HashMap<_, _>>()
+        };
+        let mut resources_by_site: HashMap<Uuid, Vec<usize>> = HashMap::new();
+        for (i, r) in resources.iter().enumerate() {
+            resources_by_site.entry(r.site_id).or_default().push(i);
+        }
+        for list in resources_by_site.values_mut() {
+            list.sort_by_key(|&i| resources[i].overlay_port);
+        }
+        World {
+            version,
+            prefix_len,
+            sites_by_id: index(&sites),
+            gateways_by_id: index(&gateways),
+            sites,
+            gateways,
+            resources,
+            resources_by_site,
+        }
+    }
+
+    /// One node.
+    pub fn node(&self, kind: NodeKind, id: Uuid) -> Option<&WorldNode> {
+        match kind {
+            NodeKind::Agent => self.sites_by_id.get(&id).map(|&i| &self.sites[i]),
+            NodeKind::Gateway => self.gateways_by_id.get(&id).map(|&i| &self.gateways[i]),
+        }
+    }
+
+    /// The snapshot of one node, or `None` if the node does not exist.
+    pub fn snapshot(&self, kind: NodeKind, id: Uuid) -> Option<ConfigSnapshot> {
+        let me = self.node(kind, id)?;
+        let mut snap = ConfigSnapshot {
+            version: self.version,
+            node_id: id,
+            kind,
+            overlay: OverlayConfig {
+                address: me.overlay_address,
+                prefix_len: self.prefix_len,
+                mtu: DEFAULT_OVERLAY_MTU,
+            },
+            peers: Vec::new(),
+            routes: Vec::new(),
+            targets: Vec::new(),
+        };
+        match kind {
+            NodeKind::Gateway => {
+                for site in &self.sites {
+                    let Some(key) = site.public_key else { continue };
+                    snap.peers.push(PeerConfig {
+                        node_id: site.id,
+                        kind: NodeKind::Agent,
+                        name: site.name.clone(),
+                        public_key: key,
+                        overlay_address: site.overlay_address,
+                        endpoint: None,
+                        persistent_keepalive: None,
+                    });
+                }
+                for r in &self.resources {
+                    let Some(site) = self.node(NodeKind::Agent, r.site_id) else {
+                        continue;
+                    };
+                    if site.public_key.is_none() {
+                        continue;
+                    }
+                    snap.routes.push(Route {
+                        resource_id: r.id,
+                        hostname: r.hostname.clone(),
+                        protocol: RouteProtocol::Http,
+                        site_id: r.site_id,
+                        overlay_address: site.overlay_address,
+                        port: r.overlay_port,
+                    });
+                }
+            }
+            NodeKind::Agent => {
+                for gw in &self.gateways {
+                    let (Some(key), Some(endpoint)) = (gw.public_key, gw.endpoint.as_ref()) else {
+                        continue;
+                    };
+                    if endpoint.is_empty() {
+                        continue;
+                    }
+                    snap.peers.push(PeerConfig {
+                        node_id: gw.id,
+                        kind: NodeKind::Gateway,
+                        name: gw.name.clone(),
+                        public_key: key,
+                        overlay_address: gw.overlay_address,
+                        endpoint: Some(endpoint.clone()),
+                        persistent_keepalive: Some(AGENT_KEEPALIVE_SECS),
+                    });
+                }
+                for &i in self.resources_by_site.get(&id).into_iter().flatten() {
+                    let r = &self.resources[i];
+                    snap.targets.push(Target {
+                        resource_id: r.id,
+                        port: r.overlay_port,
+                        target: r.target.clone(),
+                    });
+                }
+            }
+        }
+        Some(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u8, key: Option<u8>, endpoint: Option<&str>) -> WorldNode {
+        WorldNode {
+            id: Uuid::from_u128(u128::from(n)),
+            name: format!("n{n}"),
+            overlay_address: Ipv4Addr::new(100, 64, 0, n),
+            endpoint: endpoint.map(str::to_owned),
+            public_key: key.map(|k| WgPublicKey([k; 32])),
+            credential_hash: None,
+        }
+    }
+
+    fn resource(n: u8, site: u8, hostname: &str, port: u16) -> Resource {
+        Resource {
+            id: Uuid::from_u128(1000 + u128::from(n)),
+            name: hostname.into(),
+            hostname: hostname.into(),
+            site_id: Uuid::from_u128(u128::from(site)),
+            target: format!("127.0.0.1:{}", 9000 + u16::from(n)),
+            overlay_port: port,
+            created_at: 0,
+        }
+    }
+
+    fn world() -> World {
+        World::new(
+            7,
+            10,
+            // Site 2 is not enrolled yet.
+            vec![
+                node(1, Some(1), None),
+                node(2, None, None),
+                node(3, Some(3), None),
+            ],
+            // Gateway 11 has no endpoint, 12 no key.
+            vec![
+                node(10, Some(10), Some("gw.example:51820")),
+                node(11, Some(11), Some("")),
+                node(12, None, Some("x:1")),
+            ],
+            vec![
+                resource(1, 1, "b.example", 10001),
+                resource(2, 1, "a.example", 10000),
+                resource(3, 2, "c.example", 10000),
+                resource(4, 3, "d.example", 10000),
+            ],
+        )
+    }
+
+    #[test]
+    fn gateway_sees_enrolled_sites_and_their_routes_by_hostname() {
+        let w = world();
+        let s = w
+            .snapshot(NodeKind::Gateway, Uuid::from_u128(10))
+            .expect("gateway exists");
+        assert_eq!(s.version, 7);
+        assert_eq!(s.overlay.prefix_len, 10);
+        let peers: Vec<_> = s.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(peers, ["n1", "n3"]);
+        let hosts: Vec<_> = s.routes.iter().map(|r| r.hostname.as_str()).collect();
+        assert_eq!(hosts, ["a.example", "b.example", "d.example"]);
+        assert!(s.targets.is_empty());
+    }
+
+    #[test]
+    fn agent_sees_dialable_gateways_and_its_own_targets_by_port() {
+        let w = world();
+        let s = w
+            .snapshot(NodeKind::Agent, Uuid::from_u128(1))
+            .expect("site exists");
+        assert_eq!(s.peers.len(), 1);
+        assert_eq!(s.peers[0].endpoint.as_deref(), Some("gw.example:51820"));
+        assert_eq!(s.peers[0].persistent_keepalive, Some(AGENT_KEEPALIVE_SECS));
+        let ports: Vec<_> = s.targets.iter().map(|t| t.port).collect();
+        assert_eq!(ports, [10000, 10001]);
+        assert!(s.routes.is_empty());
+        assert_eq!(w.snapshot(NodeKind::Agent, Uuid::from_u128(99)), None);
+        // Ids are per kind.
+        assert_eq!(w.snapshot(NodeKind::Gateway, Uuid::from_u128(1)), None);
+    }
+}
