@@ -56,6 +56,29 @@ async fn quickstart_serves_demo_localhost_and_stops_cleanly() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("kakuremichi demo app"));
+    assert!(
+        printed.contains("https://demo.localhost:8443/"),
+        "{printed}"
+    );
+    let https = std::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--insecure",
+            "--http2",
+            "--max-time",
+            "20",
+            "--resolve",
+            "demo.localhost:8443:127.0.0.1",
+            "https://demo.localhost:8443/",
+        ])
+        .output()
+        .expect("curl is installed by scripts/setup");
+    assert!(
+        String::from_utf8_lossy(&https.stdout).contains("kakuremichi demo app"),
+        "HTTPS on 8443: {}",
+        String::from_utf8_lossy(&https.stderr)
+    );
     let page = http.get("http://127.0.0.1:3000/").send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("kakuremichi"));

@@ -5,12 +5,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ipnet::IpNet;
 use kakuremichi_node::settings::{
     parse_secret, read_config_file, ControlArgs, ControlFile, QuicArgs, QuicFile,
 };
 use kakuremichi_node::NodeSettings;
 use kakuremichi_proto::Secret;
 use serde::Deserialize;
+
+use crate::listener::ListenerLimits;
 
 pub use kakuremichi_node::ConfigError;
 
@@ -57,6 +60,36 @@ pub struct Cli {
     /// QUIC sizes inside the tunnel.
     #[command(flatten)]
     pub quic: QuicArgs,
+    /// Proxies in front of this gateway (comma-separated addresses or CIDRs) whose
+    /// X-Forwarded-For/-Proto/-Host are believed; from anyone else they are replaced.
+    #[arg(
+        long,
+        env = "KAKUREMICHI_GATEWAY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Time a client has to send a request head; also the longest idle keep-alive [default: 20s].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// Open client connections at most [default: 20000].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections from one client IPv4 address or IPv6 /64 at most [default: 512].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
+    /// Public HTTPS listen address (HTTP/1.1 and HTTP/2 over TLS); off unless given.
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_HTTPS_LISTEN")]
+    pub https_listen: Option<SocketAddr>,
+    /// Folder of certificates for HTTPS: NAME.crt (or NAME.pem) chains with their NAME.key; the
+    /// names each serves are read from the certificate (wildcards too).
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_TLS_CERT_DIR")]
+    pub tls_cert_dir: Option<PathBuf>,
+    /// Development: make a self-signed certificate for every published hostname no file covers.
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+    /// Largest request head in bytes; bigger heads get 431 [default: 65536, at least 8192].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
 }
 
 /// The `--config` file.
@@ -75,6 +108,14 @@ pub struct FileConfig {
     connect_timeout: Option<String>,
     #[serde(default)]
     quic: QuicFile,
+    trusted_proxies: Option<Vec<String>>,
+    https_listen: Option<SocketAddr>,
+    tls_cert_dir: Option<PathBuf>,
+    tls_self_signed: Option<bool>,
+    header_read_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    max_header_bytes: Option<usize>,
 }
 
 /// Validated settings.
@@ -90,6 +131,40 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Limits of the public listener.
+    pub limits: ListenerLimits,
+    /// Proxies whose forwarded headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// HTTPS, if on.
+    pub https: Option<HttpsSettings>,
+}
+
+/// The HTTPS listener's settings.
+#[derive(Debug, Clone)]
+pub struct HttpsSettings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Certificate folder.
+    pub cert_dir: Option<PathBuf>,
+    /// Self-signed development certificates for published hostnames.
+    pub self_signed: bool,
+}
+
+/// Parses addresses (`192.0.2.1`, `2001:db8::1`) and networks (`10.0.0.0/8`).
+pub fn parse_trusted_proxies(list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "trusted proxies: {s:?} is not an IP address or a CIDR such as 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
 }
 
 /// Parses `60`, `60s`, `500ms`, `2m`.
@@ -172,6 +247,67 @@ impl Cli {
                 None => file_duration(file.connect_timeout, "connect_timeout")?
                     .unwrap_or(Duration::from_secs(10)),
             },
+            limits: {
+                let d = ListenerLimits::default();
+                let positive = |v: Option<usize>, name: &str, default: usize| match v {
+                    Some(0) => Err(ConfigError::Invalid(format!("{name} must be at least 1"))),
+                    v => Ok(v.unwrap_or(default)),
+                };
+                let max_header_bytes = positive(
+                    self.max_header_bytes.or(file.max_header_bytes),
+                    "max header bytes",
+                    d.max_header_bytes,
+                )?;
+                if max_header_bytes < 8192 {
+                    return Err(ConfigError::Invalid(
+                        "max header bytes must be at least 8192".into(),
+                    ));
+                }
+                ListenerLimits {
+                    header_read_timeout: match self.header_read_timeout {
+                        Some(t) => t,
+                        None => file_duration(file.header_read_timeout, "header_read_timeout")?
+                            .unwrap_or(d.header_read_timeout),
+                    },
+                    max_connections: positive(
+                        self.max_connections.or(file.max_connections),
+                        "max connections",
+                        d.max_connections,
+                    )?,
+                    max_connections_per_client: positive(
+                        self.max_connections_per_client
+                            .or(file.max_connections_per_client),
+                        "max connections per client",
+                        d.max_connections_per_client,
+                    )?,
+                    max_header_bytes,
+                }
+            },
+            https: {
+                let cert_dir = self.tls_cert_dir.or(file.tls_cert_dir);
+                let self_signed = self.tls_self_signed || file.tls_self_signed.unwrap_or(false);
+                match self.https_listen.or(file.https_listen) {
+                    None => None,
+                    Some(_) if cert_dir.is_none() && !self_signed => {
+                        return Err(ConfigError::Invalid(
+                            "--https-listen needs certificates: --tls-cert-dir DIR, or \
+                             --tls-self-signed for development"
+                                .into(),
+                        ))
+                    }
+                    Some(listen) => Some(HttpsSettings {
+                        listen,
+                        cert_dir,
+                        self_signed,
+                    }),
+                }
+            },
+            trusted_proxies: parse_trusted_proxies(
+                &self
+                    .trusted_proxies
+                    .or(file.trusted_proxies)
+                    .unwrap_or_default(),
+            )?,
         })
     }
 }
@@ -179,6 +315,49 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edge_limits_and_trusted_proxies() {
+        let cli = Cli::parse_from([
+            "kakuremichi-gateway",
+            "--data-dir",
+            "/tmp/gw",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.0.2.1",
+            "--header-read-timeout",
+            "2s",
+            "--max-connections-per-client",
+            "7",
+        ]);
+        let s = cli.resolve().unwrap();
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert!(s.trusted_proxies[1].contains(&"192.0.2.1".parse::<std::net::IpAddr>().unwrap()));
+        assert_eq!(s.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(s.limits.max_connections_per_client, 7);
+        assert_eq!(s.limits.max_connections, 20_000);
+        assert!(s.https.is_none());
+        let s = Cli::parse_from([
+            "kakuremichi-gateway",
+            "--data-dir",
+            "/tmp/gw",
+            "--https-listen",
+            "127.0.0.1:8443",
+            "--tls-self-signed",
+        ])
+        .resolve()
+        .unwrap();
+        assert!(s.https.unwrap().self_signed);
+        for bad in [
+            vec!["--https-listen", "127.0.0.1:8443"],
+            vec!["--trusted-proxies", "nope"],
+            vec!["--max-connections", "0"],
+            vec!["--max-header-bytes", "100"],
+        ] {
+            let mut args = vec!["kakuremichi-gateway", "--data-dir", "/tmp/gw"];
+            args.extend(bad.iter().copied());
+            assert!(Cli::parse_from(args).resolve().is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -33,6 +33,8 @@ pub struct GatewayOptions {
     pub timeouts: ProxyTimeouts,
     /// QUIC windows and limits inside the tunnel.
     pub quic: kakuremichi_tunnel::QuicSettings,
+    /// Proxies in front of the gateway whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -43,6 +45,7 @@ impl std::fmt::Debug for GatewayOptions {
             .field("private_key", &"***")
             .field("timeouts", &self.timeouts)
             .field("quic", &self.quic)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -121,6 +124,7 @@ impl Gateway {
             }),
             options.timeouts,
             Arc::clone(&metrics),
+            options.trusted_proxies.clone(),
         ));
         let hints = EndpointHints::load(&options.data_dir);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Gateway);

@@ -9,10 +9,13 @@
 pub mod apply;
 pub mod config;
 pub mod gateway;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod tls;
 
 pub use gateway::{Gateway, GatewayOptions};
-pub use proxy::{serve_http, Proxy, ProxyTimeouts, Upstream, UpstreamIo};
+pub use listener::{serve_http, serve_http_with, serve_https_with, ListenerLimits};
+pub use proxy::{Proxy, ProxyTimeouts, Upstream, UpstreamIo};
 pub use routing::RouteTable;

@@ -29,6 +29,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             response: settings.upstream_timeout,
         },
         quic: settings.node.quic.clone(),
+        trusted_proxies: settings.trusted_proxies.clone(),
     });
     let cached_version =
         process::serve_cached_config(gateway.cached_config(), |s| gateway.apply(s, false)).await?;
@@ -38,12 +39,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http_listen))?;
     tracing::info!(addr = %settings.http_listen, "serving HTTP");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(kakuremichi_gateway::serve_http(
+    let server = tokio::spawn(kakuremichi_gateway::serve_http_with(
         listener,
         gateway.proxy(),
-        shutdown_rx,
+        settings.limits,
+        shutdown_rx.clone(),
         Duration::from_secs(10),
     ));
+
+    let https_server = match &settings.https {
+        None => None,
+        Some(https) => {
+            let resolver = kakuremichi_gateway::tls::CertResolver::new(
+                https.cert_dir.as_deref(),
+                https.self_signed,
+                gateway.proxy().routes(),
+            )
+            .context("cannot load the TLS certificates")?;
+            let tls = kakuremichi_gateway::tls::server_config(Arc::new(resolver))
+                .context("cannot set up TLS")?;
+            let listener = tokio::net::TcpListener::bind(https.listen)
+                .await
+                .with_context(|| format!("cannot listen for HTTPS on {}", https.listen))?;
+            tracing::info!(addr = %https.listen, self_signed = https.self_signed, "serving HTTPS");
+            Some(tokio::spawn(kakuremichi_gateway::serve_https_with(
+                listener,
+                gateway.proxy(),
+                settings.limits,
+                tls,
+                shutdown_rx.clone(),
+                Duration::from_secs(10),
+            )))
+        }
+    };
 
     let metrics_task = match settings.metrics_listen {
         Some(addr) => {
@@ -78,6 +106,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    if let Some(s) = https_server {
+        let _ = s.await;
+    }
     gateway.remember_endpoints();
     gateway.shutdown();
     Ok(())

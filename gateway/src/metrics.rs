@@ -29,6 +29,8 @@ pub struct PeerSample {
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<u16, u64>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    open_connections: AtomicUsize,
     routes: AtomicUsize,
     peers: Mutex<Vec<PeerSample>>,
 }
@@ -42,6 +44,21 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(status)
             .or_default() += 1;
+    }
+
+    /// Counts a client connection closed at once, by reason.
+    pub fn record_refused_connection(&self, reason: &'static str) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Sets the number of open client connections.
+    pub fn set_open_connections(&self, n: usize) {
+        self.open_connections.store(n, Ordering::Relaxed);
     }
 
     /// Sets the number of routes.
@@ -72,6 +89,29 @@ impl Metrics {
                 "kakuremichi_gateway_requests_total{{status=\"{status}\"}} {n}"
             );
         }
+        out.push_str(
+            "# HELP kakuremichi_gateway_connections_refused_total Client connections closed at \
+             once, by the limit they hit.\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_connections_refused_total counter\n");
+        for (reason, n) in self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP kakuremichi_gateway_open_connections Open client connections.\n");
+        out.push_str("# TYPE kakuremichi_gateway_open_connections gauge\n");
+        let _ = writeln!(
+            out,
+            "kakuremichi_gateway_open_connections {}",
+            self.open_connections.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP kakuremichi_gateway_routes Published hostnames.\n");
         out.push_str("# TYPE kakuremichi_gateway_routes gauge\n");
         let _ = writeln!(

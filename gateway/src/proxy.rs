@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -20,8 +20,8 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
@@ -197,33 +197,89 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// Rewrites request headers for the upstream: strips hop-by-hop headers, appends the client to
-/// `X-Forwarded-For`, sets `X-Forwarded-Proto: http` and `X-Forwarded-Host`, and keeps `Host` as
-/// the client sent it (from the absolute-form URI if that is what it used).
+/// How the gateway tells the target who the client is.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// `http` or `https`: the scheme the client used on this listener.
+    pub proto: &'static str,
+    /// Proxies in front of the gateway whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: &'a [IpNet],
+}
+
+const CLIENT_ADDRESS_HEADERS: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "forwarded",
+];
+
+fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
+    proxies.iter().any(|n| n.contains(&ip))
+}
+
+/// Rewrites request headers for the upstream: strips hop-by-hop headers and sets the client's
+/// address itself. The gateway is the edge: from an ordinary client, every `X-Forwarded-*`,
+/// `X-Real-IP` and `Forwarded` header is dropped and replaced with what the gateway saw
+/// (`X-Forwarded-For: <client>`, `X-Real-IP: <client>`, `X-Forwarded-Proto: http|https`,
+/// `X-Forwarded-Host: <Host>`). From a trusted proxy, its `X-Forwarded-For` is kept and the proxy
+/// appended, `X-Real-IP` is the right-most address that is not a trusted proxy, and its
+/// `X-Forwarded-Proto` (only `http` or `https`) and `X-Forwarded-Host` are kept. `Forwarded` is
+/// never passed on. `Host` stays as the client sent it (from the absolute-form URI if used).
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
-    client_ip: std::net::IpAddr,
+    client_ip: IpAddr,
     original_host: &HeaderValue,
     upgrade: Option<&HeaderValue>,
+    forwarding: &Forwarding<'_>,
 ) {
     strip_hop_by_hop(headers);
-    let previous: Vec<String> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
-    let mut xff = previous.join(", ");
-    if !xff.is_empty() {
-        xff.push_str(", ");
+    let from_proxy = trusted(client_ip, forwarding.trusted_proxies);
+    let mut chain: Vec<String> = Vec::new();
+    let mut proto = forwarding.proto;
+    let mut forwarded_host = original_host.clone();
+    if from_proxy {
+        chain = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect();
+        match headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(p) if p.eq_ignore_ascii_case("https") => proto = "https",
+            Some(p) if p.eq_ignore_ascii_case("http") => proto = "http",
+            _ => {}
+        }
+        if let Some(h) = headers.get("x-forwarded-host") {
+            forwarded_host = h.clone();
+        }
     }
-    xff.push_str(&client_ip.to_string());
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    for name in CLIENT_ADDRESS_HEADERS {
+        headers.remove(name);
+    }
+    chain.push(client_ip.to_string());
+    let real_ip = chain
+        .iter()
+        .rev()
+        .find(|a| {
+            a.parse::<IpAddr>()
+                .is_ok_and(|ip| !trusted(ip, forwarding.trusted_proxies))
+        })
+        .cloned()
+        .unwrap_or_else(|| client_ip.to_string());
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
         headers.insert("x-forwarded-for", v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    headers.insert("x-forwarded-host", original_host.clone());
+    if let Ok(v) = HeaderValue::from_str(&real_ip) {
+        headers.insert("x-real-ip", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert("x-forwarded-host", forwarded_host);
     headers.insert(header::HOST, original_host.clone());
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -237,6 +293,7 @@ pub struct Proxy {
     upstream: Arc<dyn Upstream>,
     timeouts: ProxyTimeouts,
     metrics: Arc<Metrics>,
+    trusted_proxies: Vec<IpNet>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -254,13 +311,25 @@ impl Proxy {
         upstream: Arc<dyn Upstream>,
         timeouts: ProxyTimeouts,
         metrics: Arc<Metrics>,
+        trusted_proxies: Vec<IpNet>,
     ) -> Self {
         Self {
             routes,
             upstream,
             timeouts,
             metrics,
+            trusted_proxies,
         }
+    }
+
+    /// The metrics requests are counted in.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The route table (shared with the gateway, which swaps it on every snapshot).
+    pub fn routes(&self) -> Arc<RwLock<Arc<RouteTable>>> {
+        Arc::clone(&self.routes)
     }
 
     fn route(&self, host: &str) -> Option<RouteTarget> {
@@ -270,8 +339,18 @@ impl Proxy {
             .lookup(host)
     }
 
-    /// Handles one request from `client`.
+    /// Handles one request from `client` on the plain-HTTP listener.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        self.handle_as(req, client, "http").await
+    }
+
+    /// Handles one request from `client` that arrived over `proto` (`http` or `https`).
+    pub async fn handle_as(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let accept = req.headers().get(header::ACCEPT).cloned();
         let method = req.method().clone();
@@ -291,7 +370,7 @@ impl Proxy {
                         %host
                     );
                     let result = self
-                        .forward(req, client, &host, target)
+                        .forward(req, client, proto, &host, target)
                         .instrument(span)
                         .await;
                     let response = match result {
@@ -356,6 +435,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        proto: &'static str,
         host: &str,
         target: RouteTarget,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -382,6 +462,10 @@ impl Proxy {
             client.ip(),
             &original_host,
             upgrade.as_ref(),
+            &Forwarding {
+                proto,
+                trusted_proxies: &self.trusted_proxies,
+            },
         );
 
         let mut sender = self.connect(&target, host).await?;
@@ -454,59 +538,6 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// Serves the proxy on `listener` until `shutdown` turns true, then lets in-flight requests finish
-/// (for at most `drain`).
-pub async fn serve_http(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stopping(&mut shutdown) => break,
-        };
-        let (stream, client) = match accepted {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::warn!(%error, "accepting an HTTP connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
-        let mut shutdown = shutdown.clone();
-        let done = done_tx.clone();
-        tokio::spawn(async move {
-            let _done = done;
-            let service = hyper::service::service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopping(&mut shutdown) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%client, %error, "HTTP connection ended with an error");
-            }
-        });
-    }
-    drop(done_tx);
-    let _ = tokio::time::timeout(drain, done_rx.recv()).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,21 +563,63 @@ mod tests {
         assert_eq!(names, vec!["content-length", "x-kept"]);
     }
 
-    #[test]
-    fn forwarded_headers_are_added() {
+    const PLAIN: Forwarding<'static> = Forwarding {
+        proto: "http",
+        trusted_proxies: &[],
+    };
+
+    fn spoofed() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("Demo.localhost:8080"));
         h.append("x-forwarded-for", HeaderValue::from_static("203.0.113.1"));
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        h.insert("forwarded", HeaderValue::from_static("for=10.0.0.2"));
         h.insert("connection", HeaderValue::from_static("close"));
+        h
+    }
+
+    #[test]
+    fn a_clients_own_forwarded_headers_are_replaced() {
+        let mut h = spoofed();
         let host = HeaderValue::from_static("Demo.localhost:8080");
-        rewrite_request_headers(&mut h, "192.0.2.9".parse().unwrap(), &host, None);
-        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.51.100.7, 192.0.2.9");
+        rewrite_request_headers(&mut h, "192.0.2.9".parse().unwrap(), &host, None, &PLAIN);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-real-ip"], "192.0.2.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "Demo.localhost:8080");
         assert_eq!(h["host"], "Demo.localhost:8080");
+        assert!(h.get("forwarded").is_none());
         assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_believed_within_reason() {
+        let proxies: Vec<IpNet> = vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "198.51.100.7/32".parse().unwrap(),
+        ];
+        let fwd = Forwarding {
+            proto: "http",
+            trusted_proxies: &proxies,
+        };
+        let mut h = spoofed();
+        let host = HeaderValue::from_static("Demo.localhost:8080");
+        rewrite_request_headers(&mut h, "192.0.2.9".parse().unwrap(), &host, None, &fwd);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.51.100.7, 192.0.2.9");
+        // The right-most address that is not one of our proxies.
+        assert_eq!(h["x-real-ip"], "203.0.113.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert!(h.get("forwarded").is_none());
+        // Only http or https is believed as a scheme.
+        let mut h = spoofed();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("javascript"));
+        rewrite_request_headers(&mut h, "192.0.2.9".parse().unwrap(), &host, None, &fwd);
+        assert_eq!(h["x-forwarded-proto"], "http");
     }
 
     #[test]
@@ -560,7 +633,13 @@ mod tests {
         let proto = upgrade_protocol(&h);
         assert_eq!(proto.as_ref().unwrap(), "websocket");
         let host = HeaderValue::from_static("a");
-        rewrite_request_headers(&mut h, "::1".parse().unwrap(), &host, proto.as_ref());
+        rewrite_request_headers(
+            &mut h,
+            "::1".parse().unwrap(),
+            &host,
+            proto.as_ref(),
+            &PLAIN,
+        );
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["x-forwarded-for"], "::1");

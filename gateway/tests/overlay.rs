@@ -190,6 +190,7 @@ async fn setup() -> Setup {
             response: Duration::from_secs(20),
         },
         quic: Default::default(),
+        trusted_proxies: Vec::new(),
     });
     gateway
         .apply(
@@ -408,6 +409,7 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
             response: Duration::from_secs(20),
         },
         quic: Default::default(),
+        trusted_proxies: Vec::new(),
     });
     let cached = restarted
         .cached_config()

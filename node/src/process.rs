@@ -27,6 +27,10 @@ pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Every client connection and upstream socket is a file: take the hard limit.
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(error) => {

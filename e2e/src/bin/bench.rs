@@ -130,6 +130,8 @@ async fn main() -> anyhow::Result<()> {
     let mut opts = StackOptions::loopback();
     let agent_wg = free_udp_port();
     opts.agent_wg_listen = Some(SocketAddr::from(([127, 0, 0, 1], agent_wg)));
+    // Every simulated user comes from 127.0.0.1: lift the per-client connection cap.
+    opts.gateway_args = vec!["--max-connections-per-client".into(), "100000".into()];
     let stack = Stack::start_with(opts).await?;
     let dir = stack.dir.path().to_path_buf();
 

@@ -1,5 +1,6 @@
 //! The quickstart: starts control (SQLite), a gateway, an agent and the demo private app on
-//! loopback, publishes the app at http://demo.localhost:8080, prints where to look, and runs
+//! loopback, publishes the app at http://demo.localhost:8080 (and https://demo.localhost:8443 with a
+//! self-signed development certificate), prints where to look, and runs
 //! until Ctrl-C. It uses the release binaries next to it (build them with
 //! `cargo build --release --workspace --bins`, which `scripts/quickstart` does).
 
@@ -28,18 +29,25 @@ async fn main() -> anyhow::Result<()> {
         gateway_endpoint: "127.0.0.1:51820".into(),
         app_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
         admin_key: admin_key.clone(),
+        gateway_args: vec![
+            "--https-listen".into(),
+            "127.0.0.1:8443".into(),
+            "--tls-self-signed".into(),
+        ],
         ..StackOptions::loopback()
     };
     println!("starting control, a gateway, an agent and the demo app on loopback...");
-    let stack = Stack::start_with(opts)
-        .await
-        .context("starting the quickstart (are ports 3000, 8080, 9000 and UDP 51820 free?)")?;
+    let stack = Stack::start_with(opts).await.context(
+        "starting the quickstart (are ports 3000, 8080, 8443, 9000 and UDP 51820 free?)",
+    )?;
     println!(
         r#"
 kakuremichi is running.
 
   Your app, through the tunnel:  http://{DEMO_HOST}:8080/
       try: curl http://{DEMO_HOST}:8080/
+  The same over HTTPS (HTTP/2):  https://{DEMO_HOST}:8443/
+      with a self-signed development certificate: curl -k https://{DEMO_HOST}:8443/
   Control (admin UI and API):    http://127.0.0.1:3000/
   Admin API key (shown once):    {admin_key}
       try: curl -H 'Authorization: Bearer {admin_key}' http://127.0.0.1:3000/api/v1/resources

@@ -1,0 +1,420 @@
+//! The gateway's public listener under abuse (issue 7): slowloris connections are capped per
+//! client and closed after the header-read timeout while other clients keep being served, an
+//! oversized head gets 431, and a client's own X-Forwarded-For never reaches the app as sent.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kakuremichi_e2e::{free_tcp_port, Stack, StackOptions, DEMO_HOST};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+async fn metric(port: u16, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A connection from another loopback address (127.0.0.2): another client.
+async fn request_from_another_client(gateway: SocketAddr) -> u16 {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = socket.connect(gateway).await.unwrap();
+    s.write_all(
+        format!("GET /bytes/100 HTTP/1.1\r\nHost: {DEMO_HOST}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("another client was not answered within 10 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&out);
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_slowloris_connections_are_capped_and_closed_while_others_are_served() {
+    let metrics_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--header-read-timeout".into(),
+        "2s".into(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let gateway = stack.opts.gateway_http_for_test;
+
+    // 2,000 connections from 127.0.0.1, each sending half a request head and then nothing.
+    let started = Instant::now();
+    let mut slow = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let mut s = TcpStream::connect(gateway).await.unwrap();
+        let _ = s
+            .write_all(format!("GET / HTTP/1.1\r\nHost: {DEMO_HOST}\r\nX-Slow: ").as_bytes())
+            .await;
+        slow.push(s);
+    }
+    let opened = started.elapsed();
+    // Meanwhile another client is served, several times.
+    for _ in 0..5 {
+        assert_eq!(request_from_another_client(gateway).await, 200);
+    }
+    // Every slow connection is closed by the gateway: the ones over the per-client cap at once,
+    // the others after the 2 s header-read timeout.
+    let mut lasted = Vec::with_capacity(slow.len());
+    let tasks: Vec<_> = slow
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                let r = tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    }
+                })
+                .await;
+                (r.is_ok(), started.elapsed())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (closed, at) = t.await.unwrap();
+        assert!(closed, "a slowloris connection stayed open for 10 s");
+        lasted.push(at);
+    }
+    let longest = lasted.iter().max().copied().unwrap_or_default();
+    let refused = metric(
+        metrics_port,
+        "kakuremichi_gateway_connections_refused_total{reason=\"per_client_limit\"}",
+    )
+    .await;
+    println!(
+        "2,000 slowloris connections opened in {opened:?}; all closed by {longest:?}; \
+         {refused} refused at once by the per-client cap"
+    );
+    assert!(
+        longest >= Duration::from_millis(1500),
+        "admitted connections were closed before the header-read timeout"
+    );
+    assert!(
+        refused >= 1000,
+        "only {refused} of 2,000 connections from one client were refused"
+    );
+    // And the gateway is still fine.
+    assert_eq!(request_from_another_client(gateway).await, 200);
+    let resp = stack.get(DEMO_HOST, "/").await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_head_gets_431_and_client_forwarded_headers_are_replaced() {
+    let stack = Stack::start().await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let gateway = stack.opts.gateway_http_for_test;
+
+    let mut s = TcpStream::connect(gateway).await.unwrap();
+    let big = "a".repeat(100 * 1024);
+    let _ = s
+        .write_all(
+            format!("GET / HTTP/1.1\r\nHost: {DEMO_HOST}\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+        )
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let head = String::from_utf8_lossy(&out);
+    assert!(
+        head.starts_with("HTTP/1.1 431"),
+        "expected 431 for a 100 KiB header, got {:?}",
+        head.lines().next()
+    );
+
+    let resp = stack
+        .request_builder(reqwest::Method::GET, DEMO_HOST, "/headers")
+        .header("x-forwarded-for", "203.0.113.66")
+        .header("x-real-ip", "203.0.113.67")
+        .header("x-forwarded-proto", "gopher")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=203.0.113.68")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let h: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(h["x-forwarded-for"].as_str(), Some("127.0.0.1"), "{h}");
+    assert_eq!(h["x-real-ip"].as_str(), Some("127.0.0.1"), "{h}");
+    assert_eq!(h["x-forwarded-proto"].as_str(), Some("http"), "{h}");
+    assert_eq!(h["x-forwarded-host"].as_str(), Some(DEMO_HOST), "{h}");
+    assert!(h.get("forwarded").is_none(), "{h}");
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed by scripts/setup");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_h2_and_h1_by_sni_refuses_unknown_names_and_garbage() {
+    let https_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--https-listen".into(),
+        format!("127.0.0.1:{https_port}"),
+        "--tls-self-signed".into(),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let resolve = format!("{DEMO_HOST}:{https_port}:127.0.0.1");
+    let url = format!("https://{DEMO_HOST}:{https_port}/");
+
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let (ok, out, err) = tokio::task::spawn_blocking({
+            let (resolve, url) = (resolve.clone(), url.clone());
+            move || {
+                curl(&[
+                    flag,
+                    "--insecure",
+                    "--resolve",
+                    &resolve,
+                    "--write-out",
+                    "\nversion=%{http_version} status=%{http_code}",
+                    &url,
+                ])
+            }
+        })
+        .await
+        .unwrap();
+        assert!(ok, "curl {flag} failed: {err}\n{}", stack.logs());
+        assert!(out.contains("kakuremichi demo app"), "{out}");
+        assert!(
+            out.ends_with(&format!("version={version} status=200")),
+            "{flag}: {out}"
+        );
+    }
+    // The app learns that the client used HTTPS.
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let resolve = resolve.clone();
+        move || {
+            curl(&[
+                "--http2",
+                "--insecure",
+                "--resolve",
+                &resolve,
+                &format!("https://{DEMO_HOST}:{https_port}/headers"),
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let h: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(h["x-forwarded-proto"].as_str(), Some("https"), "{h}");
+
+    // A name nothing publishes: the handshake is refused.
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "--insecure",
+            "--resolve",
+            &format!("unknown.localhost:{https_port}:127.0.0.1"),
+            &format!("https://unknown.localhost:{https_port}/"),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "an unknown SNI got a certificate");
+    assert!(
+        err.to_lowercase().contains("ssl") || err.contains("alert"),
+        "{err}"
+    );
+
+    // A malformed ClientHello: the connection is closed, nothing else is disturbed.
+    let mut s = TcpStream::connect(("127.0.0.1", https_port)).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05garbage-that-is-not-a-client-hello\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a malformed ClientHello kept the connection open"
+    );
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        curl(&["--http2", "--insecure", "--resolve", &resolve, &url])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("kakuremichi demo app"), "{err}");
+}
+
+/// Accepts any certificate: the test's client talks to its own gateway's self-signed one.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+use std::sync::Arc;
+
+async fn h2_connect(
+    port: u16,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(DEMO_HOST).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_rapid_reset_flood_is_cut_off_while_others_are_served() {
+    let https_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--https-listen".into(),
+        format!("127.0.0.1:{https_port}"),
+        "--tls-self-signed".into(),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+
+    // A well-behaved HTTP/2 client first: one request works.
+    let (mut good, _good_conn) = h2_connect(https_port).await;
+    let req = http::Request::get(format!("https://{DEMO_HOST}/bytes/100"))
+        .body(())
+        .unwrap();
+    let (resp, _) = good.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+
+    // The attacker: open a stream and reset it at once, 20,000 times, as fast as it can.
+    let (mut bad, bad_conn) = h2_connect(https_port).await;
+    let mut sent = 0u32;
+    let flood = async {
+        for _ in 0..20_000u32 {
+            bad = match bad.ready().await {
+                Ok(b) => b,
+                Err(_) => return,
+            };
+            let req = http::Request::get(format!("https://{DEMO_HOST}/slow/1000"))
+                .body(())
+                .unwrap();
+            match bad.send_request(req, false) {
+                Ok((_resp, mut stream)) => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    sent += 1;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), flood).await;
+    let bad_end = tokio::time::timeout(Duration::from_secs(10), bad_conn).await;
+    println!("rapid reset: {sent} streams opened and reset before the gateway cut the connection");
+    assert!(
+        sent < 20_000,
+        "the gateway accepted 20,000 opened-and-reset streams on one connection"
+    );
+    match bad_end {
+        Ok(Ok(Err(e))) => println!("the flooding connection ended with: {e}"),
+        other => panic!("the gateway did not cut the flooding connection: {other:?}"),
+    }
+
+    // Others are served, on the existing connection and on new ones.
+    let req = http::Request::get(format!("https://{DEMO_HOST}/bytes/100"))
+        .body(())
+        .unwrap();
+    let mut good = good.ready().await.unwrap();
+    let (resp, _) = good.send_request(req, true).unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("the good client waited 10 s")
+            .unwrap()
+            .status(),
+        200
+    );
+    let resp = stack.get(DEMO_HOST, "/").await.unwrap();
+    assert_eq!(resp.status(), 200);
+}

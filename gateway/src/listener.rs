@@ -1,0 +1,390 @@
+//! The public listener: what stands between the internet and the proxy.
+//!
+//! Every connection is admitted against a global cap and a per-client cap (an IPv4 address, or an
+//! IPv6 /64, since one host holds a whole /64); a connection over either cap is closed at once and
+//! counted. hyper reads request heads with a timer: a client has [`ListenerLimits::header_read_timeout`]
+//! to send a complete head, which also bounds how long an idle keep-alive connection is kept (the
+//! timer runs whenever hyper waits for a head), so slowloris connections are closed instead of
+//! held. Heads larger than [`ListenerLimits::max_header_bytes`] are answered 431.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+use crate::proxy::{stopping, Proxy};
+
+/// Limits of the public listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Time to send a whole request head, and the longest idle time between keep-alive requests.
+    pub header_read_timeout: Duration,
+    /// Open client connections at most.
+    pub max_connections: usize,
+    /// Open connections from one client (IPv4 address or IPv6 /64) at most.
+    pub max_connections_per_client: usize,
+    /// Largest request head, in bytes (at least 8 KiB).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(20),
+            max_connections: 20_000,
+            max_connections_per_client: 512,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The listener is at [`ListenerLimits::max_connections`].
+    Global,
+    /// The client is at [`ListenerLimits::max_connections_per_client`].
+    PerClient,
+}
+
+impl Refusal {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Global => "global_limit",
+            Refusal::PerClient => "per_client_limit",
+        }
+    }
+}
+
+/// The key a client's connections are counted under: the IPv4 address, or the IPv6 /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Admits connections against the global and per-client caps.
+#[derive(Debug)]
+pub struct Admission {
+    global: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    max_per_client: usize,
+}
+
+/// An admitted connection; its slots are freed on drop.
+#[derive(Debug)]
+pub struct Admitted {
+    admission: Arc<Admission>,
+    key: IpAddr,
+    _global: OwnedSemaphorePermit,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut map = self
+            .admission
+            .per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Caps from `limits`.
+    pub fn new(limits: &ListenerLimits) -> Arc<Admission> {
+        Arc::new(Admission {
+            global: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            per_client: Mutex::new(HashMap::new()),
+            max_per_client: limits.max_connections_per_client.max(1),
+        })
+    }
+
+    /// Admits a connection from `ip`, or says which cap it hit.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refusal> {
+        let global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Global)?;
+        let key = client_key(ip);
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_default();
+        if *n >= self.max_per_client {
+            return Err(Refusal::PerClient);
+        }
+        *n += 1;
+        drop(map);
+        Ok(Admitted {
+            admission: Arc::clone(self),
+            key,
+            _global: global,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.per_client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+/// Serves the proxy on `listener` with the default [`ListenerLimits`]; see [`serve_http_with`].
+pub async fn serve_http(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    serve_http_with(listener, proxy, ListenerLimits::default(), shutdown, drain).await;
+}
+
+/// Serves the proxy on `listener` within `limits` until `shutdown` turns true, then lets in-flight
+/// requests finish (for at most `drain`).
+pub async fn serve_http_with(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ListenerLimits,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    accept_loop(listener, proxy, limits, None, shutdown, drain).await;
+}
+
+/// Like [`serve_http_with`], with TLS: HTTP/1.1 and HTTP/2 (by ALPN) over rustls. The TLS
+/// handshake must finish within the header-read timeout.
+pub async fn serve_https_with(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ListenerLimits,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    accept_loop(listener, proxy, limits, Some(tls), shutdown, drain).await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ListenerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let admission = Admission::new(&limits);
+    let metrics: Arc<Metrics> = proxy.metrics();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopping(&mut shutdown) => break,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a client connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admitted = match admission.admit(client.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                metrics.record_refused_connection(refusal.label());
+                tracing::debug!(%client, reason = refusal.label(), "connection refused");
+                drop(stream);
+                continue;
+            }
+        };
+        metrics.set_open_connections(admission.open());
+        let _ = stream.set_nodelay(true);
+        let proxy = Arc::clone(&proxy);
+        let mut shutdown = shutdown.clone();
+        let done = done_tx.clone();
+        let admission = Arc::clone(&admission);
+        let metrics = Arc::clone(&metrics);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            match acceptor {
+                None => serve_plain(stream, client, proxy, &limits, &mut shutdown).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                            .await;
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            serve_tls(tls, client, proxy, &limits, &mut shutdown).await;
+                        }
+                        Ok(Err(error)) => {
+                            metrics.record_refused_connection("tls_handshake");
+                            tracing::debug!(%client, %error, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics.record_refused_connection("tls_handshake_timeout");
+                            tracing::debug!(%client, "TLS handshake timed out");
+                        }
+                    }
+                }
+            }
+            drop(admitted);
+            metrics.set_open_connections(admission.open());
+        });
+    }
+    drop(done_tx);
+    let _ = tokio::time::timeout(drain, done_rx.recv()).await;
+}
+
+fn http1_builder(limits: &ListenerLimits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+}
+
+/// Serves HTTP/1.1 on `io` until it ends or `shutdown` (then gracefully).
+async fn serve_http1<I>(
+    io: I,
+    client: SocketAddr,
+    proxy: Arc<Proxy>,
+    proto: &'static str,
+    limits: &ListenerLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(proxy.handle_as(req, client, proto).await) }
+    });
+    let conn = http1_builder(limits)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopping(shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%client, %error, proto, "HTTP/1.1 connection ended with an error");
+    }
+}
+
+async fn serve_plain(
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    proxy: Arc<Proxy>,
+    limits: &ListenerLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    serve_http1(stream, client, proxy, "http", limits, shutdown).await;
+}
+
+/// HTTP/2: at most this many streams at once per connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 250;
+/// HTTP/2 rapid-reset protection: streams reset by the client before the proxy answered, at
+/// most this many pending; more and the connection is closed (CVE-2023-44487).
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// HTTP/2 or HTTP/1.1 over TLS, as ALPN chose.
+async fn serve_tls(
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    client: SocketAddr,
+    proxy: Arc<Proxy>,
+    limits: &ListenerLimits,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    if !h2 {
+        return serve_http1(stream, client, proxy, "https", limits, shutdown).await;
+    }
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(proxy.handle_as(req, client, "https").await) }
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopping(shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%client, %error, "HTTP/2 connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_client_and_global_caps() {
+        let a = Admission::new(&ListenerLimits {
+            max_connections: 3,
+            max_connections_per_client: 2,
+            ..Default::default()
+        });
+        let ip1: IpAddr = "192.0.2.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let ip2: IpAddr = "192.0.2.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let c1 = a.admit(ip1).expect("first");
+        let _c2 = a.admit(ip1).expect("second");
+        assert_eq!(a.admit(ip1).err(), Some(Refusal::PerClient));
+        let _c3 = a.admit(ip2).expect("another client");
+        assert_eq!(a.admit(ip2).err(), Some(Refusal::Global));
+        assert_eq!(a.open(), 3);
+        drop(c1);
+        assert_eq!(a.open(), 2);
+        let _c4 = a.admit(ip1).expect("a freed slot is reused");
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64_and_mapped_v4_as_v4() {
+        let k = |s: &str| client_key(s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
+    }
+}
