@@ -1,6 +1,6 @@
 //! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
 //! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
-//! echoes or discards uploads, echoes WebSocket messages, shows the request headers it got, says which address it listens on (`/whoami`), and answers late on request.
+//! echoes or discards uploads, echoes WebSocket messages, streams server-sent events (`/sse/{n}/{interval_ms}`), shows the request headers it got, says which address it listens on (`/whoami`), and answers late on request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -62,6 +62,33 @@ fn app(listen: SocketAddr) -> Router {
         .route("/echo", post(echo))
         .route("/discard", post(discard))
         .route("/ws", get(ws_echo))
+        .route("/sse/{n}/{interval_ms}", get(sse))
+}
+
+/// `n` server-sent events, one every `interval_ms`, each `data: <i> <unix micros when written>`.
+async fn sse(Path((n, interval_ms)): Path<(u32, u64)>) -> Response {
+    let events = futures_util::stream::unfold(0u32, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        }
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        let event = Bytes::from(format!("data: {i} {micros}\n\n"));
+        Some((Ok::<_, std::convert::Infallible>(event), i + 1))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
 }
 
 async fn index() -> Html<&'static str> {
