@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kakuremichi_proto::{
-    ConfigSnapshot, EnrollResponse, NodeKind, Secret, StatusReport, WgPublicKey,
+    ConfigSnapshot, EnrollResponse, NodeKind, RouteProtocol, Secret, StatusReport, WgPublicKey,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
@@ -136,15 +136,25 @@ impl Node {
     }
 }
 
-/// A resource: a public hostname forwarded to a private target through a site.
+/// The first public port given to a TCP resource that names none.
+pub const FIRST_TCP_PORT: u16 = 20000;
+/// The last public port given to a TCP resource that names none.
+pub const LAST_TCP_PORT: u16 = 29999;
+
+/// A resource: a public hostname (HTTP) or a public port on every gateway (TCP) forwarded to a
+/// private target through a site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
     /// The resource's id.
     pub id: Uuid,
     /// Display name.
     pub name: String,
-    /// Public hostname, lower case, unique.
+    /// HTTP or TCP.
+    pub protocol: RouteProtocol,
+    /// HTTP: public hostname, lower case, unique. TCP: empty.
     pub hostname: String,
+    /// TCP: the port every gateway listens on, unique.
+    pub public_port: Option<u16>,
     /// The site whose agent reaches the target.
     pub site_id: Uuid,
     /// The private target, `host:port`.
@@ -160,8 +170,12 @@ pub struct Resource {
 pub struct NewResource {
     /// Display name.
     pub name: String,
-    /// Public hostname.
+    /// HTTP or TCP.
+    pub protocol: RouteProtocol,
+    /// HTTP: public hostname; TCP: empty.
     pub hostname: String,
+    /// TCP: the public port, or `None` for the lowest free one from 20000.
+    pub public_port: Option<u16>,
     /// The site.
     pub site_id: Uuid,
     /// The target.
@@ -173,8 +187,10 @@ pub struct NewResource {
 pub struct ResourcePatch {
     /// New name.
     pub name: Option<String>,
-    /// New hostname.
+    /// New hostname (HTTP).
     pub hostname: Option<String>,
+    /// New public port (TCP).
+    pub public_port: Option<u16>,
     /// New site (the resource gets a new overlay port there).
     pub site_id: Option<Uuid>,
     /// New target.
@@ -242,10 +258,21 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
     let id: String = row.try_get("id")?;
     let site_id: String = row.try_get("site_id")?;
     let port: i64 = row.try_get("overlay_port")?;
+    let hostname: Option<String> = row.try_get("hostname")?;
+    let protocol: String = row.try_get("protocol")?;
+    let public_port: Option<i64> = row.try_get("public_port")?;
     Ok(Resource {
         id: parse_uuid(&id)?,
         name: row.try_get("name")?,
-        hostname: row.try_get("hostname")?,
+        protocol: match protocol.as_str() {
+            "http" => RouteProtocol::Http,
+            "tcp" => RouteProtocol::Tcp,
+            other => return Err(corrupt(format!("resource protocol {other:?}"))),
+        },
+        hostname: hostname.unwrap_or_default(),
+        public_port: public_port
+            .map(|p| u16::try_from(p).map_err(corrupt))
+            .transpose()?,
         site_id: parse_uuid(&site_id)?,
         target: row.try_get("target")?,
         overlay_port: u16::try_from(port).map_err(corrupt)?,
@@ -944,25 +971,68 @@ impl Store {
         Ok(port)
     }
 
+    /// A TCP resource's public port: `wanted` if free, else a conflict; with none wanted, the
+    /// lowest free port from [`FIRST_TCP_PORT`] to [`LAST_TCP_PORT`].
+    async fn public_port(
+        tx: &mut Transaction<'static, Any>,
+        wanted: Option<u16>,
+        except: Option<Uuid>,
+    ) -> Result<u16> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, public_port FROM resources WHERE public_port IS NOT NULL")
+                .fetch_all(&mut **tx)
+                .await?;
+        let except = except.map(|e| e.to_string());
+        let used: HashSet<i64> = rows
+            .into_iter()
+            .filter(|(id, _)| Some(id) != except.as_ref())
+            .map(|(_, p)| p)
+            .collect();
+        match wanted {
+            Some(p) if used.contains(&i64::from(p)) => Err(StoreError::Conflict(format!(
+                "public port {p} is already used by a resource"
+            ))),
+            Some(p) => Ok(p),
+            None => (FIRST_TCP_PORT..=LAST_TCP_PORT)
+                .find(|p| !used.contains(&i64::from(*p)))
+                .ok_or_else(|| {
+                    StoreError::Exhausted(format!(
+                        "no free public port from {FIRST_TCP_PORT} to {LAST_TCP_PORT}"
+                    ))
+                }),
+        }
+    }
+
     /// Creates a resource on an existing site, with the next free overlay port there.
     pub async fn create_resource(&self, new: &NewResource) -> Result<Resource> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
         Self::site_exists(&mut tx, new.site_id).await?;
-        Self::check_hostname_free(&mut tx, &new.hostname, None).await?;
+        let (protocol, hostname, public_port) = match new.protocol {
+            RouteProtocol::Http => {
+                Self::check_hostname_free(&mut tx, &new.hostname, None).await?;
+                ("http", Some(new.hostname.as_str()), None)
+            }
+            RouteProtocol::Tcp => {
+                let p = Self::public_port(&mut tx, new.public_port, None).await?;
+                ("tcp", None, Some(i64::from(p)))
+            }
+        };
         let port = Self::free_port(&mut tx, new.site_id).await?;
         let id = Uuid::new_v4();
         sqlx::query(
-            "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
+             protocol, public_port) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(id.to_string())
         .bind(&new.name)
-        .bind(&new.hostname)
+        .bind(hostname)
         .bind(new.site_id.to_string())
         .bind(&new.target)
         .bind(i64::from(port))
         .bind(now_ms())
+        .bind(protocol)
+        .bind(public_port)
         .execute(&mut *tx)
         .await?;
         self.commit_bumped(tx).await?;
@@ -998,8 +1068,21 @@ impl Store {
             .ok_or(StoreError::NotFound("resource"))?;
         let mut r = resource_from_row(&row)?;
         if let Some(h) = &patch.hostname {
+            if r.protocol == RouteProtocol::Tcp {
+                return Err(StoreError::Invalid(
+                    "a TCP resource has no hostname; change its public_port".into(),
+                ));
+            }
             Self::check_hostname_free(&mut tx, h, Some(id)).await?;
             r.hostname = h.clone();
+        }
+        if let Some(p) = patch.public_port {
+            if r.protocol == RouteProtocol::Http {
+                return Err(StoreError::Invalid(
+                    "an HTTP resource has no public_port; change its hostname".into(),
+                ));
+            }
+            r.public_port = Some(Self::public_port(&mut tx, Some(p), Some(id)).await?);
         }
         if let Some(site) = patch.site_id {
             if site != r.site_id {
@@ -1016,13 +1099,14 @@ impl Store {
         }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
-             overlay_port = $5 WHERE id = $6",
+             overlay_port = $5, public_port = $6 WHERE id = $7",
         )
         .bind(&r.name)
-        .bind(&r.hostname)
+        .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
         .bind(r.site_id.to_string())
         .bind(&r.target)
         .bind(i64::from(r.overlay_port))
+        .bind(r.public_port.map(i64::from))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;

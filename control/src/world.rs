@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use kakuremichi_proto::{
-    ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, RouteProtocol, Target, WgPublicKey,
+    ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, Target, WgPublicKey,
     DEFAULT_OVERLAY_MTU,
 };
 use uuid::Uuid;
@@ -62,7 +62,9 @@ impl World {
         gateways: Vec<WorldNode>,
         mut resources: Vec<Resource>,
     ) -> World {
-        resources.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        resources.sort_by(|a, b| {
+            (a.hostname.as_str(), a.public_port).cmp(&(b.hostname.as_str(), b.public_port))
+        });
         let index = |nodes: &[WorldNode]| {
             nodes
                 .iter()
@@ -137,10 +139,11 @@ impl World {
                     snap.routes.push(Route {
                         resource_id: r.id,
                         hostname: r.hostname.clone(),
-                        protocol: RouteProtocol::Http,
+                        protocol: r.protocol,
                         site_id: r.site_id,
                         overlay_address: site.overlay_address,
                         port: r.overlay_port,
+                        public_port: r.public_port,
                     });
                 }
             }
@@ -179,6 +182,7 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kakuremichi_proto::RouteProtocol;
 
     fn node(n: u8, key: Option<u8>, endpoint: Option<&str>) -> WorldNode {
         WorldNode {
@@ -195,7 +199,9 @@ mod tests {
         Resource {
             id: Uuid::from_u128(1000 + u128::from(n)),
             name: hostname.into(),
+            protocol: RouteProtocol::Http,
             hostname: hostname.into(),
+            public_port: None,
             site_id: Uuid::from_u128(u128::from(site)),
             target: format!("127.0.0.1:{}", 9000 + u16::from(n)),
             overlay_port: port,

@@ -418,3 +418,130 @@ async fn an_h2_rapid_reset_flood_is_cut_off_while_others_are_served() {
     let resp = stack.get(DEMO_HOST, "/").await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+fn psql(port: u16, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-tAc",
+            sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .map_err(|e| format!("psql is installed by scripts/setup: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_resource_puts_postgres_behind_the_agent_on_a_gateway_port_without_a_restart() {
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec!["--tcp-listen-ip".into(), "127.0.0.1".into()];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let port = free_tcp_port();
+    let (status, created) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "protocol": "tcp",
+                "public_port": port,
+                "site_id": stack.site_id,
+                "target": "127.0.0.1:5432",
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["protocol"], "tcp");
+    assert_eq!(created["public_port"], port);
+    assert_eq!(created["name"], format!("tcp-{port}"));
+    assert!(created.get("hostname").is_none(), "{created}");
+
+    // psql through the gateway's port, the tunnel and the agent, to the PostgreSQL on this machine.
+    let answer = kakuremichi_e2e::wait_for(
+        "psql through the TCP resource",
+        Duration::from_secs(20),
+        || async move {
+            Ok(
+                tokio::task::spawn_blocking(move || psql(port, "SELECT 6 * 7"))
+                    .await?
+                    .ok(),
+            )
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.logs()));
+    assert_eq!(answer, "42");
+    // A bigger exchange both ways.
+    let big = tokio::task::spawn_blocking(move || {
+        psql(
+            port,
+            "SELECT count(*), sum(length(x)) FROM (SELECT repeat('x', 1000) AS x FROM generate_series(1, 5000)) t",
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(big, "5000|5000000");
+
+    // Bad input: a hostname on a TCP resource, a public port twice.
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "protocol": "tcp",
+                "hostname": "x.localhost",
+                "site_id": stack.site_id,
+                "target": "127.0.0.1:5432",
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "protocol": "tcp",
+                "public_port": port,
+                "site_id": stack.site_id,
+                "target": "127.0.0.1:5432",
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+
+    // Deleting the resource closes the port, with no restart.
+    let id = created["id"].as_str().unwrap().to_owned();
+    stack.api.delete_resource(&id).await.unwrap();
+    kakuremichi_e2e::wait_for(
+        "the gateway to close the TCP port",
+        Duration::from_secs(10),
+        || async move {
+            Ok(TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+}

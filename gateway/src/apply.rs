@@ -164,6 +164,7 @@ mod tests {
             site_id: Uuid::from_u128(2),
             overlay_address: Ipv4Addr::new(100, 64, 0, 2),
             port,
+            public_port: None,
         }
     }
 

@@ -77,6 +77,9 @@ pub struct Cli {
     /// Open connections from one client IPv4 address or IPv6 /64 at most [default: 512].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_CONNECTIONS_PER_CLIENT")]
     pub max_connections_per_client: Option<usize>,
+    /// Address the public ports of TCP resources are bound on [default: 0.0.0.0].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_TCP_LISTEN_IP")]
+    pub tcp_listen_ip: Option<std::net::IpAddr>,
     /// Public HTTPS listen address (HTTP/1.1 and HTTP/2 over TLS); off unless given.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_HTTPS_LISTEN")]
     pub https_listen: Option<SocketAddr>,
@@ -110,6 +113,7 @@ pub struct FileConfig {
     quic: QuicFile,
     trusted_proxies: Option<Vec<String>>,
     https_listen: Option<SocketAddr>,
+    tcp_listen_ip: Option<std::net::IpAddr>,
     tls_cert_dir: Option<PathBuf>,
     tls_self_signed: Option<bool>,
     header_read_timeout: Option<String>,
@@ -137,6 +141,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     /// HTTPS, if on.
     pub https: Option<HttpsSettings>,
+    /// Where TCP resources' public ports are bound.
+    pub tcp_listen_ip: std::net::IpAddr,
 }
 
 /// The HTTPS listener's settings.
@@ -283,6 +289,10 @@ impl Cli {
                     max_header_bytes,
                 }
             },
+            tcp_listen_ip: self
+                .tcp_listen_ip
+                .or(file.tcp_listen_ip)
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             https: {
                 let cert_dir = self.tls_cert_dir.or(file.tls_cert_dir);
                 let self_signed = self.tls_self_signed || file.tls_self_signed.unwrap_or(false);

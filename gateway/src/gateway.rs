@@ -10,15 +10,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
-use kakuremichi_proto::{
-    ConfigSnapshot, NodeKind, StatusReport, StreamHeader, StreamKind, WgPublicKey,
-};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, StatusReport, StreamHeader, WgPublicKey};
 use kakuremichi_tunnel::{Incoming, Tunnel};
 
 use crate::apply::{peer_specs, plan, EndpointHints};
 use crate::metrics::{Metrics, PeerSample};
 use crate::proxy::{Proxy, ProxyTimeouts, Upstream, UpstreamIo};
 use crate::routing::{RouteTable, RouteTarget};
+use crate::tcp::TcpRoutes;
 
 /// What the gateway needs besides snapshots.
 #[derive(Clone)]
@@ -35,6 +34,10 @@ pub struct GatewayOptions {
     pub quic: kakuremichi_tunnel::QuicSettings,
     /// Proxies in front of the gateway whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The address TCP resources' public ports are bound on.
+    pub tcp_listen_ip: std::net::IpAddr,
+    /// Connection caps, shared by the TCP listeners (the HTTP listeners take theirs when served).
+    pub limits: crate::listener::ListenerLimits,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -46,6 +49,8 @@ impl std::fmt::Debug for GatewayOptions {
             .field("timeouts", &self.timeouts)
             .field("quic", &self.quic)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("tcp_listen_ip", &self.tcp_listen_ip)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -70,7 +75,7 @@ impl Upstream for TunnelUpstream {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no tunnel yet"))?;
             let mut stream = tunnel.connect(*target.addr.ip()).await?;
             let header = StreamHeader {
-                kind: StreamKind::Http,
+                kind: target.kind,
                 port: target.addr.port(),
                 resource_id: target.resource_id,
             };
@@ -89,6 +94,7 @@ struct Inner {
     hints: Mutex<EndpointHints>,
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
+    tcp: TcpRoutes,
 }
 
 /// The gateway: cheap to clone, shared by the proxy, the control channel and background tasks.
@@ -117,11 +123,18 @@ impl Gateway {
         );
         let routes = Arc::new(RwLock::new(Arc::new(RouteTable::default())));
         let metrics = Arc::new(Metrics::default());
+        let upstream: Arc<dyn Upstream> = Arc::new(TunnelUpstream {
+            tunnel: tunnel.clone(),
+        });
+        let tcp = TcpRoutes::new(
+            options.tcp_listen_ip,
+            Arc::clone(&upstream),
+            &options.limits,
+            Arc::clone(&metrics),
+        );
         let proxy = Arc::new(Proxy::new(
             Arc::clone(&routes),
-            Arc::new(TunnelUpstream {
-                tunnel: tunnel.clone(),
-            }),
+            upstream,
             options.timeouts,
             Arc::clone(&metrics),
             options.trusted_proxies.clone(),
@@ -138,6 +151,7 @@ impl Gateway {
                 hints: Mutex::new(hints),
                 metrics,
                 proxy,
+                tcp,
             }),
         }
     }
@@ -195,6 +209,7 @@ impl Gateway {
         let table = RouteTable::from_routes(&snapshot.routes);
         self.inner.metrics.set_routes(table.len());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        self.inner.tcp.apply(&snapshot.routes).await;
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -258,6 +273,16 @@ impl Gateway {
             tick.tick().await;
             self.remember_endpoints();
         }
+    }
+
+    /// The public ports of TCP resources listened on now, with their local addresses.
+    pub async fn tcp_listening(&self) -> Vec<(u16, std::net::SocketAddr)> {
+        self.inner.tcp.listening().await
+    }
+
+    /// Closes the TCP resources' listeners and connections.
+    pub async fn stop_tcp(&self) {
+        self.inner.tcp.stop().await;
     }
 
     /// Stops the tunnel.

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod tcp;
 pub mod tls;
 
 pub use gateway::{Gateway, GatewayOptions};

@@ -30,6 +30,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         quic: settings.node.quic.clone(),
         trusted_proxies: settings.trusted_proxies.clone(),
+        tcp_listen_ip: settings.tcp_listen_ip,
+        limits: settings.limits,
     });
     let cached_version =
         process::serve_cached_config(gateway.cached_config(), |s| gateway.apply(s, false)).await?;
@@ -109,6 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(s) = https_server {
         let _ = s.await;
     }
+    gateway.stop_tcp().await;
     gateway.remember_endpoints();
     gateway.shutdown();
     Ok(())

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddrV4;
 
 use http::{HeaderMap, Uri};
-use kakuremichi_proto::{Route, RouteProtocol};
+use kakuremichi_proto::{Route, RouteProtocol, StreamKind};
 use uuid::Uuid;
 
 /// Where requests for one hostname go.
@@ -14,6 +14,8 @@ pub struct RouteTarget {
     pub resource_id: Uuid,
     /// The agent's overlay address and the port leading to the target.
     pub addr: SocketAddrV4,
+    /// What the stream carries: an HTTP exchange or a raw TCP flow.
+    pub kind: StreamKind,
 }
 
 /// Hostname (lower case, no port) -> target. Replaced as a whole on every snapshot.
@@ -35,6 +37,7 @@ impl RouteTable {
                     RouteTarget {
                         resource_id: r.resource_id,
                         addr: SocketAddrV4::new(r.overlay_address, r.port),
+                        kind: StreamKind::Http,
                     },
                 ))
             })
@@ -143,6 +146,7 @@ mod tests {
             site_id: Uuid::from_u128(2),
             overlay_address: Ipv4Addr::new(100, 64, 0, 2),
             port: 10000,
+            public_port: None,
         }]);
         assert_eq!(table.len(), 1);
         let t = table.lookup("demo.localhost").unwrap();

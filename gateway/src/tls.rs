@@ -249,6 +249,7 @@ mod tests {
                 site_id: uuid::Uuid::from_u128(100),
                 overlay_address: std::net::Ipv4Addr::new(100, 64, 0, 2),
                 port: 10000,
+                public_port: None,
             })
             .collect();
         Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&routes))))

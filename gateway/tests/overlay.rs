@@ -93,6 +93,7 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         site_id: Uuid::from_u128(2),
         overlay_address: AGENT_OVERLAY,
         port,
+        public_port: None,
     };
     ConfigSnapshot {
         version: 1,
@@ -191,6 +192,8 @@ async fn setup() -> Setup {
         },
         quic: Default::default(),
         trusted_proxies: Vec::new(),
+        tcp_listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        limits: Default::default(),
     });
     gateway
         .apply(
@@ -410,6 +413,8 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
         },
         quic: Default::default(),
         trusted_proxies: Vec::new(),
+        tcp_listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        limits: Default::default(),
     });
     let cached = restarted
         .cached_config()

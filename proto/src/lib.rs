@@ -345,6 +345,8 @@ pub struct PeerConfig {
 pub enum RouteProtocol {
     /// HTTP/1.1 reverse proxy, routed by `Host`.
     Http,
+    /// Raw TCP: every connection to `public_port` on the gateway is one tunnel stream.
+    Tcp,
 }
 
 /// Gateway routing entry: requests for `hostname` go to `overlay_address:port` (an agent).
@@ -363,6 +365,9 @@ pub struct Route {
     pub overlay_address: Ipv4Addr,
     /// The port on the agent's overlay address that leads to the target.
     pub port: u16,
+    /// TCP routes: the port every gateway listens on for this resource (`hostname` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
 }
 
 /// Agent target: flows to `port` on the agent's overlay address are forwarded to `target`.
@@ -494,6 +499,7 @@ mod tests {
                     site_id: ID2,
                     overlay_address: Ipv4Addr::new(100, 64, 0, 2),
                     port: 10000,
+                    public_port: None,
                 }],
                 targets: vec![],
             }),

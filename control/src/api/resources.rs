@@ -1,9 +1,11 @@
-//! `/resources`: public hostnames forwarded to private targets through a site.
+//! `/resources`: public hostnames (HTTP) or public ports on every gateway (TCP) forwarded to
+//! private targets through a site.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use kakuremichi_proto::RouteProtocol;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -15,10 +17,15 @@ use crate::{validate, ApiError, AppState};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateResource {
-    /// Display name; defaults to the hostname.
+    /// Display name; defaults to the hostname (HTTP) or `tcp-<port>` (TCP).
     pub name: Option<String>,
-    /// Public hostname (lower-cased).
-    pub hostname: String,
+    /// `http` (default) or `tcp`.
+    #[serde(default)]
+    pub protocol: Option<RouteProtocol>,
+    /// HTTP: public hostname (lower-cased). TCP: must be absent.
+    pub hostname: Option<String>,
+    /// TCP: the port every gateway listens on (1-65535); absent: the lowest free from 20000.
+    pub public_port: Option<u16>,
     /// The site whose agent reaches the target.
     pub site_id: Uuid,
     /// Private target, `host:port`.
@@ -31,8 +38,10 @@ pub struct CreateResource {
 pub struct UpdateResource {
     /// New name.
     pub name: Option<String>,
-    /// New hostname.
+    /// New hostname (HTTP).
     pub hostname: Option<String>,
+    /// New public port (TCP).
+    pub public_port: Option<u16>,
     /// New site (the resource gets a new overlay port there).
     pub site_id: Option<Uuid>,
     /// New target.
@@ -46,8 +55,14 @@ pub struct ResourceView {
     pub id: Uuid,
     /// Display name.
     pub name: String,
-    /// Public hostname.
-    pub hostname: String,
+    /// `http` or `tcp`.
+    pub protocol: RouteProtocol,
+    /// HTTP: public hostname.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// TCP: the port every gateway listens on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
     /// The site.
     pub site_id: Uuid,
     /// Private target.
@@ -63,7 +78,9 @@ impl From<Resource> for ResourceView {
         Self {
             id: r.id,
             name: r.name,
-            hostname: r.hostname,
+            protocol: r.protocol,
+            hostname: (r.protocol == RouteProtocol::Http).then_some(r.hostname),
+            public_port: r.public_port,
             site_id: r.site_id,
             target: r.target,
             overlay_port: r.overlay_port,
@@ -83,21 +100,65 @@ async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateResource>,
 ) -> Result<(StatusCode, ApiJson<ResourceView>), ApiError> {
-    let hostname = validate::hostname(&body.hostname).map_err(invalid)?;
+    let protocol = body.protocol.unwrap_or(RouteProtocol::Http);
+    let (hostname, public_port, default_name) = match protocol {
+        RouteProtocol::Http => {
+            if body.public_port.is_some() {
+                return Err(invalid(
+                    "public_port is for TCP resources; an HTTP resource has a hostname".into(),
+                ));
+            }
+            let raw = body
+                .hostname
+                .as_deref()
+                .ok_or_else(|| invalid("hostname is required for an HTTP resource".into()))?;
+            let h = validate::hostname(raw).map_err(invalid)?;
+            (h.clone(), None, h)
+        }
+        RouteProtocol::Tcp => {
+            if body.hostname.is_some() {
+                return Err(invalid(
+                    "a TCP resource has no hostname: it is reached at public_port on every gateway"
+                        .into(),
+                ));
+            }
+            if body.public_port == Some(0) {
+                return Err(invalid("public_port must be from 1 to 65535".into()));
+            }
+            (String::new(), body.public_port, String::new())
+        }
+    };
     let name = match body.name.as_deref() {
         Some(n) => validate::name(n).map_err(invalid)?,
-        None => validate::name(&hostname).map_err(invalid)?,
+        None if protocol == RouteProtocol::Tcp => String::new(),
+        None => validate::name(&default_name).map_err(invalid)?,
     };
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
-    let r = state
+    let mut r = state
         .store
         .create_resource(&NewResource {
-            name,
+            name: name.clone(),
+            protocol,
             hostname,
+            public_port,
             site_id: body.site_id,
             target,
         })
         .await?;
+    if name.is_empty() {
+        // A TCP resource's default name is its port, known once allocated.
+        let port = r.public_port.unwrap_or_default();
+        r = state
+            .store
+            .update_resource(
+                r.id,
+                &ResourcePatch {
+                    name: Some(format!("tcp-{port}")),
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
     tracing::info!(resource_id = %r.id, site_id = %r.site_id, "resource created");
     Ok((StatusCode::CREATED, ApiJson(r.into())))
 }
@@ -122,6 +183,10 @@ async fn update(
     let patch = ResourcePatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
         hostname: valid_opt(body.hostname.as_deref(), validate::hostname)?,
+        public_port: match body.public_port {
+            Some(0) => return Err(invalid("public_port must be from 1 to 65535".into())),
+            p => p,
+        },
         site_id: body.site_id,
         target: valid_opt(body.target.as_deref(), |t| validate::host_port(t, "target"))?,
     };

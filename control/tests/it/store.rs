@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use kakuremichi_control::activity::NodeActivity;
 use kakuremichi_control::store::{NewResource, Node, Resource, ResourcePatch, Store, StoreError};
-use kakuremichi_proto::{ConfigSnapshot, NodeKind, Secret, WgPublicKey};
+use kakuremichi_proto::{ConfigSnapshot, NodeKind, RouteProtocol, Secret, WgPublicKey};
 
 use kakuremichi_control::secrets;
 
@@ -46,7 +46,9 @@ async fn snapshot(store: &Store, kind: NodeKind, id: uuid::Uuid) -> ConfigSnapsh
 fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
     NewResource {
         name: hostname.into(),
+        protocol: RouteProtocol::Http,
         hostname: hostname.into(),
+        public_port: None,
         site_id,
         target: "127.0.0.1:9000".into(),
     }
@@ -66,6 +68,7 @@ on_both_backends!(
     expired_enrollment_tokens_are_refused,
     legacy_argon2_hashes_still_work_and_are_replaced,
     activity_is_written_in_one_batch,
+    tcp_resources_get_unique_public_ports_and_reach_gateways,
 );
 
 async fn node_crud(store: Store) {
@@ -524,4 +527,99 @@ async fn activity_is_written_in_one_batch(store: Store) {
     assert_eq!(n.last_seen_at, Some(5000));
     assert_eq!(n.applied_version, Some(7));
     assert!(n.last_status.is_some());
+}
+
+async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) {
+    let (s, st) = add_site(&store, "s").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let tcp = |port: Option<u16>| NewResource {
+        name: "db".into(),
+        protocol: RouteProtocol::Tcp,
+        hostname: String::new(),
+        public_port: port,
+        site_id: s.id,
+        target: "127.0.0.1:5432".into(),
+    };
+    let a = store.create_resource(&tcp(None)).await.unwrap();
+    assert_eq!(a.public_port, Some(20000));
+    assert_eq!(a.protocol, RouteProtocol::Tcp);
+    let b = store.create_resource(&tcp(None)).await.unwrap();
+    assert_eq!(b.public_port, Some(20001), "the lowest free port");
+    let c = store.create_resource(&tcp(Some(15432))).await.unwrap();
+    assert_eq!(c.public_port, Some(15432));
+    assert!(matches!(
+        store.create_resource(&tcp(Some(15432))).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // TCP resources have no hostname, so several coexist with HTTP ones.
+    add_resource(&store, "web.localhost", s.id).await;
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
+    let mut ports: Vec<_> = snap
+        .routes
+        .iter()
+        .filter(|r| r.protocol == RouteProtocol::Tcp)
+        .map(|r| r.public_port.unwrap())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [15432, 20000, 20001]);
+    assert!(snap
+        .routes
+        .iter()
+        .any(|r| r.protocol == RouteProtocol::Http && r.hostname == "web.localhost"));
+    // The agent gets a target per resource, whatever the protocol.
+    assert_eq!(
+        snapshot(&store, NodeKind::Agent, s.id).await.targets.len(),
+        4
+    );
+    // A port moves; the same port twice is refused; a hostname on TCP is invalid.
+    let moved = store
+        .update_resource(
+            b.id,
+            &ResourcePatch {
+                public_port: Some(20005),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.public_port, Some(20005));
+    assert!(matches!(
+        store
+            .update_resource(
+                b.id,
+                &ResourcePatch {
+                    public_port: Some(15432),
+                    ..Default::default()
+                },
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store
+            .update_resource(
+                b.id,
+                &ResourcePatch {
+                    hostname: Some("x.localhost".into()),
+                    ..Default::default()
+                },
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    // Keeping its own port is fine.
+    store
+        .update_resource(
+            b.id,
+            &ResourcePatch {
+                public_port: Some(20005),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let listed = store.list_resources().await.unwrap();
+    assert_eq!(listed.len(), 4);
 }
