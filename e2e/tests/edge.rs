@@ -545,3 +545,95 @@ async fn a_tcp_resource_puts_postgres_behind_the_agent_on_a_gateway_port_without
     .await
     .unwrap();
 }
+
+/// `GET https://demo.localhost:<port><path>` over HTTP/3; returns the status and the body.
+async fn h3_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    use bytes::Buf as _;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)), DEMO_HOST)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    let drive = tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let req = http::Request::get(format!("https://{DEMO_HOST}:{port}{path}"))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    let resp = stream.recv_response().await.unwrap();
+    let mut body = Vec::new();
+    while let Some(mut chunk) = stream.recv_data().await.unwrap() {
+        body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+    }
+    drop(send);
+    drive.abort();
+    endpoint.close(0u32.into(), b"done");
+    (resp.status().as_u16(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_fetches_the_app_through_the_tunnel_and_https_advertises_it() {
+    let https_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--https-listen".into(),
+        format!("127.0.0.1:{https_port}"),
+        "--tls-self-signed".into(),
+        "--http3".into(),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), h3_get(https_port, "/"))
+        .await
+        .expect("HTTP/3 request timed out");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("kakuremichi demo app"));
+    let (status, body) = h3_get(https_port, "/bytes/1000000").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 1_000_000);
+    assert!(body
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == kakuremichi_e2e::demo_pattern(i as u64)));
+    let (status, body) = h3_get(https_port, "/headers").await;
+    assert_eq!(status, 200);
+    let h: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(h["x-forwarded-proto"].as_str(), Some("https"), "{h}");
+
+    // HTTPS over TCP says where HTTP/3 is.
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "--http2",
+            "--insecure",
+            "--head",
+            "--resolve",
+            &format!("{DEMO_HOST}:{https_port}:127.0.0.1"),
+            &format!("https://{DEMO_HOST}:{https_port}/"),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.to_lowercase()
+            .contains(&format!("alt-svc: h3=\":{https_port}\"; ma=86400")),
+        "{out}"
+    );
+}

@@ -87,6 +87,9 @@ pub struct Cli {
     /// names each serves are read from the certificate (wildcards too).
     #[arg(long, env = "KAKUREMICHI_GATEWAY_TLS_CERT_DIR")]
     pub tls_cert_dir: Option<PathBuf>,
+    /// Also serve HTTP/3 (QUIC) on the HTTPS port's UDP twin, advertised with Alt-Svc.
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_HTTP3")]
+    pub http3: bool,
     /// Development: make a self-signed certificate for every published hostname no file covers.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_TLS_SELF_SIGNED")]
     pub tls_self_signed: bool,
@@ -116,6 +119,7 @@ pub struct FileConfig {
     tcp_listen_ip: Option<std::net::IpAddr>,
     tls_cert_dir: Option<PathBuf>,
     tls_self_signed: Option<bool>,
+    http3: Option<bool>,
     header_read_timeout: Option<String>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
@@ -154,6 +158,8 @@ pub struct HttpsSettings {
     pub cert_dir: Option<PathBuf>,
     /// Self-signed development certificates for published hostnames.
     pub self_signed: bool,
+    /// HTTP/3 on the same port (UDP).
+    pub http3: bool,
 }
 
 /// Parses addresses (`192.0.2.1`, `2001:db8::1`) and networks (`10.0.0.0/8`).
@@ -296,6 +302,7 @@ impl Cli {
             https: {
                 let cert_dir = self.tls_cert_dir.or(file.tls_cert_dir);
                 let self_signed = self.tls_self_signed || file.tls_self_signed.unwrap_or(false);
+                let http3 = self.http3 || file.http3.unwrap_or(false);
                 match self.https_listen.or(file.https_listen) {
                     None => None,
                     Some(_) if cert_dir.is_none() && !self_signed => {
@@ -309,6 +316,7 @@ impl Cli {
                         listen,
                         cert_dir,
                         self_signed,
+                        http3,
                     }),
                 }
             },

@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod config;
 pub mod gateway;
+pub mod h3;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

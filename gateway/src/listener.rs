@@ -174,29 +174,39 @@ pub async fn serve_http_with(
 }
 
 /// Like [`serve_http_with`], with TLS: HTTP/1.1 and HTTP/2 (by ALPN) over rustls. The TLS
-/// handshake must finish within the header-read timeout.
+/// handshake must finish within the header-read timeout. With `alt_svc`, every response carries
+/// that `Alt-Svc` header (to advertise HTTP/3).
 pub async fn serve_https_with(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limits: ListenerLimits,
     tls: Arc<rustls::ServerConfig>,
+    alt_svc: Option<http::HeaderValue>,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    accept_loop(listener, proxy, limits, Some(tls), shutdown, drain).await;
+    accept_loop(
+        listener,
+        proxy,
+        limits,
+        Some((tls, alt_svc)),
+        shutdown,
+        drain,
+    )
+    .await;
 }
 
 async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limits: ListenerLimits,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<(Arc<rustls::ServerConfig>, Option<http::HeaderValue>)>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let admission = Admission::new(&limits);
     let metrics: Arc<Metrics> = proxy.metrics();
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = tls.map(|(config, alt_svc)| (tokio_rustls::TlsAcceptor::from(config), alt_svc));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
@@ -232,13 +242,13 @@ async fn accept_loop(
             let _done = done;
             match acceptor {
                 None => serve_plain(stream, client, proxy, &limits, &mut shutdown).await,
-                Some(acceptor) => {
+                Some((acceptor, alt_svc)) => {
                     let handshake =
                         tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                             .await;
                     match handshake {
                         Ok(Ok(tls)) => {
-                            serve_tls(tls, client, proxy, &limits, &mut shutdown).await;
+                            serve_tls(tls, client, proxy, alt_svc, &limits, &mut shutdown).await;
                         }
                         Ok(Err(error)) => {
                             metrics.record_refused_connection("tls_handshake");
@@ -276,6 +286,7 @@ async fn serve_http1<I>(
     client: SocketAddr,
     proxy: Arc<Proxy>,
     proto: &'static str,
+    alt_svc: Option<http::HeaderValue>,
     limits: &ListenerLimits,
     shutdown: &mut watch::Receiver<bool>,
 ) where
@@ -283,7 +294,14 @@ async fn serve_http1<I>(
 {
     let service = hyper::service::service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.handle_as(req, client, proto).await) }
+        let alt_svc = alt_svc.clone();
+        async move {
+            let mut response = proxy.handle_as(req, client, proto).await;
+            if let Some(v) = alt_svc {
+                response.headers_mut().insert(http::header::ALT_SVC, v);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = http1_builder(limits)
         .serve_connection(TokioIo::new(io), service)
@@ -308,7 +326,7 @@ async fn serve_plain(
     limits: &ListenerLimits,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    serve_http1(stream, client, proxy, "http", limits, shutdown).await;
+    serve_http1(stream, client, proxy, "http", None, limits, shutdown).await;
 }
 
 /// HTTP/2: at most this many streams at once per connection.
@@ -322,16 +340,24 @@ async fn serve_tls(
     stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     client: SocketAddr,
     proxy: Arc<Proxy>,
+    alt_svc: Option<http::HeaderValue>,
     limits: &ListenerLimits,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     if !h2 {
-        return serve_http1(stream, client, proxy, "https", limits, shutdown).await;
+        return serve_http1(stream, client, proxy, "https", alt_svc, limits, shutdown).await;
     }
     let service = hyper::service::service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.handle_as(req, client, "https").await) }
+        let alt_svc = alt_svc.clone();
+        async move {
+            let mut response = proxy.handle_as(req, client, "https").await;
+            if let Some(v) = alt_svc {
+                response.headers_mut().insert(http::header::ALT_SVC, v);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder =
         hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -58,17 +58,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 gateway.proxy().routes(),
             )
             .context("cannot load the TLS certificates")?;
-            let tls = kakuremichi_gateway::tls::server_config(Arc::new(resolver))
+            let resolver = Arc::new(resolver);
+            let tls = kakuremichi_gateway::tls::server_config(Arc::clone(&resolver))
                 .context("cannot set up TLS")?;
             let listener = tokio::net::TcpListener::bind(https.listen)
                 .await
                 .with_context(|| format!("cannot listen for HTTPS on {}", https.listen))?;
-            tracing::info!(addr = %https.listen, self_signed = https.self_signed, "serving HTTPS");
+            let bound = listener.local_addr().unwrap_or(https.listen);
+            tracing::info!(addr = %bound, self_signed = https.self_signed, "serving HTTPS");
+            let alt_svc = if https.http3 {
+                let config = kakuremichi_gateway::h3::server_config(resolver)
+                    .context("cannot set up HTTP/3")?;
+                let socket = std::net::UdpSocket::bind(bound)
+                    .with_context(|| format!("cannot listen for HTTP/3 on UDP {bound}"))?;
+                tracing::info!(addr = %bound, "serving HTTP/3");
+                tokio::spawn(kakuremichi_gateway::h3::serve_h3(
+                    socket,
+                    config,
+                    gateway.proxy(),
+                    settings.limits,
+                    shutdown_rx.clone(),
+                ));
+                http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", bound.port())).ok()
+            } else {
+                None
+            };
             Some(tokio::spawn(kakuremichi_gateway::serve_https_with(
                 listener,
                 gateway.proxy(),
                 settings.limits,
                 tls,
+                alt_svc,
                 shutdown_rx.clone(),
                 Duration::from_secs(10),
             )))

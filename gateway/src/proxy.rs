@@ -31,6 +31,13 @@ use crate::routing::{request_host, RouteTable, RouteTarget};
 /// Body of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// An error of a request body from any client protocol.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body of every request the proxy forwards: HTTP/1.1 and HTTP/2 bodies (hyper's) and HTTP/3
+/// bodies alike.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
 /// A byte stream to an upstream (a tunnel stream in production, TCP in some tests).
 pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamStream for T {}
@@ -351,6 +358,17 @@ impl Proxy {
         client: SocketAddr,
         proto: &'static str,
     ) -> Response<ProxyBody> {
+        let req = req.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+        self.handle_boxed(req, client, proto).await
+    }
+
+    /// Handles one request with a boxed body (what HTTP/3 hands over).
+    pub async fn handle_boxed(
+        &self,
+        req: Request<RequestBody>,
+        client: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let accept = req.headers().get(header::ACCEPT).cloned();
         let method = req.method().clone();
@@ -400,11 +418,11 @@ impl Proxy {
         &self,
         target: &RouteTarget,
         host: &str,
-    ) -> Result<SendRequest<Incoming>, ProxyError> {
+    ) -> Result<SendRequest<RequestBody>, ProxyError> {
         let attempt = async {
             let io = self.upstream.connect(target).await?;
             let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                .handshake::<_, Incoming>(TokioIo::new(io))
+                .handshake::<_, RequestBody>(TokioIo::new(io))
                 .await
                 .map_err(io::Error::other)?;
             tokio::spawn(
@@ -433,7 +451,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         client: SocketAddr,
         proto: &'static str,
         host: &str,

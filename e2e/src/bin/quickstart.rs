@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
             "--https-listen".into(),
             "127.0.0.1:8443".into(),
             "--tls-self-signed".into(),
+            "--http3".into(),
         ],
         ..StackOptions::loopback()
     };
@@ -46,7 +47,7 @@ kakuremichi is running.
 
   Your app, through the tunnel:  http://{DEMO_HOST}:8080/
       try: curl http://{DEMO_HOST}:8080/
-  The same over HTTPS (HTTP/2):  https://{DEMO_HOST}:8443/
+  The same over HTTPS:           https://{DEMO_HOST}:8443/ (HTTP/1.1, HTTP/2, HTTP/3)
       with a self-signed development certificate: curl -k https://{DEMO_HOST}:8443/
   Control (admin UI and API):    http://127.0.0.1:3000/
   Admin API key (shown once):    {admin_key}
