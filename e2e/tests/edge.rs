@@ -637,3 +637,60 @@ async fn http3_fetches_the_app_through_the_tunnel_and_https_advertises_it() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_resource_metrics_count_requests_bytes_and_latency() {
+    let metrics_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let id = stack.resource_id.clone();
+    let before = metric(
+        metrics_port,
+        &format!(
+            "kakuremichi_gateway_resource_requests_total{{resource_id=\"{id}\",class=\"2xx\"}}"
+        ),
+    )
+    .await;
+    for _ in 0..10 {
+        let resp = stack.get(DEMO_HOST, "/bytes/1000").await.unwrap();
+        assert_eq!(resp.bytes().await.unwrap().len(), 1000);
+    }
+    let resp = stack
+        .request_builder(reqwest::Method::POST, DEMO_HOST, "/discard")
+        .body(vec![0u8; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let after = metric(
+        metrics_port,
+        &format!(
+            "kakuremichi_gateway_resource_requests_total{{resource_id=\"{id}\",class=\"2xx\"}}"
+        ),
+    )
+    .await;
+    assert_eq!(after - before, 11);
+    let out = metric(
+        metrics_port,
+        &format!("kakuremichi_gateway_resource_bytes_out_total{{resource_id=\"{id}\"}}"),
+    )
+    .await;
+    assert!(out >= 10_000, "bytes out {out}");
+    let inn = metric(
+        metrics_port,
+        &format!("kakuremichi_gateway_resource_bytes_in_total{{resource_id=\"{id}\"}}"),
+    )
+    .await;
+    assert!(inn >= 5000, "bytes in {inn}");
+    let count = metric(
+        metrics_port,
+        &format!("kakuremichi_gateway_resource_response_seconds_count{{resource_id=\"{id}\"}}"),
+    )
+    .await;
+    assert!(count >= 11, "histogram count {count}");
+}

@@ -1,9 +1,10 @@
-//! Prometheus text metrics: requests by status, routes, peers.
+//! Prometheus text metrics: requests by status, per-resource requests by status class, bytes
+//! and a latency histogram, refused and open connections, routes, peers.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -25,9 +26,50 @@ pub struct PeerSample {
     pub handshake_age_secs: Option<u64>,
 }
 
+/// Upper bounds (seconds) of the response-head latency histogram.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// One resource's counters.
+#[derive(Debug, Default)]
+pub struct ResourceCounters {
+    /// Requests answered, by status class (index 0 = 1xx ... 4 = 5xx).
+    classes: [AtomicU64; 5],
+    /// Request body bytes from clients.
+    pub bytes_in: AtomicU64,
+    /// Response body bytes to clients.
+    pub bytes_out: AtomicU64,
+    /// Histogram of the time to the response head: counts per bucket of [`LATENCY_BUCKETS`],
+    /// then +Inf.
+    latency: [AtomicU64; 13],
+    latency_sum_micros: AtomicU64,
+    /// Open TCP flows (TCP resources).
+    pub open_flows: AtomicI64,
+}
+
+impl ResourceCounters {
+    /// Counts one answered request.
+    pub fn record(&self, status: u16, latency: std::time::Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Ordering::Relaxed);
+        let secs = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// The gateway's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    resources: Mutex<BTreeMap<uuid::Uuid, Arc<ResourceCounters>>>,
     requests: Mutex<BTreeMap<u16, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     open_connections: AtomicUsize,
@@ -36,6 +78,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The counters of one resource (made on first use).
+    pub fn resource(&self, id: uuid::Uuid) -> Arc<ResourceCounters> {
+        Arc::clone(
+            self.resources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(id)
+                .or_default(),
+        )
+    }
+
     /// Counts one answered request.
     pub fn record_request(&self, status: u16) {
         *self
@@ -112,6 +165,82 @@ impl Metrics {
             "kakuremichi_gateway_open_connections {}",
             self.open_connections.load(Ordering::Relaxed)
         );
+        let resources: Vec<(uuid::Uuid, Arc<ResourceCounters>)> = self
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, c)| (*id, Arc::clone(c)))
+            .collect();
+        out.push_str(
+            "# HELP kakuremichi_gateway_resource_requests_total Requests answered per resource, \
+             by status class.\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_resource_requests_total counter\n");
+        for (id, c) in &resources {
+            for (i, n) in c.classes.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "kakuremichi_gateway_resource_requests_total{{resource_id=\"{id}\",class=\"{}xx\"}} {n}",
+                        i + 1
+                    );
+                }
+            }
+        }
+        out.push_str("# TYPE kakuremichi_gateway_resource_bytes_in_total counter\n");
+        for (id, c) in &resources {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_bytes_in_total{{resource_id=\"{id}\"}} {}",
+                c.bytes_in.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# TYPE kakuremichi_gateway_resource_bytes_out_total counter\n");
+        for (id, c) in &resources {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_bytes_out_total{{resource_id=\"{id}\"}} {}",
+                c.bytes_out.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# TYPE kakuremichi_gateway_resource_open_flows gauge\n");
+        for (id, c) in &resources {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_open_flows{{resource_id=\"{id}\"}} {}",
+                c.open_flows.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP kakuremichi_gateway_resource_response_seconds Time to the response head.\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_resource_response_seconds histogram\n");
+        for (id, c) in &resources {
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += c.latency[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            cumulative += c.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"+Inf\"}} {cumulative}"
+            );
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_response_seconds_sum{{resource_id=\"{id}\"}} {}",
+                c.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_resource_response_seconds_count{{resource_id=\"{id}\"}} {cumulative}"
+            );
+        }
         out.push_str("# HELP kakuremichi_gateway_routes Published hostnames.\n");
         out.push_str("# TYPE kakuremichi_gateway_routes gauge\n");
         let _ = writeln!(
@@ -212,5 +341,30 @@ mod tests {
         assert!(text.contains("kakuremichi_gateway_routes 3\n"));
         assert!(text.contains("kakuremichi_gateway_peers 1\n"));
         assert!(text.contains("kakuremichi_gateway_peer_handshake_age_seconds{peer=\"k\"} 4\n"));
+    }
+
+    #[test]
+    fn per_resource_classes_bytes_and_histogram() {
+        let m = Metrics::default();
+        let id = uuid::Uuid::from_u128(7);
+        let c = m.resource(id);
+        c.record(200, std::time::Duration::from_micros(800));
+        c.record(204, std::time::Duration::from_millis(30));
+        c.record(502, std::time::Duration::from_secs(20));
+        c.bytes_out.fetch_add(1234, Ordering::Relaxed);
+        let text = m.render();
+        let id = id.to_string();
+        for line in [
+            format!("kakuremichi_gateway_resource_requests_total{{resource_id=\"{id}\",class=\"2xx\"}} 2"),
+            format!("kakuremichi_gateway_resource_requests_total{{resource_id=\"{id}\",class=\"5xx\"}} 1"),
+            format!("kakuremichi_gateway_resource_bytes_out_total{{resource_id=\"{id}\"}} 1234"),
+            format!("kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"0.001\"}} 1"),
+            format!("kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"0.05\"}} 2"),
+            format!("kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"10\"}} 2"),
+            format!("kakuremichi_gateway_resource_response_seconds_bucket{{resource_id=\"{id}\",le=\"+Inf\"}} 3"),
+            format!("kakuremichi_gateway_resource_response_seconds_count{{resource_id=\"{id}\"}} 3"),
+        ] {
+            assert!(text.contains(&line), "missing {line}\n{text}");
+        }
     }
 }

@@ -387,6 +387,20 @@ impl Proxy {
                         resource_id = %target.resource_id,
                         %host
                     );
+                    let counters = self.metrics.resource(target.resource_id);
+                    let bytes_in = Arc::clone(&counters);
+                    let req = req.map(|b| {
+                        b.map_frame(move |f| {
+                            if let Some(d) = f.data_ref() {
+                                bytes_in.bytes_in.fetch_add(
+                                    d.len() as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                            f
+                        })
+                        .boxed_unsync()
+                    });
                     let result = self
                         .forward(req, client, proto, &host, target)
                         .instrument(span)
@@ -395,6 +409,20 @@ impl Proxy {
                         Ok(r) => r,
                         Err(e) => e.response(accept.as_ref()),
                     };
+                    counters.record(response.status().as_u16(), started.elapsed());
+                    let bytes_out = Arc::clone(&counters);
+                    let response = response.map(|b| {
+                        b.map_frame(move |f| {
+                            if let Some(d) = f.data_ref() {
+                                bytes_out.bytes_out.fetch_add(
+                                    d.len() as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                            f
+                        })
+                        .boxed_unsync()
+                    });
                     (response, Some(target.resource_id))
                 }
             },

@@ -15,6 +15,23 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tracing::Instrument as _;
 
+use std::sync::atomic::Ordering;
+
+use crate::metrics::ResourceCounters;
+
+/// Decrements a resource's open-flow gauge when dropped.
+struct OpenFlow(Arc<ResourceCounters>);
+
+impl Drop for OpenFlow {
+    fn drop(&mut self) {
+        self.0.open_flows.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn scopeguard(c: Arc<ResourceCounters>) -> OpenFlow {
+    OpenFlow(c)
+}
+
 use crate::listener::{Admission, ListenerLimits};
 use crate::metrics::Metrics;
 use crate::proxy::{stopping, Upstream};
@@ -171,11 +188,14 @@ async fn accept(
             }
         };
         let _ = client.set_nodelay(true);
+        let counters = metrics.resource(target.resource_id);
         let upstream = Arc::clone(&upstream);
         let mut stopped = stopped.clone();
         tokio::spawn(
             async move {
                 let _admitted = admitted;
+                counters.open_flows.fetch_add(1, Ordering::Relaxed);
+                let _open = scopeguard(Arc::clone(&counters));
                 let mut stream = match upstream.connect(&target).await {
                     Ok(s) => s,
                     Err(error) => {
@@ -185,7 +205,11 @@ async fn accept(
                 };
                 tokio::select! {
                     r = tokio::io::copy_bidirectional(&mut client, &mut stream) => match r {
-                        Ok((up, down)) => tracing::debug!(%peer, up, down, "TCP flow closed"),
+                        Ok((up, down)) => {
+                            counters.bytes_in.fetch_add(up, Ordering::Relaxed);
+                            counters.bytes_out.fetch_add(down, Ordering::Relaxed);
+                            tracing::debug!(%peer, up, down, "TCP flow closed")
+                        }
                         Err(error) => tracing::debug!(%peer, %error, "TCP flow ended"),
                     },
                     _ = stopping(&mut stopped) => {
