@@ -155,6 +155,10 @@ pub struct Resource {
     pub hostname: String,
     /// TCP: the port every gateway listens on, unique.
     pub public_port: Option<u16>,
+    /// HTTP: plain-HTTP requests are redirected to HTTPS.
+    pub redirect_https: bool,
+    /// HTTP: `Strict-Transport-Security: max-age=<this>` on HTTPS responses.
+    pub hsts_max_age: Option<u32>,
     /// The site whose agent reaches the target.
     pub site_id: Uuid,
     /// The private target, `host:port`.
@@ -176,6 +180,10 @@ pub struct NewResource {
     pub hostname: String,
     /// TCP: the public port, or `None` for the lowest free one from 20000.
     pub public_port: Option<u16>,
+    /// HTTP: redirect plain HTTP to HTTPS.
+    pub redirect_https: bool,
+    /// HTTP: HSTS max-age in seconds.
+    pub hsts_max_age: Option<u32>,
     /// The site.
     pub site_id: Uuid,
     /// The target.
@@ -191,6 +199,10 @@ pub struct ResourcePatch {
     pub hostname: Option<String>,
     /// New public port (TCP).
     pub public_port: Option<u16>,
+    /// Redirect plain HTTP to HTTPS (HTTP).
+    pub redirect_https: Option<bool>,
+    /// New HSTS max-age; `Some(None)` turns HSTS off (HTTP).
+    pub hsts_max_age: Option<Option<u32>>,
     /// New site (the resource gets a new overlay port there).
     pub site_id: Option<Uuid>,
     /// New target.
@@ -261,6 +273,8 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
     let hostname: Option<String> = row.try_get("hostname")?;
     let protocol: String = row.try_get("protocol")?;
     let public_port: Option<i64> = row.try_get("public_port")?;
+    let redirect_https: i64 = row.try_get("redirect_https")?;
+    let hsts_max_age: Option<i64> = row.try_get("hsts_max_age")?;
     Ok(Resource {
         id: parse_uuid(&id)?,
         name: row.try_get("name")?,
@@ -272,6 +286,10 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
         hostname: hostname.unwrap_or_default(),
         public_port: public_port
             .map(|p| u16::try_from(p).map_err(corrupt))
+            .transpose()?,
+        redirect_https: redirect_https != 0,
+        hsts_max_age: hsts_max_age
+            .map(|p| u32::try_from(p).map_err(corrupt))
             .transpose()?,
         site_id: parse_uuid(&site_id)?,
         target: row.try_get("target")?,
@@ -1022,7 +1040,8 @@ impl Store {
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
-             protocol, public_port) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             protocol, public_port, redirect_https, hsts_max_age) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1033,6 +1052,8 @@ impl Store {
         .bind(now_ms())
         .bind(protocol)
         .bind(public_port)
+        .bind(i64::from(new.redirect_https))
+        .bind(new.hsts_max_age.map(i64::from))
         .execute(&mut *tx)
         .await?;
         self.commit_bumped(tx).await?;
@@ -1076,6 +1097,19 @@ impl Store {
             Self::check_hostname_free(&mut tx, h, Some(id)).await?;
             r.hostname = h.clone();
         }
+        if patch.redirect_https.is_some() || patch.hsts_max_age.is_some() {
+            if r.protocol == RouteProtocol::Tcp {
+                return Err(StoreError::Invalid(
+                    "redirect_https and hsts_max_age are for HTTP resources".into(),
+                ));
+            }
+            if let Some(v) = patch.redirect_https {
+                r.redirect_https = v;
+            }
+            if let Some(v) = patch.hsts_max_age {
+                r.hsts_max_age = v;
+            }
+        }
         if let Some(p) = patch.public_port {
             if r.protocol == RouteProtocol::Http {
                 return Err(StoreError::Invalid(
@@ -1099,7 +1133,8 @@ impl Store {
         }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
-             overlay_port = $5, public_port = $6 WHERE id = $7",
+             overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8 \
+             WHERE id = $9",
         )
         .bind(&r.name)
         .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
@@ -1107,6 +1142,8 @@ impl Store {
         .bind(&r.target)
         .bind(i64::from(r.overlay_port))
         .bind(r.public_port.map(i64::from))
+        .bind(i64::from(r.redirect_https))
+        .bind(r.hsts_max_age.map(i64::from))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;

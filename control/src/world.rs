@@ -144,6 +144,8 @@ impl World {
                         overlay_address: site.overlay_address,
                         port: r.overlay_port,
                         public_port: r.public_port,
+                        redirect_https: r.redirect_https,
+                        hsts_max_age: r.hsts_max_age,
                     });
                 }
             }
@@ -202,6 +204,8 @@ mod tests {
             protocol: RouteProtocol::Http,
             hostname: hostname.into(),
             public_port: None,
+            redirect_https: false,
+            hsts_max_age: None,
             site_id: Uuid::from_u128(u128::from(site)),
             target: format!("127.0.0.1:{}", 9000 + u16::from(n)),
             overlay_port: port,

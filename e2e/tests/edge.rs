@@ -694,3 +694,84 @@ async fn per_resource_metrics_count_requests_bytes_and_latency() {
     .await;
     assert!(count >= 11, "histogram count {count}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_can_redirect_plain_http_to_https_and_send_hsts() {
+    let https_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--https-listen".into(),
+        format!("127.0.0.1:{https_port}"),
+        "--tls-self-signed".into(),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let path = format!("/api/v1/resources/{}", stack.resource_id);
+    for bad in [
+        serde_json::json!({"hsts_max_age": 63_072_001u64}),
+        serde_json::json!({"redirect_https": "yes"}),
+    ] {
+        let (status, body) = stack
+            .api
+            .call(reqwest::Method::PATCH, &path, Some(bad))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{body}");
+    }
+    let updated = stack
+        .api
+        .patch(
+            &path,
+            serde_json::json!({"redirect_https": true, "hsts_max_age": 300}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated["redirect_https"], true);
+    assert_eq!(updated["hsts_max_age"], 300);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let gateway = stack.opts.gateway_http_for_test;
+    let location = kakuremichi_e2e::wait_for(
+        "plain HTTP to be redirected",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            async move {
+                let resp = http
+                    .get(format!("http://{gateway}/headers?x=1"))
+                    .header("host", DEMO_HOST)
+                    .send()
+                    .await?;
+                Ok((resp.status() == 308).then(|| resp.headers()["location"].clone()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        location,
+        format!("https://{DEMO_HOST}:{https_port}/headers?x=1").as_str()
+    );
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "--http2",
+            "--insecure",
+            "--include",
+            "--resolve",
+            &format!("{DEMO_HOST}:{https_port}:127.0.0.1"),
+            &format!("https://{DEMO_HOST}:{https_port}/"),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.to_lowercase()
+            .contains("strict-transport-security: max-age=300"),
+        "{out}"
+    );
+    assert!(out.contains("kakuremichi demo app"));
+}

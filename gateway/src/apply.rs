@@ -165,6 +165,8 @@ mod tests {
             overlay_address: Ipv4Addr::new(100, 64, 0, 2),
             port,
             public_port: None,
+            redirect_https: false,
+            hsts_max_age: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct GatewayOptions {
     pub tcp_listen_ip: std::net::IpAddr,
     /// Connection caps, shared by the TCP listeners (the HTTP listeners take theirs when served).
     pub limits: crate::listener::ListenerLimits,
+    /// The HTTPS port, if HTTPS is served: where resources that ask for it are redirected.
+    pub https_port: Option<u16>,
 }
 
 impl std::fmt::Debug for GatewayOptions {
@@ -138,6 +140,7 @@ impl Gateway {
             options.timeouts,
             Arc::clone(&metrics),
             options.trusted_proxies.clone(),
+            options.https_port,
         ));
         let hints = EndpointHints::load(&options.data_dir);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Gateway);

@@ -32,6 +32,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         trusted_proxies: settings.trusted_proxies.clone(),
         tcp_listen_ip: settings.tcp_listen_ip,
         limits: settings.limits,
+        https_port: settings.https.as_ref().map(|h| h.listen.port()),
     });
     let cached_version =
         process::serve_cached_config(gateway.cached_config(), |s| gateway.apply(s, false)).await?;

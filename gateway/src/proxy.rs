@@ -301,6 +301,7 @@ pub struct Proxy {
     timeouts: ProxyTimeouts,
     metrics: Arc<Metrics>,
     trusted_proxies: Vec<IpNet>,
+    https_port: Option<u16>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -319,6 +320,7 @@ impl Proxy {
         timeouts: ProxyTimeouts,
         metrics: Arc<Metrics>,
         trusted_proxies: Vec<IpNet>,
+        https_port: Option<u16>,
     ) -> Self {
         Self {
             routes,
@@ -326,7 +328,32 @@ impl Proxy {
             timeouts,
             metrics,
             trusted_proxies,
+            https_port,
         }
+    }
+
+    /// The redirect of a plain-HTTP request to HTTPS, for a resource that asks for it and a
+    /// gateway that serves HTTPS.
+    fn https_redirect(&self, host: &str, uri: &http::Uri) -> Option<Response<ProxyBody>> {
+        let port = self.https_port?;
+        let authority = if port == 443 {
+            host.to_owned()
+        } else {
+            format!("{host}:{port}")
+        };
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let location = HeaderValue::from_str(&format!("https://{authority}{path}")).ok()?;
+        let mut response = Response::new(full(format!(
+            "this site is served over HTTPS: {}\n",
+            location.to_str().unwrap_or_default()
+        )));
+        *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        response.headers_mut().insert(header::LOCATION, location);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        Some(response)
     }
 
     /// The metrics requests are counted in.
@@ -388,6 +415,13 @@ impl Proxy {
                         %host
                     );
                     let counters = self.metrics.resource(target.resource_id);
+                    if proto == "http" && target.redirect_https {
+                        if let Some(r) = self.https_redirect(&host, req.uri()) {
+                            counters.record(r.status().as_u16(), started.elapsed());
+                            self.metrics.record_request(r.status().as_u16());
+                            return r;
+                        }
+                    }
                     let bytes_in = Arc::clone(&counters);
                     let req = req.map(|b| {
                         b.map_frame(move |f| {
@@ -405,10 +439,17 @@ impl Proxy {
                         .forward(req, client, proto, &host, target)
                         .instrument(span)
                         .await;
-                    let response = match result {
+                    let mut response = match result {
                         Ok(r) => r,
                         Err(e) => e.response(accept.as_ref()),
                     };
+                    if let (Some(age), "https") = (target.hsts_max_age, proto) {
+                        if let Ok(v) = HeaderValue::from_str(&format!("max-age={age}")) {
+                            response
+                                .headers_mut()
+                                .insert(header::STRICT_TRANSPORT_SECURITY, v);
+                        }
+                    }
                     counters.record(response.status().as_u16(), started.elapsed());
                     let bytes_out = Arc::clone(&counters);
                     let response = response.map(|b| {

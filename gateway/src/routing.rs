@@ -16,6 +16,10 @@ pub struct RouteTarget {
     pub addr: SocketAddrV4,
     /// What the stream carries: an HTTP exchange or a raw TCP flow.
     pub kind: StreamKind,
+    /// Plain-HTTP requests get a redirect to HTTPS.
+    pub redirect_https: bool,
+    /// HSTS max-age sent over HTTPS.
+    pub hsts_max_age: Option<u32>,
 }
 
 /// Hostname (lower case, no port) -> target. Replaced as a whole on every snapshot.
@@ -38,6 +42,8 @@ impl RouteTable {
                         resource_id: r.resource_id,
                         addr: SocketAddrV4::new(r.overlay_address, r.port),
                         kind: StreamKind::Http,
+                        redirect_https: r.redirect_https,
+                        hsts_max_age: r.hsts_max_age,
                     },
                 ))
             })
@@ -147,6 +153,8 @@ mod tests {
             overlay_address: Ipv4Addr::new(100, 64, 0, 2),
             port: 10000,
             public_port: None,
+            redirect_https: false,
+            hsts_max_age: None,
         }]);
         assert_eq!(table.len(), 1);
         let t = table.lookup("demo.localhost").unwrap();

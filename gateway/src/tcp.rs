@@ -102,6 +102,8 @@ impl TcpRoutes {
                         resource_id: r.resource_id,
                         addr: SocketAddrV4::new(r.overlay_address, r.port),
                         kind: StreamKind::Tcp,
+                        redirect_https: false,
+                        hsts_max_age: None,
                     },
                 ))
             })

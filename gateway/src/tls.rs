@@ -250,6 +250,8 @@ mod tests {
                 overlay_address: std::net::Ipv4Addr::new(100, 64, 0, 2),
                 port: 10000,
                 public_port: None,
+                redirect_https: false,
+                hsts_max_age: None,
             })
             .collect();
         Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&routes))))

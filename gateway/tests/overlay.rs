@@ -94,6 +94,8 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         overlay_address: AGENT_OVERLAY,
         port,
         public_port: None,
+        redirect_https: false,
+        hsts_max_age: None,
     };
     ConfigSnapshot {
         version: 1,
@@ -194,6 +196,7 @@ async fn setup() -> Setup {
         trusted_proxies: Vec::new(),
         tcp_listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         limits: Default::default(),
+        https_port: None,
     });
     gateway
         .apply(
@@ -415,6 +418,7 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
         trusted_proxies: Vec::new(),
         tcp_listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         limits: Default::default(),
+        https_port: None,
     });
     let cached = restarted
         .cached_config()

@@ -368,6 +368,16 @@ pub struct Route {
     /// TCP routes: the port every gateway listens on for this resource (`hostname` is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_port: Option<u16>,
+    /// HTTP routes: answer plain-HTTP requests with a redirect to HTTPS.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub redirect_https: bool,
+    /// HTTP routes: send `Strict-Transport-Security: max-age=<this>` over HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts_max_age: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Agent target: flows to `port` on the agent's overlay address are forwarded to `target`.
@@ -500,6 +510,8 @@ mod tests {
                     overlay_address: Ipv4Addr::new(100, 64, 0, 2),
                     port: 10000,
                     public_port: None,
+                    redirect_https: false,
+                    hsts_max_age: None,
                 }],
                 targets: vec![],
             }),

@@ -26,6 +26,10 @@ pub struct CreateResource {
     pub hostname: Option<String>,
     /// TCP: the port every gateway listens on (1-65535); absent: the lowest free from 20000.
     pub public_port: Option<u16>,
+    /// HTTP: answer plain-HTTP requests with a 308 to HTTPS (default false).
+    pub redirect_https: Option<bool>,
+    /// HTTP: send `Strict-Transport-Security: max-age=<this>` over HTTPS (0 to 63072000).
+    pub hsts_max_age: Option<u32>,
     /// The site whose agent reaches the target.
     pub site_id: Uuid,
     /// Private target, `host:port`.
@@ -42,6 +46,11 @@ pub struct UpdateResource {
     pub hostname: Option<String>,
     /// New public port (TCP).
     pub public_port: Option<u16>,
+    /// Redirect plain HTTP to HTTPS (HTTP).
+    pub redirect_https: Option<bool>,
+    /// New HSTS max-age; `null` turns HSTS off (HTTP).
+    #[serde(default, deserialize_with = "present")]
+    pub hsts_max_age: Option<Option<u32>>,
     /// New site (the resource gets a new overlay port there).
     pub site_id: Option<Uuid>,
     /// New target.
@@ -63,6 +72,12 @@ pub struct ResourceView {
     /// TCP: the port every gateway listens on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_port: Option<u16>,
+    /// HTTP: plain HTTP is redirected to HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_https: Option<bool>,
+    /// HTTP: HSTS max-age, if sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsts_max_age: Option<u32>,
     /// The site.
     pub site_id: Uuid,
     /// Private target.
@@ -81,6 +96,8 @@ impl From<Resource> for ResourceView {
             protocol: r.protocol,
             hostname: (r.protocol == RouteProtocol::Http).then_some(r.hostname),
             public_port: r.public_port,
+            redirect_https: (r.protocol == RouteProtocol::Http).then_some(r.redirect_https),
+            hsts_max_age: r.hsts_max_age,
             site_id: r.site_id,
             target: r.target,
             overlay_port: r.overlay_port,
@@ -122,6 +139,11 @@ async fn create(
                         .into(),
                 ));
             }
+            if body.redirect_https.is_some() || body.hsts_max_age.is_some() {
+                return Err(invalid(
+                    "redirect_https and hsts_max_age are for HTTP resources".into(),
+                ));
+            }
             if body.public_port == Some(0) {
                 return Err(invalid("public_port must be from 1 to 65535".into()));
             }
@@ -134,6 +156,7 @@ async fn create(
         None => validate::name(&default_name).map_err(invalid)?,
     };
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
+    check_hsts(body.hsts_max_age)?;
     let mut r = state
         .store
         .create_resource(&NewResource {
@@ -141,6 +164,8 @@ async fn create(
             protocol,
             hostname,
             public_port,
+            redirect_https: body.redirect_https.unwrap_or(false),
+            hsts_max_age: body.hsts_max_age,
             site_id: body.site_id,
             target,
         })
@@ -187,6 +212,11 @@ async fn update(
             Some(0) => return Err(invalid("public_port must be from 1 to 65535".into())),
             p => p,
         },
+        redirect_https: body.redirect_https,
+        hsts_max_age: {
+            check_hsts(body.hsts_max_age.flatten())?;
+            body.hsts_max_age
+        },
         site_id: body.site_id,
         target: valid_opt(body.target.as_deref(), |t| validate::host_port(t, "target"))?,
     };
@@ -201,4 +231,25 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     state.store.delete_resource(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The longest HSTS max-age accepted: two years.
+pub const MAX_HSTS_MAX_AGE: u32 = 63_072_000;
+
+fn check_hsts(v: Option<u32>) -> Result<(), ApiError> {
+    match v {
+        Some(v) if v > MAX_HSTS_MAX_AGE => Err(invalid(format!(
+            "hsts_max_age must be at most {MAX_HSTS_MAX_AGE} (two years)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A field that may be absent (keep), `null` (clear) or a value (set).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }

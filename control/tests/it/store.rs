@@ -49,6 +49,8 @@ fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
         protocol: RouteProtocol::Http,
         hostname: hostname.into(),
         public_port: None,
+        redirect_https: false,
+        hsts_max_age: None,
         site_id,
         target: "127.0.0.1:9000".into(),
     }
@@ -69,6 +71,7 @@ on_both_backends!(
     legacy_argon2_hashes_still_work_and_are_replaced,
     activity_is_written_in_one_batch,
     tcp_resources_get_unique_public_ports_and_reach_gateways,
+    https_redirect_and_hsts_round_trip_into_gateway_routes,
 );
 
 async fn node_crud(store: Store) {
@@ -539,6 +542,8 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         protocol: RouteProtocol::Tcp,
         hostname: String::new(),
         public_port: port,
+        redirect_https: false,
+        hsts_max_age: None,
         site_id: s.id,
         target: "127.0.0.1:5432".into(),
     };
@@ -622,4 +627,46 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         .unwrap();
     let listed = store.list_resources().await.unwrap();
     assert_eq!(listed.len(), 4);
+}
+
+async fn https_redirect_and_hsts_round_trip_into_gateway_routes(store: Store) {
+    let (s, st) = add_site(&store, "s").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let r = add_resource(&store, "a.localhost", s.id).await;
+    assert!(!r.redirect_https);
+    assert_eq!(r.hsts_max_age, None);
+    let r = store
+        .update_resource(
+            r.id,
+            &ResourcePatch {
+                redirect_https: Some(true),
+                hsts_max_age: Some(Some(600)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.redirect_https);
+    assert_eq!(
+        store.get_resource(r.id).await.unwrap().hsts_max_age,
+        Some(600)
+    );
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
+    assert!(snap.routes[0].redirect_https);
+    assert_eq!(snap.routes[0].hsts_max_age, Some(600));
+    // null clears HSTS; absent keeps the redirect.
+    let r = store
+        .update_resource(
+            r.id,
+            &ResourcePatch {
+                hsts_max_age: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.redirect_https);
+    assert_eq!(store.get_resource(r.id).await.unwrap().hsts_max_age, None);
 }
