@@ -6,4 +6,5 @@
 mod api;
 mod common;
 mod store;
+mod upgrade;
 mod ws;
