@@ -373,7 +373,7 @@ impl Agent {
                     "the target closed the connection before answering"
                 };
                 self.record(target, Some(format!("{message}: {error}")));
-                tracing::debug!(%error, "target request failed");
+                tracing::warn!(%error, "target request failed");
                 agent_error(StatusCode::BAD_GATEWAY, message)
             }
         }

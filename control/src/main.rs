@@ -193,8 +193,19 @@ async fn main() -> anyhow::Result<()> {
         ..HubTiming::default()
     };
     let state = AppState::with_timing(store.clone(), timing);
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    // A deep accept queue (the kernel caps it at net.core.somaxconn): a fleet reconnecting after
+    // a restart opens its WebSockets all at once.
+    let socket = match settings.listen {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .context("cannot create the listening socket")?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(settings.listen)
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let listener = socket
+        .listen(65_535)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let bound = listener
         .local_addr()

@@ -176,8 +176,13 @@ async fn keepalive_client(
             .header("host", DEMO_HOST)
             .body(Empty::new())?;
         let resp = sender.send_request(req).await?;
-        anyhow::ensure!(resp.status() == 200, "status {}", resp.status());
+        let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::ensure!(
+            status == 200,
+            "status {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
         anyhow::ensure!(body.len() == 1024, "short body");
         ok.fetch_add(1, Ordering::Relaxed);
     }

@@ -63,6 +63,24 @@ impl Refusal {
     }
 }
 
+/// How many connections may wait in the kernel for `accept` on a public listener. A burst of
+/// thousands of new clients (a reconnect storm, a page of many assets, a load test) overflows
+/// the 1,024 that `TcpListener::bind` asks for, and the kernel then drops SYNs and completed
+/// handshakes, which clients see as second-long stalls or resets. The kernel caps the value at
+/// `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds a TCP listener with address reuse and a deep accept queue ([`LISTEN_BACKLOG`]).
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The key a client's connections are counted under: the IPv4 address, or the IPv6 /64.
 pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
@@ -385,6 +403,33 @@ async fn serve_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 1,500 clients connect at once to a listener that has not accepted yet: each is queued by
+    /// the kernel, none is dropped (with `TcpListener::bind`'s 1,024 the rest wait for SYN
+    /// retransmits, seconds).
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_accept_queue() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        assert!(somaxconn >= 1500, "net.core.somaxconn is {somaxconn}");
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::task::spawn_blocking(move || {
+            (0..1500)
+                .map(|i| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                        .map_err(|e| format!("client {i}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .unwrap();
+        let clients = clients.unwrap();
+        assert_eq!(clients.len(), 1500);
+        drop(listener);
+    }
 
     #[test]
     fn per_client_and_global_caps() {

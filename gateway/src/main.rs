@@ -37,8 +37,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cached_version =
         process::serve_cached_config(gateway.cached_config(), |s| gateway.apply(s, false)).await?;
 
-    let listener = tokio::net::TcpListener::bind(settings.http_listen)
-        .await
+    let listener = kakuremichi_gateway::listener::bind_listener(settings.http_listen)
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http_listen))?;
     tracing::info!(addr = %settings.http_listen, "serving HTTP");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -62,8 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let resolver = Arc::new(resolver);
             let tls = kakuremichi_gateway::tls::server_config(Arc::clone(&resolver))
                 .context("cannot set up TLS")?;
-            let listener = tokio::net::TcpListener::bind(https.listen)
-                .await
+            let listener = kakuremichi_gateway::listener::bind_listener(https.listen)
                 .with_context(|| format!("cannot listen for HTTPS on {}", https.listen))?;
             let bound = listener.local_addr().unwrap_or(https.listen);
             tracing::info!(addr = %bound, self_signed = https.self_signed, "serving HTTPS");

@@ -511,7 +511,7 @@ impl Proxy {
                 Err(ProxyError::Busy(host.to_owned()))
             }
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "opening the upstream stream failed");
+                tracing::warn!(error = %e, %host, "opening the upstream stream failed");
                 Err(ProxyError::Offline(host.to_owned()))
             }
             Err(_) => Err(ProxyError::Timeout(host.to_owned())),
@@ -560,7 +560,7 @@ impl Proxy {
             match tokio::time::timeout(self.timeouts.response, sender.send_request(req)).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, "upstream request failed");
+                    tracing::warn!(%error, %host, "upstream request failed");
                     return Err(ProxyError::Offline(host.to_owned()));
                 }
                 Err(_) => return Err(ProxyError::Timeout(host.to_owned())),

@@ -122,7 +122,7 @@ impl TcpRoutes {
                 continue;
             }
             let addr = SocketAddr::new(self.listen_ip, port);
-            let listener = match TcpListener::bind(addr).await {
+            let listener = match crate::listener::bind_listener(addr) {
                 Ok(l) => l,
                 Err(error) => {
                     tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot listen for a TCP resource");
