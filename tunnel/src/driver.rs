@@ -27,8 +27,6 @@ use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
 const RECV_BUDGET: usize = 1024;
 /// Datagrams collected under the lock before they are sent.
 const SEND_BATCH: usize = 256;
-/// Accepted streams waiting for [`Incoming::accept`]; more are reset.
-const ACCEPT_BACKLOG: usize = 1024;
 
 struct State {
     core: Core,
@@ -95,7 +93,11 @@ impl std::fmt::Debug for Tunnel {
 
 /// Streams the peers open.
 pub struct Incoming {
-    rx: mpsc::Receiver<TunnelStream>,
+    /// Unbounded here because it is bounded already: each peer may hold at most
+    /// `QuicSettings::max_streams` streams open, and QUIC makes it wait for more. A channel of its
+    /// own size would reset streams that QUIC had admitted, whenever a burst outran the accept
+    /// loop.
+    rx: mpsc::UnboundedReceiver<TunnelStream>,
     _guard: HandleGuard,
 }
 
@@ -143,7 +145,7 @@ impl Tunnel {
             handles: AtomicUsize::new(2),
             local_addr,
         });
-        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(shared.clone(), socket, tx));
         debug!(%local_addr, overlay = %config.overlay_address, "tunnel started");
         Ok((
@@ -263,7 +265,11 @@ fn shut_down() -> io::Error {
 }
 
 /// The driver task.
-async fn run(shared: Arc<Shared>, socket: BatchSocket, accept_tx: mpsc::Sender<TunnelStream>) {
+async fn run(
+    shared: Arc<Shared>,
+    socket: BatchSocket,
+    accept_tx: mpsc::UnboundedSender<TunnelStream>,
+) {
     let mut socket = socket;
     let mut queue = SendQueue::new(SEND_BATCH, MAX_DATAGRAM_SIZE, socket.max_segments());
     let mut accepted: Vec<TunnelStream> = Vec::new();
@@ -334,8 +340,8 @@ async fn run(shared: Arc<Shared>, socket: BatchSocket, accept_tx: mpsc::Sender<T
             deadline = st.core.poll_timeout();
         }
         for stream in accepted.drain(..) {
-            // A full backlog or a dropped `Incoming` drops (and so resets) the stream.
-            let _ = accept_tx.try_send(stream);
+            // A dropped `Incoming` drops (and so resets) the stream.
+            let _ = accept_tx.send(stream);
         }
         let full = queue.slot().is_none();
         if !queue.is_empty() {

@@ -162,6 +162,39 @@ async fn hundred_concurrent_streams() {
     drop(p.agent);
 }
 
+/// 2,000 streams arrive before the accepting side takes any: every one waits to be accepted
+/// (QUIC's stream limit is the bound), none is reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_streams_before_any_accept_is_all_delivered() {
+    let p = pair().await;
+    let mut opened = Vec::new();
+    for i in 0..2000u32 {
+        let mut stream = p.gateway.connect(AGENT_IP).await.unwrap();
+        stream.write_all(&i.to_le_bytes()).await.unwrap();
+        stream.flush().await.unwrap();
+        opened.push(stream);
+    }
+    // Let every stream reach the agent before its accept loop starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    spawn_echo(p.agent_incoming);
+    let mut tasks = Vec::new();
+    for (i, mut stream) in opened.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            stream.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, (i as u32).to_le_bytes(), "stream {i}");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(p.agent);
+}
+
 #[tokio::test]
 async fn connect_to_an_address_no_peer_has_is_unreachable() {
     let p = pair().await;
