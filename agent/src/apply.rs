@@ -90,6 +90,8 @@ mod tests {
             peers,
             routes: vec![],
             targets,
+            certificates: vec![],
+            acme_challenges: vec![],
         }
     }
 

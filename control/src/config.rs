@@ -37,6 +37,155 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Node handshakes in progress at most.
     pub max_handshakes: Option<usize>,
+    /// The file holding the key that seals private keys at rest.
+    pub secrets_key_file: Option<PathBuf>,
+    /// Certificates by ACME (`[acme]`).
+    #[serde(default)]
+    pub acme: AcmeRaw,
+}
+
+/// ACME settings before validation (command line/env over the `[acme]` table).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeRaw {
+    /// Directory URL; ACME is off without one.
+    pub directory: Option<String>,
+    /// Contact e-mail addresses, comma-separated.
+    pub contact: Option<String>,
+    /// Extra root (PEM) trusted for the CA's API.
+    pub ca_file: Option<PathBuf>,
+    /// `http-01` (default), `tls-alpn-01` or `off`.
+    pub for_resources: Option<String>,
+    /// RFC 2136 server `ip:port` for DNS-01.
+    pub dns_server: Option<String>,
+    /// The zone updated.
+    pub dns_zone: Option<String>,
+    /// TSIG key name.
+    pub dns_tsig_name: Option<String>,
+    /// File with the TSIG key (hmac-sha256, base64).
+    pub dns_tsig_secret_file: Option<PathBuf>,
+    /// How long to wait for gateways to apply a challenge, e.g. "10s".
+    pub gateway_wait: Option<String>,
+}
+
+impl AcmeRaw {
+    fn over(self, file: AcmeRaw) -> AcmeRaw {
+        AcmeRaw {
+            directory: self.directory.or(file.directory),
+            contact: self.contact.or(file.contact),
+            ca_file: self.ca_file.or(file.ca_file),
+            for_resources: self.for_resources.or(file.for_resources),
+            dns_server: self.dns_server.or(file.dns_server),
+            dns_zone: self.dns_zone.or(file.dns_zone),
+            dns_tsig_name: self.dns_tsig_name.or(file.dns_tsig_name),
+            dns_tsig_secret_file: self.dns_tsig_secret_file.or(file.dns_tsig_secret_file),
+            gateway_wait: self.gateway_wait.or(file.gateway_wait),
+        }
+    }
+
+    fn validate(self) -> Result<Option<crate::acme::AcmeSettings>, ConfigError> {
+        let invalid =
+            |setting: &'static str, message: String| ConfigError::Invalid { setting, message };
+        let Some(directory) = self.directory else {
+            if self.dns_server.is_some() || self.ca_file.is_some() {
+                return Err(invalid(
+                    "ACME settings",
+                    "--acme-directory is needed for the other ACME settings".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        if !directory.starts_with("https://") && !directory.starts_with("http://") {
+            return Err(invalid(
+                "ACME directory",
+                format!("{directory:?} is not an http(s) URL"),
+            ));
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                return Err(invalid(
+                    "ACME CA file",
+                    format!("{} is not a file", ca.display()),
+                ));
+            }
+        }
+        let for_resources = match self.for_resources.as_deref() {
+            None | Some("http-01") => Some(crate::store::ChallengeKind::Http01),
+            Some("tls-alpn-01") => Some(crate::store::ChallengeKind::TlsAlpn01),
+            Some("off") => None,
+            Some(other) => {
+                return Err(invalid(
+                    "ACME for resources",
+                    format!("{other:?}: expected http-01, tls-alpn-01 or off"),
+                ))
+            }
+        };
+        let dns = match self.dns_server {
+            None => None,
+            Some(server) => {
+                let server = server.parse().map_err(|_| {
+                    invalid("ACME DNS server", format!("{server:?} is not an ip:port"))
+                })?;
+                let zone = self.dns_zone.ok_or_else(|| {
+                    invalid("ACME DNS zone", "--acme-dns-zone is required".into())
+                })?;
+                let key_name = self.dns_tsig_name.ok_or_else(|| {
+                    invalid(
+                        "ACME DNS TSIG name",
+                        "--acme-dns-tsig-name is required".into(),
+                    )
+                })?;
+                let path = self.dns_tsig_secret_file.ok_or_else(|| {
+                    invalid(
+                        "ACME DNS TSIG secret",
+                        "--acme-dns-tsig-secret-file is required".into(),
+                    )
+                })?;
+                let secret = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid("ACME DNS TSIG secret", format!("{}: {e}", path.display()))
+                })?;
+                let dns = crate::dns::Rfc2136 {
+                    server,
+                    zone,
+                    key_name,
+                    key_secret: Secret::new(secret.trim()),
+                };
+                dns.validate()
+                    .map_err(|e| invalid("ACME DNS settings", e.to_string()))?;
+                Some(dns)
+            }
+        };
+        let gateway_wait = match self.gateway_wait {
+            None => Duration::from_secs(10),
+            Some(t) => parse_duration(&t).ok_or_else(|| {
+                invalid(
+                    "ACME gateway wait",
+                    format!("{t:?} is not a duration such as 10s"),
+                )
+            })?,
+        };
+        Ok(Some(crate::acme::AcmeSettings {
+            directory,
+            contact: self
+                .contact
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    if c.starts_with("mailto:") {
+                        c.to_owned()
+                    } else {
+                        format!("mailto:{c}")
+                    }
+                })
+                .collect(),
+            ca_file: self.ca_file,
+            for_resources,
+            dns,
+            gateway_wait,
+        }))
+    }
 }
 
 /// A setting was invalid.
@@ -103,6 +252,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Node handshakes in progress at most.
     pub max_handshakes: usize,
+    /// The key that seals private keys at rest (made on first start when missing).
+    pub secrets_key_file: PathBuf,
+    /// Certificates by ACME, if configured.
+    pub acme: Option<crate::acme::AcmeSettings>,
 }
 
 /// Default PostgreSQL pool size.
@@ -133,6 +286,10 @@ pub struct RawSettings {
     pub max_connections: Option<usize>,
     /// Node handshakes in progress at most.
     pub max_handshakes: Option<usize>,
+    /// The secrets key file.
+    pub secrets_key_file: Option<PathBuf>,
+    /// ACME.
+    pub acme: AcmeRaw,
 }
 
 impl RawSettings {
@@ -150,6 +307,8 @@ impl RawSettings {
             enrollment_token_ttl: self.enrollment_token_ttl.or(file.enrollment_token_ttl),
             max_connections: self.max_connections.or(file.max_connections),
             max_handshakes: self.max_handshakes.or(file.max_handshakes),
+            secrets_key_file: self.secrets_key_file.or(file.secrets_key_file),
+            acme: self.acme.over(file.acme),
         }
     }
 
@@ -216,7 +375,13 @@ impl RawSettings {
             }),
             v => Ok(v.unwrap_or(default)),
         };
+        let secrets_key_file = self
+            .secrets_key_file
+            .unwrap_or_else(|| data_dir.join("secrets.key"));
+        let acme = self.acme.validate()?;
         Ok(Settings {
+            secrets_key_file,
+            acme,
             listen,
             data_dir,
             database_url,

@@ -390,12 +390,26 @@ struct Me {
 
 /// Whether two snapshots differ in anything but their version.
 fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
-    a.node_id == b.node_id
-        && a.kind == b.kind
-        && a.overlay == b.overlay
-        && a.peers == b.peers
-        && a.routes == b.routes
-        && a.targets == b.targets
+    // Every field by name, so that a new one cannot be forgotten here.
+    let ConfigSnapshot {
+        version: _,
+        node_id,
+        kind,
+        overlay,
+        peers,
+        routes,
+        targets,
+        certificates,
+        acme_challenges,
+    } = a;
+    *node_id == b.node_id
+        && *kind == b.kind
+        && *overlay == b.overlay
+        && *peers == b.peers
+        && *routes == b.routes
+        && *targets == b.targets
+        && *certificates == b.certificates
+        && *acme_challenges == b.acme_challenges
 }
 
 enum Push {

@@ -12,13 +12,17 @@
 //! bounded number at a time (the rest are told `busy` with a retry delay), and the listener caps
 //! its connections and header-read time ([`serve`]).
 
+pub mod acme;
 pub mod activity;
 pub mod api;
+pub mod certs;
 pub mod config;
+pub mod dns;
 pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod overlay;
+pub mod seal;
 pub mod secrets;
 pub mod serve;
 pub mod store;
@@ -96,6 +100,8 @@ pub struct AppState {
     /// The world of the newest config version seen, shared by all sessions.
     world: Arc<Mutex<Option<Arc<World>>>>,
     shutdown: Arc<watch::Sender<bool>>,
+    /// ACME settings, when control orders certificates.
+    pub acme: Option<Arc<crate::acme::AcmeSettings>>,
 }
 
 impl AppState {
@@ -117,6 +123,7 @@ impl AppState {
             handshakes: Arc::new(Semaphore::new(timing.max_handshakes.max(1))),
             world: Arc::default(),
             shutdown: Arc::new(shutdown),
+            acme: None,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());

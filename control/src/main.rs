@@ -47,6 +47,40 @@ struct Cli {
     /// Default 64.
     #[arg(long, env = "KAKUREMICHI_CONTROL_MAX_HANDSHAKES")]
     max_handshakes: Option<usize>,
+    /// File with the key that seals certificate keys at rest (base64 of 32 bytes), made on first
+    /// start when missing. Replicas sharing a database need the same file. Default
+    /// DATA_DIR/secrets.key.
+    #[arg(long, env = "KAKUREMICHI_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
+    /// and renews certificates for every gateway.
+    #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// Contact e-mail addresses for the ACME account, comma-separated.
+    #[arg(long, env = "KAKUREMICHI_ACME_CONTACT")]
+    acme_contact: Option<String>,
+    /// Extra root certificate (PEM) trusted for the ACME CA's own API (a private CA).
+    #[arg(long, env = "KAKUREMICHI_ACME_CA_FILE")]
+    acme_ca_file: Option<PathBuf>,
+    /// Certificates for HTTP resource hostnames no certificate covers: http-01 (default),
+    /// tls-alpn-01 or off.
+    #[arg(long, env = "KAKUREMICHI_ACME_FOR_RESOURCES")]
+    acme_for_resources: Option<String>,
+    /// RFC 2136 server (ip:port) that takes the DNS-01 TXT records (for wildcards).
+    #[arg(long, env = "KAKUREMICHI_ACME_DNS_SERVER")]
+    acme_dns_server: Option<String>,
+    /// The zone DNS-01 updates go to.
+    #[arg(long, env = "KAKUREMICHI_ACME_DNS_ZONE")]
+    acme_dns_zone: Option<String>,
+    /// The TSIG key's name (hmac-sha256).
+    #[arg(long, env = "KAKUREMICHI_ACME_DNS_TSIG_NAME")]
+    acme_dns_tsig_name: Option<String>,
+    /// File with the TSIG key's secret (base64).
+    #[arg(long, env = "KAKUREMICHI_ACME_DNS_TSIG_SECRET_FILE")]
+    acme_dns_tsig_secret_file: Option<PathBuf>,
+    /// How long an HTTP-01 or TLS-ALPN-01 order waits for gateways to apply the answer. Default 10s.
+    #[arg(long, env = "KAKUREMICHI_ACME_GATEWAY_WAIT")]
+    acme_gateway_wait: Option<String>,
     /// TOML file with the same settings (snake_case keys); the command line and env win.
     #[arg(long, env = "KAKUREMICHI_CONTROL_CONFIG")]
     config: Option<PathBuf>,
@@ -156,6 +190,18 @@ async fn main() -> anyhow::Result<()> {
         enrollment_token_ttl: cli.enrollment_token_ttl,
         max_connections: cli.max_connections,
         max_handshakes: cli.max_handshakes,
+        secrets_key_file: cli.secrets_key_file,
+        acme: kakuremichi_control::config::AcmeRaw {
+            directory: cli.acme_directory,
+            contact: cli.acme_contact,
+            ca_file: cli.acme_ca_file,
+            for_resources: cli.acme_for_resources,
+            dns_server: cli.acme_dns_server,
+            dns_zone: cli.acme_dns_zone,
+            dns_tsig_name: cli.acme_dns_tsig_name,
+            dns_tsig_secret_file: cli.acme_dns_tsig_secret_file,
+            gateway_wait: cli.acme_gateway_wait,
+        },
     }
     .over(file)
     .validate()?;
@@ -179,6 +225,9 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("cannot open the database")?
     .with_enrollment_token_ttl(settings.enrollment_token_ttl);
+    let sealer = kakuremichi_control::seal::Sealer::from_file(&settings.secrets_key_file, true)
+        .context("cannot set up the secrets key")?;
+    let store = store.with_sealer(std::sync::Arc::new(sealer));
     restrict(&settings.data_dir, sqlite)?;
     if let Some(key) = store
         .ensure_admin_key(settings.initial_admin_key.as_ref())
@@ -192,7 +241,8 @@ async fn main() -> anyhow::Result<()> {
         max_handshakes: settings.max_handshakes,
         ..HubTiming::default()
     };
-    let state = AppState::with_timing(store.clone(), timing);
+    let mut state = AppState::with_timing(store.clone(), timing);
+    state.acme = settings.acme.clone().map(std::sync::Arc::new);
     // A deep accept queue (the kernel caps it at net.core.somaxconn): a fleet reconnecting after
     // a restart opens its WebSockets all at once.
     let socket = match settings.listen {
@@ -216,6 +266,9 @@ async fn main() -> anyhow::Result<()> {
         version = store.config_version().await.unwrap_or_default(),
         "kakuremichi control is up"
     );
+    if let Some(acme) = settings.acme.clone() {
+        tokio::spawn(kakuremichi_control::acme::run(state.clone(), acme));
+    }
     let router = app(state.clone());
     let shutdown_state = state.clone();
     let options = ServeOptions {

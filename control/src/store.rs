@@ -25,6 +25,11 @@ use crate::overlay::OverlayNet;
 use crate::secrets::{self, HashError};
 use crate::world::{World, WorldNode};
 
+mod certificates;
+pub use certificates::{
+    CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
+};
+
 /// The first overlay port given to a resource on its site.
 pub const FIRST_OVERLAY_PORT: u16 = 10000;
 
@@ -308,6 +313,8 @@ pub struct Store {
     write: std::sync::Arc<Mutex<()>>,
     /// How long a new enrollment token is valid.
     token_ttl: Duration,
+    /// Seals private keys at rest; without one, certificates cannot be kept.
+    sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
 }
 
 /// Which database a URL points at.
@@ -376,7 +383,14 @@ impl Store {
             signal,
             write: Default::default(),
             token_ttl: DEFAULT_ENROLLMENT_TOKEN_TTL,
+            sealer: None,
         })
+    }
+
+    /// The same store, sealing private keys with `sealer`.
+    pub fn with_sealer(mut self, sealer: std::sync::Arc<crate::seal::Sealer>) -> Store {
+        self.sealer = Some(sealer);
+        self
     }
 
     /// The same store, issuing enrollment tokens valid for `ttl`.
@@ -1217,6 +1231,7 @@ impl Store {
             .iter()
             .map(resource_from_row)
             .collect::<Result<Vec<_>>>()?;
+        let (certificates, challenges) = self.load_tls(&mut tx).await?;
         tx.commit().await?;
         Ok(World::new(
             version.max(0) as u64,
@@ -1224,7 +1239,8 @@ impl Store {
             sites,
             gateways,
             resources,
-        ))
+        )
+        .with_tls(certificates, challenges))
     }
 
     /// The config snapshot for a node, or `None` if the node no longer exists (loads a whole

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use kakuremichi_proto::{
-    ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, Target, WgPublicKey,
-    DEFAULT_OVERLAY_MTU,
+    AcmeChallenge, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, Target,
+    TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
 };
 use uuid::Uuid;
 
@@ -48,6 +48,10 @@ pub struct World {
     pub gateways: Vec<WorldNode>,
     /// Resources, by hostname.
     pub resources: Vec<Resource>,
+    /// Certificates for gateways (valid ones, keys opened).
+    pub certificates: Vec<TlsCertificate>,
+    /// ACME challenge answers for gateways.
+    pub acme_challenges: Vec<AcmeChallenge>,
     sites_by_id: HashMap<Uuid, usize>,
     gateways_by_id: HashMap<Uuid, usize>,
     resources_by_site: HashMap<Uuid, Vec<usize>>,
@@ -88,7 +92,20 @@ impl World {
             gateways,
             resources,
             resources_by_site,
+            certificates: Vec::new(),
+            acme_challenges: Vec::new(),
         }
+    }
+
+    /// The same world with certificates and ACME challenge answers for gateways.
+    pub fn with_tls(
+        mut self,
+        certificates: Vec<TlsCertificate>,
+        acme_challenges: Vec<AcmeChallenge>,
+    ) -> World {
+        self.certificates = certificates;
+        self.acme_challenges = acme_challenges;
+        self
     }
 
     /// One node.
@@ -114,9 +131,13 @@ impl World {
             peers: Vec::new(),
             routes: Vec::new(),
             targets: Vec::new(),
+            certificates: Vec::new(),
+            acme_challenges: Vec::new(),
         };
         match kind {
             NodeKind::Gateway => {
+                snap.certificates.clone_from(&self.certificates);
+                snap.acme_challenges.clone_from(&self.acme_challenges);
                 for site in &self.sites {
                     let Some(key) = site.public_key else { continue };
                     snap.peers.push(PeerConfig {

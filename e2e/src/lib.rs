@@ -7,6 +7,7 @@
 
 #![allow(clippy::print_stdout)]
 
+pub mod acme;
 pub mod fleet;
 pub mod netns;
 
@@ -412,6 +413,8 @@ pub struct StackOptions {
     pub app_listen: SocketAddr,
     /// Extra gateway arguments.
     pub gateway_args: Vec<String>,
+    /// Extra control arguments.
+    pub control_args: Vec<String>,
     /// The admin key control is seeded with.
     pub admin_key: String,
 }
@@ -443,6 +446,7 @@ impl StackOptions {
             agent_wg_listen: None,
             app_listen: SocketAddr::from((lan, 9000)),
             gateway_args: Vec::new(),
+            control_args: Vec::new(),
             admin_key: TEST_ADMIN_KEY.to_string(),
         }
     }
@@ -468,6 +472,7 @@ impl StackOptions {
             agent_wg_listen: None,
             app_listen: SocketAddr::from(([127, 0, 0, 1], app_port)),
             gateway_args: Vec::new(),
+            control_args: Vec::new(),
             admin_key: TEST_ADMIN_KEY.to_string(),
         }
     }
@@ -665,15 +670,17 @@ async fn wait_healthy(api: &Api, control: &Proc) -> anyhow::Result<()> {
 fn start_control(opts: &StackOptions, dir: &Path) -> anyhow::Result<Proc> {
     let data = dir.join("control");
     std::fs::create_dir_all(&data)?;
+    let mut args = vec![
+        "--listen".into(),
+        opts.control_listen.to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    args.extend(opts.control_args.iter().cloned());
     Proc::spawn(
         "control",
         &bin("kakuremichi-control")?,
-        &[
-            "--listen".into(),
-            opts.control_listen.to_string(),
-            "--data-dir".into(),
-            data.display().to_string(),
-        ],
+        &args,
         &[("KAKUREMICHI_INITIAL_ADMIN_KEY", opts.admin_key.clone())],
         opts.control_at.netns.as_deref(),
         dir.join("control.log"),

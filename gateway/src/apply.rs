@@ -183,6 +183,8 @@ mod tests {
             peers,
             routes,
             targets: vec![],
+            certificates: vec![],
+            acme_challenges: vec![],
         }
     }
 

@@ -97,6 +97,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     tcp: TcpRoutes,
+    managed_certs: Arc<crate::tls::ManagedCerts>,
 }
 
 /// The gateway: cheap to clone, shared by the proxy, the control channel and background tasks.
@@ -155,6 +156,7 @@ impl Gateway {
                 metrics,
                 proxy,
                 tcp,
+                managed_certs: Arc::default(),
             }),
         }
     }
@@ -162,6 +164,11 @@ impl Gateway {
     /// The reverse proxy serving this gateway's routes.
     pub fn proxy(&self) -> Arc<Proxy> {
         Arc::clone(&self.inner.proxy)
+    }
+
+    /// Certificates and TLS-ALPN-01 answers from control (for the HTTPS certificate resolver).
+    pub fn managed_certs(&self) -> Arc<crate::tls::ManagedCerts> {
+        Arc::clone(&self.inner.managed_certs)
     }
 
     /// The metrics.
@@ -209,7 +216,14 @@ impl Gateway {
             .configured_peers
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = configured;
-        let table = RouteTable::from_routes(&snapshot.routes);
+        self.inner
+            .managed_certs
+            .apply(&snapshot.certificates, &snapshot.acme_challenges);
+        self.inner
+            .metrics
+            .set_certificate_expiry(self.inner.managed_certs.expiry());
+        let table =
+            RouteTable::from_routes(&snapshot.routes).with_acme_http01(&snapshot.acme_challenges);
         self.inner.metrics.set_routes(table.len());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         self.inner.tcp.apply(&snapshot.routes).await;

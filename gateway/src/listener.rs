@@ -265,6 +265,14 @@ async fn accept_loop(
                         tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
                             .await;
                     match handshake {
+                        Ok(Ok(tls))
+                            if tls.get_ref().1.alpn_protocol()
+                                == Some(crate::tls::ACME_TLS_ALPN) =>
+                        {
+                            // A TLS-ALPN-01 validation: the handshake was the answer (RFC 8737).
+                            let mut tls = tls;
+                            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                        }
                         Ok(Ok(tls)) => {
                             serve_tls(tls, client, proxy, alt_svc, &limits, &mut shutdown).await;
                         }

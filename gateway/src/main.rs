@@ -56,6 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 https.cert_dir.as_deref(),
                 https.self_signed,
                 gateway.proxy().routes(),
+                gateway.managed_certs(),
             )
             .context("cannot load the TLS certificates")?;
             let resolver = Arc::new(resolver);

@@ -75,6 +75,7 @@ pub struct Metrics {
     open_connections: AtomicUsize,
     routes: AtomicUsize,
     peers: Mutex<Vec<PeerSample>>,
+    certificate_expiry: Mutex<Vec<(String, i64)>>,
 }
 
 impl Metrics {
@@ -119,6 +120,14 @@ impl Metrics {
         self.routes.store(n, Ordering::Relaxed);
     }
 
+    /// Replaces the expiry (unix ms) of each name of each certificate from control.
+    pub fn set_certificate_expiry(&self, expiry: Vec<(String, i64)>) {
+        *self
+            .certificate_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = expiry;
+    }
+
     /// Replaces the peer samples.
     pub fn set_peers(&self, peers: Vec<PeerSample>) {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
@@ -156,6 +165,24 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "kakuremichi_gateway_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP kakuremichi_gateway_certificate_expiry_seconds When each certificate from \
+             control expires (unix seconds), by name.\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_certificate_expiry_seconds gauge\n");
+        for (name, at) in self
+            .certificate_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_certificate_expiry_seconds{{name=\"{}\"}} {}",
+                name.replace(['"', '\\', '\n'], "_"),
+                at / 1000
             );
         }
         out.push_str("# HELP kakuremichi_gateway_open_connections Open client connections.\n");

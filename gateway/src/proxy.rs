@@ -400,6 +400,23 @@ impl Proxy {
         let accept = req.headers().get(header::ACCEPT).cloned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+            let answer = self
+                .routes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .acme_http01(token)
+                .map(str::to_owned);
+            if let Some(answer) = answer {
+                tracing::info!(%client, "answered an HTTP-01 validation request");
+                self.metrics.record_request(200);
+                return Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(full(answer))
+                    .unwrap_or_else(|_| Response::new(full(String::new())));
+            }
+        }
         let host = request_host(req.uri(), req.headers());
         let (response, resource) = match host {
             None => (ProxyError::MissingHost.response(accept.as_ref()), None),

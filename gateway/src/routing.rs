@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddrV4;
 
 use http::{HeaderMap, Uri};
-use kakuremichi_proto::{Route, RouteProtocol, StreamKind};
+use kakuremichi_proto::{AcmeChallenge, Route, RouteProtocol, StreamKind};
 use uuid::Uuid;
 
 /// Where requests for one hostname go.
@@ -26,6 +26,7 @@ pub struct RouteTarget {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
     by_host: HashMap<String, RouteTarget>,
+    acme_http01: HashMap<String, String>,
 }
 
 impl RouteTable {
@@ -48,7 +49,30 @@ impl RouteTable {
                 ))
             })
             .collect();
-        Self { by_host }
+        Self {
+            by_host,
+            acme_http01: HashMap::new(),
+        }
+    }
+
+    /// The same table answering these HTTP-01 challenges (token -> key authorization).
+    pub fn with_acme_http01(mut self, challenges: &[AcmeChallenge]) -> Self {
+        self.acme_http01 = challenges
+            .iter()
+            .filter_map(|c| match c {
+                AcmeChallenge::Http01 {
+                    token,
+                    key_authorization,
+                } => Some((token.clone(), key_authorization.clone())),
+                AcmeChallenge::TlsAlpn01 { .. } => None,
+            })
+            .collect();
+        self
+    }
+
+    /// The key authorization answering an HTTP-01 token, while control validates it.
+    pub fn acme_http01(&self, token: &str) -> Option<&str> {
+        self.acme_http01.get(token).map(String::as_str)
     }
 
     /// The target of a normalized hostname.

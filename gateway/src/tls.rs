@@ -2,8 +2,11 @@
 //!
 //! Certificates come from a folder (`--tls-cert-dir`: every `NAME.crt` or `NAME.pem` chain with
 //! its `NAME.key`; the names a certificate serves, wildcards included, are read from the
-//! certificate itself), or, in development, are made on the fly for every published hostname
-//! (`--tls-self-signed`, what the quickstart uses). A ClientHello for a name no certificate covers
+//! certificate itself), from control (ordered by ACME or uploaded, pushed in the snapshot and kept
+//! in the gateway's config cache, so they are served while control is down: [`ManagedCerts`]),
+//! or, in development, are made on the fly for every published hostname (`--tls-self-signed`,
+//! what the quickstart uses), in that order. A ClientHello offering only ALPN `acme-tls/1` gets
+//! the TLS-ALPN-01 challenge certificate for its name while control validates it (RFC 8737). A ClientHello for a name no certificate covers
 //! and no route publishes ends the handshake with an alert; a ClientHello without SNI too. TLS 1.2
 //! and 1.3; ALPN `h2` and `http/1.1`.
 
@@ -16,6 +19,8 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+
+use kakuremichi_proto::{AcmeChallenge, TlsCertificate};
 
 use crate::routing::RouteTable;
 
@@ -119,12 +124,143 @@ fn load_dir(dir: &Path) -> Result<Vec<Loaded>, TlsError> {
     Ok(loaded)
 }
 
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+#[derive(Default)]
+struct ManagedSet {
+    certs: Vec<Loaded>,
+    alpn: HashMap<String, Arc<CertifiedKey>>,
+    expiry: Vec<(String, i64)>,
+}
+
+/// Certificates and TLS-ALPN-01 answers pushed by control, swapped on every snapshot that changes
+/// them.
+#[derive(Default)]
+pub struct ManagedCerts {
+    set: RwLock<Arc<ManagedSet>>,
+    generation: std::sync::atomic::AtomicU64,
+    applied: Mutex<(Vec<TlsCertificate>, Vec<AcmeChallenge>)>,
+}
+
+impl std::fmt::Debug for ManagedCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedCerts")
+            .field("certificates", &self.current().certs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ManagedCerts {
+    fn current(&self) -> Arc<ManagedSet> {
+        Arc::clone(&self.set.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Takes a snapshot's certificates and challenge answers (a no-op when they did not change).
+    /// A certificate that does not load is logged and skipped; the others are served.
+    pub fn apply(&self, certificates: &[TlsCertificate], challenges: &[AcmeChallenge]) {
+        {
+            let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            if applied.0 == certificates && applied.1 == challenges {
+                return;
+            }
+            *applied = (certificates.to_vec(), challenges.to_vec());
+        }
+        let mut set = ManagedSet::default();
+        for c in certificates {
+            match load_pem(&c.chain_pem, c.key_pem.expose()) {
+                Ok((key, leaf)) => {
+                    set.certs.push(Loaded {
+                        key,
+                        leaf,
+                        path: PathBuf::from(format!("control:{}", c.id)),
+                    });
+                    for n in &c.names {
+                        set.expiry.push((n.clone(), c.not_after_ms));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(certificate_id = %c.id, names = ?c.names, %error, "cannot load a certificate from control");
+                }
+            }
+        }
+        for ch in challenges {
+            if let AcmeChallenge::TlsAlpn01 { name, digest } = ch {
+                match alpn_challenge_cert(name, digest) {
+                    Some(k) => {
+                        set.alpn.insert(name.to_ascii_lowercase(), k);
+                    }
+                    None => tracing::warn!(%name, "cannot make a TLS-ALPN-01 certificate"),
+                }
+            }
+        }
+        tracing::info!(
+            certificates = set.certs.len(),
+            tls_alpn_challenges = set.alpn.len(),
+            "certificates from control applied"
+        );
+        *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Each name of each certificate from control with its expiry (unix ms), for metrics.
+    pub fn expiry(&self) -> Vec<(String, i64)> {
+        self.current().expiry.clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+fn load_pem(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<(Arc<CertifiedKey>, CertificateDer<'static>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or("no certificate in the chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| e.to_string())?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| e.to_string())?;
+    Ok((Arc::new(certified), leaf))
+}
+
+/// The RFC 8737 certificate: self-signed for `name`, with the critical acmeIdentifier extension
+/// holding the SHA-256 digest of the key authorization.
+fn alpn_challenge_cert(name: &str, digest_b64: &str) -> Option<Arc<CertifiedKey>> {
+    use base64::Engine as _;
+    let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(digest_b64)
+        .ok()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).ok()?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&digest)];
+    let key = rcgen::KeyPair::generate().ok()?;
+    let cert = params.self_signed(&key).ok()?;
+    let der = PrivateKeyDer::try_from(key.serialize_der()).ok()?;
+    let signing = provider().key_provider.load_private_key(der).ok()?;
+    Some(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
+}
+
 /// Chooses the certificate for a ClientHello's SNI.
 pub struct CertResolver {
     files: Vec<Loaded>,
     self_signed: bool,
     routes: Arc<RwLock<Arc<RouteTable>>>,
-    cache: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    managed: Arc<ManagedCerts>,
+    cache: Mutex<HashMap<String, (u64, Arc<CertifiedKey>)>>,
 }
 
 impl std::fmt::Debug for CertResolver {
@@ -140,12 +276,13 @@ impl std::fmt::Debug for CertResolver {
 }
 
 impl CertResolver {
-    /// Certificates from `dir` (if given), and self-signed ones for published hostnames that no
-    /// file covers when `self_signed`.
+    /// Certificates from `dir` (if given), then those from control (`managed`), then
+    /// self-signed ones for published hostnames when `self_signed`.
     pub fn new(
         dir: Option<&Path>,
         self_signed: bool,
         routes: Arc<RwLock<Arc<RouteTable>>>,
+        managed: Arc<ManagedCerts>,
     ) -> Result<CertResolver, TlsError> {
         let files = match dir {
             Some(d) => load_dir(d)?,
@@ -158,21 +295,31 @@ impl CertResolver {
             files,
             self_signed,
             routes,
+            managed,
             cache: Mutex::new(HashMap::new()),
         })
     }
 
     /// The certificate for `name` (lower case), if any.
     pub fn certificate_for(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(hit) = self
+        let generation = self.managed.generation();
+        if let Some((g, hit)) = self
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
         {
-            return Some(Arc::clone(hit));
+            if *g == generation {
+                return Some(Arc::clone(hit));
+            }
         }
-        let found = match self.files.iter().find(|f| f.covers(name)) {
+        let managed = self.managed.current();
+        let found = match self
+            .files
+            .iter()
+            .chain(managed.certs.iter())
+            .find(|f| f.covers(name))
+        {
             Some(f) => Arc::clone(&f.key),
             None => {
                 if !self.self_signed {
@@ -195,8 +342,13 @@ impl CertResolver {
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(name.to_owned(), Arc::clone(&found));
+        cache.insert(name.to_owned(), (generation, Arc::clone(&found)));
         Some(found)
+    }
+
+    /// The TLS-ALPN-01 challenge certificate for `name`, while control validates it.
+    pub fn acme_challenge_for(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        self.managed.current().alpn.get(name).cloned()
     }
 }
 
@@ -214,6 +366,14 @@ fn self_signed(name: &str) -> Option<Arc<CertifiedKey>> {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name()?.to_ascii_lowercase();
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            let cert = self.acme_challenge_for(&name);
+            tracing::info!(%name, answered = cert.is_some(), "TLS-ALPN-01 validation handshake");
+            return cert;
+        }
         let cert = self.certificate_for(&name);
         if cert.is_none() {
             tracing::debug!(%name, "TLS handshake for a name no certificate covers");
@@ -229,7 +389,7 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerCo
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -276,8 +436,13 @@ mod tests {
         write_cert(dir.path(), "apps", &["*.apps.example"]);
         write_cert(dir.path(), "www", &["www.example"]);
         std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
-        let r =
-            CertResolver::new(Some(dir.path()), false, routes(&["demo.localhost"])).expect("loads");
+        let r = CertResolver::new(
+            Some(dir.path()),
+            false,
+            routes(&["demo.localhost"]),
+            Arc::default(),
+        )
+        .expect("loads");
         assert!(r.certificate_for("www.example").is_some());
         assert!(r.certificate_for("a.apps.example").is_some());
         assert!(r.certificate_for("apps.example").is_none());
@@ -285,7 +450,8 @@ mod tests {
         // Without self-signed mode, a published name with no file has no certificate.
         assert!(r.certificate_for("demo.localhost").is_none());
 
-        let dev = CertResolver::new(None, true, routes(&["demo.localhost"])).expect("dev");
+        let dev = CertResolver::new(None, true, routes(&["demo.localhost"]), Arc::default())
+            .expect("dev");
         let a = dev.certificate_for("demo.localhost").expect("made");
         let b = dev.certificate_for("demo.localhost").expect("cached");
         assert!(Arc::ptr_eq(&a, &b));
@@ -295,12 +461,14 @@ mod tests {
     #[test]
     fn bad_folders_are_clear_errors() {
         let empty = tempfile::tempdir().expect("tempdir");
-        let e = CertResolver::new(Some(empty.path()), false, routes(&[])).unwrap_err();
+        let e =
+            CertResolver::new(Some(empty.path()), false, routes(&[]), Arc::default()).unwrap_err();
         assert!(e.to_string().contains("no NAME.crt"), "{e}");
         let bad = tempfile::tempdir().expect("tempdir");
         std::fs::write(bad.path().join("x.crt"), "not a certificate").expect("write");
         std::fs::write(bad.path().join("x.key"), "not a key").expect("write");
-        let e = CertResolver::new(Some(bad.path()), false, routes(&[])).unwrap_err();
+        let e =
+            CertResolver::new(Some(bad.path()), false, routes(&[]), Arc::default()).unwrap_err();
         assert!(
             e.to_string().contains("x.crt") || e.to_string().contains("x.key"),
             "{e}"
@@ -313,7 +481,73 @@ mod tests {
             mismatched.path().join("a.key"),
         )
         .expect("rename");
-        let e = CertResolver::new(Some(mismatched.path()), false, routes(&[])).unwrap_err();
+        let e = CertResolver::new(Some(mismatched.path()), false, routes(&[]), Arc::default())
+            .unwrap_err();
         assert!(e.to_string().contains("does not match"), "{e}");
+    }
+
+    #[test]
+    fn certificates_from_control_are_served_replaced_and_answer_tls_alpn_01() {
+        let managed = Arc::new(ManagedCerts::default());
+        let r = CertResolver::new(
+            None,
+            true,
+            routes(&["app.apps.example"]),
+            Arc::clone(&managed),
+        )
+        .expect("resolver");
+        // Before control sends one: the development certificate.
+        let dev = r.certificate_for("app.apps.example").expect("self-signed");
+        let made =
+            rcgen::generate_simple_self_signed(vec!["*.apps.example".to_owned()]).expect("rcgen");
+        let pushed = TlsCertificate {
+            id: uuid::Uuid::from_u128(7),
+            names: vec!["*.apps.example".into()],
+            chain_pem: made.cert.pem(),
+            key_pem: kakuremichi_proto::Secret::new(made.signing_key.serialize_pem()),
+            not_after_ms: 4_000_000_000_000,
+        };
+        let broken = TlsCertificate {
+            id: uuid::Uuid::from_u128(8),
+            names: vec!["broken.example".into()],
+            chain_pem: "junk".into(),
+            key_pem: kakuremichi_proto::Secret::new("junk"),
+            not_after_ms: 0,
+        };
+        use base64::Engine as _;
+        let digest = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([9u8; 32]);
+        managed.apply(
+            &[broken, pushed.clone()],
+            &[AcmeChallenge::TlsAlpn01 {
+                name: "new.example".into(),
+                digest,
+            }],
+        );
+        let served = r.certificate_for("app.apps.example").expect("from control");
+        assert!(
+            !Arc::ptr_eq(&served, &dev),
+            "the cached development cert was replaced"
+        );
+        assert_eq!(served.cert[0].as_ref(), made.cert.der().as_ref());
+        assert!(r.certificate_for("other.apps.example").is_some());
+        assert_eq!(
+            managed.expiry(),
+            vec![("*.apps.example".to_owned(), 4_000_000_000_000)]
+        );
+        // The RFC 8737 certificate carries the digest in the acmeIdentifier extension.
+        let alpn = r.acme_challenge_for("new.example").expect("challenge cert");
+        let der = alpn.cert[0].as_ref();
+        let oid_and_digest = [&[0x04u8, 0x22, 0x04, 0x20][..], &[9u8; 32][..]].concat();
+        assert!(der
+            .windows(oid_and_digest.len())
+            .any(|w| w == oid_and_digest.as_slice()));
+        assert!(r.acme_challenge_for("app.apps.example").is_none());
+        // Removed by control: back to the development certificate.
+        managed.apply(&[], &[]);
+        let again = r
+            .certificate_for("app.apps.example")
+            .expect("self-signed again");
+        assert_ne!(again.cert[0].as_ref(), made.cert.der().as_ref());
+        assert!(r.acme_challenge_for("new.example").is_none());
     }
 }

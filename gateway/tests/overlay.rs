@@ -121,6 +121,8 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
             route("unconfigured.localhost", 10002),
         ],
         targets: vec![],
+        certificates: vec![],
+        acme_challenges: vec![],
     }
 }
 
@@ -161,6 +163,8 @@ fn agent_snapshot(
                 target: dead.to_string(),
             },
         ],
+        certificates: vec![],
+        acme_challenges: vec![],
     }
 }
 

@@ -126,6 +126,8 @@ mod tests {
             peers: vec![],
             routes: vec![],
             targets: vec![],
+            certificates: vec![],
+            acme_challenges: vec![],
         }
     }
 

@@ -317,6 +317,8 @@ mod tests {
             peers: vec![],
             routes: vec![],
             targets: vec![],
+            certificates: vec![],
+            acme_challenges: vec![],
         };
         cache.store(&snap).unwrap();
         assert_eq!(cache.load().unwrap(), Some(snap));

@@ -69,6 +69,8 @@ fn snapshot(version: u64) -> ConfigSnapshot {
         peers: vec![],
         routes: vec![],
         targets: vec![],
+        certificates: vec![],
+        acme_challenges: vec![],
     }
 }
 

@@ -304,6 +304,51 @@ pub struct ConfigSnapshot {
     /// Agent only: overlay ports and the private targets behind them.
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// Gateway only: certificates control manages (ordered by ACME or uploaded), with their keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<TlsCertificate>,
+    /// Gateway only: answers to ACME challenges in flight, which any gateway may be asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acme_challenges: Vec<AcmeChallenge>,
+}
+
+/// A certificate chain and its private key, as control pushes them to gateways.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    /// The certificate's id in control.
+    pub id: Uuid,
+    /// The names it covers (wildcards as `*.example.com`).
+    pub names: Vec<String>,
+    /// The chain, end-entity first, PEM.
+    pub chain_pem: String,
+    /// The private key, PEM (masked in `Debug`).
+    pub key_pem: Secret,
+    /// When it expires (unix ms).
+    pub not_after_ms: i64,
+}
+
+/// An ACME challenge answer gateways serve while a certificate is being ordered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AcmeChallenge {
+    /// HTTP-01: `GET /.well-known/acme-challenge/<token>` on port 80 answers the key authorization.
+    #[serde(rename = "http-01")]
+    Http01 {
+        /// The token in the URL path.
+        token: String,
+        /// The body to answer.
+        key_authorization: String,
+    },
+    /// TLS-ALPN-01: a handshake for `name` offering ALPN `acme-tls/1` gets a self-signed
+    /// certificate carrying this SHA-256 digest of the key authorization (RFC 8737).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01 {
+        /// The name being validated.
+        name: String,
+        /// SHA-256 of the key authorization, base64url.
+        digest: String,
+    },
 }
 
 /// A node's overlay address and link settings.
@@ -514,6 +559,8 @@ mod tests {
                     hsts_max_age: None,
                 }],
                 targets: vec![],
+                certificates: vec![],
+                acme_challenges: vec![],
             }),
             json!({
                 "type": "config",
@@ -544,6 +591,48 @@ mod tests {
     }
 
     #[test]
+    fn acme_challenges_and_certificates_golden() {
+        golden(
+            vec![
+                AcmeChallenge::Http01 {
+                    token: "tok".into(),
+                    key_authorization: "tok.thumb".into(),
+                },
+                AcmeChallenge::TlsAlpn01 {
+                    name: "a.example".into(),
+                    digest: "ZGln".into(),
+                },
+            ],
+            json!([
+                {"type": "http-01", "token": "tok", "key_authorization": "tok.thumb"},
+                {"type": "tls-alpn-01", "name": "a.example", "digest": "ZGln"}
+            ]),
+        );
+        golden(
+            TlsCertificate {
+                id: ID,
+                names: vec!["*.example.com".into()],
+                chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+                key_pem: Secret::new("-----BEGIN PRIVATE KEY-----"),
+                not_after_ms: 5,
+            },
+            json!({
+                "id": "01234567-89ab-cdef-0123-456789abcdef",
+                "names": ["*.example.com"],
+                "chain_pem": "-----BEGIN CERTIFICATE-----",
+                "key_pem": "-----BEGIN PRIVATE KEY-----",
+                "not_after_ms": 5
+            }),
+        );
+        let cert: TlsCertificate = serde_json::from_value(json!({
+            "id": "01234567-89ab-cdef-0123-456789abcdef", "names": [], "chain_pem": "",
+            "key_pem": "k", "not_after_ms": 0
+        }))
+        .expect("parses");
+        assert!(!format!("{cert:?}").contains("\"k\""), "the key is masked in Debug");
+    }
+
+    #[test]
     fn agent_snapshot_golden() {
         golden(
             ConfigSnapshot {
@@ -570,6 +659,8 @@ mod tests {
                     port: 10000,
                     target: "127.0.0.1:9000".into(),
                 }],
+                certificates: vec![],
+                acme_challenges: vec![],
             },
             json!({
                 "version": 3,

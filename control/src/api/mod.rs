@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`: one `router()` per resource module, admin auth, JSON extractors
 //! whose rejections go through [`ApiError`].
 
+pub mod certificates;
 pub mod config;
 pub mod enroll;
 pub mod gateways;
@@ -42,6 +43,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(sites::router())
         .merge(gateways::router())
         .merge(resources::router())
+        .merge(certificates::router())
         .merge(config::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())

@@ -441,3 +441,109 @@ async fn enrollment_over_the_api() {
     assert_eq!(got["enrolled"], true);
     assert_eq!(got["public_key"], pk);
 }
+
+#[tokio::test]
+async fn certificates_are_uploaded_checked_listed_without_keys_and_sealed_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("control.db").display()
+    );
+    let store = kakuremichi_control::store::Store::connect(
+        &url,
+        kakuremichi_control::overlay::OverlayNet::DEFAULT,
+    )
+    .await
+    .unwrap()
+    .with_sealer(std::sync::Arc::new(
+        kakuremichi_control::seal::Sealer::from_file(&dir.path().join("secrets.key"), true)
+            .unwrap(),
+    ));
+    store
+        .ensure_admin_key(Some(&kakuremichi_proto::Secret::new(ADMIN_KEY)))
+        .await
+        .unwrap();
+    let t = TestApp {
+        router: app(kakuremichi_control::AppState::new(store.clone())),
+        _db: common::sqlite().await,
+    };
+    let made = rcgen::generate_simple_self_signed(vec!["Up.Example.com".to_owned()]).unwrap();
+    let chain = made.cert.pem();
+    let key = made.signing_key.serialize_pem();
+    let (s, c) = t
+        .post(
+            "/api/v1/certificates",
+            json!({"chain_pem": chain, "key_pem": key}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{c}");
+    assert_eq!(c["names"], json!(["up.example.com"]));
+    assert_eq!(c["source"], "upload");
+    assert_eq!(c["status"], "valid");
+    assert!(c.get("key_pem").is_none(), "{c}");
+    let (s, list) = t.get("/api/v1/certificates").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains("PRIVATE KEY"), "{list}");
+    // Sealed at rest: the key is nowhere in the database files.
+    store.close().await;
+    for entry in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} holds a clear key",
+            entry.path().display()
+        );
+    }
+
+    let t = TestApp::new().await; // no secrets key, no ACME
+    let (s, e) = t
+        .post(
+            "/api/v1/certificates",
+            json!({"chain_pem": chain, "key_pem": key}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(e.to_string().contains("secrets key"), "{e}");
+    let other = rcgen::generate_simple_self_signed(vec!["x.example".to_owned()]).unwrap();
+    let mut expired = rcgen::CertificateParams::new(vec!["old.example".to_owned()]).unwrap();
+    expired.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    expired.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let old_key = rcgen::KeyPair::generate().unwrap();
+    let old = expired.self_signed(&old_key).unwrap();
+    for (body, says) in [
+        (
+            json!({"chain_pem": chain, "key_pem": other.signing_key.serialize_pem()}),
+            "does not match",
+        ),
+        (json!({"chain_pem": "junk", "key_pem": key}), "chain_pem"),
+        (json!({"chain_pem": chain, "key_pem": "junk"}), "key_pem"),
+        (
+            json!({"chain_pem": old.pem(), "key_pem": old_key.serialize_pem()}),
+            "expired",
+        ),
+        (json!({"chain_pem": chain}), "either names"),
+        (
+            json!({"names": ["a.example"], "chain_pem": chain, "key_pem": key}),
+            "either names",
+        ),
+        (json!({"names": ["a.example"]}), "no ACME CA"),
+        (
+            json!({"chain_pem": "x".repeat(70_000), "key_pem": key}),
+            "at most",
+        ),
+        (
+            json!({"chain_pem": chain, "key_pem": key, "extra": 1}),
+            "unknown field",
+        ),
+    ] {
+        let (s, e) = t.post("/api/v1/certificates", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
+    let (s, _) = t
+        .get("/api/v1/certificates/00000000-0000-0000-0000-000000000001")
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -72,7 +72,177 @@ on_both_backends!(
     activity_is_written_in_one_batch,
     tcp_resources_get_unique_public_ports_and_reach_gateways,
     https_redirect_and_hsts_round_trip_into_gateway_routes,
+    acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
 );
+
+async fn acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only(store: Store) {
+    use kakuremichi_control::store::{CertStatus, ChallengeKind, Issued, StoredChallenge};
+    // Without a secrets key, certificates are refused (keys are never kept in the clear).
+    let refused = store
+        .create_acme_certificate(&["a.example".into()], ChallengeKind::Http01, false)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [3; 32],
+    )));
+    let (gw, _) = add_gateway(&store, "edge", "203.0.113.1:51820").await;
+    let (site, _) = add_site(&store, "home").await;
+    let c = store
+        .create_acme_certificate(&["a.example".into()], ChallengeKind::Http01, false)
+        .await
+        .unwrap();
+    assert_eq!(c.status, CertStatus::Pending);
+    let now = kakuremichi_control::store::now_ms();
+    // One claimant at a time: a second replica finds nothing while the lease holds.
+    let claimed = store.claim_due_certificate(now, 60_000).await.unwrap();
+    assert_eq!(claimed.map(|c| c.id), Some(c.id));
+    assert!(store
+        .claim_due_certificate(now, 60_000)
+        .await
+        .unwrap()
+        .is_none());
+    // A challenge answer reaches gateways, not agents.
+    let v0 = store.config_version().await.unwrap();
+    let v = store
+        .add_acme_challenge(
+            c.id,
+            &StoredChallenge {
+                kind: ChallengeKind::Http01,
+                name: "a.example".into(),
+                token: "tok".into(),
+                value: "tok.thumb".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(v > v0);
+    let g = snapshot(&store, NodeKind::Gateway, gw.id).await;
+    assert_eq!(
+        g.acme_challenges,
+        vec![kakuremichi_proto::AcmeChallenge::Http01 {
+            token: "tok".into(),
+            key_authorization: "tok.thumb".into()
+        }]
+    );
+    assert!(snapshot(&store, NodeKind::Agent, site.id)
+        .await
+        .acme_challenges
+        .is_empty());
+    store.clear_acme_challenges(c.id).await.unwrap();
+    assert!(snapshot(&store, NodeKind::Gateway, gw.id)
+        .await
+        .acme_challenges
+        .is_empty());
+    // A failure: released, failed, due again later.
+    store
+        .certificate_failed(c.id, "CA said no", now + 5_000)
+        .await
+        .unwrap();
+    let failed = store.get_certificate(c.id).await.unwrap();
+    assert_eq!(failed.status, CertStatus::Failed);
+    assert_eq!(failed.failures, 1);
+    assert_eq!(failed.last_error.as_deref(), Some("CA said no"));
+    assert!(store
+        .claim_due_certificate(now, 60_000)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store.next_certificate_due().await.unwrap(),
+        Some(now + 5_000)
+    );
+    let again = store
+        .claim_due_certificate(now + 5_000, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(again.map(|c| c.id), Some(c.id));
+    // Issued: valid, sealed at rest, opened in the gateway's snapshot.
+    let made = rcgen::generate_simple_self_signed(vec!["a.example".to_owned()]).unwrap();
+    let key_pem = made.signing_key.serialize_pem();
+    store
+        .certificate_issued(
+            c.id,
+            &Issued {
+                chain_pem: made.cert.pem(),
+                key_pem: Secret::new(key_pem.clone()),
+                not_before: now,
+                not_after: now + 90_000,
+            },
+            now + 60_000,
+        )
+        .await
+        .unwrap();
+    let valid = store.get_certificate(c.id).await.unwrap();
+    assert_eq!(valid.status, CertStatus::Valid);
+    assert_eq!(valid.failures, 0);
+    assert_eq!(valid.last_error, None);
+    let g = snapshot(&store, NodeKind::Gateway, gw.id).await;
+    assert_eq!(g.certificates.len(), 1);
+    assert_eq!(g.certificates[0].key_pem.expose(), key_pem);
+    assert_eq!(g.certificates[0].names, vec!["a.example".to_owned()]);
+    assert!(snapshot(&store, NodeKind::Agent, site.id)
+        .await
+        .certificates
+        .is_empty());
+    // A later failure (renewal) keeps it valid and served.
+    store
+        .certificate_failed(c.id, "renewal failed", now + 70_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_certificate(c.id).await.unwrap().status,
+        CertStatus::Valid
+    );
+    assert_eq!(
+        snapshot(&store, NodeKind::Gateway, gw.id)
+            .await
+            .certificates
+            .len(),
+        1
+    );
+    // The same database with another secrets key does not serve keys it cannot open.
+    let other =
+        store
+            .clone()
+            .with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+                [4; 32],
+            )));
+    assert!(snapshot(&other, NodeKind::Gateway, gw.id)
+        .await
+        .certificates
+        .is_empty());
+    // The ACME account round-trips sealed.
+    assert!(store
+        .acme_account("https://ca/dir")
+        .await
+        .unwrap()
+        .is_none());
+    store
+        .save_acme_account("https://ca/dir", &Secret::new("{\"id\":\"x\"}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .acme_account("https://ca/dir")
+            .await
+            .unwrap()
+            .unwrap()
+            .expose(),
+        "{\"id\":\"x\"}"
+    );
+    store.delete_certificate(c.id).await.unwrap();
+    assert!(snapshot(&store, NodeKind::Gateway, gw.id)
+        .await
+        .certificates
+        .is_empty());
+    assert!(matches!(
+        store.delete_certificate(c.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
 
 async fn node_crud(store: Store) {
     let (site, token) = add_site(&store, "home").await;
