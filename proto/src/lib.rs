@@ -629,7 +629,10 @@ mod tests {
             "key_pem": "k", "not_after_ms": 0
         }))
         .expect("parses");
-        assert!(!format!("{cert:?}").contains("\"k\""), "the key is masked in Debug");
+        assert!(
+            !format!("{cert:?}").contains("\"k\""),
+            "the key is masked in Debug"
+        );
     }
 
     #[test]
