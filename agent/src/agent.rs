@@ -29,6 +29,7 @@ use kakuremichi_proto::{
 };
 use kakuremichi_tunnel::{Incoming, PeerSpec, Tunnel, TunnelStream};
 use tokio::io::AsyncReadExt as _;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::Instrument as _;
@@ -311,6 +312,7 @@ impl Agent {
             match header.kind {
                 StreamKind::Http => self.serve_http(stream, &target).await,
                 StreamKind::Tcp => self.copy_tcp(stream, &target).await,
+                StreamKind::Udp => self.relay_udp(stream, &target).await,
             }
         }
         .instrument(span);
@@ -414,6 +416,87 @@ impl Agent {
             Ok((to_target, from_target)) => tracing::debug!(to_target, from_target, "flow closed"),
             Err(error) => tracing::debug!(%error, "flow ended with an error"),
         }
+    }
+
+    /// Relays one UDP flow: length-prefixed datagrams on the stream to a socket connected to the
+    /// target, and its answers back. The flow ends when the gateway closes the stream (its idle
+    /// timeout) or the target is unreachable (ICMP).
+    async fn relay_udp(&self, stream: TunnelStream, target: &Target) {
+        let resolved = match tokio::net::lookup_host(target.target.as_str()).await {
+            Ok(mut addrs) => addrs.next(),
+            Err(e) => {
+                self.record(target, Some(e.to_string()));
+                stream.abort();
+                return;
+            }
+        };
+        let Some(addr) = resolved else {
+            self.record(target, Some("the target name has no address".into()));
+            stream.abort();
+            return;
+        };
+        let bind: std::net::SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = match tokio::net::UdpSocket::bind(bind).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a UDP socket for a flow");
+                stream.abort();
+                return;
+            }
+        };
+        if let Err(e) = socket.connect(addr).await {
+            self.record(target, Some(e.to_string()));
+            stream.abort();
+            return;
+        }
+        self.record(target, None);
+        let (mut from_gateway, mut to_gateway) = tokio::io::split(stream);
+        let socket = std::sync::Arc::new(socket);
+        let sender = std::sync::Arc::clone(&socket);
+        // Gateway to target: a framed read must not be cancelled, so it has its own task.
+        let mut forward = tokio::spawn(async move {
+            let mut len = [0u8; 2];
+            let mut buf = vec![0u8; kakuremichi_proto::MAX_DATAGRAM];
+            loop {
+                if from_gateway.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let n = usize::from(u16::from_be_bytes(len));
+                if n > buf.len() || from_gateway.read_exact(&mut buf[..n]).await.is_err() {
+                    return;
+                }
+                if let Err(error) = sender.send(&buf[..n]).await {
+                    tracing::debug!(%error, "cannot send a datagram to the target");
+                }
+            }
+        });
+        let mut buf = vec![0u8; kakuremichi_proto::MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                r = socket.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        let Some(frame) = kakuremichi_proto::frame_datagram(&buf[..n]) else {
+                            continue;
+                        };
+                        if to_gateway.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        // Connection refused (ICMP) from the target: report, keep the flow.
+                        self.record(target, Some(error.to_string()));
+                    }
+                },
+                _ = &mut forward => break,
+            }
+        }
+        forward.abort();
+        let _ = to_gateway.shutdown().await;
+        tracing::debug!("UDP flow closed");
     }
 
     fn record(&self, target: &Target, error: Option<String>) {

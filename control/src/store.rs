@@ -286,6 +286,7 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
         protocol: match protocol.as_str() {
             "http" => RouteProtocol::Http,
             "tcp" => RouteProtocol::Tcp,
+            "udp" => RouteProtocol::Udp,
             other => return Err(corrupt(format!("resource protocol {other:?}"))),
         },
         hostname: hostname.unwrap_or_default(),
@@ -1045,9 +1046,14 @@ impl Store {
                 Self::check_hostname_free(&mut tx, &new.hostname, None).await?;
                 ("http", Some(new.hostname.as_str()), None)
             }
-            RouteProtocol::Tcp => {
+            RouteProtocol::Tcp | RouteProtocol::Udp => {
                 let p = Self::public_port(&mut tx, new.public_port, None).await?;
-                ("tcp", None, Some(i64::from(p)))
+                let name = if new.protocol == RouteProtocol::Tcp {
+                    "tcp"
+                } else {
+                    "udp"
+                };
+                (name, None, Some(i64::from(p)))
             }
         };
         let port = Self::free_port(&mut tx, new.site_id).await?;
@@ -1103,16 +1109,16 @@ impl Store {
             .ok_or(StoreError::NotFound("resource"))?;
         let mut r = resource_from_row(&row)?;
         if let Some(h) = &patch.hostname {
-            if r.protocol == RouteProtocol::Tcp {
+            if r.protocol != RouteProtocol::Http {
                 return Err(StoreError::Invalid(
-                    "a TCP resource has no hostname; change its public_port".into(),
+                    "a TCP or UDP resource has no hostname; change its public_port".into(),
                 ));
             }
             Self::check_hostname_free(&mut tx, h, Some(id)).await?;
             r.hostname = h.clone();
         }
         if patch.redirect_https.is_some() || patch.hsts_max_age.is_some() {
-            if r.protocol == RouteProtocol::Tcp {
+            if r.protocol != RouteProtocol::Http {
                 return Err(StoreError::Invalid(
                     "redirect_https and hsts_max_age are for HTTP resources".into(),
                 ));

@@ -97,6 +97,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     tcp: TcpRoutes,
+    udp: crate::udp::UdpRoutes,
     managed_certs: Arc<crate::tls::ManagedCerts>,
 }
 
@@ -129,6 +130,12 @@ impl Gateway {
         let upstream: Arc<dyn Upstream> = Arc::new(TunnelUpstream {
             tunnel: tunnel.clone(),
         });
+        let udp = crate::udp::UdpRoutes::new(
+            options.tcp_listen_ip,
+            Arc::clone(&upstream),
+            &options.limits,
+            Arc::clone(&metrics),
+        );
         let tcp = TcpRoutes::new(
             options.tcp_listen_ip,
             Arc::clone(&upstream),
@@ -156,6 +163,7 @@ impl Gateway {
                 metrics,
                 proxy,
                 tcp,
+                udp,
                 managed_certs: Arc::default(),
             }),
         }
@@ -227,6 +235,7 @@ impl Gateway {
         self.inner.metrics.set_routes(table.len());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         self.inner.tcp.apply(&snapshot.routes).await;
+        self.inner.udp.apply(&snapshot.routes).await;
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -297,9 +306,15 @@ impl Gateway {
         self.inner.tcp.listening().await
     }
 
-    /// Closes the TCP resources' listeners and connections.
+    /// The public ports of UDP resources bound now, with their local addresses.
+    pub async fn udp_listening(&self) -> Vec<(u16, std::net::SocketAddr)> {
+        self.inner.udp.listening().await
+    }
+
+    /// Closes the TCP and UDP resources' listeners and connections.
     pub async fn stop_tcp(&self) {
         self.inner.tcp.stop().await;
+        self.inner.udp.stop().await;
     }
 
     /// Stops the tunnel.

@@ -16,6 +16,7 @@ pub mod proxy;
 pub mod routing;
 pub mod tcp;
 pub mod tls;
+pub mod udp;
 
 pub use gateway::{Gateway, GatewayOptions};
 pub use listener::{serve_http, serve_http_with, serve_https_with, ListenerLimits};

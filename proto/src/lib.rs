@@ -16,7 +16,9 @@
 
 mod stream;
 
-pub use stream::{StreamHeader, StreamHeaderError, StreamKind, AGENT_ERROR_HEADER};
+pub use stream::{
+    frame_datagram, StreamHeader, StreamHeaderError, StreamKind, AGENT_ERROR_HEADER, MAX_DATAGRAM,
+};
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -392,6 +394,9 @@ pub enum RouteProtocol {
     Http,
     /// Raw TCP: every connection to `public_port` on the gateway is one tunnel stream.
     Tcp,
+    /// UDP: every client address sending to `public_port` on the gateway is one flow (one tunnel
+    /// stream carrying length-prefixed datagrams), closed after an idle timeout.
+    Udp,
 }
 
 /// Gateway routing entry: requests for `hostname` go to `overlay_address:port` (an agent).

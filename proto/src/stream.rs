@@ -17,6 +17,24 @@ pub enum StreamKind {
     Http,
     /// A raw TCP byte stream.
     Tcp,
+    /// One UDP flow: datagrams, each framed as a 2-byte big-endian length and its bytes.
+    Udp,
+}
+
+/// The largest datagram a UDP flow carries (the most an IPv4 UDP payload can be).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Frames one datagram for a UDP flow stream: its length (2 bytes, big endian), then its bytes.
+/// `None` if it is longer than [`MAX_DATAGRAM`].
+pub fn frame_datagram(payload: &[u8]) -> Option<Vec<u8>> {
+    if payload.len() > MAX_DATAGRAM {
+        return None;
+    }
+    let len = u16::try_from(payload.len()).ok()?;
+    let mut out = Vec::with_capacity(2 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+    Some(out)
 }
 
 /// The header of a stream. See the module documentation.
@@ -64,6 +82,7 @@ impl StreamHeader {
         out[3] = match self.kind {
             StreamKind::Http => 1,
             StreamKind::Tcp => 2,
+            StreamKind::Udp => 3,
         };
         out[4..6].copy_from_slice(&self.port.to_be_bytes());
         out[6..].copy_from_slice(self.resource_id.as_bytes());
@@ -81,6 +100,7 @@ impl StreamHeader {
         let kind = match bytes[3] {
             1 => StreamKind::Http,
             2 => StreamKind::Tcp,
+            3 => StreamKind::Udp,
             other => return Err(StreamHeaderError::UnknownKind(other)),
         };
         let mut id = [0u8; 16];
@@ -96,6 +116,24 @@ impl StreamHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datagrams_are_length_prefixed_and_bounded() {
+        assert_eq!(frame_datagram(b"hi"), Some(vec![0, 2, b'h', b'i']));
+        assert_eq!(frame_datagram(b""), Some(vec![0, 0]));
+        assert_eq!(
+            frame_datagram(&vec![0; MAX_DATAGRAM]).map(|f| f.len()),
+            Some(MAX_DATAGRAM + 2)
+        );
+        assert_eq!(frame_datagram(&vec![0; MAX_DATAGRAM + 1]), None);
+        let h = StreamHeader {
+            kind: StreamKind::Udp,
+            port: 1,
+            resource_id: ID,
+        };
+        assert_eq!(h.encode()[3], 3);
+        assert_eq!(StreamHeader::decode(&h.encode()), Ok(h));
+    }
 
     const ID: Uuid = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
 

@@ -19,7 +19,7 @@ use crate::{validate, ApiError, AppState};
 pub struct CreateResource {
     /// Display name; defaults to the hostname (HTTP) or `tcp-<port>` (TCP).
     pub name: Option<String>,
-    /// `http` (default) or `tcp`.
+    /// `http` (default), `tcp` or `udp`.
     #[serde(default)]
     pub protocol: Option<RouteProtocol>,
     /// HTTP: public hostname (lower-cased). TCP: must be absent.
@@ -132,10 +132,11 @@ async fn create(
             let h = validate::hostname(raw).map_err(invalid)?;
             (h.clone(), None, h)
         }
-        RouteProtocol::Tcp => {
+        RouteProtocol::Tcp | RouteProtocol::Udp => {
             if body.hostname.is_some() {
                 return Err(invalid(
-                    "a TCP resource has no hostname: it is reached at public_port on every gateway"
+                    "a TCP or UDP resource has no hostname: it is reached at public_port on \
+                     every gateway"
                         .into(),
                 ));
             }
@@ -152,7 +153,7 @@ async fn create(
     };
     let name = match body.name.as_deref() {
         Some(n) => validate::name(n).map_err(invalid)?,
-        None if protocol == RouteProtocol::Tcp => String::new(),
+        None if protocol != RouteProtocol::Http => String::new(),
         None => validate::name(&default_name).map_err(invalid)?,
     };
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
@@ -178,7 +179,11 @@ async fn create(
             .update_resource(
                 r.id,
                 &ResourcePatch {
-                    name: Some(format!("tcp-{port}")),
+                    name: Some(if protocol == RouteProtocol::Udp {
+                        format!("udp-{port}")
+                    } else {
+                        format!("tcp-{port}")
+                    }),
                     ..Default::default()
                 },
             )

@@ -728,6 +728,38 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         store.create_resource(&tcp(Some(15432))).await,
         Err(StoreError::Conflict(_))
     ));
+    // A UDP resource takes a public port too (numbers are shared with TCP), and keeps its kind.
+    let udp = store
+        .create_resource(&NewResource {
+            protocol: RouteProtocol::Udp,
+            name: "dns".into(),
+            ..tcp(Some(15353))
+        })
+        .await
+        .unwrap();
+    assert_eq!(udp.protocol, RouteProtocol::Udp);
+    assert_eq!(
+        store.get_resource(udp.id).await.unwrap().protocol,
+        RouteProtocol::Udp
+    );
+    assert!(matches!(
+        store
+            .create_resource(&NewResource {
+                protocol: RouteProtocol::Udp,
+                ..tcp(Some(15432))
+            })
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let udp_routes: Vec<_> = snapshot(&store, NodeKind::Gateway, g.id)
+        .await
+        .routes
+        .into_iter()
+        .filter(|r| r.protocol == RouteProtocol::Udp)
+        .map(|r| r.public_port)
+        .collect();
+    assert_eq!(udp_routes, [Some(15353)]);
+    store.delete_resource(udp.id).await.unwrap();
     // TCP resources have no hostname, so several coexist with HTTP ones.
     add_resource(&store, "web.localhost", s.id).await;
     let snap = snapshot(&store, NodeKind::Gateway, g.id).await;

@@ -1,0 +1,322 @@
+//! UDP resources: a socket on every gateway per resource (`public_port`). Each client address is
+//! one flow, carried to the resource's agent as one tunnel stream (kind UDP) of length-prefixed
+//! datagrams ([`kakuremichi_proto::frame_datagram`]); answers go back to that address. A flow
+//! with no datagram either way for [`FLOW_IDLE`] is closed, as NAT devices and Cloudflare
+//! Spectrum do.
+//!
+//! Datagrams ride a QUIC stream, not QUIC datagrams: they arrive in order and are not lost inside
+//! the tunnel (WireGuard's loss is repaired by QUIC), at the cost of head-of-line blocking under
+//! loss. A flow's queue towards the tunnel is bounded ([`FLOW_QUEUE`]); when it is full, new
+//! datagrams are dropped, as a congested UDP path would. New flows are admitted against the same
+//! per-client and global caps as TCP connections. [`UdpRoutes::apply`] follows snapshots without
+//! a restart, like [`crate::tcp::TcpRoutes`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kakuremichi_proto::{frame_datagram, Route, RouteProtocol, StreamKind, MAX_DATAGRAM};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch, Mutex};
+use tracing::Instrument as _;
+
+use crate::listener::{Admission, ListenerLimits};
+use crate::metrics::Metrics;
+use crate::proxy::{stopping, Upstream};
+use crate::routing::RouteTarget;
+
+/// A flow with no datagram either way for this long is closed.
+pub const FLOW_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams queued per flow towards the tunnel at most.
+pub const FLOW_QUEUE: usize = 256;
+
+struct Running {
+    target: RouteTarget,
+    stop: watch::Sender<bool>,
+    local: SocketAddr,
+}
+
+/// The UDP sockets of one gateway.
+pub struct UdpRoutes {
+    listen_ip: IpAddr,
+    upstream: Arc<dyn Upstream>,
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<u16, Running>>,
+}
+
+impl std::fmt::Debug for UdpRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpRoutes")
+            .field("listen_ip", &self.listen_ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpRoutes {
+    /// No sockets yet; ports are bound on `listen_ip`.
+    pub fn new(
+        listen_ip: IpAddr,
+        upstream: Arc<dyn Upstream>,
+        limits: &ListenerLimits,
+        metrics: Arc<Metrics>,
+    ) -> UdpRoutes {
+        UdpRoutes {
+            listen_ip,
+            upstream,
+            admission: Admission::new(limits),
+            metrics,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The ports bound now, with their local addresses.
+    pub async fn listening(&self) -> Vec<(u16, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .running
+            .lock()
+            .await
+            .iter()
+            .map(|(p, r)| (*p, r.local))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Makes the sockets match the UDP routes of a snapshot.
+    pub async fn apply(&self, routes: &[Route]) {
+        let wanted: HashMap<u16, RouteTarget> = routes
+            .iter()
+            .filter(|r| r.protocol == RouteProtocol::Udp)
+            .filter_map(|r| {
+                Some((
+                    r.public_port?,
+                    RouteTarget {
+                        resource_id: r.resource_id,
+                        addr: SocketAddrV4::new(r.overlay_address, r.port),
+                        kind: StreamKind::Udp,
+                        redirect_https: false,
+                        hsts_max_age: None,
+                    },
+                ))
+            })
+            .collect();
+        let mut running = self.running.lock().await;
+        running.retain(|port, r| {
+            let keep = wanted.get(port) == Some(&r.target);
+            if !keep {
+                tracing::info!(port, resource_id = %r.target.resource_id, "closing a UDP socket");
+                r.stop.send_replace(true);
+            }
+            keep
+        });
+        for (port, target) in wanted {
+            if running.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(self.listen_ip, port);
+            let socket = match UdpSocket::bind(addr).await {
+                Ok(s) => Arc::new(s),
+                Err(error) => {
+                    tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot bind a UDP resource's port");
+                    continue;
+                }
+            };
+            let local = socket.local_addr().unwrap_or(addr);
+            let (stop, stopped) = watch::channel(false);
+            tracing::info!(%local, resource_id = %target.resource_id, "listening for a UDP resource");
+            tokio::spawn(
+                receive(
+                    socket,
+                    target,
+                    Arc::clone(&self.upstream),
+                    Arc::clone(&self.admission),
+                    Arc::clone(&self.metrics),
+                    stopped,
+                )
+                .instrument(tracing::info_span!("udp", port, resource_id = %target.resource_id)),
+            );
+            running.insert(
+                port,
+                Running {
+                    target,
+                    stop,
+                    local,
+                },
+            );
+        }
+    }
+
+    /// Closes every socket and flow.
+    pub async fn stop(&self) {
+        for (_, r) in self.running.lock().await.drain() {
+            r.stop.send_replace(true);
+        }
+    }
+}
+
+/// Reads datagrams from the public socket and hands each to its client's flow (made on first use).
+async fn receive(
+    socket: Arc<UdpSocket>,
+    target: RouteTarget,
+    upstream: Arc<dyn Upstream>,
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut flows: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, peer) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(error) => {
+                    // ICMP errors for earlier answers surface here on some systems; keep going.
+                    tracing::debug!(%error, "receiving a UDP datagram failed");
+                    continue;
+                }
+            },
+            _ = stopping(&mut stopped) => return,
+        };
+        let datagram = buf[..n].to_vec();
+        if let Some(tx) = flows.get(&peer) {
+            match tx.try_send(datagram) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    metrics.record_refused_connection("udp_flow_queue_full");
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    flows.remove(&peer);
+                    // A new flow below, with this datagram.
+                    new_flow(
+                        &mut flows, peer, d, &socket, target, &upstream, &admission, &metrics,
+                        &stopped,
+                    );
+                    continue;
+                }
+            }
+        }
+        flows.retain(|_, tx| !tx.is_closed());
+        new_flow(
+            &mut flows, peer, datagram, &socket, target, &upstream, &admission, &metrics, &stopped,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_flow(
+    flows: &mut HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    peer: SocketAddr,
+    first: Vec<u8>,
+    socket: &Arc<UdpSocket>,
+    target: RouteTarget,
+    upstream: &Arc<dyn Upstream>,
+    admission: &Arc<Admission>,
+    metrics: &Arc<Metrics>,
+    stopped: &watch::Receiver<bool>,
+) {
+    let admitted = match admission.admit(peer.ip()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            metrics.record_refused_connection(refusal.label());
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+    if tx.try_send(first).is_err() {
+        return;
+    }
+    flows.insert(peer, tx);
+    let socket = Arc::clone(socket);
+    let upstream = Arc::clone(upstream);
+    let counters = metrics.resource(target.resource_id);
+    let stopped = stopped.clone();
+    tokio::spawn(
+        async move {
+            let _admitted = admitted;
+            counters.open_flows.fetch_add(1, Ordering::Relaxed);
+            flow(socket, peer, target, upstream, rx, &counters, stopped).await;
+            counters.open_flows.fetch_sub(1, Ordering::Relaxed);
+        }
+        .in_current_span(),
+    );
+}
+
+/// One client's flow: its datagrams to the tunnel stream, the stream's datagrams back to it.
+/// The agent-to-client half runs in its own task, since a framed read must not be cancelled.
+async fn flow(
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    target: RouteTarget,
+    upstream: Arc<dyn Upstream>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    counters: &Arc<crate::metrics::ResourceCounters>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let stream = match upstream.connect(&target).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "cannot open a tunnel stream: UDP flow dropped");
+            return;
+        }
+    };
+    let (mut from_agent, mut to_agent) = tokio::io::split(stream);
+    let last = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+    let touch = |last: &std::sync::Mutex<tokio::time::Instant>| {
+        *last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    };
+    let mut answers = {
+        let last = Arc::clone(&last);
+        let counters = Arc::clone(counters);
+        tokio::spawn(async move {
+            let mut len = [0u8; 2];
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                if from_agent.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let n = usize::from(u16::from_be_bytes(len));
+                if n > MAX_DATAGRAM || from_agent.read_exact(&mut buf[..n]).await.is_err() {
+                    return;
+                }
+                touch(&last);
+                counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                if let Err(error) = socket.send_to(&buf[..n], peer).await {
+                    tracing::debug!(%peer, %error, "cannot answer a UDP client");
+                }
+            }
+        })
+    };
+    loop {
+        let idle_at = *last.lock().unwrap_or_else(|e| e.into_inner()) + FLOW_IDLE;
+        tokio::select! {
+            d = rx.recv() => {
+                let Some(d) = d else { break };
+                let Some(frame) = frame_datagram(&d) else { continue };
+                touch(&last);
+                counters.bytes_in.fetch_add(d.len() as u64, Ordering::Relaxed);
+                if to_agent.write_all(&frame).await.is_err() {
+                    tracing::debug!(%peer, "tunnel stream closed: UDP flow ended");
+                    break;
+                }
+            }
+            _ = &mut answers => {
+                tracing::debug!(%peer, "agent ended the UDP flow");
+                break;
+            }
+            () = tokio::time::sleep_until(idle_at) => {
+                if *last.lock().unwrap_or_else(|e| e.into_inner()) + FLOW_IDLE <= tokio::time::Instant::now() {
+                    tracing::debug!(%peer, "UDP flow idle: closed");
+                    break;
+                }
+            }
+            _ = stopping(&mut stopped) => break,
+        }
+    }
+    answers.abort();
+    let _ = to_agent.shutdown().await;
+}
