@@ -33,9 +33,9 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::Instrument as _;
-use uuid::Uuid;
 
 use crate::apply::plan;
+use crate::health::HealthChecks;
 
 /// How long dialing a target may take.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,7 +90,9 @@ struct Inner {
     http: Client<HttpConnector, Body>,
     config: AppliedConfig,
     resolved: Mutex<HashMap<String, SocketAddr>>,
-    target_status: Mutex<HashMap<Uuid, TargetStatus>>,
+    /// Overlay port -> the last outcome of a flow to its target.
+    target_status: Mutex<HashMap<u16, TargetStatus>>,
+    health: Arc<HealthChecks>,
 }
 
 /// The agent: cheap to clone.
@@ -134,6 +136,7 @@ impl Agent {
                 config,
                 resolved: Mutex::new(HashMap::new()),
                 target_status: Mutex::new(HashMap::new()),
+                health: Arc::new(HealthChecks::default()),
             }),
         }
     }
@@ -193,12 +196,13 @@ impl Agent {
             .target_status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, st| {
+            .retain(|port, st| {
                 snapshot
                     .targets
                     .iter()
-                    .any(|t| t.resource_id == *id && t.target == st.target)
+                    .any(|t| t.port == *port && t.target == st.target)
             });
+        self.inner.health.reconcile(&snapshot.targets);
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -296,6 +300,10 @@ impl Agent {
                 return;
             }
         };
+        if header.kind == StreamKind::Health {
+            self.inner.health.serve_stream(stream).await;
+            return;
+        }
         let mut targets = self.inner.targets.subscribe();
         let target = targets.borrow_and_update().get(&header.port).cloned();
         let Some(target) = target.filter(|t| t.resource_id == header.resource_id) else {
@@ -313,6 +321,7 @@ impl Agent {
                 StreamKind::Http => self.serve_http(stream, &target).await,
                 StreamKind::Tcp => self.copy_tcp(stream, &target).await,
                 StreamKind::Udp => self.relay_udp(stream, &target).await,
+                StreamKind::Health => {}
             }
         }
         .instrument(span);
@@ -506,7 +515,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         status.insert(
-            target.resource_id,
+            target.port,
             TargetStatus {
                 resource_id: target.resource_id,
                 target: target.target.clone(),
@@ -516,17 +525,32 @@ impl Agent {
         );
     }
 
-    /// The status report: applied version, gateway peers, target health.
+    /// The status report: applied version, gateway peers, target health (the health check's
+    /// verdict where there is one, else the outcome of the last flow).
     pub fn status(&self) -> StatusReport {
-        let mut targets: Vec<TargetStatus> = self
+        let mut by_port = self
             .inner
             .target_status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        targets.sort_by_key(|t| t.resource_id);
+            .clone();
+        for t in self.inner.targets.borrow().values() {
+            if !self.inner.health.checked(t.port) {
+                continue;
+            }
+            let error = self.inner.health.failing(t.port);
+            by_port.insert(
+                t.port,
+                TargetStatus {
+                    resource_id: t.resource_id,
+                    target: t.target.clone(),
+                    reachable: error.is_none(),
+                    error,
+                },
+            );
+        }
+        let mut targets: Vec<TargetStatus> = by_port.into_values().collect();
+        targets.sort_by(|a, b| (a.resource_id, &a.target).cmp(&(b.resource_id, &b.target)));
         StatusReport {
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
@@ -536,6 +560,7 @@ impl Agent {
 
     /// Stops the tunnel.
     pub fn shutdown(&self) {
+        self.inner.health.stop();
         self.inner.tunnel.shutdown();
     }
 }

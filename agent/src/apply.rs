@@ -62,6 +62,8 @@ mod tests {
             resource_id: Uuid::from_u128(port as u128),
             port,
             target: to.into(),
+            health_check: None,
+            hostname: String::new(),
         }
     }
 

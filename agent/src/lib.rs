@@ -9,5 +9,6 @@
 pub mod agent;
 pub mod apply;
 pub mod config;
+pub mod health;
 
 pub use agent::{Agent, AgentOptions};

@@ -13,7 +13,8 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kakuremichi_proto::{
-    ConfigSnapshot, EnrollResponse, NodeKind, RouteProtocol, Secret, StatusReport, WgPublicKey,
+    Balance, ConfigSnapshot, EnrollResponse, HealthCheck, NodeKind, RouteProtocol, Secret,
+    StatusReport, WgPublicKey,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
@@ -141,6 +142,9 @@ impl Node {
     }
 }
 
+/// The most targets a resource may have, its primary one included.
+pub const MAX_TARGETS: u16 = 32;
+
 /// The first public port given to a TCP resource that names none.
 pub const FIRST_TCP_PORT: u16 = 20000;
 /// The last public port given to a TCP resource that names none.
@@ -172,6 +176,29 @@ pub struct Resource {
     pub overlay_port: u16,
     /// Creation time (unix ms).
     pub created_at: i64,
+    /// How gateways spread requests over the targets.
+    pub balance: Balance,
+    /// HTTP: a cookie keeps a client on one target.
+    pub sticky: bool,
+    /// The health check agents run against every target.
+    pub health_check: Option<HealthCheck>,
+    /// Targets beside the primary one (`site_id`, `target`), oldest first.
+    pub more_targets: Vec<ResourceTarget>,
+}
+
+/// One more target of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceTarget {
+    /// Id.
+    pub id: Uuid,
+    /// The site whose agent reaches it.
+    pub site_id: Uuid,
+    /// `host:port`.
+    pub target: String,
+    /// The port on the site's overlay address that leads to it.
+    pub overlay_port: u16,
+    /// Creation time (unix ms).
+    pub created_at: i64,
 }
 
 /// Fields of a new resource (already validated).
@@ -193,6 +220,14 @@ pub struct NewResource {
     pub site_id: Uuid,
     /// The target.
     pub target: String,
+    /// Balancing.
+    pub balance: Balance,
+    /// Sticky sessions (HTTP).
+    pub sticky: bool,
+    /// Health check.
+    pub health_check: Option<HealthCheck>,
+    /// Further targets: (site, `host:port`).
+    pub more_targets: Vec<(Uuid, String)>,
 }
 
 /// Changes to a resource (already validated); `None` keeps the field.
@@ -212,6 +247,12 @@ pub struct ResourcePatch {
     pub site_id: Option<Uuid>,
     /// New target.
     pub target: Option<String>,
+    /// New balancing.
+    pub balance: Option<Balance>,
+    /// Sticky sessions on or off (HTTP).
+    pub sticky: Option<bool>,
+    /// New health check; `Some(None)` removes it.
+    pub health_check: Option<Option<HealthCheck>>,
 }
 
 fn table(kind: NodeKind) -> &'static str {
@@ -301,7 +342,65 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
         target: row.try_get("target")?,
         overlay_port: u16::try_from(port).map_err(corrupt)?,
         created_at: row.try_get("created_at")?,
+        balance: match row.try_get::<String, _>("balance")?.as_str() {
+            "round_robin" => Balance::RoundRobin,
+            "least_outstanding" => Balance::LeastOutstanding,
+            other => return Err(corrupt(format!("resource balance {other:?}"))),
+        },
+        sticky: row.try_get::<i64, _>("sticky")? != 0,
+        health_check: row
+            .try_get::<Option<String>, _>("health_check")?
+            .map(|j| serde_json::from_str(&j).map_err(corrupt))
+            .transpose()?,
+        more_targets: Vec::new(),
     })
+}
+
+fn resource_target_from_row(row: &AnyRow) -> Result<(Uuid, ResourceTarget)> {
+    let resource: String = row.try_get("resource_id")?;
+    let id: String = row.try_get("id")?;
+    let site: String = row.try_get("site_id")?;
+    let port: i64 = row.try_get("overlay_port")?;
+    Ok((
+        parse_uuid(&resource)?,
+        ResourceTarget {
+            id: parse_uuid(&id)?,
+            site_id: parse_uuid(&site)?,
+            target: row.try_get("target")?,
+            overlay_port: u16::try_from(port).map_err(corrupt)?,
+            created_at: row.try_get("created_at")?,
+        },
+    ))
+}
+
+/// Gives each resource its further targets from `rows` of `resource_targets`.
+fn attach_targets(resources: &mut [Resource], rows: &[AnyRow]) -> Result<()> {
+    let mut by_resource: std::collections::HashMap<Uuid, Vec<ResourceTarget>> =
+        std::collections::HashMap::new();
+    for row in rows {
+        let (resource, t) = resource_target_from_row(row)?;
+        by_resource.entry(resource).or_default().push(t);
+    }
+    for r in resources {
+        if let Some(mut ts) = by_resource.remove(&r.id) {
+            ts.sort_by_key(|t| (t.created_at, t.id));
+            r.more_targets = ts;
+        }
+    }
+    Ok(())
+}
+
+fn balance_name(b: Balance) -> &'static str {
+    match b {
+        Balance::RoundRobin => "round_robin",
+        Balance::LeastOutstanding => "least_outstanding",
+    }
+}
+
+fn health_json(h: &Option<HealthCheck>) -> Result<Option<String>> {
+    h.as_ref()
+        .map(|h| serde_json::to_string(h).map_err(corrupt))
+        .transpose()
 }
 
 /// The store. Cheap to clone.
@@ -662,11 +761,22 @@ impl Store {
         self.get_node(kind, id).await
     }
 
-    /// Deletes a node. Deleting a site deletes its resources too.
+    /// Deletes a node. Deleting a site deletes the resources whose primary target it serves, and
+    /// the further targets it serves for other resources.
     pub async fn delete_node(&self, kind: NodeKind, id: Uuid) -> Result<()> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
         if kind == NodeKind::Agent {
+            // What the foreign keys cascade, spelled out: no connection setting can then leave a
+            // target pointing at a site or a resource that is gone.
+            sqlx::query(
+                "DELETE FROM resource_targets WHERE site_id = $1 \
+                 OR resource_id IN (SELECT id FROM resources WHERE site_id = $2)",
+            )
+            .bind(id.to_string())
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("DELETE FROM resources WHERE site_id = $1")
                 .bind(id.to_string())
                 .execute(&mut *tx)
@@ -976,11 +1086,14 @@ impl Store {
     /// one the site ever gave out (so a freed port is not reused while a gateway or an agent may
     /// still hold it), wrapping to the lowest free port once the range is used up.
     async fn free_port(tx: &mut Transaction<'static, Any>, site_id: Uuid) -> Result<u16> {
-        let used: Vec<i64> =
-            sqlx::query_scalar("SELECT overlay_port FROM resources WHERE site_id = $1")
-                .bind(site_id.to_string())
-                .fetch_all(&mut **tx)
-                .await?;
+        let used: Vec<i64> = sqlx::query_scalar(
+            "SELECT overlay_port FROM resources WHERE site_id = $1 \
+                 UNION SELECT overlay_port FROM resource_targets WHERE site_id = $2",
+        )
+        .bind(site_id.to_string())
+        .bind(site_id.to_string())
+        .fetch_all(&mut **tx)
+        .await?;
         let used: HashSet<i64> = used.into_iter().collect();
         let last: i64 = sqlx::query_scalar("SELECT last_overlay_port FROM sites WHERE id = $1")
             .bind(site_id.to_string())
@@ -1041,6 +1154,11 @@ impl Store {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
         Self::site_exists(&mut tx, new.site_id).await?;
+        if new.sticky && new.protocol != RouteProtocol::Http {
+            return Err(StoreError::Invalid(
+                "sticky sessions are for HTTP resources".into(),
+            ));
+        }
         let (protocol, hostname, public_port) = match new.protocol {
             RouteProtocol::Http => {
                 Self::check_hostname_free(&mut tx, &new.hostname, None).await?;
@@ -1060,8 +1178,8 @@ impl Store {
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
-             protocol, public_port, redirect_https, hsts_max_age) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1074,10 +1192,102 @@ impl Store {
         .bind(public_port)
         .bind(i64::from(new.redirect_https))
         .bind(new.hsts_max_age.map(i64::from))
+        .bind(balance_name(new.balance))
+        .bind(i64::from(new.sticky))
+        .bind(health_json(&new.health_check)?)
         .execute(&mut *tx)
         .await?;
+        for (site, target) in &new.more_targets {
+            Self::insert_target(&mut tx, id, *site, target).await?;
+        }
         self.commit_bumped(tx).await?;
         self.get_resource(id).await
+    }
+
+    async fn insert_target(
+        tx: &mut Transaction<'static, Any>,
+        resource: Uuid,
+        site: Uuid,
+        target: &str,
+    ) -> Result<ResourceTarget> {
+        Self::site_exists(tx, site).await?;
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM resource_targets WHERE resource_id = $1")
+                .bind(resource.to_string())
+                .fetch_one(&mut **tx)
+                .await?;
+        if count + 1 >= i64::from(MAX_TARGETS) {
+            return Err(StoreError::Invalid(format!(
+                "a resource has at most {MAX_TARGETS} targets"
+            )));
+        }
+        // Targets list oldest first: one created in the same millisecond as the resource's
+        // newest still sorts after it.
+        let newest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(created_at) FROM resource_targets WHERE resource_id = $1",
+        )
+        .bind(resource.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+        let created_at = newest.map_or(now_ms(), |n| now_ms().max(n.saturating_add(1)));
+        let port = Self::free_port(tx, site).await?;
+        let t = ResourceTarget {
+            id: Uuid::new_v4(),
+            site_id: site,
+            target: target.to_owned(),
+            overlay_port: port,
+            created_at,
+        };
+        sqlx::query(
+            "INSERT INTO resource_targets (id, resource_id, site_id, target, overlay_port, \
+             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(t.id.to_string())
+        .bind(resource.to_string())
+        .bind(site.to_string())
+        .bind(&t.target)
+        .bind(i64::from(port))
+        .bind(t.created_at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(t)
+    }
+
+    /// Adds a target to a resource, with an overlay port on its site.
+    pub async fn add_resource_target(
+        &self,
+        resource: Uuid,
+        site: Uuid,
+        target: &str,
+    ) -> Result<ResourceTarget> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let found: Option<String> = sqlx::query_scalar("SELECT id FROM resources WHERE id = $1")
+            .bind(resource.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(StoreError::NotFound("resource"));
+        }
+        let t = Self::insert_target(&mut tx, resource, site, target).await?;
+        self.commit_bumped(tx).await?;
+        Ok(t)
+    }
+
+    /// Removes one of a resource's further targets.
+    pub async fn delete_resource_target(&self, resource: Uuid, target: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM resource_targets WHERE id = $1 AND resource_id = $2")
+            .bind(target.to_string())
+            .bind(resource.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("target"));
+        }
+        self.commit_bumped(tx).await?;
+        Ok(())
     }
 
     /// One resource.
@@ -1087,7 +1297,14 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(StoreError::NotFound("resource"))?;
-        resource_from_row(&row)
+        let mut r = [resource_from_row(&row)?];
+        let rows = sqlx::query("SELECT * FROM resource_targets WHERE resource_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        attach_targets(&mut r, &rows)?;
+        let [r] = r;
+        Ok(r)
     }
 
     /// All resources, oldest first.
@@ -1095,7 +1312,15 @@ impl Store {
         let rows = sqlx::query("SELECT * FROM resources ORDER BY created_at, id")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(resource_from_row).collect()
+        let mut all = rows
+            .iter()
+            .map(resource_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let targets = sqlx::query("SELECT * FROM resource_targets")
+            .fetch_all(&self.pool)
+            .await?;
+        attach_targets(&mut all, &targets)?;
+        Ok(all)
     }
 
     /// Changes a resource. Moving it to another site gives it a new overlay port there.
@@ -1151,10 +1376,24 @@ impl Store {
         if let Some(t) = &patch.target {
             r.target = t.clone();
         }
+        if let Some(b) = patch.balance {
+            r.balance = b;
+        }
+        if let Some(s) = patch.sticky {
+            if r.protocol != RouteProtocol::Http && s {
+                return Err(StoreError::Invalid(
+                    "sticky sessions are for HTTP resources".into(),
+                ));
+            }
+            r.sticky = s;
+        }
+        if let Some(h) = &patch.health_check {
+            r.health_check = h.clone();
+        }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
-             overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8 \
-             WHERE id = $9",
+             overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8, \
+             balance = $9, sticky = $10, health_check = $11 WHERE id = $12",
         )
         .bind(&r.name)
         .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
@@ -1164,10 +1403,20 @@ impl Store {
         .bind(r.public_port.map(i64::from))
         .bind(i64::from(r.redirect_https))
         .bind(r.hsts_max_age.map(i64::from))
+        .bind(balance_name(r.balance))
+        .bind(i64::from(r.sticky))
+        .bind(health_json(&r.health_check)?)
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
+        let targets = sqlx::query("SELECT * FROM resource_targets WHERE resource_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut r = [r];
+        attach_targets(&mut r, &targets)?;
         self.commit_bumped(tx).await?;
+        let [r] = r;
         Ok(r)
     }
 
@@ -1175,6 +1424,10 @@ impl Store {
     pub async fn delete_resource(&self, id: Uuid) -> Result<()> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM resource_targets WHERE resource_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query("DELETE FROM resources WHERE id = $1")
             .bind(id.to_string())
             .execute(&mut *tx)
@@ -1231,12 +1484,16 @@ impl Store {
         .iter()
         .map(|r| Self::world_node(NodeKind::Gateway, r))
         .collect::<Result<Vec<_>>>()?;
-        let resources = sqlx::query("SELECT * FROM resources")
+        let mut resources = sqlx::query("SELECT * FROM resources")
             .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(resource_from_row)
             .collect::<Result<Vec<_>>>()?;
+        let targets = sqlx::query("SELECT * FROM resource_targets")
+            .fetch_all(&mut *tx)
+            .await?;
+        attach_targets(&mut resources, &targets)?;
         let (certificates, challenges) = self.load_tls(&mut tx).await?;
         tx.commit().await?;
         Ok(World::new(

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use kakuremichi_proto::{
-    AcmeChallenge, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route, Target,
-    TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
+    AcmeChallenge, Backend, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route,
+    RouteProtocol, Target, TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
 };
 use uuid::Uuid;
 
@@ -54,7 +54,7 @@ pub struct World {
     pub acme_challenges: Vec<AcmeChallenge>,
     sites_by_id: HashMap<Uuid, usize>,
     gateways_by_id: HashMap<Uuid, usize>,
-    resources_by_site: HashMap<Uuid, Vec<usize>>,
+    resources_by_site: HashMap<Uuid, Vec<(usize, u16, String)>>,
 }
 
 impl World {
@@ -76,12 +76,24 @@ impl World {
                 .map(|(i, n)| (n.id, i))
                 .collect::<HashMap<_, _>>()
         };
-        let mut resources_by_site: HashMap<Uuid, Vec<usize>> = HashMap::new();
+        // Site -> (resource index, overlay port, target) of every target the site's agent serves.
+        let mut resources_by_site: HashMap<Uuid, Vec<(usize, u16, String)>> = HashMap::new();
         for (i, r) in resources.iter().enumerate() {
-            resources_by_site.entry(r.site_id).or_default().push(i);
+            resources_by_site.entry(r.site_id).or_default().push((
+                i,
+                r.overlay_port,
+                r.target.clone(),
+            ));
+            for t in &r.more_targets {
+                resources_by_site.entry(t.site_id).or_default().push((
+                    i,
+                    t.overlay_port,
+                    t.target.clone(),
+                ));
+            }
         }
         for list in resources_by_site.values_mut() {
-            list.sort_by_key(|&i| resources[i].overlay_port);
+            list.sort_by_key(|(_, port, _)| *port);
         }
         World {
             version,
@@ -151,22 +163,34 @@ impl World {
                     });
                 }
                 for r in &self.resources {
-                    let Some(site) = self.node(NodeKind::Agent, r.site_id) else {
+                    // Every target whose site is enrolled; the first is the route's own.
+                    let mut backends = std::iter::once((r.site_id, r.overlay_port))
+                        .chain(r.more_targets.iter().map(|t| (t.site_id, t.overlay_port)))
+                        .filter_map(|(site_id, port)| {
+                            let site = self.node(NodeKind::Agent, site_id)?;
+                            site.public_key?;
+                            Some(Backend {
+                                site_id,
+                                overlay_address: site.overlay_address,
+                                port,
+                            })
+                        });
+                    let Some(first) = backends.next() else {
                         continue;
                     };
-                    if site.public_key.is_none() {
-                        continue;
-                    }
                     snap.routes.push(Route {
                         resource_id: r.id,
                         hostname: r.hostname.clone(),
                         protocol: r.protocol,
-                        site_id: r.site_id,
-                        overlay_address: site.overlay_address,
-                        port: r.overlay_port,
+                        site_id: first.site_id,
+                        overlay_address: first.overlay_address,
+                        port: first.port,
                         public_port: r.public_port,
                         redirect_https: r.redirect_https,
                         hsts_max_age: r.hsts_max_age,
+                        more_backends: backends.collect(),
+                        balance: r.balance,
+                        sticky: r.sticky,
                     });
                 }
             }
@@ -188,12 +212,18 @@ impl World {
                         persistent_keepalive: Some(AGENT_KEEPALIVE_SECS),
                     });
                 }
-                for &i in self.resources_by_site.get(&id).into_iter().flatten() {
-                    let r = &self.resources[i];
+                for (i, port, target) in self.resources_by_site.get(&id).into_iter().flatten() {
+                    let r = &self.resources[*i];
                     snap.targets.push(Target {
                         resource_id: r.id,
-                        port: r.overlay_port,
-                        target: r.target.clone(),
+                        port: *port,
+                        target: target.clone(),
+                        health_check: r.health_check.clone(),
+                        hostname: if r.protocol == RouteProtocol::Http {
+                            r.hostname.clone()
+                        } else {
+                            String::new()
+                        },
                     });
                 }
             }
@@ -205,7 +235,6 @@ impl World {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kakuremichi_proto::RouteProtocol;
 
     fn node(n: u8, key: Option<u8>, endpoint: Option<&str>) -> WorldNode {
         WorldNode {
@@ -231,6 +260,10 @@ mod tests {
             target: format!("127.0.0.1:{}", 9000 + u16::from(n)),
             overlay_port: port,
             created_at: 0,
+            balance: Default::default(),
+            sticky: false,
+            health_check: None,
+            more_targets: vec![],
         }
     }
 
@@ -289,5 +322,145 @@ mod tests {
         assert_eq!(w.snapshot(NodeKind::Agent, Uuid::from_u128(99)), None);
         // Ids are per kind.
         assert_eq!(w.snapshot(NodeKind::Gateway, Uuid::from_u128(1)), None);
+    }
+
+    #[test]
+    fn several_targets_reach_gateways_and_each_site_serves_its_own() {
+        let mut lb = resource(5, 2, "lb.example", 10001);
+        lb.balance = kakuremichi_proto::Balance::LeastOutstanding;
+        lb.sticky = true;
+        lb.health_check = Some(kakuremichi_proto::HealthCheck {
+            path: Some("/healthz".into()),
+            expected_status: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            unhealthy_threshold: 1,
+            healthy_threshold: 2,
+        });
+        let extra = |n: u128, site: u8, port: u16| crate::store::ResourceTarget {
+            id: Uuid::from_u128(5000 + n),
+            site_id: Uuid::from_u128(u128::from(site)),
+            target: format!("10.0.0.{n}:80"),
+            overlay_port: port,
+            created_at: 0,
+        };
+        // The primary is on site 2 (not enrolled): site 1 and 3 serve.
+        lb.more_targets = vec![extra(1, 1, 10005), extra(2, 3, 10001), extra(3, 1, 10006)];
+        let w = World::new(
+            8,
+            10,
+            vec![
+                node(1, Some(1), None),
+                node(2, None, None),
+                node(3, Some(3), None),
+            ],
+            vec![node(10, Some(10), Some("gw.example:51820"))],
+            vec![resource(1, 1, "a.example", 10000), lb],
+        );
+        let gw = w.snapshot(NodeKind::Gateway, Uuid::from_u128(10)).unwrap();
+        let route = gw
+            .routes
+            .iter()
+            .find(|r| r.hostname == "lb.example")
+            .unwrap();
+        assert_eq!(
+            route.site_id,
+            Uuid::from_u128(1),
+            "the first enrolled target leads"
+        );
+        assert_eq!(route.port, 10005);
+        let more: Vec<_> = route
+            .more_backends
+            .iter()
+            .map(|b| (b.overlay_address, b.port))
+            .collect();
+        assert_eq!(
+            more,
+            [
+                (Ipv4Addr::new(100, 64, 0, 3), 10001),
+                (Ipv4Addr::new(100, 64, 0, 1), 10006)
+            ]
+        );
+        assert_eq!(route.balance, kakuremichi_proto::Balance::LeastOutstanding);
+        assert!(route.sticky);
+        let site1 = w.snapshot(NodeKind::Agent, Uuid::from_u128(1)).unwrap();
+        let t: Vec<_> = site1
+            .targets
+            .iter()
+            .map(|t| (t.port, t.target.as_str()))
+            .collect();
+        assert_eq!(
+            t,
+            [
+                (10000, "127.0.0.1:9001"),
+                (10005, "10.0.0.1:80"),
+                (10006, "10.0.0.3:80")
+            ]
+        );
+        assert!(site1.targets[0].health_check.is_none());
+        assert_eq!(site1.targets[1].hostname, "lb.example");
+        assert_eq!(
+            site1.targets[1]
+                .health_check
+                .as_ref()
+                .map(|h| h.interval_ms),
+            Some(1000)
+        );
+        let site3 = w.snapshot(NodeKind::Agent, Uuid::from_u128(3)).unwrap();
+        assert_eq!(site3.targets.len(), 1);
+        assert_eq!(site3.targets[0].port, 10001);
+    }
+
+    #[test]
+    fn tcp_targets_carry_the_connect_check_and_no_hostname() {
+        let mut db = resource(6, 1, "", 10000);
+        db.protocol = RouteProtocol::Tcp;
+        db.public_port = Some(5432);
+        let check = kakuremichi_proto::HealthCheck {
+            path: None,
+            expected_status: None,
+            interval_ms: 5000,
+            timeout_ms: 2000,
+            unhealthy_threshold: 1,
+            healthy_threshold: 2,
+        };
+        db.health_check = Some(check.clone());
+        db.more_targets = vec![crate::store::ResourceTarget {
+            id: Uuid::from_u128(6001),
+            site_id: Uuid::from_u128(3),
+            target: "10.0.0.6:5432".into(),
+            overlay_port: 10004,
+            created_at: 0,
+        }];
+        let w = World::new(
+            9,
+            10,
+            vec![node(1, Some(1), None), node(3, Some(3), None)],
+            vec![node(10, Some(10), Some("gw.example:51820"))],
+            vec![db],
+        );
+        let gw = w.snapshot(NodeKind::Gateway, Uuid::from_u128(10)).unwrap();
+        assert_eq!(gw.routes.len(), 1);
+        assert_eq!(
+            (gw.routes[0].site_id, gw.routes[0].port),
+            (Uuid::from_u128(1), 10000)
+        );
+        assert_eq!(
+            gw.routes[0].more_backends,
+            [Backend {
+                site_id: Uuid::from_u128(3),
+                overlay_address: Ipv4Addr::new(100, 64, 0, 3),
+                port: 10004,
+            }]
+        );
+        assert!(!gw.routes[0].sticky);
+        for (site, port, target) in [(1, 10000, "127.0.0.1:9006"), (3, 10004, "10.0.0.6:5432")] {
+            let s = w.snapshot(NodeKind::Agent, Uuid::from_u128(site)).unwrap();
+            assert_eq!(s.targets.len(), 1);
+            let t = &s.targets[0];
+            assert_eq!((t.port, t.target.as_str()), (port, target));
+            assert_eq!(t.health_check.as_ref(), Some(&check));
+            assert_eq!(t.hostname, "", "a TCP check sends no Host");
+        }
     }
 }

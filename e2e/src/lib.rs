@@ -569,6 +569,17 @@ impl Stack {
         Ok(())
     }
 
+    /// Starts one more agent, with its own data folder `agent-<name>`, enrolled with `token`
+    /// (on loopback, beside the stack's own agent).
+    pub fn start_another_agent(&self, name: &str, token: &str) -> anyhow::Result<Proc> {
+        start_agent_named(
+            &self.opts,
+            self.dir.path(),
+            &format!("agent-{name}"),
+            Some(token),
+        )
+    }
+
     /// Stops control.
     pub fn stop_control(&mut self) {
         self.control.kill();
@@ -738,7 +749,16 @@ fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow
 }
 
 fn start_agent(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
-    let data = dir.join("agent");
+    start_agent_named(opts, dir, "agent", token)
+}
+
+fn start_agent_named(
+    opts: &StackOptions,
+    dir: &Path,
+    name: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Proc> {
+    let data = dir.join(name);
     std::fs::create_dir_all(&data)?;
     let mut args = vec![
         "--control".into(),
@@ -754,12 +774,12 @@ fn start_agent(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::
         args.extend(["--wg-listen".into(), wg.to_string()]);
     }
     Proc::spawn(
-        "agent",
+        name,
         &bin("kakuremichi-agent")?,
         &args,
         &[],
         opts.agent_at.netns.as_deref(),
-        dir.join("agent.log"),
+        dir.join(format!("{name}.log")),
     )
 }
 

@@ -167,6 +167,9 @@ mod tests {
             public_port: None,
             redirect_https: false,
             hsts_max_age: None,
+            more_backends: vec![],
+            balance: Default::default(),
+            sticky: false,
         }
     }
 

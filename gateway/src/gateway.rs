@@ -14,9 +14,10 @@ use kakuremichi_proto::{ConfigSnapshot, NodeKind, StatusReport, StreamHeader, Wg
 use kakuremichi_tunnel::{Incoming, Tunnel};
 
 use crate::apply::{peer_specs, plan, EndpointHints};
+use crate::balance::{BackendPool, Dialer, HealthWatchers};
 use crate::metrics::{Metrics, PeerSample};
 use crate::proxy::{Proxy, ProxyTimeouts, Upstream, UpstreamIo};
-use crate::routing::{RouteTable, RouteTarget};
+use crate::routing::{Dial, RouteTable};
 use crate::tcp::TcpRoutes;
 
 /// What the gateway needs besides snapshots.
@@ -67,7 +68,7 @@ impl Upstream for TunnelUpstream {
     /// A QUIC stream to the agent, opened with the header that names the resource.
     fn connect<'a>(
         &'a self,
-        target: &'a RouteTarget,
+        target: &'a Dial,
     ) -> Pin<Box<dyn std::future::Future<Output = io::Result<UpstreamIo>> + Send + 'a>> {
         Box::pin(async move {
             use tokio::io::AsyncWriteExt as _;
@@ -99,6 +100,8 @@ struct Inner {
     tcp: TcpRoutes,
     udp: crate::udp::UdpRoutes,
     managed_certs: Arc<crate::tls::ManagedCerts>,
+    pool: Arc<BackendPool>,
+    health: HealthWatchers,
 }
 
 /// The gateway: cheap to clone, shared by the proxy, the control channel and background tasks.
@@ -130,15 +133,19 @@ impl Gateway {
         let upstream: Arc<dyn Upstream> = Arc::new(TunnelUpstream {
             tunnel: tunnel.clone(),
         });
+        let pool = Arc::new(BackendPool::default());
+        metrics.set_pool(Arc::clone(&pool));
+        let dialer = Arc::new(Dialer::new(Arc::clone(&upstream), Arc::clone(&pool)));
+        let health = HealthWatchers::new(Arc::clone(&pool), Arc::clone(&upstream));
         let udp = crate::udp::UdpRoutes::new(
             options.tcp_listen_ip,
-            Arc::clone(&upstream),
+            Arc::clone(&dialer),
             &options.limits,
             Arc::clone(&metrics),
         );
         let tcp = TcpRoutes::new(
             options.tcp_listen_ip,
-            Arc::clone(&upstream),
+            dialer,
             &options.limits,
             Arc::clone(&metrics),
         );
@@ -149,6 +156,7 @@ impl Gateway {
             Arc::clone(&metrics),
             options.trusted_proxies.clone(),
             options.https_port,
+            Arc::clone(&pool),
         ));
         let hints = EndpointHints::load(&options.data_dir);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Gateway);
@@ -165,6 +173,8 @@ impl Gateway {
                 tcp,
                 udp,
                 managed_certs: Arc::default(),
+                pool,
+                health,
             }),
         }
     }
@@ -177,6 +187,11 @@ impl Gateway {
     /// Certificates and TLS-ALPN-01 answers from control (for the HTTPS certificate resolver).
     pub fn managed_certs(&self) -> Arc<crate::tls::ManagedCerts> {
         Arc::clone(&self.inner.managed_certs)
+    }
+
+    /// Which backends take traffic (fed by the agents' health streams).
+    pub fn backends(&self) -> Arc<BackendPool> {
+        Arc::clone(&self.inner.pool)
     }
 
     /// The metrics.
@@ -234,6 +249,30 @@ impl Gateway {
             RouteTable::from_routes(&snapshot.routes).with_acme_http01(&snapshot.acme_challenges);
         self.inner.metrics.set_routes(table.len());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+        let agents: std::collections::HashSet<std::net::Ipv4Addr> = snapshot
+            .routes
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(r.overlay_address)
+                    .chain(r.more_backends.iter().map(|b| b.overlay_address))
+            })
+            .collect();
+        self.inner.health.apply(&agents);
+        self.inner.metrics.set_backends(
+            snapshot
+                .routes
+                .iter()
+                .flat_map(|r| {
+                    std::iter::once(std::net::SocketAddrV4::new(r.overlay_address, r.port))
+                        .chain(
+                            r.more_backends
+                                .iter()
+                                .map(|b| std::net::SocketAddrV4::new(b.overlay_address, b.port)),
+                        )
+                        .map(move |b| (r.resource_id, b))
+                })
+                .collect(),
+        );
         self.inner.tcp.apply(&snapshot.routes).await;
         self.inner.udp.apply(&snapshot.routes).await;
         if !changes.is_empty() {
@@ -319,6 +358,7 @@ impl Gateway {
 
     /// Stops the tunnel.
     pub fn shutdown(&self) {
+        self.inner.health.stop();
         self.inner.tunnel.shutdown();
     }
 }

@@ -1,5 +1,6 @@
-//! The kakuremichi gateway: a public HTTP/1.1 reverse proxy that routes each request by `Host` to
-//! a resource's agent, through a userspace WireGuard tunnel (`kakuremichi-tunnel`), and a control
+//! The kakuremichi gateway: a public HTTP/1.1, HTTP/2 and HTTP/3 reverse proxy (and TCP and UDP
+//! port forwarder) that routes each request by `Host` to one of a resource's targets behind
+//! agents, balanced over the healthy ones ([`balance`]), through a userspace WireGuard tunnel (`kakuremichi-tunnel`), and a control
 //! channel client (`kakuremichi-node`) that keeps its routes and peers up to date.
 //!
 //! The gateway must never depend on control at request time: routes, peers and learned agent
@@ -7,6 +8,7 @@
 //! restarts into serving) while control is down. It never buffers whole bodies.
 
 pub mod apply;
+pub mod balance;
 pub mod config;
 pub mod gateway;
 pub mod h3;

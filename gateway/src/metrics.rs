@@ -76,9 +76,21 @@ pub struct Metrics {
     routes: AtomicUsize,
     peers: Mutex<Vec<PeerSample>>,
     certificate_expiry: Mutex<Vec<(String, i64)>>,
+    backends: Mutex<Vec<(uuid::Uuid, std::net::SocketAddrV4)>>,
+    pool: std::sync::OnceLock<Arc<crate::balance::BackendPool>>,
 }
 
 impl Metrics {
+    /// Where target health comes from (set once by the gateway).
+    pub fn set_pool(&self, pool: Arc<crate::balance::BackendPool>) {
+        let _ = self.pool.set(pool);
+    }
+
+    /// Replaces the list of (resource, backend) pairs whose health is exported.
+    pub fn set_backends(&self, backends: Vec<(uuid::Uuid, std::net::SocketAddrV4)>) {
+        *self.backends.lock().unwrap_or_else(|e| e.into_inner()) = backends;
+    }
+
     /// The counters of one resource (made on first use).
     pub fn resource(&self, id: uuid::Uuid) -> Arc<ResourceCounters> {
         Arc::clone(
@@ -184,6 +196,37 @@ impl Metrics {
                 name.replace(['"', '\\', '\n'], "_"),
                 at / 1000
             );
+        }
+        if let Some(pool) = self.pool.get() {
+            out.push_str(
+                "# HELP kakuremichi_gateway_target_up Whether a resource's target takes traffic \
+                 (its agent is online and its health check passes).\n",
+            );
+            out.push_str("# TYPE kakuremichi_gateway_target_up gauge\n");
+            let backends = self
+                .backends
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (id, b) in &backends {
+                let _ = writeln!(
+                    out,
+                    "kakuremichi_gateway_target_up{{resource_id=\"{id}\",target=\"{b}\"}} {}",
+                    u8::from(pool.usable(*b))
+                );
+            }
+            out.push_str(
+                "# HELP kakuremichi_gateway_target_in_flight Requests and connections in flight \
+                 to a resource's target.\n",
+            );
+            out.push_str("# TYPE kakuremichi_gateway_target_in_flight gauge\n");
+            for (id, b) in &backends {
+                let _ = writeln!(
+                    out,
+                    "kakuremichi_gateway_target_in_flight{{resource_id=\"{id}\",target=\"{b}\"}} {}",
+                    pool.outstanding(*b)
+                );
+            }
         }
         out.push_str("# HELP kakuremichi_gateway_open_connections Open client connections.\n");
         out.push_str("# TYPE kakuremichi_gateway_open_connections gauge\n");
@@ -393,5 +436,43 @@ mod tests {
         ] {
             assert!(text.contains(&line), "missing {line}\n{text}");
         }
+    }
+
+    #[test]
+    fn target_health_and_in_flight() {
+        let m = Metrics::default();
+        let pool = Arc::new(crate::balance::BackendPool::default());
+        m.set_pool(Arc::clone(&pool));
+        let id = uuid::Uuid::from_u128(7);
+        let a: std::net::SocketAddrV4 = "100.64.0.2:10000".parse().unwrap();
+        let b: std::net::SocketAddrV4 = "100.64.0.3:10000".parse().unwrap();
+        m.set_backends(vec![(id, a), (id, b)]);
+        pool.lost(*b.ip());
+        let target = crate::routing::RouteTarget {
+            resource_id: id,
+            addr: a,
+            backends: vec![a, b],
+            balance: kakuremichi_proto::Balance::RoundRobin,
+            sticky: false,
+            kind: kakuremichi_proto::StreamKind::Http,
+            redirect_https: false,
+            hsts_max_age: None,
+        };
+        let lease = pool.pick(&target, None, &[]).unwrap();
+        assert_eq!(lease.backend, a, "the offline agent's target is skipped");
+        let text = m.render();
+        for line in [
+            format!("kakuremichi_gateway_target_up{{resource_id=\"{id}\",target=\"{a}\"}} 1"),
+            format!("kakuremichi_gateway_target_up{{resource_id=\"{id}\",target=\"{b}\"}} 0"),
+            format!(
+                "kakuremichi_gateway_target_in_flight{{resource_id=\"{id}\",target=\"{a}\"}} 1"
+            ),
+        ] {
+            assert!(text.contains(&line), "missing {line}\n{text}");
+        }
+        drop(lease);
+        assert!(m.render().contains(&format!(
+            "kakuremichi_gateway_target_in_flight{{resource_id=\"{id}\",target=\"{a}\"}} 0"
+        )));
     }
 }

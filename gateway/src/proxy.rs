@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -25,8 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
+use crate::balance::{BackendPool, Lease};
 use crate::metrics::Metrics;
-use crate::routing::{request_host, RouteTable, RouteTarget};
+use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
 /// Body of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -51,7 +53,7 @@ pub trait Upstream: Send + Sync + 'static {
     /// to that agent right now"; every other error means "the agent is not there".
     fn connect<'a>(
         &'a self,
-        target: &'a RouteTarget,
+        target: &'a Dial,
     ) -> Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send + 'a>>;
 }
 
@@ -302,6 +304,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     trusted_proxies: Vec<IpNet>,
     https_port: Option<u16>,
+    pool: Arc<BackendPool>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -321,6 +324,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         trusted_proxies: Vec<IpNet>,
         https_port: Option<u16>,
+        pool: Arc<BackendPool>,
     ) -> Self {
         Self {
             routes,
@@ -329,6 +333,7 @@ impl Proxy {
             metrics,
             trusted_proxies,
             https_port,
+            pool,
         }
     }
 
@@ -366,7 +371,7 @@ impl Proxy {
         Arc::clone(&self.routes)
     }
 
-    fn route(&self, host: &str) -> Option<RouteTarget> {
+    fn route(&self, host: &str) -> Option<Arc<RouteTarget>> {
         self.routes
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -453,7 +458,7 @@ impl Proxy {
                         .boxed_unsync()
                     });
                     let result = self
-                        .forward(req, client, proto, &host, target)
+                        .forward(req, client, proto, &host, &target)
                         .instrument(span)
                         .await;
                     let mut response = match result {
@@ -502,7 +507,7 @@ impl Proxy {
     /// A fresh stream to the target with an HTTP/1.1 client connection on it.
     async fn connect(
         &self,
-        target: &RouteTarget,
+        target: &Dial,
         host: &str,
     ) -> Result<SendRequest<RequestBody>, ProxyError> {
         let attempt = async {
@@ -541,7 +546,7 @@ impl Proxy {
         client: SocketAddr,
         proto: &'static str,
         host: &str,
-        target: RouteTarget,
+        target: &RouteTarget,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -561,6 +566,10 @@ impl Proxy {
             .parse()
             .map_err(|_| ProxyError::MissingHost)?;
         *req.version_mut() = http::Version::HTTP_11;
+        let sticky = target
+            .sticky
+            .then(|| sticky_backend(req.headers(), target))
+            .flatten();
         rewrite_request_headers(
             req.headers_mut(),
             client.ip(),
@@ -572,46 +581,123 @@ impl Proxy {
             },
         );
 
-        let mut sender = self.connect(&target, host).await?;
-        let response =
-            match tokio::time::timeout(self.timeouts.response, sender.send_request(req)).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, %host, "upstream request failed");
-                    return Err(ProxyError::Offline(host.to_owned()));
+        // A request with no body can be sent again; one with a body only while it is unread.
+        let replayable = req.body().is_end_stream() && client_upgrade.is_none();
+        let idempotent = matches!(
+            *req.method(),
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::TRACE
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        let mut tried: Vec<SocketAddrV4> = Vec::new();
+        let mut last_error = ProxyError::Offline(host.to_owned());
+        loop {
+            let Some(lease) = self.pool.pick(target, sticky, &tried) else {
+                return Err(last_error);
+            };
+            tried.push(lease.backend);
+            let more = tried.len() < target.backends.len();
+            let attempt_body = match body.take() {
+                Some(b) => b,
+                None if replayable => Empty::new().map_err(|n| match n {}).boxed_unsync(),
+                None => return Err(last_error),
+            };
+            let mut attempt = Request::new(attempt_body);
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = parts.uri.clone();
+            *attempt.version_mut() = parts.version;
+            *attempt.headers_mut() = parts.headers.clone();
+            let mut sender = match self.connect(&target.dial(lease.backend), host).await {
+                Ok(s) => s,
+                Err(e @ ProxyError::Timeout(_)) | Err(e @ ProxyError::Offline(_)) if more => {
+                    // Nothing was sent: any request may go elsewhere, its body unread.
+                    body = Some(attempt.into_body());
+                    tracing::debug!(backend = %lease.backend, error = %e, "retrying on another target");
+                    last_error = e;
+                    continue;
                 }
-                Err(_) => return Err(ProxyError::Timeout(host.to_owned())),
+                Err(e) => return Err(e),
+            };
+            let retry_ok = more && replayable;
+            let sent = tokio::time::timeout(self.timeouts.response, sender.send_request(attempt));
+            let response = tokio::select! {
+                r = sent => match r {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, %host, backend = %lease.backend, "upstream request failed");
+                        last_error = ProxyError::Offline(host.to_owned());
+                        if retry_ok && idempotent {
+                            continue;
+                        }
+                        return Err(last_error);
+                    }
+                    Err(_) => return Err(ProxyError::Timeout(host.to_owned())),
+                },
+                () = self.pool.until_unusable(lease.backend), if retry_ok && idempotent => {
+                    tracing::info!(backend = %lease.backend, "target went down before answering: retrying elsewhere");
+                    last_error = ProxyError::Offline(host.to_owned());
+                    continue;
+                }
             };
 
-        if response
-            .headers()
-            .contains_key(kakuremichi_proto::AGENT_ERROR_HEADER)
-        {
-            // The agent could not reach the target: our own page, with the host in it.
-            return Err(ProxyError::Offline(host.to_owned()));
-        }
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                return Ok(self.switch_protocols(response, client_upgrade));
+            if response
+                .headers()
+                .contains_key(kakuremichi_proto::AGENT_ERROR_HEADER)
+            {
+                // The agent could not reach the target, so the request never got there.
+                last_error = ProxyError::Offline(host.to_owned());
+                if retry_ok {
+                    continue;
+                }
+                return Err(last_error);
             }
-        }
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    return Ok(self.switch_protocols(response, client_upgrade, lease));
+                }
+            }
 
-        // The stream ends with the response body: dropping the sender lets the client
-        // connection finish once the body is read.
-        drop(sender);
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.boxed_unsync()))
+            // The stream ends with the response body: dropping the sender lets the client
+            // connection finish once the body is read.
+            drop(sender);
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if target.sticky && sticky != Some(lease.backend) {
+                let secure = if proto == "https" { "; Secure" } else { "" };
+                let cookie = format!(
+                    "{STICKY_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax{secure}",
+                    backend_token(target.resource_id, lease.backend)
+                );
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    parts.headers.append(header::SET_COOKIE, v);
+                }
+            }
+            // The lease counts the request as outstanding until its body is done.
+            let body = body
+                .map_frame(move |f| {
+                    let _held = &lease;
+                    f
+                })
+                .boxed_unsync();
+            return Ok(Response::from_parts(parts, body));
+        }
     }
 
     fn switch_protocols(
         &self,
         mut response: Response<Incoming>,
         client_upgrade: hyper::upgrade::OnUpgrade,
+        lease: Lease,
     ) -> Response<ProxyBody> {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(
             async move {
+                let _lease = lease;
                 let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
                     (Ok(c), Ok(u)) => (c, u),
                     (c, u) => {
@@ -635,6 +721,43 @@ impl Proxy {
         let (parts, _body) = response.into_parts();
         Response::from_parts(parts, empty())
     }
+}
+
+/// The cookie that keeps a client on one target of a sticky resource.
+pub const STICKY_COOKIE: &str = "kakuremichi_target";
+
+/// The opaque, stable name of a backend in the sticky cookie: FNV-1a of the resource and the
+/// backend, so that every gateway names it alike and the overlay address is not shown.
+pub fn backend_token(resource: uuid::Uuid, backend: SocketAddrV4) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = resource
+        .as_bytes()
+        .iter()
+        .copied()
+        .chain(backend.ip().octets())
+        .chain(backend.port().to_be_bytes());
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The backend a request's sticky cookie names, if it is one of the route's.
+fn sticky_backend(headers: &HeaderMap, target: &RouteTarget) -> Option<SocketAddrV4> {
+    let token = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == STICKY_COOKIE)
+        .map(|(_, v)| v.trim())?;
+    target
+        .backends
+        .iter()
+        .copied()
+        .find(|b| backend_token(target.resource_id, *b) == token)
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).

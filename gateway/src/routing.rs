@@ -1,19 +1,26 @@
 //! The route table (hostname -> agent overlay address and port) and `Host` normalization.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
-use kakuremichi_proto::{AcmeChallenge, Route, RouteProtocol, StreamKind};
+use kakuremichi_proto::{AcmeChallenge, Balance, Route, RouteProtocol, StreamKind};
 use uuid::Uuid;
 
-/// Where requests for one hostname go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where requests for one hostname (or connections to one public port) go.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteTarget {
     /// The resource's id (for logs and metrics).
     pub resource_id: Uuid,
-    /// The agent's overlay address and the port leading to the target.
+    /// The first target: the agent's overlay address and the port leading to the target.
     pub addr: SocketAddrV4,
+    /// Every target (`addr` first), balanced by [`crate::balance::BackendPool`].
+    pub backends: Vec<SocketAddrV4>,
+    /// How requests are spread over the backends.
+    pub balance: Balance,
+    /// A cookie keeps a client on one backend.
+    pub sticky: bool,
     /// What the stream carries: an HTTP exchange or a raw TCP flow.
     pub kind: StreamKind,
     /// Plain-HTTP requests get a redirect to HTTPS.
@@ -22,10 +29,65 @@ pub struct RouteTarget {
     pub hsts_max_age: Option<u32>,
 }
 
+impl RouteTarget {
+    /// The target of a route, for streams of `kind`.
+    pub fn from_route(r: &Route, kind: StreamKind) -> RouteTarget {
+        let addr = SocketAddrV4::new(r.overlay_address, r.port);
+        let mut backends = vec![addr];
+        for b in &r.more_backends {
+            let b = SocketAddrV4::new(b.overlay_address, b.port);
+            if !backends.contains(&b) {
+                backends.push(b);
+            }
+        }
+        RouteTarget {
+            resource_id: r.resource_id,
+            addr,
+            backends,
+            balance: r.balance,
+            sticky: r.sticky && kind == StreamKind::Http,
+            kind,
+            redirect_https: r.redirect_https && kind == StreamKind::Http,
+            hsts_max_age: r.hsts_max_age.filter(|_| kind == StreamKind::Http),
+        }
+    }
+
+    /// A stream of this route to one of its backends.
+    pub fn dial(&self, backend: SocketAddrV4) -> Dial {
+        Dial {
+            resource_id: self.resource_id,
+            addr: backend,
+            kind: self.kind,
+        }
+    }
+}
+
+/// One stream to open: to which agent and port, carrying what, for which resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dial {
+    /// The resource (nil for health streams).
+    pub resource_id: Uuid,
+    /// The agent's overlay address and port (0 for health streams).
+    pub addr: SocketAddrV4,
+    /// What the stream carries.
+    pub kind: StreamKind,
+}
+
+impl Dial {
+    /// The health stream to an agent.
+    pub fn health(agent: Ipv4Addr) -> Dial {
+        Dial {
+            resource_id: Uuid::nil(),
+            addr: SocketAddrV4::new(agent, 0),
+            kind: StreamKind::Health,
+        }
+    }
+}
+
 /// Hostname (lower case, no port) -> target. Replaced as a whole on every snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteTable {
-    by_host: HashMap<String, RouteTarget>,
+    by_host: HashMap<String, Arc<RouteTarget>>,
     acme_http01: HashMap<String, String>,
 }
 
@@ -37,16 +99,7 @@ impl RouteTable {
             .filter(|r| r.protocol == RouteProtocol::Http)
             .filter_map(|r| {
                 let host = normalize_host(&r.hostname)?;
-                Some((
-                    host,
-                    RouteTarget {
-                        resource_id: r.resource_id,
-                        addr: SocketAddrV4::new(r.overlay_address, r.port),
-                        kind: StreamKind::Http,
-                        redirect_https: r.redirect_https,
-                        hsts_max_age: r.hsts_max_age,
-                    },
-                ))
+                Some((host, Arc::new(RouteTarget::from_route(r, StreamKind::Http))))
             })
             .collect();
         Self {
@@ -76,8 +129,8 @@ impl RouteTable {
     }
 
     /// The target of a normalized hostname.
-    pub fn lookup(&self, host: &str) -> Option<RouteTarget> {
-        self.by_host.get(host).copied()
+    pub fn lookup(&self, host: &str) -> Option<Arc<RouteTarget>> {
+        self.by_host.get(host).cloned()
     }
 
     /// Number of routes.
@@ -123,7 +176,6 @@ pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use std::net::Ipv4Addr;
 
     fn headers(host: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -179,11 +231,35 @@ mod tests {
             public_port: None,
             redirect_https: false,
             hsts_max_age: None,
+            more_backends: vec![
+                kakuremichi_proto::Backend {
+                    site_id: Uuid::from_u128(3),
+                    overlay_address: Ipv4Addr::new(100, 64, 0, 3),
+                    port: 10004,
+                },
+                kakuremichi_proto::Backend {
+                    site_id: Uuid::from_u128(2),
+                    overlay_address: Ipv4Addr::new(100, 64, 0, 2),
+                    port: 10000,
+                },
+            ],
+            balance: Balance::LeastOutstanding,
+            sticky: true,
         }]);
         assert_eq!(table.len(), 1);
         let t = table.lookup("demo.localhost").unwrap();
         assert_eq!(t.resource_id, id);
         assert_eq!(t.addr, "100.64.0.2:10000".parse().unwrap());
+        assert_eq!(
+            t.backends,
+            vec![
+                "100.64.0.2:10000".parse().unwrap(),
+                "100.64.0.3:10004".parse().unwrap()
+            ],
+            "the primary first, duplicates dropped"
+        );
+        assert_eq!(t.balance, Balance::LeastOutstanding);
+        assert!(t.sticky);
         assert!(table.lookup("other.localhost").is_none());
     }
 }

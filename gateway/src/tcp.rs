@@ -7,7 +7,7 @@
 //! are admitted against the same per-client and global caps as HTTP.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use kakuremichi_proto::{Route, RouteProtocol, StreamKind};
@@ -32,13 +32,14 @@ fn scopeguard(c: Arc<ResourceCounters>) -> OpenFlow {
     OpenFlow(c)
 }
 
+use crate::balance::Dialer;
 use crate::listener::{Admission, ListenerLimits};
 use crate::metrics::Metrics;
-use crate::proxy::{stopping, Upstream};
+use crate::proxy::stopping;
 use crate::routing::RouteTarget;
 
 struct Running {
-    target: RouteTarget,
+    target: Arc<RouteTarget>,
     stop: watch::Sender<bool>,
     local: SocketAddr,
 }
@@ -46,7 +47,7 @@ struct Running {
 /// The TCP listeners of one gateway.
 pub struct TcpRoutes {
     listen_ip: IpAddr,
-    upstream: Arc<dyn Upstream>,
+    upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<u16, Running>>,
@@ -64,7 +65,7 @@ impl TcpRoutes {
     /// No listeners yet; ports are bound on `listen_ip`.
     pub fn new(
         listen_ip: IpAddr,
-        upstream: Arc<dyn Upstream>,
+        upstream: Arc<Dialer>,
         limits: &ListenerLimits,
         metrics: Arc<Metrics>,
     ) -> TcpRoutes {
@@ -92,19 +93,13 @@ impl TcpRoutes {
 
     /// Makes the listeners match the TCP routes of a snapshot.
     pub async fn apply(&self, routes: &[Route]) {
-        let wanted: HashMap<u16, RouteTarget> = routes
+        let wanted: HashMap<u16, Arc<RouteTarget>> = routes
             .iter()
             .filter(|r| r.protocol == RouteProtocol::Tcp)
             .filter_map(|r| {
                 Some((
                     r.public_port?,
-                    RouteTarget {
-                        resource_id: r.resource_id,
-                        addr: SocketAddrV4::new(r.overlay_address, r.port),
-                        kind: StreamKind::Tcp,
-                        redirect_https: false,
-                        hsts_max_age: None,
-                    },
+                    Arc::new(RouteTarget::from_route(r, StreamKind::Tcp)),
                 ))
             })
             .collect();
@@ -135,7 +130,7 @@ impl TcpRoutes {
             tokio::spawn(
                 accept(
                     listener,
-                    target,
+                    Arc::clone(&target),
                     Arc::clone(&self.upstream),
                     Arc::clone(&self.admission),
                     Arc::clone(&self.metrics),
@@ -164,8 +159,8 @@ impl TcpRoutes {
 
 async fn accept(
     listener: TcpListener,
-    target: RouteTarget,
-    upstream: Arc<dyn Upstream>,
+    target: Arc<RouteTarget>,
+    upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
@@ -192,13 +187,14 @@ async fn accept(
         let _ = client.set_nodelay(true);
         let counters = metrics.resource(target.resource_id);
         let upstream = Arc::clone(&upstream);
+        let target = Arc::clone(&target);
         let mut stopped = stopped.clone();
         tokio::spawn(
             async move {
                 let _admitted = admitted;
                 counters.open_flows.fetch_add(1, Ordering::Relaxed);
                 let _open = scopeguard(Arc::clone(&counters));
-                let mut stream = match upstream.connect(&target).await {
+                let (mut stream, _lease) = match upstream.open(&target).await {
                     Ok(s) => s,
                     Err(error) => {
                         tracing::debug!(%peer, %error, "cannot open a tunnel stream: closing");

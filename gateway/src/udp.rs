@@ -12,7 +12,7 @@
 //! a restart, like [`crate::tcp::TcpRoutes`].
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,9 +23,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::Instrument as _;
 
+use crate::balance::Dialer;
 use crate::listener::{Admission, ListenerLimits};
 use crate::metrics::Metrics;
-use crate::proxy::{stopping, Upstream};
+use crate::proxy::stopping;
 use crate::routing::RouteTarget;
 
 /// A flow with no datagram either way for this long is closed.
@@ -34,7 +35,7 @@ pub const FLOW_IDLE: Duration = Duration::from_secs(60);
 pub const FLOW_QUEUE: usize = 256;
 
 struct Running {
-    target: RouteTarget,
+    target: Arc<RouteTarget>,
     stop: watch::Sender<bool>,
     local: SocketAddr,
 }
@@ -42,7 +43,7 @@ struct Running {
 /// The UDP sockets of one gateway.
 pub struct UdpRoutes {
     listen_ip: IpAddr,
-    upstream: Arc<dyn Upstream>,
+    upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<u16, Running>>,
@@ -60,7 +61,7 @@ impl UdpRoutes {
     /// No sockets yet; ports are bound on `listen_ip`.
     pub fn new(
         listen_ip: IpAddr,
-        upstream: Arc<dyn Upstream>,
+        upstream: Arc<Dialer>,
         limits: &ListenerLimits,
         metrics: Arc<Metrics>,
     ) -> UdpRoutes {
@@ -88,19 +89,13 @@ impl UdpRoutes {
 
     /// Makes the sockets match the UDP routes of a snapshot.
     pub async fn apply(&self, routes: &[Route]) {
-        let wanted: HashMap<u16, RouteTarget> = routes
+        let wanted: HashMap<u16, Arc<RouteTarget>> = routes
             .iter()
             .filter(|r| r.protocol == RouteProtocol::Udp)
             .filter_map(|r| {
                 Some((
                     r.public_port?,
-                    RouteTarget {
-                        resource_id: r.resource_id,
-                        addr: SocketAddrV4::new(r.overlay_address, r.port),
-                        kind: StreamKind::Udp,
-                        redirect_https: false,
-                        hsts_max_age: None,
-                    },
+                    Arc::new(RouteTarget::from_route(r, StreamKind::Udp)),
                 ))
             })
             .collect();
@@ -131,7 +126,7 @@ impl UdpRoutes {
             tokio::spawn(
                 receive(
                     socket,
-                    target,
+                    Arc::clone(&target),
                     Arc::clone(&self.upstream),
                     Arc::clone(&self.admission),
                     Arc::clone(&self.metrics),
@@ -161,8 +156,8 @@ impl UdpRoutes {
 /// Reads datagrams from the public socket and hands each to its client's flow (made on first use).
 async fn receive(
     socket: Arc<UdpSocket>,
-    target: RouteTarget,
-    upstream: Arc<dyn Upstream>,
+    target: Arc<RouteTarget>,
+    upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
@@ -193,7 +188,7 @@ async fn receive(
                     flows.remove(&peer);
                     // A new flow below, with this datagram.
                     new_flow(
-                        &mut flows, peer, d, &socket, target, &upstream, &admission, &metrics,
+                        &mut flows, peer, d, &socket, &target, &upstream, &admission, &metrics,
                         &stopped,
                     );
                     continue;
@@ -202,7 +197,7 @@ async fn receive(
         }
         flows.retain(|_, tx| !tx.is_closed());
         new_flow(
-            &mut flows, peer, datagram, &socket, target, &upstream, &admission, &metrics, &stopped,
+            &mut flows, peer, datagram, &socket, &target, &upstream, &admission, &metrics, &stopped,
         );
     }
 }
@@ -213,8 +208,8 @@ fn new_flow(
     peer: SocketAddr,
     first: Vec<u8>,
     socket: &Arc<UdpSocket>,
-    target: RouteTarget,
-    upstream: &Arc<dyn Upstream>,
+    target: &Arc<RouteTarget>,
+    upstream: &Arc<Dialer>,
     admission: &Arc<Admission>,
     metrics: &Arc<Metrics>,
     stopped: &watch::Receiver<bool>,
@@ -234,6 +229,7 @@ fn new_flow(
     let socket = Arc::clone(socket);
     let upstream = Arc::clone(upstream);
     let counters = metrics.resource(target.resource_id);
+    let target = Arc::clone(target);
     let stopped = stopped.clone();
     tokio::spawn(
         async move {
@@ -251,13 +247,13 @@ fn new_flow(
 async fn flow(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
-    target: RouteTarget,
-    upstream: Arc<dyn Upstream>,
+    target: Arc<RouteTarget>,
+    upstream: Arc<Dialer>,
     mut rx: mpsc::Receiver<Vec<u8>>,
     counters: &Arc<crate::metrics::ResourceCounters>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let stream = match upstream.connect(&target).await {
+    let (stream, _lease) = match upstream.open(&target).await {
         Ok(s) => s,
         Err(error) => {
             tracing::debug!(%peer, %error, "cannot open a tunnel stream: UDP flow dropped");

@@ -96,6 +96,9 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         public_port: None,
         redirect_https: false,
         hsts_max_age: None,
+        more_backends: vec![],
+        balance: Default::default(),
+        sticky: false,
     };
     ConfigSnapshot {
         version: 1,
@@ -156,11 +159,15 @@ fn agent_snapshot(
                 resource_id: Uuid::from_u128(10000),
                 port: 10000,
                 target: app.to_string(),
+                health_check: None,
+                hostname: String::new(),
             },
             Target {
                 resource_id: Uuid::from_u128(10001),
                 port: 10001,
                 target: dead.to_string(),
+                health_check: None,
+                hostname: String::new(),
             },
         ],
         certificates: vec![],

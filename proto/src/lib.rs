@@ -424,6 +424,67 @@ pub struct Route {
     /// HTTP routes: send `Strict-Transport-Security: max-age=<this>` over HTTPS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hsts_max_age: Option<u32>,
+    /// Further targets of the resource, beside the one at `overlay_address:port`, on the same
+    /// agent or others; requests are balanced over all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_backends: Vec<Backend>,
+    /// How requests are spread over the targets.
+    #[serde(default, skip_serializing_if = "Balance::is_default")]
+    pub balance: Balance,
+    /// HTTP routes: a cookie keeps a client on the target it first reached.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sticky: bool,
+}
+
+/// One more target of a route: a port on an agent's overlay address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// The site (agent) that reaches the target.
+    pub site_id: Uuid,
+    /// The agent's overlay address.
+    pub overlay_address: Ipv4Addr,
+    /// The port on the agent's overlay address that leads to the target.
+    pub port: u16,
+}
+
+/// How a gateway spreads requests (HTTP) or connections and flows (TCP, UDP) over a route's
+/// healthy targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each target in turn.
+    #[default]
+    RoundRobin,
+    /// The target with the fewest requests or connections in flight from this gateway.
+    LeastOutstanding,
+}
+
+impl Balance {
+    fn is_default(&self) -> bool {
+        *self == Balance::RoundRobin
+    }
+}
+
+/// An active health check an agent runs against one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// HTTP check: `GET` this path (with the resource's hostname as `Host`); absent: a TCP
+    /// connect is the check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// HTTP check: the status that counts as healthy; absent: any 2xx or 3xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_status: Option<u16>,
+    /// Milliseconds between checks.
+    pub interval_ms: u32,
+    /// Milliseconds a check may take before it counts as failed.
+    pub timeout_ms: u32,
+    /// Consecutive failures that take a healthy target out.
+    pub unhealthy_threshold: u8,
+    /// Consecutive successes that bring an unhealthy target back.
+    pub healthy_threshold: u8,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -440,7 +501,26 @@ pub struct Target {
     pub port: u16,
     /// The private target as `host:port`.
     pub target: String,
+    /// The active health check the agent runs against the target, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// HTTP targets: the resource's hostname, sent as `Host` by HTTP health checks.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
 }
+
+/// What an agent tells a gateway on a health stream: one JSON line when the stream opens, on
+/// every change, and at least every [`HEALTH_HEARTBEAT_MS`] milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    /// Overlay ports whose target fails its health check. Every other port is healthy.
+    pub unhealthy_ports: Vec<u16>,
+}
+
+/// How often an agent writes a [`HealthReport`] on a health stream when nothing changes. A
+/// gateway that hears nothing for three times this long counts the agent as offline.
+pub const HEALTH_HEARTBEAT_MS: u64 = 1000;
 
 /// A node's periodic status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,6 +642,9 @@ mod tests {
                     public_port: None,
                     redirect_https: false,
                     hsts_max_age: None,
+                    more_backends: vec![],
+                    balance: Default::default(),
+                    sticky: false,
                 }],
                 targets: vec![],
                 certificates: vec![],
@@ -666,6 +749,8 @@ mod tests {
                     resource_id: ID,
                     port: 10000,
                     target: "127.0.0.1:9000".into(),
+                    health_check: None,
+                    hostname: String::new(),
                 }],
                 certificates: vec![],
                 acme_challenges: vec![],

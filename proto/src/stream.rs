@@ -19,6 +19,10 @@ pub enum StreamKind {
     Tcp,
     /// One UDP flow: datagrams, each framed as a 2-byte big-endian length and its bytes.
     Udp,
+    /// The agent's health reports to a gateway: newline-delimited JSON
+    /// [`crate::HealthReport`]s, for as long as the gateway keeps the stream open. Port 0 and
+    /// the nil resource id.
+    Health,
 }
 
 /// The largest datagram a UDP flow carries (the most an IPv4 UDP payload can be).
@@ -83,6 +87,7 @@ impl StreamHeader {
             StreamKind::Http => 1,
             StreamKind::Tcp => 2,
             StreamKind::Udp => 3,
+            StreamKind::Health => 4,
         };
         out[4..6].copy_from_slice(&self.port.to_be_bytes());
         out[6..].copy_from_slice(self.resource_id.as_bytes());
@@ -101,6 +106,7 @@ impl StreamHeader {
             1 => StreamKind::Http,
             2 => StreamKind::Tcp,
             3 => StreamKind::Udp,
+            4 => StreamKind::Health,
             other => return Err(StreamHeaderError::UnknownKind(other)),
         };
         let mut id = [0u8; 16];

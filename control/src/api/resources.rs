@@ -1,16 +1,17 @@
-//! `/resources`: public hostnames (HTTP) or public ports on every gateway (TCP) forwarded to
-//! private targets through a site.
+//! `/resources`: public hostnames (HTTP) or public ports on every gateway (TCP, UDP) forwarded to
+//! private targets through sites. A resource's own `site_id`/`target` is its primary target;
+//! `/resources/{id}/targets` adds and removes further ones, which gateways balance over.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
-use kakuremichi_proto::RouteProtocol;
+use kakuremichi_proto::{Balance, HealthCheck, RouteProtocol};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{invalid, valid_opt, ApiJson, ApiPath};
-use crate::store::{NewResource, Resource, ResourcePatch};
+use crate::store::{NewResource, Resource, ResourcePatch, ResourceTarget, MAX_TARGETS};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /resources`.
@@ -34,6 +35,116 @@ pub struct CreateResource {
     pub site_id: Uuid,
     /// Private target, `host:port`.
     pub target: String,
+    /// Further targets, on the same site or others.
+    #[serde(default)]
+    pub targets: Vec<TargetBody>,
+    /// `round_robin` (default) or `least_outstanding`.
+    pub balance: Option<Balance>,
+    /// HTTP: a cookie keeps a client on the target it reached first (default false).
+    pub sticky: Option<bool>,
+    /// The health check agents run against every target.
+    pub health_check: Option<HealthCheckBody>,
+}
+
+/// A target: `{site_id, target}` (body of `POST /resources/{id}/targets`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetBody {
+    /// The site whose agent reaches it.
+    pub site_id: Uuid,
+    /// `host:port`.
+    pub target: String,
+}
+
+/// A health check as the API takes it; absent fields get their defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckBody {
+    /// HTTP check: `GET` this path; absent: a TCP connect.
+    pub path: Option<String>,
+    /// HTTP check: the healthy status; absent: any 2xx or 3xx.
+    pub expected_status: Option<u16>,
+    /// Milliseconds between checks (default 5000, 200 to 3,600,000).
+    pub interval_ms: Option<u32>,
+    /// Milliseconds a check may take (at least 50, below the interval); default 2000, or half
+    /// the interval when that is shorter.
+    pub timeout_ms: Option<u32>,
+    /// Failures in a row that take a target out (default 1, 1 to 10).
+    pub unhealthy_threshold: Option<u8>,
+    /// Successes in a row that bring it back (default 2, 1 to 10).
+    pub healthy_threshold: Option<u8>,
+}
+
+impl HealthCheckBody {
+    /// The validated check for a resource of `protocol`.
+    fn check(self, protocol: RouteProtocol) -> Result<HealthCheck, ApiError> {
+        if protocol == RouteProtocol::Udp {
+            return Err(invalid(
+                "a UDP resource has no health check: UDP answers nothing to a connect".into(),
+            ));
+        }
+        if protocol == RouteProtocol::Tcp && (self.path.is_some() || self.expected_status.is_some())
+        {
+            return Err(invalid(
+                "a TCP resource's health check is a connect: path and expected_status are for \
+                 HTTP resources"
+                    .into(),
+            ));
+        }
+        let interval_ms = self.interval_ms.unwrap_or(5000);
+        if !(200..=3_600_000).contains(&interval_ms) {
+            return Err(invalid(
+                "health_check.interval_ms must be from 200 to 3600000".into(),
+            ));
+        }
+        let timeout_ms = self.timeout_ms.unwrap_or(2000.min(interval_ms / 2));
+        if timeout_ms < 50 || timeout_ms >= interval_ms {
+            return Err(invalid(
+                "health_check.timeout_ms must be at least 50 and below interval_ms".into(),
+            ));
+        }
+        let unhealthy_threshold = self.unhealthy_threshold.unwrap_or(1);
+        let healthy_threshold = self.healthy_threshold.unwrap_or(2);
+        if !(1..=10).contains(&unhealthy_threshold) || !(1..=10).contains(&healthy_threshold) {
+            return Err(invalid(
+                "health_check thresholds must be from 1 to 10".into(),
+            ));
+        }
+        if let Some(path) = &self.path {
+            if !path.starts_with('/')
+                || path.len() > 1024
+                || !path.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    "health_check.path must start with / and be at most 1024 visible ASCII \
+                     characters"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(st) = self.expected_status {
+            if self.path.is_none() {
+                return Err(invalid(
+                    "health_check.expected_status needs a path: without one the check is a TCP \
+                     connect"
+                        .into(),
+                ));
+            }
+            if !(100..=599).contains(&st) {
+                return Err(invalid(
+                    "health_check.expected_status must be from 100 to 599".into(),
+                ));
+            }
+        }
+        Ok(HealthCheck {
+            path: self.path,
+            expected_status: self.expected_status,
+            interval_ms,
+            timeout_ms,
+            unhealthy_threshold,
+            healthy_threshold,
+        })
+    }
 }
 
 /// Body of `PATCH /resources/{id}`.
@@ -55,6 +166,40 @@ pub struct UpdateResource {
     pub site_id: Option<Uuid>,
     /// New target.
     pub target: Option<String>,
+    /// New balancing.
+    pub balance: Option<Balance>,
+    /// Sticky sessions on or off (HTTP).
+    pub sticky: Option<bool>,
+    /// New health check; `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub health_check: Option<Option<HealthCheckBody>>,
+}
+
+/// One target of a resource as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct TargetView {
+    /// Id (the resource's own id for the primary target).
+    pub id: Uuid,
+    /// The site.
+    pub site_id: Uuid,
+    /// `host:port`.
+    pub target: String,
+    /// Port on the site's overlay address leading to it.
+    pub overlay_port: u16,
+    /// Whether it is the primary target (`site_id`/`target` of the resource).
+    pub primary: bool,
+}
+
+impl From<ResourceTarget> for TargetView {
+    fn from(t: ResourceTarget) -> Self {
+        TargetView {
+            id: t.id,
+            site_id: t.site_id,
+            target: t.target,
+            overlay_port: t.overlay_port,
+            primary: false,
+        }
+    }
 }
 
 /// A resource as the API shows it.
@@ -86,11 +231,33 @@ pub struct ResourceView {
     pub overlay_port: u16,
     /// Creation time (unix ms).
     pub created_at: i64,
+    /// How gateways spread requests over the targets.
+    pub balance: Balance,
+    /// HTTP: sticky sessions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<bool>,
+    /// The health check, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Every target, the primary first.
+    pub targets: Vec<TargetView>,
 }
 
 impl From<Resource> for ResourceView {
     fn from(r: Resource) -> Self {
+        let mut targets = vec![TargetView {
+            id: r.id,
+            site_id: r.site_id,
+            target: r.target.clone(),
+            overlay_port: r.overlay_port,
+            primary: true,
+        }];
+        targets.extend(r.more_targets.into_iter().map(TargetView::from));
         Self {
+            balance: r.balance,
+            sticky: (r.protocol == RouteProtocol::Http).then_some(r.sticky),
+            health_check: r.health_check,
+            targets,
             id: r.id,
             name: r.name,
             protocol: r.protocol,
@@ -111,6 +278,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/resources", get(list).post(create))
         .route("/resources/{id}", get(one).patch(update).delete(remove))
+        .route("/resources/{id}/targets", post(add_target))
+        .route("/resources/{id}/targets/{target_id}", delete(remove_target))
 }
 
 async fn create(
@@ -158,6 +327,25 @@ async fn create(
     };
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
     check_hsts(body.hsts_max_age)?;
+    if body.targets.len() + 1 > usize::from(MAX_TARGETS) {
+        return Err(invalid(format!(
+            "a resource has at most {MAX_TARGETS} targets"
+        )));
+    }
+    let more_targets = body
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            validate::host_port(&t.target, &format!("targets[{i}].target"))
+                .map(|v| (t.site_id, v))
+                .map_err(invalid)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if body.sticky == Some(true) && protocol != RouteProtocol::Http {
+        return Err(invalid("sticky sessions are for HTTP resources".into()));
+    }
+    let health_check = body.health_check.map(|h| h.check(protocol)).transpose()?;
     let mut r = state
         .store
         .create_resource(&NewResource {
@@ -169,6 +357,10 @@ async fn create(
             hsts_max_age: body.hsts_max_age,
             site_id: body.site_id,
             target,
+            balance: body.balance.unwrap_or_default(),
+            sticky: body.sticky.unwrap_or(false),
+            health_check,
+            more_targets,
         })
         .await?;
     if name.is_empty() {
@@ -210,6 +402,14 @@ async fn update(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateResource>,
 ) -> Result<ApiJson<ResourceView>, ApiError> {
+    let health_check = match body.health_check {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(h)) => {
+            let protocol = state.store.get_resource(id).await?.protocol;
+            Some(Some(h.check(protocol)?))
+        }
+    };
     let patch = ResourcePatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
         hostname: valid_opt(body.hostname.as_deref(), validate::hostname)?,
@@ -224,6 +424,9 @@ async fn update(
         },
         site_id: body.site_id,
         target: valid_opt(body.target.as_deref(), |t| validate::host_port(t, "target"))?,
+        balance: body.balance,
+        sticky: body.sticky,
+        health_check,
     };
     Ok(ApiJson(
         state.store.update_resource(id, &patch).await?.into(),
@@ -235,6 +438,35 @@ async fn remove(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     state.store.delete_resource(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn add_target(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<TargetBody>,
+) -> Result<(StatusCode, ApiJson<TargetView>), ApiError> {
+    let target = validate::host_port(&body.target, "target").map_err(invalid)?;
+    let t = state
+        .store
+        .add_resource_target(id, body.site_id, &target)
+        .await?;
+    tracing::info!(resource_id = %id, site_id = %t.site_id, "target added");
+    Ok((StatusCode::CREATED, ApiJson(t.into())))
+}
+
+async fn remove_target(
+    State(state): State<AppState>,
+    ApiPath((id, target)): ApiPath<(Uuid, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    if id == target {
+        return Err(invalid(
+            "the primary target cannot be removed: PATCH the resource's site_id and target, or \
+             delete the resource"
+                .into(),
+        ));
+    }
+    state.store.delete_resource_target(id, target).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -288,6 +288,187 @@ async fn resource_crud_and_validation() {
 }
 
 #[tokio::test]
+async fn several_targets_balance_and_health_checks_over_the_api() {
+    let t = TestApp::new().await;
+    let a = id(&t.site("a").await).to_owned();
+    let b = id(&t.site("b").await).to_owned();
+    let (s, r) = t
+        .post(
+            "/api/v1/resources",
+            json!({
+                "hostname": "lb.localhost", "site_id": a, "target": "127.0.0.1:9000",
+                "targets": [{"site_id": b, "target": "127.0.0.1:9001"}],
+                "balance": "least_outstanding", "sticky": true,
+                "health_check": {"path": "/healthz", "interval_ms": 1000}
+            }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["balance"], "least_outstanding");
+    assert_eq!(r["sticky"], true);
+    assert_eq!(
+        r["health_check"],
+        json!({"path": "/healthz", "interval_ms": 1000, "timeout_ms": 500,
+               "unhealthy_threshold": 1, "healthy_threshold": 2})
+    );
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    assert_eq!(targets[0]["primary"], true);
+    assert_eq!(targets[0]["id"], r["id"]);
+    assert_eq!(targets[1]["site_id"], json!(b));
+    assert_eq!(targets[1]["primary"], false);
+    let rid = id(&r).to_owned();
+    let bad_checks = [
+        json!({"interval_ms": 100}),
+        json!({"interval_ms": 1000, "timeout_ms": 1000}),
+        json!({"timeout_ms": 10}),
+        json!({"unhealthy_threshold": 0}),
+        json!({"healthy_threshold": 11}),
+        json!({"path": "healthz"}),
+        json!({"path": "/a b"}),
+        json!({"path": "/\u{7f}"}),
+        json!({"path": format!("/{}", "a".repeat(1024))}),
+        json!({"path": "/", "expected_status": 99}),
+        json!({"path": "/", "expected_status": 600}),
+        json!({"expected_status": 200}),
+        json!({"interval": 5}),
+    ];
+    for bad in bad_checks {
+        let (s, e) = t
+            .post(
+                "/api/v1/resources",
+                json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "health_check": bad}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    for bad in [
+        json!({"protocol": "udp", "site_id": a, "target": "h:1", "health_check": {}}),
+        json!({"protocol": "tcp", "site_id": a, "target": "h:1", "health_check": {"path": "/"}}),
+        json!({"protocol": "tcp", "site_id": a, "target": "h:1", "sticky": true}),
+        json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "balance": "random"}),
+        json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "targets": [{"site_id": a}]}),
+        json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "targets": [{"site_id": a, "target": "h:0"}]}),
+        json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "targets": [{"site_id": uuid::Uuid::new_v4(), "target": "h:2"}]}),
+        json!({"hostname": "x.localhost", "site_id": a, "target": "h:1", "targets": [{"site_id": a, "target": "h:2", "weight": 3}]}),
+    ] {
+        let (s, e) = t.post("/api/v1/resources", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    let many: Vec<_> = (0..32)
+        .map(|i| json!({"site_id": a, "target": format!("h:{}", i + 1)}))
+        .collect();
+    let (s, _) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "many.localhost", "site_id": a, "target": "h:1", "targets": many}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "at most 32 targets");
+    let (s, full) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "many.localhost", "site_id": a, "target": "h:1", "targets": many[..31]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "32 targets: {full}");
+    assert_eq!(full["targets"].as_array().unwrap().len(), 32);
+    let (s, e) = t
+        .post(
+            &format!("/api/v1/resources/{}/targets", id(&full)),
+            json!({"site_id": a, "target": "h:99"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a 33rd target: {e}");
+    // A TCP resource takes a connect check.
+    let (s, tcp) = t
+        .post(
+            "/api/v1/resources",
+            json!({"protocol": "tcp", "site_id": a, "target": "h:1", "health_check": {"interval_ms": 2000}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{tcp}");
+    assert_eq!(tcp["health_check"]["timeout_ms"], 1000);
+    assert!(tcp.get("sticky").is_none());
+    // PATCH and the targets sub-routes.
+    let (s, p) = t
+        .patch(
+            &format!("/api/v1/resources/{rid}"),
+            json!({"balance": "round_robin", "sticky": false, "health_check": null}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["balance"], "round_robin");
+    assert!(p.get("health_check").is_none());
+    let (s, e) = t
+        .patch(
+            &format!("/api/v1/resources/{rid}"),
+            json!({"health_check": {"path": "x"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let tcp_id = id(&tcp);
+    for bad in [
+        json!({"sticky": true}),
+        json!({"health_check": {"path": "/"}}),
+        json!({"weight": 1}),
+    ] {
+        let (s, e) = t
+            .patch(&format!("/api/v1/resources/{tcp_id}"), bad.clone())
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    let (s, e) = t
+        .post(
+            &format!("/api/v1/resources/{rid}/targets"),
+            json!({"site_id": a, "target": "nope"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, e) = t
+        .post(
+            &format!("/api/v1/resources/{rid}/targets"),
+            json!({"site_id": a, "target": "h:1", "primary": true}),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "unknown fields are refused: {e}"
+    );
+    let (s, added) = t
+        .post(
+            &format!("/api/v1/resources/{rid}/targets"),
+            json!({"site_id": a, "target": "127.0.0.1:9002"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{added}");
+    assert_eq!(added["primary"], false);
+    let (s, _) = t
+        .post(
+            &format!("/api/v1/resources/{}/targets", uuid::Uuid::new_v4()),
+            json!({"site_id": a, "target": "127.0.0.1:9002"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, got) = t.get(&format!("/api/v1/resources/{rid}")).await;
+    assert_eq!(got["targets"].as_array().unwrap().len(), 3);
+    let (s, e) = t
+        .delete(&format!("/api/v1/resources/{rid}/targets/{rid}"))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "the primary stays: {e}");
+    let tid = added["id"].as_str().unwrap();
+    let (s, _) = t
+        .delete(&format!("/api/v1/resources/{rid}/targets/{tid}"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t
+        .delete(&format!("/api/v1/resources/{rid}/targets/{tid}"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn config_version_rises() {
     let t = TestApp::new().await;
     let (s, v1) = t.get("/api/v1/config/version").await;

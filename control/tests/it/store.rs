@@ -53,6 +53,10 @@ fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
         hsts_max_age: None,
         site_id,
         target: "127.0.0.1:9000".into(),
+        balance: Default::default(),
+        sticky: false,
+        health_check: None,
+        more_targets: vec![],
     }
 }
 
@@ -72,6 +76,7 @@ on_both_backends!(
     activity_is_written_in_one_batch,
     tcp_resources_get_unique_public_ports_and_reach_gateways,
     https_redirect_and_hsts_round_trip_into_gateway_routes,
+    several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents,
     acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
 );
 
@@ -716,6 +721,10 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         hsts_max_age: None,
         site_id: s.id,
         target: "127.0.0.1:5432".into(),
+        balance: Default::default(),
+        sticky: false,
+        health_check: None,
+        more_targets: vec![],
     };
     let a = store.create_resource(&tcp(None)).await.unwrap();
     assert_eq!(a.public_port, Some(20000));
@@ -871,4 +880,95 @@ async fn https_redirect_and_hsts_round_trip_into_gateway_routes(store: Store) {
         .unwrap();
     assert!(r.redirect_https);
     assert_eq!(store.get_resource(r.id).await.unwrap().hsts_max_age, None);
+}
+
+async fn several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents(store: Store) {
+    let (a, at) = add_site(&store, "a").await;
+    let (b, bt) = add_site(&store, "b").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &at, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Agent, &bt, &key(3)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let check = kakuremichi_proto::HealthCheck {
+        path: Some("/healthz".into()),
+        expected_status: Some(204),
+        interval_ms: 1000,
+        timeout_ms: 300,
+        unhealthy_threshold: 1,
+        healthy_threshold: 2,
+    };
+    let r = store
+        .create_resource(&NewResource {
+            balance: kakuremichi_proto::Balance::LeastOutstanding,
+            sticky: true,
+            health_check: Some(check.clone()),
+            more_targets: vec![(b.id, "10.0.0.2:80".into()), (a.id, "10.0.0.3:80".into())],
+            ..res("lb.example", a.id)
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.overlay_port, 10000);
+    let ports: Vec<_> = r
+        .more_targets
+        .iter()
+        .map(|t| (t.site_id, t.overlay_port))
+        .collect();
+    assert_eq!(ports, [(b.id, 10000), (a.id, 10001)], "ports are per site");
+    assert_eq!(r.health_check.as_ref(), Some(&check));
+    // A later resource on site a does not reuse a target's port.
+    let other = add_resource(&store, "other.example", a.id).await;
+    assert_eq!(other.overlay_port, 10002);
+    let added = store
+        .add_resource_target(r.id, b.id, "10.0.0.4:80")
+        .await
+        .unwrap();
+    assert_eq!(added.overlay_port, 10001);
+    assert!(matches!(
+        store
+            .add_resource_target(uuid::Uuid::new_v4(), b.id, "h:1")
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store
+            .add_resource_target(r.id, uuid::Uuid::new_v4(), "h:1")
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    let gw = snapshot(&store, NodeKind::Gateway, g.id).await;
+    let route = gw.routes.iter().find(|x| x.resource_id == r.id).unwrap();
+    assert_eq!(route.more_backends.len(), 3);
+    assert_eq!(route.balance, kakuremichi_proto::Balance::LeastOutstanding);
+    assert!(route.sticky);
+    let agent_b = snapshot(&store, NodeKind::Agent, b.id).await;
+    let ports: Vec<_> = agent_b.targets.iter().map(|t| t.port).collect();
+    assert_eq!(ports, [10000, 10001]);
+    assert_eq!(agent_b.targets[0].health_check.as_ref(), Some(&check));
+    assert_eq!(agent_b.targets[0].hostname, "lb.example");
+    // Patch, remove a target, and the site's deletion takes its targets with it.
+    let patched = store
+        .update_resource(
+            r.id,
+            &ResourcePatch {
+                balance: Some(kakuremichi_proto::Balance::RoundRobin),
+                health_check: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.balance, kakuremichi_proto::Balance::RoundRobin);
+    assert!(patched.health_check.is_none());
+    assert_eq!(patched.more_targets.len(), 3);
+    store.delete_resource_target(r.id, added.id).await.unwrap();
+    assert!(matches!(
+        store.delete_resource_target(r.id, added.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let before = store.config_version().await.unwrap();
+    store.delete_node(NodeKind::Agent, b.id).await.unwrap();
+    assert!(store.config_version().await.unwrap() > before);
+    let left = store.get_resource(r.id).await.unwrap();
+    let sites: Vec<_> = left.more_targets.iter().map(|t| t.site_id).collect();
+    assert_eq!(sites, [a.id]);
 }

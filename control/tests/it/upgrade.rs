@@ -48,6 +48,11 @@ async fn check(store: &Store) {
     assert_eq!(r.protocol, RouteProtocol::Http);
     assert_eq!(r.public_port, None);
     assert!(!r.redirect_https);
+    // 0007: one target, balanced round robin, no sticky sessions and no health check.
+    assert!(r.more_targets.is_empty());
+    assert_eq!(r.balance, kakuremichi_proto::Balance::RoundRobin);
+    assert!(!r.sticky);
+    assert_eq!(r.health_check, None);
     let site = store
         .get_node(NodeKind::Agent, SITE.parse().unwrap())
         .await
@@ -64,6 +69,10 @@ async fn check(store: &Store) {
             hsts_max_age: None,
             site_id: site.id,
             target: "127.0.0.1:5432".into(),
+            balance: Default::default(),
+            sticky: false,
+            health_check: None,
+            more_targets: vec![],
         })
         .await
         .unwrap();

@@ -56,12 +56,49 @@ async fn main() -> anyhow::Result<()> {
         .context("serving the demo app")
 }
 
+async fn health(
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (axum::http::StatusCode, &'static str) {
+    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+        (axum::http::StatusCode::OK, "ok")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "failing on purpose",
+        )
+    }
+}
+
+async fn set_health(
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    healthy: bool,
+) -> &'static str {
+    flag.store(healthy, std::sync::atomic::Ordering::SeqCst);
+    if healthy {
+        "healthy\n"
+    } else {
+        "failing\n"
+    }
+}
+
 fn app(listen: SocketAddr) -> Router {
     let whoami = listen.to_string();
+    // `/healthz` answers 503 after `POST /healthz/fail`, 200 again after `POST /healthz/ok`.
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let fail_flag = healthy.clone();
+    let ok_flag = healthy.clone();
     Router::new()
         .route("/", get(index))
         .route("/whoami", get(move || async move { whoami }))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(move || health(healthy.clone())))
+        .route(
+            "/healthz/fail",
+            post(move || set_health(fail_flag.clone(), false)),
+        )
+        .route(
+            "/healthz/ok",
+            post(move || set_health(ok_flag.clone(), true)),
+        )
         .route("/bytes/{n}", get(bytes))
         .route("/headers", get(headers))
         .route("/slow/{ms}", get(slow))
