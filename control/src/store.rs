@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kakuremichi_proto::{
-    Balance, ConfigSnapshot, EnrollResponse, HealthCheck, NodeKind, RouteProtocol, Secret,
+    Balance, ConfigSnapshot, EnrollResponse, HealthCheck, Limits, NodeKind, RouteProtocol, Secret,
     StatusReport, WgPublicKey,
 };
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -182,6 +182,10 @@ pub struct Resource {
     pub sticky: bool,
     /// The health check agents run against every target.
     pub health_check: Option<HealthCheck>,
+    /// Limits the gateways enforce, beside their own defaults.
+    pub limits: Limits,
+    /// TCP: targets get a PROXY protocol v2 header (unless a target says otherwise).
+    pub proxy_protocol: bool,
     /// Targets beside the primary one (`site_id`, `target`), oldest first.
     pub more_targets: Vec<ResourceTarget>,
 }
@@ -199,6 +203,26 @@ pub struct ResourceTarget {
     pub overlay_port: u16,
     /// Creation time (unix ms).
     pub created_at: i64,
+    /// TCP: whether it gets a PROXY protocol v2 header; `None`: as the resource says.
+    pub proxy_protocol: Option<bool>,
+}
+
+impl ResourceTarget {
+    /// Whether this target gets a PROXY protocol v2 header, on a resource that says `default`.
+    pub fn proxy_protocol_or(&self, default: bool) -> bool {
+        self.proxy_protocol.unwrap_or(default)
+    }
+}
+
+/// A further target of a new resource, or one added later (already validated).
+#[derive(Debug, Clone)]
+pub struct NewTarget {
+    /// The site whose agent reaches it.
+    pub site_id: Uuid,
+    /// `host:port`.
+    pub target: String,
+    /// TCP: PROXY protocol v2 to this target; `None`: as the resource says.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// Fields of a new resource (already validated).
@@ -226,8 +250,12 @@ pub struct NewResource {
     pub sticky: bool,
     /// Health check.
     pub health_check: Option<HealthCheck>,
-    /// Further targets: (site, `host:port`).
-    pub more_targets: Vec<(Uuid, String)>,
+    /// Limits.
+    pub limits: Limits,
+    /// TCP: PROXY protocol v2 to the targets.
+    pub proxy_protocol: bool,
+    /// Further targets.
+    pub more_targets: Vec<NewTarget>,
 }
 
 /// Changes to a resource (already validated); `None` keeps the field.
@@ -253,6 +281,10 @@ pub struct ResourcePatch {
     pub sticky: Option<bool>,
     /// New health check; `Some(None)` removes it.
     pub health_check: Option<Option<HealthCheck>>,
+    /// New limits (replacing the old ones whole).
+    pub limits: Option<Limits>,
+    /// PROXY protocol v2 on or off (TCP).
+    pub proxy_protocol: Option<bool>,
 }
 
 fn table(kind: NodeKind) -> &'static str {
@@ -352,6 +384,12 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
             .try_get::<Option<String>, _>("health_check")?
             .map(|j| serde_json::from_str(&j).map_err(corrupt))
             .transpose()?,
+        limits: row
+            .try_get::<Option<String>, _>("limits")?
+            .map(|j| serde_json::from_str(&j).map_err(corrupt))
+            .transpose()?
+            .unwrap_or_default(),
+        proxy_protocol: row.try_get::<i64, _>("proxy_protocol")? != 0,
         more_targets: Vec::new(),
     })
 }
@@ -369,6 +407,9 @@ fn resource_target_from_row(row: &AnyRow) -> Result<(Uuid, ResourceTarget)> {
             target: row.try_get("target")?,
             overlay_port: u16::try_from(port).map_err(corrupt)?,
             created_at: row.try_get("created_at")?,
+            proxy_protocol: row
+                .try_get::<Option<i64>, _>("proxy_protocol")?
+                .map(|v| v != 0),
         },
     ))
 }
@@ -401,6 +442,13 @@ fn health_json(h: &Option<HealthCheck>) -> Result<Option<String>> {
     h.as_ref()
         .map(|h| serde_json::to_string(h).map_err(corrupt))
         .transpose()
+}
+
+fn limits_json(l: &Limits) -> Result<Option<String>> {
+    if *l == Limits::default() {
+        return Ok(None);
+    }
+    serde_json::to_string(l).map(Some).map_err(corrupt)
 }
 
 /// The store. Cheap to clone.
@@ -1178,8 +1226,9 @@ impl Store {
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
-             protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check, \
+             limits, proxy_protocol) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1195,10 +1244,12 @@ impl Store {
         .bind(balance_name(new.balance))
         .bind(i64::from(new.sticky))
         .bind(health_json(&new.health_check)?)
+        .bind(limits_json(&new.limits)?)
+        .bind(i64::from(new.proxy_protocol))
         .execute(&mut *tx)
         .await?;
-        for (site, target) in &new.more_targets {
-            Self::insert_target(&mut tx, id, *site, target).await?;
+        for t in &new.more_targets {
+            Self::insert_target(&mut tx, id, t).await?;
         }
         self.commit_bumped(tx).await?;
         self.get_resource(id).await
@@ -1207,9 +1258,9 @@ impl Store {
     async fn insert_target(
         tx: &mut Transaction<'static, Any>,
         resource: Uuid,
-        site: Uuid,
-        target: &str,
+        new: &NewTarget,
     ) -> Result<ResourceTarget> {
+        let site = new.site_id;
         Self::site_exists(tx, site).await?;
         let count: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM resource_targets WHERE resource_id = $1")
@@ -1234,13 +1285,14 @@ impl Store {
         let t = ResourceTarget {
             id: Uuid::new_v4(),
             site_id: site,
-            target: target.to_owned(),
+            target: new.target.clone(),
             overlay_port: port,
             created_at,
+            proxy_protocol: new.proxy_protocol,
         };
         sqlx::query(
             "INSERT INTO resource_targets (id, resource_id, site_id, target, overlay_port, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+             created_at, proxy_protocol) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(t.id.to_string())
         .bind(resource.to_string())
@@ -1248,6 +1300,7 @@ impl Store {
         .bind(&t.target)
         .bind(i64::from(port))
         .bind(t.created_at)
+        .bind(t.proxy_protocol.map(i64::from))
         .execute(&mut **tx)
         .await?;
         Ok(t)
@@ -1257,8 +1310,7 @@ impl Store {
     pub async fn add_resource_target(
         &self,
         resource: Uuid,
-        site: Uuid,
-        target: &str,
+        new: &NewTarget,
     ) -> Result<ResourceTarget> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
@@ -1269,7 +1321,17 @@ impl Store {
         if found.is_none() {
             return Err(StoreError::NotFound("resource"));
         }
-        let t = Self::insert_target(&mut tx, resource, site, target).await?;
+        let protocol: Option<String> =
+            sqlx::query_scalar("SELECT protocol FROM resources WHERE id = $1")
+                .bind(resource.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if new.proxy_protocol.is_some() && protocol.as_deref() != Some("tcp") {
+            return Err(StoreError::Invalid(
+                "proxy_protocol is for the targets of TCP resources".into(),
+            ));
+        }
+        let t = Self::insert_target(&mut tx, resource, new).await?;
         self.commit_bumped(tx).await?;
         Ok(t)
     }
@@ -1390,10 +1452,22 @@ impl Store {
         if let Some(h) = &patch.health_check {
             r.health_check = h.clone();
         }
+        if let Some(l) = patch.limits {
+            r.limits = l;
+        }
+        if let Some(p) = patch.proxy_protocol {
+            if r.protocol != RouteProtocol::Tcp && p {
+                return Err(StoreError::Invalid(
+                    "proxy_protocol is for TCP resources".into(),
+                ));
+            }
+            r.proxy_protocol = p;
+        }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
              overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8, \
-             balance = $9, sticky = $10, health_check = $11 WHERE id = $12",
+             balance = $9, sticky = $10, health_check = $11, limits = $12, proxy_protocol = $13 \
+             WHERE id = $14",
         )
         .bind(&r.name)
         .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
@@ -1406,6 +1480,8 @@ impl Store {
         .bind(balance_name(r.balance))
         .bind(i64::from(r.sticky))
         .bind(health_json(&r.health_check)?)
+        .bind(limits_json(&r.limits)?)
+        .bind(i64::from(r.proxy_protocol))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;

@@ -164,15 +164,21 @@ impl World {
                 }
                 for r in &self.resources {
                     // Every target whose site is enrolled; the first is the route's own.
-                    let mut backends = std::iter::once((r.site_id, r.overlay_port))
-                        .chain(r.more_targets.iter().map(|t| (t.site_id, t.overlay_port)))
-                        .filter_map(|(site_id, port)| {
+                    let pp = r.proxy_protocol && r.protocol == RouteProtocol::Tcp;
+                    let mut backends = std::iter::once((r.site_id, r.overlay_port, pp))
+                        .chain(r.more_targets.iter().map(|t| {
+                            let pp = t.proxy_protocol_or(r.proxy_protocol)
+                                && r.protocol == RouteProtocol::Tcp;
+                            (t.site_id, t.overlay_port, pp)
+                        }))
+                        .filter_map(|(site_id, port, proxy_protocol)| {
                             let site = self.node(NodeKind::Agent, site_id)?;
                             site.public_key?;
                             Some(Backend {
                                 site_id,
                                 overlay_address: site.overlay_address,
                                 port,
+                                proxy_protocol,
                             })
                         });
                     let Some(first) = backends.next() else {
@@ -191,6 +197,8 @@ impl World {
                         more_backends: backends.collect(),
                         balance: r.balance,
                         sticky: r.sticky,
+                        limits: r.limits,
+                        proxy_protocol: first.proxy_protocol,
                     });
                 }
             }
@@ -263,6 +271,8 @@ mod tests {
             balance: Default::default(),
             sticky: false,
             health_check: None,
+            limits: Default::default(),
+            proxy_protocol: false,
             more_targets: vec![],
         }
     }
@@ -343,6 +353,7 @@ mod tests {
             target: format!("10.0.0.{n}:80"),
             overlay_port: port,
             created_at: 0,
+            proxy_protocol: None,
         };
         // The primary is on site 2 (not enrolled): site 1 and 3 serve.
         lb.more_targets = vec![extra(1, 1, 10005), extra(2, 3, 10001), extra(3, 1, 10006)];
@@ -425,12 +436,14 @@ mod tests {
             healthy_threshold: 2,
         };
         db.health_check = Some(check.clone());
+        db.limits.idle_timeout_ms = Some(30_000);
         db.more_targets = vec![crate::store::ResourceTarget {
             id: Uuid::from_u128(6001),
             site_id: Uuid::from_u128(3),
             target: "10.0.0.6:5432".into(),
             overlay_port: 10004,
             created_at: 0,
+            proxy_protocol: Some(true),
         }];
         let w = World::new(
             9,
@@ -451,8 +464,12 @@ mod tests {
                 site_id: Uuid::from_u128(3),
                 overlay_address: Ipv4Addr::new(100, 64, 0, 3),
                 port: 10004,
-            }]
+                proxy_protocol: true,
+            }],
+            "a target's own proxy_protocol wins over the resource's"
         );
+        assert!(!gw.routes[0].proxy_protocol);
+        assert_eq!(gw.routes[0].limits.idle_timeout_ms, Some(30_000));
         assert!(!gw.routes[0].sticky);
         for (site, port, target) in [(1, 10000, "127.0.0.1:9006"), (3, 10004, "10.0.0.6:5432")] {
             let s = w.snapshot(NodeKind::Agent, Uuid::from_u128(site)).unwrap();

@@ -170,6 +170,8 @@ mod tests {
             more_backends: vec![],
             balance: Default::default(),
             sticky: false,
+            limits: Default::default(),
+            proxy_protocol: false,
         }
     }
 

@@ -54,6 +54,10 @@ pub struct Cli {
     /// How long to wait for a response head from a site, e.g. 60s [default: 60s].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_UPSTREAM_TIMEOUT", value_parser = parse_duration)]
     pub upstream_timeout: Option<Duration>,
+    /// The longest silence inside a client's request body before the request is answered 408,
+    /// e.g. 60s [default: 60s; a resource's limits.idle_timeout_ms wins].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
     /// How long to wait for a connection to a site, e.g. 10s [default: 10s].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_CONNECT_TIMEOUT", value_parser = parse_duration)]
     pub connect_timeout: Option<Duration>,
@@ -111,6 +115,7 @@ pub struct FileConfig {
     wg_listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
     upstream_timeout: Option<String>,
+    body_timeout: Option<String>,
     connect_timeout: Option<String>,
     #[serde(default)]
     quic: QuicFile,
@@ -139,6 +144,8 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Request-body progress timeout.
+    pub body_timeout: Duration,
     /// Limits of the public listener.
     pub limits: ListenerLimits,
     /// Proxies whose forwarded headers are believed.
@@ -254,6 +261,11 @@ impl Cli {
                 None => file_duration(file.upstream_timeout, "upstream_timeout")?
                     .unwrap_or(Duration::from_secs(60)),
             },
+            body_timeout: match self.body_timeout {
+                Some(d) => d,
+                None => file_duration(file.body_timeout, "body_timeout")?
+                    .unwrap_or(Duration::from_secs(60)),
+            },
             connect_timeout: match self.connect_timeout {
                 Some(d) => d,
                 None => file_duration(file.connect_timeout, "connect_timeout")?
@@ -353,6 +365,7 @@ mod tests {
         assert_eq!(s.limits.header_read_timeout, Duration::from_secs(2));
         assert_eq!(s.limits.max_connections_per_client, 7);
         assert_eq!(s.limits.max_connections, 20_000);
+        assert_eq!(s.body_timeout, Duration::from_secs(60));
         assert!(s.https.is_none());
         let s = Cli::parse_from([
             "kakuremichi-gateway",
@@ -392,7 +405,7 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(
             &path,
-            "control = \"http://127.0.0.1:3000\"\ndata_dir = \"/tmp/gw\"\nhttp_listen = \"127.0.0.1:9999\"\nupstream_timeout = \"5s\"\n",
+            "control = \"http://127.0.0.1:3000\"\ndata_dir = \"/tmp/gw\"\nhttp_listen = \"127.0.0.1:9999\"\nupstream_timeout = \"5s\"\nbody_timeout = \"7s\"\n",
         )
         .unwrap();
         let cli = Cli::parse_from([
@@ -405,6 +418,7 @@ mod tests {
         let s = cli.resolve().unwrap();
         assert_eq!(s.http_listen, "127.0.0.1:8081".parse().unwrap());
         assert_eq!(s.upstream_timeout, Duration::from_secs(5));
+        assert_eq!(s.body_timeout, Duration::from_secs(7));
         assert_eq!(s.node.wg_listen, "0.0.0.0:51820".parse().unwrap());
         assert_eq!(s.node.data_dir, PathBuf::from("/tmp/gw"));
 

@@ -9,6 +9,7 @@
 
 pub mod apply;
 pub mod balance;
+pub mod body;
 pub mod config;
 pub mod gateway;
 pub mod h3;

@@ -27,6 +27,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         timeouts: ProxyTimeouts {
             connect: settings.connect_timeout,
             response: settings.upstream_timeout,
+            body: settings.body_timeout,
         },
         quic: settings.node.quic.clone(),
         trusted_proxies: settings.trusted_proxies.clone(),

@@ -72,6 +72,7 @@ pub struct Metrics {
     resources: Mutex<BTreeMap<uuid::Uuid, Arc<ResourceCounters>>>,
     requests: Mutex<BTreeMap<u16, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    refused_requests: Mutex<BTreeMap<&'static str, u64>>,
     open_connections: AtomicUsize,
     routes: AtomicUsize,
     peers: Mutex<Vec<PeerSample>>,
@@ -116,6 +117,16 @@ impl Metrics {
     pub fn record_refused_connection(&self, reason: &'static str) {
         *self
             .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Counts a request answered by the gateway because it went over a limit, by reason.
+    pub fn record_refused_request(&self, reason: &'static str) {
+        *self
+            .refused_requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
@@ -177,6 +188,22 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "kakuremichi_gateway_connections_refused_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP kakuremichi_gateway_requests_refused_total Requests cut or refused by the \
+             gateway because they went over a limit, by the limit.\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_requests_refused_total counter\n");
+        for (reason, n) in self
+            .refused_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kakuremichi_gateway_requests_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
         out.push_str(
@@ -457,6 +484,8 @@ mod tests {
             kind: kakuremichi_proto::StreamKind::Http,
             redirect_https: false,
             hsts_max_age: None,
+            limits: Default::default(),
+            proxy_protocol: vec![],
         };
         let lease = pool.pick(&target, None, &[]).unwrap();
         assert_eq!(lease.backend, a, "the offline agent's target is skipped");

@@ -27,11 +27,12 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::balance::{BackendPool, Lease};
+use crate::body::{Guarded, Trip};
 use crate::metrics::Metrics;
 use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
 /// Body of every response the proxy sends.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An error of a request body from any client protocol.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,8 +63,10 @@ pub trait Upstream: Send + Sync + 'static {
 pub struct ProxyTimeouts {
     /// Opening the upstream stream and the HTTP handshake.
     pub connect: Duration,
-    /// From sending the request until the response head arrives.
+    /// From sending the request until the response head arrives (a resource may say otherwise).
     pub response: Duration,
+    /// The longest silence inside a client's request body (a resource may say otherwise).
+    pub body: Duration,
 }
 
 impl Default for ProxyTimeouts {
@@ -71,6 +74,7 @@ impl Default for ProxyTimeouts {
         Self {
             connect: Duration::from_secs(10),
             response: Duration::from_secs(60),
+            body: Duration::from_secs(60),
         }
     }
 }
@@ -93,6 +97,12 @@ pub enum ProxyError {
     /// The agent has as many requests in flight as it accepts; retry shortly.
     #[error("the site that serves {0} is busy; try again shortly")]
     Busy(String),
+    /// The request body is larger than the resource allows.
+    #[error("the request body is larger than {0} bytes, the most this site accepts")]
+    BodyTooLarge(u64),
+    /// The client stopped sending its request body.
+    #[error("the request body stopped arriving")]
+    BodyTimeout,
 }
 
 impl ProxyError {
@@ -104,6 +114,8 @@ impl ProxyError {
             ProxyError::Offline(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -444,7 +456,22 @@ impl Proxy {
                             return r;
                         }
                     }
+                    let max_body = target.limits.max_request_body_bytes;
+                    if let Some(max) = max_body {
+                        if req.body().size_hint().lower() > max {
+                            let e = ProxyError::BodyTooLarge(max);
+                            self.metrics.record_refused_request("body_too_large");
+                            let r = e.response(accept.as_ref());
+                            counters.record(r.status().as_u16(), started.elapsed());
+                            self.metrics.record_request(r.status().as_u16());
+                            return r;
+                        }
+                    }
                     let bytes_in = Arc::clone(&counters);
+                    let idle = target.idle_timeout_or(self.timeouts.body);
+                    let (head, body) = req.into_parts();
+                    let (guarded, tripped) = Guarded::new(body, max_body, Some(idle));
+                    let req = Request::from_parts(head, guarded.boxed_unsync());
                     let req = req.map(|b| {
                         b.map_frame(move |f| {
                             if let Some(d) = f.data_ref() {
@@ -461,8 +488,27 @@ impl Proxy {
                         .forward(req, client, proto, &host, &target)
                         .instrument(span)
                         .await;
+                    let result = result.map_err(|e| match tripped.get() {
+                        Some(Trip::TooLarge) => {
+                            self.metrics.record_refused_request("body_too_large");
+                            ProxyError::BodyTooLarge(max_body.unwrap_or_default())
+                        }
+                        Some(Trip::Idle) => {
+                            self.metrics.record_refused_request("body_timeout");
+                            ProxyError::BodyTimeout
+                        }
+                        None => e,
+                    });
                     let mut response = match result {
-                        Ok(r) => r,
+                        Ok(r) => match target.limits.idle_timeout_ms {
+                            // The resource's idle timeout holds the response body too.
+                            Some(ms) => r.map(|b| {
+                                Guarded::new(b, None, Some(Duration::from_millis(u64::from(ms))))
+                                    .0
+                                    .boxed_unsync()
+                            }),
+                            None => r,
+                        },
                         Err(e) => e.response(accept.as_ref()),
                     };
                     if let (Some(age), "https") = (target.hsts_max_age, proto) {
@@ -624,7 +670,13 @@ impl Proxy {
                 Err(e) => return Err(e),
             };
             let retry_ok = more && replayable;
-            let sent = tokio::time::timeout(self.timeouts.response, sender.send_request(attempt));
+            let response_timeout = target
+                .limits
+                .response_timeout_ms
+                .map_or(self.timeouts.response, |ms| {
+                    Duration::from_millis(u64::from(ms))
+                });
+            let sent = tokio::time::timeout(response_timeout, sender.send_request(attempt));
             let response = tokio::select! {
                 r = sent => match r {
                     Ok(Ok(response)) => response,
@@ -683,6 +735,7 @@ impl Proxy {
                     let _held = &lease;
                     f
                 })
+                .map_err(|e| Box::new(e) as BoxError)
                 .boxed_unsync();
             return Ok(Response::from_parts(parts, body));
         }

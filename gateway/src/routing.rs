@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
-use kakuremichi_proto::{AcmeChallenge, Balance, Route, RouteProtocol, StreamKind};
+use kakuremichi_proto::{AcmeChallenge, Balance, Limits, Route, RouteProtocol, StreamKind};
 use uuid::Uuid;
 
 /// Where requests for one hostname (or connections to one public port) go.
@@ -27,17 +27,29 @@ pub struct RouteTarget {
     pub redirect_https: bool,
     /// HSTS max-age sent over HTTPS.
     pub hsts_max_age: Option<u32>,
+    /// The resource's own limits (absent ones are the gateway's).
+    pub limits: Limits,
+    /// TCP: the backends that expect a PROXY protocol v2 header.
+    pub proxy_protocol: Vec<SocketAddrV4>,
 }
 
 impl RouteTarget {
     /// The target of a route, for streams of `kind`.
     pub fn from_route(r: &Route, kind: StreamKind) -> RouteTarget {
         let addr = SocketAddrV4::new(r.overlay_address, r.port);
+        let tcp = kind == StreamKind::Tcp;
         let mut backends = vec![addr];
+        let mut proxy_protocol = Vec::new();
+        if r.proxy_protocol && tcp {
+            proxy_protocol.push(addr);
+        }
         for b in &r.more_backends {
-            let b = SocketAddrV4::new(b.overlay_address, b.port);
-            if !backends.contains(&b) {
-                backends.push(b);
+            let a = SocketAddrV4::new(b.overlay_address, b.port);
+            if !backends.contains(&a) {
+                backends.push(a);
+                if b.proxy_protocol && tcp {
+                    proxy_protocol.push(a);
+                }
             }
         }
         RouteTarget {
@@ -49,7 +61,21 @@ impl RouteTarget {
             kind,
             redirect_https: r.redirect_https && kind == StreamKind::Http,
             hsts_max_age: r.hsts_max_age.filter(|_| kind == StreamKind::Http),
+            limits: r.limits,
+            proxy_protocol,
         }
+    }
+
+    /// Whether `backend` expects a PROXY protocol v2 header.
+    pub fn wants_proxy_protocol(&self, backend: SocketAddrV4) -> bool {
+        self.proxy_protocol.contains(&backend)
+    }
+
+    /// The resource's idle timeout, or `default`.
+    pub fn idle_timeout_or(&self, default: std::time::Duration) -> std::time::Duration {
+        self.limits.idle_timeout_ms.map_or(default, |ms| {
+            std::time::Duration::from_millis(u64::from(ms))
+        })
     }
 
     /// A stream of this route to one of its backends.
@@ -218,10 +244,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn table_lookup() {
-        let id = Uuid::from_u128(1);
-        let table = RouteTable::from_routes(&[Route {
+    fn table_route(id: Uuid) -> Route {
+        Route {
             resource_id: id,
             hostname: "Demo.Localhost".into(),
             protocol: RouteProtocol::Http,
@@ -236,16 +260,26 @@ mod tests {
                     site_id: Uuid::from_u128(3),
                     overlay_address: Ipv4Addr::new(100, 64, 0, 3),
                     port: 10004,
+                    proxy_protocol: true,
                 },
                 kakuremichi_proto::Backend {
                     site_id: Uuid::from_u128(2),
                     overlay_address: Ipv4Addr::new(100, 64, 0, 2),
                     port: 10000,
+                    proxy_protocol: false,
                 },
             ],
             balance: Balance::LeastOutstanding,
             sticky: true,
-        }]);
+            limits: Default::default(),
+            proxy_protocol: false,
+        }
+    }
+
+    #[test]
+    fn table_lookup() {
+        let id = Uuid::from_u128(1);
+        let table = RouteTable::from_routes(&[table_route(id)]);
         assert_eq!(table.len(), 1);
         let t = table.lookup("demo.localhost").unwrap();
         assert_eq!(t.resource_id, id);
@@ -260,6 +294,21 @@ mod tests {
         );
         assert_eq!(t.balance, Balance::LeastOutstanding);
         assert!(t.sticky);
+        assert!(
+            t.proxy_protocol.is_empty(),
+            "PROXY protocol is for TCP routes only"
+        );
         assert!(table.lookup("other.localhost").is_none());
+        let tcp = RouteTarget::from_route(
+            &Route {
+                protocol: RouteProtocol::Tcp,
+                public_port: Some(20000),
+                proxy_protocol: false,
+                ..table_route(id)
+            },
+            StreamKind::Tcp,
+        );
+        assert!(!tcp.wants_proxy_protocol("100.64.0.2:10000".parse().unwrap()));
+        assert!(tcp.wants_proxy_protocol("100.64.0.3:10004".parse().unwrap()));
     }
 }

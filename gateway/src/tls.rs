@@ -415,6 +415,8 @@ mod tests {
                 more_backends: vec![],
                 balance: Default::default(),
                 sticky: false,
+                limits: Default::default(),
+                proxy_protocol: false,
             })
             .collect();
         Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&routes))))

@@ -261,6 +261,7 @@ async fn flow(
         }
     };
     let (mut from_agent, mut to_agent) = tokio::io::split(stream);
+    let flow_idle = target.idle_timeout_or(FLOW_IDLE);
     let last = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     let touch = |last: &std::sync::Mutex<tokio::time::Instant>| {
         *last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
@@ -288,7 +289,7 @@ async fn flow(
         })
     };
     loop {
-        let idle_at = *last.lock().unwrap_or_else(|e| e.into_inner()) + FLOW_IDLE;
+        let idle_at = *last.lock().unwrap_or_else(|e| e.into_inner()) + flow_idle;
         tokio::select! {
             d = rx.recv() => {
                 let Some(d) = d else { break };
@@ -305,7 +306,7 @@ async fn flow(
                 break;
             }
             () = tokio::time::sleep_until(idle_at) => {
-                if *last.lock().unwrap_or_else(|e| e.into_inner()) + FLOW_IDLE <= tokio::time::Instant::now() {
+                if *last.lock().unwrap_or_else(|e| e.into_inner()) + flow_idle <= tokio::time::Instant::now() {
                     tracing::debug!(%peer, "UDP flow idle: closed");
                     break;
                 }

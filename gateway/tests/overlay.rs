@@ -99,6 +99,8 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         more_backends: vec![],
         balance: Default::default(),
         sticky: false,
+        limits: Default::default(),
+        proxy_protocol: false,
     };
     ConfigSnapshot {
         version: 1,
@@ -202,6 +204,7 @@ async fn setup() -> Setup {
         timeouts: ProxyTimeouts {
             connect: Duration::from_secs(10),
             response: Duration::from_secs(20),
+            body: Duration::from_secs(60),
         },
         quic: Default::default(),
         trusted_proxies: Vec::new(),
@@ -424,6 +427,7 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
         timeouts: ProxyTimeouts {
             connect: Duration::from_secs(10),
             response: Duration::from_secs(20),
+            body: Duration::from_secs(60),
         },
         quic: Default::default(),
         trusted_proxies: Vec::new(),

@@ -434,6 +434,35 @@ pub struct Route {
     /// HTTP routes: a cookie keeps a client on the target it first reached.
     #[serde(default, skip_serializing_if = "is_false")]
     pub sticky: bool,
+    /// What the gateway allows this resource beyond (or below) its own defaults.
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
+    /// TCP routes: the target at `overlay_address:port` expects a PROXY protocol v2 header
+    /// with the client's address before the client's bytes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proxy_protocol: bool,
+}
+
+/// Per-resource limits a gateway enforces; an absent field takes the gateway's own setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// HTTP: the largest request body, in bytes; a larger one is answered 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body_bytes: Option<u64>,
+    /// HTTP: milliseconds from sending a request to the target until its response head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u32>,
+    /// The longest silence, in milliseconds: between body bytes of a request or a response
+    /// (HTTP), between bytes either way (TCP), or before a flow is closed (UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u32>,
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Limits::default()
+    }
 }
 
 /// One more target of a route: a port on an agent's overlay address.
@@ -446,6 +475,9 @@ pub struct Backend {
     pub overlay_address: Ipv4Addr,
     /// The port on the agent's overlay address that leads to the target.
     pub port: u16,
+    /// TCP routes: this target expects a PROXY protocol v2 header.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proxy_protocol: bool,
 }
 
 /// How a gateway spreads requests (HTTP) or connections and flows (TCP, UDP) over a route's
@@ -645,6 +677,8 @@ mod tests {
                     more_backends: vec![],
                     balance: Default::default(),
                     sticky: false,
+                    limits: Default::default(),
+                    proxy_protocol: false,
                 }],
                 targets: vec![],
                 certificates: vec![],

@@ -6,12 +6,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use kakuremichi_proto::{Balance, HealthCheck, RouteProtocol};
+use kakuremichi_proto::{Balance, HealthCheck, Limits, RouteProtocol};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{invalid, valid_opt, ApiJson, ApiPath};
-use crate::store::{NewResource, Resource, ResourcePatch, ResourceTarget, MAX_TARGETS};
+use crate::store::{NewResource, NewTarget, Resource, ResourcePatch, ResourceTarget, MAX_TARGETS};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /resources`.
@@ -44,6 +44,11 @@ pub struct CreateResource {
     pub sticky: Option<bool>,
     /// The health check agents run against every target.
     pub health_check: Option<HealthCheckBody>,
+    /// Limits the gateways enforce for this resource, beside their own defaults.
+    pub limits: Option<Limits>,
+    /// TCP: send every target a PROXY protocol v2 header with the client's address (default
+    /// false; a target may say otherwise).
+    pub proxy_protocol: Option<bool>,
 }
 
 /// A target: `{site_id, target}` (body of `POST /resources/{id}/targets`).
@@ -54,6 +59,61 @@ pub struct TargetBody {
     pub site_id: Uuid,
     /// `host:port`.
     pub target: String,
+    /// TCP: PROXY protocol v2 to this target; absent: as the resource says.
+    pub proxy_protocol: Option<bool>,
+}
+
+/// The longest `response_timeout_ms`: one hour.
+pub const MAX_RESPONSE_TIMEOUT_MS: u32 = 3_600_000;
+/// The longest `idle_timeout_ms`: one day.
+pub const MAX_IDLE_TIMEOUT_MS: u32 = 86_400_000;
+/// The largest `max_request_body_bytes`: 1 TiB.
+pub const MAX_BODY_LIMIT: u64 = 1 << 40;
+
+/// Checks `limits` for a resource of `protocol`.
+fn check_limits(limits: &Limits, protocol: RouteProtocol) -> Result<(), ApiError> {
+    if protocol != RouteProtocol::Http
+        && (limits.max_request_body_bytes.is_some() || limits.response_timeout_ms.is_some())
+    {
+        return Err(invalid(
+            "limits.max_request_body_bytes and limits.response_timeout_ms are for HTTP resources"
+                .into(),
+        ));
+    }
+    if limits
+        .max_request_body_bytes
+        .is_some_and(|b| b > MAX_BODY_LIMIT)
+    {
+        return Err(invalid(format!(
+            "limits.max_request_body_bytes must be at most {MAX_BODY_LIMIT} (1 TiB)"
+        )));
+    }
+    if limits
+        .response_timeout_ms
+        .is_some_and(|t| !(100..=MAX_RESPONSE_TIMEOUT_MS).contains(&t))
+    {
+        return Err(invalid(format!(
+            "limits.response_timeout_ms must be from 100 to {MAX_RESPONSE_TIMEOUT_MS}"
+        )));
+    }
+    if limits
+        .idle_timeout_ms
+        .is_some_and(|t| !(100..=MAX_IDLE_TIMEOUT_MS).contains(&t))
+    {
+        return Err(invalid(format!(
+            "limits.idle_timeout_ms must be from 100 to {MAX_IDLE_TIMEOUT_MS}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_proxy_protocol(on: Option<bool>, protocol: RouteProtocol) -> Result<(), ApiError> {
+    if on.is_some() && protocol != RouteProtocol::Tcp {
+        return Err(invalid(
+            "proxy_protocol is for TCP resources and their targets".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A health check as the API takes it; absent fields get their defaults.
@@ -173,6 +233,10 @@ pub struct UpdateResource {
     /// New health check; `null` removes it.
     #[serde(default, deserialize_with = "present")]
     pub health_check: Option<Option<HealthCheckBody>>,
+    /// New limits, replacing the old ones whole (`{}` clears them).
+    pub limits: Option<Limits>,
+    /// PROXY protocol v2 on or off for the targets that do not say otherwise (TCP).
+    pub proxy_protocol: Option<bool>,
 }
 
 /// One target of a resource as the API shows it.
@@ -188,16 +252,21 @@ pub struct TargetView {
     pub overlay_port: u16,
     /// Whether it is the primary target (`site_id`/`target` of the resource).
     pub primary: bool,
+    /// TCP: whether it gets a PROXY protocol v2 header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
 }
 
-impl From<ResourceTarget> for TargetView {
-    fn from(t: ResourceTarget) -> Self {
+impl TargetView {
+    fn of(t: ResourceTarget, protocol: RouteProtocol, resource_proxy_protocol: bool) -> Self {
         TargetView {
             id: t.id,
             site_id: t.site_id,
-            target: t.target,
+            target: t.target.clone(),
             overlay_port: t.overlay_port,
             primary: false,
+            proxy_protocol: (protocol == RouteProtocol::Tcp)
+                .then(|| t.proxy_protocol_or(resource_proxy_protocol)),
         }
     }
 }
@@ -239,6 +308,11 @@ pub struct ResourceView {
     /// The health check, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Limits beside the gateways' defaults.
+    pub limits: Limits,
+    /// TCP: targets get a PROXY protocol v2 header unless they say otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
     /// Every target, the primary first.
     pub targets: Vec<TargetView>,
 }
@@ -251,9 +325,17 @@ impl From<Resource> for ResourceView {
             target: r.target.clone(),
             overlay_port: r.overlay_port,
             primary: true,
+            proxy_protocol: (r.protocol == RouteProtocol::Tcp).then_some(r.proxy_protocol),
         }];
-        targets.extend(r.more_targets.into_iter().map(TargetView::from));
+        let (protocol, pp) = (r.protocol, r.proxy_protocol);
+        targets.extend(
+            r.more_targets
+                .into_iter()
+                .map(|t| TargetView::of(t, protocol, pp)),
+        );
         Self {
+            limits: r.limits,
+            proxy_protocol: (r.protocol == RouteProtocol::Tcp).then_some(r.proxy_protocol),
             balance: r.balance,
             sticky: (r.protocol == RouteProtocol::Http).then_some(r.sticky),
             health_check: r.health_check,
@@ -337,11 +419,19 @@ async fn create(
         .iter()
         .enumerate()
         .map(|(i, t)| {
+            check_proxy_protocol(t.proxy_protocol, protocol)?;
             validate::host_port(&t.target, &format!("targets[{i}].target"))
-                .map(|v| (t.site_id, v))
+                .map(|v| NewTarget {
+                    site_id: t.site_id,
+                    target: v,
+                    proxy_protocol: t.proxy_protocol,
+                })
                 .map_err(invalid)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    check_proxy_protocol(body.proxy_protocol, protocol)?;
+    let limits = body.limits.unwrap_or_default();
+    check_limits(&limits, protocol)?;
     if body.sticky == Some(true) && protocol != RouteProtocol::Http {
         return Err(invalid("sticky sessions are for HTTP resources".into()));
     }
@@ -360,6 +450,8 @@ async fn create(
             balance: body.balance.unwrap_or_default(),
             sticky: body.sticky.unwrap_or(false),
             health_check,
+            limits,
+            proxy_protocol: body.proxy_protocol.unwrap_or(false),
             more_targets,
         })
         .await?;
@@ -402,14 +494,24 @@ async fn update(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateResource>,
 ) -> Result<ApiJson<ResourceView>, ApiError> {
+    let protocol =
+        if body.health_check.is_some() || body.limits.is_some() || body.proxy_protocol.is_some() {
+            Some(state.store.get_resource(id).await?.protocol)
+        } else {
+            None
+        };
     let health_check = match body.health_check {
         None => None,
         Some(None) => Some(None),
-        Some(Some(h)) => {
-            let protocol = state.store.get_resource(id).await?.protocol;
-            Some(Some(h.check(protocol)?))
-        }
+        // `protocol` was read above whenever a check is given.
+        Some(Some(h)) => Some(Some(h.check(protocol.unwrap_or(RouteProtocol::Http))?)),
     };
+    if let (Some(limits), Some(protocol)) = (&body.limits, protocol) {
+        check_limits(limits, protocol)?;
+    }
+    if let Some(protocol) = protocol {
+        check_proxy_protocol(body.proxy_protocol.filter(|on| *on), protocol)?;
+    }
     let patch = ResourcePatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
         hostname: valid_opt(body.hostname.as_deref(), validate::hostname)?,
@@ -427,6 +529,8 @@ async fn update(
         balance: body.balance,
         sticky: body.sticky,
         health_check,
+        limits: body.limits,
+        proxy_protocol: body.proxy_protocol,
     };
     Ok(ApiJson(
         state.store.update_resource(id, &patch).await?.into(),
@@ -449,10 +553,21 @@ async fn add_target(
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
     let t = state
         .store
-        .add_resource_target(id, body.site_id, &target)
+        .add_resource_target(
+            id,
+            &NewTarget {
+                site_id: body.site_id,
+                target,
+                proxy_protocol: body.proxy_protocol,
+            },
+        )
         .await?;
     tracing::info!(resource_id = %id, site_id = %t.site_id, "target added");
-    Ok((StatusCode::CREATED, ApiJson(t.into())))
+    let r = state.store.get_resource(id).await?;
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(TargetView::of(t, r.protocol, r.proxy_protocol)),
+    ))
 }
 
 async fn remove_target(

@@ -728,3 +728,111 @@ async fn certificates_are_uploaded_checked_listed_without_keys_and_sealed_at_res
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn limits_and_proxy_protocol_over_the_api() {
+    let t = TestApp::new().await;
+    let a = id(&t.site("a").await).to_owned();
+    let (s, r) = t
+        .post(
+            "/api/v1/resources",
+            json!({
+                "hostname": "limits.localhost", "site_id": a, "target": "127.0.0.1:9000",
+                "limits": {"max_request_body_bytes": 1048576, "response_timeout_ms": 5000,
+                           "idle_timeout_ms": 10000}
+            }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(
+        r["limits"],
+        json!({"max_request_body_bytes": 1048576, "response_timeout_ms": 5000, "idle_timeout_ms": 10000})
+    );
+    assert!(
+        r.get("proxy_protocol").is_none(),
+        "an HTTP resource has none"
+    );
+    for bad in [
+        json!({"limits": {"response_timeout_ms": 50}}),
+        json!({"limits": {"response_timeout_ms": 3_600_001}}),
+        json!({"limits": {"idle_timeout_ms": 99}}),
+        json!({"limits": {"max_request_body_bytes": 2_u64 << 40}}),
+        json!({"limits": {"max_body": 1}}),
+        json!({"limits": {"max_request_body_bytes": -1}}),
+        json!({"proxy_protocol": true}),
+    ] {
+        let mut body = json!({"hostname": "x.localhost", "site_id": a, "target": "h:1"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let (s, e) = t.post("/api/v1/resources", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+        assert!(e["error"]["message"].is_string(), "{e}");
+    }
+    for bad in [
+        json!({"protocol": "tcp", "site_id": a, "target": "h:1", "limits": {"response_timeout_ms": 1000}}),
+        json!({"protocol": "udp", "site_id": a, "target": "h:1", "limits": {"max_request_body_bytes": 1}}),
+        json!({"protocol": "udp", "site_id": a, "target": "h:1", "proxy_protocol": true}),
+        json!({"protocol": "udp", "site_id": a, "target": "h:1", "targets": [{"site_id": a, "target": "h:2", "proxy_protocol": true}]}),
+    ] {
+        let (s, e) = t.post("/api/v1/resources", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    // A TCP resource: PROXY protocol on the resource, one target saying otherwise.
+    let (s, db) = t
+        .post(
+            "/api/v1/resources",
+            json!({"protocol": "tcp", "site_id": a, "target": "h:1", "proxy_protocol": true,
+                   "limits": {"idle_timeout_ms": 60000},
+                   "targets": [{"site_id": a, "target": "h:2", "proxy_protocol": false},
+                               {"site_id": a, "target": "h:3"}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{db}");
+    assert_eq!(db["proxy_protocol"], true);
+    let pp: Vec<_> = db["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["proxy_protocol"].clone())
+        .collect();
+    assert_eq!(pp, [json!(true), json!(false), json!(true)]);
+    let db_id = id(&db).to_owned();
+    let (s, p) = t
+        .patch(
+            &format!("/api/v1/resources/{db_id}"),
+            json!({"proxy_protocol": false, "limits": {}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{p}");
+    assert_eq!(p["limits"], json!({}));
+    let pp: Vec<_> = p["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["proxy_protocol"].clone())
+        .collect();
+    assert_eq!(pp, [json!(false), json!(false), json!(false)]);
+    let (s, added) = t
+        .post(
+            &format!("/api/v1/resources/{db_id}/targets"),
+            json!({"site_id": a, "target": "h:4", "proxy_protocol": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{added}");
+    assert_eq!(added["proxy_protocol"], true);
+    let (s, e) = t
+        .post(
+            &format!("/api/v1/resources/{}/targets", id(&r)),
+            json!({"site_id": a, "target": "h:4", "proxy_protocol": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let (s, e) = t
+        .patch(
+            &format!("/api/v1/resources/{}", id(&r)),
+            json!({"limits": {"idle_timeout_ms": 5}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+}

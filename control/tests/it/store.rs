@@ -3,7 +3,9 @@
 use std::net::Ipv4Addr;
 
 use kakuremichi_control::activity::NodeActivity;
-use kakuremichi_control::store::{NewResource, Node, Resource, ResourcePatch, Store, StoreError};
+use kakuremichi_control::store::{
+    NewResource, NewTarget, Node, Resource, ResourcePatch, Store, StoreError,
+};
 use kakuremichi_proto::{ConfigSnapshot, NodeKind, RouteProtocol, Secret, WgPublicKey};
 
 use kakuremichi_control::secrets;
@@ -43,6 +45,14 @@ async fn snapshot(store: &Store, kind: NodeKind, id: uuid::Uuid) -> ConfigSnapsh
     store.snapshot(kind, id).await.unwrap().unwrap()
 }
 
+fn nt(site_id: uuid::Uuid, target: &str) -> NewTarget {
+    NewTarget {
+        site_id,
+        target: target.into(),
+        proxy_protocol: None,
+    }
+}
+
 fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
     NewResource {
         name: hostname.into(),
@@ -56,6 +66,8 @@ fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
         balance: Default::default(),
         sticky: false,
         health_check: None,
+        limits: Default::default(),
+        proxy_protocol: false,
         more_targets: vec![],
     }
 }
@@ -77,6 +89,7 @@ on_both_backends!(
     tcp_resources_get_unique_public_ports_and_reach_gateways,
     https_redirect_and_hsts_round_trip_into_gateway_routes,
     several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents,
+    limits_and_proxy_protocol_are_stored_and_pushed,
     acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
 );
 
@@ -724,6 +737,8 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         balance: Default::default(),
         sticky: false,
         health_check: None,
+        limits: Default::default(),
+        proxy_protocol: false,
         more_targets: vec![],
     };
     let a = store.create_resource(&tcp(None)).await.unwrap();
@@ -902,7 +917,7 @@ async fn several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents(
             balance: kakuremichi_proto::Balance::LeastOutstanding,
             sticky: true,
             health_check: Some(check.clone()),
-            more_targets: vec![(b.id, "10.0.0.2:80".into()), (a.id, "10.0.0.3:80".into())],
+            more_targets: vec![nt(b.id, "10.0.0.2:80"), nt(a.id, "10.0.0.3:80")],
             ..res("lb.example", a.id)
         })
         .await
@@ -919,19 +934,19 @@ async fn several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents(
     let other = add_resource(&store, "other.example", a.id).await;
     assert_eq!(other.overlay_port, 10002);
     let added = store
-        .add_resource_target(r.id, b.id, "10.0.0.4:80")
+        .add_resource_target(r.id, &nt(b.id, "10.0.0.4:80"))
         .await
         .unwrap();
     assert_eq!(added.overlay_port, 10001);
     assert!(matches!(
         store
-            .add_resource_target(uuid::Uuid::new_v4(), b.id, "h:1")
+            .add_resource_target(uuid::Uuid::new_v4(), &nt(b.id, "h:1"))
             .await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
         store
-            .add_resource_target(r.id, uuid::Uuid::new_v4(), "h:1")
+            .add_resource_target(r.id, &nt(uuid::Uuid::new_v4(), "h:1"))
             .await,
         Err(StoreError::Invalid(_))
     ));
@@ -971,4 +986,92 @@ async fn several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents(
     let left = store.get_resource(r.id).await.unwrap();
     let sites: Vec<_> = left.more_targets.iter().map(|t| t.site_id).collect();
     assert_eq!(sites, [a.id]);
+}
+
+async fn limits_and_proxy_protocol_are_stored_and_pushed(store: Store) {
+    let (a, at) = add_site(&store, "a").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &at, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let limits = kakuremichi_proto::Limits {
+        max_request_body_bytes: Some(1024),
+        response_timeout_ms: Some(5000),
+        idle_timeout_ms: Some(2500),
+    };
+    let http = store
+        .create_resource(&NewResource {
+            limits,
+            ..res("limited.example", a.id)
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.get_resource(http.id).await.unwrap().limits, limits);
+    let db = store
+        .create_resource(&NewResource {
+            protocol: RouteProtocol::Tcp,
+            hostname: String::new(),
+            proxy_protocol: true,
+            more_targets: vec![
+                NewTarget {
+                    proxy_protocol: Some(false),
+                    ..nt(a.id, "10.0.0.2:5432")
+                },
+                nt(a.id, "10.0.0.3:5432"),
+            ],
+            ..res("db", a.id)
+        })
+        .await
+        .unwrap();
+    let pp: Vec<_> = db.more_targets.iter().map(|t| t.proxy_protocol).collect();
+    assert_eq!(pp, [Some(false), None]);
+    let gw = snapshot(&store, NodeKind::Gateway, g.id).await;
+    let route = gw.routes.iter().find(|x| x.resource_id == db.id).unwrap();
+    assert!(route.proxy_protocol);
+    let more: Vec<_> = route
+        .more_backends
+        .iter()
+        .map(|b| b.proxy_protocol)
+        .collect();
+    assert_eq!(
+        more,
+        [false, true],
+        "a target without a say follows the resource"
+    );
+    let limited = gw.routes.iter().find(|x| x.resource_id == http.id).unwrap();
+    assert_eq!(limited.limits, limits);
+    assert!(!limited.proxy_protocol);
+    // Turned off on the resource: the target that said nothing follows.
+    let patched = store
+        .update_resource(
+            db.id,
+            &ResourcePatch {
+                proxy_protocol: Some(false),
+                limits: Some(kakuremichi_proto::Limits {
+                    idle_timeout_ms: Some(1000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!patched.proxy_protocol);
+    assert_eq!(patched.limits.idle_timeout_ms, Some(1000));
+    let gw = snapshot(&store, NodeKind::Gateway, g.id).await;
+    let route = gw.routes.iter().find(|x| x.resource_id == db.id).unwrap();
+    assert!(!route.proxy_protocol);
+    assert!(route.more_backends.iter().all(|b| !b.proxy_protocol));
+    // PROXY protocol is refused on an HTTP resource's targets.
+    assert!(matches!(
+        store
+            .add_resource_target(
+                http.id,
+                &NewTarget {
+                    proxy_protocol: Some(true),
+                    ..nt(a.id, "h:1")
+                }
+            )
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
 }

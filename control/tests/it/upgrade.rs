@@ -72,6 +72,8 @@ async fn check(store: &Store) {
             balance: Default::default(),
             sticky: false,
             health_check: None,
+            limits: Default::default(),
+            proxy_protocol: false,
             more_targets: vec![],
         })
         .await
