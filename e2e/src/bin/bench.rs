@@ -6,6 +6,11 @@
 //! Needs the release binaries, `iperf3`, `curl`, `wg`, `wrk` (scripts/setup installs them) and,
 //! for its rows, rathole (`cargo install rathole --root target/bench-tools --no-default-features
 //! --features server,client,noise`). Prints a Markdown table and the ratios.
+//!
+//! `--https` measures the edge instead: HTTPS h1 (wrk) and h2 (h2load) requests/s and latency,
+//! new TLS connections per second, and latency at a fixed 1,000 requests/s, through the
+//! gateway's HTTPS listener, beside the demo app serving TLS itself and rathole carrying the
+//! app's TLS (needs `h2load`, from Debian's nghttp2-client).
 
 #![allow(clippy::print_stdout)]
 
@@ -33,6 +38,11 @@ struct Args {
     /// Skip the wireguard-go pair with kernel TCP (needs root and network namespaces).
     #[arg(long)]
     no_wireguard_go: bool,
+    /// Measure HTTPS instead: HTTP/1.1 (wrk) and HTTP/2 (h2load) over TLS, new TLS connections
+    /// per second, and latency at a fixed 1,000 requests/s, through the gateway's HTTPS listener,
+    /// beside the app serving TLS itself and rathole carrying the app's TLS.
+    #[arg(long)]
+    https: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -122,6 +132,9 @@ fn mib(kib: Option<u64>) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let secs = Duration::from_secs(args.seconds);
+    if args.https {
+        return https::run(secs).await;
+    }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {
             bail!("{tool} is missing: run scripts/setup");
@@ -356,6 +369,17 @@ fn start_rathole(
     noise: bool,
     dir: &std::path::Path,
 ) -> anyhow::Result<(SocketAddr, Vec<Proc>)> {
+    start_rathole_to(rathole, app, noise, false, dir)
+}
+
+/// [`start_rathole`], with `tls` when the app at `app` speaks TLS (rathole carries it).
+fn start_rathole_to(
+    rathole: &std::path::Path,
+    app: SocketAddr,
+    noise: bool,
+    tls: bool,
+    dir: &std::path::Path,
+) -> anyhow::Result<(SocketAddr, Vec<Proc>)> {
     let control = free_tcp_port();
     let local = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
     let (server_transport, client_transport) = if noise {
@@ -414,9 +438,14 @@ fn start_rathole(
                 "1",
                 "-o",
                 "/dev/null",
+                "-k",
                 "-w",
                 "%{http_code}",
-                &format!("http://{local}/healthz"),
+                &if tls {
+                    format!("https://localhost:{}/healthz", local.port())
+                } else {
+                    format!("http://{local}/healthz")
+                },
             ])
             .output()
             .map(|o| o.stdout == b"200")
@@ -682,4 +711,356 @@ fn wireguard_go_pair(secs: Duration) -> anyhow::Result<f64> {
         .as_f64()
         .with_context(|| format!("iperf3 gave no result: {}", v["error"]))?;
     Ok(bps / 1e6)
+}
+
+/// The HTTPS benchmark (`--https`).
+mod https {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use anyhow::{bail, Context as _};
+    use kakuremichi_e2e::{free_tcp_port, Proc, Stack, StackOptions};
+
+    use super::{rathole_path, start_rathole_to, which};
+
+    /// Requests/s and latency of one load.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Load {
+        rps: f64,
+        p50_ms: f64,
+        p99_ms: f64,
+        errors: u64,
+    }
+
+    #[derive(Debug, Default)]
+    struct TlsRow {
+        path: &'static str,
+        h1: Option<Load>,
+        h2: Option<Load>,
+        handshakes: Option<Load>,
+        fixed: Option<Load>,
+    }
+
+    fn ms(v: &str) -> Option<f64> {
+        let v = v.trim();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    }
+
+    /// `wrk` over TLS (`https://localhost:<port>`, so SNI is `localhost`): requests/s, p50, p99.
+    fn wrk(port: u16, secs: Duration, connections: usize, close: bool) -> anyhow::Result<Load> {
+        let mut cmd = Command::new("wrk");
+        cmd.args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{}s", secs.as_secs()),
+            "--timeout",
+            "10s",
+            "--latency",
+        ]);
+        if close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        cmd.arg(format!("https://localhost:{port}/bytes/1024"));
+        let out = cmd.output().context("running wrk")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let find = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
+        };
+        let rps = find("Requests/sec:")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+        let mut errors = 0u64;
+        if let Some(rest) = find("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+        if let Some(rest) = find("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Ok(Load {
+            rps,
+            p50_ms: find("50%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
+            p99_ms: find("99%").and_then(|v| ms(&v)).unwrap_or(f64::NAN),
+            errors,
+        })
+    }
+
+    /// `h2load` over TLS: HTTP/2 (or `--h1`), `clients` connections with `streams` requests in
+    /// flight each, optionally at `rps` requests/s per client; percentiles from its per-request
+    /// log.
+    fn h2load(
+        port: u16,
+        secs: Duration,
+        clients: usize,
+        streams: usize,
+        rps: Option<u32>,
+        log: &Path,
+    ) -> anyhow::Result<Load> {
+        let mut cmd = Command::new("h2load");
+        cmd.args([
+            &format!("-c{clients}"),
+            &format!("-m{streams}"),
+            &format!("-D{}", secs.as_secs()),
+            "--warm-up-time=1",
+            &format!("--log-file={}", log.display()),
+        ]);
+        if let Some(r) = rps {
+            cmd.arg(format!("--rps={r}"));
+        }
+        cmd.arg(format!("https://localhost:{port}/bytes/1024"));
+        let out = cmd.output().context("running h2load")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let finished = text
+            .lines()
+            .find(|l| l.starts_with("finished in"))
+            .with_context(|| format!("no result in h2load output: {text}"))?;
+        let rps = finished
+            .split(',')
+            .find_map(|p| p.trim().strip_suffix(" req/s"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no req/s in {finished:?}"))?;
+        let errors = text
+            .lines()
+            .find(|l| l.starts_with("requests:"))
+            .map(|l| {
+                l.split(',')
+                    .filter(|p| {
+                        p.contains("failed") || p.contains("errored") || p.contains("timeout")
+                    })
+                    .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let mut micros: Vec<u64> = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+            .collect();
+        micros.sort_unstable();
+        let pct = |p: f64| {
+            if micros.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((micros.len() as f64 - 1.0) * p).round() as usize;
+            micros[i.min(micros.len() - 1)] as f64 / 1000.0
+        };
+        Ok(Load {
+            rps,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+        })
+    }
+
+    fn wait_https(port: u16) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new("curl")
+                .args([
+                    "-sk",
+                    "-m",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("https://localhost:{port}/healthz"),
+                ])
+                .output()
+                .map(|o| o.stdout == b"200")
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("https://localhost:{port} did not answer within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn row(path: &'static str, port: u16, secs: Duration, dir: &Path) -> anyhow::Result<TlsRow> {
+        println!("{path}...");
+        let tag = path.split_whitespace().next().unwrap_or("x");
+        Ok(TlsRow {
+            path,
+            h1: Some(wrk(port, secs, 32, false)?),
+            h2: Some(h2load(
+                port,
+                secs,
+                32,
+                10,
+                None,
+                &dir.join(format!("{tag}-h2.log")),
+            )?),
+            handshakes: Some(wrk(port, secs, 32, true)?),
+            fixed: Some(h2load(
+                port,
+                secs,
+                10,
+                1,
+                Some(100),
+                &dir.join(format!("{tag}-fixed.log")),
+            )?),
+        })
+    }
+
+    pub(super) async fn run(secs: Duration) -> anyhow::Result<()> {
+        for tool in ["curl", "wrk", "h2load"] {
+            if which(tool).is_none() {
+                bail!("{tool} is missing: run scripts/setup");
+            }
+        }
+        let https_port = free_tcp_port();
+        let mut opts = StackOptions::loopback();
+        opts.gateway_args = vec![
+            "--max-connections-per-client".into(),
+            "100000".into(),
+            "--https-listen".into(),
+            format!("127.0.0.1:{https_port}"),
+            "--tls-self-signed".into(),
+        ];
+        let stack = Stack::start_with(opts).await?;
+        let dir = stack.dir.path().to_path_buf();
+        // The resource is named `localhost`, so that clients resolve it and send it as SNI.
+        stack
+            .api
+            .create_resource(
+                "localhost",
+                &stack.site_id,
+                &stack.opts.app_listen.to_string(),
+            )
+            .await
+            .context("creating the localhost resource")?;
+        wait_https(https_port)?;
+
+        // The same app serving TLS itself: the direct baseline.
+        let tls_app = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let _tls_app = Proc::spawn(
+            "demo-app-tls",
+            &kakuremichi_e2e::bin("kakuremichi-demo-app")?,
+            &[
+                "--listen".into(),
+                format!("127.0.0.1:{}", free_tcp_port()),
+                "--tls-listen".into(),
+                tls_app.to_string(),
+            ],
+            &[],
+            None,
+            dir.join("demo-app-tls.log"),
+        )?;
+        wait_https(tls_app.port())?;
+
+        let mut rows = vec![row(
+            "direct: the app serving TLS itself",
+            tls_app.port(),
+            secs,
+            &dir,
+        )?];
+        let idle = super::mib(stack.gateway.rss_kib());
+        let (k, peak, _) = super::with_peak_rss(&stack, || {
+            row(
+                "kakuremichi: gateway HTTPS -> QUIC in WireGuard -> agent -> app",
+                https_port,
+                secs,
+                &dir,
+            )
+        });
+        rows.push(k?);
+        let memory = format!(
+            "gateway RSS: {idle:.0} MiB idle, {peak:.0} MiB peak during the HTTPS rows, {:.0} MiB after",
+            super::mib(stack.gateway.rss_kib())
+        );
+        let mut _rathole = Vec::new();
+        if let Some(rathole) = rathole_path() {
+            for noise in [false, true] {
+                match start_rathole_to(&rathole, tls_app, noise, true, &dir) {
+                    Ok((local, procs)) => {
+                        _rathole.push(procs);
+                        rows.push(row(
+                            if noise {
+                                "rathole noise, carrying the app's TLS"
+                            } else {
+                                "rathole plain, carrying the app's TLS"
+                            },
+                            local.port(),
+                            secs,
+                            &dir,
+                        )?);
+                    }
+                    Err(e) => println!("  rathole skipped: {e:#}"),
+                }
+            }
+        } else {
+            println!("rathole not found in target/bench-tools: its rows are skipped");
+        }
+
+        println!();
+        println!("| path | HTTPS h1 req/s (wrk, 32 conns) | h1 p50 / p99 (ms) | HTTPS h2 req/s (h2load, 32 conns x 10 streams) | h2 p50 / p99 (ms) | new TLS connections/s (wrk, `Connection: close`, 32) | p50 / p99 at 1,000 req/s (h2load h2, 10 conns x 100/s) (ms) |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let f = |l: &Option<Load>| {
+            l.map(|l| {
+                if l.errors > 0 {
+                    format!("{:.0} ({} errors)", l.rps, l.errors)
+                } else {
+                    format!("{:.0}", l.rps)
+                }
+            })
+            .unwrap_or_else(|| "n/a".into())
+        };
+        let lat = |l: &Option<Load>| {
+            l.map(|l| format!("{:.2} / {:.2}", l.p50_ms, l.p99_ms))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.path,
+                f(&r.h1),
+                lat(&r.h1),
+                f(&r.h2),
+                lat(&r.h2),
+                f(&r.handshakes),
+                lat(&r.fixed),
+            );
+        }
+        println!("\n{memory}");
+        let k = &rows[1];
+        for base in &rows {
+            if std::ptr::eq(base, k) {
+                continue;
+            }
+            let ratio = |a: &Option<Load>, b: &Option<Load>| match (a, b) {
+                (Some(a), Some(b)) if b.rps > 0.0 => format!("{:.2}", a.rps / b.rps),
+                _ => "n/a".into(),
+            };
+            println!(
+                "kakuremichi / {}: h1 {}, h2 {}, new TLS connections {}",
+                base.path,
+                ratio(&k.h1, &base.h1),
+                ratio(&k.h2, &base.h2),
+                ratio(&k.handshakes, &base.handshakes),
+            );
+        }
+        if let (Some(d), Some(g)) = (rows[0].fixed, k.fixed) {
+            println!(
+                "added latency at 1,000 req/s: p50 {:+.2} ms, p99 {:+.2} ms",
+                g.p50_ms - d.p50_ms,
+                g.p99_ms - d.p99_ms
+            );
+        }
+        Ok(())
+    }
 }

@@ -30,6 +30,79 @@ struct Args {
         default_value = "127.0.0.1:9000"
     )]
     listen: SocketAddr,
+    /// Also serve HTTPS here (HTTP/1.1 and HTTP/2 by ALPN) with a self-signed certificate for
+    /// `--tls-name`: the benchmark's direct-over-TLS baseline.
+    #[arg(long, env = "KAKUREMICHI_DEMO_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// The name the self-signed certificate is for.
+    #[arg(long, env = "KAKUREMICHI_DEMO_TLS_NAME", default_value = "localhost")]
+    tls_name: String,
+}
+
+/// Accepts TCP connections and hands over those whose TLS handshake finished (handshakes run
+/// in tasks of their own, so that many go on at once).
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    async fn bind(addr: SocketAddr, name: &str) -> anyhow::Result<TlsListener> {
+        let made = rcgen::generate_simple_self_signed(vec![name.to_owned()])?;
+        let key = rustls::pki_types::PrivateKeyDer::try_from(made.signing_key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![made.cert.der().clone()], key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
 }
 
 #[tokio::main]
@@ -51,6 +124,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     tracing::info!(listen = %args.listen, "demo app listening");
+    if let Some(addr) = args.tls_listen {
+        let tls = TlsListener::bind(addr, &args.tls_name).await?;
+        tracing::info!(listen = %addr, name = %args.tls_name, "demo app listening for HTTPS");
+        let router = app(args.listen);
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(tls, router).await {
+                tracing::error!(%error, "serving HTTPS");
+            }
+        });
+    }
     axum::serve(listener, app(args.listen))
         .await
         .context("serving the demo app")
