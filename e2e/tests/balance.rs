@@ -230,3 +230,150 @@ async fn two_agents_serve_one_resource_through_health_checks_stickiness_and_a_ki
     let seen = answers(&stack, 10).await;
     assert_eq!(seen.get(&one), Some(&10), "{seen:?}");
 }
+
+/// A TCP server that answers every line with `<name>:<line>`.
+async fn named_echo(name: &'static str) -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("{name}:{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `line` and reads one answer line; `None` if the connection closed.
+async fn ask(conn: &mut tokio::io::BufReader<tokio::net::TcpStream>, line: &str) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .ok()?;
+    let mut answer = String::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then(|| answer.trim_end().to_owned())
+}
+
+async fn connect(port: u16) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    tokio::io::BufReader::new(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap(),
+    )
+}
+
+/// A TCP resource gains a target, changes its limits and loses the target again: the port is
+/// never rebound, a connection to the target that stays keeps working throughout, and only the
+/// connection to the removed target is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_resource_gains_and_loses_targets_without_dropping_the_connections_that_stay() {
+    let mut opts = kakuremichi_e2e::StackOptions::loopback();
+    opts.gateway_args = vec!["--tcp-listen-ip".into(), "127.0.0.1".into()];
+    let stack = Stack::start_with(opts).await.unwrap();
+    let a = named_echo("a").await;
+    let b = named_echo("b").await;
+    let port = free_tcp_port();
+    let (status, created) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(json!({"protocol": "tcp", "public_port": port, "site_id": stack.site_id, "target": a.to_string()})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let mut stays = wait_for("the TCP resource", Duration::from_secs(20), || async {
+        let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+            return Ok(None);
+        };
+        let mut c = tokio::io::BufReader::new(s);
+        Ok(ask(&mut c, "hello").await.map(|_| c))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.logs()));
+    assert_eq!(ask(&mut stays, "one").await.as_deref(), Some("a:one"));
+
+    // A second target: new connections reach both, the open one stays on its target.
+    let (status, target) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/resources/{id}/targets"),
+            Some(json!({"site_id": stack.site_id, "target": b.to_string()})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{target}");
+    let mut on_b = wait_for(
+        "a connection to the new target",
+        Duration::from_secs(20),
+        || async {
+            let mut c = connect(port).await;
+            Ok(ask(&mut c, "who").await.filter(|a| a == "b:who").map(|_| c))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.logs()));
+    assert_eq!(ask(&mut stays, "two").await.as_deref(), Some("a:two"));
+
+    // Other changes (limits, balancing) leave both connections alone.
+    let v = stack.api.config_version().await.unwrap();
+    stack
+        .api
+        .patch(
+            &format!("/api/v1/resources/{id}"),
+            json!({"balance": "least_outstanding", "limits": {"idle_timeout_ms": 600000}}),
+        )
+        .await
+        .unwrap();
+    assert!(stack.api.config_version().await.unwrap() > v);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ask(&mut stays, "three").await.as_deref(), Some("a:three"));
+    assert_eq!(ask(&mut on_b, "three").await.as_deref(), Some("b:three"));
+
+    // The second target removed: its connection is closed, the other keeps working, and new
+    // connections all go to the target that is left.
+    stack
+        .api
+        .call(
+            reqwest::Method::DELETE,
+            &format!(
+                "/api/v1/resources/{id}/targets/{}",
+                target["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(&mut on_b, "still?").await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the removed target's connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ask(&mut stays, "four").await.as_deref(), Some("a:four"));
+    for _ in 0..4 {
+        let mut c = connect(port).await;
+        assert_eq!(ask(&mut c, "new").await.as_deref(), Some("a:new"));
+    }
+}

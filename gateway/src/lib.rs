@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod h3;
 pub mod listener;
 pub mod metrics;
+pub mod ports;
 pub mod proxy;
 pub mod routing;
 pub mod tcp;

@@ -1,10 +1,10 @@
 //! Raw TCP resources: a listener on every gateway per resource (`public_port`), each accepted
 //! connection one tunnel stream (kind TCP) to the resource's agent, copied both ways.
 //!
-//! [`TcpRoutes::apply`] makes the listeners match a snapshot without a restart: new ports are
-//! bound, removed ones closed (with their connections), and a port whose target moved is rebound.
-//! A port that cannot be bound (in use) is logged and retried on the next snapshot. Connections
-//! are admitted against the same per-client and global caps as HTTP.
+//! [`TcpRoutes::apply`] makes the listeners match a snapshot without a restart
+//! ([`crate::ports`]): new ports are bound, removed ones closed with their connections, and a
+//! changed resource is updated in place, closing only the connections to targets it lost.
+//! Connections are admitted against the same per-client and global caps as HTTP.
 //!
 //! A target that asks for it gets a PROXY protocol v2 header (HAProxy's binary format, built
 //! with the `ppp` crate) with the client's address and the gateway port it reached, before the
@@ -25,7 +25,6 @@ use tokio::time::Instant;
 
 use kakuremichi_proto::{Route, RouteProtocol, StreamKind};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Mutex};
 use tracing::Instrument as _;
 
 use std::sync::atomic::Ordering;
@@ -48,14 +47,9 @@ fn scopeguard(c: Arc<ResourceCounters>) -> OpenFlow {
 use crate::balance::Dialer;
 use crate::listener::{Admission, ListenerLimits};
 use crate::metrics::Metrics;
+use crate::ports::{until_backend_gone, PortHandles, PortTable};
 use crate::proxy::stopping;
 use crate::routing::RouteTarget;
-
-struct Running {
-    target: Arc<RouteTarget>,
-    stop: watch::Sender<bool>,
-    local: SocketAddr,
-}
 
 /// The TCP listeners of one gateway.
 pub struct TcpRoutes {
@@ -63,7 +57,7 @@ pub struct TcpRoutes {
     upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
-    running: Mutex<HashMap<u16, Running>>,
+    ports: PortTable,
 }
 
 impl std::fmt::Debug for TcpRoutes {
@@ -87,21 +81,13 @@ impl TcpRoutes {
             upstream,
             admission: Admission::new(limits),
             metrics,
-            running: Mutex::new(HashMap::new()),
+            ports: PortTable::default(),
         }
     }
 
     /// The ports listened on now, with their local addresses.
     pub async fn listening(&self) -> Vec<(u16, SocketAddr)> {
-        let mut v: Vec<_> = self
-            .running
-            .lock()
-            .await
-            .iter()
-            .map(|(p, r)| (*p, r.local))
-            .collect();
-        v.sort();
-        v
+        self.ports.listening().await
     }
 
     /// Makes the listeners match the TCP routes of a snapshot.
@@ -116,68 +102,50 @@ impl TcpRoutes {
                 ))
             })
             .collect();
-        let mut running = self.running.lock().await;
-        running.retain(|port, r| {
-            let keep = wanted.get(port) == Some(&r.target);
-            if !keep {
-                tracing::info!(port, resource_id = %r.target.resource_id, "closing a TCP listener");
-                r.stop.send_replace(true);
-            }
-            keep
-        });
-        for (port, target) in wanted {
-            if running.contains_key(&port) {
-                continue;
-            }
-            let addr = SocketAddr::new(self.listen_ip, port);
-            let listener = match crate::listener::bind_listener(addr) {
-                Ok(l) => l,
-                Err(error) => {
-                    tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot listen for a TCP resource");
-                    continue;
-                }
-            };
-            let local = listener.local_addr().unwrap_or(addr);
-            let (stop, stopped) = watch::channel(false);
-            tracing::info!(%local, resource_id = %target.resource_id, "listening for a TCP resource");
-            tokio::spawn(
-                accept(
-                    listener,
-                    Arc::clone(&target),
-                    Arc::clone(&self.upstream),
-                    Arc::clone(&self.admission),
-                    Arc::clone(&self.metrics),
-                    stopped,
-                )
-                .instrument(tracing::info_span!("tcp", port, resource_id = %target.resource_id)),
-            );
-            running.insert(
-                port,
-                Running {
-                    target,
-                    stop,
-                    local,
-                },
-            );
-        }
+        self.ports
+            .apply("tcp", wanted, |port, target, handles| {
+                let addr = SocketAddr::new(self.listen_ip, port);
+                let listener = match crate::listener::bind_listener(addr) {
+                    Ok(l) => l,
+                    Err(error) => {
+                        tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot listen for a TCP resource");
+                        return None;
+                    }
+                };
+                let local = listener.local_addr().unwrap_or(addr);
+                tracing::info!(%local, resource_id = %target.resource_id, "listening for a TCP resource");
+                tokio::spawn(
+                    accept(
+                        listener,
+                        handles,
+                        Arc::clone(&self.upstream),
+                        Arc::clone(&self.admission),
+                        Arc::clone(&self.metrics),
+                    )
+                    .instrument(tracing::info_span!("tcp", port, resource_id = %target.resource_id)),
+                );
+                Some(local)
+            })
+            .await;
     }
 
     /// Closes every listener and connection.
     pub async fn stop(&self) {
-        for (_, r) in self.running.lock().await.drain() {
-            r.stop.send_replace(true);
-        }
+        self.ports.stop().await;
     }
 }
 
 async fn accept(
     listener: TcpListener,
-    target: Arc<RouteTarget>,
+    handles: PortHandles,
     upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
 ) {
+    let PortHandles {
+        target: targets,
+        mut stopped,
+    } = handles;
     loop {
         let (client, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -199,9 +167,10 @@ async fn accept(
         };
         let _ = client.set_nodelay(true);
         let local = client.local_addr();
+        let target = Arc::clone(&targets.borrow());
         let counters = metrics.resource(target.resource_id);
         let upstream = Arc::clone(&upstream);
-        let target = Arc::clone(&target);
+        let targets = targets.clone();
         let mut stopped = stopped.clone();
         tokio::spawn(
             async move {
@@ -233,6 +202,9 @@ async fn accept(
                 tokio::select! {
                     () = until_idle(&last, idle) => {
                         tracing::debug!(%peer, "TCP flow idle: closed");
+                    }
+                    () = until_backend_gone(targets, lease.backend) => {
+                        tracing::debug!(%peer, backend = %lease.backend, "target removed from the resource: TCP flow closed");
                     }
                     r = tokio::io::copy_bidirectional(&mut client, &mut stream) => match r {
                         Ok((up, down)) => {

@@ -20,12 +20,13 @@ use std::time::Duration;
 use kakuremichi_proto::{frame_datagram, Route, RouteProtocol, StreamKind, MAX_DATAGRAM};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument as _;
 
 use crate::balance::Dialer;
 use crate::listener::{Admission, ListenerLimits};
 use crate::metrics::Metrics;
+use crate::ports::{until_backend_gone, PortHandles, PortTable};
 use crate::proxy::stopping;
 use crate::routing::RouteTarget;
 
@@ -34,19 +35,13 @@ pub const FLOW_IDLE: Duration = Duration::from_secs(60);
 /// Datagrams queued per flow towards the tunnel at most.
 pub const FLOW_QUEUE: usize = 256;
 
-struct Running {
-    target: Arc<RouteTarget>,
-    stop: watch::Sender<bool>,
-    local: SocketAddr,
-}
-
 /// The UDP sockets of one gateway.
 pub struct UdpRoutes {
     listen_ip: IpAddr,
     upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
-    running: Mutex<HashMap<u16, Running>>,
+    ports: PortTable,
 }
 
 impl std::fmt::Debug for UdpRoutes {
@@ -70,21 +65,13 @@ impl UdpRoutes {
             upstream,
             admission: Admission::new(limits),
             metrics,
-            running: Mutex::new(HashMap::new()),
+            ports: PortTable::default(),
         }
     }
 
     /// The ports bound now, with their local addresses.
     pub async fn listening(&self) -> Vec<(u16, SocketAddr)> {
-        let mut v: Vec<_> = self
-            .running
-            .lock()
-            .await
-            .iter()
-            .map(|(p, r)| (*p, r.local))
-            .collect();
-        v.sort();
-        v
+        self.ports.listening().await
     }
 
     /// Makes the sockets match the UDP routes of a snapshot.
@@ -99,69 +86,57 @@ impl UdpRoutes {
                 ))
             })
             .collect();
-        let mut running = self.running.lock().await;
-        running.retain(|port, r| {
-            let keep = wanted.get(port) == Some(&r.target);
-            if !keep {
-                tracing::info!(port, resource_id = %r.target.resource_id, "closing a UDP socket");
-                r.stop.send_replace(true);
-            }
-            keep
-        });
-        for (port, target) in wanted {
-            if running.contains_key(&port) {
-                continue;
-            }
-            let addr = SocketAddr::new(self.listen_ip, port);
-            let socket = match UdpSocket::bind(addr).await {
-                Ok(s) => Arc::new(s),
-                Err(error) => {
-                    tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot bind a UDP resource's port");
-                    continue;
-                }
-            };
-            let local = socket.local_addr().unwrap_or(addr);
-            let (stop, stopped) = watch::channel(false);
-            tracing::info!(%local, resource_id = %target.resource_id, "listening for a UDP resource");
-            tokio::spawn(
-                receive(
-                    socket,
-                    Arc::clone(&target),
-                    Arc::clone(&self.upstream),
-                    Arc::clone(&self.admission),
-                    Arc::clone(&self.metrics),
-                    stopped,
-                )
-                .instrument(tracing::info_span!("udp", port, resource_id = %target.resource_id)),
-            );
-            running.insert(
-                port,
-                Running {
-                    target,
-                    stop,
-                    local,
-                },
-            );
-        }
+        self.ports
+            .apply("udp", wanted, |port, target, handles| {
+                let addr = SocketAddr::new(self.listen_ip, port);
+                let socket = match bind_udp(addr) {
+                    Ok(s) => Arc::new(s),
+                    Err(error) => {
+                        tracing::error!(%addr, %error, resource_id = %target.resource_id, "cannot bind a UDP resource's port");
+                        return None;
+                    }
+                };
+                let local = socket.local_addr().unwrap_or(addr);
+                tracing::info!(%local, resource_id = %target.resource_id, "listening for a UDP resource");
+                tokio::spawn(
+                    receive(
+                        socket,
+                        handles,
+                        Arc::clone(&self.upstream),
+                        Arc::clone(&self.admission),
+                        Arc::clone(&self.metrics),
+                    )
+                    .instrument(tracing::info_span!("udp", port, resource_id = %target.resource_id)),
+                );
+                Some(local)
+            })
+            .await;
     }
 
     /// Closes every socket and flow.
     pub async fn stop(&self) {
-        for (_, r) in self.running.lock().await.drain() {
-            r.stop.send_replace(true);
-        }
+        self.ports.stop().await;
     }
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
 }
 
 /// Reads datagrams from the public socket and hands each to its client's flow (made on first use).
 async fn receive(
     socket: Arc<UdpSocket>,
-    target: Arc<RouteTarget>,
+    handles: PortHandles,
     upstream: Arc<Dialer>,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
 ) {
+    let PortHandles {
+        target: targets,
+        mut stopped,
+    } = handles;
     let mut flows: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
@@ -188,7 +163,7 @@ async fn receive(
                     flows.remove(&peer);
                     // A new flow below, with this datagram.
                     new_flow(
-                        &mut flows, peer, d, &socket, &target, &upstream, &admission, &metrics,
+                        &mut flows, peer, d, &socket, &targets, &upstream, &admission, &metrics,
                         &stopped,
                     );
                     continue;
@@ -197,7 +172,8 @@ async fn receive(
         }
         flows.retain(|_, tx| !tx.is_closed());
         new_flow(
-            &mut flows, peer, datagram, &socket, &target, &upstream, &admission, &metrics, &stopped,
+            &mut flows, peer, datagram, &socket, &targets, &upstream, &admission, &metrics,
+            &stopped,
         );
     }
 }
@@ -208,7 +184,7 @@ fn new_flow(
     peer: SocketAddr,
     first: Vec<u8>,
     socket: &Arc<UdpSocket>,
-    target: &Arc<RouteTarget>,
+    targets: &watch::Receiver<Arc<RouteTarget>>,
     upstream: &Arc<Dialer>,
     admission: &Arc<Admission>,
     metrics: &Arc<Metrics>,
@@ -228,14 +204,18 @@ fn new_flow(
     flows.insert(peer, tx);
     let socket = Arc::clone(socket);
     let upstream = Arc::clone(upstream);
+    let target = Arc::clone(&targets.borrow());
     let counters = metrics.resource(target.resource_id);
-    let target = Arc::clone(target);
+    let targets = targets.clone();
     let stopped = stopped.clone();
     tokio::spawn(
         async move {
             let _admitted = admitted;
             counters.open_flows.fetch_add(1, Ordering::Relaxed);
-            flow(socket, peer, target, upstream, rx, &counters, stopped).await;
+            flow(
+                socket, peer, target, targets, upstream, rx, &counters, stopped,
+            )
+            .await;
             counters.open_flows.fetch_sub(1, Ordering::Relaxed);
         }
         .in_current_span(),
@@ -244,16 +224,18 @@ fn new_flow(
 
 /// One client's flow: its datagrams to the tunnel stream, the stream's datagrams back to it.
 /// The agent-to-client half runs in its own task, since a framed read must not be cancelled.
+#[allow(clippy::too_many_arguments)]
 async fn flow(
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
     target: Arc<RouteTarget>,
+    targets: watch::Receiver<Arc<RouteTarget>>,
     upstream: Arc<Dialer>,
     mut rx: mpsc::Receiver<Vec<u8>>,
     counters: &Arc<crate::metrics::ResourceCounters>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let (stream, _lease) = match upstream.open(&target).await {
+    let (stream, lease) = match upstream.open(&target).await {
         Ok(s) => s,
         Err(error) => {
             tracing::debug!(%peer, %error, "cannot open a tunnel stream: UDP flow dropped");
@@ -262,6 +244,8 @@ async fn flow(
     };
     let (mut from_agent, mut to_agent) = tokio::io::split(stream);
     let flow_idle = target.idle_timeout_or(FLOW_IDLE);
+    let gone = until_backend_gone(targets, lease.backend);
+    tokio::pin!(gone);
     let last = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
     let touch = |last: &std::sync::Mutex<tokio::time::Instant>| {
         *last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
@@ -310,6 +294,10 @@ async fn flow(
                     tracing::debug!(%peer, "UDP flow idle: closed");
                     break;
                 }
+            }
+            () = &mut gone => {
+                tracing::debug!(%peer, backend = %lease.backend, "target removed from the resource: UDP flow closed");
+                break;
             }
             _ = stopping(&mut stopped) => break,
         }
