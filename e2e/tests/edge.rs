@@ -891,3 +891,93 @@ async fn a_udp_resource_echoes_datagrams_of_several_clients_through_the_tunnel()
     .await
     .unwrap();
 }
+
+/// A masked, final client text frame (payload under 126 bytes).
+fn ws_client_frame(payload: &[u8]) -> bytes::Bytes {
+    let mask = [0x1b, 0x2c, 0x3d, 0x4e];
+    let mut f = vec![0x81, 0x80 | u8::try_from(payload.len()).unwrap()];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    bytes::Bytes::from(f)
+}
+
+/// The next server frame's payload (unmasked, under 126 bytes), reading more as needed.
+async fn read_ws_frame(recv: &mut h2::RecvStream, buf: &mut Vec<u8>) -> Vec<u8> {
+    loop {
+        if buf.len() >= 2 {
+            assert_eq!(buf[0], 0x81, "a final text frame");
+            let len = usize::from(buf[1] & 0x7f);
+            if buf.len() >= 2 + len {
+                let payload = buf[2..2 + len].to_vec();
+                buf.drain(..2 + len);
+                return payload;
+            }
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.data())
+            .await
+            .expect("no echo within 5 s")
+            .expect("the stream ended")
+            .unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441): the gateway advertises extended CONNECT, sends the app
+/// the HTTP/1.1 upgrade it expects through the tunnel, answers 200, and frames flow both ways on
+/// the HTTP/2 stream while the same connection keeps serving ordinary requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_http2_extended_connect_echoes_through_the_tunnel() {
+    let https_port = free_tcp_port();
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--https-listen".into(),
+        format!("127.0.0.1:{https_port}"),
+        "--tls-self-signed".into(),
+    ];
+    let stack = Stack::start_with(opts).await.unwrap();
+    stack.wait_serving(Duration::from_secs(20)).await.unwrap();
+    let (client, _conn) = h2_connect(https_port).await;
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("https://{DEMO_HOST}/bytes/10"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    assert!(
+        client.is_extended_connect_protocol_enabled(),
+        "the gateway sends SETTINGS_ENABLE_CONNECT_PROTOCOL"
+    );
+
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://{DEMO_HOST}/ws"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from("websocket"));
+    let mut client = client.ready().await.unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer to the CONNECT")
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert!(resp.headers().get("upgrade").is_none());
+    let mut recv = resp.into_body();
+    let mut buf = Vec::new();
+    for i in 0..200 {
+        let msg = format!("message {i}");
+        send.send_data(ws_client_frame(msg.as_bytes()), false)
+            .unwrap();
+        assert_eq!(read_ws_frame(&mut recv, &mut buf).await, msg.as_bytes());
+    }
+    // The connection still serves ordinary requests beside the WebSocket stream.
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("https://{DEMO_HOST}/bytes/10"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+}

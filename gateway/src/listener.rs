@@ -391,6 +391,8 @@ async fn serve_tls(
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        // WebSockets over HTTP/2 (RFC 8441).
+        .enable_connect_protocol()
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));

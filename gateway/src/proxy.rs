@@ -594,6 +594,12 @@ impl Proxy {
         host: &str,
         target: &RouteTarget,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // A WebSocket over HTTP/2 (RFC 8441: CONNECT with `:protocol websocket`) goes to the
+        // target as the HTTP/1.1 upgrade it understands (RFC 6455), and its 101 back as 200.
+        let extended_connect = is_websocket_connect(&req);
+        if extended_connect {
+            websocket_connect_to_upgrade(&mut req);
+        }
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
@@ -710,7 +716,12 @@ impl Proxy {
             }
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(client_upgrade) = client_upgrade {
-                    return Ok(self.switch_protocols(response, client_upgrade, lease));
+                    let mut switched = self.switch_protocols(response, client_upgrade, lease);
+                    if extended_connect {
+                        *switched.status_mut() = StatusCode::OK;
+                        switched.headers_mut().remove("sec-websocket-accept");
+                    }
+                    return Ok(switched);
                 }
             }
 
@@ -774,6 +785,35 @@ impl Proxy {
         let (parts, _body) = response.into_parts();
         Response::from_parts(parts, empty())
     }
+}
+
+/// Whether `req` opens a WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
+fn is_websocket_connect<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Turns an RFC 8441 WebSocket CONNECT into the RFC 6455 `GET` + `Upgrade: websocket` a target
+/// expects: HTTP/2 clients send no `Sec-WebSocket-Key` (nothing checks it end to end), so the
+/// gateway makes one. `Sec-WebSocket-Version`, `-Protocol` and `-Extensions` pass as sent.
+fn websocket_connect_to_upgrade<B>(req: &mut Request<B>) {
+    *req.method_mut() = http::Method::GET;
+    let headers = req.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode(uuid::Uuid::new_v4().as_bytes());
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+    headers
+        .entry(header::SEC_WEBSOCKET_VERSION)
+        .or_insert(HeaderValue::from_static("13"));
 }
 
 /// The cookie that keeps a client on one target of a sticky resource.
