@@ -73,7 +73,7 @@ async fn per_resource_limits_answer_413_408_504_and_cut_silent_responses() {
             &format!("/api/v1/resources/{}", stack.resource_id),
             serde_json::json!({"limits": {
                 "max_request_body_bytes": 1024,
-                "response_timeout_ms": 1000,
+                "response_timeout_ms": 2000,
                 "idle_timeout_ms": 1000
             }}),
         )
@@ -137,15 +137,35 @@ async fn per_resource_limits_answer_413_408_504_and_cut_silent_responses() {
         "408 after {took:?}"
     );
 
-    // A target slower than the response timeout (1 s): 504, in about a second.
+    // A target slower than the response timeout (2 s): 504, in about two seconds.
     let started = Instant::now();
     let slow = stack.get(DEMO_HOST, "/slow/5000").await.unwrap();
     assert_eq!(slow.status(), 504);
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
         "504 after {took:?}"
     );
+    // The response timeout counts from the end of the request: an upload that takes 3 s (a
+    // chunk every 500 ms, under the 1 s idle timeout) is answered, not cut at 2 s.
+    let slow_chunks = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 6 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'z'; 100])),
+            i + 1,
+        ))
+    });
+    let slow_upload = stack
+        .request_builder(reqwest::Method::POST, DEMO_HOST, "/discard")
+        .body(reqwest::Body::wrap_stream(slow_chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow_upload.status(), 200);
+    assert_eq!(slow_upload.text().await.unwrap(), r#"{"len":600}"#);
     assert_eq!(
         stack.get(DEMO_HOST, "/slow/200").await.unwrap().status(),
         200

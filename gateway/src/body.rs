@@ -26,14 +26,21 @@ pub enum Trip {
     Idle,
 }
 
-/// Tells, after the fact, whether (and why) a [`Guarded`] body was cut. Cheap to clone.
+/// Tells whether (and why) a [`Guarded`] body was cut, and when it ended. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct Tripped(Arc<AtomicU8>);
+pub struct Tripped(Arc<State>);
+
+#[derive(Debug, Default)]
+struct State {
+    trip: AtomicU8,
+    ended: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
 
 impl Tripped {
     /// The limit the body went over, if any.
     pub fn get(&self) -> Option<Trip> {
-        match self.0.load(Ordering::Acquire) {
+        match self.0.trip.load(Ordering::Acquire) {
             1 => Some(Trip::TooLarge),
             2 => Some(Trip::Idle),
             _ => None,
@@ -47,7 +54,33 @@ impl Tripped {
         };
         let _ = self
             .0
+            .trip
             .compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire);
+        self.end();
+    }
+
+    fn end(&self) {
+        if !self.0.ended.swap(true, Ordering::AcqRel) {
+            self.0.notify.notify_waiters();
+        }
+    }
+
+    /// Whether the body has ended (read to its end, failed or cut).
+    pub fn is_ended(&self) -> bool {
+        self.0.ended.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the body has ended (at once if it has).
+    pub async fn ended(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_ended() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -73,10 +106,13 @@ impl<B> std::fmt::Debug for Guarded<B> {
     }
 }
 
-impl<B> Guarded<B> {
+impl<B: Body> Guarded<B> {
     /// `inner`, cut after `max_bytes` bytes or after `idle` without a frame.
     pub fn new(inner: B, max_bytes: Option<u64>, idle: Option<Duration>) -> (Self, Tripped) {
         let tripped = Tripped::default();
+        if inner.is_end_stream() {
+            tripped.end();
+        }
         (
             Guarded {
                 inner,
@@ -90,7 +126,9 @@ impl<B> Guarded<B> {
             tripped,
         )
     }
+}
 
+impl<B> Guarded<B> {
     fn trip(&mut self, trip: Trip) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.tripped.set(trip);
         self.done = true;
@@ -124,14 +162,19 @@ where
                     *remaining -= n;
                 }
                 this.waiting = false;
+                if this.inner.is_end_stream() {
+                    this.tripped.end();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.done = true;
+                this.tripped.end();
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 this.done = true;
+                this.tripped.end();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -193,9 +236,17 @@ mod tests {
             Some(6),
             Some(Duration::from_secs(1)),
         );
+        assert!(!tripped.is_ended());
         let got = body.collect().await.unwrap().to_bytes();
         assert_eq!(&got[..], b"abcdef");
         assert_eq!(tripped.get(), None);
+        assert!(tripped.is_ended());
+        tripped.ended().await;
+        let (_, empty) = Guarded::new(http_body_util::Empty::<Bytes>::new(), None, None);
+        assert!(
+            empty.is_ended(),
+            "a body with nothing to send has ended from the start"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -51,7 +51,8 @@ pub struct Cli {
     /// Serve Prometheus metrics at /metrics on this address.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// How long to wait for a response head from a site, e.g. 60s [default: 60s].
+    /// How long to wait for a response head from a site once the whole request is sent, e.g.
+    /// 60s [default: 60s; a resource's limits.response_timeout_ms wins].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_UPSTREAM_TIMEOUT", value_parser = parse_duration)]
     pub upstream_timeout: Option<Duration>,
     /// The longest silence inside a client's request body before the request is answered 408,

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use crate::balance::{BackendPool, Lease};
-use crate::body::{Guarded, Trip};
+use crate::body::{Guarded, Trip, Tripped};
 use crate::metrics::Metrics;
 use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
@@ -485,7 +485,7 @@ impl Proxy {
                         .boxed_unsync()
                     });
                     let result = self
-                        .forward(req, client, proto, &host, &target)
+                        .forward(req, client, proto, &host, &target, &tripped)
                         .instrument(span)
                         .await;
                     let result = result.map_err(|e| match tripped.get() {
@@ -593,6 +593,7 @@ impl Proxy {
         proto: &'static str,
         host: &str,
         target: &RouteTarget,
+        body_state: &Tripped,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // A WebSocket over HTTP/2 (RFC 8441: CONNECT with `:protocol websocket`) goes to the
         // target as the HTTP/1.1 upgrade it understands (RFC 6455), and its 101 back as 200.
@@ -682,11 +683,16 @@ impl Proxy {
                 .map_or(self.timeouts.response, |ms| {
                     Duration::from_millis(u64::from(ms))
                 });
-            let sent = tokio::time::timeout(response_timeout, sender.send_request(attempt));
+            // The response timeout counts from when the whole request is sent: a long upload
+            // is not a slow target, and a stalled one is the body timeout's (408).
+            let late = async {
+                body_state.ended().await;
+                tokio::time::sleep(response_timeout).await;
+            };
             let response = tokio::select! {
-                r = sent => match r {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(error)) => {
+                r = sender.send_request(attempt) => match r {
+                    Ok(response) => response,
+                    Err(error) => {
                         tracing::warn!(%error, %host, backend = %lease.backend, "upstream request failed");
                         last_error = ProxyError::Offline(host.to_owned());
                         if retry_ok && idempotent {
@@ -694,8 +700,8 @@ impl Proxy {
                         }
                         return Err(last_error);
                     }
-                    Err(_) => return Err(ProxyError::Timeout(host.to_owned())),
                 },
+                () = late => return Err(ProxyError::Timeout(host.to_owned())),
                 () = self.pool.until_unusable(lease.backend), if retry_ok && idempotent => {
                     tracing::info!(backend = %lease.backend, "target went down before answering: retrying elsewhere");
                     last_error = ProxyError::Offline(host.to_owned());
