@@ -3,7 +3,8 @@
 //! control-channel client, a sans-IO jittered backoff, and the parts of a node runtime that do not
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
 //! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the settings every node binary has
-//! ([`settings`]) and the process scaffolding of the binaries ([`process`]).
+//! ([`settings`]), the process scaffolding of the binaries ([`process`]) and returning freed heap
+//! memory after a load ([`memory`]).
 //!
 //! This crate knows nodes, not traffic: it must never know about HTTP routing or agent targets
 //! (those belong to `kakuremichi-gateway` and `kakuremichi-agent`), and the control channel it runs
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod channel;
 pub mod control_url;
 pub mod enroll;
+pub mod memory;
 pub mod plan;
 pub mod process;
 pub mod settings;

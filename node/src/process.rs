@@ -38,6 +38,8 @@ pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // After a load, give what the allocator keeps back to the system.
+    runtime.spawn(crate::memory::return_freed_memory());
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
