@@ -427,8 +427,9 @@ impl Agent {
         }
     }
 
-    /// Relays one UDP flow: length-prefixed datagrams on the stream to a socket connected to the
-    /// target, and its answers back. The flow ends when the gateway closes the stream (its idle
+    /// Relays one UDP flow: datagrams from the gateway (QUIC datagrams tied to the stream, or
+    /// length-prefixed on the stream) to a socket connected to the target, and its answers back
+    /// the same two ways. The flow ends when the gateway closes the stream (its idle
     /// timeout) or the target is unreachable (ICMP).
     async fn relay_udp(&self, stream: TunnelStream, target: &Target) {
         let resolved = match tokio::net::lookup_host(target.target.as_str()).await {
@@ -463,10 +464,12 @@ impl Agent {
             return;
         }
         self.record(target, None);
+        let datagrams = stream.datagrams();
         let (mut from_gateway, mut to_gateway) = tokio::io::split(stream);
         let socket = std::sync::Arc::new(socket);
         let sender = std::sync::Arc::clone(&socket);
-        // Gateway to target: a framed read must not be cancelled, so it has its own task.
+        // Gateway to target, framed on the stream: a framed read must not be cancelled, so it has
+        // its own task.
         let mut forward = tokio::spawn(async move {
             let mut len = [0u8; 2];
             let mut buf = vec![0u8; kakuremichi_proto::MAX_DATAGRAM];
@@ -488,7 +491,17 @@ impl Agent {
             tokio::select! {
                 r = socket.recv(&mut buf) => match r {
                     Ok(n) => {
-                        let Some(frame) = kakuremichi_proto::frame_datagram(&buf[..n]) else {
+                        // A QUIC datagram when it fits one (lost, not resent, if the tunnel loses
+                        // it), the stream otherwise.
+                        let d = &buf[..n];
+                        if datagrams.max_size().is_some_and(|max| n <= max) {
+                            match datagrams.send(d) {
+                                Ok(()) => continue,
+                                Err(kakuremichi_tunnel::DatagramError::Stream(_)) => break,
+                                Err(_) => {}
+                            }
+                        }
+                        let Some(frame) = kakuremichi_proto::frame_datagram(d) else {
                             continue;
                         };
                         if to_gateway.write_all(&frame).await.is_err() {
@@ -499,6 +512,14 @@ impl Agent {
                         // Connection refused (ICMP) from the target: report, keep the flow.
                         self.record(target, Some(error.to_string()));
                     }
+                },
+                d = datagrams.recv() => match d {
+                    Ok(d) => {
+                        if let Err(error) = socket.send(&d).await {
+                            tracing::debug!(%error, "cannot send a datagram to the target");
+                        }
+                    }
+                    Err(_) => break,
                 },
                 _ = &mut forward => break,
             }

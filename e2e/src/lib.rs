@@ -785,13 +785,30 @@ fn start_agent_named(
 
 /// Starts the demo app on `listen`.
 pub fn start_demo_app(listen: SocketAddr, netns: Option<&str>, dir: &Path) -> anyhow::Result<Proc> {
+    start_demo_app_with(listen, &[], netns, dir)
+}
+
+/// Starts a demo app with more flags (e.g. `--udp-echo ADDR`); its log is `demo-app-PORT.log`.
+pub fn start_demo_app_with(
+    listen: SocketAddr,
+    extra: &[String],
+    netns: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<Proc> {
+    let mut args = vec!["--listen".to_owned(), listen.to_string()];
+    args.extend_from_slice(extra);
+    let log = if extra.is_empty() {
+        dir.join("demo-app.log")
+    } else {
+        dir.join(format!("demo-app-{}.log", listen.port()))
+    };
     Proc::spawn(
         "demo-app",
         &bin("kakuremichi-demo-app")?,
-        &["--listen".into(), listen.to_string()],
+        &args,
         &[],
         netns,
-        dir.join("demo-app.log"),
+        log,
     )
 }
 

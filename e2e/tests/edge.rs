@@ -25,6 +25,17 @@ async fn metric(port: u16, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The gateway's count of UDP datagrams carried one way, one way.
+async fn udp_carried(metrics_port: u16, direction: &str, carried: &str) -> u64 {
+    metric(
+        metrics_port,
+        &format!(
+            "kakuremichi_gateway_udp_datagrams_total{{direction=\"{direction}\",carried=\"{carried}\"}}"
+        ),
+    )
+    .await
+}
+
 /// A connection from another loopback address (127.0.0.2): another client.
 async fn request_from_another_client(gateway: SocketAddr) -> u16 {
     let socket = TcpSocket::new_v4().unwrap();
@@ -794,7 +805,13 @@ async fn udp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_resource_echoes_datagrams_of_several_clients_through_the_tunnel() {
     let mut opts = StackOptions::loopback();
-    opts.gateway_args = vec!["--tcp-listen-ip".into(), "127.0.0.1".into()];
+    let metrics_port = free_tcp_port();
+    opts.gateway_args = vec![
+        "--tcp-listen-ip".into(),
+        "127.0.0.1".into(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
     let stack = Stack::start_with(opts).await.unwrap();
     let (echo, _echo_task) = udp_echo().await;
     let port = kakuremichi_e2e::free_udp_port();
@@ -843,7 +860,8 @@ async fn a_udp_resource_echoes_datagrams_of_several_clients_through_the_tunnel()
     {}
 
     // Three clients, 100 datagrams each, sizes 0..8 KiB, answers to the right client. Loopback does
-    // not drop, and inside the tunnel nothing is lost: every datagram comes back, in order.
+    // not drop: every datagram comes back. Those that fit ride QUIC datagrams, the larger ones
+    // the flow's stream.
     let mut tasks = Vec::new();
     for c in 0..3u8 {
         tasks.push(tokio::spawn(async move {
@@ -865,6 +883,25 @@ async fn a_udp_resource_echoes_datagrams_of_several_clients_through_the_tunnel()
     for t in tasks {
         t.await.unwrap();
     }
+    // Of each client's 100, those of at most about 1,300 bytes (i * 83 % 8193: i up to 15 or
+    // 16, and i = 99, which wraps to 24) fit one QUIC datagram; the rest do not. Each flow's
+    // first rides its stream, and the "ping" flow's retries may add a few.
+    let to_agent = udp_carried(metrics_port, "to_agent", "quic_datagram").await;
+    let from_agent = udp_carried(metrics_port, "to_client", "quic_datagram").await;
+    assert!(
+        (3 * 14..=3 * 19 + 100).contains(&to_agent),
+        "small datagrams ride QUIC datagrams towards the agent: {to_agent}"
+    );
+    assert!(
+        (3 * 15..=3 * 19 + 100).contains(&from_agent),
+        "and back: {from_agent}"
+    );
+    let on_stream = udp_carried(metrics_port, "to_agent", "stream").await;
+    eprintln!("UDP datagrams: {to_agent} QUIC datagrams to the agent, {from_agent} back, {on_stream} on streams");
+    assert!(
+        on_stream >= 3 * 83,
+        "large ones ride the stream: {on_stream}"
+    );
 
     // Removed: the gateway closes the port; datagrams get no answer.
     stack

@@ -79,6 +79,8 @@ pub struct Metrics {
     certificate_expiry: Mutex<Vec<(String, i64)>>,
     backends: Mutex<Vec<(uuid::Uuid, std::net::SocketAddrV4)>>,
     pool: std::sync::OnceLock<Arc<crate::balance::BackendPool>>,
+    /// UDP datagrams through the tunnel: [to the agent, to the client] x [QUIC datagram, stream].
+    udp_datagrams: [[AtomicU64; 2]; 2],
 }
 
 impl Metrics {
@@ -111,6 +113,13 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(status)
             .or_default() += 1;
+    }
+
+    /// Counts a UDP datagram carried through the tunnel: towards the agent or back to the
+    /// client, as a QUIC datagram or on the flow's stream.
+    pub fn record_udp_datagram(&self, to_agent: bool, as_quic_datagram: bool) {
+        self.udp_datagrams[usize::from(!to_agent)][usize::from(!as_quic_datagram)]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a client connection closed at once, by reason.
@@ -205,6 +214,21 @@ impl Metrics {
                 out,
                 "kakuremichi_gateway_requests_refused_total{{reason=\"{reason}\"}} {n}"
             );
+        }
+        out.push_str(
+            "# HELP kakuremichi_gateway_udp_datagrams_total UDP datagrams carried through the \
+             tunnel, by direction and by how: a QUIC datagram, or the flow's stream (too large \
+             for one, or the first of a flow).\n",
+        );
+        out.push_str("# TYPE kakuremichi_gateway_udp_datagrams_total counter\n");
+        for (d, direction) in ["to_agent", "to_client"].iter().enumerate() {
+            for (c, carried) in ["quic_datagram", "stream"].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "kakuremichi_gateway_udp_datagrams_total{{direction=\"{direction}\",carried=\"{carried}\"}} {}",
+                    self.udp_datagrams[d][c].load(Ordering::Relaxed)
+                );
+            }
         }
         out.push_str(
             "# HELP kakuremichi_gateway_certificate_expiry_seconds When each certificate from \

@@ -42,8 +42,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A byte stream to an upstream (a tunnel stream in production, TCP in some tests).
-pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamStream for T {}
+pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The stream's QUIC datagrams, which UDP flows use (`None` where the stream has none).
+    fn datagrams(&self) -> Option<kakuremichi_tunnel::StreamDatagrams> {
+        None
+    }
+}
+
+impl UpstreamStream for kakuremichi_tunnel::TunnelStream {
+    fn datagrams(&self) -> Option<kakuremichi_tunnel::StreamDatagrams> {
+        Some(kakuremichi_tunnel::TunnelStream::datagrams(self))
+    }
+}
 
 /// A boxed upstream stream.
 pub type UpstreamIo = Box<dyn UpstreamStream>;

@@ -1,13 +1,16 @@
 //! UDP resources: a socket on every gateway per resource (`public_port`). Each client address is
-//! one flow, carried to the resource's agent as one tunnel stream (kind UDP) of length-prefixed
-//! datagrams ([`kakuremichi_proto::frame_datagram`]); answers go back to that address. A flow
+//! one flow: one tunnel stream (kind UDP) to the resource's agent, which names the resource and
+//! lives as long as the flow, and the flow's datagrams; answers go back to that address. A flow
 //! with no datagram either way for [`FLOW_IDLE`] is closed, as NAT devices and Cloudflare
 //! Spectrum do.
 //!
-//! Datagrams ride a QUIC stream, not QUIC datagrams: they arrive in order and are not lost inside
-//! the tunnel (WireGuard's loss is repaired by QUIC), at the cost of head-of-line blocking under
-//! loss. A flow's queue towards the tunnel is bounded ([`FLOW_QUEUE`]); when it is full, new
-//! datagrams are dropped, as a congested UDP path would. New flows are admitted against the same
+//! Datagrams ride QUIC datagrams tied to the flow's stream (as HTTP/3 datagrams are, RFC 9297):
+//! a packet lost inside the tunnel loses that datagram, as the Internet would, and never holds
+//! up the ones behind it. Only the first datagram of a flow (so it cannot overtake the stream's
+//! opening) and datagrams too large for one QUIC datagram (over about 1,350 bytes) ride the
+//! stream itself, length-prefixed ([`kakuremichi_proto::frame_datagram`]): reliable and in
+//! order, as IP fragments would not be. A flow's queue towards the tunnel is bounded
+//! ([`FLOW_QUEUE`]); when it is full, new datagrams are dropped, as a congested UDP path would. New flows are admitted against the same
 //! per-client and global caps as TCP connections. [`UdpRoutes::apply`] follows snapshots without
 //! a restart, like [`crate::tcp::TcpRoutes`].
 
@@ -206,6 +209,7 @@ fn new_flow(
     let upstream = Arc::clone(upstream);
     let target = Arc::clone(&targets.borrow());
     let counters = metrics.resource(target.resource_id);
+    let metrics = Arc::clone(metrics);
     let targets = targets.clone();
     let stopped = stopped.clone();
     tokio::spawn(
@@ -213,7 +217,7 @@ fn new_flow(
             let _admitted = admitted;
             counters.open_flows.fetch_add(1, Ordering::Relaxed);
             flow(
-                socket, peer, target, targets, upstream, rx, &counters, stopped,
+                socket, peer, target, targets, upstream, rx, &counters, metrics, stopped,
             )
             .await;
             counters.open_flows.fetch_sub(1, Ordering::Relaxed);
@@ -222,8 +226,13 @@ fn new_flow(
     );
 }
 
-/// One client's flow: its datagrams to the tunnel stream, the stream's datagrams back to it.
-/// The agent-to-client half runs in its own task, since a framed read must not be cancelled.
+/// One client's flow: its datagrams to the agent, the agent's back to the client.
+///
+/// A datagram rides a QUIC datagram tied to the flow's stream when it fits one, so a lost
+/// packet inside the tunnel loses that datagram only and holds nothing up; the first datagram
+/// of a flow (which must not overtake the stream's opening) and any too large for one ride the
+/// stream, framed. The stream-to-client half runs in its own task, since a framed read must not
+/// be cancelled.
 #[allow(clippy::too_many_arguments)]
 async fn flow(
     socket: Arc<UdpSocket>,
@@ -233,6 +242,7 @@ async fn flow(
     upstream: Arc<Dialer>,
     mut rx: mpsc::Receiver<Vec<u8>>,
     counters: &Arc<crate::metrics::ResourceCounters>,
+    metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let (stream, lease) = match upstream.open(&target).await {
@@ -242,6 +252,7 @@ async fn flow(
             return;
         }
     };
+    let datagrams = stream.datagrams();
     let (mut from_agent, mut to_agent) = tokio::io::split(stream);
     let flow_idle = target.idle_timeout_or(FLOW_IDLE);
     let gone = until_backend_gone(targets, lease.backend);
@@ -253,6 +264,8 @@ async fn flow(
     let mut answers = {
         let last = Arc::clone(&last);
         let counters = Arc::clone(counters);
+        let metrics = Arc::clone(&metrics);
+        let socket = Arc::clone(&socket);
         tokio::spawn(async move {
             let mut len = [0u8; 2];
             let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -266,23 +279,54 @@ async fn flow(
                 }
                 touch(&last);
                 counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                metrics.record_udp_datagram(false, false);
                 if let Err(error) = socket.send_to(&buf[..n], peer).await {
                     tracing::debug!(%peer, %error, "cannot answer a UDP client");
                 }
             }
         })
     };
+    let mut first = true;
     loop {
         let idle_at = *last.lock().unwrap_or_else(|e| e.into_inner()) + flow_idle;
         tokio::select! {
             d = rx.recv() => {
                 let Some(d) = d else { break };
-                let Some(frame) = frame_datagram(&d) else { continue };
                 touch(&last);
                 counters.bytes_in.fetch_add(d.len() as u64, Ordering::Relaxed);
-                if to_agent.write_all(&frame).await.is_err() {
+                let sent = match &datagrams {
+                    Some(q) if !first && q.max_size().is_some_and(|max| d.len() <= max) => {
+                        q.send(&d)
+                    }
+                    _ => Err(kakuremichi_tunnel::DatagramError::TooLarge),
+                };
+                first = false;
+                match sent {
+                    Ok(()) => metrics.record_udp_datagram(true, true),
+                    Err(kakuremichi_tunnel::DatagramError::Stream(_)) => {
+                        tracing::debug!(%peer, "tunnel stream closed: UDP flow ended");
+                        break;
+                    }
+                    Err(_) => {
+                        let Some(frame) = frame_datagram(&d) else { continue };
+                        metrics.record_udp_datagram(true, false);
+                        if to_agent.write_all(&frame).await.is_err() {
+                            tracing::debug!(%peer, "tunnel stream closed: UDP flow ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            d = next_datagram(datagrams.as_ref()) => {
+                let Ok(d) = d else {
                     tracing::debug!(%peer, "tunnel stream closed: UDP flow ended");
                     break;
+                };
+                touch(&last);
+                counters.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
+                metrics.record_udp_datagram(false, true);
+                if let Err(error) = socket.send_to(&d, peer).await {
+                    tracing::debug!(%peer, %error, "cannot answer a UDP client");
                 }
             }
             _ = &mut answers => {
@@ -304,4 +348,15 @@ async fn flow(
     }
     answers.abort();
     let _ = to_agent.shutdown().await;
+}
+
+/// The next QUIC datagram of the flow's stream; never, for a stream without datagrams. Safe to
+/// cancel: a datagram is taken only when this returns it.
+async fn next_datagram(
+    datagrams: Option<&kakuremichi_tunnel::StreamDatagrams>,
+) -> std::io::Result<bytes::Bytes> {
+    match datagrams {
+        Some(d) => d.recv().await,
+        None => std::future::pending().await,
+    }
 }

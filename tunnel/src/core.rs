@@ -8,7 +8,9 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+
+pub use crate::net::STREAM_DATAGRAMS;
 
 use crate::net::Net;
 use crate::wg::{Peers, MAX_OUTER, OVERHEAD};
@@ -79,6 +81,21 @@ pub enum StreamError {
     /// The stream was reset by the peer, or its connection was lost.
     #[error("stream reset")]
     Reset,
+}
+
+/// Errors of [`Core::stream_send_datagram`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum DatagramError {
+    /// The stream cannot carry anything (unknown, reset, or its connection lost).
+    #[error(transparent)]
+    Stream(StreamError),
+    /// Larger than one QUIC datagram on this path ([`Core::stream_max_datagram`]): send it on
+    /// the stream instead.
+    #[error("larger than a QUIC datagram on this path")]
+    TooLarge,
+    /// The peer takes no QUIC datagrams.
+    #[error("the peer takes no QUIC datagrams")]
+    Unsupported,
 }
 
 /// The tunnel state machine. See the module documentation.
@@ -284,6 +301,30 @@ impl Core {
     /// sending.
     pub fn stream_release(&mut self, id: StreamId) {
         self.net.stream_release(id)
+    }
+
+    /// Sends `data` as one QUIC datagram tied to the stream: unreliable and unordered, never
+    /// held up behind lost stream data; the peer reads it with [`Core::stream_recv_datagram`].
+    pub fn stream_send_datagram(&mut self, id: StreamId, data: &[u8]) -> Result<(), DatagramError> {
+        self.net.stream_send_datagram(id, data)
+    }
+
+    /// The largest datagram [`Core::stream_send_datagram`] takes on this stream now (`None`
+    /// when the peer takes none, or the stream has no connection).
+    pub fn stream_max_datagram(&mut self, id: StreamId) -> Option<usize> {
+        self.net.stream_max_datagram(id)
+    }
+
+    /// The oldest datagram received for the stream; `WouldBlock` when none is waiting (the
+    /// stream is reported by [`Core::poll_ready`] when one arrives).
+    pub fn stream_recv_datagram(&mut self, id: StreamId) -> Result<Bytes, StreamError> {
+        self.net.stream_recv_datagram(id)
+    }
+
+    /// QUIC datagrams dropped on receipt: malformed, naming no stream of ours, or over a
+    /// stream's queue of [`STREAM_DATAGRAMS`].
+    pub fn datagrams_dropped(&self) -> u64 {
+        self.net.datagrams_dropped()
     }
 
     /// Number of streams held (open or waiting for their connection).

@@ -19,7 +19,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, trace};
 
-use crate::core::{ConnectError, ConnectFailure, Core, Event, StreamError, StreamId};
+use crate::core::{
+    ConnectError, ConnectFailure, Core, DatagramError, Event, StreamError, StreamId,
+};
 use crate::udp::{BatchSocket, SendQueue};
 use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
 
@@ -32,6 +34,7 @@ struct State {
     core: Core,
     read_wakers: HashMap<StreamId, Waker>,
     write_wakers: HashMap<StreamId, Waker>,
+    datagram_wakers: HashMap<StreamId, Waker>,
     connects: HashMap<StreamId, oneshot::Sender<Result<(), ConnectFailure>>>,
 }
 
@@ -138,6 +141,7 @@ impl Tunnel {
                 core,
                 read_wakers: HashMap::new(),
                 write_wakers: HashMap::new(),
+                datagram_wakers: HashMap::new(),
                 connects: HashMap::new(),
             }),
             notify: Notify::new(),
@@ -336,6 +340,9 @@ async fn run(
                 if let Some(w) = st.write_wakers.remove(&id) {
                     w.wake();
                 }
+                if let Some(w) = st.datagram_wakers.remove(&id) {
+                    w.wake();
+                }
             }
             deadline = st.core.poll_timeout();
         }
@@ -374,6 +381,9 @@ async fn run(
     for (_, w) in st.write_wakers.drain() {
         w.wake();
     }
+    for (_, w) in st.datagram_wakers.drain() {
+        w.wake();
+    }
     debug!(local_addr = %shared.local_addr, "tunnel stopped");
 }
 
@@ -408,8 +418,75 @@ impl TunnelStream {
         self.shared.with_core(|st| {
             st.read_wakers.remove(&id);
             st.write_wakers.remove(&id);
+            if let Some(w) = st.datagram_wakers.remove(&id) {
+                w.wake();
+            }
             st.core.stream_abort(id);
         });
+    }
+
+    /// The stream's QUIC datagrams: a handle that outlives a split of the stream and fails
+    /// once the stream is dropped.
+    pub fn datagrams(&self) -> StreamDatagrams {
+        StreamDatagrams {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
+    }
+}
+
+/// QUIC datagrams tied to one [`TunnelStream`] (see [`Core::stream_send_datagram`]): what a
+/// UDP flow sends when it must not wait behind lost packets.
+#[derive(Clone)]
+pub struct StreamDatagrams {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl std::fmt::Debug for StreamDatagrams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDatagrams")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamDatagrams {
+    /// Sends one datagram; `TooLarge` above [`StreamDatagrams::max_size`].
+    pub fn send(&self, data: &[u8]) -> Result<(), DatagramError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(DatagramError::Stream(StreamError::Reset));
+        }
+        let id = self.id;
+        self.shared
+            .with_core(|st| st.core.stream_send_datagram(id, data))
+    }
+
+    /// The largest datagram [`StreamDatagrams::send`] takes now, if the peer takes any.
+    pub fn max_size(&self) -> Option<usize> {
+        let id = self.id;
+        self.shared.state.lock().core.stream_max_datagram(id)
+    }
+
+    /// The next datagram received for the stream. Fails once the stream is dropped or reset,
+    /// or the tunnel shuts down.
+    pub async fn recv(&self) -> io::Result<bytes::Bytes> {
+        std::future::poll_fn(|cx| {
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Poll::Ready(Err(shut_down()));
+            }
+            let id = self.id;
+            self.shared
+                .with_core(|st| match st.core.stream_recv_datagram(id) {
+                    Err(StreamError::WouldBlock) => {
+                        st.datagram_wakers.insert(id, cx.waker().clone());
+                        Poll::Pending
+                    }
+                    Ok(d) => Poll::Ready(Ok(d)),
+                    Err(e) => Poll::Ready(Err(stream_error(e))),
+                })
+        })
+        .await
     }
 }
 
@@ -422,6 +499,9 @@ impl Drop for TunnelStream {
         self.shared.with_core(|st| {
             st.read_wakers.remove(&id);
             st.write_wakers.remove(&id);
+            if let Some(w) = st.datagram_wakers.remove(&id) {
+                w.wake();
+            }
             st.core.stream_release(id);
         });
     }

@@ -27,9 +27,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 pub use crate::core::{
-    ConnectError, ConnectFailure, Core, Event, StreamError, StreamId, Transmit, MAX_DATAGRAM_SIZE,
+    ConnectError, ConnectFailure, Core, DatagramError, Event, StreamError, StreamId, Transmit,
+    MAX_DATAGRAM_SIZE, STREAM_DATAGRAMS,
 };
-pub use crate::driver::{Incoming, Tunnel, TunnelStream};
+pub use crate::driver::{Incoming, StreamDatagrams, Tunnel, TunnelStream};
 pub use crate::net::QUIC_PORT;
 
 /// Settings of one tunnel endpoint (a gateway or an agent).

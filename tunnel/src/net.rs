@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use quinn_proto::coding::Codec as _;
 use quinn_proto::{
     congestion, ClientConfig, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
     IdleTimeout, ServerConfig, StreamEvent, TransportConfig, VarInt,
@@ -21,7 +22,7 @@ use quinn_proto::{
 use tracing::{debug, trace};
 
 use crate::ip::{self, HEADER_LEN};
-use crate::{ConnectFailure, Event, QuicSettings, StreamError, StreamId};
+use crate::{ConnectFailure, DatagramError, Event, QuicSettings, StreamError, StreamId};
 
 /// The UDP port of every node's QUIC endpoint on its overlay address.
 pub const QUIC_PORT: u16 = 4433;
@@ -33,6 +34,22 @@ const ABORTED: u32 = 1;
 /// Error code of a connection closed because a newer one from the same peer replaced it, or
 /// the peer was removed.
 const REPLACED: u32 = 2;
+
+/// QUIC datagrams received for one stream and not yet taken by its owner, at most; more are
+/// dropped, as a full socket buffer would.
+pub const STREAM_DATAGRAMS: usize = 256;
+/// Bytes of QUIC datagrams buffered per connection, each way.
+const DATAGRAM_BUFFER: usize = 1024 * 1024;
+
+/// Bytes of `x` as a QUIC varint (RFC 9000, section 16).
+fn varint_len(x: u64) -> usize {
+    match x {
+        0..=63 => 1,
+        64..=16_383 => 2,
+        16_384..=1_073_741_823 => 4,
+        _ => 8,
+    }
+}
 
 /// Why a stream could not be opened on a connection right now.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
@@ -57,6 +74,8 @@ struct Stream {
     peer: Ipv4Addr,
     /// The connection is gone: every operation fails.
     lost: bool,
+    /// QUIC datagrams that named this stream, oldest first.
+    datagrams: VecDeque<Bytes>,
 }
 
 struct Pending {
@@ -90,6 +109,9 @@ pub(crate) struct Net {
     /// Endpoint-level answers (stateless resets, refusals): (to, QUIC datagram).
     responses: VecDeque<(SocketAddr, Vec<u8>)>,
     scratch: Vec<u8>,
+    /// QUIC datagrams dropped on receipt: malformed, for no stream of ours, or over a stream's
+    /// queue.
+    datagrams_dropped: u64,
 }
 
 fn transport(settings: &QuicSettings, payload_mtu: u16) -> Arc<TransportConfig> {
@@ -105,7 +127,8 @@ fn transport(settings: &QuicSettings, payload_mtu: u16) -> Arc<TransportConfig> 
         .initial_mtu(payload_mtu)
         .min_mtu(payload_mtu)
         .mtu_discovery_config(None)
-        .datagram_receive_buffer_size(None)
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER)
         .allow_spin(false)
         .congestion_controller_factory(Arc::new(congestion::BbrConfig::default()));
     Arc::new(t)
@@ -175,6 +198,7 @@ impl Net {
             dirty_set: HashSet::new(),
             responses: VecDeque::new(),
             scratch: Vec::with_capacity(2048),
+            datagrams_dropped: 0,
         })
     }
 
@@ -338,7 +362,8 @@ impl Net {
         };
         let peer = c.peer;
         match event {
-            E::HandshakeDataReady | E::DatagramReceived | E::DatagramsUnblocked => {}
+            E::DatagramReceived => self.take_datagrams(ch),
+            E::HandshakeDataReady | E::DatagramsUnblocked => {}
             E::Connected => {
                 c.established = true;
                 debug!(%peer, "QUIC connection established");
@@ -414,6 +439,7 @@ impl Net {
                 quic,
                 peer,
                 lost: false,
+                datagrams: VecDeque::new(),
             },
         );
         self.by_quic.insert((ch, quic), id);
@@ -549,6 +575,99 @@ impl Net {
             return Err(StreamError::Reset);
         }
         Ok((s.conn, s.quic))
+    }
+
+    /// Hands the connection's received QUIC datagrams to the streams they name. A datagram
+    /// begins with the QUIC id of its stream (a varint, as HTTP/3 datagrams name theirs, RFC
+    /// 9297), so only a stream on the same connection, with the same authenticated peer, ever
+    /// sees it.
+    fn take_datagrams(&mut self, ch: ConnectionHandle) {
+        loop {
+            let Some(c) = self.conns.get_mut(&ch) else {
+                return;
+            };
+            let Some(mut datagram) = c.conn.datagrams().recv() else {
+                return;
+            };
+            let ours = VarInt::decode(&mut datagram)
+                .ok()
+                .and_then(|quic| self.by_quic.get(&(ch, quinn_proto::StreamId::from(quic))));
+            let Some(stream) = ours
+                .copied()
+                .and_then(|id| Some((id, self.streams.get_mut(&id)?)))
+            else {
+                trace!(?ch, "a QUIC datagram for no stream of ours: dropped");
+                self.datagrams_dropped += 1;
+                continue;
+            };
+            let (id, s) = stream;
+            if s.datagrams.len() >= STREAM_DATAGRAMS {
+                trace!(?id, "a stream's datagram queue is full: dropped");
+                self.datagrams_dropped += 1;
+                continue;
+            }
+            s.datagrams.push_back(datagram);
+            self.mark_ready(id);
+        }
+    }
+
+    /// Sends `data` as one QUIC datagram on the stream's connection, naming the stream. It is
+    /// not retransmitted when lost; when the connection's datagram buffer is full the oldest
+    /// queued datagram is dropped.
+    pub(crate) fn stream_send_datagram(
+        &mut self,
+        id: StreamId,
+        data: &[u8],
+    ) -> Result<(), DatagramError> {
+        let (ch, quic) = self.conn_of(id).map_err(DatagramError::Stream)?;
+        let c = self
+            .conns
+            .get_mut(&ch)
+            .ok_or(DatagramError::Stream(StreamError::Reset))?;
+        let mut buf = BytesMut::with_capacity(8 + data.len());
+        VarInt::from(quic).encode(&mut buf);
+        buf.extend_from_slice(data);
+        let sent = c.conn.datagrams().send(buf.freeze(), true);
+        match sent {
+            Ok(()) => {
+                self.mark_dirty(ch);
+                Ok(())
+            }
+            Err(quinn_proto::SendDatagramError::TooLarge) => Err(DatagramError::TooLarge),
+            // Only without `drop`: a full buffer drops its oldest instead. Lost, as on a
+            // congested link.
+            Err(quinn_proto::SendDatagramError::Blocked(_)) => Ok(()),
+            Err(
+                quinn_proto::SendDatagramError::UnsupportedByPeer
+                | quinn_proto::SendDatagramError::Disabled,
+            ) => Err(DatagramError::Unsupported),
+        }
+    }
+
+    /// The largest `data` [`Net::stream_send_datagram`] takes on this stream now, if the peer
+    /// takes datagrams at all.
+    pub(crate) fn stream_max_datagram(&mut self, id: StreamId) -> Option<usize> {
+        let (ch, quic) = self.conn_of(id).ok()?;
+        let c = self.conns.get_mut(&ch)?;
+        let max = c.conn.datagrams().max_size()?;
+        Some(max.saturating_sub(varint_len(u64::from(quic))))
+    }
+
+    /// The oldest QUIC datagram received for the stream; `WouldBlock` when there is none.
+    pub(crate) fn stream_recv_datagram(&mut self, id: StreamId) -> Result<Bytes, StreamError> {
+        let s = self.streams.get_mut(&id).ok_or(StreamError::Unknown)?;
+        if let Some(d) = s.datagrams.pop_front() {
+            return Ok(d);
+        }
+        if s.lost {
+            return Err(StreamError::Reset);
+        }
+        Err(StreamError::WouldBlock)
+    }
+
+    /// QUIC datagrams dropped on receipt so far.
+    pub(crate) fn datagrams_dropped(&self) -> u64 {
+        self.datagrams_dropped
     }
 
     /// Queues `data` on the stream; returns how much was taken.

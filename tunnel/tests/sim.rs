@@ -376,3 +376,146 @@ fn streams_over_the_cap_wait_for_room_then_fail_as_exhausted() {
             .contains(&Event::ConnectFailed(sixth, ConnectFailure::Exhausted))
     });
 }
+
+/// Sends `count` numbered datagrams of `len` bytes from `a` on its stream, pacing them a
+/// millisecond apart, and returns the numbers `b` read on its end of the stream, in order of
+/// arrival.
+fn datagrams_across(
+    sim: &mut Sim,
+    (a, sa): (usize, StreamId),
+    (b, sb): (usize, StreamId),
+    count: u32,
+    len: usize,
+) -> Vec<u32> {
+    let mut got = Vec::new();
+    let take = |sim: &mut Sim, got: &mut Vec<u32>| {
+        while let Ok(d) = sim.nodes[b].core.stream_recv_datagram(sb) {
+            assert_eq!(d.len(), len, "a datagram arrives whole");
+            let n = u32::from_be_bytes(d[..4].try_into().unwrap());
+            assert!(d[4..].iter().all(|&x| x == n as u8), "and intact");
+            got.push(n);
+        }
+    };
+    for n in 0..count {
+        let mut d = vec![n as u8; len];
+        d[..4].copy_from_slice(&n.to_be_bytes());
+        assert_eq!(sim.nodes[a].core.stream_send_datagram(sa, &d), Ok(()));
+        sim.run_for(Duration::from_millis(1));
+        take(sim, &mut got);
+    }
+    sim.run_for(Duration::from_millis(200));
+    take(sim, &mut got);
+    got
+}
+
+#[test]
+fn datagrams_tied_to_a_stream_arrive_both_ways_whole() {
+    let mut sim = Sim::pair(41, Some(25));
+    let (g, a) = sim.connect(GW, AGENT_IP, 53, AGENT);
+    let max = sim.nodes[GW].core.stream_max_datagram(g).unwrap();
+    assert!(
+        (1200..1400).contains(&max),
+        "one datagram fits an inner packet: {max}"
+    );
+    assert_eq!(sim.nodes[AGENT].core.stream_max_datagram(a), Some(max));
+    let there = datagrams_across(&mut sim, (GW, g), (AGENT, a), 200, 100);
+    assert_eq!(
+        there,
+        (0..200).collect::<Vec<_>>(),
+        "a clean link loses none"
+    );
+    let back = datagrams_across(&mut sim, (AGENT, a), (GW, g), 200, max);
+    assert_eq!(back, (0..200).collect::<Vec<_>>());
+    // One byte more does not fit: the owner sends it on the stream instead.
+    assert_eq!(
+        sim.nodes[GW]
+            .core
+            .stream_send_datagram(g, &vec![0; max + 1]),
+        Err(kakuremichi_tunnel::DatagramError::TooLarge)
+    );
+    // The stream itself still carries bytes.
+    sim.transfer_open((GW, g), (AGENT, a), b"after the datagrams");
+    assert_eq!(sim.nodes[GW].core.datagrams_dropped(), 0);
+    assert_eq!(sim.nodes[AGENT].core.datagrams_dropped(), 0);
+}
+
+#[test]
+fn lost_datagrams_are_not_resent_and_never_hold_up_later_ones() {
+    let mut sim = Sim::pair(42, Some(25));
+    let (g, a) = sim.connect(GW, AGENT_IP, 53, AGENT);
+    sim.loss = 0.1;
+    sim.reorder = 0.1;
+    let got = datagrams_across(&mut sim, (GW, g), (AGENT, a), 1000, 200);
+    // About 10% lost (each way's ACKs are lost too, which does not matter here).
+    assert!(
+        (800..990).contains(&got.len()),
+        "lost ones are not resent: {} of 1000",
+        got.len()
+    );
+    let mut unique = got.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), got.len(), "none arrives twice");
+    // A blackout: what is sent during it is lost; what follows arrives at once, not after a
+    // retransmission of what was lost.
+    sim.loss = 0.0;
+    sim.reorder = 0.0;
+    let start = sim.now;
+    sim.blackout = Some((start, start + Duration::from_millis(500)));
+    let lost = datagrams_across(&mut sim, (GW, g), (AGENT, a), 100, 200);
+    assert!(lost.len() < 100, "sent into the blackout: {}", lost.len());
+    sim.run_for(Duration::from_millis(600));
+    let sent_at = sim.now;
+    let mut d = vec![7u8; 200];
+    d[..4].copy_from_slice(&4242u32.to_be_bytes());
+    sim.nodes[GW].core.stream_send_datagram(g, &d).unwrap();
+    let mut arrived = None;
+    sim.run_until(Duration::from_secs(1), |s| {
+        if let Ok(d) = s.nodes[AGENT].core.stream_recv_datagram(a) {
+            if d[..4] == 4242u32.to_be_bytes() {
+                arrived = Some(s.now);
+            }
+        }
+        arrived.is_some()
+    });
+    let took = arrived.unwrap() - sent_at;
+    assert!(took < Duration::from_millis(50), "took {took:?}");
+}
+
+#[test]
+fn a_datagram_naming_no_stream_of_the_connection_is_dropped() {
+    let mut sim = Sim::pair(43, Some(25));
+    let (g, a) = sim.connect(GW, AGENT_IP, 53, AGENT);
+    let (g2, a2) = sim.connect(GW, AGENT_IP, 54, AGENT);
+    // Datagrams go to the stream they name, not to its neighbour.
+    sim.nodes[GW]
+        .core
+        .stream_send_datagram(g2, b"second")
+        .unwrap();
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(
+        sim.nodes[AGENT].core.stream_recv_datagram(a),
+        Err(StreamError::WouldBlock)
+    );
+    assert_eq!(
+        &sim.nodes[AGENT].core.stream_recv_datagram(a2).unwrap()[..],
+        b"second"
+    );
+    // Once the agent has let its end go, a datagram for it is dropped and counted.
+    sim.nodes[AGENT].core.stream_release(a);
+    sim.run_for(Duration::from_millis(50));
+    let _ = sim.nodes[GW].core.stream_send_datagram(g, b"late");
+    sim.run_for(Duration::from_millis(50));
+    assert_eq!(
+        sim.nodes[AGENT].core.stream_recv_datagram(a),
+        Err(StreamError::Unknown)
+    );
+    assert_eq!(sim.nodes[AGENT].core.datagrams_dropped(), 1);
+    // A queue that is not read holds at most STREAM_DATAGRAMS; the rest are dropped.
+    for _ in 0..kakuremichi_tunnel::STREAM_DATAGRAMS + 10 {
+        sim.nodes[GW].core.stream_send_datagram(g2, b"x").unwrap();
+        sim.run_for(Duration::from_micros(200));
+    }
+    sim.run_for(Duration::from_millis(100));
+    assert_eq!(sim.nodes[AGENT].core.datagrams_dropped(), 11);
+}

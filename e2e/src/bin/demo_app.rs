@@ -37,6 +37,9 @@ struct Args {
     /// The name the self-signed certificate is for.
     #[arg(long, env = "KAKUREMICHI_DEMO_TLS_NAME", default_value = "localhost")]
     tls_name: String,
+    /// Also echo UDP datagrams here (each back to its sender, as it came).
+    #[arg(long, env = "KAKUREMICHI_DEMO_UDP_ECHO")]
+    udp_echo: Option<SocketAddr>,
 }
 
 /// Accepts TCP connections and hands over those whose TLS handshake finished (handshakes run
@@ -124,6 +127,23 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     tracing::info!(listen = %args.listen, "demo app listening");
+    if let Some(addr) = args.udp_echo {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} for the UDP echo"))?;
+        tracing::info!(listen = %addr, "demo app echoing UDP");
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            loop {
+                match socket.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        let _ = socket.send_to(&buf[..n], from).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "UDP echo"),
+                }
+            }
+        });
+    }
     if let Some(addr) = args.tls_listen {
         let tls = TlsListener::bind(addr, &args.tls_name).await?;
         tracing::info!(listen = %addr, name = %args.tls_name, "demo app listening for HTTPS");
