@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use kakuremichi_proto::Secret;
 use kakuremichi_tunnel::QuicSettings;
@@ -49,6 +50,16 @@ pub struct QuicArgs {
     /// [default: 10000].
     #[arg(long, env = "KAKUREMICHI_QUIC_MAX_STREAMS")]
     pub quic_max_streams: Option<u32>,
+    /// A tunnel connection that hears nothing for this long is lost and its requests fail (502),
+    /// in milliseconds; the smaller of the two ends' values applies [default: 5000, 1000 to
+    /// 600000].
+    #[arg(long, env = "KAKUREMICHI_QUIC_IDLE_TIMEOUT_MS")]
+    pub quic_idle_timeout_ms: Option<u64>,
+    /// How often an idle tunnel connection is probed, in milliseconds; on agents this is also
+    /// what keeps NAT mappings fresh and finds a moved one [default: 1000, below the idle
+    /// timeout].
+    #[arg(long, env = "KAKUREMICHI_QUIC_KEEP_ALIVE_MS")]
+    pub quic_keep_alive_ms: Option<u64>,
 }
 
 /// The same sizes in the `--config` file, as a `[quic]` table.
@@ -58,6 +69,8 @@ pub struct QuicFile {
     stream_window_kib: Option<u32>,
     connection_window_kib: Option<u32>,
     max_streams: Option<u32>,
+    idle_timeout_ms: Option<u64>,
+    keep_alive_ms: Option<u64>,
 }
 
 impl QuicArgs {
@@ -88,8 +101,22 @@ impl QuicArgs {
                 .quic_max_streams
                 .or(file.max_streams)
                 .unwrap_or(d.max_streams),
+            idle_timeout: self
+                .quic_idle_timeout_ms
+                .or(file.idle_timeout_ms)
+                .map_or(d.idle_timeout, Duration::from_millis),
+            keep_alive: self
+                .quic_keep_alive_ms
+                .or(file.keep_alive_ms)
+                .map_or(d.keep_alive, Duration::from_millis),
             ..d
         };
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&settings.idle_timeout) {
+            return Err(ConfigError::Invalid(format!(
+                "quic idle timeout: {} ms is outside 1000 to 600000",
+                settings.idle_timeout.as_millis()
+            )));
+        }
         settings
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -560,5 +587,35 @@ mod quic_tests {
             Err(ConfigError::Invalid(_))
         ));
         assert!(toml::from_str::<QuicFile>("stream_window = 1").is_err());
+    }
+
+    #[test]
+    fn quic_timers_come_from_flags_or_the_file_and_keep_alive_stays_below_idle() {
+        let file: QuicFile =
+            toml::from_str("idle_timeout_ms = 15000\nkeep_alive_ms = 3000").unwrap();
+        let s = QuicArgs::default().resolve(file.clone()).unwrap();
+        assert_eq!(s.idle_timeout, Duration::from_secs(15));
+        assert_eq!(s.keep_alive, Duration::from_secs(3));
+        let flags = QuicArgs {
+            quic_idle_timeout_ms: Some(2500),
+            quic_keep_alive_ms: Some(500),
+            ..Default::default()
+        };
+        let s = flags.resolve(file).unwrap();
+        assert_eq!(s.idle_timeout, Duration::from_millis(2500));
+        assert_eq!(s.keep_alive, Duration::from_millis(500));
+        for (idle, keep_alive) in [(Some(3000), Some(3000)), (Some(500), None), (None, Some(0))] {
+            let bad = QuicArgs {
+                quic_idle_timeout_ms: idle,
+                quic_keep_alive_ms: keep_alive,
+                ..Default::default()
+            };
+            let err = bad.resolve(QuicFile::default()).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{idle:?} {keep_alive:?}");
+        }
+        assert_eq!(
+            QuicArgs::default().resolve(QuicFile::default()).unwrap(),
+            QuicSettings::default()
+        );
     }
 }
