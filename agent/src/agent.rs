@@ -125,6 +125,9 @@ impl Agent {
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            // Without a timer the pool never looks at its idle connections: they would stay
+            // open (and their buffers allocated) until the next request to that target.
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Self {
             inner: Arc::new(Inner {
@@ -160,11 +163,13 @@ impl Agent {
     /// swaps the target map (which ends flows whose target changed), and when `persist` writes
     /// the cache.
     pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
-        let applying = self.inner.config.begin(&snapshot).await?;
+        let kakuremichi_node::Apply {
+            applying, incoming, ..
+        } = kakuremichi_node::begin_apply(&self.inner.config, &self.inner.tunnel, &snapshot)
+            .await?;
         let changes = plan(applying.running(), &snapshot);
         tracing::debug!(version = snapshot.version, ?changes, "applying config");
-        if changes.rebind_tunnel || self.tunnel().is_none() {
-            let incoming = self.inner.tunnel.bind(&snapshot.overlay).await?;
+        if let Some(incoming) = incoming {
             tokio::spawn(self.clone().accept_loop(incoming));
         }
         let mut specs = Vec::with_capacity(snapshot.peers.len());

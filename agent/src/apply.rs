@@ -2,20 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use kakuremichi_node::plan::{diff, diff_peers, rebind_needed};
-use kakuremichi_proto::{ConfigSnapshot, Target, WgPublicKey};
+use kakuremichi_node::plan::{diff, PeerChanges};
+use kakuremichi_proto::{ConfigSnapshot, Target};
 
 /// What a new snapshot changes compared to the running one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// The tunnel must be (re)bound: first snapshot, or overlay settings changed.
-    pub rebind_tunnel: bool,
-    /// Gateways added.
-    pub peers_added: Vec<WgPublicKey>,
-    /// Gateways removed.
-    pub peers_removed: Vec<WgPublicKey>,
-    /// Gateways whose settings changed.
-    pub peers_changed: Vec<WgPublicKey>,
+    /// The tunnel and its gateways.
+    pub peers: PeerChanges,
     /// Overlay ports opened.
     pub ports_added: Vec<u16>,
     /// Overlay ports closed.
@@ -36,14 +30,10 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
     let targets = |s: &ConfigSnapshot| -> BTreeMap<u16, Target> {
         s.targets.iter().map(|t| (t.port, t.clone())).collect()
     };
-    let (peers_added, peers_removed, peers_changed) = diff_peers(old, new);
     let (ports_added, ports_removed, ports_changed) =
         diff(&old.map(targets).unwrap_or_default(), &targets(new));
     Changes {
-        rebind_tunnel: rebind_needed(old, new),
-        peers_added,
-        peers_removed,
-        peers_changed,
+        peers: PeerChanges::plan(old, new),
         ports_added,
         ports_removed,
         ports_changed,
@@ -53,7 +43,7 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kakuremichi_proto::{NodeKind, OverlayConfig, PeerConfig};
+    use kakuremichi_proto::{NodeKind, OverlayConfig, PeerConfig, WgPublicKey};
     use std::net::Ipv4Addr;
     use uuid::Uuid;
 
@@ -112,14 +102,14 @@ mod tests {
             ],
         );
         let c = plan(Some(&old), &new);
-        assert!(!c.rebind_tunnel);
-        assert_eq!(c.peers_changed, vec![WgPublicKey([1; 32])]);
+        assert!(!c.peers.rebind_tunnel);
+        assert_eq!(c.peers.peers_changed, vec![WgPublicKey([1; 32])]);
         assert_eq!(c.ports_added, vec![10002]);
         assert_eq!(c.ports_changed, vec![10001]);
         assert!(c.ports_removed.is_empty());
         assert!(plan(Some(&new), &new).is_empty());
         let first = plan(None, &new);
-        assert!(first.rebind_tunnel);
+        assert!(first.peers.rebind_tunnel);
         assert_eq!(first.ports_added, vec![10000, 10001, 10002]);
     }
 }

@@ -344,6 +344,29 @@ impl Api {
         Ok(body["id"].as_str().context("no id")?.to_string())
     }
 
+    /// Creates a TCP or UDP resource (`protocol`) on `public_port` of every gateway; returns
+    /// control's answer.
+    pub async fn create_port_resource(
+        &self,
+        protocol: &str,
+        public_port: u16,
+        site_id: &str,
+        target: &str,
+    ) -> anyhow::Result<Value> {
+        self.expect(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(json!({
+                "protocol": protocol,
+                "public_port": public_port,
+                "site_id": site_id,
+                "target": target,
+            })),
+            201,
+        )
+        .await
+    }
+
     /// Deletes a resource.
     pub async fn delete_resource(&self, id: &str) -> anyhow::Result<()> {
         let (status, body) = self
@@ -810,6 +833,23 @@ pub fn start_demo_app_with(
         netns,
         log,
     )
+}
+
+/// The value of the first line of `127.0.0.1:port/metrics` that starts with `name` (a metric
+/// and its labels), 0 when there is none. Panics when the metrics cannot be fetched.
+pub async fn metric(port: u16, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("fetching /metrics")
+        .text()
+        .await
+        .expect("reading /metrics");
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The byte at offset `i` of the demo app's `/bytes/{n}` bodies.

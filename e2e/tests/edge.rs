@@ -7,25 +7,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kakuremichi_e2e::{free_tcp_port, Stack, StackOptions, DEMO_HOST};
+use kakuremichi_e2e::{free_tcp_port, metric, Stack, StackOptions, DEMO_HOST};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
-async fn metric(port: u16, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The gateway's count of UDP datagrams carried one way, one way.
+/// The gateway's count of UDP datagrams carried in one direction, one way (`carried`).
 async fn udp_carried(metrics_port: u16, direction: &str, carried: &str) -> u64 {
     metric(
         metrics_port,
@@ -815,21 +801,11 @@ async fn a_udp_resource_echoes_datagrams_of_several_clients_through_the_tunnel()
     let stack = Stack::start_with(opts).await.unwrap();
     let (echo, _echo_task) = udp_echo().await;
     let port = kakuremichi_e2e::free_udp_port();
-    let (status, created) = stack
+    let created = stack
         .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/resources",
-            Some(serde_json::json!({
-                "protocol": "udp",
-                "public_port": port,
-                "site_id": stack.site_id,
-                "target": echo.to_string(),
-            })),
-        )
+        .create_port_resource("udp", port, &stack.site_id, &echo.to_string())
         .await
         .unwrap();
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["protocol"], "udp");
     assert_eq!(created["name"], format!("udp-{port}"));
     let gateway: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -10,23 +10,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kakuremichi_e2e::{free_tcp_port, Stack, StackOptions, DEMO_HOST};
+use kakuremichi_e2e::{free_tcp_port, metric, Stack, StackOptions, DEMO_HOST};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-
-async fn metric(port: u16, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Sends `head` and `body` on a fresh connection, then waits (at most 10 s) for the answer's
 /// status line; returns the status and how long it took after the last byte was sent.

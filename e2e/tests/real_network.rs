@@ -373,21 +373,11 @@ async fn udp_across_a_lossy_router_loses_datagrams_instead_of_holding_them_up() 
     )
     .unwrap();
     let port = 5300;
-    let (status, created) = stack
+    stack
         .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/resources",
-            Some(serde_json::json!({
-                "protocol": "udp",
-                "public_port": port,
-                "site_id": stack.site_id,
-                "target": echo.to_string(),
-            })),
-        )
+        .create_port_resource("udp", port, &stack.site_id, &echo.to_string())
         .await
         .unwrap();
-    assert_eq!(status, 201, "{created}");
     let client = Arc::new(tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap());
     client
         .connect(SocketAddr::from((GW_FROM_HARNESS, port)))

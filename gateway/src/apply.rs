@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use kakuremichi_node::plan::{diff, diff_peers, rebind_needed};
+use kakuremichi_node::plan::{diff, PeerChanges};
 use kakuremichi_proto::{ConfigSnapshot, PeerConfig, Route, WgPublicKey};
 use kakuremichi_tunnel::PeerSpec;
 use serde::{Deserialize, Serialize};
@@ -13,14 +13,8 @@ use serde::{Deserialize, Serialize};
 /// What a new snapshot changes compared to the running one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// The tunnel must be (re)bound: first snapshot, or overlay address or MTU changed.
-    pub rebind_tunnel: bool,
-    /// Peers added (by public key).
-    pub peers_added: Vec<WgPublicKey>,
-    /// Peers removed.
-    pub peers_removed: Vec<WgPublicKey>,
-    /// Peers whose settings changed.
-    pub peers_changed: Vec<WgPublicKey>,
+    /// The tunnel and its peers.
+    pub peers: PeerChanges,
     /// Hostnames added.
     pub routes_added: Vec<String>,
     /// Hostnames removed.
@@ -46,13 +40,9 @@ pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Changes {
         .iter()
         .map(|r| (r.hostname.as_str(), r))
         .collect();
-    let (peers_added, peers_removed, peers_changed) = diff_peers(old, new);
     let (routes_added, routes_removed, routes_changed) = diff(&old_routes, &new_routes);
     Changes {
-        rebind_tunnel: rebind_needed(old, new),
-        peers_added,
-        peers_removed,
-        peers_changed,
+        peers: PeerChanges::plan(old, new),
         routes_added: routes_added.into_iter().map(str::to_owned).collect(),
         routes_removed: routes_removed.into_iter().map(str::to_owned).collect(),
         routes_changed: routes_changed.into_iter().map(str::to_owned).collect(),
@@ -197,8 +187,8 @@ mod tests {
     fn first_snapshot_binds_and_adds_everything() {
         let new = snap(1, vec![peer(2, None)], vec![route("a.example", 10000)]);
         let c = plan(None, &new);
-        assert!(c.rebind_tunnel);
-        assert_eq!(c.peers_added, vec![WgPublicKey([2; 32])]);
+        assert!(c.peers.rebind_tunnel);
+        assert_eq!(c.peers.peers_added, vec![WgPublicKey([2; 32])]);
         assert_eq!(c.routes_added, vec!["a.example".to_owned()]);
     }
 
@@ -215,17 +205,17 @@ mod tests {
             vec![route("a", 1), route("b", 3), route("c", 4)],
         );
         let c = plan(Some(&old), &new);
-        assert!(!c.rebind_tunnel);
-        assert_eq!(c.peers_added, vec![WgPublicKey([4; 32])]);
-        assert_eq!(c.peers_removed, vec![WgPublicKey([3; 32])]);
-        assert!(c.peers_changed.is_empty());
+        assert!(!c.peers.rebind_tunnel);
+        assert_eq!(c.peers.peers_added, vec![WgPublicKey([4; 32])]);
+        assert_eq!(c.peers.peers_removed, vec![WgPublicKey([3; 32])]);
+        assert!(c.peers.peers_changed.is_empty());
         assert_eq!(c.routes_added, vec!["c".to_owned()]);
         assert_eq!(c.routes_removed, Vec::<String>::new());
         assert_eq!(c.routes_changed, vec!["b".to_owned()]);
         assert!(plan(Some(&new), &new).is_empty());
         let mut moved = new.clone();
         moved.overlay.address = Ipv4Addr::new(100, 64, 0, 9);
-        assert!(plan(Some(&new), &moved).rebind_tunnel);
+        assert!(plan(Some(&new), &moved).peers.rebind_tunnel);
     }
 
     #[test]

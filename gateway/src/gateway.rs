@@ -217,11 +217,13 @@ impl Gateway {
     /// Applies a snapshot: binds the tunnel if needed, sets peers, swaps routes, and when
     /// `persist` writes the cache. Existing connections of unchanged routes are untouched.
     pub async fn apply(&self, snapshot: ConfigSnapshot, persist: bool) -> Result<(), ApplyError> {
-        let applying = self.inner.config.begin(&snapshot).await?;
+        let kakuremichi_node::Apply {
+            applying, incoming, ..
+        } = kakuremichi_node::begin_apply(&self.inner.config, &self.inner.tunnel, &snapshot)
+            .await?;
         let changes = plan(applying.running(), &snapshot);
         tracing::debug!(version = snapshot.version, ?changes, "applying config");
-        if changes.rebind_tunnel || self.tunnel().is_none() {
-            let incoming = self.inner.tunnel.bind(&snapshot.overlay).await?;
+        if let Some(incoming) = incoming {
             tokio::spawn(refuse_all(incoming));
         }
         let configured: BTreeSet<WgPublicKey> =

@@ -2,7 +2,8 @@
 //! rule for the control URL ([`control_url`]: HTTPS unless control is on loopback), the
 //! control-channel client, a sans-IO jittered backoff, and the parts of a node runtime that do not
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
-//! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the settings every node binary has
+//! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the
+//! apply skeleton both kinds run ([`runtime`]), the settings every node binary has
 //! ([`settings`]), the process scaffolding of the binaries ([`process`]) and returning freed heap
 //! memory after a load ([`memory`]).
 //!
@@ -18,6 +19,7 @@ pub mod enroll;
 pub mod memory;
 pub mod plan;
 pub mod process;
+pub mod runtime;
 pub mod settings;
 pub mod state;
 pub mod tunnel;
@@ -27,6 +29,7 @@ pub use backoff::Backoff;
 pub use channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
 pub use control_url::{check_control_url, ControlUrlError};
 pub use enroll::{enroll, load_or_enroll, EnrollError};
+pub use runtime::{begin_apply, Apply};
 pub use settings::{ConfigError, NodeSettings};
 pub use state::{write_atomic, ConfigCache, NodeState, PrivateKey, StateError};
 pub use tunnel::NodeTunnel;

@@ -36,6 +36,37 @@ pub fn diff_peers(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> Diff<Wg
     diff(&old.map(peers).unwrap_or_default(), &peers(new))
 }
 
+/// What a snapshot changes in the part every node kind has: the tunnel and its WireGuard peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerChanges {
+    /// The tunnel must be (re)bound: first snapshot, or overlay address, prefix or MTU changed.
+    pub rebind_tunnel: bool,
+    /// Peers added (by public key).
+    pub peers_added: Vec<WgPublicKey>,
+    /// Peers removed.
+    pub peers_removed: Vec<WgPublicKey>,
+    /// Peers whose settings changed.
+    pub peers_changed: Vec<WgPublicKey>,
+}
+
+impl PeerChanges {
+    /// Compares the running snapshot (if any) with a new one.
+    pub fn plan(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> PeerChanges {
+        let (peers_added, peers_removed, peers_changed) = diff_peers(old, new);
+        PeerChanges {
+            rebind_tunnel: rebind_needed(old, new),
+            peers_added,
+            peers_removed,
+            peers_changed,
+        }
+    }
+
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        *self == PeerChanges::default()
+    }
+}
+
 /// Whether the tunnel must be (re)bound: first snapshot, or overlay address, prefix or MTU changed.
 pub fn rebind_needed(old: Option<&ConfigSnapshot>, new: &ConfigSnapshot) -> bool {
     old.is_none_or(|o| o.overlay != new.overlay)

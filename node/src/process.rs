@@ -31,6 +31,7 @@ pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%error, "cannot raise the open-files limit");
     }
+    crate::memory::limit_arenas();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(error) => {

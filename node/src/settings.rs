@@ -611,7 +611,10 @@ mod quic_tests {
                 ..Default::default()
             };
             let err = bad.resolve(QuicFile::default()).unwrap_err();
-            assert!(matches!(err, ConfigError::Invalid(_)), "{idle:?} {keep_alive:?}");
+            assert!(
+                matches!(err, ConfigError::Invalid(_)),
+                "{idle:?} {keep_alive:?}"
+            );
         }
         assert_eq!(
             QuicArgs::default().resolve(QuicFile::default()).unwrap(),

@@ -287,6 +287,17 @@ impl Core {
         self.net.stream_recv(id, buf)
     }
 
+    /// Hands up to `max` received bytes to `sink`, chunk by chunk, from QUIC's own buffers;
+    /// returns how many. `Err(Closed)` at the end of the stream.
+    pub fn stream_recv_with(
+        &mut self,
+        id: StreamId,
+        max: usize,
+        sink: impl FnMut(&[u8]),
+    ) -> Result<usize, StreamError> {
+        self.net.stream_recv_with(id, max, sink)
+    }
+
     /// Ends our sending side in order, after the queued data.
     pub fn stream_close(&mut self, id: StreamId) {
         self.net.stream_close(id)

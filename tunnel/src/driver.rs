@@ -549,13 +549,11 @@ impl AsyncRead for TunnelStream {
         let read = self.poll_op(
             cx,
             |st| &mut st.read_wakers,
-            |core, id| core.stream_recv(id, buf.initialize_unfilled()),
+            // Copied straight into the unfilled part: no zeroing of the caller's buffer first.
+            |core, id| core.stream_recv_with(id, buf.remaining(), |chunk| buf.put_slice(chunk)),
         );
         match read {
-            Poll::Ready(Ok(n)) => {
-                buf.advance(n);
-                Poll::Ready(Ok(()))
-            }
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
             // The peer closed in order: end of stream.
             Poll::Ready(Err(StreamError::Closed)) => Poll::Ready(Ok(())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(stream_error(e))),

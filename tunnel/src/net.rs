@@ -691,8 +691,25 @@ impl Net {
         id: StreamId,
         buf: &mut [u8],
     ) -> Result<usize, StreamError> {
+        let mut filled = 0;
+        let max = buf.len();
+        self.stream_recv_with(id, max, |chunk| {
+            buf[filled..filled + chunk.len()].copy_from_slice(chunk);
+            filled += chunk.len();
+        })
+    }
+
+    /// Hands up to `max` received bytes to `sink`, chunk by chunk, straight from QUIC's buffers
+    /// (so the caller need not zero a buffer first); returns how many. `Ok(0)` for `max == 0`
+    /// only, `Err(Closed)` at the end of the stream.
+    pub(crate) fn stream_recv_with(
+        &mut self,
+        id: StreamId,
+        max: usize,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<usize, StreamError> {
         let (ch, quic) = self.conn_of(id)?;
-        if buf.is_empty() {
+        if max == 0 {
             return Ok(0);
         }
         let c = self.conns.get_mut(&ch).ok_or(StreamError::Reset)?;
@@ -704,12 +721,12 @@ impl Net {
         };
         let mut filled = 0;
         let result = loop {
-            if filled == buf.len() {
+            if filled == max {
                 break Ok(filled);
             }
-            match chunks.next(buf.len() - filled) {
+            match chunks.next(max - filled) {
                 Ok(Some(chunk)) => {
-                    buf[filled..filled + chunk.bytes.len()].copy_from_slice(&chunk.bytes);
+                    sink(&chunk.bytes);
                     filled += chunk.bytes.len();
                 }
                 Ok(None) if filled > 0 => break Ok(filled),

@@ -192,10 +192,16 @@ async fn main() -> anyhow::Result<()> {
     rows.push(row);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = (mib(stack.gateway.rss_kib()), mib(stack.agent.rss_kib()));
+    // The agent keeps idle connections to the app for its pool's idle timeout
+    // (`kakuremichi_agent::POOL_IDLE_TIMEOUT`, 30 s), and its pool looks for expired ones once
+    // per timeout: sampled again after both, once they are gone.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let later = (mib(stack.gateway.rss_kib()), mib(stack.agent.rss_kib()));
     let memory = format!(
-        "memory (RSS, MiB): gateway {:.0} idle, {:.0} peak with 500 connections, {:.0} 5 s after; \
-         agent {:.0} idle, {:.0} peak, {:.0} after",
-        idle.0, gw_peak, after.0, idle.1, agent_peak, after.1
+        "memory (RSS, MiB): gateway {:.0} idle, {:.0} peak with 500 connections, {:.0} 5 s after, \
+         {:.0} 65 s after; agent {:.0} idle, {:.0} peak, {:.0} 5 s after, {:.0} 65 s after \
+         (its pool's idle connections to the app closed)",
+        idle.0, gw_peak, after.0, later.0, idle.1, agent_peak, after.1, later.1
     );
     println!("{memory}");
     let idle_conns = idle_connections_cost(&stack, gateway, 10_000).await;
