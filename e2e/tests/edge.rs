@@ -543,8 +543,35 @@ async fn a_tcp_resource_puts_postgres_behind_the_agent_on_a_gateway_port_without
     .unwrap();
 }
 
+/// What an HTTP/3 request saw: the response's status and body, and how sending the request
+/// body ended (`None`: it was sent whole).
+struct H3Outcome {
+    status: u16,
+    body: Vec<u8>,
+    send_stopped: Option<h3::error::StreamError>,
+}
+
 /// `GET https://demo.localhost:<port><path>` over HTTP/3; returns the status and the body.
 async fn h3_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    let out = h3_request(port, http::Method::GET, path, 0).await;
+    // A server may stop reading a request it has answered (RFC 9114, 4.1): only with H3_NO_ERROR.
+    if let Some(e) = out.send_stopped {
+        assert_stopped_cleanly(&e);
+    }
+    (out.status, out.body)
+}
+
+fn assert_stopped_cleanly(e: &h3::error::StreamError) {
+    assert!(
+        matches!(e, h3::error::StreamError::RemoteTerminate { code, .. }
+            if *code == h3::error::Code::H3_NO_ERROR),
+        "the request stream was stopped with {e:?}, not H3_NO_ERROR"
+    );
+}
+
+/// An HTTP/3 request to `https://demo.localhost:<port><path>` sending a body of `body_len` bytes
+/// (with its Content-Length) in 16 KiB chunks, until the server stops reading.
+async fn h3_request(port: u16, method: http::Method, path: &str, body_len: usize) -> H3Outcome {
     use bytes::Buf as _;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -568,11 +595,26 @@ async fn h3_get(port: u16, path: &str) -> (u16, Vec<u8>) {
     let drive = tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
-    let req = http::Request::get(format!("https://{DEMO_HOST}:{port}{path}"))
-        .body(())
-        .unwrap();
-    let mut stream = send.send_request(req).await.unwrap();
-    stream.finish().await.unwrap();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://{DEMO_HOST}:{port}{path}"));
+    if body_len > 0 {
+        req = req.header(http::header::CONTENT_LENGTH, body_len);
+    }
+    let mut stream = send.send_request(req.body(()).unwrap()).await.unwrap();
+    let mut send_stopped = None;
+    let mut left = body_len;
+    while left > 0 && send_stopped.is_none() {
+        let n = left.min(16 * 1024);
+        left -= n;
+        send_stopped = stream
+            .send_data(bytes::Bytes::from(vec![b'x'; n]))
+            .await
+            .err();
+    }
+    if send_stopped.is_none() {
+        send_stopped = stream.finish().await.err();
+    }
     let resp = stream.recv_response().await.unwrap();
     let mut body = Vec::new();
     while let Some(mut chunk) = stream.recv_data().await.unwrap() {
@@ -581,7 +623,11 @@ async fn h3_get(port: u16, path: &str) -> (u16, Vec<u8>) {
     drop(send);
     drive.abort();
     endpoint.close(0u32.into(), b"done");
-    (resp.status().as_u16(), body)
+    H3Outcome {
+        status: resp.status().as_u16(),
+        body,
+        send_stopped,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,6 +659,32 @@ async fn http3_fetches_the_app_through_the_tunnel_and_https_advertises_it() {
     assert_eq!(status, 200);
     let h: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(h["x-forwarded-proto"].as_str(), Some("https"), "{h}");
+
+    // A body over the resource's cap is answered 413 at once, and the rest of it is refused with
+    // STOP_SENDING(H3_NO_ERROR), never QUIC's bare code 0 (which clients take as a failure). 8 MiB
+    // is more than the stream's flow-control window, so the client must hear the stop.
+    stack
+        .api
+        .patch(
+            &format!("/api/v1/resources/{}", stack.resource_id),
+            serde_json::json!({"limits": {"max_request_body_bytes": 1024}}),
+        )
+        .await
+        .unwrap();
+    let refused = kakuremichi_e2e::wait_for(
+        "the gateway to refuse a large HTTP/3 body",
+        Duration::from_secs(10),
+        || async {
+            let out = h3_request(https_port, http::Method::POST, "/echo", 8 << 20).await;
+            Ok((out.status == 413).then_some(out))
+        },
+    )
+    .await
+    .unwrap();
+    let stopped = refused
+        .send_stopped
+        .expect("the server read 8 MiB it had refused");
+    assert_stopped_cleanly(&stopped);
 
     // HTTPS over TCP says where HTTP/3 is.
     let (ok, out, err) = tokio::task::spawn_blocking(move || {

@@ -149,17 +149,26 @@ where
 {
     let (mut send, recv) = stream.split();
     // The request body, pulled from the QUIC stream as the upstream reads it.
-    let body = futures_util::stream::unfold(Some(recv), |recv| async move {
-        let mut recv = recv?;
-        match recv.recv_data().await {
-            Ok(Some(mut chunk)) => {
-                let bytes = chunk.copy_to_bytes(chunk.remaining());
-                Some((Ok(http_body::Frame::data(bytes)), Some(recv)))
+    let body = futures_util::stream::unfold(
+        Some(BodyReader {
+            stream: recv,
+            ended: false,
+        }),
+        |recv| async move {
+            let mut recv = recv?;
+            match recv.stream.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    let bytes = chunk.copy_to_bytes(chunk.remaining());
+                    Some((Ok(http_body::Frame::data(bytes)), Some(recv)))
+                }
+                Ok(None) => {
+                    recv.ended = true;
+                    None
+                }
+                Err(e) => Some((Err(Box::new(e) as BoxError), None)),
             }
-            Ok(None) => None,
-            Err(e) => Some((Err(Box::new(e) as BoxError), None)),
-        }
-    });
+        },
+    );
     let body: RequestBody = http_body_util::StreamBody::new(body).boxed_unsync();
     let response = proxy
         .handle_boxed(req.map(|()| body), client, "https")
@@ -180,4 +189,20 @@ where
     }
     send.finish().await?;
     Ok(())
+}
+
+/// The receiving half of a request stream. A request body the proxy stops reading before its end
+/// (a response that did not need it, a refused body) is stopped with `H3_NO_ERROR`, as RFC 9114
+/// section 4.1 asks, not with QUIC's implicit code 0, which clients report as an error.
+struct BodyReader<S: h3::quic::RecvStream> {
+    stream: h3::server::RequestStream<S, Bytes>,
+    ended: bool,
+}
+
+impl<S: h3::quic::RecvStream> Drop for BodyReader<S> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
+        }
+    }
 }
