@@ -332,13 +332,15 @@ impl Gateway {
         }
     }
 
-    /// Runs [`Gateway::remember_endpoints`] every `every`, forever.
+    /// Runs [`Gateway::remember_endpoints`] every `every`, forever, and closes the kept upstream
+    /// connections that have been idle too long.
     pub async fn run_endpoint_memory(self, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.remember_endpoints();
+            self.inner.proxy.sweep_idle();
         }
     }
 

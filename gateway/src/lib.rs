@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod gateway;
 pub mod h3;
+pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod ports;

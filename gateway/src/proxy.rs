@@ -1,8 +1,10 @@
 //! The HTTP/1.1 reverse proxy: hyper on both sides, streaming bodies, clear error pages.
 //!
-//! Every request goes to its upstream on a stream of its own (a QUIC stream through the tunnel
-//! in production): there is no pool of upstream connections, so none can go stale or keep
-//! reaching a target that was changed. The agent keeps the kernel-TCP connections to targets.
+//! Requests go to their upstream as HTTP/1.1 on streams (QUIC streams through the tunnel in
+//! production), one request at a time per stream; a stream whose response was read to its end is
+//! kept for the next request to the same backend ([`crate::idle`]). Every stream names its
+//! resource and the agent ends the streams of a target that changes, so a kept one cannot keep
+//! reaching an old target. The agent keeps the kernel-TCP connections to targets.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,6 +30,7 @@ use tracing::Instrument as _;
 
 use crate::balance::{BackendPool, Lease};
 use crate::body::{Guarded, Trip, Tripped};
+use crate::idle::{GiveBack, IdleStreams};
 use crate::metrics::Metrics;
 use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
@@ -40,6 +43,17 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every request the proxy forwards: HTTP/1.1 and HTTP/2 bodies (hyper's) and HTTP/3
 /// bodies alike.
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why sending a request upstream failed.
+#[derive(Debug, thiserror::Error)]
+enum SendFailure {
+    /// The upstream connection failed.
+    #[error("{0}")]
+    Upstream(hyper::Error),
+    /// A fresh stream, after a kept one was found closed, could not be opened.
+    #[error("{0}")]
+    Open(ProxyError),
+}
 
 /// A byte stream to an upstream (a tunnel stream in production, TCP in some tests).
 pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -327,6 +341,7 @@ pub struct Proxy {
     trusted_proxies: Vec<IpNet>,
     https_port: Option<u16>,
     pool: Arc<BackendPool>,
+    idle: Arc<IdleStreams>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -356,7 +371,18 @@ impl Proxy {
             trusted_proxies,
             https_port,
             pool,
+            idle: Arc::default(),
         }
+    }
+
+    /// Closes the kept upstream connections that are idle too long or closed by their agent.
+    pub fn sweep_idle(&self) {
+        self.idle.sweep(Instant::now());
+    }
+
+    /// Kept upstream connections, idle now.
+    pub fn idle_upstreams(&self) -> usize {
+        self.idle.len()
     }
 
     /// The redirect of a plain-HTTP request to HTTPS, for a resource that asks for it and a
@@ -670,12 +696,23 @@ impl Proxy {
                 None if replayable => Empty::new().map_err(|n| match n {}).boxed_unsync(),
                 None => return Err(last_error),
             };
-            let mut attempt = Request::new(attempt_body);
-            *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = parts.uri.clone();
-            *attempt.version_mut() = parts.version;
-            *attempt.headers_mut() = parts.headers.clone();
-            let mut sender = match self.connect(&target.dial(lease.backend), host).await {
+            let request_with = |body: RequestBody| {
+                let mut r = Request::new(body);
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = parts.headers.clone();
+                r
+            };
+            let attempt = request_with(attempt_body);
+            let dial = target.dial(lease.backend);
+            let kept = self.idle.take(&dial, Instant::now());
+            let reused = kept.is_some();
+            let fresh = match kept {
+                Some(s) => Ok(s),
+                None => self.connect(&dial, host).await,
+            };
+            let mut sender = match fresh {
                 Ok(s) => s,
                 Err(e @ ProxyError::Timeout(_)) | Err(e @ ProxyError::Offline(_)) if more => {
                     // Nothing was sent: any request may go elsewhere, its body unread.
@@ -699,8 +736,44 @@ impl Proxy {
                 body_state.ended().await;
                 tokio::time::sleep(response_timeout).await;
             };
+            let send = async {
+                if !reused {
+                    return sender
+                        .send_request(attempt)
+                        .await
+                        .map_err(SendFailure::Upstream);
+                }
+                // A kept connection that the agent closed meanwhile (its target changed, or the
+                // stream was lost) gives the request back unsent, or fails it before any answer:
+                // the request goes once more on a fresh stream to the same backend, if it was
+                // not sent or can be sent again.
+                let again = match sender.try_send_request(attempt).await {
+                    Ok(response) => return Ok(response),
+                    Err(mut e) => {
+                        let unsent = e.take_message();
+                        if !self.pool.usable(lease.backend) {
+                            // The agent is gone (its health stream fell silent): a fresh
+                            // stream would only wait for it too.
+                            return Err(SendFailure::Upstream(e.into_error()));
+                        }
+                        match unsent {
+                            Some(unsent) => unsent,
+                            None if replayable && idempotent => {
+                                request_with(Empty::new().map_err(|n| match n {}).boxed_unsync())
+                            }
+                            None => return Err(SendFailure::Upstream(e.into_error())),
+                        }
+                    }
+                };
+                tracing::debug!(backend = %lease.backend, "kept upstream connection closed: a fresh stream");
+                sender = self.connect(&dial, host).await.map_err(SendFailure::Open)?;
+                sender
+                    .send_request(again)
+                    .await
+                    .map_err(SendFailure::Upstream)
+            };
             let response = tokio::select! {
-                r = sender.send_request(attempt) => match r {
+                r = send => match r {
                     Ok(response) => response,
                     Err(error) => {
                         tracing::warn!(%error, %host, backend = %lease.backend, "upstream request failed");
@@ -741,10 +814,13 @@ impl Proxy {
                 }
             }
 
-            // The stream ends with the response body: dropping the sender lets the client
-            // connection finish once the body is read.
-            drop(sender);
+            // The connection is kept for the next request once the body has been read to its
+            // end; a request that asked to upgrade leaves it to close with the body.
             let (mut parts, body) = response.into_parts();
+            let body = match client_upgrade {
+                None => GiveBack::new(body, sender, dial, Arc::clone(&self.idle)),
+                Some(_) => GiveBack::closing(body),
+            };
             strip_hop_by_hop(&mut parts.headers);
             if target.sticky && sticky != Some(lease.backend) {
                 let secure = if proto == "https" { "; Secure" } else { "" };
@@ -1031,5 +1107,149 @@ mod tests {
         let body = String::from_utf8(body.to_vec()).unwrap();
         assert!(body.contains("404 Not Found"));
         assert!(body.contains("no resource is published at &lt;b&gt;"));
+    }
+}
+
+#[cfg(test)]
+mod kept_connection_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use kakuremichi_proto::{Route, RouteProtocol};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    use super::*;
+
+    impl UpstreamStream for DuplexStream {}
+
+    /// Upstream streams as in-memory pipes, each served by a scripted HTTP/1.1 server: the first
+    /// answers one request and then closes on the next one unanswered (as an agent does when the
+    /// target changes under a kept stream); later ones answer every request.
+    #[derive(Default)]
+    struct Scripted {
+        opened: AtomicUsize,
+    }
+
+    async fn read_head(io: &mut DuplexStream) -> bool {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match io.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn answer(io: &mut DuplexStream, body: &str) {
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        io.write_all(response.as_bytes()).await.unwrap();
+    }
+
+    impl Upstream for Scripted {
+        fn connect<'a>(
+            &'a self,
+            _target: &'a Dial,
+        ) -> Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send + 'a>> {
+            Box::pin(async move {
+                let n = self.opened.fetch_add(1, Ordering::SeqCst);
+                let (client, mut server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(async move {
+                    if n == 0 {
+                        if read_head(&mut server).await {
+                            answer(&mut server, "kept").await;
+                        }
+                        // The next request is read and never answered: the stream ends.
+                        read_head(&mut server).await;
+                        return;
+                    }
+                    while read_head(&mut server).await {
+                        answer(&mut server, "fresh").await;
+                    }
+                });
+                Ok(Box::new(client) as UpstreamIo)
+            })
+        }
+    }
+
+    fn proxy(upstream: Arc<Scripted>) -> Proxy {
+        let route = Route {
+            resource_id: uuid::Uuid::from_u128(7),
+            hostname: "demo.localhost".into(),
+            protocol: RouteProtocol::Http,
+            site_id: uuid::Uuid::from_u128(2),
+            overlay_address: std::net::Ipv4Addr::new(100, 64, 0, 2),
+            port: 10000,
+            public_port: None,
+            redirect_https: false,
+            hsts_max_age: None,
+            more_backends: vec![],
+            balance: Default::default(),
+            sticky: false,
+            limits: Default::default(),
+            proxy_protocol: false,
+        };
+        let routes = Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&[route]))));
+        Proxy::new(
+            routes,
+            upstream,
+            ProxyTimeouts::default(),
+            Arc::default(),
+            Vec::new(),
+            None,
+            Arc::default(),
+        )
+    }
+
+    async fn get(proxy: &Proxy, method: http::Method) -> (u16, Bytes) {
+        let req = Request::builder()
+            .method(method)
+            .uri("/")
+            .header(header::HOST, "demo.localhost")
+            .body(Empty::new().map_err(|n| match n {}).boxed_unsync())
+            .unwrap();
+        let client: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let response = proxy.handle_boxed(req, client, "http").await;
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_kept_connection_that_closes_unanswered_goes_on_a_fresh_stream() {
+        let upstream = Arc::new(Scripted::default());
+        let proxy = proxy(Arc::clone(&upstream));
+        assert_eq!(get(&proxy, http::Method::GET).await, (200, "kept".into()));
+        // The first stream is kept once its body has been read...
+        tokio::task::yield_now().await;
+        assert_eq!(proxy.idle_upstreams(), 1);
+        // ...and reused: it takes the request and closes unanswered; the request is sent again
+        // on a fresh stream (idempotent, no body), and the client never sees the failure.
+        assert_eq!(get(&proxy, http::Method::GET).await, (200, "fresh".into()));
+        assert_eq!(upstream.opened.load(Ordering::SeqCst), 2);
+        // The fresh stream is kept and serves the next requests alone.
+        for _ in 0..5 {
+            assert_eq!(get(&proxy, http::Method::GET).await, (200, "fresh".into()));
+        }
+        assert_eq!(upstream.opened.load(Ordering::SeqCst), 2);
+        assert_eq!(proxy.idle_upstreams(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_post_sent_on_a_kept_connection_that_closes_is_not_sent_twice() {
+        let upstream = Arc::new(Scripted::default());
+        let proxy = proxy(Arc::clone(&upstream));
+        assert_eq!(get(&proxy, http::Method::GET).await, (200, "kept".into()));
+        tokio::task::yield_now().await;
+        // A POST reached the upstream before the stream ended: it may have had its effect, so
+        // it is not repeated; the client gets the gateway's 502.
+        let (status, _) = get(&proxy, http::Method::POST).await;
+        assert_eq!(status, 502);
+        assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
     }
 }

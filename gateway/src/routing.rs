@@ -89,7 +89,7 @@ impl RouteTarget {
 }
 
 /// One stream to open: to which agent and port, carrying what, for which resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dial {
     /// The resource (nil for health streams).
     pub resource_id: Uuid,

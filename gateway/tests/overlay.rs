@@ -462,3 +462,65 @@ async fn restarted_gateway_reaches_natted_agent_from_remembered_endpoint() {
     .expect("traffic did not resume within 5 s after the restart");
     assert_eq!(status, 200, "after {:?}", started.elapsed());
 }
+
+/// An app that answers every request with `tag`.
+async fn tagged_app(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        tag.as_bytes(),
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_share_a_kept_stream_that_a_retarget_closes_without_a_failure() {
+    let s = setup().await;
+    let first = tagged_app("first").await;
+    let second = tagged_app("second").await;
+    let gw_endpoint = s.gateway.tunnel().unwrap().local_addr();
+    let gw_public = kakuremichi_tunnel::public_key(&s.gw_key);
+    let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let retarget = |version: u64, app: SocketAddr| {
+        let mut snapshot = agent_snapshot(gw_public, gw_endpoint, app, dead);
+        snapshot.version = version;
+        snapshot
+    };
+    s.agent.apply(retarget(2, first), true).await.unwrap();
+
+    // Twenty requests, each from a new client connection, one after the other: the gateway
+    // keeps one stream to the agent and sends them all on it.
+    for _ in 0..20 {
+        let (status, _, body) = tokio::time::timeout(
+            Duration::from_secs(15),
+            send(s.http, get("demo.localhost", "/")),
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, &body[..]), (200, &b"first"[..]));
+    }
+    assert_eq!(s.gateway.proxy().idle_upstreams(), 1);
+    // The agent holds that stream and the health stream (the others would have ended).
+    assert_eq!(s.agent.tunnel().unwrap().stream_count(), 2);
+
+    // The target changes: the agent ends the kept stream, and every request after the change
+    // reaches the new target; none fails, none reaches the old one.
+    s.agent.apply(retarget(3, second), true).await.unwrap();
+    for _ in 0..20 {
+        let (status, _, body) = send(s.http, get("demo.localhost", "/")).await;
+        assert_eq!((status, &body[..]), (200, &b"second"[..]));
+    }
+    assert_eq!(s.gateway.proxy().idle_upstreams(), 1);
+}

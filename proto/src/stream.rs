@@ -11,7 +11,7 @@
 use uuid::Uuid;
 
 /// What a stream carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
     /// One HTTP/1.1 exchange (a request and its response, or an upgraded connection).
     Http,
