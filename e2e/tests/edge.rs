@@ -633,12 +633,18 @@ async fn h3_request(port: u16, method: http::Method, path: &str, body_len: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_fetches_the_app_through_the_tunnel_and_https_advertises_it() {
     let https_port = free_tcp_port();
+    let metrics_port = free_tcp_port();
     let mut opts = StackOptions::loopback();
+    // A cap of one handshake in progress: every new client proves its address by a Retry first.
     opts.gateway_args = vec![
         "--https-listen".into(),
         format!("127.0.0.1:{https_port}"),
         "--tls-self-signed".into(),
         "--http3".into(),
+        "--max-quic-handshakes".into(),
+        "1".into(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{metrics_port}"),
     ];
     let stack = Stack::start_with(opts).await.unwrap();
     stack.wait_serving(Duration::from_secs(20)).await.unwrap();
@@ -648,6 +654,15 @@ async fn http3_fetches_the_app_through_the_tunnel_and_https_advertises_it() {
         .expect("HTTP/3 request timed out");
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("kakuremichi demo app"));
+    let retries = metric(
+        metrics_port,
+        "kakuremichi_gateway_connections_refused_total{reason=\"quic_retry\"}",
+    )
+    .await;
+    assert!(
+        retries >= 1,
+        "the client was not asked to prove its address"
+    );
     let (status, body) = h3_get(https_port, "/bytes/1000000").await;
     assert_eq!(status, 200);
     assert_eq!(body.len(), 1_000_000);

@@ -101,6 +101,10 @@ pub struct Cli {
     /// Largest request head in bytes; bigger heads get 431 [default: 65536, at least 8192].
     #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// HTTP/3 handshakes in progress at most; past half of it a client proves its address with a
+    /// stateless Retry first [default: 512].
+    #[arg(long, env = "KAKUREMICHI_GATEWAY_MAX_QUIC_HANDSHAKES")]
+    pub max_quic_handshakes: Option<usize>,
 }
 
 /// The `--config` file.
@@ -130,6 +134,7 @@ pub struct FileConfig {
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
     max_header_bytes: Option<usize>,
+    max_quic_handshakes: Option<usize>,
 }
 
 /// Validated settings.
@@ -306,6 +311,11 @@ impl Cli {
                         d.max_connections_per_client,
                     )?,
                     max_header_bytes,
+                    max_quic_handshakes: positive(
+                        self.max_quic_handshakes.or(file.max_quic_handshakes),
+                        "max QUIC handshakes",
+                        d.max_quic_handshakes,
+                    )?,
                 }
             },
             tcp_listen_ip: self
@@ -359,6 +369,8 @@ mod tests {
             "2s",
             "--max-connections-per-client",
             "7",
+            "--max-quic-handshakes",
+            "64",
         ]);
         let s = cli.resolve().unwrap();
         assert_eq!(s.trusted_proxies.len(), 2);
@@ -366,6 +378,7 @@ mod tests {
         assert_eq!(s.limits.header_read_timeout, Duration::from_secs(2));
         assert_eq!(s.limits.max_connections_per_client, 7);
         assert_eq!(s.limits.max_connections, 20_000);
+        assert_eq!(s.limits.max_quic_handshakes, 64);
         assert_eq!(s.body_timeout, Duration::from_secs(60));
         assert!(s.https.is_none());
         let s = Cli::parse_from([
@@ -384,6 +397,7 @@ mod tests {
             vec!["--trusted-proxies", "nope"],
             vec!["--max-connections", "0"],
             vec!["--max-header-bytes", "100"],
+            vec!["--max-quic-handshakes", "0"],
         ] {
             let mut args = vec!["kakuremichi-gateway", "--data-dir", "/tmp/gw"];
             args.extend(bad.iter().copied());

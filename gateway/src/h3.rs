@@ -3,10 +3,13 @@
 //! HTTP/2. HTTPS responses advertise it with `Alt-Svc`.
 //!
 //! Limits: connections are admitted against the same per-client and global caps (a refused
-//! client's Initial is answered with a refusal, no state kept); at most 100 concurrent request
-//! streams per connection; 30 s idle timeout.
+//! client's Initial is answered with a refusal, no state kept); handshakes in progress are capped
+//! (`--max-quic-handshakes`), and past half of the cap a client must prove its address with a
+//! stateless Retry before any state is kept for it; at most 100 concurrent request streams per
+//! connection; 30 s idle timeout.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +64,7 @@ pub async fn serve_h3(
     )?;
     let admission = Admission::new(&limits);
     let metrics = proxy.metrics();
+    let handshaking = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
@@ -70,6 +74,25 @@ pub async fn serve_h3(
             _ = stopping(&mut shutdown) => break,
         };
         let client = incoming.remote_address();
+        match handshake_verdict(
+            handshaking.load(Ordering::Relaxed),
+            limits.max_quic_handshakes,
+            incoming.remote_address_validated(),
+        ) {
+            HandshakeVerdict::Start => {}
+            HandshakeVerdict::Retry => {
+                metrics.record_refused_connection("quic_retry");
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            HandshakeVerdict::Refuse => {
+                metrics.record_refused_connection("quic_handshakes");
+                incoming.refuse();
+                continue;
+            }
+        }
         let admitted = match admission.admit(client.ip()) {
             Ok(a) => a,
             Err(refusal) => {
@@ -79,10 +102,13 @@ pub async fn serve_h3(
             }
         };
         let proxy = Arc::clone(&proxy);
+        let handshake = Handshaking::start(&handshaking);
         tokio::spawn(
             async move {
                 let _admitted = admitted;
-                let conn = match incoming.await {
+                let conn = incoming.await;
+                drop(handshake);
+                let conn = match conn {
                     Ok(c) => c,
                     Err(error) => {
                         tracing::debug!(%error, "QUIC handshake failed");
@@ -97,6 +123,46 @@ pub async fn serve_h3(
     endpoint.close(0u32.into(), b"shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// What becomes of a new QUIC connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeVerdict {
+    /// Its handshake starts.
+    Start,
+    /// It is answered with a stateless Retry, so that it proves its address first (a flood from
+    /// spoofed addresses then costs no state).
+    Retry,
+    /// It is refused: too many handshakes are in progress.
+    Refuse,
+}
+
+/// The verdict on a new connection attempt, with `in_progress` handshakes under way out of at
+/// most `max`: past half of them, clients prove their address first; at the cap, none starts.
+pub fn handshake_verdict(in_progress: usize, max: usize, validated: bool) -> HandshakeVerdict {
+    if in_progress >= max {
+        HandshakeVerdict::Refuse
+    } else if !validated && in_progress >= max / 2 {
+        HandshakeVerdict::Retry
+    } else {
+        HandshakeVerdict::Start
+    }
+}
+
+/// Counts one handshake in progress until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Handshaking(Arc::clone(count))
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn serve_connection(conn: quinn::Connection, client: SocketAddr, proxy: Arc<Proxy>) {
@@ -204,5 +270,25 @@ impl<S: h3::quic::RecvStream> Drop for BodyReader<S> {
         if !self.ended {
             self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_past_half_the_cap_prove_their_address_and_none_start_at_the_cap() {
+        use HandshakeVerdict::*;
+        assert_eq!(handshake_verdict(0, 512, false), Start);
+        assert_eq!(handshake_verdict(255, 512, false), Start);
+        assert_eq!(handshake_verdict(256, 512, false), Retry);
+        assert_eq!(handshake_verdict(256, 512, true), Start);
+        assert_eq!(handshake_verdict(511, 512, true), Start);
+        assert_eq!(handshake_verdict(512, 512, true), Refuse);
+        assert_eq!(handshake_verdict(512, 512, false), Refuse);
+        // A cap of one: every unproven client is asked to prove its address.
+        assert_eq!(handshake_verdict(0, 1, false), Retry);
+        assert_eq!(handshake_verdict(0, 1, true), Start);
     }
 }

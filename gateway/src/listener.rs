@@ -31,6 +31,9 @@ pub struct ListenerLimits {
     pub max_connections_per_client: usize,
     /// Largest request head, in bytes (at least 8 KiB).
     pub max_header_bytes: usize,
+    /// QUIC (HTTP/3) handshakes in progress at most; past half of it, a client must prove its
+    /// address with a stateless Retry before its handshake starts.
+    pub max_quic_handshakes: usize,
 }
 
 impl Default for ListenerLimits {
@@ -40,6 +43,7 @@ impl Default for ListenerLimits {
             max_connections: 20_000,
             max_connections_per_client: 512,
             max_header_bytes: 64 * 1024,
+            max_quic_handshakes: 512,
         }
     }
 }
