@@ -27,7 +27,7 @@ use crate::routing::Dial;
 /// How long an idle connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per backend.
-pub const MAX_IDLE_PER_BACKEND: usize = 256;
+pub const MAX_IDLE_PER_BACKEND: usize = 1024;
 
 struct Idle {
     sender: SendRequest<RequestBody>,
