@@ -130,7 +130,7 @@ impl EndpointHints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kakuremichi_proto::{NodeKind, OverlayConfig, RouteProtocol};
+    use kakuremichi_proto::{NodeKind, OverlayConfig};
     use std::net::Ipv4Addr;
     use uuid::Uuid;
 
@@ -147,22 +147,13 @@ mod tests {
     }
 
     fn route(host: &str, port: u16) -> Route {
-        Route {
-            resource_id: Uuid::from_u128(port as u128),
-            hostname: host.into(),
-            protocol: RouteProtocol::Http,
-            site_id: Uuid::from_u128(2),
-            overlay_address: Ipv4Addr::new(100, 64, 0, 2),
+        Route::http(
+            Uuid::from_u128(port as u128),
+            host,
+            Uuid::from_u128(2),
+            Ipv4Addr::new(100, 64, 0, 2),
             port,
-            public_port: None,
-            redirect_https: false,
-            hsts_max_age: None,
-            more_backends: vec![],
-            balance: Default::default(),
-            sticky: false,
-            limits: Default::default(),
-            proxy_protocol: false,
-        }
+        )
     }
 
     fn snap(version: u64, peers: Vec<PeerConfig>, routes: Vec<Route>) -> ConfigSnapshot {

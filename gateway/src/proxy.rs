@@ -1114,7 +1114,7 @@ mod tests {
 mod kept_connection_tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use kakuremichi_proto::{Route, RouteProtocol};
+    use kakuremichi_proto::Route;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
     use super::*;
@@ -1176,22 +1176,13 @@ mod kept_connection_tests {
     }
 
     fn proxy(upstream: Arc<Scripted>) -> Proxy {
-        let route = Route {
-            resource_id: uuid::Uuid::from_u128(7),
-            hostname: "demo.localhost".into(),
-            protocol: RouteProtocol::Http,
-            site_id: uuid::Uuid::from_u128(2),
-            overlay_address: std::net::Ipv4Addr::new(100, 64, 0, 2),
-            port: 10000,
-            public_port: None,
-            redirect_https: false,
-            hsts_max_age: None,
-            more_backends: vec![],
-            balance: Default::default(),
-            sticky: false,
-            limits: Default::default(),
-            proxy_protocol: false,
-        };
+        let route = Route::http(
+            uuid::Uuid::from_u128(7),
+            "demo.localhost",
+            uuid::Uuid::from_u128(2),
+            std::net::Ipv4Addr::new(100, 64, 0, 2),
+            10000,
+        );
         let routes = Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&[route]))));
         Proxy::new(
             routes,

@@ -396,27 +396,20 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<rustls::ServerCo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kakuremichi_proto::{Route, RouteProtocol};
+    use kakuremichi_proto::Route;
 
     fn routes(hosts: &[&str]) -> Arc<RwLock<Arc<RouteTable>>> {
         let routes: Vec<Route> = hosts
             .iter()
             .enumerate()
-            .map(|(i, h)| Route {
-                resource_id: uuid::Uuid::from_u128(i as u128 + 1),
-                hostname: (*h).to_owned(),
-                protocol: RouteProtocol::Http,
-                site_id: uuid::Uuid::from_u128(100),
-                overlay_address: std::net::Ipv4Addr::new(100, 64, 0, 2),
-                port: 10000,
-                public_port: None,
-                redirect_https: false,
-                hsts_max_age: None,
-                more_backends: vec![],
-                balance: Default::default(),
-                sticky: false,
-                limits: Default::default(),
-                proxy_protocol: false,
+            .map(|(i, h)| {
+                Route::http(
+                    uuid::Uuid::from_u128(i as u128 + 1),
+                    h,
+                    uuid::Uuid::from_u128(100),
+                    std::net::Ipv4Addr::new(100, 64, 0, 2),
+                    10000,
+                )
             })
             .collect();
         Arc::new(RwLock::new(Arc::new(RouteTable::from_routes(&routes))))

@@ -86,21 +86,14 @@ async fn app() -> SocketAddr {
 }
 
 fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
-    let route = |host: &str, port: u16| Route {
-        resource_id: Uuid::from_u128(port as u128),
-        hostname: host.into(),
-        protocol: RouteProtocol::Http,
-        site_id: Uuid::from_u128(2),
-        overlay_address: AGENT_OVERLAY,
-        port,
-        public_port: None,
-        redirect_https: false,
-        hsts_max_age: None,
-        more_backends: vec![],
-        balance: Default::default(),
-        sticky: false,
-        limits: Default::default(),
-        proxy_protocol: false,
+    let route = |host: &str, port: u16| {
+        Route::http(
+            Uuid::from_u128(port as u128),
+            host,
+            Uuid::from_u128(2),
+            AGENT_OVERLAY,
+            port,
+        )
     };
     ConfigSnapshot {
         version: 1,

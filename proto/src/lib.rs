@@ -443,6 +443,35 @@ pub struct Route {
     pub proxy_protocol: bool,
 }
 
+impl Route {
+    /// A plain HTTP route with every option at its default: `hostname` to `overlay_address:port`,
+    /// one target on `site_id`.
+    pub fn http(
+        resource_id: Uuid,
+        hostname: &str,
+        site_id: Uuid,
+        overlay_address: Ipv4Addr,
+        port: u16,
+    ) -> Route {
+        Route {
+            resource_id,
+            hostname: hostname.to_owned(),
+            protocol: RouteProtocol::Http,
+            site_id,
+            overlay_address,
+            port,
+            public_port: None,
+            redirect_https: false,
+            hsts_max_age: None,
+            more_backends: vec![],
+            balance: Default::default(),
+            sticky: false,
+            limits: Default::default(),
+            proxy_protocol: false,
+        }
+    }
+}
+
 /// Per-resource limits a gateway enforces; an absent field takes the gateway's own setting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
