@@ -84,6 +84,7 @@ mod tests {
             targets,
             certificates: vec![],
             acme_challenges: vec![],
+            identity: None,
         }
     }
 

@@ -26,7 +26,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let cached_version =
         process::serve_cached_config(agent.cached_config(), |s| agent.apply(s, false)).await?;
-    let channel = process::spawn_channel(
+    let (channel, _state) = process::spawn_channel(
         &state,
         settings.data_dir.clone(),
         Arc::new(agent.clone()),

@@ -39,6 +39,10 @@ pub struct FileConfig {
     pub max_handshakes: Option<usize>,
     /// The file holding the key that seals private keys at rest.
     pub secrets_key_file: Option<PathBuf>,
+    /// The URL browsers reach control at (sign-in pages, token issuer).
+    pub public_url: Option<String>,
+    /// Sign-in attempts per minute from one client address.
+    pub sign_in_per_minute: Option<u32>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -256,7 +260,14 @@ pub struct Settings {
     pub secrets_key_file: PathBuf,
     /// Certificates by ACME, if configured.
     pub acme: Option<crate::acme::AcmeSettings>,
+    /// The URL browsers reach control at, without a trailing slash.
+    pub public_url: String,
+    /// Sign-in attempts per minute from one client address.
+    pub sign_in_per_minute: u32,
 }
+
+/// Default sign-in attempts per minute from one client address.
+pub const DEFAULT_SIGN_IN_PER_MINUTE: u32 = 20;
 
 /// Default PostgreSQL pool size.
 pub const DEFAULT_DATABASE_MAX_CONNECTIONS: u32 = 8;
@@ -288,6 +299,10 @@ pub struct RawSettings {
     pub max_handshakes: Option<usize>,
     /// The secrets key file.
     pub secrets_key_file: Option<PathBuf>,
+    /// Public URL.
+    pub public_url: Option<String>,
+    /// Sign-in attempts per minute per client address.
+    pub sign_in_per_minute: Option<u32>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -308,6 +323,8 @@ impl RawSettings {
             max_connections: self.max_connections.or(file.max_connections),
             max_handshakes: self.max_handshakes.or(file.max_handshakes),
             secrets_key_file: self.secrets_key_file.or(file.secrets_key_file),
+            public_url: self.public_url.or(file.public_url),
+            sign_in_per_minute: self.sign_in_per_minute.or(file.sign_in_per_minute),
             acme: self.acme.over(file.acme),
         }
     }
@@ -379,7 +396,36 @@ impl RawSettings {
             .secrets_key_file
             .unwrap_or_else(|| data_dir.join("secrets.key"));
         let acme = self.acme.validate()?;
+        let public_url = match self.public_url {
+            None => format!("http://{listen}"),
+            Some(u) => {
+                let t = u.trim().trim_end_matches('/');
+                let rest = t
+                    .strip_prefix("https://")
+                    .or_else(|| t.strip_prefix("http://"));
+                if rest.is_none_or(|r| r.is_empty() || r.contains(['/', '?', '#', ' '])) {
+                    return Err(ConfigError::Invalid {
+                        setting: "public URL",
+                        message: format!(
+                            "{u:?} is not an http(s) origin such as https://control.example.com"
+                        ),
+                    });
+                }
+                t.to_owned()
+            }
+        };
+        let sign_in_per_minute = match self.sign_in_per_minute {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    setting: "sign-in attempts per minute",
+                    message: "must be at least 1".into(),
+                })
+            }
+            v => v.unwrap_or(DEFAULT_SIGN_IN_PER_MINUTE),
+        };
         Ok(Settings {
+            public_url,
+            sign_in_per_minute,
             secrets_key_file,
             acme,
             listen,

@@ -401,6 +401,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         targets,
         certificates,
         acme_challenges,
+        identity,
     } = a;
     *node_id == b.node_id
         && *kind == b.kind
@@ -410,6 +411,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         && *targets == b.targets
         && *certificates == b.certificates
         && *acme_challenges == b.acme_challenges
+        && *identity == b.identity
 }
 
 enum Push {

@@ -15,11 +15,13 @@
 pub mod acme;
 pub mod activity;
 pub mod api;
+pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod dns;
 pub mod error;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
 pub mod overlay;
 pub mod seal;
@@ -102,6 +104,8 @@ pub struct AppState {
     shutdown: Arc<watch::Sender<bool>>,
     /// ACME settings, when control orders certificates.
     pub acme: Option<Arc<crate::acme::AcmeSettings>>,
+    /// The sign-in rate limit per client address.
+    pub sign_in: Arc<crate::identity::SignInLimits>,
 }
 
 impl AppState {
@@ -124,6 +128,7 @@ impl AppState {
             world: Arc::default(),
             shutdown: Arc::new(shutdown),
             acme: None,
+            sign_in: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());
@@ -211,6 +216,7 @@ pub async fn until_set(rx: &mut watch::Receiver<bool>) {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api::router(state.clone()))
+        .merge(auth::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

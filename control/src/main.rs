@@ -52,6 +52,13 @@ struct Cli {
     /// DATA_DIR/secrets.key.
     #[arg(long, env = "KAKUREMICHI_SECRETS_KEY_FILE")]
     secrets_key_file: Option<PathBuf>,
+    /// The URL browsers reach control at: sign-in pages and the issuer of session tokens
+    /// (e.g. https://control.example.com). Default http://LISTEN.
+    #[arg(long, env = "KAKUREMICHI_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Sign-in attempts per minute from one client address; more are answered 429. Default 20.
+    #[arg(long, env = "KAKUREMICHI_SIGN_IN_PER_MINUTE")]
+    sign_in_per_minute: Option<u32>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -191,6 +198,8 @@ async fn main() -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         max_handshakes: cli.max_handshakes,
         secrets_key_file: cli.secrets_key_file,
+        public_url: cli.public_url,
+        sign_in_per_minute: cli.sign_in_per_minute,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -224,11 +233,16 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("cannot open the database")?
-    .with_enrollment_token_ttl(settings.enrollment_token_ttl);
+    .with_enrollment_token_ttl(settings.enrollment_token_ttl)
+    .with_public_url(&settings.public_url);
     let sealer = kakuremichi_control::seal::Sealer::from_file(&settings.secrets_key_file, true)
         .context("cannot set up the secrets key")?;
     let store = store.with_sealer(std::sync::Arc::new(sealer));
     restrict(&settings.data_dir, sqlite)?;
+    store
+        .ensure_signing_key()
+        .await
+        .context("cannot set up the key that signs session tokens")?;
     if let Some(key) = store
         .ensure_admin_key(settings.initial_admin_key.as_ref())
         .await
@@ -243,6 +257,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut state = AppState::with_timing(store.clone(), timing);
     state.acme = settings.acme.clone().map(std::sync::Arc::new);
+    state.sign_in = std::sync::Arc::new(kakuremichi_control::identity::SignInLimits::new(
+        settings.sign_in_per_minute,
+    ));
     // A deep accept queue (the kernel caps it at net.core.somaxconn): a fleet reconnecting after
     // a restart opens its WebSockets all at once.
     let socket = match settings.listen {

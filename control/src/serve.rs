@@ -91,6 +91,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(slot.clone());
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
                 let router = router.clone();
                 async move {
                     let answer: Result<_, Infallible> =

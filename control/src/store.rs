@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kakuremichi_proto::identity::AccessPolicy;
 use kakuremichi_proto::{
     Balance, ConfigSnapshot, EnrollResponse, HealthCheck, Limits, NodeKind, RouteProtocol, Secret,
     StatusReport, WgPublicKey,
@@ -27,8 +28,12 @@ use crate::secrets::{self, HashError};
 use crate::world::{World, WorldNode};
 
 mod certificates;
+mod identity;
 pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
+};
+pub use identity::{
+    NewUser, PublishedKey, Session, Signer, User, UserPatch, BUILT_IN_ROLES, SESSION_PREFIX,
 };
 
 /// The first overlay port given to a resource on its site.
@@ -188,6 +193,8 @@ pub struct Resource {
     pub proxy_protocol: bool,
     /// Targets beside the primary one (`site_id`, `target`), oldest first.
     pub more_targets: Vec<ResourceTarget>,
+    /// HTTP: who may reach it; `None` is public.
+    pub access: Option<AccessPolicy>,
 }
 
 /// One more target of a resource.
@@ -256,6 +263,8 @@ pub struct NewResource {
     pub proxy_protocol: bool,
     /// Further targets.
     pub more_targets: Vec<NewTarget>,
+    /// HTTP: who may reach it; `None` is public.
+    pub access: Option<AccessPolicy>,
 }
 
 /// Changes to a resource (already validated); `None` keeps the field.
@@ -285,6 +294,8 @@ pub struct ResourcePatch {
     pub limits: Option<Limits>,
     /// PROXY protocol v2 on or off (TCP).
     pub proxy_protocol: Option<bool>,
+    /// New access policy; `Some(None)` makes the resource public (HTTP).
+    pub access: Option<Option<AccessPolicy>>,
 }
 
 fn table(kind: NodeKind) -> &'static str {
@@ -391,6 +402,10 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
             .unwrap_or_default(),
         proxy_protocol: row.try_get::<i64, _>("proxy_protocol")? != 0,
         more_targets: Vec::new(),
+        access: row
+            .try_get::<Option<String>, _>("access")?
+            .map(|j| serde_json::from_str(&j).map_err(corrupt))
+            .transpose()?,
     })
 }
 
@@ -451,6 +466,12 @@ fn limits_json(l: &Limits) -> Result<Option<String>> {
     serde_json::to_string(l).map(Some).map_err(corrupt)
 }
 
+fn access_json(a: &Option<AccessPolicy>) -> Result<Option<String>> {
+    a.as_ref()
+        .map(|a| serde_json::to_string(a).map_err(corrupt))
+        .transpose()
+}
+
 /// The store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -463,7 +484,12 @@ pub struct Store {
     token_ttl: Duration,
     /// Seals private keys at rest; without one, certificates cannot be kept.
     sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
+    /// Control's public URL: the issuer of session tokens, and where the sign-in page is.
+    public_url: String,
 }
+
+/// How long a session (and every token minted from it) lasts.
+pub const SESSION_LIFE_MS: i64 = 24 * 3600 * 1000;
 
 /// Which database a URL points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -532,6 +558,7 @@ impl Store {
             write: Default::default(),
             token_ttl: DEFAULT_ENROLLMENT_TOKEN_TTL,
             sealer: None,
+            public_url: "http://127.0.0.1:3000".into(),
         })
     }
 
@@ -539,6 +566,17 @@ impl Store {
     pub fn with_sealer(mut self, sealer: std::sync::Arc<crate::seal::Sealer>) -> Store {
         self.sealer = Some(sealer);
         self
+    }
+
+    /// The same store, with control reachable by browsers at `url` (no trailing slash).
+    pub fn with_public_url(mut self, url: &str) -> Store {
+        self.public_url = url.trim_end_matches('/').to_owned();
+        self
+    }
+
+    /// Control's public URL (the issuer of session tokens).
+    pub fn public_url(&self) -> &str {
+        &self.public_url
     }
 
     /// The same store, issuing enrollment tokens valid for `ttl`.
@@ -1227,8 +1265,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
              protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check, \
-             limits, proxy_protocol) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             limits, proxy_protocol, access) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1246,6 +1284,7 @@ impl Store {
         .bind(health_json(&new.health_check)?)
         .bind(limits_json(&new.limits)?)
         .bind(i64::from(new.proxy_protocol))
+        .bind(access_json(&new.access)?)
         .execute(&mut *tx)
         .await?;
         for t in &new.more_targets {
@@ -1463,11 +1502,19 @@ impl Store {
             }
             r.proxy_protocol = p;
         }
+        if let Some(a) = &patch.access {
+            if r.protocol != RouteProtocol::Http && a.is_some() {
+                return Err(StoreError::Invalid(
+                    "sign-in (access) is for HTTP resources".into(),
+                ));
+            }
+            r.access = a.clone();
+        }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
              overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8, \
-             balance = $9, sticky = $10, health_check = $11, limits = $12, proxy_protocol = $13 \
-             WHERE id = $14",
+             balance = $9, sticky = $10, health_check = $11, limits = $12, proxy_protocol = $13, \
+             access = $14 WHERE id = $15",
         )
         .bind(&r.name)
         .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
@@ -1482,6 +1529,7 @@ impl Store {
         .bind(health_json(&r.health_check)?)
         .bind(limits_json(&r.limits)?)
         .bind(i64::from(r.proxy_protocol))
+        .bind(access_json(&r.access)?)
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
@@ -1571,6 +1619,9 @@ impl Store {
             .await?;
         attach_targets(&mut resources, &targets)?;
         let (certificates, challenges) = self.load_tls(&mut tx).await?;
+        let mut identity = self.gateway_identity(&mut tx, SESSION_LIFE_MS).await?;
+        identity.issuer.clone_from(&self.public_url);
+        identity.sign_in_url = format!("{}/auth/sign-in", self.public_url);
         tx.commit().await?;
         Ok(World::new(
             version.max(0) as u64,
@@ -1579,7 +1630,8 @@ impl Store {
             gateways,
             resources,
         )
-        .with_tls(certificates, challenges))
+        .with_tls(certificates, challenges)
+        .with_identity(identity))
     }
 
     /// The config snapshot for a node, or `None` if the node no longer exists (loads a whole

@@ -72,9 +72,75 @@ pub fn host_port(s: &str, what: &str) -> Result<String, String> {
     Ok(format!("{host}:{port}"))
 }
 
+/// An e-mail address (`local@domain`, at most 254 characters), returned in lower case.
+pub fn email(s: &str) -> Result<String, String> {
+    let e = s.trim().to_ascii_lowercase();
+    let err = || format!("{s:?} is not an e-mail address");
+    let (local, domain) = e.rsplit_once('@').ok_or_else(err)?;
+    if e.len() > 254
+        || local.is_empty()
+        || local.len() > 64
+        || !local
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b'"' | b',' | b'<' | b'>'))
+        || !is_dns_name(domain)
+    {
+        return Err(err());
+    }
+    Ok(e)
+}
+
+/// A role or permission name: 1 to 64 of `a-z 0-9 _ - : .`.
+pub fn role(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b':' | b'.')
+        })
+    {
+        return Err(format!(
+            "{s:?} is not a role name: use 1 to 64 of a-z, 0-9, '_', '-', ':' and '.'"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// A password: 10 to 1024 characters (longer ones only cost hashing time).
+pub fn password(s: &str) -> Result<(), String> {
+    let n = s.chars().count();
+    if n < 10 {
+        return Err("the password must have at least 10 characters".into());
+    }
+    if n > 1024 {
+        return Err("the password must have at most 1024 characters".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emails_roles_passwords() {
+        assert_eq!(email(" Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in [
+            "",
+            "ann",
+            "@x.com",
+            "ann@",
+            "a b@x.com",
+            "ann@x..com",
+            "a<b@x.com",
+        ] {
+            assert!(email(bad).is_err(), "{bad}");
+        }
+        assert!(role("resource:read").is_ok());
+        assert!(role("Admin").is_err());
+        assert!(role("").is_err());
+        assert!(password("short").is_err());
+        assert!(password("long enough password").is_ok());
+    }
 
     #[test]
     fn hostnames() {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+use kakuremichi_proto::identity::GatewayIdentity;
 use kakuremichi_proto::{
     AcmeChallenge, Backend, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route,
     RouteProtocol, Target, TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
@@ -52,6 +53,8 @@ pub struct World {
     pub certificates: Vec<TlsCertificate>,
     /// ACME challenge answers for gateways.
     pub acme_challenges: Vec<AcmeChallenge>,
+    /// Keys, sign-in page and revocations for gateways.
+    pub identity: Option<GatewayIdentity>,
     sites_by_id: HashMap<Uuid, usize>,
     gateways_by_id: HashMap<Uuid, usize>,
     resources_by_site: HashMap<Uuid, Vec<(usize, u16, String)>>,
@@ -106,7 +109,14 @@ impl World {
             resources_by_site,
             certificates: Vec::new(),
             acme_challenges: Vec::new(),
+            identity: None,
         }
+    }
+
+    /// The same world with identity settings for gateways.
+    pub fn with_identity(mut self, identity: GatewayIdentity) -> World {
+        self.identity = Some(identity);
+        self
     }
 
     /// The same world with certificates and ACME challenge answers for gateways.
@@ -145,11 +155,16 @@ impl World {
             targets: Vec::new(),
             certificates: Vec::new(),
             acme_challenges: Vec::new(),
+            identity: None,
         };
         match kind {
             NodeKind::Gateway => {
                 snap.certificates.clone_from(&self.certificates);
                 snap.acme_challenges.clone_from(&self.acme_challenges);
+                // Only gateways that serve a resource needing sign-in need the keys.
+                if self.resources.iter().any(|r| r.access.is_some()) {
+                    snap.identity = self.identity.clone().map(Box::new);
+                }
                 for site in &self.sites {
                     let Some(key) = site.public_key else { continue };
                     snap.peers.push(PeerConfig {
@@ -199,6 +214,7 @@ impl World {
                         sticky: r.sticky,
                         limits: r.limits,
                         proxy_protocol: first.proxy_protocol,
+                        access: r.access.clone(),
                     });
                 }
             }
@@ -274,6 +290,7 @@ mod tests {
             limits: Default::default(),
             proxy_protocol: false,
             more_targets: vec![],
+            access: None,
         }
     }
 

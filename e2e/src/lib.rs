@@ -666,6 +666,15 @@ impl Stack {
         }
     }
 
+    /// Every line every process logged so far.
+    pub fn logs_full(&self) -> String {
+        [&self.control, &self.gateway, &self.agent, &self.app]
+            .iter()
+            .map(|p| std::fs::read_to_string(p.log_path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The tails of every process's log.
     pub fn logs(&self) -> String {
         [&self.control, &self.gateway, &self.agent, &self.app]

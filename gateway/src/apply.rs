@@ -171,6 +171,7 @@ mod tests {
             targets: vec![],
             certificates: vec![],
             acme_challenges: vec![],
+            identity: None,
         }
     }
 

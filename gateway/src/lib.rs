@@ -8,6 +8,7 @@
 //! restarts into serving) while control is down. It never buffers whole bodies.
 
 pub mod apply;
+pub mod auth;
 pub mod balance;
 pub mod body;
 pub mod config;

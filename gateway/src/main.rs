@@ -114,15 +114,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .clone()
             .run_endpoint_memory(Duration::from_millis(250)),
     );
-    let channel = process::spawn_channel(
+    let (channel, mut channel_state) = process::spawn_channel(
         &state,
         settings.node.data_dir.clone(),
         Arc::new(gateway.clone()),
         cached_version,
     );
+    // New sign-ins need control; the proxy says so plainly while it is out of reach.
+    let proxy = gateway.proxy();
+    let control_watch = tokio::spawn(async move {
+        loop {
+            let up =
+                *channel_state.borrow_and_update() == kakuremichi_node::ChannelState::Connected;
+            proxy.set_control_up(up);
+            if channel_state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 
     process::shutdown_signal().await;
     channel.abort();
+    control_watch.abort();
     memory.abort();
     if let Some(t) = metrics_task {
         t.abort();

@@ -510,6 +510,7 @@ mod tests {
             hsts_max_age: None,
             limits: Default::default(),
             proxy_protocol: vec![],
+            access: None,
         };
         let lease = pool.pick(&target, None, &[]).unwrap();
         assert_eq!(lease.backend, a, "the offline agent's target is skipped");

@@ -186,6 +186,7 @@ mod tests {
             sticky: false,
             limits: Default::default(),
             proxy_protocol: false,
+            access: None,
         };
         Arc::new(RouteTarget::from_route(&route, StreamKind::Tcp))
     }

@@ -28,6 +28,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kakuremichi_proto::identity::{GATEWAY_AUTH_PREFIX, JWKS_PATH};
+
+use crate::auth::{self, EdgeIdentity, TokenCache};
 use crate::balance::{BackendPool, Lease};
 use crate::body::{Guarded, Trip, Tripped};
 use crate::idle::{GiveBack, IdleStreams};
@@ -191,6 +196,29 @@ fn full(s: String) -> ProxyBody {
         .boxed_unsync()
 }
 
+/// A body of at most `max` bytes (empty when larger or broken).
+async fn read_small_body(mut body: RequestBody, max: usize) -> Bytes {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Bytes::new();
+        };
+        if let Some(d) = frame.data_ref() {
+            if out.len() + d.len() > max {
+                return Bytes::new();
+            }
+            out.extend_from_slice(d);
+        }
+    }
+    out.freeze()
+}
+
+fn empty_request_body() -> RequestBody {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
 fn empty() -> ProxyBody {
     Empty::new()
         .map_err(|never: Infallible| match never {})
@@ -342,6 +370,9 @@ pub struct Proxy {
     https_port: Option<u16>,
     pool: Arc<BackendPool>,
     idle: Arc<IdleStreams>,
+    identity: RwLock<Option<Arc<EdgeIdentity>>>,
+    tokens: TokenCache,
+    control_up: AtomicBool,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -372,7 +403,107 @@ impl Proxy {
             https_port,
             pool,
             idle: Arc::default(),
+            identity: RwLock::new(None),
+            tokens: TokenCache::default(),
+            control_up: AtomicBool::new(false),
         }
+    }
+
+    /// Sets what the gateway knows about identity (from each snapshot).
+    pub fn set_identity(&self, identity: Option<&kakuremichi_proto::identity::GatewayIdentity>) {
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) =
+            identity.map(|g| Arc::new(EdgeIdentity::new(g)));
+    }
+
+    /// Tells the proxy whether control is reachable: without it, a browser that has no session
+    /// gets a clear page instead of a redirect to a sign-in page that cannot answer.
+    pub fn set_control_up(&self, up: bool) {
+        self.control_up.store(up, Ordering::Relaxed);
+    }
+
+    fn identity(&self) -> Option<Arc<EdgeIdentity>> {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The gateway's own sign-in paths and the access check of a resource that needs sign-in.
+    /// `Err`: the gateway's answer instead of the app's.
+    async fn authorize(
+        &self,
+        req: &mut Request<RequestBody>,
+        host: &str,
+        proto: &'static str,
+        target: &RouteTarget,
+    ) -> Result<(), Response<ProxyBody>> {
+        auth::strip_identity_headers(req.headers_mut());
+        let path = req.uri().path();
+        let own = path.starts_with(GATEWAY_AUTH_PREFIX) || path == JWKS_PATH;
+        if !own && target.access.is_none() {
+            return Ok(());
+        }
+        let identity = self.identity();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| host.to_owned());
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let method = req.method().clone();
+        let ask = auth::Ask {
+            host,
+            authority: &authority,
+            proto,
+            method: &method,
+            path_and_query: &path_and_query,
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            control_up: self.control_up.load(Ordering::Relaxed),
+        };
+        if own {
+            let form = if method == http::Method::POST {
+                // A sign-out form: a few hundred bytes at most.
+                let body = std::mem::replace(req.body_mut(), empty_request_body());
+                Some(read_small_body(body, 4096).await)
+            } else {
+                None
+            };
+            if let Some(r) = auth::endpoint(
+                identity.as_deref(),
+                &self.tokens,
+                req.headers(),
+                &ask,
+                form.as_deref(),
+            ) {
+                return Err(
+                    (*r).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync())
+                );
+            }
+        }
+        let Some(policy) = &target.access else {
+            return Ok(());
+        };
+        auth::check(
+            identity.as_deref(),
+            &self.tokens,
+            policy,
+            req.headers_mut(),
+            &ask,
+        )
+        .map(|_| ())
+        .map_err(|r| (*r).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync()))
     }
 
     /// Closes the kept upstream connections that are idle too long or closed by their agent.
@@ -491,6 +622,12 @@ impl Proxy {
                             self.metrics.record_request(r.status().as_u16());
                             return r;
                         }
+                    }
+                    let mut req = req;
+                    if let Err(r) = self.authorize(&mut req, &host, proto, &target).await {
+                        counters.record(r.status().as_u16(), started.elapsed());
+                        self.metrics.record_request(r.status().as_u16());
+                        return r;
                     }
                     let max_body = target.limits.max_request_body_bytes;
                     if let Some(max) = max_body {

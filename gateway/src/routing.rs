@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use http::{HeaderMap, Uri};
+use kakuremichi_proto::identity::AccessPolicy;
 use kakuremichi_proto::{AcmeChallenge, Balance, Limits, Route, RouteProtocol, StreamKind};
 use uuid::Uuid;
 
@@ -31,6 +32,8 @@ pub struct RouteTarget {
     pub limits: Limits,
     /// TCP: the backends that expect a PROXY protocol v2 header.
     pub proxy_protocol: Vec<SocketAddrV4>,
+    /// HTTP: who may reach the resource; `None` is public.
+    pub access: Option<AccessPolicy>,
 }
 
 impl RouteTarget {
@@ -63,6 +66,7 @@ impl RouteTarget {
             hsts_max_age: r.hsts_max_age.filter(|_| kind == StreamKind::Http),
             limits: r.limits,
             proxy_protocol,
+            access: r.access.clone().filter(|_| kind == StreamKind::Http),
         }
     }
 
@@ -273,6 +277,7 @@ mod tests {
             sticky: true,
             limits: Default::default(),
             proxy_protocol: false,
+            access: None,
         }
     }
 

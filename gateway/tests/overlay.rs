@@ -121,6 +121,7 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         targets: vec![],
         certificates: vec![],
         acme_challenges: vec![],
+        identity: None,
     }
 }
 
@@ -167,6 +168,7 @@ fn agent_snapshot(
         ],
         certificates: vec![],
         acme_challenges: vec![],
+        identity: None,
     }
 }
 

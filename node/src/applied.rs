@@ -128,6 +128,7 @@ mod tests {
             targets: vec![],
             certificates: vec![],
             acme_challenges: vec![],
+            identity: None,
         }
     }
 

@@ -109,20 +109,22 @@ where
     Ok(Some(version))
 }
 
-/// Starts the control channel for this node (abort the task to stop it).
+/// Starts the control channel for this node (abort the task to stop it); the receiver follows
+/// the channel's state.
 pub fn spawn_channel<H: NodeHooks>(
     state: &NodeState,
     data_dir: PathBuf,
     hooks: Arc<H>,
     applied_version: Option<u64>,
-) -> JoinHandle<()> {
-    let (state_tx, _state_rx) = watch::channel(ChannelState::Connecting);
-    tokio::spawn(run_channel(
+) -> (JoinHandle<()>, watch::Receiver<ChannelState>) {
+    let (state_tx, state_rx) = watch::channel(ChannelState::Connecting);
+    let task = tokio::spawn(run_channel(
         ChannelConfig::new(state, data_dir),
         hooks,
         applied_version,
         state_tx,
-    ))
+    ));
+    (task, state_rx)
 }
 
 /// Waits for Ctrl-C or, on Unix, SIGTERM.

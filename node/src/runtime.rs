@@ -66,6 +66,7 @@ mod tests {
             targets: vec![],
             certificates: vec![],
             acme_challenges: vec![],
+            identity: None,
         }
     }
 

@@ -319,6 +319,7 @@ mod tests {
             targets: vec![],
             certificates: vec![],
             acme_challenges: vec![],
+            identity: None,
         };
         cache.store(&snap).unwrap();
         assert_eq!(cache.load().unwrap(), Some(snap));

@@ -71,6 +71,7 @@ fn snapshot(version: u64) -> ConfigSnapshot {
         targets: vec![],
         certificates: vec![],
         acme_challenges: vec![],
+        identity: None,
     }
 }
 

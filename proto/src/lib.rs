@@ -14,6 +14,7 @@
 //! The data plane has one wire type here too: the [`StreamHeader`] that opens every stream a
 //! gateway sends to an agent through the tunnel.
 
+pub mod identity;
 mod stream;
 
 pub use stream::{
@@ -312,6 +313,10 @@ pub struct ConfigSnapshot {
     /// Gateway only: answers to ACME challenges in flight, which any gateway may be asked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acme_challenges: Vec<AcmeChallenge>,
+    /// Gateway only: signing keys, the sign-in page and revocations, for resources that need
+    /// sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Box<identity::GatewayIdentity>>,
 }
 
 /// A certificate chain and its private key, as control pushes them to gateways.
@@ -441,6 +446,9 @@ pub struct Route {
     /// with the client's address before the client's bytes.
     #[serde(default, skip_serializing_if = "is_false")]
     pub proxy_protocol: bool,
+    /// HTTP routes: who may reach the resource; `None` is public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<identity::AccessPolicy>,
 }
 
 impl Route {
@@ -468,6 +476,7 @@ impl Route {
             sticky: false,
             limits: Default::default(),
             proxy_protocol: false,
+            access: None,
         }
     }
 }
@@ -548,7 +557,7 @@ pub struct HealthCheck {
     pub healthy_threshold: u8,
 }
 
-fn is_false(b: &bool) -> bool {
+pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
 
@@ -708,10 +717,12 @@ mod tests {
                     sticky: false,
                     limits: Default::default(),
                     proxy_protocol: false,
+                    access: None,
                 }],
                 targets: vec![],
                 certificates: vec![],
                 acme_challenges: vec![],
+                identity: None,
             }),
             json!({
                 "type": "config",
@@ -817,6 +828,7 @@ mod tests {
                 }],
                 certificates: vec![],
                 acme_challenges: vec![],
+                identity: None,
             },
             json!({
                 "version": 3,

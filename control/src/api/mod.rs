@@ -8,6 +8,7 @@ pub mod gateways;
 pub mod nodes;
 pub mod resources;
 pub mod sites;
+pub mod users;
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(resources::router())
         .merge(certificates::router())
         .merge(config::router())
+        .merge(users::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .route(ws_path, get(crate::hub::connect))

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
+use kakuremichi_proto::identity::AccessPolicy;
 use kakuremichi_proto::{Balance, HealthCheck, Limits, RouteProtocol};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -49,6 +50,8 @@ pub struct CreateResource {
     /// TCP: send every target a PROXY protocol v2 header with the client's address (default
     /// false; a target may say otherwise).
     pub proxy_protocol: Option<bool>,
+    /// HTTP: who may reach the resource (absent: public). `{}` means any signed-in user.
+    pub access: Option<AccessPolicy>,
 }
 
 /// A target: `{site_id, target}` (body of `POST /resources/{id}/targets`).
@@ -105,6 +108,41 @@ fn check_limits(limits: &Limits, protocol: RouteProtocol) -> Result<(), ApiError
         )));
     }
     Ok(())
+}
+
+/// The most entries in each list of an access policy.
+pub const MAX_ACCESS_ENTRIES: usize = 1000;
+
+/// Checks and normalizes an access policy (lower-cased e-mail addresses and domains).
+fn check_access(mut a: AccessPolicy, protocol: RouteProtocol) -> Result<AccessPolicy, ApiError> {
+    if protocol != RouteProtocol::Http {
+        return Err(invalid(
+            "access (sign-in) is for HTTP resources: a TCP or UDP resource has no place to \
+             sign in"
+                .into(),
+        ));
+    }
+    for (what, list) in [
+        ("access.users", &a.users),
+        ("access.roles", &a.roles),
+        ("access.email_domains", &a.email_domains),
+    ] {
+        if list.len() > MAX_ACCESS_ENTRIES {
+            return Err(invalid(format!(
+                "{what} has more than {MAX_ACCESS_ENTRIES} entries"
+            )));
+        }
+    }
+    for u in &mut a.users {
+        *u = validate::email(u).map_err(|e| invalid(format!("access.users: {e}")))?;
+    }
+    for d in &mut a.email_domains {
+        *d = validate::hostname(d).map_err(|e| invalid(format!("access.email_domains: {e}")))?;
+    }
+    for r in &a.roles {
+        validate::role(r).map_err(|e| invalid(format!("access.roles: {e}")))?;
+    }
+    Ok(a)
 }
 
 fn check_proxy_protocol(on: Option<bool>, protocol: RouteProtocol) -> Result<(), ApiError> {
@@ -237,6 +275,9 @@ pub struct UpdateResource {
     pub limits: Option<Limits>,
     /// PROXY protocol v2 on or off for the targets that do not say otherwise (TCP).
     pub proxy_protocol: Option<bool>,
+    /// Who may reach the resource; `null` makes it public (HTTP).
+    #[serde(default, deserialize_with = "present")]
+    pub access: Option<Option<AccessPolicy>>,
 }
 
 /// One target of a resource as the API shows it.
@@ -315,6 +356,9 @@ pub struct ResourceView {
     pub proxy_protocol: Option<bool>,
     /// Every target, the primary first.
     pub targets: Vec<TargetView>,
+    /// HTTP: who may reach it (absent: public).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessPolicy>,
 }
 
 impl From<Resource> for ResourceView {
@@ -334,6 +378,7 @@ impl From<Resource> for ResourceView {
                 .map(|t| TargetView::of(t, protocol, pp)),
         );
         Self {
+            access: r.access,
             limits: r.limits,
             proxy_protocol: (r.protocol == RouteProtocol::Tcp).then_some(r.proxy_protocol),
             balance: r.balance,
@@ -453,6 +498,7 @@ async fn create(
             limits,
             proxy_protocol: body.proxy_protocol.unwrap_or(false),
             more_targets,
+            access: body.access.map(|a| check_access(a, protocol)).transpose()?,
         })
         .await?;
     if name.is_empty() {
@@ -531,6 +577,11 @@ async fn update(
         health_check,
         limits: body.limits,
         proxy_protocol: body.proxy_protocol,
+        access: match body.access {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(a)) => Some(Some(check_access(a, RouteProtocol::Http)?)),
+        },
     };
     Ok(ApiJson(
         state.store.update_resource(id, &patch).await?.into(),

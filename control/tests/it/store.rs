@@ -69,6 +69,7 @@ fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
         limits: Default::default(),
         proxy_protocol: false,
         more_targets: vec![],
+        access: None,
     }
 }
 
@@ -91,7 +92,172 @@ on_both_backends!(
     several_targets_get_ports_on_their_sites_and_reach_gateways_and_agents,
     limits_and_proxy_protocol_are_stored_and_pushed,
     acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
+    users_sessions_keys_and_revocations_reach_gateways,
 );
+
+async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
+    use kakuremichi_control::store::{NewUser, UserPatch, SESSION_LIFE_MS};
+    use kakuremichi_proto::identity::AccessPolicy;
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [4; 32],
+    )));
+    store.ensure_signing_key().await.unwrap();
+    store.ensure_signing_key().await.unwrap();
+    let keys = store.published_keys(SESSION_LIFE_MS).await.unwrap();
+    assert_eq!(keys.len(), 1, "one current key, made once");
+    let signer = store.signer().await.unwrap();
+    assert_eq!(signer.kid, keys[0].kid);
+    assert!(!format!("{signer:?}").contains("pkcs8: ["), "{signer:?}");
+
+    let hash = kakuremichi_control::secrets::hash_password(&Secret::new("a long password"))
+        .await
+        .unwrap();
+    let ann = store
+        .create_user(&NewUser {
+            email: "ann@example.com".into(),
+            name: "Ann".into(),
+            password_hash: Some(hash),
+            roles: vec!["member".into()],
+        })
+        .await
+        .unwrap();
+    let dup = store
+        .create_user(&NewUser {
+            email: "ann@example.com".into(),
+            name: "Other".into(),
+            password_hash: None,
+            roles: vec![],
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let (found, hash) = store
+        .user_by_email("ANN@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, ann.id);
+    assert!(hash.unwrap().starts_with("$argon2id$"));
+
+    // Lockout after N wrong passwords; an unlock clears it.
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .record_failed_sign_in(ann.id, 3, 60_000)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    let until = store
+        .record_failed_sign_in(ann.id, 3, 60_000)
+        .await
+        .unwrap();
+    assert!(until.is_some());
+    assert_eq!(store.get_user(ann.id).await.unwrap().locked_until, until);
+    let u = store
+        .update_user(
+            ann.id,
+            &UserPatch {
+                unlock: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((u.locked_until, u.failed_sign_ins), (None, 0));
+
+    // Sessions: found by their cookie only; revoking one reaches gateways' snapshots.
+    let (gw, _) = add_gateway(&store, "edge", "203.0.113.1:51820").await;
+    let (site, _) = add_site(&store, "home").await;
+    store
+        .claim_key(NodeKind::Agent, site.id, &WgPublicKey([7; 32]))
+        .await
+        .unwrap();
+    let mut r = res("app.example", site.id);
+    r.access = Some(AccessPolicy {
+        roles: vec!["member".into()],
+        ..Default::default()
+    });
+    store.create_resource(&r).await.unwrap();
+    let (s1, cookie) = store
+        .create_session(ann.id, 60_000, &["pwd".into()])
+        .await
+        .unwrap();
+    let (found, user) = store.session_by_cookie(&cookie).await.unwrap().unwrap();
+    assert_eq!((found.id, user.id), (s1.id, ann.id));
+    let forged = Secret::new(format!("{}x", cookie.expose()));
+    assert!(store.session_by_cookie(&forged).await.unwrap().is_none());
+    assert!(store
+        .session_by_cookie(&Secret::new("kms_nope"))
+        .await
+        .unwrap()
+        .is_none());
+
+    let before = store.config_version().await.unwrap();
+    store.revoke_session(s1.id).await.unwrap();
+    assert!(
+        store.config_version().await.unwrap() > before,
+        "a revocation bumps the version"
+    );
+    assert!(store.session_by_cookie(&cookie).await.unwrap().is_none());
+    let snap = snapshot(&store, NodeKind::Gateway, gw.id).await;
+    let identity = snap
+        .identity
+        .expect("gateways get identity once a resource needs sign-in");
+    assert_eq!(identity.revoked_sessions, vec![s1.id]);
+    assert_eq!(identity.keys.len(), 1);
+    assert!(identity.sign_in_url.ends_with("/auth/sign-in"));
+    let route = snap
+        .routes
+        .iter()
+        .find(|r| r.hostname == "app.example")
+        .unwrap();
+    assert_eq!(
+        route.access.as_ref().unwrap().roles,
+        vec!["member".to_string()]
+    );
+    assert!(snapshot(&store, NodeKind::Agent, site.id)
+        .await
+        .identity
+        .is_none());
+
+    // Disabling cuts every token; rotating keeps the old key verifying.
+    let (s2, cookie2) = store
+        .create_session(ann.id, 60_000, &["pwd".into()])
+        .await
+        .unwrap();
+    store
+        .update_user(
+            ann.id,
+            &UserPatch {
+                disabled: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store.session_by_cookie(&cookie2).await.unwrap().is_none());
+    let kid = store.rotate_signing_key().await.unwrap();
+    let snap = snapshot(&store, NodeKind::Gateway, gw.id).await;
+    let identity = snap.identity.unwrap();
+    assert!(identity.revoked_sessions.contains(&s2.id));
+    assert!(identity
+        .user_cutoffs
+        .iter()
+        .any(|c| c.user == ann.id && c.disabled));
+    assert_eq!(identity.keys.len(), 2, "the retired key still verifies");
+    assert_eq!(identity.keys[0].kid, kid, "the new key first");
+    assert_eq!(store.signer().await.unwrap().kid, kid);
+
+    // A deleted user's sessions stay revoked.
+    store.delete_user(ann.id).await.unwrap();
+    assert!(matches!(
+        store.get_user(ann.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let snap = snapshot(&store, NodeKind::Gateway, gw.id).await;
+    assert!(snap.identity.unwrap().revoked_sessions.contains(&s2.id));
+}
 
 async fn acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only(store: Store) {
     use kakuremichi_control::store::{CertStatus, ChallengeKind, Issued, StoredChallenge};
@@ -740,6 +906,7 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         limits: Default::default(),
         proxy_protocol: false,
         more_targets: vec![],
+        access: None,
     };
     let a = store.create_resource(&tcp(None)).await.unwrap();
     assert_eq!(a.public_port, Some(20000));

@@ -75,6 +75,7 @@ async fn check(store: &Store) {
             limits: Default::default(),
             proxy_protocol: false,
             more_targets: vec![],
+            access: None,
         })
         .await
         .unwrap();

@@ -1,0 +1,221 @@
+//! `/users`: people who sign in to reach protected resources; `/users/{id}/sign-out` ends every
+//! session of a user at once; `/signing-keys` shows and rotates the keys that sign their tokens.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use kakuremichi_proto::Secret;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{invalid, valid_opt, ApiJson, ApiPath};
+use crate::store::{NewUser, User, UserPatch, SESSION_LIFE_MS};
+use crate::{secrets, validate, ApiError, AppState};
+
+/// Body of `POST /users`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// E-mail address (lower-cased, unique).
+    pub email: String,
+    /// Display name; defaults to the e-mail address.
+    pub name: Option<String>,
+    /// Password (10 to 1024 characters); absent: the user signs in by SSO only.
+    pub password: Option<Secret>,
+    /// Roles; default `["member"]`.
+    pub roles: Option<Vec<String>>,
+}
+
+/// Body of `PATCH /users/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    /// New name.
+    pub name: Option<String>,
+    /// New roles (ends the user's sessions: tokens carry roles).
+    pub roles: Option<Vec<String>>,
+    /// Disable (ends every session at once) or enable.
+    pub disabled: Option<bool>,
+    /// New password.
+    pub password: Option<Secret>,
+    /// `true` clears a lockout after wrong passwords.
+    #[serde(default)]
+    pub unlock: bool,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    /// Id.
+    pub id: Uuid,
+    /// E-mail address.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Disabled.
+    pub disabled: bool,
+    /// Locked until (unix ms), after too many wrong passwords.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<i64>,
+    /// Whether the user has a password.
+    pub has_password: bool,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        let now = crate::store::now_ms();
+        UserView {
+            id: u.id,
+            email: u.email,
+            name: u.name,
+            roles: u.roles,
+            disabled: u.disabled,
+            locked_until: u.locked_until.filter(|t| *t > now),
+            has_password: u.has_password,
+            created_at: u.created_at,
+        }
+    }
+}
+
+/// A signing key as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    /// Key id.
+    pub kid: String,
+    /// Public key (base64url).
+    pub x: String,
+    /// Created (unix ms).
+    pub created_at: i64,
+    /// Retired (unix ms): it verifies tokens until they expire, and signs no more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<i64>,
+}
+
+/// The users router.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/users", get(list).post(create))
+        .route("/users/{id}", get(one).patch(update).delete(remove))
+        .route("/users/{id}/sign-out", post(sign_out_everywhere))
+        .route("/signing-keys", get(keys))
+        .route("/signing-keys/rotate", post(rotate))
+}
+
+fn roles(list: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if list.len() > 64 {
+        return Err(invalid("a user has at most 64 roles".into()));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for r in list {
+        let r = validate::role(&r).map_err(|e| invalid(format!("roles: {e}")))?;
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+async fn hash(password: Option<Secret>) -> Result<Option<String>, ApiError> {
+    let Some(p) = password else { return Ok(None) };
+    validate::password(p.expose()).map_err(invalid)?;
+    secrets::hash_password(&p)
+        .await
+        .map(Some)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CreateUser>,
+) -> Result<(StatusCode, ApiJson<UserView>), ApiError> {
+    let email = validate::email(&body.email).map_err(invalid)?;
+    let name = match body.name.as_deref() {
+        Some(n) => validate::name(n).map_err(invalid)?,
+        None => email.clone(),
+    };
+    let roles = roles(body.roles.unwrap_or_else(|| vec!["member".into()]))?;
+    let password_hash = hash(body.password).await?;
+    let u = state
+        .store
+        .create_user(&NewUser {
+            email,
+            name,
+            password_hash,
+            roles,
+        })
+        .await?;
+    tracing::info!(user_id = %u.id, "user created");
+    Ok((StatusCode::CREATED, ApiJson(u.into())))
+}
+
+async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<UserView>>, ApiError> {
+    let all = state.store.list_users().await?;
+    Ok(ApiJson(all.into_iter().map(Into::into).collect()))
+}
+
+async fn one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<ApiJson<UserView>, ApiError> {
+    Ok(ApiJson(state.store.get_user(id).await?.into()))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<UpdateUser>,
+) -> Result<ApiJson<UserView>, ApiError> {
+    let patch = UserPatch {
+        name: valid_opt(body.name.as_deref(), validate::name)?,
+        roles: body.roles.map(roles).transpose()?,
+        disabled: body.disabled,
+        password_hash: hash(body.password).await?,
+        unlock: body.unlock,
+    };
+    let u = state.store.update_user(id, &patch).await?;
+    tracing::info!(user_id = %u.id, disabled = u.disabled, unlocked = patch.unlock, "user changed");
+    Ok(ApiJson(u.into()))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_user(id).await?;
+    tracing::info!(user_id = %id, "user deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn sign_out_everywhere(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    state.store.revoke_user_sessions(id).await?;
+    tracing::info!(user_id = %id, "user signed out everywhere");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn keys(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, ApiError> {
+    let keys = state.store.published_keys(SESSION_LIFE_MS).await?;
+    Ok(ApiJson(
+        keys.into_iter()
+            .map(|k| KeyView {
+                kid: k.kid,
+                x: k.x,
+                created_at: k.created_at,
+                retired_at: k.retired_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn rotate(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, ApiError> {
+    let kid = state.store.rotate_signing_key().await?;
+    tracing::info!(%kid, "signing key rotated");
+    keys(State(state)).await
+}

@@ -1,0 +1,586 @@
+//! Control's sign-in pages (plain server-rendered HTML) and the JWKS.
+//!
+//! A gateway sends a browser that has no session for a protected hostname here, to
+//! `/auth/sign-in?rd=<the URL it asked for>&n=<SHA-256 of the gateway's nonce cookie>`. Once the
+//! user has signed in (or already had a session at control), control signs a session token for
+//! that hostname, bound to `n`, and sends the browser to the gateway's callback on the resource's
+//! own hostname. Forms carry a CSRF token matched against a `SameSite=Strict` cookie.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::header::{CACHE_CONTROL, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Form, Json, Router};
+use base64::Engine as _;
+use kakuremichi_proto::identity::{SessionClaims, GATEWAY_AUTH_PREFIX, JWKS_PATH};
+use kakuremichi_proto::Secret;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq as _;
+
+use crate::identity::{cookie, mint, LOCKOUT_AFTER, LOCKOUT_FOR};
+use crate::store::{now_ms, Session, User, SESSION_LIFE_MS};
+use crate::{secrets, AppState};
+
+/// Control's own session cookie.
+pub const CONTROL_COOKIE: &str = "kakuremichi_control";
+const CSRF_COOKIE: &str = "kakuremichi_csrf";
+
+/// An argon2id hash of a random password, verified when the e-mail address is unknown so that
+/// an unknown address costs as long as a wrong password.
+static DUMMY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+async fn dummy_hash() -> &'static str {
+    DUMMY_HASH
+        .get_or_init(|| async {
+            secrets::hash_password(&Secret::new(random_token()))
+                .await
+                .unwrap_or_default()
+        })
+        .await
+}
+
+/// The sign-in pages and the JWKS.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/auth/sign-in", get(sign_in_page).post(sign_in))
+        .route("/auth/sign-out", get(sign_out_page).post(sign_out))
+        .route(JWKS_PATH, get(jwks))
+}
+
+/// Where to send the browser after sign-in: a protected resource, validated.
+struct Return {
+    /// `scheme://host[:port]`.
+    origin: String,
+    /// The resource hostname.
+    host: String,
+    /// Path and query to return to.
+    path: String,
+    /// The nonce hash the token is bound to.
+    nonce: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ReturnQuery {
+    rd: Option<String>,
+    n: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SignInForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    rd: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{t} - kakuremichi</title><style>body{{font-family:system-ui,sans-serif;\
+         max-width:28rem;margin:4rem auto;padding:0 1rem}}label{{display:block;margin:.8rem 0}}\
+         input{{width:100%;padding:.4rem;box-sizing:border-box}}button{{padding:.5rem 1rem}}\
+         .error{{color:#a00}}</style></head><body><h1>{t}</h1>{body}\
+         <hr><p><small>kakuremichi</small></p></body></html>\n",
+        t = escape(title)
+    );
+    let mut r = (status, Html(html)).into_response();
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self' http: https:; frame-ancestors 'none'"),
+    );
+    r
+}
+
+fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
+    page(
+        status,
+        title,
+        &format!("<p class=\"error\">{}</p>", escape(message)),
+    )
+}
+
+fn secure(state: &AppState) -> &'static str {
+    if state.store.public_url().starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+fn random_token() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The CSRF token of this browser, and the cookie to set when it has none yet.
+fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+    if let Some(t) = cookie_value(headers, CSRF_COOKIE).filter(|t| t.len() == 43) {
+        return (t.to_owned(), None);
+    }
+    let t = random_token();
+    let c = format!(
+        "{CSRF_COOKIE}={t}; Path=/auth; HttpOnly; SameSite=Strict{}",
+        secure(state)
+    );
+    (t, HeaderValue::from_str(&c).ok())
+}
+
+fn csrf_ok(headers: &HeaderMap, sent: &str) -> bool {
+    match cookie_value(headers, CSRF_COOKIE) {
+        Some(c) if c.len() == 43 => bool::from(c.as_bytes().ct_eq(sent.as_bytes())),
+        _ => false,
+    }
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| cookie(h, name))
+}
+
+/// Checks where a browser wants to go back to: an http(s) URL on the hostname of a resource
+/// that needs sign-in (never anywhere else: no open redirect), and the nonce hash it carries.
+async fn check_return(state: &AppState, q: &ReturnQuery) -> Result<Option<Return>, String> {
+    let (Some(rd), Some(n)) = (q.rd.as_deref(), q.n.as_deref()) else {
+        if q.rd.is_some() || q.n.is_some() {
+            return Err(
+                "this sign-in link is incomplete: go back to the site and try again".into(),
+            );
+        }
+        return Ok(None);
+    };
+    let bad = || "this sign-in link is not valid: go back to the site and try again".to_owned();
+    if n.len() != 43
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(bad());
+    }
+    let url = url::Url::parse(rd).map_err(|_| bad())?;
+    if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() {
+        return Err(bad());
+    }
+    let host = url.host_str().ok_or_else(bad)?.to_ascii_lowercase();
+    let world = state.world().await.map_err(|e| {
+        tracing::error!(error = %e, "cannot read resources for a sign-in");
+        "sign-in is unavailable right now; try again shortly".to_owned()
+    })?;
+    if !world
+        .resources
+        .iter()
+        .any(|r| r.hostname == host && r.access.is_some())
+    {
+        return Err(format!(
+            "{host} is not a site that needs sign-in here: go back to the site and try again"
+        ));
+    }
+    let origin = match url.port() {
+        Some(p) => format!("{}://{host}:{p}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    };
+    let mut path = url.path().to_owned();
+    if path.starts_with(GATEWAY_AUTH_PREFIX) || !path.starts_with('/') || path.starts_with("//") {
+        path = "/".into();
+    }
+    if let Some(q) = url.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    Ok(Some(Return {
+        origin,
+        host,
+        path,
+        nonce: n.to_owned(),
+    }))
+}
+
+/// The redirect to the gateway's callback with a token for `ret`.
+async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -> Response {
+    let signer = match state.store.signer().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the signing key");
+            return error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Sign-in failed",
+                "control cannot sign tokens right now; try again shortly",
+            );
+        }
+    };
+    let now = now_ms() / 1000;
+    let claims = SessionClaims {
+        iss: state.store.public_url().to_owned(),
+        sub: user.id.to_string(),
+        aud: ret.host.clone(),
+        iat: now,
+        exp: session.expires_at / 1000,
+        sid: session.id.to_string(),
+        email: user.email.clone(),
+        name: user.name.clone(),
+        roles: user.roles.clone(),
+        nonce: ret.nonce.clone(),
+        amr: session.amr.clone(),
+    };
+    let token = match mint(&signer, &claims) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign a session token");
+            return error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Sign-in failed",
+                "control cannot sign tokens right now; try again shortly",
+            );
+        }
+    };
+    tracing::info!(user_id = %user.id, session_id = %session.id, host = %ret.host, "granted a resource session");
+    let location = format!(
+        "{}{}callback?token={}&rd={}",
+        ret.origin,
+        GATEWAY_AUTH_PREFIX,
+        token,
+        url::form_urlencoded::byte_serialize(ret.path.as_bytes()).collect::<String>()
+    );
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The control session this browser holds, if it is live.
+async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<(Session, User)> {
+    let c = cookie_value(headers, CONTROL_COOKIE)?;
+    match state.store.session_by_cookie(&Secret::new(c)).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read a session");
+            None
+        }
+    }
+}
+
+fn sign_in_form(csrf: &str, q: &ReturnQuery, email: &str, error: Option<&str>) -> String {
+    let hidden = |name: &str, v: &Option<String>| match v {
+        Some(v) => format!(
+            "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+            escape(v)
+        ),
+        None => String::new(),
+    };
+    let error = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    format!(
+        "{error}<form method=\"post\" action=\"/auth/sign-in\">\
+         <label>E-mail <input name=\"email\" type=\"email\" autocomplete=\"username\" required \
+         value=\"{}\"></label>\
+         <label>Password <input name=\"password\" type=\"password\" \
+         autocomplete=\"current-password\" required></label>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">{}{}\
+         <button type=\"submit\">Sign in</button></form>",
+        escape(email),
+        escape(csrf),
+        hidden("rd", &q.rd),
+        hidden("n", &q.n),
+    )
+}
+
+async fn sign_in_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ReturnQuery>,
+) -> Response {
+    let ret = match check_return(&state, &q).await {
+        Ok(r) => r,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m),
+    };
+    if let Some((session, user)) = current_session(&state, &headers).await {
+        return match ret {
+            Some(ret) => grant(&state, &session, &user, &ret).await,
+            None => page(
+                StatusCode::OK,
+                "Signed in",
+                &format!(
+                    "<p>You are signed in as {}.</p><p><a href=\"/auth/sign-out\">Sign out</a></p>",
+                    escape(&user.email)
+                ),
+            ),
+        };
+    }
+    let (csrf, set) = csrf_token(&state, &headers);
+    let mut r = page(
+        StatusCode::OK,
+        "Sign in",
+        &sign_in_form(&csrf, &q, "", None),
+    );
+    if let Some(c) = set {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    r
+}
+
+async fn sign_in(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<SignInForm>,
+) -> Response {
+    let q = ReturnQuery {
+        rd: form.rd.clone(),
+        n: form.n.clone(),
+    };
+    if !csrf_ok(&headers, &form.csrf) {
+        tracing::warn!(client = %peer.ip(), "sign-in refused: CSRF token missing or wrong");
+        let (csrf, set) = csrf_token(&state, &headers);
+        let mut r = page(
+            StatusCode::FORBIDDEN,
+            "Sign in",
+            &sign_in_form(
+                &csrf,
+                &q,
+                &form.email,
+                Some("this form expired; please sign in again"),
+            ),
+        );
+        if let Some(c) = set {
+            r.headers_mut().append(SET_COOKIE, c);
+        }
+        return r;
+    }
+    let csrf = form.csrf.clone();
+    let again = |status: StatusCode, message: &str| {
+        page(
+            status,
+            "Sign in",
+            &sign_in_form(&csrf, &q, &form.email, Some(message)),
+        )
+    };
+    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+        tracing::warn!(client = %peer.ip(), "sign-in refused: too many attempts from this address");
+        let secs = wait.as_secs().max(1);
+        let mut r = again(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("too many sign-in attempts from your address; try again in {secs} s"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let ret = match check_return(&state, &q).await {
+        Ok(r) => r,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m),
+    };
+    let found = match state.store.user_by_email(form.email.trim()).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read a user");
+            return again(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sign-in is unavailable right now; try again shortly",
+            );
+        }
+    };
+    let password = Secret::new(form.password.clone());
+    let wrong = "wrong e-mail address or password";
+    let Some((user, Some(hash))) = found else {
+        let _ = secrets::verify_argon2(dummy_hash().await, &password).await;
+        tracing::warn!(client = %peer.ip(), "sign-in failed: unknown account");
+        return again(StatusCode::UNAUTHORIZED, wrong);
+    };
+    if user.disabled {
+        tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in refused: user disabled");
+        return again(
+            StatusCode::FORBIDDEN,
+            "this account is disabled; ask an administrator",
+        );
+    }
+    let now = now_ms();
+    if let Some(until) = user.locked_until.filter(|u| *u > now) {
+        tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in refused: account locked");
+        return again(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "this account is locked after too many wrong passwords; try again in {} min or \
+                 ask an administrator to unlock it",
+                (until - now + 59_999) / 60_000
+            ),
+        );
+    }
+    if !secrets::verify_argon2(&hash, &password).await {
+        let locked = state
+            .store
+            .record_failed_sign_in(user.id, LOCKOUT_AFTER, LOCKOUT_FOR.as_millis() as i64)
+            .await;
+        tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in failed: wrong password");
+        return match locked {
+            Ok(Some(_)) => {
+                tracing::warn!(user_id = %user.id, "account locked after too many wrong passwords");
+                again(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "this account is locked after too many wrong passwords; try again in {} \
+                         min or ask an administrator to unlock it",
+                        LOCKOUT_FOR.as_secs() / 60
+                    ),
+                )
+            }
+            _ => again(StatusCode::UNAUTHORIZED, wrong),
+        };
+    }
+    // A new session at every sign-in; the one this browser had, if any, ends.
+    if let Some((old, _)) = current_session(&state, &headers).await {
+        if let Err(e) = state.store.revoke_session(old.id).await {
+            tracing::warn!(error = %e, "cannot end the previous session");
+        }
+    }
+    let (session, cookie) = match state
+        .store
+        .create_session(user.id, SESSION_LIFE_MS, &["pwd".to_owned()])
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a session");
+            return again(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sign-in is unavailable right now; try again shortly",
+            );
+        }
+    };
+    tracing::info!(client = %peer.ip(), user_id = %user.id, session_id = %session.id, "signed in");
+    let set = format!(
+        "{CONTROL_COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        cookie.expose(),
+        SESSION_LIFE_MS / 1000,
+        secure(&state)
+    );
+    let mut r = match ret {
+        Some(ret) => grant(&state, &session, &user, &ret).await,
+        None => page(
+            StatusCode::OK,
+            "Signed in",
+            &format!(
+                "<p>You are signed in as {}.</p><p><a href=\"/auth/sign-out\">Sign out</a></p>",
+                escape(&user.email)
+            ),
+        ),
+    };
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().append(SET_COOKIE, v);
+    }
+    r
+}
+
+async fn sign_out_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (csrf, set) = csrf_token(&state, &headers);
+    let mut r = page(
+        StatusCode::OK,
+        "Sign out",
+        &format!(
+            "<form method=\"post\" action=\"/auth/sign-out\"><input type=\"hidden\" name=\"csrf\" \
+             value=\"{}\"><button type=\"submit\">Sign out</button></form>",
+            escape(&csrf)
+        ),
+    );
+    if let Some(c) = set {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    r
+}
+
+async fn sign_out(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&headers, &form.csrf) {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Sign out",
+            "this form expired; open the sign-out page again",
+        );
+    }
+    if let Some((session, user)) = current_session(&state, &headers).await {
+        if let Err(e) = state.store.revoke_session(session.id).await {
+            tracing::error!(error = %e, "cannot end a session");
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign out",
+                "signing out is unavailable right now; try again shortly",
+            );
+        }
+        tracing::info!(user_id = %user.id, session_id = %session.id, "signed out");
+    }
+    let mut r = page(
+        StatusCode::OK,
+        "Signed out",
+        "<p>You are signed out here and on every site you reached through this sign-in.</p>",
+    );
+    let clear = format!(
+        "{CONTROL_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+        secure(&state)
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        r.headers_mut().append(SET_COOKIE, v);
+    }
+    r
+}
+
+/// `GET /.well-known/kakuremichi/jwks.json`: the keys that verify session tokens and assertions.
+async fn jwks(State(state): State<AppState>) -> Response {
+    match state.store.published_keys(SESSION_LIFE_MS).await {
+        Ok(keys) => {
+            let keys: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig",
+                           "kid": k.kid, "x": k.x})
+                })
+                .collect();
+            let mut r = Json(json!({ "keys": keys })).into_response();
+            r.headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the signing keys");
+            StatusCode::SERVICE_UNAVAILABLE.into_response()
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! Users, their sign-in sessions and the keys that sign session tokens, in the store.
+//!
+//! Passwords are argon2id hashes (bounded in flight by [`crate::secrets`]); session cookies are
+//! high-entropy secrets stored as digests and found by the id inside them. Every change that
+//! gateways must know (a revoked session, a user signed out everywhere or disabled, a new key)
+//! bumps the config version, so it reaches every gateway with the next snapshot.
+
+use kakuremichi_proto::identity::{GatewayIdentity, SigningKey, UserCutoff};
+use kakuremichi_proto::Secret;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{corrupt, now_ms, parse_uuid, Result, Store, StoreError};
+use crate::secrets;
+
+/// Prefix of control's sign-in session cookies.
+pub const SESSION_PREFIX: &str = "kms";
+/// Purpose the signing keys are sealed under.
+const KEY_PURPOSE: &str = "signing-key";
+/// Built-in roles, most powerful first.
+pub const BUILT_IN_ROLES: &[&str] = &["owner", "admin", "member", "viewer"];
+
+/// A user as stored (without the password hash).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct User {
+    /// Id.
+    pub id: Uuid,
+    /// E-mail address, lower case, unique.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Role names.
+    pub roles: Vec<String>,
+    /// Disabled users cannot sign in, and their tokens are refused everywhere.
+    pub disabled: bool,
+    /// Wrong passwords since the last good sign-in.
+    pub failed_sign_ins: u32,
+    /// Locked until (unix ms), after too many wrong passwords.
+    pub locked_until: Option<i64>,
+    /// Tokens issued before this (unix seconds) are refused.
+    pub sessions_not_before: i64,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+    /// Whether the user has a password.
+    pub has_password: bool,
+}
+
+/// A new user (already validated; the password already hashed).
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// E-mail address, lower case.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// argon2id hash of the password, if the user signs in with one.
+    pub password_hash: Option<String>,
+    /// Roles.
+    pub roles: Vec<String>,
+}
+
+/// Changes to a user; `None` keeps the field.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    /// New name.
+    pub name: Option<String>,
+    /// New roles.
+    pub roles: Option<Vec<String>>,
+    /// Disable or enable.
+    pub disabled: Option<bool>,
+    /// New password hash.
+    pub password_hash: Option<String>,
+    /// Clear the lockout and the count of wrong passwords.
+    pub unlock: bool,
+}
+
+/// A sign-in session at control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Id (the `sid` of every token minted from it).
+    pub id: Uuid,
+    /// Whose.
+    pub user_id: Uuid,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+    /// Expiry (unix ms).
+    pub expires_at: i64,
+    /// How the user signed in.
+    pub amr: Vec<String>,
+}
+
+/// A key that signs session tokens, as the JWKS publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKey {
+    /// Key id.
+    pub kid: String,
+    /// Public key, base64url.
+    pub x: String,
+    /// Created (unix ms).
+    pub created_at: i64,
+    /// Retired (unix ms): no longer signs, still verifies.
+    pub retired_at: Option<i64>,
+}
+
+/// The private half of the current signing key.
+pub struct Signer {
+    /// Key id.
+    pub kid: String,
+    /// PKCS#8 document of the Ed25519 key.
+    pub pkcs8: Vec<u8>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn user_from_row(row: &AnyRow) -> Result<User> {
+    let id: String = row.try_get("id")?;
+    let roles: String = row.try_get("roles")?;
+    let password: Option<String> = row.try_get("password_hash")?;
+    Ok(User {
+        id: parse_uuid(&id)?,
+        email: row.try_get("email")?,
+        name: row.try_get("name")?,
+        roles: serde_json::from_str(&roles).map_err(corrupt)?,
+        disabled: row.try_get::<i64, _>("disabled")? != 0,
+        failed_sign_ins: u32::try_from(row.try_get::<i64, _>("failed_sign_ins")?).unwrap_or(0),
+        locked_until: row.try_get("locked_until")?,
+        sessions_not_before: row.try_get("sessions_not_before")?,
+        created_at: row.try_get("created_at")?,
+        has_password: password.is_some(),
+    })
+}
+
+fn session_from_row(row: &AnyRow) -> Result<Session> {
+    let id: String = row.try_get("id")?;
+    let user: String = row.try_get("user_id")?;
+    let amr: String = row.try_get("amr")?;
+    Ok(Session {
+        id: parse_uuid(&id)?,
+        user_id: parse_uuid(&user)?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        amr: serde_json::from_str(&amr).map_err(corrupt)?,
+    })
+}
+
+const USER_COLUMNS: &str = "id, email, name, password_hash, roles, disabled, failed_sign_ins, \
+     locked_until, sessions_not_before, created_at";
+
+impl Store {
+    // ------------------------------------------------------------------ users
+
+    /// How many users exist.
+    pub async fn count_users(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Creates a user.
+    pub async fn create_user(&self, new: &NewUser) -> Result<User> {
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, roles, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.to_string())
+        .bind(&new.email)
+        .bind(&new.name)
+        .bind(new.password_hash.as_deref())
+        .bind(serde_json::to_string(&new.roles).map_err(corrupt)?)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a user with e-mail {} exists", new.email))
+            }
+            other => other,
+        })?;
+        self.get_user(id).await
+    }
+
+    /// One user.
+    pub async fn get_user(&self, id: Uuid) -> Result<User> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("user"))?;
+        user_from_row(&row)
+    }
+
+    /// A user and their password hash, by e-mail address.
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<(User, Option<String>)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE email = $1"
+        ))
+        .bind(email.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some((user_from_row(&row)?, row.try_get("password_hash")?))),
+        }
+    }
+
+    /// Every user, oldest first.
+    pub async fn list_users(&self) -> Result<Vec<User>> {
+        sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(user_from_row)
+        .collect()
+    }
+
+    /// Changes a user. Disabling, or a change of roles, also ends the user's sessions
+    /// everywhere (tokens carry the roles they were issued with).
+    pub async fn update_user(&self, id: Uuid, patch: &UserPatch) -> Result<User> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("user"))?;
+        let mut u = user_from_row(&row)?;
+        let mut cut = false;
+        if let Some(n) = &patch.name {
+            u.name = n.clone();
+        }
+        if let Some(r) = &patch.roles {
+            cut |= *r != u.roles;
+            u.roles = r.clone();
+        }
+        if let Some(d) = patch.disabled {
+            cut |= d && !u.disabled;
+            u.disabled = d;
+        }
+        if patch.unlock {
+            u.failed_sign_ins = 0;
+            u.locked_until = None;
+        }
+        if cut {
+            u.sessions_not_before = now_ms() / 1000;
+        }
+        if let Some(h) = &patch.password_hash {
+            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+                .bind(h)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE users SET name = $1, roles = $2, disabled = $3, failed_sign_ins = $4, \
+             locked_until = $5, sessions_not_before = $6 WHERE id = $7",
+        )
+        .bind(&u.name)
+        .bind(serde_json::to_string(&u.roles).map_err(corrupt)?)
+        .bind(i64::from(u.disabled))
+        .bind(i64::from(u.failed_sign_ins))
+        .bind(u.locked_until)
+        .bind(u.sessions_not_before)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if cut {
+            sqlx::query(
+                "UPDATE user_sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now_ms())
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            self.commit_bumped(tx).await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(u)
+    }
+
+    /// Deletes a user; their sessions stay, revoked, so that gateways keep refusing their tokens.
+    pub async fn delete_user(&self, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE user_sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("user"));
+        }
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    /// Counts a wrong password: after `max_failures` in a row the account is locked for
+    /// `lock_ms`. Returns the user's lock expiry, if locked now.
+    pub async fn record_failed_sign_in(
+        &self,
+        id: Uuid,
+        max_failures: u32,
+        lock_ms: i64,
+    ) -> Result<Option<i64>> {
+        let _w = self.write.lock().await;
+        let failures: i64 = sqlx::query_scalar(
+            "UPDATE users SET failed_sign_ins = failed_sign_ins + 1 WHERE id = $1 \
+             RETURNING failed_sign_ins",
+        )
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        if failures >= i64::from(max_failures) {
+            let until = now_ms() + lock_ms;
+            sqlx::query(
+                "UPDATE users SET locked_until = $1, failed_sign_ins = 0 WHERE id = $2 \
+                 AND (locked_until IS NULL OR locked_until < $3)",
+            )
+            .bind(until)
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+            return Ok(Some(until));
+        }
+        Ok(None)
+    }
+
+    // --------------------------------------------------------------- sessions
+
+    /// Starts a session for a user who just proved who they are; returns it and its cookie.
+    /// The user's wrong-password count is cleared.
+    pub async fn create_session(
+        &self,
+        user: Uuid,
+        ttl_ms: i64,
+        amr: &[String],
+    ) -> Result<(Session, Secret)> {
+        let id = Uuid::new_v4();
+        let secret = secrets::new_with_id(SESSION_PREFIX, id);
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO user_sessions (id, user_id, token_hash, created_at, expires_at, amr) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.to_string())
+        .bind(user.to_string())
+        .bind(secrets::digest(&secret))
+        .bind(now)
+        .bind(now + ttl_ms)
+        .bind(serde_json::to_string(amr).map_err(corrupt)?)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE users SET failed_sign_ins = 0 WHERE id = $1")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((
+            Session {
+                id,
+                user_id: user,
+                created_at: now,
+                expires_at: now + ttl_ms,
+                amr: amr.to_vec(),
+            },
+            secret,
+        ))
+    }
+
+    /// The live session a cookie names, with its user (`None`: unknown, expired, revoked, or
+    /// the user is disabled or was signed out everywhere since).
+    pub async fn session_by_cookie(&self, cookie: &Secret) -> Result<Option<(Session, User)>> {
+        let Some(id) = secrets::embedded_id(SESSION_PREFIX, cookie) else {
+            return Ok(None);
+        };
+        let row = sqlx::query(
+            "SELECT id, user_id, token_hash, created_at, expires_at, revoked_at, amr \
+             FROM user_sessions WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get("token_hash")?;
+        if !secrets::verify(&hash, cookie).await.ok() {
+            return Ok(None);
+        }
+        let revoked: Option<i64> = row.try_get("revoked_at")?;
+        let session = session_from_row(&row)?;
+        if revoked.is_some() || session.expires_at <= now_ms() {
+            return Ok(None);
+        }
+        let user = match self.get_user(session.user_id).await {
+            Ok(u) => u,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if user.disabled || session.created_at / 1000 < user.sessions_not_before {
+            return Ok(None);
+        }
+        Ok(Some((session, user)))
+    }
+
+    /// Ends one session: its tokens are refused by every gateway from the next snapshot on.
+    pub async fn revoke_session(&self, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE user_sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    /// Signs a user out everywhere: every session ends and every token issued so far is refused.
+    pub async fn revoke_user_sessions(&self, user: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE users SET sessions_not_before = $1 WHERE id = $2")
+            .bind(now_ms() / 1000)
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("user"));
+        }
+        sqlx::query(
+            "UPDATE user_sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await?;
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    // ----------------------------------------------------------- signing keys
+
+    /// Makes sure a current signing key exists (needs the sealer).
+    pub async fn ensure_signing_key(&self) -> Result<()> {
+        let _w = self.write.lock().await;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT kid FROM signing_keys WHERE retired_at IS NULL")
+                .fetch_optional(&self.pool)
+                .await?;
+        if current.is_some() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        self.insert_signing_key(&mut tx).await?;
+        self.commit_bumped(tx).await?;
+        Ok(())
+    }
+
+    async fn insert_signing_key(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    ) -> Result<String> {
+        use base64::Engine as _;
+        use ring::signature::KeyPair as _;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| StoreError::Invalid("cannot generate a signing key".into()))?;
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+            .map_err(|_| StoreError::Invalid("cannot read the new signing key".into()))?;
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key());
+        let sealed = self
+            .sealer
+            .as_deref()
+            .ok_or_else(|| {
+                StoreError::Invalid(
+                    "control has no secrets key to keep its signing key with".into(),
+                )
+            })?
+            .seal(KEY_PURPOSE, pkcs8.as_ref())
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let kid = Uuid::new_v4().simple().to_string()[..16].to_owned();
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, private_sealed, public_x, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&kid)
+        .bind(sealed)
+        .bind(&x)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+        Ok(kid)
+    }
+
+    /// Retires the current signing key (it keeps verifying for `overlap_ms`) and makes a new
+    /// one. Returns the new key id.
+    pub async fn rotate_signing_key(&self) -> Result<String> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        let kid = self.insert_signing_key(&mut tx).await?;
+        self.commit_bumped(tx).await?;
+        Ok(kid)
+    }
+
+    /// The current signing key, opened.
+    pub async fn signer(&self) -> Result<Signer> {
+        let row = sqlx::query(
+            "SELECT kid, private_sealed FROM signing_keys WHERE retired_at IS NULL \
+             ORDER BY created_at DESC",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound("signing key"))?;
+        let sealed: String = row.try_get("private_sealed")?;
+        let pkcs8 = self
+            .sealer
+            .as_deref()
+            .ok_or_else(|| StoreError::Invalid("control has no secrets key".into()))?
+            .open(KEY_PURPOSE, &sealed)
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(Signer {
+            kid: row.try_get("kid")?,
+            pkcs8,
+        })
+    }
+
+    /// Keys that still verify: the current one and those retired less than `overlap_ms` ago.
+    pub async fn published_keys(&self, overlap_ms: i64) -> Result<Vec<PublishedKey>> {
+        let rows = sqlx::query(
+            "SELECT kid, public_x, created_at, retired_at FROM signing_keys \
+             WHERE retired_at IS NULL OR retired_at > $1 ORDER BY created_at DESC",
+        )
+        .bind(now_ms() - overlap_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PublishedKey {
+                    kid: r.try_get("kid")?,
+                    x: r.try_get("public_x")?,
+                    created_at: r.try_get("created_at")?,
+                    retired_at: r.try_get("retired_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// What gateways need: keys, revoked sessions and user cutoffs still within a token's life.
+    pub(crate) async fn gateway_identity(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        token_life_ms: i64,
+    ) -> Result<GatewayIdentity> {
+        let now = now_ms();
+        let keys = sqlx::query(
+            "SELECT kid, public_x FROM signing_keys WHERE retired_at IS NULL OR retired_at > $1 \
+             ORDER BY created_at DESC",
+        )
+        .bind(now - token_life_ms)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(SigningKey {
+                kid: r.try_get("kid")?,
+                x: r.try_get("public_x")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let revoked_sessions = sqlx::query_scalar::<_, String>(
+            "SELECT id FROM user_sessions WHERE revoked_at IS NOT NULL AND expires_at > $1 \
+             ORDER BY id",
+        )
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|s| parse_uuid(s))
+        .collect::<Result<Vec<_>>>()?;
+        let user_cutoffs = sqlx::query(
+            "SELECT id, sessions_not_before, disabled FROM users \
+             WHERE disabled <> 0 OR sessions_not_before > $1 ORDER BY id",
+        )
+        .bind((now - token_life_ms) / 1000)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let id: String = r.try_get("id")?;
+            Ok(UserCutoff {
+                user: parse_uuid(&id)?,
+                not_before: r.try_get("sessions_not_before")?,
+                disabled: r.try_get::<i64, _>("disabled")? != 0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(GatewayIdentity {
+            issuer: String::new(),
+            sign_in_url: String::new(),
+            keys,
+            revoked_sessions,
+            user_cutoffs,
+        })
+    }
+}

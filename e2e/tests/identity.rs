@@ -1,0 +1,602 @@
+//! Identity end to end, with the real binaries: a password sign-in that goes gateway -> control ->
+//! gateway callback on the resource's own hostname, the signed assertion the app gets (checked
+//! against control's JWKS), a clear 403 for a user without the role, 401 for clients without a
+//! session, refused forged and tampered tokens, sign-out everywhere reaching the gateway within
+//! 2 s, signed-in users keeping access while control is down, and the account lockout.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use kakuremichi_e2e::{wait_for, Stack, DEMO_HOST};
+use reqwest::header::{ACCEPT, COOKIE, HOST, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const ANN: &str = "ann@example.com";
+const BOB: &str = "bob@example.com";
+const PASSWORD: &str = "correct horse battery";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A browser, reduced to what this flow needs: cookies per host, no redirects followed.
+struct Browser {
+    http: reqwest::Client,
+    /// host (without port) -> cookie name -> value.
+    jar: HashMap<String, HashMap<String, String>>,
+}
+
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    body: String,
+}
+
+impl Browser {
+    fn new() -> Browser {
+        Browser {
+            http: client(),
+            jar: HashMap::new(),
+        }
+    }
+
+    fn cookie(&self, host: &str, name: &str) -> Option<&String> {
+        self.jar.get(host)?.get(name)
+    }
+
+    /// Sends a request to `url`; requests for resource hostnames go to the gateway's address.
+    async fn go(
+        &mut self,
+        stack: &Stack,
+        method: Method,
+        url: &str,
+        form: Option<&[(&str, &str)]>,
+    ) -> anyhow::Result<Page> {
+        let parsed = url::Url::parse(url).with_context(|| format!("bad URL {url}"))?;
+        let host = parsed.host_str().context("no host")?.to_owned();
+        let authority = match parsed.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let path = match parsed.query() {
+            Some(q) => format!("{}?{q}", parsed.path()),
+            None => parsed.path().to_owned(),
+        };
+        let target = if host.ends_with(".localhost") {
+            format!("http://{}{path}", stack.opts.gateway_http_for_test)
+        } else {
+            url.to_owned()
+        };
+        let mut req = self
+            .http
+            .request(method, target)
+            .header(HOST, authority)
+            .header(ACCEPT, "text/html,application/xhtml+xml");
+        if let Some(cookies) = self.jar.get(&host) {
+            let c = cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !c.is_empty() {
+                req = req.header(COOKIE, c);
+            }
+        }
+        if let Some(form) = form {
+            req = req.form(form);
+        }
+        let resp = req.send().await?;
+        for v in resp.headers().get_all(SET_COOKIE) {
+            let v = v.to_str()?;
+            let first = v.split(';').next().unwrap_or_default();
+            let (k, val) = first.split_once('=').context("bad Set-Cookie")?;
+            let jar = self.jar.entry(host.clone()).or_default();
+            if val.is_empty() || v.contains("Max-Age=0") {
+                jar.remove(k);
+            } else {
+                jar.insert(k.to_owned(), val.to_owned());
+            }
+        }
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .map(|l| l.to_str().unwrap_or_default().to_owned())
+            .map(|l| {
+                if l.starts_with('/') {
+                    format!("{}://{}{l}", parsed.scheme(), parsed.authority())
+                } else {
+                    l
+                }
+            });
+        let body = resp.text().await?;
+        Ok(Page {
+            status,
+            location,
+            body,
+        })
+    }
+
+    /// Opens `url` on a protected resource, signs in as `email` at control, and follows the
+    /// callback; returns the page the app served at the end.
+    async fn sign_in(
+        &mut self,
+        stack: &Stack,
+        url: &str,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<Page> {
+        let first = self.go(stack, Method::GET, url, None).await?;
+        if first.status != StatusCode::FOUND {
+            bail!(
+                "expected a redirect to sign in, got {} {}",
+                first.status,
+                first.body
+            );
+        }
+        let sign_in = first.location.context("no Location")?;
+        if !sign_in.starts_with(&format!(
+            "{}/auth/sign-in?",
+            stack.opts.control_url_for_test
+        )) {
+            bail!("redirected to {sign_in}, not control's sign-in page");
+        }
+        let form = self.go(stack, Method::GET, &sign_in, None).await?;
+        assert_eq!(form.status, StatusCode::OK, "{}", form.body);
+        let csrf = hidden(&form.body, "csrf").context("no csrf field")?;
+        let rd = hidden(&form.body, "rd").context("no rd field")?;
+        let n = hidden(&form.body, "n").context("no n field")?;
+        let posted = self
+            .go(
+                stack,
+                Method::POST,
+                &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
+                Some(&[
+                    ("email", email),
+                    ("password", password),
+                    ("csrf", &csrf),
+                    ("rd", &rd),
+                    ("n", &n),
+                ]),
+            )
+            .await?;
+        if posted.status != StatusCode::SEE_OTHER {
+            bail!("sign-in answered {} {}", posted.status, posted.body);
+        }
+        let callback = posted.location.context("no callback Location")?;
+        assert!(
+            callback.contains("/.kakuremichi/auth/callback?token="),
+            "{callback}"
+        );
+        let back = self.go(stack, Method::GET, &callback, None).await?;
+        assert_eq!(back.status, StatusCode::FOUND, "{}", back.body);
+        let app = back.location.context("no Location after the callback")?;
+        self.go(stack, Method::GET, &app, None).await
+    }
+}
+
+/// The value of a hidden form field.
+fn hidden(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(
+        html[start..end]
+            .replace("&amp;", "&")
+            .replace("&quot;", "\""),
+    )
+}
+
+async fn create_user(stack: &Stack, email: &str, roles: &[&str]) -> anyhow::Result<String> {
+    let (status, body) = stack
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"email": email, "password": PASSWORD, "roles": roles})),
+        )
+        .await?;
+    if status != 201 {
+        bail!("create user {email}: {status} {body}");
+    }
+    Ok(body["id"].as_str().context("no id")?.to_owned())
+}
+
+/// Protects the demo resource (members only) and waits until the gateway enforces it.
+async fn protect(stack: &Stack) -> anyhow::Result<()> {
+    stack
+        .api
+        .patch(
+            &format!("/api/v1/resources/{}", stack.resource_id),
+            json!({"access": {"roles": ["member"]}}),
+        )
+        .await?;
+    wait_for(
+        "the gateway to ask for sign-in",
+        Duration::from_secs(10),
+        || async {
+            let r = stack.get(DEMO_HOST, "/headers").await?;
+            Ok((r.status() == 401).then_some(()))
+        },
+    )
+    .await
+}
+
+fn demo_url(stack: &Stack, path: &str) -> String {
+    format!(
+        "http://{DEMO_HOST}:{}{path}",
+        stack.opts.gateway_http_for_test.port()
+    )
+}
+
+/// Checks an assertion as an app would: signature against control's JWKS, `aud`, `iss`, `exp`.
+async fn verify_assertion(stack: &Stack, token: &str) -> anyhow::Result<Value> {
+    let jwks: jsonwebtoken::jwk::JwkSet = client()
+        .get(format!(
+            "{}/.well-known/kakuremichi/jwks.json",
+            stack.opts.control_url_for_test
+        ))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let header = jsonwebtoken::decode_header(token)?;
+    let kid = header.kid.context("no kid")?;
+    let jwk = jwks.find(&kid).context("kid not in the JWKS")?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    v.set_audience(&[DEMO_HOST]);
+    v.set_issuer(&[stack.opts.control_url_for_test.as_str()]);
+    Ok(jsonwebtoken::decode::<Value>(token, &key, &v)?.claims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes_within_2s() {
+    let mut stack = Stack::start().await.expect("stack");
+    let ann = create_user(&stack, ANN, &["member"]).await.unwrap();
+    create_user(&stack, BOB, &["viewer"]).await.unwrap();
+    protect(&stack).await.unwrap();
+
+    // A client without a session: 401 with a challenge, not a redirect.
+    let mut curl = Browser::new();
+    let plain = stack
+        .request_builder(Method::GET, DEMO_HOST, "/headers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 401);
+    assert!(plain.headers()[WWW_AUTHENTICATE]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer realm=\"demo.localhost\""));
+
+    // Ann signs in and reaches the app, which gets a verifiable assertion and her headers.
+    let mut browser = Browser::new();
+    let page = browser
+        .sign_in(&stack, &demo_url(&stack, "/headers"), ANN, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let headers: Value = serde_json::from_str(&page.body).unwrap();
+    assert_eq!(headers["remote-user"], ANN);
+    assert_eq!(headers["remote-groups"], "member");
+    let cookie = headers["cookie"].as_str().unwrap_or_default();
+    assert!(
+        !cookie.contains("kakuremichi_"),
+        "own cookies reach the app: {cookie}"
+    );
+    let token = headers["kakuremichi-jwt-assertion"]
+        .as_str()
+        .expect("assertion header")
+        .to_owned();
+    let claims = verify_assertion(&stack, &token).await.unwrap();
+    assert_eq!(claims["sub"], ann.as_str());
+    assert_eq!(claims["email"], ANN);
+    assert_eq!(claims["amr"], json!(["pwd"]));
+
+    // Identity headers a client sends are replaced, never passed on.
+    let forged = browser
+        .http
+        .request(
+            Method::GET,
+            format!("http://{}/headers", stack.opts.gateway_http_for_test),
+        )
+        .header(HOST, DEMO_HOST)
+        .header(
+            COOKIE,
+            format!(
+                "kakuremichi_session={}; kakuremichi_nonce={}",
+                browser.cookie(DEMO_HOST, "kakuremichi_session").unwrap(),
+                browser.cookie(DEMO_HOST, "kakuremichi_nonce").unwrap()
+            ),
+        )
+        .header("remote-user", "mallory@example.com")
+        .header("x-forwarded-email", "mallory@example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    let seen: Value = forged.json().await.unwrap();
+    assert_eq!(seen["remote-user"], ANN);
+    assert!(seen.get("x-forwarded-email").is_none());
+
+    // The token alone, without the browser's nonce cookie, is refused (a leaked URL or log line
+    // is not a session); a tampered one too.
+    let without_nonce = curl
+        .http
+        .get(format!(
+            "http://{}/headers",
+            stack.opts.gateway_http_for_test
+        ))
+        .header(HOST, DEMO_HOST)
+        .header(COOKIE, format!("kakuremichi_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without_nonce.status(), 401);
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let nonce = browser
+        .cookie(DEMO_HOST, "kakuremichi_nonce")
+        .unwrap()
+        .clone();
+    for (what, bad) in [
+        ("tampered signature", tampered),
+        ("not a token", "garbage".to_owned()),
+        (
+            "forged header",
+            format!("eyJhbGciOiJub25lIn0.{}.", token.split('.').nth(1).unwrap()),
+        ),
+    ] {
+        let r = curl
+            .http
+            .get(format!(
+                "http://{}/headers",
+                stack.opts.gateway_http_for_test
+            ))
+            .header(HOST, DEMO_HOST)
+            .header(
+                COOKIE,
+                format!("kakuremichi_session={bad}; kakuremichi_nonce={nonce}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{what}");
+        let challenge = r.headers()[WWW_AUTHENTICATE].to_str().unwrap().to_owned();
+        assert!(challenge.contains("invalid_token"), "{what}: {challenge}");
+    }
+
+    // Bob is signed in but lacks the role: a clear 403 page.
+    let mut bob = Browser::new();
+    let denied = bob
+        .sign_in(&stack, &demo_url(&stack, "/headers"), BOB, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert!(
+        denied.body.contains("is not allowed to use demo.localhost"),
+        "{}",
+        denied.body
+    );
+
+    // A callback with another browser's nonce (the grant link replayed elsewhere) is refused.
+    let replay = curl
+        .go(
+            &stack,
+            Method::GET,
+            &format!(
+                "{}?token={token}&rd=/",
+                demo_url(&stack, "/.kakuremichi/auth/callback")
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replay.status, StatusCode::BAD_REQUEST);
+    assert!(replay.body.contains("not valid here"), "{}", replay.body);
+
+    // The JWKS is served on the resource hostname too.
+    let jwks = browser
+        .go(
+            &stack,
+            Method::GET,
+            &demo_url(&stack, "/.well-known/kakuremichi/jwks.json"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(jwks.status, StatusCode::OK);
+    assert!(jwks.body.contains(token_kid(&token).as_str()));
+
+    // Sign-out everywhere: the gateway refuses Ann's session within 2 s.
+    let revoked_at = Instant::now();
+    let (status, _) = stack
+        .api
+        .call(Method::POST, &format!("/api/v1/users/{ann}/sign-out"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+    loop {
+        let p = browser
+            .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+            .await
+            .unwrap();
+        if p.status == StatusCode::FOUND {
+            break;
+        }
+        assert_eq!(p.status, StatusCode::OK);
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "a revoked session still works after {:?}",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "sign-out everywhere reached the gateway in {:?}",
+        revoked_at.elapsed()
+    );
+
+    // Ann signs in again; with control down she keeps access, and a new browser gets a clear
+    // page instead of a sign-in redirect that cannot work.
+    let mut again = Browser::new();
+    let page = again
+        .sign_in(&stack, &demo_url(&stack, "/headers"), ANN, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::OK);
+    stack.stop_control();
+    wait_for(
+        "the gateway to notice control is gone",
+        Duration::from_secs(10),
+        || async {
+            let p = Browser::new()
+                .go(&stack, Method::GET, &demo_url(&stack, "/"), None)
+                .await?;
+            Ok((p.status == StatusCode::SERVICE_UNAVAILABLE).then_some(p))
+        },
+    )
+    .await
+    .map(|p| {
+        assert!(
+            p.body.contains("Sign-in is unavailable right now"),
+            "{}",
+            p.body
+        )
+    })
+    .unwrap();
+    for _ in 0..5 {
+        let p = again
+            .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            p.status,
+            StatusCode::OK,
+            "a signed-in user lost access with control down"
+        );
+    }
+    stack.start_control_again().await.unwrap();
+
+    // Nothing secret in any log line.
+    let logs = stack.logs_full();
+    for (what, secret) in [
+        ("password", PASSWORD.to_owned()),
+        ("token", token.clone()),
+        ("nonce", nonce.clone()),
+        ("signature", token.rsplit('.').next().unwrap().to_owned()),
+    ] {
+        assert!(!logs.contains(&secret), "the {what} appears in a log");
+    }
+}
+
+/// Posts the right password, waiting out the rate limit.
+async fn right_password(stack: &Stack, browser: &mut Browser, sign_in: &str, csrf: &str) -> Page {
+    loop {
+        let p = browser
+            .go(
+                stack,
+                Method::POST,
+                sign_in,
+                Some(&[("email", ANN), ("password", PASSWORD), ("csrf", csrf)]),
+            )
+            .await
+            .expect("control answers");
+        if p.status != StatusCode::TOO_MANY_REQUESTS {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn token_kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token)
+        .expect("a JWT header")
+        .kid
+        .expect("a kid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_are_rate_limited_and_lock_the_account_until_an_admin_unlocks_it() {
+    let stack = Stack::start().await.expect("stack");
+    let ann = create_user(&stack, ANN, &["member"]).await.unwrap();
+    protect(&stack).await.unwrap();
+    let mut browser = Browser::new();
+    let sign_in = format!("{}/auth/sign-in", stack.opts.control_url_for_test);
+    let form = browser
+        .go(&stack, Method::GET, &sign_in, None)
+        .await
+        .unwrap();
+    let csrf = hidden(&form.body, "csrf").unwrap();
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..100 {
+        let p = browser
+            .go(
+                &stack,
+                Method::POST,
+                &sign_in,
+                Some(&[
+                    ("email", ANN),
+                    ("password", "wrong password!"),
+                    ("csrf", &csrf),
+                ]),
+            )
+            .await
+            .unwrap();
+        *by_status.entry(p.status.as_u16()).or_default() += 1;
+    }
+    println!("100 wrong passwords: {by_status:?}");
+    assert!(
+        by_status.get(&429).copied().unwrap_or(0) >= 75,
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.get(&403).copied().unwrap_or(0) >= 1,
+        "never locked: {by_status:?}"
+    );
+    let user = stack
+        .api
+        .get(&format!("/api/v1/users/{ann}"))
+        .await
+        .unwrap();
+    assert!(user["locked_until"].as_i64().is_some(), "{user}");
+
+    // The right password fails while locked (once the rate limit lets an attempt through).
+    let p = right_password(&stack, &mut browser, &sign_in, &csrf).await;
+    assert_eq!(p.status, StatusCode::FORBIDDEN, "{}", p.body);
+    assert!(p.body.contains("locked"), "{}", p.body);
+    stack
+        .api
+        .patch(&format!("/api/v1/users/{ann}"), json!({"unlock": true}))
+        .await
+        .unwrap();
+    let p = right_password(&stack, &mut browser, &sign_in, &csrf).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    assert!(
+        p.body.contains("You are signed in as ann@example.com"),
+        "{}",
+        p.body
+    );
+
+    // A form without the CSRF cookie's token is refused.
+    let p = Browser::new()
+        .go(
+            &stack,
+            Method::POST,
+            &sign_in,
+            Some(&[("email", ANN), ("password", PASSWORD), ("csrf", &csrf)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.status, StatusCode::FORBIDDEN);
+    assert!(p.body.contains("form expired"), "{}", p.body);
+}

@@ -1,0 +1,1122 @@
+//! Sign-in at the edge: the gateway decides every request to a resource that needs sign-in from
+//! its pushed config ([`EdgeIdentity`]) and the session token in the request, never by asking
+//! control.
+//!
+//! - A browser without a session gets a nonce cookie and a redirect to control's sign-in page;
+//!   control sends it back to `/.kakuremichi/auth/callback` on the resource's own hostname with a
+//!   session token bound to that nonce (its `nonce` claim is the nonce's SHA-256), which becomes
+//!   the session cookie. A stolen token is useless without the browser's HttpOnly nonce cookie.
+//! - Other clients get 401 with `WWW-Authenticate`.
+//! - A verified token is cached (keyed by the token itself), so a request costs a hash lookup and
+//!   a SHA-256 of the nonce, not a signature check. Revocations and key changes come with every
+//!   snapshot and apply to cached tokens too.
+//! - The app gets the token as a signed assertion (`Kakuremichi-Jwt-Assertion`) and plain identity
+//!   headers; a client's own copies of those headers are always removed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use kakuremichi_proto::identity::{
+    AccessPolicy, GatewayIdentity, IdentityHeaders, SessionClaims, ASSERTION_HEADER,
+    GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, SESSION_COOKIE,
+};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
+use uuid::Uuid;
+
+/// Verified tokens kept at most (all forgotten at once when full).
+const MAX_CACHED: usize = 50_000;
+/// Clock skew allowed on `exp` and `iat`, in seconds.
+const LEEWAY_SECS: u64 = 30;
+/// How long a nonce cookie set before sign-in lives, in seconds.
+const NONCE_LIFE_SECS: u64 = 600;
+
+/// Why a token was refused (logged; the client sees a plain page).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a JWT, or not one of ours.
+    #[error("malformed token")]
+    Malformed,
+    /// Signed by a key this gateway does not know (or no longer trusts).
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// Past its expiry.
+    #[error("expired")]
+    Expired,
+    /// For another hostname.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// From another issuer.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// Its session was revoked, or its user signed out everywhere.
+    #[error("revoked")]
+    Revoked,
+    /// Its user is disabled or deleted.
+    #[error("user disabled")]
+    Disabled,
+    /// The browser's nonce cookie is missing or does not match the token.
+    #[error("nonce cookie missing or wrong")]
+    Nonce,
+    /// A grant older than [`GRANT_MAX_AGE_SECS`].
+    #[error("grant too old")]
+    GrantTooOld,
+}
+
+/// What a gateway knows about identity, as of one snapshot.
+pub struct EdgeIdentity {
+    issuer: String,
+    sign_in_url: String,
+    keys: HashMap<String, DecodingKey>,
+    jwks: Bytes,
+    revoked: HashSet<Uuid>,
+    cutoffs: HashMap<Uuid, (i64, bool)>,
+}
+
+impl std::fmt::Debug for EdgeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeIdentity")
+            .field("issuer", &self.issuer)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EdgeIdentity {
+    /// From a snapshot's identity section (keys that do not decode are skipped, and logged).
+    pub fn new(g: &GatewayIdentity) -> EdgeIdentity {
+        let mut keys = HashMap::new();
+        for k in &g.keys {
+            match DecodingKey::from_ed_components(&k.x) {
+                Ok(d) => {
+                    keys.insert(k.kid.clone(), d);
+                }
+                Err(error) => {
+                    tracing::warn!(kid = %k.kid, %error, "skipping an unreadable signing key")
+                }
+            }
+        }
+        let jwks = serde_json::json!({
+            "keys": g.keys.iter().map(|k| serde_json::json!({
+                "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": k.kid, "x": k.x
+            })).collect::<Vec<_>>()
+        });
+        EdgeIdentity {
+            issuer: g.issuer.clone(),
+            sign_in_url: g.sign_in_url.clone(),
+            keys,
+            jwks: Bytes::from(jwks.to_string()),
+            revoked: g.revoked_sessions.iter().copied().collect(),
+            cutoffs: g
+                .user_cutoffs
+                .iter()
+                .map(|c| (c.user, (c.not_before, c.disabled)))
+                .collect(),
+        }
+    }
+
+    /// The JWKS document.
+    pub fn jwks(&self) -> Bytes {
+        self.jwks.clone()
+    }
+
+    /// Control's sign-in page.
+    pub fn sign_in_url(&self) -> &str {
+        &self.sign_in_url
+    }
+
+    /// Whether claims still count: session not revoked, user not disabled or cut off.
+    fn live(&self, c: &SessionClaims) -> Result<(), TokenError> {
+        let sid = Uuid::try_parse(&c.sid).map_err(|_| TokenError::Malformed)?;
+        if self.revoked.contains(&sid) {
+            return Err(TokenError::Revoked);
+        }
+        let user = Uuid::try_parse(&c.sub).map_err(|_| TokenError::Malformed)?;
+        if let Some((not_before, disabled)) = self.cutoffs.get(&user) {
+            if *disabled {
+                return Err(TokenError::Disabled);
+            }
+            if c.iat < *not_before {
+                return Err(TokenError::Revoked);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Cached {
+    claims: Arc<SessionClaims>,
+    kid: String,
+}
+
+/// Tokens whose signatures were verified, with their claims.
+#[derive(Default)]
+pub struct TokenCache {
+    map: Mutex<HashMap<Box<str>, Arc<Cached>>>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache").finish_non_exhaustive()
+    }
+}
+
+impl TokenCache {
+    /// Verifies `token` for `host` at `now` (unix seconds): signature (once, then cached), key
+    /// still trusted, issuer, audience, expiry, revocation.
+    pub fn verify(
+        &self,
+        identity: &EdgeIdentity,
+        token: &str,
+        host: &str,
+        now: i64,
+    ) -> Result<Arc<SessionClaims>, TokenError> {
+        let hit = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned();
+        let cached = match hit {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(Self::check_signature(identity, token)?);
+                let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                if map.len() >= MAX_CACHED {
+                    map.clear();
+                }
+                map.insert(token.into(), Arc::clone(&c));
+                c
+            }
+        };
+        if !identity.keys.contains_key(&cached.kid) {
+            return Err(TokenError::UnknownKey);
+        }
+        let c = &cached.claims;
+        if c.iss != identity.issuer {
+            return Err(TokenError::WrongIssuer);
+        }
+        if !c.aud.eq_ignore_ascii_case(host) {
+            return Err(TokenError::WrongAudience);
+        }
+        if c.exp + LEEWAY_SECS as i64 <= now {
+            return Err(TokenError::Expired);
+        }
+        identity.live(c)?;
+        Ok(Arc::clone(c))
+    }
+
+    fn check_signature(identity: &EdgeIdentity, token: &str) -> Result<Cached, TokenError> {
+        if token.len() > 8192 {
+            return Err(TokenError::Malformed);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Malformed);
+        }
+        let kid = header.kid.ok_or(TokenError::Malformed)?;
+        let key = identity.keys.get(&kid).ok_or(TokenError::UnknownKey)?;
+        let mut v = Validation::new(Algorithm::EdDSA);
+        // Audience, issuer and expiry are checked on every use, cached or not.
+        v.validate_aud = false;
+        v.validate_exp = false;
+        v.required_spec_claims.clear();
+        let data = jsonwebtoken::decode::<SessionClaims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                _ => TokenError::Malformed,
+            }
+        })?;
+        Ok(Cached {
+            claims: Arc::new(data.claims),
+            kid,
+        })
+    }
+
+    /// How many verified tokens are kept.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// base64url(SHA-256(nonce)).
+pub fn nonce_hash(nonce: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(nonce.as_bytes()))
+}
+
+fn nonce_matches(nonce: Option<&str>, claims: &SessionClaims) -> bool {
+    match nonce {
+        Some(n) => bool::from(nonce_hash(n).as_bytes().ct_eq(claims.nonce.as_bytes())),
+        None => false,
+    }
+}
+
+/// The value of cookie `name` across the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Removes the gateway's own cookies from what the app gets.
+fn strip_own_cookies(headers: &mut HeaderMap) {
+    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
+    if values.is_empty() {
+        return;
+    }
+    let kept: Vec<&str> = values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            !pair.is_empty() && name != SESSION_COOKIE && name != NONCE_COOKIE
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Removes every identity header a client sent (on every route, public or not).
+pub fn strip_identity_headers(headers: &mut HeaderMap) {
+    for name in IdentityHeaders::ALL {
+        headers.remove(*name);
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+/// Adds the signed assertion and the plain identity headers the resource asks for.
+fn add_identity_headers(
+    headers: &mut HeaderMap,
+    style: IdentityHeaders,
+    claims: &SessionClaims,
+    token: &str,
+) {
+    insert(headers, ASSERTION_HEADER, token);
+    let groups = claims.roles.join(",");
+    match style {
+        IdentityHeaders::Remote => {
+            insert(headers, "remote-user", &claims.email);
+            insert(headers, "remote-email", &claims.email);
+            insert(headers, "remote-name", &claims.name);
+            insert(headers, "remote-groups", &groups);
+        }
+        IdentityHeaders::Oauth2Proxy => {
+            insert(headers, "x-forwarded-user", &claims.sub);
+            insert(headers, "x-forwarded-email", &claims.email);
+            insert(headers, "x-forwarded-preferred-username", &claims.name);
+            insert(headers, "x-forwarded-groups", &groups);
+        }
+        IdentityHeaders::None => {}
+    }
+}
+
+/// A gateway answer of its own (sign-in redirect, 401, 403, callback, JWKS).
+pub type AuthResponse = Box<Response<Bytes>>;
+
+fn text(status: StatusCode, body: String) -> AuthResponse {
+    let mut r = Box::new(Response::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn html(status: StatusCode, title: &str, body_html: &str) -> AuthResponse {
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;\
+         padding:0 1rem}}</style></head><body><h1>{t}</h1>{body_html}<hr><p><small>kakuremichi \
+         gateway</small></p></body></html>\n",
+        t = html_escape(title)
+    );
+    let mut r = text(status, page);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+fn set_cookie(r: &mut AuthResponse, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+fn secure_attr(proto: &str) -> &'static str {
+    if proto == "https" {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+fn random_nonce() -> String {
+    use rand::RngCore as _;
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// One request as the access check sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The resource hostname (lower case, no port).
+    pub host: &'a str,
+    /// `Host` as sent (with its port), for URLs back to this site.
+    pub authority: &'a str,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The method.
+    pub method: &'a Method,
+    /// Path and query.
+    pub path_and_query: &'a str,
+    /// Unix seconds.
+    pub now: i64,
+    /// Whether control is reachable (a new sign-in needs it).
+    pub control_up: bool,
+}
+
+/// Decides a request to a resource that needs sign-in. `Ok`: the request goes on, with the
+/// gateway's cookies removed and identity headers added. `Err`: the gateway's own answer.
+pub fn check(
+    identity: Option<&EdgeIdentity>,
+    cache: &TokenCache,
+    policy: &AccessPolicy,
+    headers: &mut HeaderMap,
+    ask: &Ask<'_>,
+) -> Result<Arc<SessionClaims>, AuthResponse> {
+    let Some(identity) = identity else {
+        // A route that needs sign-in and no keys to check it with: refuse, never open up.
+        tracing::warn!(
+            host = ask.host,
+            "sign-in needed but this gateway has no identity config"
+        );
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sign-in is not available on this gateway yet; try again shortly\n".into(),
+        ));
+    };
+    let Some(token) = cookie(headers, SESSION_COOKIE).map(str::to_owned) else {
+        return Err(sign_in_needed(identity, headers, ask, None));
+    };
+    let claims = match cache.verify(identity, &token, ask.host, ask.now) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(host = ask.host, reason = %e, "session token refused");
+            return Err(sign_in_needed(identity, headers, ask, Some(e)));
+        }
+    };
+    if !nonce_matches(cookie(headers, NONCE_COOKIE), &claims) {
+        tracing::warn!(host = ask.host, user_id = %claims.sub, reason = %TokenError::Nonce, "session token refused");
+        return Err(sign_in_needed(
+            identity,
+            headers,
+            ask,
+            Some(TokenError::Nonce),
+        ));
+    }
+    if !policy.allows(&claims.email, &claims.roles) {
+        tracing::warn!(host = ask.host, user_id = %claims.sub, "access denied by the resource's policy");
+        let message = format!(
+            "{} is signed in, but is not allowed to use {}. Ask an administrator for access.",
+            claims.email, ask.host
+        );
+        return Err(if wants_html(headers) {
+            html(
+                StatusCode::FORBIDDEN,
+                "403 Forbidden",
+                &format!(
+                    "<p>{}</p><p><a href=\"{GATEWAY_AUTH_PREFIX}sign-out\">Sign in as someone else</a></p>",
+                    html_escape(&message)
+                ),
+            )
+        } else {
+            text(StatusCode::FORBIDDEN, format!("{message}\n"))
+        });
+    }
+    strip_own_cookies(headers);
+    add_identity_headers(headers, policy.identity_headers, &claims, &token);
+    Ok(claims)
+}
+
+/// The answer to a request without a usable session: a browser is sent to sign in, anything else
+/// gets 401.
+fn sign_in_needed(
+    identity: &EdgeIdentity,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    why: Option<TokenError>,
+) -> AuthResponse {
+    let browser = wants_html(headers) && matches!(*ask.method, Method::GET | Method::HEAD);
+    if !browser {
+        let (error, description) = match &why {
+            None => ("", "sign-in required".to_owned()),
+            Some(e) => (
+                "invalid_token",
+                format!("the session token was refused: {e}"),
+            ),
+        };
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "{description}: open {}://{}/ in a browser to sign in\n",
+                ask.proto, ask.authority
+            ),
+        );
+        let challenge = if error.is_empty() {
+            format!("Bearer realm=\"{}\"", ask.host)
+        } else {
+            format!(
+                "Bearer realm=\"{}\", error=\"{error}\", error_description=\"{description}\"",
+                ask.host
+            )
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return r;
+    }
+    if !ask.control_up {
+        return html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is unavailable right now",
+            &format!(
+                "<p>{} needs you to sign in, and the sign-in service cannot be reached from here \
+                 right now. People who are already signed in keep their access.</p>\
+                 <p>Try again in a minute.</p>",
+                html_escape(ask.host)
+            ),
+        );
+    }
+    // Keep the browser's nonce if it has one (several tabs signing in at once).
+    let existing = cookie(headers, NONCE_COOKIE).filter(|n| n.len() == 43);
+    let nonce = existing.map_or_else(random_nonce, str::to_owned);
+    let rd = format!("{}://{}{}", ask.proto, ask.authority, ask.path_and_query);
+    let location = format!(
+        "{}?rd={}&n={}",
+        identity.sign_in_url,
+        url::form_urlencoded::byte_serialize(rd.as_bytes()).collect::<String>(),
+        nonce_hash(&nonce)
+    );
+    let mut r = text(StatusCode::FOUND, format!("sign in at {location}\n"));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    if existing.is_none() {
+        set_cookie(
+            &mut r,
+            format!(
+                "{NONCE_COOKIE}={nonce}; Path=/; Max-Age={NONCE_LIFE_SECS}; HttpOnly; SameSite=Lax{}",
+                secure_attr(ask.proto)
+            ),
+        );
+    }
+    if why.is_some() {
+        set_cookie(
+            &mut r,
+            format!(
+                "{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+                secure_attr(ask.proto)
+            ),
+        );
+    }
+    r
+}
+
+/// The gateway's own paths on a resource hostname: the sign-in callback, sign-out and the JWKS.
+/// `None`: not one of them.
+pub fn endpoint(
+    identity: Option<&EdgeIdentity>,
+    cache: &TokenCache,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    form: Option<&[u8]>,
+) -> Option<AuthResponse> {
+    let (path, query) = ask
+        .path_and_query
+        .split_once('?')
+        .unwrap_or((ask.path_and_query, ""));
+    if path == kakuremichi_proto::identity::JWKS_PATH {
+        let identity = identity?;
+        let mut r = text(StatusCode::OK, String::new());
+        *r.body_mut() = identity.jwks();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=300"),
+        );
+        return Some(r);
+    }
+    let action = path.strip_prefix(GATEWAY_AUTH_PREFIX)?;
+    let Some(identity) = identity else {
+        return Some(text(
+            StatusCode::NOT_FOUND,
+            "sign-in is not configured for this site\n".into(),
+        ));
+    };
+    Some(match (action, ask.method) {
+        ("callback", &Method::GET) => callback(identity, cache, headers, ask, query),
+        ("sign-out", &Method::GET) => sign_out_page(headers),
+        ("sign-out", &Method::POST) => sign_out(identity, headers, ask, form.unwrap_or_default()),
+        _ => text(StatusCode::NOT_FOUND, "no such sign-in page\n".into()),
+    })
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    url::form_urlencoded::parse(query.as_bytes()).find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// A path on this site to return to: absolute, not protocol-relative.
+fn local_path(rd: Option<&str>) -> String {
+    match rd {
+        Some(p)
+            if p.starts_with('/')
+                && !p.starts_with("//")
+                && !p.contains('\\')
+                && !p.starts_with(GATEWAY_AUTH_PREFIX)
+                && !p.bytes().any(|b| b.is_ascii_control()) =>
+        {
+            p.to_owned()
+        }
+        _ => "/".to_owned(),
+    }
+}
+
+fn callback(
+    identity: &EdgeIdentity,
+    cache: &TokenCache,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    query: &str,
+) -> AuthResponse {
+    let rd = local_path(query_param(query, "rd").as_deref());
+    let failed = |why: TokenError| {
+        tracing::warn!(host = ask.host, reason = %why, "sign-in callback refused");
+        html(
+            StatusCode::BAD_REQUEST,
+            "Sign-in did not complete",
+            &format!(
+                "<p>This sign-in link is not valid here ({}). It may have expired, or been opened \
+                 in another browser than the one that started signing in.</p>\
+                 <p><a href=\"{}\">Try again</a></p>",
+                html_escape(&why.to_string()),
+                html_escape(&rd)
+            ),
+        )
+    };
+    let Some(token) = query_param(query, "token") else {
+        return failed(TokenError::Malformed);
+    };
+    let claims = match cache.verify(identity, &token, ask.host, ask.now) {
+        Ok(c) => c,
+        Err(e) => return failed(e),
+    };
+    if ask.now - claims.iat > GRANT_MAX_AGE_SECS || claims.iat - ask.now > LEEWAY_SECS as i64 {
+        return failed(TokenError::GrantTooOld);
+    }
+    let nonce = cookie(headers, NONCE_COOKIE);
+    if !nonce_matches(nonce, &claims) {
+        return failed(TokenError::Nonce);
+    }
+    let max_age = (claims.exp - ask.now).max(0);
+    tracing::info!(host = ask.host, user_id = %claims.sub, "signed in to a resource");
+    let mut r = text(StatusCode::FOUND, format!("signed in; continue at {rd}\n"));
+    if let Ok(v) = HeaderValue::from_str(&rd) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    let secure = secure_attr(ask.proto);
+    set_cookie(
+        &mut r,
+        format!(
+            "{SESSION_COOKIE}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
+        ),
+    );
+    // The nonce lives as long as the session it binds.
+    set_cookie(
+        &mut r,
+        format!(
+            "{NONCE_COOKIE}={}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
+            nonce.unwrap_or_default()
+        ),
+    );
+    r
+}
+
+/// The sign-out form's CSRF token: derived from the browser's HttpOnly nonce cookie, which a
+/// page on another site can neither read nor send from a cross-site POST (SameSite=Lax).
+fn sign_out_token(headers: &HeaderMap) -> String {
+    nonce_hash(&format!(
+        "sign-out:{}",
+        cookie(headers, NONCE_COOKIE).unwrap_or_default()
+    ))
+}
+
+fn sign_out_page(headers: &HeaderMap) -> AuthResponse {
+    html(
+        StatusCode::OK,
+        "Sign out",
+        &format!(
+            "<form method=\"post\" action=\"{GATEWAY_AUTH_PREFIX}sign-out\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <button type=\"submit\">Sign out of this site</button></form>",
+            sign_out_token(headers)
+        ),
+    )
+}
+
+fn sign_out(
+    identity: &EdgeIdentity,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    form: &[u8],
+) -> AuthResponse {
+    let sent = url::form_urlencoded::parse(form)
+        .find_map(|(k, v)| (k == "csrf").then(|| v.into_owned()))
+        .unwrap_or_default();
+    if cookie(headers, NONCE_COOKIE).is_none()
+        || !bool::from(sent.as_bytes().ct_eq(sign_out_token(headers).as_bytes()))
+    {
+        tracing::warn!(
+            host = ask.host,
+            "sign-out refused: CSRF token missing or wrong"
+        );
+        return html(
+            StatusCode::FORBIDDEN,
+            "Sign out",
+            &format!(
+                "<p>This sign-out form expired.</p><p><a href=\"{GATEWAY_AUTH_PREFIX}sign-out\">Try again</a></p>"
+            ),
+        );
+    }
+    let control_sign_out = identity
+        .sign_in_url
+        .strip_suffix("/sign-in")
+        .map(|base| format!("{base}/sign-out"))
+        .unwrap_or_else(|| identity.sign_in_url.clone());
+    let mut r = text(
+        StatusCode::SEE_OTHER,
+        format!("signed out of {}\n", ask.host),
+    );
+    if let Ok(v) = HeaderValue::from_str(&control_sign_out) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    let secure = secure_attr(ask.proto);
+    for name in [SESSION_COOKIE, NONCE_COOKIE] {
+        set_cookie(
+            &mut r,
+            format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}"),
+        );
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use kakuremichi_proto::identity::{SigningKey, UserCutoff};
+    use ring::signature::KeyPair as _;
+
+    const HOST: &str = "app.localhost";
+    const ISS: &str = "http://control.test";
+    const NOW: i64 = 1_800_000_000;
+
+    struct Key {
+        kid: String,
+        pkcs8: Vec<u8>,
+        x: String,
+    }
+
+    fn key(kid: &str) -> Key {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        Key {
+            kid: kid.into(),
+            pkcs8: pkcs8.as_ref().to_vec(),
+            x: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key()),
+        }
+    }
+
+    fn identity(keys: &[&Key], revoked: Vec<Uuid>, cutoffs: Vec<UserCutoff>) -> EdgeIdentity {
+        EdgeIdentity::new(&GatewayIdentity {
+            issuer: ISS.into(),
+            sign_in_url: format!("{ISS}/auth/sign-in"),
+            keys: keys
+                .iter()
+                .map(|k| SigningKey {
+                    kid: k.kid.clone(),
+                    x: k.x.clone(),
+                })
+                .collect(),
+            revoked_sessions: revoked,
+            user_cutoffs: cutoffs,
+        })
+    }
+
+    fn claims(user: Uuid, sid: Uuid) -> SessionClaims {
+        SessionClaims {
+            iss: ISS.into(),
+            sub: user.to_string(),
+            aud: HOST.into(),
+            iat: NOW,
+            exp: NOW + 3600,
+            sid: sid.to_string(),
+            email: "ann@example.com".into(),
+            name: "Ann".into(),
+            roles: vec!["member".into()],
+            nonce: nonce_hash("the-nonce"),
+            amr: vec!["pwd".into()],
+        }
+    }
+
+    fn sign(k: &Key, c: &SessionClaims) -> String {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(k.kid.clone());
+        jsonwebtoken::encode(&h, c, &EncodingKey::from_ed_der(&k.pkcs8)).unwrap()
+    }
+
+    #[test]
+    fn tokens_are_checked_for_key_issuer_audience_expiry_and_revocation() {
+        let k1 = key("k1");
+        let other = key("k2");
+        let (user, sid) = (Uuid::new_v4(), Uuid::new_v4());
+        let good = claims(user, sid);
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let token = sign(&k1, &good);
+        assert_eq!(*cache.verify(&id, &token, HOST, NOW).unwrap(), good);
+        assert_eq!(cache.len(), 1, "verified once, then cached");
+        assert_eq!(*cache.verify(&id, &token, HOST, NOW).unwrap(), good);
+        assert_eq!(
+            cache.verify(&id, &token, "other.localhost", NOW),
+            Err(TokenError::WrongAudience)
+        );
+        assert_eq!(
+            cache.verify(&id, &token, HOST, NOW + 3600 + 31),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            cache.verify(&id, &sign(&other, &good), HOST, NOW),
+            Err(TokenError::UnknownKey)
+        );
+        // Another key under a trusted kid: the signature does not verify.
+        let forged = sign(
+            &Key {
+                kid: "k1".into(),
+                ..key("x")
+            },
+            &good,
+        );
+        assert_eq!(
+            cache.verify(&id, &forged, HOST, NOW),
+            Err(TokenError::BadSignature)
+        );
+        let mut bad_iss = good.clone();
+        bad_iss.iss = "http://evil".into();
+        assert_eq!(
+            cache.verify(&id, &sign(&k1, &bad_iss), HOST, NOW),
+            Err(TokenError::WrongIssuer)
+        );
+        assert_eq!(
+            cache.verify(&id, "a.b.c", HOST, NOW),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(cache.verify(&id, "", HOST, NOW), Err(TokenError::Malformed));
+        let unsigned = format!("eyJhbGciOiJub25lIn0.{}.", token.split('.').nth(1).unwrap());
+        assert_eq!(
+            cache.verify(&id, &unsigned, HOST, NOW),
+            Err(TokenError::Malformed)
+        );
+
+        // Revocations arrive with the next snapshot and apply to cached tokens too.
+        let revoked = identity(&[&k1], vec![sid], vec![]);
+        assert_eq!(
+            cache.verify(&revoked, &token, HOST, NOW),
+            Err(TokenError::Revoked)
+        );
+        let cut = identity(
+            &[&k1],
+            vec![],
+            vec![UserCutoff {
+                user,
+                not_before: NOW + 1,
+                disabled: false,
+            }],
+        );
+        assert_eq!(
+            cache.verify(&cut, &token, HOST, NOW),
+            Err(TokenError::Revoked)
+        );
+        let later = identity(
+            &[&k1],
+            vec![],
+            vec![UserCutoff {
+                user,
+                not_before: NOW,
+                disabled: false,
+            }],
+        );
+        assert!(
+            cache.verify(&later, &token, HOST, NOW).is_ok(),
+            "issued at the cutoff second"
+        );
+        let disabled = identity(
+            &[&k1],
+            vec![],
+            vec![UserCutoff {
+                user,
+                not_before: 0,
+                disabled: true,
+            }],
+        );
+        assert_eq!(
+            cache.verify(&disabled, &token, HOST, NOW),
+            Err(TokenError::Disabled)
+        );
+        // A key dropped from the config stops verifying its cached tokens.
+        let rotated = identity(&[&other], vec![], vec![]);
+        assert_eq!(
+            cache.verify(&rotated, &token, HOST, NOW),
+            Err(TokenError::UnknownKey)
+        );
+        // Key rotation with overlap: both keys verify.
+        let both = identity(&[&other, &k1], vec![], vec![]);
+        assert!(cache.verify(&both, &token, HOST, NOW).is_ok());
+        assert!(cache.verify(&both, &sign(&other, &good), HOST, NOW).is_ok());
+    }
+
+    fn ask<'a>(method: &'a Method, path: &'a str, control_up: bool) -> Ask<'a> {
+        Ask {
+            host: HOST,
+            authority: "app.localhost:8080",
+            proto: "http",
+            method,
+            path_and_query: path,
+            now: NOW,
+            control_up,
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_access_check_redirects_browsers_challenges_others_and_adds_identity() {
+        let k1 = key("k1");
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let policy = AccessPolicy {
+            roles: vec!["member".into()],
+            ..Default::default()
+        };
+        let get = Method::GET;
+
+        // A browser: redirected to sign in with a fresh nonce cookie bound by its hash.
+        let mut h = headers(&[("accept", "text/html")]);
+        let r = check(
+            Some(&id),
+            &cache,
+            &policy,
+            &mut h,
+            &ask(&get, "/x?y=1", true),
+        )
+        .unwrap_err();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        let location = r.headers()[header::LOCATION].to_str().unwrap();
+        let set = r.headers()[header::SET_COOKIE].to_str().unwrap();
+        let nonce = set
+            .strip_prefix("kakuremichi_nonce=")
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap();
+        assert_eq!(
+            location,
+            format!(
+                "{ISS}/auth/sign-in?rd=http%3A%2F%2Fapp.localhost%3A8080%2Fx%3Fy%3D1&n={}",
+                nonce_hash(nonce)
+            )
+        );
+        assert!(
+            set.contains("HttpOnly") && set.contains("SameSite=Lax"),
+            "{set}"
+        );
+        // With control out of reach: a clear page instead.
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", false)).unwrap_err();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Not a browser: 401 with a challenge.
+        let mut h = headers(&[("accept", "*/*")]);
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", true)).unwrap_err();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"app.localhost\""
+        );
+        // No identity config at all: refused, never let through.
+        let r = check(None, &cache, &policy, &mut h, &ask(&get, "/", true)).unwrap_err();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        // A session: identity headers added, own cookies removed, others kept.
+        let (user, sid) = (Uuid::new_v4(), Uuid::new_v4());
+        let token = sign(&k1, &claims(user, sid));
+        let cookies = format!("a=1; kakuremichi_session={token}; kakuremichi_nonce=the-nonce; b=2");
+        let mut h = headers(&[("cookie", &cookies), ("remote-user", "mallory")]);
+        strip_identity_headers(&mut h);
+        let c = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", true)).unwrap();
+        assert_eq!(c.email, "ann@example.com");
+        assert_eq!(h["cookie"], "a=1; b=2");
+        assert_eq!(h["remote-user"], "ann@example.com");
+        assert_eq!(h["remote-groups"], "member");
+        assert_eq!(h[ASSERTION_HEADER], token.as_str());
+        // The same token with another nonce cookie: refused.
+        let mut h = headers(&[(
+            "cookie",
+            &format!("kakuremichi_session={token}; kakuremichi_nonce=x"),
+        )]);
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", true)).unwrap_err();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        // A role the policy does not allow: 403.
+        let strict = AccessPolicy {
+            roles: vec!["admin".into()],
+            ..Default::default()
+        };
+        let mut h = headers(&[("cookie", &cookies), ("accept", "text/html")]);
+        let r = check(Some(&id), &cache, &strict, &mut h, &ask(&get, "/", true)).unwrap_err();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn the_callback_sets_the_session_only_for_a_fresh_grant_and_the_right_nonce() {
+        let k1 = key("k1");
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let token = sign(&k1, &claims(Uuid::new_v4(), Uuid::new_v4()));
+        let get = Method::GET;
+        let path = format!("{GATEWAY_AUTH_PREFIX}callback?token={token}&rd=%2Fdeep%3Fq%3D1");
+        let h = headers(&[("cookie", "kakuremichi_nonce=the-nonce")]);
+        let r = endpoint(Some(&id), &cache, &h, &ask(&get, &path, true), None).unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        assert_eq!(r.headers()[header::LOCATION], "/deep?q=1");
+        let cookies: Vec<_> = r
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert!(
+            cookies[0].starts_with(&format!(
+                "kakuremichi_session={token}; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
+            )),
+            "{cookies:?}"
+        );
+        // Wrong nonce, no nonce, a stale grant, an open redirect.
+        let wrong = headers(&[("cookie", "kakuremichi_nonce=other")]);
+        let r = endpoint(Some(&id), &cache, &wrong, &ask(&get, &path, true), None).unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = endpoint(
+            Some(&id),
+            &cache,
+            &HeaderMap::new(),
+            &ask(&get, &path, true),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let mut late = ask(&get, &path, true);
+        late.now = NOW + GRANT_MAX_AGE_SECS + 1;
+        let r = endpoint(Some(&id), &cache, &h, &late, None).unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        for rd in ["%2F%2Fevil.com", "https%3A%2F%2Fevil.com", "%2F%5Cevil.com"] {
+            let p = format!("{GATEWAY_AUTH_PREFIX}callback?token={token}&rd={rd}");
+            let r = endpoint(Some(&id), &cache, &h, &ask(&get, &p, true), None).unwrap();
+            assert_eq!(r.headers()[header::LOCATION], "/", "{rd}");
+        }
+        // Sign-out needs the form token derived from the nonce.
+        let post = Method::POST;
+        let so = format!("{GATEWAY_AUTH_PREFIX}sign-out");
+        let r = endpoint(
+            Some(&id),
+            &cache,
+            &h,
+            &ask(&post, &so, true),
+            Some(b"csrf=nope"),
+        )
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let form = format!("csrf={}", sign_out_token(&h));
+        let r = endpoint(
+            Some(&id),
+            &cache,
+            &h,
+            &ask(&post, &so, true),
+            Some(form.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            r.headers()[header::LOCATION],
+            format!("{ISS}/auth/sign-out")
+        );
+        // Other paths are not the gateway's.
+        assert!(endpoint(Some(&id), &cache, &h, &ask(&get, "/app", true), None).is_none());
+    }
+}
