@@ -9,6 +9,7 @@
 
 pub mod acme;
 pub mod fleet;
+pub mod identity;
 pub mod netns;
 
 use std::fmt;
@@ -551,7 +552,18 @@ impl Stack {
         let api = Api::new(&opts.control_url_for_test, &opts.admin_key);
         wait_healthy(&api, &control).await?;
 
-        let app = start_demo_app(opts.app_listen, opts.agent_at.netns.as_deref(), dir.path())?;
+        let app = start_demo_app_with(
+            opts.app_listen,
+            &[
+                "--jwks-url".to_owned(),
+                format!(
+                    "{}/.well-known/kakuremichi/jwks.json",
+                    opts.control_url_for_nodes
+                ),
+            ],
+            opts.agent_at.netns.as_deref(),
+            dir.path(),
+        )?;
         let gw = api.create_gateway("edge", &opts.gateway_endpoint).await?;
         let site = api.create_site("home").await?;
         let resource_id = api

@@ -8,191 +8,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use kakuremichi_e2e::identity::{client, hidden, Browser, Page};
 use kakuremichi_e2e::{wait_for, Stack, DEMO_HOST};
-use reqwest::header::{ACCEPT, COOKIE, HOST, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use reqwest::header::{COOKIE, HOST, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const ANN: &str = "ann@example.com";
 const BOB: &str = "bob@example.com";
 const PASSWORD: &str = "correct horse battery";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("an HTTP client")
-}
-
-/// A browser, reduced to what this flow needs: cookies per host, no redirects followed.
-struct Browser {
-    http: reqwest::Client,
-    /// host (without port) -> cookie name -> value.
-    jar: HashMap<String, HashMap<String, String>>,
-}
-
-struct Page {
-    status: StatusCode,
-    location: Option<String>,
-    body: String,
-}
-
-impl Browser {
-    fn new() -> Browser {
-        Browser {
-            http: client(),
-            jar: HashMap::new(),
-        }
-    }
-
-    fn cookie(&self, host: &str, name: &str) -> Option<&String> {
-        self.jar.get(host)?.get(name)
-    }
-
-    /// Sends a request to `url`; requests for resource hostnames go to the gateway's address.
-    async fn go(
-        &mut self,
-        stack: &Stack,
-        method: Method,
-        url: &str,
-        form: Option<&[(&str, &str)]>,
-    ) -> anyhow::Result<Page> {
-        let parsed = url::Url::parse(url).with_context(|| format!("bad URL {url}"))?;
-        let host = parsed.host_str().context("no host")?.to_owned();
-        let authority = match parsed.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
-        };
-        let path = match parsed.query() {
-            Some(q) => format!("{}?{q}", parsed.path()),
-            None => parsed.path().to_owned(),
-        };
-        let target = if host.ends_with(".localhost") {
-            format!("http://{}{path}", stack.opts.gateway_http_for_test)
-        } else {
-            url.to_owned()
-        };
-        let mut req = self
-            .http
-            .request(method, target)
-            .header(HOST, authority)
-            .header(ACCEPT, "text/html,application/xhtml+xml");
-        if let Some(cookies) = self.jar.get(&host) {
-            let c = cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            if !c.is_empty() {
-                req = req.header(COOKIE, c);
-            }
-        }
-        if let Some(form) = form {
-            req = req.form(form);
-        }
-        let resp = req.send().await?;
-        for v in resp.headers().get_all(SET_COOKIE) {
-            let v = v.to_str()?;
-            let first = v.split(';').next().unwrap_or_default();
-            let (k, val) = first.split_once('=').context("bad Set-Cookie")?;
-            let jar = self.jar.entry(host.clone()).or_default();
-            if val.is_empty() || v.contains("Max-Age=0") {
-                jar.remove(k);
-            } else {
-                jar.insert(k.to_owned(), val.to_owned());
-            }
-        }
-        let status = resp.status();
-        let location = resp
-            .headers()
-            .get(LOCATION)
-            .map(|l| l.to_str().unwrap_or_default().to_owned())
-            .map(|l| {
-                if l.starts_with('/') {
-                    format!("{}://{}{l}", parsed.scheme(), parsed.authority())
-                } else {
-                    l
-                }
-            });
-        let body = resp.text().await?;
-        Ok(Page {
-            status,
-            location,
-            body,
-        })
-    }
-
-    /// Opens `url` on a protected resource, signs in as `email` at control, and follows the
-    /// callback; returns the page the app served at the end.
-    async fn sign_in(
-        &mut self,
-        stack: &Stack,
-        url: &str,
-        email: &str,
-        password: &str,
-    ) -> anyhow::Result<Page> {
-        let first = self.go(stack, Method::GET, url, None).await?;
-        if first.status != StatusCode::FOUND {
-            bail!(
-                "expected a redirect to sign in, got {} {}",
-                first.status,
-                first.body
-            );
-        }
-        let sign_in = first.location.context("no Location")?;
-        if !sign_in.starts_with(&format!(
-            "{}/auth/sign-in?",
-            stack.opts.control_url_for_test
-        )) {
-            bail!("redirected to {sign_in}, not control's sign-in page");
-        }
-        let form = self.go(stack, Method::GET, &sign_in, None).await?;
-        assert_eq!(form.status, StatusCode::OK, "{}", form.body);
-        let csrf = hidden(&form.body, "csrf").context("no csrf field")?;
-        let rd = hidden(&form.body, "rd").context("no rd field")?;
-        let n = hidden(&form.body, "n").context("no n field")?;
-        let posted = self
-            .go(
-                stack,
-                Method::POST,
-                &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
-                Some(&[
-                    ("email", email),
-                    ("password", password),
-                    ("csrf", &csrf),
-                    ("rd", &rd),
-                    ("n", &n),
-                ]),
-            )
-            .await?;
-        if posted.status != StatusCode::SEE_OTHER {
-            bail!("sign-in answered {} {}", posted.status, posted.body);
-        }
-        let callback = posted.location.context("no callback Location")?;
-        assert!(
-            callback.contains("/.kakuremichi/auth/callback?token="),
-            "{callback}"
-        );
-        let back = self.go(stack, Method::GET, &callback, None).await?;
-        assert_eq!(back.status, StatusCode::FOUND, "{}", back.body);
-        let app = back.location.context("no Location after the callback")?;
-        self.go(stack, Method::GET, &app, None).await
-    }
-}
-
-/// The value of a hidden form field.
-fn hidden(html: &str, name: &str) -> Option<String> {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker)? + marker.len();
-    let end = html[start..].find('"')? + start;
-    Some(
-        html[start..end]
-            .replace("&amp;", "&")
-            .replace("&quot;", "\""),
-    )
-}
 
 async fn create_user(stack: &Stack, email: &str, roles: &[&str]) -> anyhow::Result<String> {
     let (status, body) = stack
@@ -300,6 +124,15 @@ async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes
     assert_eq!(claims["sub"], ann.as_str());
     assert_eq!(claims["email"], ANN);
     assert_eq!(claims["amr"], json!(["pwd"]));
+    // The app itself verifies it against the JWKS.
+    let app = browser
+        .go(&stack, Method::GET, &demo_url(&stack, "/identity"), None)
+        .await
+        .unwrap();
+    assert_eq!(app.status, StatusCode::OK, "{}", app.body);
+    let app: Value = serde_json::from_str(&app.body).unwrap();
+    assert_eq!(app["verified"], true);
+    assert_eq!(app["claims"]["email"], ANN);
 
     // Identity headers a client sends are replaced, never passed on.
     let forged = browser

@@ -56,6 +56,25 @@ async fn quickstart_serves_demo_localhost_and_stops_cleanly() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.unwrap().contains("kakuremichi demo app"));
+    // The resource behind sign-in asks for it: 401 to curl, a redirect to sign in for browsers.
+    assert!(
+        printed.contains("sign in as demo@example.com with password"),
+        "{printed}"
+    );
+    kakuremichi_e2e::wait_for(
+        "private.localhost to ask for sign-in",
+        Duration::from_secs(10),
+        || async {
+            let r = http
+                .get("http://127.0.0.1:8080/headers")
+                .header("host", "private.localhost")
+                .send()
+                .await?;
+            Ok((r.status() == 401).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         printed.contains("https://demo.localhost:8443/"),
         "{printed}"

@@ -43,6 +43,10 @@ struct Args {
     /// beside the app serving TLS itself and rathole carrying the app's TLS.
     #[arg(long)]
     https: bool,
+    /// Measure what sign-in costs: requests/s through a resource that needs sign-in (with a
+    /// signed-in session) beside the same app public, alternating rounds in one run.
+    #[arg(long)]
+    identity: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -66,7 +70,21 @@ fn wrk(
     secs: Duration,
     connections: usize,
 ) -> anyhow::Result<(f64, u64)> {
+    wrk_with(addr, host, None, secs, connections)
+}
+
+/// [`wrk`] with one more request header.
+fn wrk_with(
+    addr: SocketAddr,
+    host: Option<&str>,
+    header: Option<&str>,
+    secs: Duration,
+    connections: usize,
+) -> anyhow::Result<(f64, u64)> {
     let mut cmd = Command::new("wrk");
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
     cmd.args([
         "-t2",
         &format!("-c{connections}"),
@@ -124,6 +142,105 @@ fn with_peak_rss<T>(stack: &Stack, f: impl FnOnce() -> T) -> (T, f64, f64) {
     (out, g as f64 / 1024.0, a as f64 / 1024.0)
 }
 
+/// Requests/s through a resource that needs sign-in, beside the same app public: three
+/// alternating rounds each, so that the machine's drift hits both alike.
+async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
+    use kakuremichi_e2e::identity::Browser;
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec!["--max-connections-per-client".into(), "100000".into()];
+    let stack = Stack::start_with(opts).await?;
+    let password = "bench password 1234";
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({"email": "bench@example.com", "password": password})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "creating the user: {status} {body}");
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "hostname": "private.localhost", "site_id": stack.site_id,
+                "target": stack.opts.app_listen.to_string(),
+                "access": {"roles": ["member"]}
+            })),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "creating the private resource: {status} {body}"
+    );
+    let port = stack.opts.gateway_http_for_test.port();
+    let url = format!("http://private.localhost:{port}/bytes/1024");
+    // The gateway learns of the new resource within a config push.
+    let mut browser = Browser::new();
+    let started = std::time::Instant::now();
+    let page = loop {
+        match browser
+            .sign_in(&stack, &url, "bench@example.com", password)
+            .await
+        {
+            Ok(p) if p.status == 200 => break p,
+            other if started.elapsed() > Duration::from_secs(10) => {
+                bail!("cannot sign in: {:?}", other.map(|p| (p.status, p.body)))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    anyhow::ensure!(
+        page.body.len() == 1024,
+        "the app's page: {}",
+        page.body.len()
+    );
+    let cookie = format!(
+        "Cookie: kakuremichi_session={}; kakuremichi_nonce={}",
+        browser
+            .cookie("private.localhost", "kakuremichi_session")
+            .context("no session cookie")?,
+        browser
+            .cookie("private.localhost", "kakuremichi_nonce")
+            .context("no nonce cookie")?
+    );
+    let gw = stack.opts.gateway_http_for_test;
+    let (mut public, mut private) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (p, e) = wrk(gw, Some(DEMO_HOST), secs, connections)?;
+        anyhow::ensure!(e == 0, "{e} errors on the public resource");
+        public.push(p);
+        let (p, e) = wrk_with(
+            gw,
+            Some("private.localhost"),
+            Some(&cookie),
+            secs,
+            connections,
+        )?;
+        anyhow::ensure!(e == 0, "{e} errors on the resource behind sign-in");
+        private.push(p);
+    }
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        (lo, hi, v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let (plo, phi, pavg) = range(&public);
+    let (slo, shi, savg) = range(&private);
+    println!("requests/s, {connections} keep-alive connections, GET /bytes/1024, 3 alternating rounds of {}s", secs.as_secs());
+    println!("| path | req/s (range) | mean |");
+    println!("| --- | --- | ---: |");
+    println!("| public resource | {plo:.0}-{phi:.0} | {pavg:.0} |");
+    println!("| behind sign-in (session cookie checked, identity headers and assertion added) | {slo:.0}-{shi:.0} | {savg:.0} |");
+    println!(
+        "cost of sign-in: {:.1}% of requests/s (mean to mean)",
+        (1.0 - savg / pavg) * 100.0
+    );
+    Ok(())
+}
+
 fn mib(kib: Option<u64>) -> f64 {
     kib.unwrap_or(0) as f64 / 1024.0
 }
@@ -134,6 +251,9 @@ async fn main() -> anyhow::Result<()> {
     let secs = Duration::from_secs(args.seconds);
     if args.https {
         return https::run(secs).await;
+    }
+    if args.identity {
+        return identity(secs, args.connections).await;
     }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {

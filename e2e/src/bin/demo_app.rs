@@ -40,6 +40,13 @@ struct Args {
     /// Also echo UDP datagrams here (each back to its sender, as it came).
     #[arg(long, env = "KAKUREMICHI_DEMO_UDP_ECHO")]
     udp_echo: Option<SocketAddr>,
+    /// Where `/identity` fetches the keys that verify kakuremichi's identity assertion.
+    #[arg(
+        long,
+        env = "KAKUREMICHI_DEMO_JWKS_URL",
+        default_value = "http://127.0.0.1:3000/.well-known/kakuremichi/jwks.json"
+    )]
+    jwks_url: String,
 }
 
 /// Accepts TCP connections and hands over those whose TLS handshake finished (handshakes run
@@ -147,14 +154,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.tls_listen {
         let tls = TlsListener::bind(addr, &args.tls_name).await?;
         tracing::info!(listen = %addr, name = %args.tls_name, "demo app listening for HTTPS");
-        let router = app(args.listen);
+        let router = app(args.listen, args.jwks_url.clone());
         tokio::spawn(async move {
             if let Err(error) = axum::serve(tls, router).await {
                 tracing::error!(%error, "serving HTTPS");
             }
         });
     }
-    axum::serve(listener, app(args.listen))
+    axum::serve(listener, app(args.listen, args.jwks_url))
         .await
         .context("serving the demo app")
 }
@@ -184,7 +191,7 @@ async fn set_health(
     }
 }
 
-fn app(listen: SocketAddr) -> Router {
+fn app(listen: SocketAddr, jwks_url: String) -> Router {
     let whoami = listen.to_string();
     // `/healthz` answers 503 after `POST /healthz/fail`, 200 again after `POST /healthz/ok`.
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -204,6 +211,10 @@ fn app(listen: SocketAddr) -> Router {
         )
         .route("/bytes/{n}", get(bytes))
         .route("/headers", get(headers))
+        .route(
+            "/identity",
+            get(move |h: HeaderMap| identity(h, jwks_url.clone())),
+        )
         .route("/slow/{ms}", get(slow))
         .route("/sha256", post(sha256))
         .route("/echo", post(echo))
@@ -271,6 +282,68 @@ async fn bytes(Path(n): Path<u64>) -> Response {
         Body::from_stream(chunks),
     )
         .into_response()
+}
+
+/// What an app behind kakuremichi does with the identity assertion: verifies it against the JWKS
+/// (signature, `aud` = this hostname, expiry) and shows its claims, or answers 401.
+async fn identity(
+    map: HeaderMap,
+    jwks_url: String,
+) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    let unauthorized = |why: String| {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({ "verified": false, "error": why })),
+        )
+    };
+    let Some(token) = map
+        .get("kakuremichi-jwt-assertion")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return unauthorized("no Kakuremichi-Jwt-Assertion header".into());
+    };
+    let host = map
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let jwks: jsonwebtoken::jwk::JwkSet = match async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()?
+            .get(&jwks_url)
+            .send()
+            .await?
+            .json()
+            .await
+    }
+    .await
+    {
+        Ok(j) => j,
+        Err(e) => return unauthorized(format!("cannot fetch the JWKS at {jwks_url}: {e}")),
+    };
+    let verified = (|| {
+        let kid = jsonwebtoken::decode_header(token)?.kid.unwrap_or_default();
+        let jwk = jwks
+            .find(&kid)
+            .ok_or(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat)?;
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        v.set_audience(&[host.as_str()]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            token,
+            &jsonwebtoken::DecodingKey::from_jwk(jwk)?,
+            &v,
+        )
+    })();
+    match verified {
+        Ok(data) => (
+            axum::http::StatusCode::OK,
+            Json(serde_json::json!({ "verified": true, "claims": data.claims })),
+        ),
+        Err(e) => unauthorized(format!("the assertion does not verify: {e}")),
+    }
 }
 
 async fn headers(map: HeaderMap) -> Json<serde_json::Value> {

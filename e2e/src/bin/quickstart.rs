@@ -41,6 +41,34 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::start_with(opts).await.context(
         "starting the quickstart (are ports 3000, 8080, 8443, 9000 and UDP 51820 free?)",
     )?;
+    // A second resource that needs sign-in, and a user who may reach it.
+    let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 16);
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({
+                "email": "demo@example.com", "name": "Demo User", "password": password
+            })),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "creating the demo user: {status} {body}");
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "hostname": "private.localhost", "site_id": stack.site_id,
+                "target": stack.opts.app_listen.to_string(), "access": {}
+            })),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "creating the private resource: {status} {body}"
+    );
     println!(
         r#"
 kakuremichi is running.
@@ -49,6 +77,11 @@ kakuremichi is running.
       try: curl http://{DEMO_HOST}:8080/
   The same over HTTPS:           https://{DEMO_HOST}:8443/ (HTTP/1.1, HTTP/2, HTTP/3)
       with a self-signed development certificate: curl -k https://{DEMO_HOST}:8443/
+  The same app behind sign-in:   http://private.localhost:8080/headers
+      sign in as demo@example.com with password {password}
+      (the app sees who you are: Remote-User and a signed Kakuremichi-Jwt-Assertion, which
+       http://private.localhost:8080/identity verifies against
+       http://127.0.0.1:3000/.well-known/kakuremichi/jwks.json)
   Control (admin UI and API):    http://127.0.0.1:3000/
   Admin API key (shown once):    {admin_key}
       try: curl -H 'Authorization: Bearer {admin_key}' http://127.0.0.1:3000/api/v1/resources

@@ -1,0 +1,207 @@
+//! A browser reduced to what sign-in needs (cookies per host, no redirects followed), for the
+//! identity tests and the sign-in benchmark.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use reqwest::header::{ACCEPT, COOKIE, HOST, LOCATION, SET_COOKIE};
+use reqwest::{Method, StatusCode};
+
+use crate::Stack;
+
+/// An HTTP client that follows no redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// A browser, reduced to what this flow needs: cookies per host, no redirects followed.
+#[derive(Debug)]
+pub struct Browser {
+    /// The client.
+    pub http: reqwest::Client,
+    /// host (without port) -> cookie name -> value.
+    pub jar: HashMap<String, HashMap<String, String>>,
+}
+
+/// A page as the browser got it.
+#[derive(Debug)]
+pub struct Page {
+    /// Status.
+    pub status: StatusCode,
+    /// Where it redirects, made absolute.
+    pub location: Option<String>,
+    /// Body.
+    pub body: String,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Browser {
+    /// A browser with no cookies.
+    pub fn new() -> Browser {
+        Browser {
+            http: client(),
+            jar: HashMap::new(),
+        }
+    }
+
+    /// A cookie it holds for `host`.
+    pub fn cookie(&self, host: &str, name: &str) -> Option<&String> {
+        self.jar.get(host)?.get(name)
+    }
+
+    /// Sends a request to `url`; requests for resource hostnames go to the gateway's address.
+    pub async fn go(
+        &mut self,
+        stack: &Stack,
+        method: Method,
+        url: &str,
+        form: Option<&[(&str, &str)]>,
+    ) -> anyhow::Result<Page> {
+        let parsed = url::Url::parse(url).with_context(|| format!("bad URL {url}"))?;
+        let host = parsed.host_str().context("no host")?.to_owned();
+        let authority = match parsed.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        let path = match parsed.query() {
+            Some(q) => format!("{}?{q}", parsed.path()),
+            None => parsed.path().to_owned(),
+        };
+        let target = if host.ends_with(".localhost") {
+            format!("http://{}{path}", stack.opts.gateway_http_for_test)
+        } else {
+            url.to_owned()
+        };
+        let mut req = self
+            .http
+            .request(method, target)
+            .header(HOST, authority)
+            .header(ACCEPT, "text/html,application/xhtml+xml");
+        if let Some(cookies) = self.jar.get(&host) {
+            let c = cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if !c.is_empty() {
+                req = req.header(COOKIE, c);
+            }
+        }
+        if let Some(form) = form {
+            req = req.form(form);
+        }
+        let resp = req.send().await?;
+        for v in resp.headers().get_all(SET_COOKIE) {
+            let v = v.to_str()?;
+            let first = v.split(';').next().unwrap_or_default();
+            let (k, val) = first.split_once('=').context("bad Set-Cookie")?;
+            let jar = self.jar.entry(host.clone()).or_default();
+            if val.is_empty() || v.contains("Max-Age=0") {
+                jar.remove(k);
+            } else {
+                jar.insert(k.to_owned(), val.to_owned());
+            }
+        }
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .map(|l| l.to_str().unwrap_or_default().to_owned())
+            .map(|l| {
+                if l.starts_with('/') {
+                    format!("{}://{}{l}", parsed.scheme(), parsed.authority())
+                } else {
+                    l
+                }
+            });
+        let body = resp.text().await?;
+        Ok(Page {
+            status,
+            location,
+            body,
+        })
+    }
+
+    /// Opens `url` on a protected resource, signs in as `email` at control, and follows the
+    /// callback; returns the page the app served at the end.
+    pub async fn sign_in(
+        &mut self,
+        stack: &Stack,
+        url: &str,
+        email: &str,
+        password: &str,
+    ) -> anyhow::Result<Page> {
+        let first = self.go(stack, Method::GET, url, None).await?;
+        if first.status != StatusCode::FOUND {
+            bail!(
+                "expected a redirect to sign in, got {} {}",
+                first.status,
+                first.body
+            );
+        }
+        let sign_in = first.location.context("no Location")?;
+        if !sign_in.starts_with(&format!(
+            "{}/auth/sign-in?",
+            stack.opts.control_url_for_test
+        )) {
+            bail!("redirected to {sign_in}, not control's sign-in page");
+        }
+        let form = self.go(stack, Method::GET, &sign_in, None).await?;
+        if form.status != StatusCode::OK {
+            bail!("the sign-in page answered {} {}", form.status, form.body);
+        }
+        let csrf = hidden(&form.body, "csrf").context("no csrf field")?;
+        let rd = hidden(&form.body, "rd").context("no rd field")?;
+        let n = hidden(&form.body, "n").context("no n field")?;
+        let posted = self
+            .go(
+                stack,
+                Method::POST,
+                &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
+                Some(&[
+                    ("email", email),
+                    ("password", password),
+                    ("csrf", &csrf),
+                    ("rd", &rd),
+                    ("n", &n),
+                ]),
+            )
+            .await?;
+        if posted.status != StatusCode::SEE_OTHER {
+            bail!("sign-in answered {} {}", posted.status, posted.body);
+        }
+        let callback = posted.location.context("no callback Location")?;
+        if !callback.contains("/.kakuremichi/auth/callback?token=") {
+            bail!("control sent the browser to {callback}, not a callback");
+        }
+        let back = self.go(stack, Method::GET, &callback, None).await?;
+        if back.status != StatusCode::FOUND {
+            bail!("the callback answered {} {}", back.status, back.body);
+        }
+        let app = back.location.context("no Location after the callback")?;
+        self.go(stack, Method::GET, &app, None).await
+    }
+}
+
+/// The value of a hidden form field.
+pub fn hidden(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')? + start;
+    Some(
+        html[start..end]
+            .replace("&amp;", "&")
+            .replace("&quot;", "\""),
+    )
+}
