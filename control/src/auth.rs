@@ -23,7 +23,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq as _;
 
 use crate::identity::{cookie, mint, LOCKOUT_AFTER, LOCKOUT_FOR};
-use crate::store::{now_ms, Session, User, SESSION_LIFE_MS};
+use crate::store::{now_ms, AuditEntry, Session, User, SESSION_LIFE_MS};
 use crate::{secrets, AppState};
 
 /// Control's own session cookie.
@@ -320,6 +320,29 @@ fn sign_in_form(csrf: &str, q: &ReturnQuery, email: &str, error: Option<&str>) -
     )
 }
 
+/// Records a sign-in event.
+async fn audit(
+    state: &AppState,
+    peer: &SocketAddr,
+    action: &str,
+    actor: String,
+    target: &str,
+    outcome: &str,
+    detail: Option<&str>,
+) {
+    state
+        .audit(AuditEntry {
+            at: now_ms(),
+            actor,
+            action: action.to_owned(),
+            target: Some(target.to_owned()),
+            outcome: outcome.to_owned(),
+            client: Some(peer.ip().to_string()),
+            detail: detail.map(str::to_owned),
+        })
+        .await;
+}
+
 async fn sign_in_page(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -366,6 +389,17 @@ async fn sign_in(
     };
     if !csrf_ok(&headers, &form.csrf) {
         tracing::warn!(client = %peer.ip(), "sign-in refused: CSRF token missing or wrong");
+        let email = form.email.trim().to_ascii_lowercase();
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &email,
+            "denied",
+            Some("form token missing or wrong"),
+        )
+        .await;
         let (csrf, set) = csrf_token(&state, &headers);
         let mut r = page(
             StatusCode::FORBIDDEN,
@@ -392,6 +426,17 @@ async fn sign_in(
     };
     if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
         tracing::warn!(client = %peer.ip(), "sign-in refused: too many attempts from this address");
+        let email = form.email.trim().to_ascii_lowercase();
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &email,
+            "denied",
+            Some("rate limited"),
+        )
+        .await;
         let secs = wait.as_secs().max(1);
         let mut r = again(
             StatusCode::TOO_MANY_REQUESTS,
@@ -421,10 +466,31 @@ async fn sign_in(
     let Some((user, Some(hash))) = found else {
         let _ = secrets::verify_argon2(dummy_hash().await, &password).await;
         tracing::warn!(client = %peer.ip(), "sign-in failed: unknown account");
+        let email = form.email.trim().to_ascii_lowercase();
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &email,
+            "denied",
+            Some("unknown account"),
+        )
+        .await;
         return again(StatusCode::UNAUTHORIZED, wrong);
     };
     if user.disabled {
         tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in refused: user disabled");
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &user.email,
+            "denied",
+            Some("disabled"),
+        )
+        .await;
         return again(
             StatusCode::FORBIDDEN,
             "this account is disabled; ask an administrator",
@@ -433,6 +499,16 @@ async fn sign_in(
     let now = now_ms();
     if let Some(until) = user.locked_until.filter(|u| *u > now) {
         tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in refused: account locked");
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &user.email,
+            "denied",
+            Some("locked"),
+        )
+        .await;
         return again(
             StatusCode::FORBIDDEN,
             &format!(
@@ -448,9 +524,29 @@ async fn sign_in(
             .record_failed_sign_in(user.id, LOCKOUT_AFTER, LOCKOUT_FOR.as_millis() as i64)
             .await;
         tracing::warn!(client = %peer.ip(), user_id = %user.id, "sign-in failed: wrong password");
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &user.email,
+            "denied",
+            Some("wrong password"),
+        )
+        .await;
         return match locked {
             Ok(Some(_)) => {
                 tracing::warn!(user_id = %user.id, "account locked after too many wrong passwords");
+                audit(
+                    &state,
+                    &peer,
+                    "account_locked",
+                    format!("user:{}", user.id),
+                    &user.email,
+                    "ok",
+                    None,
+                )
+                .await;
                 again(
                     StatusCode::FORBIDDEN,
                     &format!(
@@ -484,6 +580,16 @@ async fn sign_in(
         }
     };
     tracing::info!(client = %peer.ip(), user_id = %user.id, session_id = %session.id, "signed in");
+    audit(
+        &state,
+        &peer,
+        "sign_in",
+        format!("user:{}", user.id),
+        &user.email,
+        "ok",
+        Some("password"),
+    )
+    .await;
     let set = format!(
         "{CONTROL_COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
         cookie.expose(),
@@ -526,6 +632,7 @@ async fn sign_out_page(State(state): State<AppState>, headers: HeaderMap) -> Res
 
 async fn sign_out(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
@@ -546,6 +653,16 @@ async fn sign_out(
             );
         }
         tracing::info!(user_id = %user.id, session_id = %session.id, "signed out");
+        audit(
+            &state,
+            &peer,
+            "sign_out",
+            format!("user:{}", user.id),
+            &user.email,
+            "ok",
+            None,
+        )
+        .await;
     }
     let mut r = page(
         StatusCode::OK,

@@ -197,6 +197,13 @@ impl AppState {
         Ok(w)
     }
 
+    /// Adds a line to the audit log (a failure to write is logged, never fatal).
+    pub async fn audit(&self, entry: crate::store::AuditEntry) {
+        if let Err(e) = self.store.record_audit(&entry).await {
+            tracing::error!(error = %e, action = %entry.action, "cannot write the audit log");
+        }
+    }
+
     /// Whether `key` is a valid admin key.
     pub async fn check_admin_key(&self, key: &Secret) -> Result<bool, StoreError> {
         self.store.verify_admin_key(key).await

@@ -33,7 +33,8 @@ pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
 };
 pub use identity::{
-    NewUser, PublishedKey, Session, Signer, User, UserPatch, BUILT_IN_ROLES, SESSION_PREFIX,
+    AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
+    BUILT_IN_ROLES, SESSION_PREFIX,
 };
 
 /// The first overlay port given to a resource on its site.

@@ -420,6 +420,55 @@ async fn wrong_passwords_are_rate_limited_and_lock_the_account_until_an_admin_un
         p.body
     );
 
+    // The audit log has every attempt, the lockout, the unlock and the success.
+    let denied = stack
+        .api
+        .get("/api/v1/audit?action=sign_in&outcome=denied&limit=1000")
+        .await
+        .unwrap();
+    assert!(denied.as_array().unwrap().len() >= 101, "{denied}");
+    assert!(denied
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["detail"] == "rate limited"));
+    assert!(denied
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["detail"] == "locked"));
+    let locked = stack
+        .api
+        .get("/api/v1/audit?action=account_locked")
+        .await
+        .unwrap();
+    assert_eq!(locked[0]["target"], ANN, "{locked}");
+    let ok = stack
+        .api
+        .get("/api/v1/audit?action=sign_in&outcome=ok")
+        .await
+        .unwrap();
+    assert_eq!(ok[0]["actor"], format!("user:{ann}"), "{ok}");
+    let unlock = stack.api.get("/api/v1/audit?action=PATCH*").await.unwrap();
+    assert_eq!(
+        unlock[0]["action"],
+        format!("PATCH /api/v1/users/{ann}"),
+        "{unlock}"
+    );
+    assert_eq!(unlock[0]["outcome"], "200");
+    assert!(unlock[0]["actor"]
+        .as_str()
+        .unwrap()
+        .starts_with("admin-key:"));
+    for bad in ["?limit=lots", "?nope=1"] {
+        let (status, body) = stack
+            .api
+            .call(Method::GET, &format!("/api/v1/audit{bad}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
     // A form without the CSRF cookie's token is refused.
     let p = Browser::new()
         .go(

@@ -41,3 +41,16 @@ CREATE TABLE signing_keys (
 
 -- Who may reach an HTTP resource (JSON of proto::identity::AccessPolicy; NULL: public).
 ALTER TABLE resources ADD COLUMN access TEXT;
+
+-- The audit log: sign-ins, refusals and every change through the API, newest last.
+CREATE TABLE audit_log (
+    id TEXT PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    outcome TEXT NOT NULL,
+    client TEXT,
+    detail TEXT
+);
+CREATE INDEX audit_log_at ON audit_log (at);

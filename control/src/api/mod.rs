@@ -1,6 +1,7 @@
 //! The REST API under `/api/v1`: one `router()` per resource module, admin auth, JSON extractors
 //! whose rejections go through [`ApiError`].
 
+pub mod audit;
 pub mod certificates;
 pub mod config;
 pub mod enroll;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(certificates::router())
         .merge(config::router())
         .merge(users::router())
+        .merge(audit::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .route(ws_path, get(crate::hub::connect))
@@ -67,10 +69,34 @@ async fn require_admin(
         .ok_or_else(|| {
             ApiError::Unauthorized("missing admin key: send Authorization: Bearer <key>".into())
         })?;
-    if !state.check_admin_key(&Secret::new(key)).await? {
+    let key = Secret::new(key);
+    if !state.check_admin_key(&key).await? {
         return Err(ApiError::Unauthorized("invalid admin key".into()));
     }
-    Ok(next.run(req).await)
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let response = next.run(req).await;
+    // Every change through the API is audited, with who made it and how it ended.
+    if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        let actor = crate::secrets::embedded_id(crate::secrets::ADMIN_KEY_PREFIX, &key)
+            .map_or_else(|| "admin-key".to_owned(), |id| format!("admin-key:{id}"));
+        state
+            .audit(crate::store::AuditEntry {
+                at: crate::store::now_ms(),
+                actor,
+                action: format!("{method} /api/v1{path}"),
+                target: None,
+                outcome: response.status().as_u16().to_string(),
+                client,
+                detail: None,
+            })
+            .await;
+    }
+    Ok(response)
 }
 
 pub(crate) async fn not_found() -> ApiError {

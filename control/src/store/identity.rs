@@ -625,3 +625,117 @@ impl Store {
         })
     }
 }
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// When (unix ms).
+    pub at: i64,
+    /// Who: `admin-key:<id>`, `user:<id>`, or `anonymous`.
+    pub actor: String,
+    /// What: `sign_in`, `sign_out`, `account_locked`, or `<METHOD> <API path>`.
+    pub action: String,
+    /// What it was done to (a user id, an e-mail address, a path), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `ok`, `denied`, or an HTTP status code.
+    pub outcome: String,
+    /// The client's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// More, e.g. why a sign-in failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Which audit entries to list.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFilter {
+    /// Only this action (exact), or actions starting with it when it ends in `*`.
+    pub action: Option<String>,
+    /// Only this actor.
+    pub actor: Option<String>,
+    /// Only this outcome.
+    pub outcome: Option<String>,
+    /// Only entries at or after this time (unix ms).
+    pub since: Option<i64>,
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<u32>,
+}
+
+impl Store {
+    /// Adds a line to the audit log.
+    pub async fn record_audit(&self, e: &AuditEntry) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, actor, action, target, outcome, client, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(e.at)
+        .bind(&e.actor)
+        .bind(&e.action)
+        .bind(e.target.as_deref())
+        .bind(&e.outcome)
+        .bind(e.client.as_deref())
+        .bind(e.detail.as_deref())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Audit entries matching `f`, newest first.
+    pub async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let mut sql = String::from(
+            "SELECT at, actor, action, target, outcome, client, detail FROM audit_log WHERE 1 = 1",
+        );
+        let mut binds: Vec<String> = Vec::new();
+        if let Some(a) = &f.action {
+            match a.strip_suffix('*') {
+                Some(prefix) => {
+                    binds.push(format!("{}%", prefix.replace(['%', '_'], "")));
+                    sql.push_str(&format!(" AND action LIKE ${}", binds.len()));
+                }
+                None => {
+                    binds.push(a.clone());
+                    sql.push_str(&format!(" AND action = ${}", binds.len()));
+                }
+            }
+        }
+        if let Some(a) = &f.actor {
+            binds.push(a.clone());
+            sql.push_str(&format!(" AND actor = ${}", binds.len()));
+        }
+        if let Some(o) = &f.outcome {
+            binds.push(o.clone());
+            sql.push_str(&format!(" AND outcome = ${}", binds.len()));
+        }
+        let since_at = binds.len() + 1;
+        sql.push_str(&format!(
+            " AND at >= ${since_at} ORDER BY at DESC, id DESC LIMIT ${}",
+            since_at + 1
+        ));
+        let mut q = sqlx::query(&sql);
+        for b in &binds {
+            q = q.bind(b);
+        }
+        let rows = q
+            .bind(f.since.unwrap_or(0))
+            .bind(i64::from(f.limit.unwrap_or(100).clamp(1, 1000)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    outcome: r.try_get("outcome")?,
+                    client: r.try_get("client")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}

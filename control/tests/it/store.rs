@@ -257,6 +257,61 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
     ));
     let snap = snapshot(&store, NodeKind::Gateway, gw.id).await;
     assert!(snap.identity.unwrap().revoked_sessions.contains(&s2.id));
+
+    // The audit log filters by action (exact or prefix), actor, outcome and time.
+    use kakuremichi_control::store::{AuditEntry, AuditFilter};
+    for (i, action) in ["sign_in", "POST /api/v1/users", "POST /api/v1/sites"]
+        .iter()
+        .enumerate()
+    {
+        store
+            .record_audit(&AuditEntry {
+                at: 1000 + i as i64,
+                actor: if i == 0 {
+                    "anonymous".into()
+                } else {
+                    "admin-key:x".into()
+                },
+                action: (*action).into(),
+                target: Some("t".into()),
+                outcome: if i == 0 {
+                    "denied".into()
+                } else {
+                    "201".into()
+                },
+                client: Some("127.0.0.1".into()),
+                detail: None,
+            })
+            .await
+            .unwrap();
+    }
+    let all = store.list_audit(&AuditFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0].action, "POST /api/v1/sites", "newest first");
+    let posts = AuditFilter {
+        action: Some("POST *".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list_audit(&posts).await.unwrap().len(), 2);
+    let denied = AuditFilter {
+        outcome: Some("denied".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_audit(&denied).await.unwrap()[0].action,
+        "sign_in"
+    );
+    let recent = AuditFilter {
+        since: Some(1001),
+        limit: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(store.list_audit(&recent).await.unwrap().len(), 1);
+    let by = AuditFilter {
+        actor: Some("admin-key:x".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list_audit(&by).await.unwrap().len(), 2);
 }
 
 async fn acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only(store: Store) {

@@ -1,0 +1,26 @@
+//! `/audit`: the audit log (sign-ins, refusals, every change through the API), newest first,
+//! filtered by `action` (exact, or a prefix ending in `*`), `actor`, `outcome`, `since` (unix ms)
+//! and `limit` (default 100, at most 1000).
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::Router;
+
+use super::ApiJson;
+use crate::store::{AuditEntry, AuditFilter};
+use crate::{ApiError, AppState};
+
+/// The audit router.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/audit", get(list))
+}
+
+async fn list(
+    State(state): State<AppState>,
+    filter: Result<Query<AuditFilter>, QueryRejection>,
+) -> Result<ApiJson<Vec<AuditEntry>>, ApiError> {
+    let Query(filter) =
+        filter.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    Ok(ApiJson(state.store.list_audit(&filter).await?))
+}
