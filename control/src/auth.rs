@@ -48,6 +48,7 @@ async fn dummy_hash() -> &'static str {
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/auth/sign-in", get(sign_in_page).post(sign_in))
+        .route("/auth/sign-in/totp", axum::routing::post(sign_in_totp))
         .route("/auth/sign-out", get(sign_out_page).post(sign_out))
         .route(JWKS_PATH, get(jwks))
 }
@@ -559,45 +560,295 @@ async fn sign_in(
             _ => again(StatusCode::UNAUTHORIZED, wrong),
         };
     }
+    // A second factor, if the user has one: the password step is sealed into the form, so that
+    // any control replica can finish it.
+    match state.store.totp_secret(user.id).await {
+        Ok(Some(_)) => {
+            let pending = serde_json::json!({
+                "user": user.id, "exp": now_ms() + PENDING_LIFE_MS, "rd": q.rd, "n": q.n,
+            });
+            return match state
+                .store
+                .seal_blob(PENDING_PURPOSE, pending.to_string().as_bytes())
+            {
+                Ok(sealed) => page(StatusCode::OK, "Sign in", &totp_form(&csrf, &sealed, None)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot seal a pending sign-in");
+                    again(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "sign-in is unavailable right now; try again shortly",
+                    )
+                }
+            };
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read a second factor");
+            return again(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sign-in is unavailable right now; try again shortly",
+            );
+        }
+    }
+    finish(&state, &peer, &headers, &user, &["pwd"], ret).await
+}
+
+/// How long the second step of a sign-in may take.
+const PENDING_LIFE_MS: i64 = 5 * 60 * 1000;
+const PENDING_PURPOSE: &str = "pending-sign-in";
+
+fn totp_form(csrf: &str, pending: &str, error: Option<&str>) -> String {
+    let error = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    format!(
+        "{error}<form method=\"post\" action=\"/auth/sign-in/totp\">\
+         <label>Code from your authenticator app <input name=\"code\" inputmode=\"numeric\" \
+         autocomplete=\"one-time-code\" pattern=\"[0-9]{{6}}\" required autofocus></label>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <input type=\"hidden\" name=\"pending\" value=\"{}\">\
+         <button type=\"submit\">Verify</button></form>",
+        escape(csrf),
+        escape(pending)
+    )
+}
+
+#[derive(Deserialize)]
+struct TotpForm {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    pending: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+#[derive(Deserialize)]
+struct Pending {
+    user: uuid::Uuid,
+    exp: i64,
+    rd: Option<String>,
+    n: Option<String>,
+}
+
+/// The step of a TOTP code that matches `code` within one step of `now` (unix seconds).
+fn totp_step(secret: &[u8], code: &str, now: u64) -> Option<i64> {
+    let totp = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, secret.to_vec()).ok()?;
+    let code = code.trim();
+    let step = now / 30;
+    [step.saturating_sub(1), step, step + 1]
+        .into_iter()
+        .find(|s| bool::from(totp.generate(s * 30).as_bytes().ct_eq(code.as_bytes())))
+        .map(|s| s as i64)
+}
+
+async fn sign_in_totp(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<TotpForm>,
+) -> Response {
+    if !csrf_ok(&headers, &form.csrf) {
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            "",
+            "denied",
+            Some("form token missing or wrong"),
+        )
+        .await;
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Sign in",
+            "this form expired; please sign in again",
+        );
+    }
+    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+        let mut r = page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Sign in",
+            &totp_form(
+                &form.csrf,
+                &form.pending,
+                Some(&format!(
+                    "too many sign-in attempts from your address; try again in {} s",
+                    wait.as_secs().max(1)
+                )),
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let expired = || {
+        error_page(
+            StatusCode::BAD_REQUEST,
+            "Sign in",
+            "this sign-in took too long or was changed; please sign in again",
+        )
+    };
+    let Some(pending) = state
+        .store
+        .open_blob(PENDING_PURPOSE, &form.pending)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Pending>(&b).ok())
+        .filter(|p| p.exp > now_ms())
+    else {
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            "",
+            "denied",
+            Some("second step expired or tampered with"),
+        )
+        .await;
+        return expired();
+    };
+    let user = match state.store.get_user(pending.user).await {
+        Ok(u) => u,
+        Err(_) => return expired(),
+    };
+    let now = now_ms();
+    if user.disabled || user.locked_until.is_some_and(|u| u > now) {
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &user.email,
+            "denied",
+            Some("locked or disabled"),
+        )
+        .await;
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Sign in",
+            "this account is locked or disabled; try again later or ask an administrator",
+        );
+    }
+    let secret = match state.store.totp_secret(user.id).await {
+        Ok(Some(s)) => s,
+        _ => return expired(),
+    };
+    let step = totp_step(&secret, &form.code, (now / 1000) as u64);
+    let fresh = match step {
+        Some(step) => state
+            .store
+            .take_totp_step(user.id, step)
+            .await
+            .unwrap_or(false),
+        None => false,
+    };
+    if !fresh {
+        let why = if step.is_some() {
+            "TOTP code used before"
+        } else {
+            "wrong TOTP code"
+        };
+        tracing::warn!(client = %peer.ip(), user_id = %user.id, reason = why, "sign-in failed");
+        audit(
+            &state,
+            &peer,
+            "sign_in",
+            "anonymous".into(),
+            &user.email,
+            "denied",
+            Some(why),
+        )
+        .await;
+        if let Ok(Some(_)) = state
+            .store
+            .record_failed_sign_in(user.id, LOCKOUT_AFTER, LOCKOUT_FOR.as_millis() as i64)
+            .await
+        {
+            audit(
+                &state,
+                &peer,
+                "account_locked",
+                "anonymous".into(),
+                &user.email,
+                "ok",
+                None,
+            )
+            .await;
+        }
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Sign in",
+            &totp_form(
+                &form.csrf,
+                &form.pending,
+                Some("that code is not valid; enter the current one"),
+            ),
+        );
+    }
+    let q = ReturnQuery {
+        rd: pending.rd,
+        n: pending.n,
+    };
+    let ret = match check_return(&state, &q).await {
+        Ok(r) => r,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m),
+    };
+    finish(&state, &peer, &headers, &user, &["pwd", "otp"], ret).await
+}
+
+/// Starts a session for a user who proved who they are, sets control's cookie, and sends the
+/// browser on (to the resource it came from, or to a "signed in" page).
+async fn finish(
+    state: &AppState,
+    peer: &SocketAddr,
+    headers: &HeaderMap,
+    user: &User,
+    amr: &[&str],
+    ret: Option<Return>,
+) -> Response {
     // A new session at every sign-in; the one this browser had, if any, ends.
-    if let Some((old, _)) = current_session(&state, &headers).await {
+    if let Some((old, _)) = current_session(state, headers).await {
         if let Err(e) = state.store.revoke_session(old.id).await {
             tracing::warn!(error = %e, "cannot end the previous session");
         }
     }
+    let amr: Vec<String> = amr.iter().map(|s| (*s).to_owned()).collect();
     let (session, cookie) = match state
         .store
-        .create_session(user.id, SESSION_LIFE_MS, &["pwd".to_owned()])
+        .create_session(user.id, SESSION_LIFE_MS, &amr)
         .await
     {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start a session");
-            return again(
+            return error_page(
                 StatusCode::SERVICE_UNAVAILABLE,
+                "Sign in",
                 "sign-in is unavailable right now; try again shortly",
             );
         }
     };
     tracing::info!(client = %peer.ip(), user_id = %user.id, session_id = %session.id, "signed in");
     audit(
-        &state,
-        &peer,
+        state,
+        peer,
         "sign_in",
         format!("user:{}", user.id),
         &user.email,
         "ok",
-        Some("password"),
+        Some(&amr.join("+")),
     )
     .await;
     let set = format!(
         "{CONTROL_COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
         cookie.expose(),
         SESSION_LIFE_MS / 1000,
-        secure(&state)
+        secure(state)
     );
     let mut r = match ret {
-        Some(ret) => grant(&state, &session, &user, &ret).await,
+        Some(ret) => grant(state, &session, user, &ret).await,
         None => page(
             StatusCode::OK,
             "Signed in",

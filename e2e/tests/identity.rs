@@ -482,3 +482,151 @@ async fn wrong_passwords_are_rate_limited_and_lock_the_account_until_an_admin_un
     assert_eq!(p.status, StatusCode::FORBIDDEN);
     assert!(p.body.contains("form expired"), "{}", p.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totp_is_asked_after_the_password_and_a_code_works_once() {
+    let stack = Stack::start().await.expect("stack");
+    let ann = create_user(&stack, ANN, &["member"]).await.unwrap();
+    let (status, totp) = stack
+        .api
+        .call(Method::POST, &format!("/api/v1/users/{ann}/totp"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{totp}");
+    assert!(totp["otpauth_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("otpauth://totp/kakuremichi%3Aann%40example.com?secret="));
+    let secret = totp_rs::Secret::Encoded(totp["secret"].as_str().unwrap().to_owned())
+        .to_bytes()
+        .unwrap();
+    let generator = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, secret).unwrap();
+    protect(&stack).await.unwrap();
+
+    // Password first: control then asks for a code instead of starting a session.
+    let mut browser = Browser::new();
+    let (csrf, pending) = password_step_of(&stack, &mut browser).await;
+    let page = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
+            Some(&[("code", "12345x"), ("csrf", &csrf), ("pending", &pending)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{}", page.body);
+    assert!(
+        page.body.contains("that code is not valid"),
+        "{}",
+        page.body
+    );
+    let mut tampered = pending.clone();
+    tampered.replace_range(10..11, if &tampered[10..11] == "A" { "B" } else { "A" });
+    let page = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
+            Some(&[("code", "123456"), ("csrf", &csrf), ("pending", &tampered)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+
+    let code = generator.generate_current().unwrap();
+    let page = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
+            Some(&[("code", &code), ("csrf", &csrf), ("pending", &pending)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let back = browser
+        .go(&stack, Method::GET, &page.location.unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(back.status, StatusCode::FOUND, "{}", back.body);
+    let app = browser
+        .go(&stack, Method::GET, &back.location.unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(app.status, StatusCode::OK, "{}", app.body);
+    let headers: Value = serde_json::from_str(&app.body).unwrap();
+    let claims = verify_assertion(
+        &stack,
+        headers["kakuremichi-jwt-assertion"].as_str().unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claims["amr"], json!(["pwd", "otp"]));
+
+    // The same code again, from another browser with the right password: refused.
+    let mut other = Browser::new();
+    let (csrf, pending) = password_step_of(&stack, &mut other).await;
+    let page = other
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
+            Some(&[("code", &code), ("csrf", &csrf), ("pending", &pending)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED, "a code worked twice");
+    let denied = stack
+        .api
+        .get("/api/v1/audit?action=sign_in&outcome=denied")
+        .await
+        .unwrap();
+    assert!(
+        denied
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["detail"] == "TOTP code used before"),
+        "{denied}"
+    );
+}
+
+/// Opens the protected app, follows it to control's sign-in page and posts the right password;
+/// returns the CSRF token and the sealed pending sign-in of the TOTP form that follows.
+async fn password_step_of(stack: &Stack, browser: &mut Browser) -> (String, String) {
+    let first = browser
+        .go(stack, Method::GET, &demo_url(stack, "/headers"), None)
+        .await
+        .expect("the gateway answers");
+    let form = browser
+        .go(
+            stack,
+            Method::GET,
+            &first.location.expect("a redirect to sign in"),
+            None,
+        )
+        .await
+        .expect("control answers");
+    let csrf = hidden(&form.body, "csrf").expect("a csrf field");
+    let rd = hidden(&form.body, "rd").expect("an rd field");
+    let n = hidden(&form.body, "n").expect("an n field");
+    let page = browser
+        .go(
+            stack,
+            Method::POST,
+            &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
+            Some(&[
+                ("email", ANN),
+                ("password", PASSWORD),
+                ("csrf", &csrf),
+                ("rd", &rd),
+                ("n", &n),
+            ]),
+        )
+        .await
+        .expect("control answers");
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let pending = hidden(&page.body, "pending").expect("a TOTP form");
+    (csrf, pending)
+}

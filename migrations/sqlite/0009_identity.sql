@@ -2,7 +2,8 @@
 --
 -- users.roles is a JSON array of role names. failed_sign_ins and locked_until implement the
 -- account lockout; sessions_not_before (unix seconds) is "sign out everywhere": tokens issued
--- before it are refused by every gateway.
+-- before it are refused by every gateway. totp_sealed is the TOTP secret (sealed); totp_last_step
+-- the last time step a code was accepted for, so that no code works twice.
 CREATE TABLE users (
     id TEXT PRIMARY KEY,
     email TEXT NOT NULL UNIQUE,
@@ -13,7 +14,9 @@ CREATE TABLE users (
     failed_sign_ins BIGINT NOT NULL DEFAULT 0,
     locked_until BIGINT,
     sessions_not_before BIGINT NOT NULL DEFAULT 0,
-    created_at BIGINT NOT NULL
+    created_at BIGINT NOT NULL,
+    totp_sealed TEXT,
+    totp_last_step BIGINT NOT NULL DEFAULT 0
 );
 
 -- Control's sign-in sessions. The cookie is kms_<id>_<secret>; token_hash is its digest. A

@@ -62,6 +62,8 @@ pub struct UserView {
     pub locked_until: Option<i64>,
     /// Whether the user has a password.
     pub has_password: bool,
+    /// Whether the user has a TOTP second factor.
+    pub has_totp: bool,
     /// Creation time (unix ms).
     pub created_at: i64,
 }
@@ -77,6 +79,7 @@ impl From<User> for UserView {
             disabled: u.disabled,
             locked_until: u.locked_until.filter(|t| *t > now),
             has_password: u.has_password,
+            has_totp: u.has_totp,
             created_at: u.created_at,
         }
     }
@@ -102,6 +105,7 @@ pub fn router() -> Router<AppState> {
         .route("/users", get(list).post(create))
         .route("/users/{id}", get(one).patch(update).delete(remove))
         .route("/users/{id}/sign-out", post(sign_out_everywhere))
+        .route("/users/{id}/totp", post(add_totp).delete(remove_totp))
         .route("/signing-keys", get(keys))
         .route("/signing-keys/rotate", post(rotate))
 }
@@ -218,4 +222,50 @@ async fn rotate(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, 
     let kid = state.store.rotate_signing_key().await?;
     tracing::info!(%kid, "signing key rotated");
     keys(State(state)).await
+}
+
+/// A new TOTP secret, shown once.
+#[derive(Debug, Serialize)]
+pub struct TotpView {
+    /// The secret, base32 (what authenticator apps take by hand).
+    pub secret: String,
+    /// The `otpauth://` URL (what a QR code carries).
+    pub otpauth_url: String,
+}
+
+async fn add_totp(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<(StatusCode, ApiJson<TotpView>), ApiError> {
+    use rand::RngCore as _;
+    let user = state.store.get_user(id).await?;
+    let mut raw = vec![0u8; 20];
+    rand::thread_rng().fill_bytes(&mut raw);
+    state.store.set_totp(id, &raw).await?;
+    let secret = match totp_rs::Secret::Raw(raw).to_encoded() {
+        totp_rs::Secret::Encoded(s) => s,
+        totp_rs::Secret::Raw(_) => return Err(ApiError::Internal("cannot encode a secret".into())),
+    };
+    let label: String =
+        url::form_urlencoded::byte_serialize(format!("kakuremichi:{}", user.email).as_bytes())
+            .collect();
+    tracing::info!(user_id = %id, "TOTP second factor added");
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(TotpView {
+            otpauth_url: format!(
+                "otpauth://totp/{label}?secret={secret}&issuer=kakuremichi&algorithm=SHA1&digits=6&period=30"
+            ),
+            secret,
+        }),
+    ))
+}
+
+async fn remove_totp(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    state.store.clear_totp(id).await?;
+    tracing::info!(user_id = %id, "TOTP second factor removed");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -44,6 +44,8 @@ pub struct User {
     pub created_at: i64,
     /// Whether the user has a password.
     pub has_password: bool,
+    /// Whether the user has a TOTP second factor.
+    pub has_totp: bool,
 }
 
 /// A new user (already validated; the password already hashed).
@@ -133,6 +135,7 @@ fn user_from_row(row: &AnyRow) -> Result<User> {
         sessions_not_before: row.try_get("sessions_not_before")?,
         created_at: row.try_get("created_at")?,
         has_password: password.is_some(),
+        has_totp: row.try_get::<Option<String>, _>("totp_sealed")?.is_some(),
     })
 }
 
@@ -150,7 +153,9 @@ fn session_from_row(row: &AnyRow) -> Result<Session> {
 }
 
 const USER_COLUMNS: &str = "id, email, name, password_hash, roles, disabled, failed_sign_ins, \
-     locked_until, sessions_not_before, created_at";
+     locked_until, sessions_not_before, created_at, totp_sealed";
+/// Purpose TOTP secrets are sealed under.
+const TOTP_PURPOSE: &str = "totp";
 
 impl Store {
     // ------------------------------------------------------------------ users
@@ -339,6 +344,78 @@ impl Store {
             return Ok(Some(until));
         }
         Ok(None)
+    }
+
+    /// Gives a user a TOTP second factor with `secret` (replacing any earlier one).
+    pub async fn set_totp(&self, user: Uuid, secret: &[u8]) -> Result<()> {
+        let sealed = self.seal_blob(TOTP_PURPOSE, secret)?;
+        let done =
+            sqlx::query("UPDATE users SET totp_sealed = $1, totp_last_step = 0 WHERE id = $2")
+                .bind(sealed)
+                .bind(user.to_string())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    /// Removes a user's TOTP second factor.
+    pub async fn clear_totp(&self, user: Uuid) -> Result<()> {
+        let done = sqlx::query("UPDATE users SET totp_sealed = NULL WHERE id = $1")
+            .bind(user.to_string())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    /// A user's TOTP secret, if they have one.
+    pub async fn totp_secret(&self, user: Uuid) -> Result<Option<Vec<u8>>> {
+        let sealed: Option<Option<String>> =
+            sqlx::query_scalar("SELECT totp_sealed FROM users WHERE id = $1")
+                .bind(user.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        sealed
+            .flatten()
+            .map(|s| self.open_blob(TOTP_PURPOSE, &s))
+            .transpose()
+    }
+
+    /// Takes TOTP time step `step` for `user`: `false` when a code for it or a later step was
+    /// already accepted (a code works once).
+    pub async fn take_totp_step(&self, user: Uuid, step: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE users SET totp_last_step = $1 WHERE id = $2 AND totp_last_step < $1",
+        )
+        .bind(step)
+        .bind(user.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Seals `plain` with control's secrets key (for values that travel through browsers or
+    /// rest in the store).
+    pub fn seal_blob(&self, purpose: &str, plain: &[u8]) -> Result<String> {
+        self.sealer
+            .as_deref()
+            .ok_or_else(|| StoreError::Invalid("control has no secrets key".into()))?
+            .seal(purpose, plain)
+            .map_err(|e| StoreError::Invalid(e.to_string()))
+    }
+
+    /// Opens a value sealed by [`Store::seal_blob`]; `BadSecret` when it was tampered with.
+    pub fn open_blob(&self, purpose: &str, sealed: &str) -> Result<Vec<u8>> {
+        self.sealer
+            .as_deref()
+            .ok_or_else(|| StoreError::Invalid("control has no secrets key".into()))?
+            .open(purpose, sealed)
+            .map_err(|_| StoreError::BadSecret)
     }
 
     // --------------------------------------------------------------- sessions
