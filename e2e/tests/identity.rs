@@ -208,6 +208,50 @@ async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes
         assert!(challenge.contains("invalid_token"), "{what}: {challenge}");
     }
 
+    // A token for demo.localhost presented to another protected hostname: wrong audience.
+    let (status, body) = stack
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/resources",
+            Some(
+                json!({"hostname": "other.localhost", "site_id": stack.site_id,
+                        "target": stack.opts.app_listen.to_string(), "access": {}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let session = browser
+        .cookie(DEMO_HOST, "kakuremichi_session")
+        .unwrap()
+        .clone();
+    wait_for(
+        "the other resource to ask for sign-in",
+        Duration::from_secs(10),
+        || {
+            let http = curl.http.clone();
+            let url = format!("http://{}/headers", stack.opts.gateway_http_for_test);
+            let cookie = format!("kakuremichi_session={session}; kakuremichi_nonce={nonce}");
+            async move {
+                let r = http
+                    .get(url)
+                    .header(HOST, "other.localhost")
+                    .header(COOKIE, cookie)
+                    .send()
+                    .await?;
+                if r.status() != 401 {
+                    return Ok(None);
+                }
+                let challenge = r.headers()[WWW_AUTHENTICATE].to_str()?.to_owned();
+                Ok(Some(challenge))
+            }
+        },
+    )
+    .await
+    .map(|c| assert!(c.contains("wrong audience"), "{c}"))
+    .unwrap();
+
     // Bob is signed in but lacks the role: a clear 403 page.
     let mut bob = Browser::new();
     let denied = bob
