@@ -50,6 +50,7 @@ pub fn router() -> Router<AppState> {
         .route("/auth/sign-in", get(sign_in_page).post(sign_in))
         .route("/auth/sign-in/totp", axum::routing::post(sign_in_totp))
         .route("/auth/sign-out", get(sign_out_page).post(sign_out))
+        .route("/setup", get(setup_page).post(setup))
         .route(JWKS_PATH, get(jwks))
 }
 
@@ -951,4 +952,184 @@ async fn jwks(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE.into_response()
         }
     }
+}
+
+#[derive(Deserialize)]
+struct SetupForm {
+    #[serde(default)]
+    admin_key: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+fn setup_form(csrf: &str, email: &str, name: &str, error: Option<&str>) -> String {
+    let error = error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    format!(
+        "{error}<p>Create the owner: the first user, who may do everything. The admin key control \
+         printed at its first start (also in its data folder, <code>admin-key</code>) proves you \
+         run this control; it becomes the owner's first key.</p>\
+         <form method=\"post\" action=\"/setup\">\
+         <label>Admin key <input name=\"admin_key\" type=\"password\" autocomplete=\"off\" required></label>\
+         <label>Your e-mail <input name=\"email\" type=\"email\" autocomplete=\"username\" required value=\"{}\"></label>\
+         <label>Your name <input name=\"name\" value=\"{}\"></label>\
+         <label>Password (at least 10 characters) <input name=\"password\" type=\"password\" \
+         autocomplete=\"new-password\" minlength=\"10\" required></label>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <button type=\"submit\">Create the owner</button></form>",
+        escape(email),
+        escape(name),
+        escape(csrf)
+    )
+}
+
+fn set_up_already() -> Response {
+    page(
+        StatusCode::CONFLICT,
+        "Set up already",
+        "<p>This control has its owner. <a href=\"/auth/sign-in\">Sign in</a>.</p>",
+    )
+}
+
+/// `GET /setup`: the first-run page that creates the owner, while no user exists.
+async fn setup_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match state.store.count_users().await {
+        Ok(0) => {}
+        Ok(_) => return set_up_already(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot count users");
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Set up",
+                "try again shortly",
+            );
+        }
+    }
+    let (csrf, set) = csrf_token(&state, &headers);
+    let mut r = page(
+        StatusCode::OK,
+        "Set up kakuremichi",
+        &setup_form(&csrf, "", "", None),
+    );
+    if let Some(c) = set {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    r
+}
+
+async fn setup(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<SetupForm>,
+) -> Response {
+    let again = |status: StatusCode, message: &str| {
+        page(
+            status,
+            "Set up kakuremichi",
+            &setup_form(&form.csrf, &form.email, &form.name, Some(message)),
+        )
+    };
+    if !csrf_ok(&headers, &form.csrf) {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Set up",
+            "this form expired; open /setup again",
+        );
+    }
+    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+        return again(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "too many attempts from your address; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+        );
+    }
+    if !matches!(state.store.count_users().await, Ok(0)) {
+        return set_up_already();
+    }
+    let key = Secret::new(form.admin_key.trim());
+    let key_id = secrets::embedded_id(secrets::ADMIN_KEY_PREFIX, &key);
+    let valid = match key_id {
+        Some(_) => state.check_admin_key(&key).await.unwrap_or(false),
+        None => false,
+    };
+    let Some(key_id) = key_id.filter(|_| valid) else {
+        tracing::warn!(client = %peer.ip(), "set-up refused: wrong admin key");
+        audit(
+            &state,
+            &peer,
+            "setup",
+            "anonymous".into(),
+            "",
+            "denied",
+            Some("wrong admin key"),
+        )
+        .await;
+        return again(
+            StatusCode::UNAUTHORIZED,
+            "that is not this control's admin key",
+        );
+    };
+    let email = match crate::validate::email(&form.email) {
+        Ok(e) => e,
+        Err(m) => return again(StatusCode::BAD_REQUEST, &m),
+    };
+    let name = match form.name.trim() {
+        "" => email.clone(),
+        n => match crate::validate::name(n) {
+            Ok(n) => n,
+            Err(m) => return again(StatusCode::BAD_REQUEST, &m),
+        },
+    };
+    if let Err(m) = crate::validate::password(&form.password) {
+        return again(StatusCode::BAD_REQUEST, &m);
+    }
+    let hash = match secrets::hash_password(&Secret::new(form.password.clone())).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hash a password");
+            return again(StatusCode::SERVICE_UNAVAILABLE, "try again shortly");
+        }
+    };
+    let owner = match state
+        .store
+        .create_owner(
+            &crate::store::NewUser {
+                email,
+                name,
+                password_hash: Some(hash),
+                roles: vec!["owner".into()],
+            },
+            key_id,
+        )
+        .await
+    {
+        Ok(u) => u,
+        Err(crate::store::StoreError::Conflict(_)) => return set_up_already(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the owner");
+            return again(StatusCode::SERVICE_UNAVAILABLE, "try again shortly");
+        }
+    };
+    tracing::info!(user_id = %owner.id, "owner created at set-up");
+    audit(
+        &state,
+        &peer,
+        "setup",
+        format!("user:{}", owner.id),
+        &owner.email,
+        "ok",
+        None,
+    )
+    .await;
+    finish(&state, &peer, &headers, &owner, &["pwd"], None).await
 }

@@ -674,3 +674,62 @@ async fn password_step_of(stack: &Stack, browser: &mut Browser) -> (String, Stri
     let pending = hidden(&page.body, "pending").expect("a TOTP form");
     (csrf, pending)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_set_up_creates_the_owner_once_with_the_admin_key() {
+    let stack = Stack::start().await.expect("stack");
+    let setup = format!("{}/setup", stack.opts.control_url_for_test);
+    let mut browser = Browser::new();
+    let form = browser.go(&stack, Method::GET, &setup, None).await.unwrap();
+    assert_eq!(form.status, StatusCode::OK, "{}", form.body);
+    let csrf = hidden(&form.body, "csrf").unwrap();
+    let wrong = browser
+        .go(
+            &stack,
+            Method::POST,
+            &setup,
+            Some(&[
+                ("admin_key", "kma_00000000000000000000000000000000_nope"),
+                ("email", "owner@example.com"),
+                ("password", PASSWORD),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.body);
+    let done = browser
+        .go(
+            &stack,
+            Method::POST,
+            &setup,
+            Some(&[
+                ("admin_key", stack.opts.admin_key.as_str()),
+                ("email", "Owner@Example.com"),
+                ("name", "The Owner"),
+                ("password", PASSWORD),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    assert!(
+        done.body.contains("signed in as owner@example.com"),
+        "{}",
+        done.body
+    );
+    let users = stack.api.get("/api/v1/users").await.unwrap();
+    assert_eq!(users[0]["email"], "owner@example.com");
+    assert_eq!(users[0]["roles"], json!(["owner"]));
+    let again = Browser::new()
+        .go(&stack, Method::GET, &setup, None)
+        .await
+        .unwrap();
+    assert_eq!(again.status, StatusCode::CONFLICT, "set-up runs once");
+    let logs = stack.logs_full();
+    assert!(
+        !logs.contains(&stack.opts.admin_key),
+        "the admin key appears in a log"
+    );
+}

@@ -57,3 +57,6 @@ CREATE TABLE audit_log (
     detail TEXT
 );
 CREATE INDEX audit_log_at ON audit_log (at);
+
+-- The admin key set up first becomes the first user's (the owner's) first key at set-up.
+ALTER TABLE api_keys ADD COLUMN user_id TEXT;

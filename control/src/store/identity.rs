@@ -191,6 +191,39 @@ impl Store {
         self.get_user(id).await
     }
 
+    /// Creates the first user (the owner) if there is none yet, and makes `admin_key_id` their
+    /// key. `Conflict` when a user exists already.
+    pub async fn create_owner(&self, new: &NewUser, admin_key_id: Uuid) -> Result<User> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&mut *tx)
+            .await?;
+        if count > 0 {
+            return Err(StoreError::Conflict("control is set up already".into()));
+        }
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO users (id, email, name, password_hash, roles, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.to_string())
+        .bind(&new.email)
+        .bind(&new.name)
+        .bind(new.password_hash.as_deref())
+        .bind(serde_json::to_string(&new.roles).map_err(corrupt)?)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE api_keys SET user_id = $1 WHERE id = $2")
+            .bind(id.to_string())
+            .bind(admin_key_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.get_user(id).await
+    }
+
     /// One user.
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
         let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
