@@ -51,6 +51,11 @@ pub fn router() -> Router<AppState> {
         .route("/auth/sign-in/totp", axum::routing::post(sign_in_totp))
         .route("/auth/sign-out", get(sign_out_page).post(sign_out))
         .route("/setup", get(setup_page).post(setup))
+        .route("/account", get(account_page))
+        .route(
+            "/account/sign-out-everywhere",
+            axum::routing::post(sign_out_everywhere),
+        )
         .route(JWKS_PATH, get(jwks))
 }
 
@@ -361,7 +366,8 @@ async fn sign_in_page(
                 StatusCode::OK,
                 "Signed in",
                 &format!(
-                    "<p>You are signed in as {}.</p><p><a href=\"/auth/sign-out\">Sign out</a></p>",
+                    "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
+                 <a href=\"/auth/sign-out\">Sign out</a></p>",
                     escape(&user.email)
                 ),
             ),
@@ -854,7 +860,8 @@ async fn finish(
             StatusCode::OK,
             "Signed in",
             &format!(
-                "<p>You are signed in as {}.</p><p><a href=\"/auth/sign-out\">Sign out</a></p>",
+                "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
+                 <a href=\"/auth/sign-out\">Sign out</a></p>",
                 escape(&user.email)
             ),
         ),
@@ -1132,4 +1139,97 @@ async fn setup(
     )
     .await;
     finish(&state, &peer, &headers, &owner, &["pwd"], None).await
+}
+
+/// `GET /account`: who is signed in here, how, and a button that ends every session.
+async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some((session, user)) = current_session(&state, &headers).await else {
+        let mut r = StatusCode::SEE_OTHER.into_response();
+        r.headers_mut()
+            .insert(LOCATION, HeaderValue::from_static("/auth/sign-in"));
+        return r;
+    };
+    let (csrf, set) = csrf_token(&state, &headers);
+    let mut r = page(
+        StatusCode::OK,
+        "Your account",
+        &format!(
+            "<p>{} ({})</p><p>Roles: {}</p><p>Second factor: {}</p>\
+             <p>This session: signed in with {}, ends in {} h.</p>\
+             <form method=\"post\" action=\"/account/sign-out-everywhere\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <button type=\"submit\">Sign out everywhere</button></form>\
+             <p><a href=\"/auth/sign-out\">Sign out here</a></p>",
+            escape(&user.name),
+            escape(&user.email),
+            escape(&user.roles.join(", ")),
+            if user.has_totp {
+                "authenticator app (TOTP)"
+            } else {
+                "none"
+            },
+            escape(&session.amr.join(" + ")),
+            ((session.expires_at - now_ms()) / 3_600_000).max(0),
+            escape(&csrf),
+        ),
+    );
+    if let Some(c) = set {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    r
+}
+
+/// Ends every session of the signed-in user, here and at every gateway.
+async fn sign_out_everywhere(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if !csrf_ok(&headers, &form.csrf) {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Sign out everywhere",
+            "this form expired; open your account page again",
+        );
+    }
+    let Some((_, user)) = current_session(&state, &headers).await else {
+        return error_page(
+            StatusCode::UNAUTHORIZED,
+            "Sign out everywhere",
+            "you are not signed in here",
+        );
+    };
+    if let Err(e) = state.store.revoke_user_sessions(user.id).await {
+        tracing::error!(error = %e, "cannot end a user's sessions");
+        return error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign out everywhere",
+            "this is unavailable right now; try again shortly",
+        );
+    }
+    tracing::info!(user_id = %user.id, "signed out everywhere");
+    audit(
+        &state,
+        &peer,
+        "sign_out_everywhere",
+        format!("user:{}", user.id),
+        &user.email,
+        "ok",
+        None,
+    )
+    .await;
+    let mut r = page(
+        StatusCode::OK,
+        "Signed out everywhere",
+        "<p>Every session of yours has ended: here, on every site, on every device.</p>",
+    );
+    let clear = format!(
+        "{CONTROL_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
+        secure(&state)
+    );
+    if let Ok(v) = HeaderValue::from_str(&clear) {
+        r.headers_mut().append(SET_COOKIE, v);
+    }
+    r
 }
