@@ -33,8 +33,8 @@ pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
 };
 pub use identity::{
-    AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
-    BUILT_IN_ROLES, SESSION_PREFIX,
+    ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
+    API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
 
 /// The first overlay port given to a resource on its site.

@@ -60,3 +60,10 @@ CREATE INDEX audit_log_at ON audit_log (at);
 
 -- The admin key set up first becomes the first user's (the owner's) first key at set-up.
 ALTER TABLE api_keys ADD COLUMN user_id TEXT;
+-- API keys beside the admin key: kmk_<id>_<secret>, scoped to permissions (JSON array; NULL: all,
+-- as the admin key), with an expiry, the last time used, and revocation.
+ALTER TABLE api_keys ADD COLUMN name TEXT;
+ALTER TABLE api_keys ADD COLUMN scopes TEXT;
+ALTER TABLE api_keys ADD COLUMN expires_at BIGINT;
+ALTER TABLE api_keys ADD COLUMN last_used_at BIGINT;
+ALTER TABLE api_keys ADD COLUMN revoked_at BIGINT;

@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod config;
 pub mod enroll;
 pub mod gateways;
+pub mod keys;
 pub mod nodes;
 pub mod resources;
 pub mod sites;
@@ -49,14 +50,64 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(config::router())
         .merge(users::router())
         .merge(audit::router())
+        .merge(keys::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .route(ws_path, get(crate::hub::connect))
 }
 
+/// Every permission a scoped API key may hold: `<thing>:read` for `GET`, `<thing>:write` for the
+/// rest, per first path segment.
+pub const PERMISSIONS: &[&str] = &[
+    "site:read",
+    "site:write",
+    "gateway:read",
+    "gateway:write",
+    "resource:read",
+    "resource:write",
+    "certificate:read",
+    "certificate:write",
+    "user:read",
+    "user:write",
+    "api_key:read",
+    "api_key:write",
+    "signing_key:read",
+    "signing_key:write",
+    "audit:read",
+    "config:read",
+];
+
+/// The permission a request under `/api/v1` needs (`path` without the prefix).
+pub fn permission(method: &axum::http::Method, path: &str) -> String {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let thing = match first {
+        "sites" => "site",
+        "gateways" => "gateway",
+        "resources" => "resource",
+        "certificates" => "certificate",
+        "users" => "user",
+        "api-keys" => "api_key",
+        "signing-keys" => "signing_key",
+        "audit" => "audit",
+        "config" => "config",
+        other => other,
+    };
+    let verb = if matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        "read"
+    } else {
+        "write"
+    };
+    format!("{thing}:{verb}")
+}
+
+/// Whether a key with `scopes` (`None`: all) holds `permission`.
+pub fn allows(scopes: Option<&[String]>, permission: &str) -> bool {
+    scopes.is_none_or(|s| s.iter().any(|p| p == permission))
+}
+
 async fn require_admin(
     State(state): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let key = req
@@ -64,26 +115,42 @@ async fn require_admin(
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| {
-            ApiError::Unauthorized("missing admin key: send Authorization: Bearer <key>".into())
+            ApiError::Unauthorized(
+                "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>".into(),
+            )
         })?;
     let key = Secret::new(key);
-    if !state.check_admin_key(&key).await? {
-        return Err(ApiError::Unauthorized("invalid admin key".into()));
-    }
+    let Some(found) = state.store.check_api_key(&key).await? else {
+        return Err(ApiError::Unauthorized(
+            "invalid, expired or revoked API key".into(),
+        ));
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let needed = permission(&method, &path);
+    if !allows(found.scopes.as_deref(), &needed) {
+        tracing::warn!(key_id = %found.id, permission = %needed, "API key lacks a permission");
+        return Err(ApiError::Forbidden(format!(
+            "this API key does not have the {needed} permission"
+        )));
+    }
     let client = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    let actor = if found.scopes.is_none() {
+        format!("admin-key:{}", found.id)
+    } else {
+        format!("api-key:{}", found.id)
+    };
+    req.extensions_mut().insert(found);
     let response = next.run(req).await;
     // Every change through the API is audited, with who made it and how it ended.
     if !matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
-        let actor = crate::secrets::embedded_id(crate::secrets::ADMIN_KEY_PREFIX, &key)
-            .map_or_else(|| "admin-key".to_owned(), |id| format!("admin-key:{id}"));
         state
             .audit(crate::store::AuditEntry {
                 at: crate::store::now_ms(),

@@ -849,3 +849,151 @@ impl Store {
             .collect()
     }
 }
+
+/// Prefix of scoped API keys.
+pub const API_KEY_PREFIX: &str = "kmk";
+
+/// An API key as stored (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApiKey {
+    /// Id (inside the key).
+    pub id: Uuid,
+    /// Display name (`admin` for the admin key).
+    pub name: String,
+    /// Permissions; `None`: every permission (the admin key).
+    pub scopes: Option<Vec<String>>,
+    /// The user it belongs to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    /// Created (unix ms).
+    pub created_at: i64,
+    /// Expires (unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Last used (unix ms, to the minute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<i64>,
+}
+
+fn api_key_from_row(r: &AnyRow) -> Result<ApiKey> {
+    let id: String = r.try_get("id")?;
+    let user: Option<String> = r.try_get("user_id")?;
+    let scopes: Option<String> = r.try_get("scopes")?;
+    Ok(ApiKey {
+        id: parse_uuid(&id)?,
+        name: r
+            .try_get::<Option<String>, _>("name")?
+            .unwrap_or_else(|| "admin".into()),
+        scopes: scopes
+            .map(|s| serde_json::from_str(&s).map_err(corrupt))
+            .transpose()?,
+        user_id: user.map(|u| parse_uuid(&u)).transpose()?,
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        last_used_at: r.try_get("last_used_at")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, hash, name, scopes, user_id, created_at, expires_at, last_used_at, \
+     revoked_at";
+
+impl Store {
+    /// Makes a scoped API key; returns it and its secret (shown once).
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        scopes: &[String],
+        expires_at: Option<i64>,
+        user: Option<Uuid>,
+    ) -> Result<(ApiKey, Secret)> {
+        let id = Uuid::new_v4();
+        let secret = secrets::new_with_id(API_KEY_PREFIX, id);
+        sqlx::query(
+            "INSERT INTO api_keys (id, hash, created_at, name, scopes, expires_at, user_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id.to_string())
+        .bind(secrets::digest(&secret))
+        .bind(now_ms())
+        .bind(name)
+        .bind(serde_json::to_string(scopes).map_err(corrupt)?)
+        .bind(expires_at)
+        .bind(user.map(|u| u.to_string()))
+        .execute(&self.pool)
+        .await?;
+        let key = self
+            .list_api_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.id == id)
+            .ok_or(StoreError::NotFound("API key"))?;
+        Ok((key, secret))
+    }
+
+    /// Every live API key (the admin key included), oldest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(api_key_from_row)
+        .collect()
+    }
+
+    /// Revokes an API key, with immediate effect.
+    pub async fn revoke_api_key(&self, id: Uuid) -> Result<()> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now_ms())
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound("API key"));
+        }
+        Ok(())
+    }
+
+    /// The live key `secret` is (admin `kma_` or scoped `kmk_`), found by the id inside it and
+    /// compared by digest; `None` when unknown, wrong, revoked or expired. Records its use (at
+    /// most once a minute per key).
+    pub async fn check_api_key(&self, secret: &Secret) -> Result<Option<ApiKey>> {
+        let id = secrets::embedded_id(secrets::ADMIN_KEY_PREFIX, secret)
+            .or_else(|| secrets::embedded_id(API_KEY_PREFIX, secret));
+        let Some(id) = id else { return Ok(None) };
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get("hash")?;
+        let verified = secrets::verify(&hash, secret).await;
+        if !verified.ok() {
+            return Ok(None);
+        }
+        if verified == secrets::Verified::YesUpgrade {
+            sqlx::query("UPDATE api_keys SET hash = $1 WHERE id = $2 AND hash = $3")
+                .bind(secrets::digest(secret))
+                .bind(id.to_string())
+                .bind(&hash)
+                .execute(&self.pool)
+                .await?;
+        }
+        let revoked: Option<i64> = row.try_get("revoked_at")?;
+        let key = api_key_from_row(&row)?;
+        let now = now_ms();
+        if revoked.is_some() || key.expires_at.is_some_and(|e| e <= now) {
+            return Ok(None);
+        }
+        if key.last_used_at.is_none_or(|t| now - t > 60_000) {
+            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(Some(key))
+    }
+}

@@ -836,3 +836,103 @@ async fn limits_and_proxy_protocol_over_the_api() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
+
+#[tokio::test]
+async fn scoped_api_keys_hold_only_their_permissions_and_revocation_is_immediate() {
+    let app = TestApp::new().await;
+    let with = |key: &str, method: Method, path: &str, body: Option<&str>| {
+        let (app, key, path, body) = (
+            &app,
+            key.to_owned(),
+            path.to_owned(),
+            body.map(str::to_owned),
+        );
+        async move { app.raw(method, &path, body.as_deref(), Some(&key)).await }
+    };
+    let (status, created) = app
+        .post(
+            "/api/v1/api-keys",
+            json!({"name": "reader", "scopes": ["resource:read", "site:read"], "expires_in_days": 30}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let reader = created["secret"].as_str().unwrap().to_owned();
+    assert!(reader.starts_with("kmk_"));
+    assert!(created["expires_at"].as_i64().is_some());
+
+    // It reads what it may, and nothing else.
+    assert_eq!(
+        with(&reader, Method::GET, "/api/v1/resources", None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        with(&reader, Method::GET, "/api/v1/sites", None).await.0,
+        StatusCode::OK
+    );
+    let (status, body, _) = with(&reader, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("user:read"), "{body}");
+    let (status, _, _) = with(
+        &reader,
+        Method::POST,
+        "/api/v1/sites",
+        Some(r#"{"name":"x"}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // X-API-Key works too.
+    let req = Request::builder()
+        .uri("/api/v1/resources")
+        .header("x-api-key", &reader)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.router.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // A key cannot give more than it has; unknown permissions are refused.
+    let (status, _, _) = with(
+        &reader,
+        Method::POST,
+        "/api/v1/api-keys",
+        Some(r#"{"name":"x","scopes":["resource:read"]}"#),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "api_key:write is needed");
+    let (status, body) = app
+        .post("/api/v1/api-keys", json!({"name": "x", "scopes": ["root"]}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = app
+        .post(
+            "/api/v1/api-keys",
+            json!({"name": "x", "scopes": ["resource:read"], "expires_in_days": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Listed without secrets, with the last time used; revoked at once.
+    let (_, keys) = app.get("/api/v1/api-keys").await;
+    let listed = keys.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{keys}");
+    assert!(!keys.to_string().contains(&reader));
+    let id = created["id"].as_str().unwrap();
+    assert!(listed
+        .iter()
+        .any(|k| k["id"] == id && k["last_used_at"].as_i64().is_some()));
+    let admin_id = listed.iter().find(|k| k["scopes"].is_null()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = app.delete(&format!("/api/v1/api-keys/{admin_id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the last admin key stays");
+    let (status, _) = app.delete(&format!("/api/v1/api-keys/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body, _) = with(&reader, Method::GET, "/api/v1/resources", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, _) = app.delete(&format!("/api/v1/api-keys/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -1,0 +1,105 @@
+//! `/api-keys`: API keys scoped to permissions (`resource:read`, `resource:write`, ...), with an
+//! expiry and the last time used, shown once, revocable with immediate effect. Accepted by the
+//! API as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Extension, Router};
+use kakuremichi_proto::Secret;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{allows, invalid, ApiJson, ApiPath, PERMISSIONS};
+use crate::store::{now_ms, ApiKey};
+use crate::{validate, ApiError, AppState};
+
+/// Body of `POST /api-keys`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// Display name.
+    pub name: String,
+    /// Permissions (see [`PERMISSIONS`]); at most those of the key that creates it.
+    pub scopes: Vec<String>,
+    /// Days until it expires (1 to 3650); absent: never.
+    pub expires_in_days: Option<u32>,
+}
+
+/// A new key: its fields and the secret, shown once.
+#[derive(Debug, Serialize)]
+pub struct CreatedKey {
+    /// The key's fields.
+    #[serde(flatten)]
+    pub key: ApiKey,
+    /// The secret: `kmk_<id>_<random>`.
+    pub secret: Secret,
+}
+
+/// The API keys router.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api-keys", get(list).post(create))
+        .route("/api-keys/{id}", delete(revoke))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<ApiKey>,
+    ApiJson(body): ApiJson<CreateKey>,
+) -> Result<(StatusCode, ApiJson<CreatedKey>), ApiError> {
+    let name = validate::name(&body.name).map_err(invalid)?;
+    if body.scopes.is_empty() {
+        return Err(invalid("scopes: give at least one permission".into()));
+    }
+    let mut scopes: Vec<String> = Vec::new();
+    for s in body.scopes {
+        if !PERMISSIONS.contains(&s.as_str()) {
+            return Err(invalid(format!(
+                "scopes: {s:?} is not a permission; known: {}",
+                PERMISSIONS.join(", ")
+            )));
+        }
+        if !allows(caller.scopes.as_deref(), &s) {
+            return Err(ApiError::Forbidden(format!(
+                "a key cannot give more than it has: this key lacks {s}"
+            )));
+        }
+        if !scopes.contains(&s) {
+            scopes.push(s);
+        }
+    }
+    let expires_at = match body.expires_in_days {
+        None => None,
+        Some(d) if (1..=3650).contains(&d) => Some(now_ms() + i64::from(d) * 86_400_000),
+        Some(_) => return Err(invalid("expires_in_days must be from 1 to 3650".into())),
+    };
+    let (key, secret) = state
+        .store
+        .create_api_key(&name, &scopes, expires_at, caller.user_id)
+        .await?;
+    tracing::info!(key_id = %key.id, "API key created");
+    Ok((StatusCode::CREATED, ApiJson(CreatedKey { key, secret })))
+}
+
+async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<ApiKey>>, ApiError> {
+    Ok(ApiJson(state.store.list_api_keys().await?))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    let keys = state.store.list_api_keys().await?;
+    let Some(key) = keys.iter().find(|k| k.id == id) else {
+        return Err(ApiError::NotFound("API key not found".into()));
+    };
+    if key.scopes.is_none() && keys.iter().filter(|k| k.scopes.is_none()).count() == 1 {
+        return Err(ApiError::Conflict(
+            "this is the last admin key: revoking it would lock every admin out".into(),
+        ));
+    }
+    state.store.revoke_api_key(id).await?;
+    tracing::info!(key_id = %id, "API key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
