@@ -49,20 +49,41 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A free TCP port on loopback (bound then released; good enough for tests).
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+/// Ports this process has handed out: a port is bound, released and given to a process that
+/// binds it later, so the kernel may offer the same one again before then (a gateway's metrics
+/// port once came back as control's listen port). No port is handed out twice.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+fn fresh_port(pick: impl Fn() -> u16) -> u16 {
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = pick();
+        if port != 0 && !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
+    0
 }
 
-/// A free UDP port on loopback.
+/// A free TCP port on loopback (bound then released), never one handed out before.
+pub fn free_tcp_port() -> u16 {
+    fresh_port(|| {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    })
+}
+
+/// A free UDP port on loopback, never one handed out before.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    fresh_port(|| {
+        UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    })
 }
 
 /// A child process that is killed when dropped. Its stdout and stderr go to `log`.
