@@ -24,6 +24,10 @@ pub struct CreateKey {
     pub scopes: Vec<String>,
     /// Days until it expires (1 to 3650); absent: never.
     pub expires_in_days: Option<u32>,
+    /// A personal key for this user (needs `user:write` to name another user than the
+    /// caller's own); absent: the caller's user, or an organization service key. A personal key
+    /// holds only what its user's roles give, at every request.
+    pub user_id: Option<Uuid>,
 }
 
 /// A new key: its fields and the secret, shown once.
@@ -74,9 +78,25 @@ async fn create(
         Some(d) if (1..=3650).contains(&d) => Some(now_ms() + i64::from(d) * 86_400_000),
         Some(_) => return Err(invalid("expires_in_days must be from 1 to 3650".into())),
     };
+    let owner = match body.user_id {
+        None => caller.user_id,
+        Some(u) if Some(u) == caller.user_id => Some(u),
+        Some(u) => {
+            if !allows(caller.scopes.as_deref(), "user:write") {
+                return Err(ApiError::Forbidden(
+                    "a key for another user needs the user:write permission".into(),
+                ));
+            }
+            state.store.get_user(u).await.map_err(|e| match e {
+                crate::store::StoreError::NotFound(_) => invalid(format!("user_id: no user {u}")),
+                other => other.into(),
+            })?;
+            Some(u)
+        }
+    };
     let (key, secret) = state
         .store
-        .create_api_key(&name, &scopes, expires_at, caller.user_id)
+        .create_api_key(&name, &scopes, expires_at, owner)
         .await?;
     tracing::info!(key_id = %key.id, "API key created");
     Ok((StatusCode::CREATED, ApiJson(CreatedKey { key, secret })))

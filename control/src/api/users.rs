@@ -110,13 +110,19 @@ pub fn router() -> Router<AppState> {
         .route("/signing-keys/rotate", post(rotate))
 }
 
-fn roles(list: Vec<String>) -> Result<Vec<String>, ApiError> {
+/// Validated role names, each once, each a role that exists (built in or custom).
+async fn roles(state: &AppState, list: Vec<String>) -> Result<Vec<String>, ApiError> {
     if list.len() > 64 {
         return Err(invalid("a user has at most 64 roles".into()));
     }
     let mut out = Vec::with_capacity(list.len());
     for r in list {
         let r = validate::role(&r).map_err(|e| invalid(format!("roles: {e}")))?;
+        if !state.store.role_exists(&r).await? {
+            return Err(invalid(format!(
+                "roles: there is no role {r:?}; see GET /api/v1/roles"
+            )));
+        }
         if !out.contains(&r) {
             out.push(r);
         }
@@ -142,7 +148,7 @@ async fn create(
         Some(n) => validate::name(n).map_err(invalid)?,
         None => email.clone(),
     };
-    let roles = roles(body.roles.unwrap_or_else(|| vec!["member".into()]))?;
+    let roles = roles(&state, body.roles.unwrap_or_else(|| vec!["member".into()])).await?;
     let password_hash = hash(body.password).await?;
     let u = state
         .store
@@ -176,7 +182,10 @@ async fn update(
 ) -> Result<ApiJson<UserView>, ApiError> {
     let patch = UserPatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
-        roles: body.roles.map(roles).transpose()?,
+        roles: match body.roles {
+            Some(r) => Some(roles(&state, r).await?),
+            None => None,
+        },
         disabled: body.disabled,
         password_hash: hash(body.password).await?,
         unlock: body.unlock,

@@ -936,3 +936,148 @@ async fn scoped_api_keys_hold_only_their_permissions_and_revocation_is_immediate
     let (status, _) = app.delete(&format!("/api/v1/api-keys/{id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn roles_are_permission_sets_and_a_personal_key_holds_what_its_user_may_at_each_request() {
+    let app = TestApp::new().await;
+    let with = |key: &str, method: Method, path: &str, body: Option<&str>| {
+        let (app, key, path, body) = (
+            &app,
+            key.to_owned(),
+            path.to_owned(),
+            body.map(str::to_owned),
+        );
+        async move { app.raw(method, &path, body.as_deref(), Some(&key)).await.0 }
+    };
+    // Built-in roles are listed and cannot change.
+    let (_, roles) = app.get("/api/v1/roles").await;
+    let names: Vec<&str> = roles
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["owner", "admin", "member", "viewer"]);
+    let (status, _) = app.delete("/api/v1/roles/admin").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // A custom role from named permissions; unknown permissions and built-in names are refused.
+    let (status, body) = app
+        .post(
+            "/api/v1/roles",
+            json!({"name": "deployer", "permissions": ["resource:write", "nuke:all"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = app
+        .post(
+            "/api/v1/roles",
+            json!({"name": "viewer", "permissions": ["resource:write"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = app
+        .post(
+            "/api/v1/roles",
+            json!({"name": "deployer", "description": "ships resources",
+                   "permissions": ["resource:write", "site:write"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // Users hold only roles that exist.
+    let (status, body) = app
+        .post(
+            "/api/v1/users",
+            json!({"email": "x@example.com", "roles": ["wizard"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, user) = app
+        .post(
+            "/api/v1/users",
+            json!({"email": "dee@example.com", "roles": ["viewer", "deployer"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{user}");
+    let uid = id(&user).to_owned();
+
+    // A personal key for her, asking for more than her roles give: it holds the intersection.
+    let (status, created) = app
+        .post(
+            "/api/v1/api-keys",
+            json!({"name": "dee's laptop", "user_id": uid,
+                   "scopes": ["resource:read", "resource:write", "user:read"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["user_id"], uid.as_str());
+    let key = created["secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        with(&key, Method::GET, "/api/v1/resources", None).await,
+        StatusCode::OK,
+        "viewer gives resource:read"
+    );
+    assert_eq!(
+        with(&key, Method::GET, "/api/v1/users", None).await,
+        StatusCode::FORBIDDEN,
+        "no role of hers gives user:read"
+    );
+    let (_, site) = app.post("/api/v1/sites", json!({"name": "s1"})).await;
+    let make = format!(
+        r#"{{"hostname":"dee.example.com","site_id":"{}","target":"127.0.0.1:80"}}"#,
+        id(&site)
+    );
+    assert_eq!(
+        with(&key, Method::POST, "/api/v1/resources", Some(&make)).await,
+        StatusCode::CREATED,
+        "deployer gives resource:write"
+    );
+    assert_eq!(
+        with(
+            &key,
+            Method::POST,
+            "/api/v1/sites",
+            Some(r#"{"name":"s2"}"#)
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "the key does not hold site:write though her role does"
+    );
+    // The role is in use: it cannot go. Its permissions change at once.
+    let (status, _) = app.delete("/api/v1/roles/deployer").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = app
+        .patch(
+            "/api/v1/roles/deployer",
+            json!({"permissions": ["site:write"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let make2 = make.replace("dee.example.com", "dee2.example.com");
+    assert_eq!(
+        with(&key, Method::POST, "/api/v1/resources", Some(&make2)).await,
+        StatusCode::FORBIDDEN,
+        "the role no longer gives resource:write"
+    );
+    // Taking the role away, then disabling her, take effect at the next request.
+    let (status, _) = app
+        .patch(&format!("/api/v1/users/{uid}"), json!({"roles": []}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        with(&key, Method::GET, "/api/v1/resources", None).await,
+        StatusCode::FORBIDDEN
+    );
+    let (status, _) = app
+        .patch(
+            &format!("/api/v1/users/{uid}"),
+            json!({"roles": ["viewer"], "disabled": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        with(&key, Method::GET, "/api/v1/resources", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, _) = app.delete("/api/v1/roles/deployer").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
