@@ -60,7 +60,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Where to send the browser after sign-in: a protected resource, validated.
-struct Return {
+pub(crate) struct Return {
     /// `scheme://host[:port]`.
     origin: String,
     /// The resource hostname.
@@ -72,9 +72,9 @@ struct Return {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct ReturnQuery {
-    rd: Option<String>,
-    n: Option<String>,
+pub(crate) struct ReturnQuery {
+    pub(crate) rd: Option<String>,
+    pub(crate) n: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +97,7 @@ struct CsrfForm {
     csrf: String,
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -121,12 +121,12 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r.headers_mut().insert(
         "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self' http: https:; frame-ancestors 'none'"),
+        HeaderValue::from_static("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self' http: https:; frame-ancestors 'none'"),
     );
     r
 }
 
-fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
+pub(crate) fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     page(
         status,
         title,
@@ -134,7 +134,7 @@ fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     )
 }
 
-fn secure(state: &AppState) -> &'static str {
+pub(crate) fn secure(state: &AppState) -> &'static str {
     if state.store.public_url().starts_with("https://") {
         "; Secure"
     } else {
@@ -162,14 +162,14 @@ fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderVa
     (t, HeaderValue::from_str(&c).ok())
 }
 
-fn csrf_ok(headers: &HeaderMap, sent: &str) -> bool {
+pub(crate) fn csrf_ok(headers: &HeaderMap, sent: &str) -> bool {
     match cookie_value(headers, CSRF_COOKIE) {
         Some(c) if c.len() == 43 => bool::from(c.as_bytes().ct_eq(sent.as_bytes())),
         _ => false,
     }
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -179,7 +179,10 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Checks where a browser wants to go back to: an http(s) URL on the hostname of a resource
 /// that needs sign-in (never anywhere else: no open redirect), and the nonce hash it carries.
-async fn check_return(state: &AppState, q: &ReturnQuery) -> Result<Option<Return>, String> {
+pub(crate) async fn check_return(
+    state: &AppState,
+    q: &ReturnQuery,
+) -> Result<Option<Return>, String> {
     let (Some(rd), Some(n)) = (q.rd.as_deref(), q.n.as_deref()) else {
         if q.rd.is_some() || q.n.is_some() {
             return Err(
@@ -290,7 +293,10 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
 }
 
 /// The control session this browser holds, if it is live.
-async fn current_session(state: &AppState, headers: &HeaderMap) -> Option<(Session, User)> {
+pub(crate) async fn current_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Option<(Session, User)> {
     let c = cookie_value(headers, CONTROL_COOKIE)?;
     match state.store.session_by_cookie(&Secret::new(c)).await {
         Ok(found) => found,
@@ -328,7 +334,7 @@ fn sign_in_form(csrf: &str, q: &ReturnQuery, email: &str, error: Option<&str>) -
 }
 
 /// Records a sign-in event.
-async fn audit(
+pub(crate) async fn audit(
     state: &AppState,
     peer: &SocketAddr,
     action: &str,
@@ -373,11 +379,41 @@ async fn sign_in_page(
             ),
         };
     }
-    let (csrf, set) = csrf_token(&state, &headers);
+    sign_in_again(&state, &headers, &q, "", StatusCode::OK, None).await
+}
+
+/// The sign-in page (password form, passkey button, single sign-on links), with an error.
+pub(crate) async fn sign_in_refused(
+    state: &AppState,
+    headers: &HeaderMap,
+    q: &ReturnQuery,
+    status: StatusCode,
+    message: &str,
+) -> Response {
+    sign_in_again(state, headers, q, "", status, Some(message)).await
+}
+
+async fn sign_in_again(
+    state: &AppState,
+    headers: &HeaderMap,
+    q: &ReturnQuery,
+    email: &str,
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response {
+    let (csrf, set) = csrf_token(state, headers);
+    let sso = crate::sso::buttons(state, q).await;
+    let passkey = if state.passkeys.is_some() {
+        "<p><button type=\"button\" id=\"passkey-sign-in\">Sign in with a passkey</button> \
+         <span id=\"passkey-status\" role=\"status\"></span></p>\
+         <script src=\"/auth/passkey.js\"></script>"
+    } else {
+        ""
+    };
     let mut r = page(
-        StatusCode::OK,
+        status,
         "Sign in",
-        &sign_in_form(&csrf, &q, "", None),
+        &format!("{}{passkey}{sso}", sign_in_form(&csrf, q, email, error)),
     );
     if let Some(c) = set {
         r.headers_mut().append(SET_COOKIE, c);
@@ -807,7 +843,7 @@ async fn sign_in_totp(
 
 /// Starts a session for a user who proved who they are, sets control's cookie, and sends the
 /// browser on (to the resource it came from, or to a "signed in" page).
-async fn finish(
+pub(crate) async fn finish(
     state: &AppState,
     peer: &SocketAddr,
     headers: &HeaderMap,
@@ -1150,6 +1186,22 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
         return r;
     };
     let (csrf, set) = csrf_token(&state, &headers);
+    let passkeys = if state.passkeys.is_some() {
+        let list = state.store.list_passkeys(user.id).await.unwrap_or_default();
+        let items: String = list
+            .iter()
+            .map(|p| format!("<li>{}</li>", escape(&p.name)))
+            .collect();
+        format!(
+            "<h2>Passkeys</h2><ul>{items}</ul>\
+             <label>Name <input id=\"passkey-name\" value=\"this device\"></label>\
+             <p><button type=\"button\" id=\"add-passkey\">Add a passkey</button> \
+             <span id=\"passkey-status\" role=\"status\"></span></p>\
+             <script src=\"/auth/passkey.js\"></script>"
+        )
+    } else {
+        String::new()
+    };
     let mut r = page(
         StatusCode::OK,
         "Your account",
@@ -1159,7 +1211,7 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
              <form method=\"post\" action=\"/account/sign-out-everywhere\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button type=\"submit\">Sign out everywhere</button></form>\
-             <p><a href=\"/auth/sign-out\">Sign out here</a></p>",
+             <p><a href=\"/auth/sign-out\">Sign out here</a></p>{}",
             escape(&user.name),
             escape(&user.email),
             escape(&user.roles.join(", ")),
@@ -1171,6 +1223,7 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
             escape(&session.amr.join(" + ")),
             ((session.expires_at - now_ms()) / 3_600_000).max(0),
             escape(&csrf),
+            passkeys,
         ),
     );
     if let Some(c) = set {

@@ -24,9 +24,12 @@ pub mod hub;
 pub mod identity;
 pub mod metrics;
 pub mod overlay;
+pub mod passkeys;
+pub mod roles;
 pub mod seal;
 pub mod secrets;
 pub mod serve;
+pub mod sso;
 pub mod store;
 pub mod validate;
 mod web;
@@ -106,6 +109,10 @@ pub struct AppState {
     pub acme: Option<Arc<crate::acme::AcmeSettings>>,
     /// The sign-in rate limit per client address.
     pub sign_in: Arc<crate::identity::SignInLimits>,
+    /// Identity providers' HTTP client and discovery cache.
+    pub sso: Arc<crate::sso::SsoClients>,
+    /// The WebAuthn relying party, when control's public URL allows passkeys.
+    pub passkeys: Option<Arc<webauthn_rs::Webauthn>>,
 }
 
 impl AppState {
@@ -118,6 +125,7 @@ impl AppState {
     /// State around a store with these timers and limits.
     pub fn with_timing(store: Store, timing: HubTiming) -> Self {
         let (shutdown, _) = watch::channel(false);
+        let passkeys = crate::passkeys::relying_party(store.public_url());
         let state = Self {
             store,
             hub: Arc::default(),
@@ -129,6 +137,8 @@ impl AppState {
             shutdown: Arc::new(shutdown),
             acme: None,
             sign_in: Arc::default(),
+            sso: Arc::default(),
+            passkeys,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());
@@ -224,6 +234,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api::router(state.clone()))
         .merge(auth::router())
+        .merge(sso::router())
+        .merge(passkeys::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

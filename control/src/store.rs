@@ -29,6 +29,9 @@ use crate::world::{World, WorldNode};
 
 mod certificates;
 mod identity;
+mod passkeys;
+mod roles;
+mod sso;
 pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
 };
@@ -36,6 +39,9 @@ pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
     API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
+pub use passkeys::PasskeyInfo;
+pub use roles::CustomRole;
+pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
 
 /// The first overlay port given to a resource on its site.
 pub const FIRST_OVERLAY_PORT: u16 = 10000;

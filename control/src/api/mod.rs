@@ -8,7 +8,9 @@ pub mod enroll;
 pub mod gateways;
 pub mod keys;
 pub mod nodes;
+pub mod providers;
 pub mod resources;
+pub mod roles;
 pub mod sites;
 pub mod users;
 
@@ -51,6 +53,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(users::router())
         .merge(audit::router())
         .merge(keys::router())
+        .merge(providers::router())
+        .merge(roles::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .route(ws_path, get(crate::hub::connect))
@@ -75,6 +79,12 @@ pub const PERMISSIONS: &[&str] = &[
     "signing_key:write",
     "audit:read",
     "config:read",
+    "identity_provider:read",
+    "identity_provider:write",
+    "role:read",
+    "role:write",
+    "session:create",
+    "session:access",
 ];
 
 /// The permission a request under `/api/v1` needs (`path` without the prefix).
@@ -90,6 +100,8 @@ pub fn permission(method: &axum::http::Method, path: &str) -> String {
         "signing-keys" => "signing_key",
         "audit" => "audit",
         "config" => "config",
+        "identity-providers" => "identity_provider",
+        "roles" => "role",
         other => other,
     };
     let verb = if matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD) {
@@ -124,29 +136,51 @@ async fn require_admin(
             )
         })?;
     let key = Secret::new(key);
-    let Some(found) = state.store.check_api_key(&key).await? else {
+    let Some(mut found) = state.store.check_api_key(&key).await? else {
         return Err(ApiError::Unauthorized(
             "invalid, expired or revoked API key".into(),
         ));
     };
+    let actor = match (found.scopes.is_none(), found.user_id) {
+        (true, _) => format!("admin-key:{}", found.id),
+        (false, Some(user)) => format!("user:{user} api-key:{}", found.id),
+        (false, None) => format!("api-key:{}", found.id),
+    };
+    // A personal key holds what both it and its user's roles give, as of now.
+    if let Some(user) = found.user_id {
+        let user = match state.store.get_user(user).await {
+            Ok(u) if !u.disabled => u,
+            Ok(_) | Err(crate::store::StoreError::NotFound(_)) => {
+                return Err(ApiError::Unauthorized(
+                    "this API key's user is disabled or deleted".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mine = state.store.permissions_of(&user.roles).await?;
+        found.scopes = Some(match found.scopes.take() {
+            None => mine.into_iter().collect(),
+            Some(s) => s.into_iter().filter(|p| mine.contains(p)).collect(),
+        });
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let needed = permission(&method, &path);
     if !allows(found.scopes.as_deref(), &needed) {
         tracing::warn!(key_id = %found.id, permission = %needed, "API key lacks a permission");
         return Err(ApiError::Forbidden(format!(
-            "this API key does not have the {needed} permission"
+            "this API key does not have the {needed} permission{}",
+            if found.user_id.is_some() {
+                " (a personal key holds only what its user's roles give)"
+            } else {
+                ""
+            }
         )));
     }
     let client = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
-    let actor = if found.scopes.is_none() {
-        format!("admin-key:{}", found.id)
-    } else {
-        format!("api-key:{}", found.id)
-    };
     req.extensions_mut().insert(found);
     let response = next.run(req).await;
     // Every change through the API is audited, with who made it and how it ended.
