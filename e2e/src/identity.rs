@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 use reqwest::header::{ACCEPT, COOKIE, HOST, LOCATION, SET_COOKIE};
 use reqwest::{Method, StatusCode};
 
-use crate::Stack;
+use crate::{wait_for, Stack, DEMO_HOST};
 
 /// An HTTP client that follows no redirects.
 pub fn client() -> reqwest::Client {
@@ -194,6 +194,21 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// GETs `url` and follows redirects (at most 10), as a browser does; returns the last page.
+    pub async fn follow(&mut self, stack: &Stack, url: &str) -> anyhow::Result<Page> {
+        let mut url = url.to_owned();
+        for _ in 0..10 {
+            let page = self.go(stack, Method::GET, &url, None).await?;
+            match (&page.location, page.status.is_redirection()) {
+                (Some(next), true) => url = next.clone(),
+                _ => return Ok(page),
+            }
+        }
+        bail!("more than 10 redirects from {url}")
+    }
+}
+
 /// The value of a hidden form field.
 pub fn hidden(html: &str, name: &str) -> Option<String> {
     let marker = format!("name=\"{name}\" value=\"");
@@ -204,4 +219,25 @@ pub fn hidden(html: &str, name: &str) -> Option<String> {
             .replace("&amp;", "&")
             .replace("&quot;", "\""),
     )
+}
+
+/// Gives the demo resource the access policy `access` and waits until the gateway asks for
+/// sign-in there.
+pub async fn protect_demo(stack: &Stack, access: serde_json::Value) -> anyhow::Result<()> {
+    stack
+        .api
+        .patch(
+            &format!("/api/v1/resources/{}", stack.resource_id),
+            serde_json::json!({ "access": access }),
+        )
+        .await?;
+    wait_for(
+        "the gateway to ask for sign-in",
+        Duration::from_secs(10),
+        || async {
+            let r = stack.get(DEMO_HOST, "/headers").await?;
+            Ok((r.status() == 401).then_some(()))
+        },
+    )
+    .await
 }

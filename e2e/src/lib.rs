@@ -11,6 +11,7 @@ pub mod acme;
 pub mod fleet;
 pub mod identity;
 pub mod netns;
+pub mod sso;
 
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, UdpSocket};

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use kakuremichi_e2e::identity::{client, hidden, Browser, Page};
+use kakuremichi_e2e::identity::{client, hidden, protect_demo, Browser, Page};
 use kakuremichi_e2e::{wait_for, Stack, DEMO_HOST};
 use reqwest::header::{COOKIE, HOST, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
@@ -35,22 +35,7 @@ async fn create_user(stack: &Stack, email: &str, roles: &[&str]) -> anyhow::Resu
 
 /// Protects the demo resource (members only) and waits until the gateway enforces it.
 async fn protect(stack: &Stack) -> anyhow::Result<()> {
-    stack
-        .api
-        .patch(
-            &format!("/api/v1/resources/{}", stack.resource_id),
-            json!({"access": {"roles": ["member"]}}),
-        )
-        .await?;
-    wait_for(
-        "the gateway to ask for sign-in",
-        Duration::from_secs(10),
-        || async {
-            let r = stack.get(DEMO_HOST, "/headers").await?;
-            Ok((r.status() == 401).then_some(()))
-        },
-    )
-    .await
+    protect_demo(stack, json!({"roles": ["member"]})).await
 }
 
 fn demo_url(stack: &Stack, path: &str) -> String {
