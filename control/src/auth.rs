@@ -23,7 +23,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq as _;
 
 use crate::identity::{cookie, mint, LOCKOUT_AFTER, LOCKOUT_FOR};
-use crate::store::{now_ms, AuditEntry, Session, User, SESSION_LIFE_MS};
+use crate::store::{now_ms, AuditEntry, Session, User};
 use crate::{secrets, AppState};
 
 /// Control's own session cookie.
@@ -860,7 +860,7 @@ pub(crate) async fn finish(
     let amr: Vec<String> = amr.iter().map(|s| (*s).to_owned()).collect();
     let (session, cookie) = match state
         .store
-        .create_session(user.id, SESSION_LIFE_MS, &amr)
+        .create_session(user.id, state.store.session_life_ms(), &amr)
         .await
     {
         Ok(s) => s,
@@ -887,7 +887,7 @@ pub(crate) async fn finish(
     let set = format!(
         "{CONTROL_COOKIE}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{}",
         cookie.expose(),
-        SESSION_LIFE_MS / 1000,
+        state.store.session_life_ms() / 1000,
         secure(state)
     );
     let mut r = match ret {
@@ -976,7 +976,11 @@ async fn sign_out(
 
 /// `GET /.well-known/kakuremichi/jwks.json`: the keys that verify session tokens and assertions.
 async fn jwks(State(state): State<AppState>) -> Response {
-    match state.store.published_keys(SESSION_LIFE_MS).await {
+    match state
+        .store
+        .published_keys(state.store.session_life_ms())
+        .await
+    {
         Ok(keys) => {
             let keys: Vec<_> = keys
                 .iter()

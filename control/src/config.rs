@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     /// Sign-in attempts per minute from one client address.
     pub sign_in_per_minute: Option<u32>,
+    /// How long a sign-in lasts (`8h`, `7d`).
+    pub session_life: Option<String>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -264,6 +266,8 @@ pub struct Settings {
     pub public_url: String,
     /// Sign-in attempts per minute from one client address.
     pub sign_in_per_minute: u32,
+    /// How long a sign-in lasts: control's session, and the token every gateway holds.
+    pub session_life: Duration,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -303,6 +307,8 @@ pub struct RawSettings {
     pub public_url: Option<String>,
     /// Sign-in attempts per minute per client address.
     pub sign_in_per_minute: Option<u32>,
+    /// Session life.
+    pub session_life: Option<String>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -325,6 +331,7 @@ impl RawSettings {
             secrets_key_file: self.secrets_key_file.or(file.secrets_key_file),
             public_url: self.public_url.or(file.public_url),
             sign_in_per_minute: self.sign_in_per_minute.or(file.sign_in_per_minute),
+            session_life: self.session_life.or(file.session_life),
             acme: self.acme.over(file.acme),
         }
     }
@@ -423,9 +430,21 @@ impl RawSettings {
             }
             v => v.unwrap_or(DEFAULT_SIGN_IN_PER_MINUTE),
         };
+        let session_life = match self.session_life {
+            None => Duration::from_millis(crate::store::SESSION_LIFE_MS.unsigned_abs()),
+            Some(t) => parse_duration(&t)
+                .filter(|d| *d <= Duration::from_secs(90 * 86_400))
+                .ok_or_else(|| ConfigError::Invalid {
+                    setting: "session life",
+                    message: format!(
+                        "{t:?} is not a duration such as 8h, 7d or 30m (at least 1s, at most 90d)"
+                    ),
+                })?,
+        };
         Ok(Settings {
             public_url,
             sign_in_per_minute,
+            session_life,
             secrets_key_file,
             acme,
             listen,
@@ -541,5 +560,21 @@ mod tests {
         let s = RawSettings::default().over(file).validate().unwrap();
         assert_eq!(s.enrollment_token_ttl, Duration::from_secs(3600));
         assert_eq!(s.max_connections, 50);
+    }
+
+    #[test]
+    fn session_life_defaults_to_a_day_and_stays_within_ninety_days() {
+        let s = RawSettings::default().validate().unwrap();
+        assert_eq!(s.session_life, Duration::from_secs(86_400));
+        let file: FileConfig = toml::from_str("session_life = \"8h\"").unwrap();
+        let s = RawSettings::default().over(file).validate().unwrap();
+        assert_eq!(s.session_life, Duration::from_secs(8 * 3600));
+        for bad in ["91d", "0s", "soon"] {
+            let raw = RawSettings {
+                session_life: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(raw.validate().is_err(), "{bad}");
+        }
     }
 }

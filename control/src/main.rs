@@ -59,6 +59,10 @@ struct Cli {
     /// Sign-in attempts per minute from one client address; more are answered 429. Default 20.
     #[arg(long, env = "KAKUREMICHI_SIGN_IN_PER_MINUTE")]
     sign_in_per_minute: Option<u32>,
+    /// How long a sign-in lasts, at control and at every gateway: 30m, 8h, 7d (at most 90d).
+    /// Default 24h.
+    #[arg(long, env = "KAKUREMICHI_SESSION_LIFE")]
+    session_life: Option<String>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -200,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         secrets_key_file: cli.secrets_key_file,
         public_url: cli.public_url,
         sign_in_per_minute: cli.sign_in_per_minute,
+        session_life: cli.session_life,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -234,7 +239,8 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("cannot open the database")?
     .with_enrollment_token_ttl(settings.enrollment_token_ttl)
-    .with_public_url(&settings.public_url);
+    .with_public_url(&settings.public_url)
+    .with_session_life(settings.session_life);
     let sealer = kakuremichi_control::seal::Sealer::from_file(&settings.secrets_key_file, true)
         .context("cannot set up the secrets key")?;
     let store = store.with_sealer(std::sync::Arc::new(sealer));

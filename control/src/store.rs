@@ -493,6 +493,8 @@ pub struct Store {
     sealer: Option<std::sync::Arc<crate::seal::Sealer>>,
     /// Control's public URL: the issuer of session tokens, and where the sign-in page is.
     public_url: String,
+    /// How long a sign-in lasts (ms).
+    session_life_ms: i64,
 }
 
 /// How long a session (and every token minted from it) lasts.
@@ -566,6 +568,7 @@ impl Store {
             token_ttl: DEFAULT_ENROLLMENT_TOKEN_TTL,
             sealer: None,
             public_url: "http://127.0.0.1:3000".into(),
+            session_life_ms: SESSION_LIFE_MS,
         })
     }
 
@@ -573,6 +576,19 @@ impl Store {
     pub fn with_sealer(mut self, sealer: std::sync::Arc<crate::seal::Sealer>) -> Store {
         self.sealer = Some(sealer);
         self
+    }
+
+    /// The same store, with sign-ins lasting `life` (at least a second).
+    pub fn with_session_life(mut self, life: Duration) -> Store {
+        self.session_life_ms = i64::try_from(life.as_millis())
+            .unwrap_or(SESSION_LIFE_MS)
+            .max(1000);
+        self
+    }
+
+    /// How long a sign-in lasts (ms): control's session and the tokens gateways hold.
+    pub fn session_life_ms(&self) -> i64 {
+        self.session_life_ms
     }
 
     /// The same store, with control reachable by browsers at `url` (no trailing slash).
@@ -1626,7 +1642,7 @@ impl Store {
             .await?;
         attach_targets(&mut resources, &targets)?;
         let (certificates, challenges) = self.load_tls(&mut tx).await?;
-        let mut identity = self.gateway_identity(&mut tx, SESSION_LIFE_MS).await?;
+        let mut identity = self.gateway_identity(&mut tx, self.session_life_ms).await?;
         identity.issuer.clone_from(&self.public_url);
         identity.sign_in_url = format!("{}/auth/sign-in", self.public_url);
         tx.commit().await?;

@@ -718,3 +718,70 @@ async fn first_run_set_up_creates_the_owner_once_with_the_admin_key() {
         "the admin key appears in a log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_refused_at_the_gateway_with_a_clear_answer() {
+    let mut opts = kakuremichi_e2e::StackOptions::loopback();
+    opts.control_args = vec!["--session-life".into(), "2s".into()];
+    let stack = Stack::start_with(opts).await.expect("stack");
+    create_user(&stack, ANN, &["member"]).await.unwrap();
+    protect(&stack).await.unwrap();
+    let mut browser = Browser::new();
+    let page = browser
+        .sign_in(&stack, &demo_url(&stack, "/headers"), ANN, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let token = browser
+        .cookie(DEMO_HOST, "kakuremichi_session")
+        .unwrap()
+        .clone();
+    let claims = verify_assertion(&stack, &token).await.unwrap();
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert!(exp - iat <= 3, "the session life is not 2 s: {claims}");
+    // Past the expiry and the gateway's 30 s allowance for clock skew: refused, with why.
+    let wait = u64::try_from(exp + 31 - iat).unwrap();
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let refused = browser
+        .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status,
+        StatusCode::FOUND,
+        "a browser is sent to sign in again"
+    );
+    let nonce = browser
+        .cookie(DEMO_HOST, "kakuremichi_nonce")
+        .cloned()
+        .unwrap_or_default();
+    let r = client()
+        .get(format!(
+            "http://{}/headers",
+            stack.opts.gateway_http_for_test
+        ))
+        .header(HOST, DEMO_HOST)
+        .header(
+            COOKIE,
+            format!("kakuremichi_session={token}; kakuremichi_nonce={nonce}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()[WWW_AUTHENTICATE].to_str().unwrap().to_owned();
+    assert!(
+        challenge.contains("invalid_token") && challenge.contains("expired"),
+        "{challenge}"
+    );
+    assert!(
+        stack
+            .logs_full()
+            .lines()
+            .any(|l| l.contains("session token refused") && l.contains("expired")),
+        "the refusal is not logged"
+    );
+}

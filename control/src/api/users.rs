@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{invalid, valid_opt, ApiJson, ApiPath};
-use crate::store::{NewUser, User, UserPatch, SESSION_LIFE_MS};
+use crate::store::{NewUser, User, UserPatch};
 use crate::{secrets, validate, ApiError, AppState};
 
 /// Body of `POST /users`.
@@ -214,7 +214,10 @@ async fn sign_out_everywhere(
 }
 
 async fn keys(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, ApiError> {
-    let keys = state.store.published_keys(SESSION_LIFE_MS).await?;
+    let keys = state
+        .store
+        .published_keys(state.store.session_life_ms())
+        .await?;
     Ok(ApiJson(
         keys.into_iter()
             .map(|k| KeyView {
