@@ -581,6 +581,7 @@ impl Agent {
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
             targets,
+            refusals: Vec::new(),
         }
     }
 

@@ -35,6 +35,9 @@ use crate::serve::ConnectionSlot;
 use crate::store::{now_ms, StoreError};
 use crate::{ApiError, AppState, MAX_BODY_BYTES};
 
+/// Refusals a gateway's status report may add to the audit log at most.
+const MAX_REFUSALS_PER_REPORT: usize = 300;
+
 /// Close code for refused sessions (policy violation).
 const CLOSE_POLICY: u16 = 1008;
 /// Close code when control shuts down.
@@ -583,12 +586,39 @@ async fn handle(
             tracing::debug!(version, "node applied config");
             state.activity.applied(kind, id, version, now);
         }
-        NodeMessage::Status(report) => match serde_json::to_string(&report) {
-            Ok(json) => state
-                .activity
-                .status(kind, id, json, report.applied_version, now),
-            Err(e) => tracing::warn!(error = %e, "cannot encode a status report"),
-        },
+        NodeMessage::Status(mut report) => {
+            // A gateway's refusals go to the audit log, not into the stored status.
+            let refusals = std::mem::take(&mut report.refusals);
+            if kind == NodeKind::Gateway {
+                for r in refusals.into_iter().take(MAX_REFUSALS_PER_REPORT) {
+                    let detail = match &r.user {
+                        Some(u) => format!("{u}: {}", r.reason),
+                        None => r.reason.clone(),
+                    };
+                    state
+                        .audit(crate::store::AuditEntry {
+                            at: r.at_ms,
+                            actor: format!("gateway:{id}"),
+                            action: "access".into(),
+                            target: Some(r.host),
+                            outcome: if r.count > 1 {
+                                format!("denied x{}", r.count)
+                            } else {
+                                "denied".into()
+                            },
+                            client: r.client,
+                            detail: Some(detail),
+                        })
+                        .await;
+                }
+            }
+            match serde_json::to_string(&report) {
+                Ok(json) => state
+                    .activity
+                    .status(kind, id, json, report.applied_version, now),
+                Err(e) => tracing::warn!(error = %e, "cannot encode a status report"),
+            }
+        }
         NodeMessage::Ping { nonce } => {
             state.activity.seen(kind, id, now);
             return send(socket, &ControlMessage::Pong { nonce }).await;

@@ -1136,6 +1136,7 @@ async fn session(
                 applied_version: applied.unwrap_or(0),
                 peers: Vec::new(),
                 targets: Vec::new(),
+                refusals: Vec::new(),
             })),
             _ = ping_tick.tick() => {
                 nonce = nonce.wrapping_add(1);

@@ -192,6 +192,34 @@ async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes
         let challenge = r.headers()[WWW_AUTHENTICATE].to_str().unwrap().to_owned();
         assert!(challenge.contains("invalid_token"), "{what}: {challenge}");
     }
+    // The gateway's refusals reach control's audit log with its next status report.
+    let audited = wait_for(
+        "the gateway's refusals in the audit log",
+        Duration::from_secs(15),
+        || async {
+            let a = stack.api.get("/api/v1/audit?action=access").await?;
+            let found: Vec<Value> = a
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| {
+                    e["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("session token refused"))
+                })
+                .collect();
+            Ok((found.len() >= 2).then_some(found))
+        },
+    )
+    .await
+    .unwrap();
+    for e in &audited {
+        assert_eq!(e["target"], DEMO_HOST, "{e}");
+        assert!(e["actor"].as_str().unwrap().starts_with("gateway:"), "{e}");
+        assert!(e["outcome"].as_str().unwrap().starts_with("denied"), "{e}");
+        assert_eq!(e["client"], "127.0.0.1", "{e}");
+    }
 
     // A token for demo.localhost presented to another protected hostname: wrong audience.
     let (status, body) = stack

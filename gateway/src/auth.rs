@@ -341,6 +341,103 @@ fn add_identity_headers(
     }
 }
 
+/// Marks a refusal worth auditing on the answer (read by the proxy, which knows the client).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// The user's e-mail address, when a valid token named one.
+    pub user: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+fn mark(mut r: AuthResponse, user: Option<&str>, reason: String) -> AuthResponse {
+    r.extensions_mut().insert(Refused {
+        user: user.map(str::to_owned),
+        reason,
+    });
+    r
+}
+
+/// Distinct refusals kept between two status reports; more are only counted.
+const MAX_REFUSALS: usize = 256;
+
+/// Refusals since the last status report, counted by host, client, user and reason, for
+/// control's audit log. Bounded: past [`MAX_REFUSALS`] distinct ones, the rest are counted.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    book: std::sync::Mutex<RefusalBook>,
+}
+
+type RefusalKey = (String, Option<std::net::IpAddr>, Option<String>, String);
+
+#[derive(Debug, Default)]
+struct RefusalBook {
+    by: HashMap<RefusalKey, (i64, u32)>,
+    dropped: u32,
+    first_dropped_ms: i64,
+}
+
+impl Refusals {
+    /// Counts one refusal.
+    pub fn record(
+        &self,
+        host: &str,
+        client: Option<std::net::IpAddr>,
+        refused: &Refused,
+        now_ms: i64,
+    ) {
+        let mut b = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (
+            host.to_owned(),
+            client,
+            refused.user.clone(),
+            refused.reason.clone(),
+        );
+        if let Some((_, n)) = b.by.get_mut(&key) {
+            *n = n.saturating_add(1);
+        } else if b.by.len() < MAX_REFUSALS {
+            b.by.insert(key, (now_ms, 1));
+        } else {
+            if b.dropped == 0 {
+                b.first_dropped_ms = now_ms;
+            }
+            b.dropped = b.dropped.saturating_add(1);
+        }
+    }
+
+    /// Everything counted since the last call, oldest first.
+    pub fn take(&self) -> Vec<kakuremichi_proto::AccessRefusal> {
+        let b = std::mem::take(&mut *self.book.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out: Vec<_> =
+            b.by.into_iter()
+                .map(|((host, client, user, reason), (at_ms, count))| {
+                    kakuremichi_proto::AccessRefusal {
+                        at_ms,
+                        host,
+                        client: client.map(|c| c.to_string()),
+                        user,
+                        reason,
+                        count,
+                    }
+                })
+                .collect();
+        if b.dropped > 0 {
+            out.push(kakuremichi_proto::AccessRefusal {
+                at_ms: b.first_dropped_ms,
+                host: "*".into(),
+                client: None,
+                user: None,
+                reason: format!(
+                    "more than {MAX_REFUSALS} distinct refusals: the rest counted only"
+                ),
+                count: b.dropped,
+            });
+        }
+        out.sort_by_key(|r| r.at_ms);
+        out
+    }
+}
+
 /// A gateway answer of its own (sign-in redirect, 401, 403, callback, JWKS).
 pub type AuthResponse = Box<Response<Bytes>>;
 
@@ -453,16 +550,20 @@ pub fn check(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(host = ask.host, reason = %e, "session token refused");
-            return Err(sign_in_needed(identity, headers, ask, Some(e)));
+            let reason = format!("session token refused: {e}");
+            return Err(mark(
+                sign_in_needed(identity, headers, ask, Some(e)),
+                None,
+                reason,
+            ));
         }
     };
     if !nonce_matches(cookie(headers, NONCE_COOKIE), &claims) {
         tracing::warn!(host = ask.host, user_id = %claims.sub, reason = %TokenError::Nonce, "session token refused");
-        return Err(sign_in_needed(
-            identity,
-            headers,
-            ask,
-            Some(TokenError::Nonce),
+        return Err(mark(
+            sign_in_needed(identity, headers, ask, Some(TokenError::Nonce)),
+            Some(&claims.email),
+            format!("session token refused: {}", TokenError::Nonce),
         ));
     }
     if !policy.allows(&claims.email, &claims.roles) {
@@ -471,7 +572,7 @@ pub fn check(
             "{} is signed in, but is not allowed to use {}. Ask an administrator for access.",
             claims.email, ask.host
         );
-        return Err(if wants_html(headers) {
+        let r = if wants_html(headers) {
             html(
                 StatusCode::FORBIDDEN,
                 "403 Forbidden",
@@ -482,7 +583,12 @@ pub fn check(
             )
         } else {
             text(StatusCode::FORBIDDEN, format!("{message}\n"))
-        });
+        };
+        return Err(mark(
+            r,
+            Some(&claims.email),
+            "not allowed by the resource's policy".into(),
+        ));
     }
     strip_own_cookies(headers);
     add_identity_headers(headers, policy.identity_headers, &claims, &token);
@@ -645,7 +751,8 @@ fn callback(
     let rd = local_path(query_param(query, "rd").as_deref());
     let failed = |why: TokenError| {
         tracing::warn!(host = ask.host, reason = %why, "sign-in callback refused");
-        html(
+        let reason = format!("sign-in grant refused: {why}");
+        let r = html(
             StatusCode::BAD_REQUEST,
             "Sign-in did not complete",
             &format!(
@@ -655,7 +762,8 @@ fn callback(
                 html_escape(&why.to_string()),
                 html_escape(&rd)
             ),
-        )
+        );
+        mark(r, None, reason)
     };
     let Some(token) = query_param(query, "token") else {
         return failed(TokenError::Malformed);
@@ -1118,5 +1226,40 @@ mod tests {
         );
         // Other paths are not the gateway's.
         assert!(endpoint(Some(&id), &cache, &h, &ask(&get, "/app", true), None).is_none());
+    }
+
+    #[test]
+    fn refusals_are_counted_by_host_client_user_and_reason_and_bounded() {
+        let book = Refusals::default();
+        let ip = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        let bad = Refused {
+            user: None,
+            reason: "session token refused: bad signature".into(),
+        };
+        book.record("app.localhost", ip, &bad, 1000);
+        book.record("app.localhost", ip, &bad, 2000);
+        let other = Refused {
+            user: Some("bob@example.com".into()),
+            reason: "not allowed by the resource's policy".into(),
+        };
+        book.record("app.localhost", ip, &other, 1500);
+        let taken = book.take();
+        assert_eq!(taken.len(), 2);
+        assert_eq!((taken[0].count, taken[0].at_ms), (2, 1000));
+        assert_eq!(taken[1].user.as_deref(), Some("bob@example.com"));
+        assert!(book.take().is_empty(), "taken once");
+        for i in 0..(MAX_REFUSALS + 10) {
+            let r = Refused {
+                user: None,
+                reason: format!("r{i}"),
+            };
+            book.record("app.localhost", ip, &r, 5000);
+        }
+        let taken = book.take();
+        assert_eq!(taken.len(), MAX_REFUSALS + 1);
+        assert_eq!(
+            taken.last().map(|r| (r.host.as_str(), r.count)),
+            Some(("*", 10))
+        );
     }
 }

@@ -296,6 +296,7 @@ impl Gateway {
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
             targets: Vec::new(),
+            refusals: self.inner.proxy.refusals().take(),
         }
     }
 

@@ -372,6 +372,7 @@ pub struct Proxy {
     idle: Arc<IdleStreams>,
     identity: RwLock<Option<Arc<EdgeIdentity>>>,
     tokens: TokenCache,
+    refusals: auth::Refusals,
     control_up: AtomicBool,
 }
 
@@ -405,6 +406,7 @@ impl Proxy {
             idle: Arc::default(),
             identity: RwLock::new(None),
             tokens: TokenCache::default(),
+            refusals: auth::Refusals::default(),
             control_up: AtomicBool::new(false),
         }
     }
@@ -436,6 +438,7 @@ impl Proxy {
         host: &str,
         proto: &'static str,
         target: &RouteTarget,
+        client: SocketAddr,
     ) -> Result<(), Response<ProxyBody>> {
         auth::strip_identity_headers(req.headers_mut());
         let path = req.uri().path();
@@ -487,6 +490,7 @@ impl Proxy {
                 &ask,
                 form.as_deref(),
             ) {
+                self.note_refusal(&r, host, client, ask.now);
                 return Err(
                     (*r).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync())
                 );
@@ -503,7 +507,23 @@ impl Proxy {
             &ask,
         )
         .map(|_| ())
-        .map_err(|r| (*r).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync()))
+        .map_err(|r| {
+            self.note_refusal(&r, host, client, ask.now);
+            (*r).map(|b| Full::new(b).map_err(|never| match never {}).boxed_unsync())
+        })
+    }
+
+    /// Counts a refusal marked on an answer, for control's audit log.
+    fn note_refusal(&self, r: &auth::AuthResponse, host: &str, client: SocketAddr, now_secs: i64) {
+        if let Some(refused) = r.extensions().get::<auth::Refused>() {
+            self.refusals
+                .record(host, Some(client.ip()), refused, now_secs * 1000);
+        }
+    }
+
+    /// Refusals since the last status report.
+    pub fn refusals(&self) -> &auth::Refusals {
+        &self.refusals
     }
 
     /// Closes the kept upstream connections that are idle too long or closed by their agent.
@@ -624,7 +644,10 @@ impl Proxy {
                         }
                     }
                     let mut req = req;
-                    if let Err(r) = self.authorize(&mut req, &host, proto, &target).await {
+                    if let Err(r) = self
+                        .authorize(&mut req, &host, proto, &target, client)
+                        .await
+                    {
                         counters.record(r.status().as_u16(), started.elapsed());
                         self.metrics.record_request(r.status().as_u16());
                         return r;

@@ -33,6 +33,7 @@ impl NodeHooks for Hooks {
             applied_version: 0,
             peers: vec![],
             targets: vec![],
+            refusals: vec![],
         }
     }
 }

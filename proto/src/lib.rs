@@ -603,6 +603,28 @@ pub struct StatusReport {
     /// Agent only: whether each target accepted a connection recently.
     #[serde(default)]
     pub targets: Vec<TargetStatus>,
+    /// Gateway only: requests refused access since the last report, for control's audit log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<AccessRefusal>,
+}
+
+/// Requests a gateway refused access (a refused token, a user the policy does not allow, a
+/// refused sign-in grant), counted by host, client, user and reason between two status reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRefusal {
+    /// The first of them (unix ms).
+    pub at_ms: i64,
+    /// The resource hostname.
+    pub host: String,
+    /// The client's address.
+    pub client: Option<String>,
+    /// The user's e-mail address, when a valid token named one.
+    pub user: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// How many.
+    pub count: u32,
 }
 
 /// Status of one WireGuard peer.
@@ -911,6 +933,7 @@ mod tests {
                     reachable: false,
                     error: Some("connection refused".into()),
                 }],
+                refusals: vec![],
             }),
             json!({
                 "type": "status",

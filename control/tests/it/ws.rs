@@ -307,6 +307,7 @@ async fn applied_and_status_are_visible_through_get() {
                 rx_bytes: 20,
             }],
             targets: vec![],
+            refusals: vec![],
         }),
     )
     .await;
