@@ -93,7 +93,171 @@ on_both_backends!(
     limits_and_proxy_protocol_are_stored_and_pushed,
     acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
     users_sessions_keys_and_revocations_reach_gateways,
+    sso_links_roles_and_passkey_challenges,
 );
+
+async fn sso_links_roles_and_passkey_challenges(store: Store) {
+    use kakuremichi_control::store::{
+        CustomRole, ExternalAccount, NewIdentityProvider, NewUser, ProviderKind,
+    };
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [5; 32],
+    )));
+    // A provider: the secret is sealed, read back only by name.
+    let p = store
+        .create_identity_provider(&NewIdentityProvider {
+            name: "corp".into(),
+            kind: ProviderKind::Oidc,
+            display_name: "Corp".into(),
+            issuer: "https://id.example.com".into(),
+            client_id: "c".into(),
+            client_secret: Secret::new("s3cret"),
+            scopes: vec!["openid".into()],
+            role_claim: Some("groups".into()),
+            role_map: [("eng".to_owned(), vec!["member".to_owned()])].into(),
+            default_roles: vec![],
+            auto_provision: true,
+        })
+        .await
+        .unwrap();
+    let (_, secret) = store
+        .identity_provider_by_name("corp")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(secret.expose(), "s3cret");
+    assert!(matches!(
+        store
+            .create_identity_provider(&NewIdentityProvider {
+                name: "corp".into(),
+                kind: ProviderKind::Github,
+                display_name: "x".into(),
+                issuer: "https://github.com".into(),
+                client_id: "c".into(),
+                client_secret: Secret::new("s"),
+                scopes: vec![],
+                role_claim: None,
+                role_map: Default::default(),
+                default_roles: vec![],
+                auto_provision: true,
+            })
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    // First sign-in provisions with the mapped roles; the next finds the user by subject.
+    let account = |email: &str, verified: bool, roles: &[&str]| ExternalAccount {
+        subject: "sub-1".into(),
+        email: email.into(),
+        email_verified: verified,
+        name: "Ann".into(),
+        mapped_roles: Some(roles.iter().map(|r| (*r).to_owned()).collect()),
+    };
+    let ann = store
+        .sso_user(&p, &account("ann@example.com", true, &["member"]))
+        .await
+        .unwrap();
+    assert_eq!(ann.roles, ["member"]);
+    let again = store
+        .sso_user(&p, &account("renamed@example.com", false, &[]))
+        .await
+        .unwrap();
+    assert_eq!(again.id, ann.id, "found by subject, not e-mail");
+    assert!(again.roles.is_empty(), "roles follow the provider");
+    // An unverified address never links to an existing user.
+    store
+        .create_user(&NewUser {
+            email: "bob@example.com".into(),
+            name: "Bob".into(),
+            password_hash: None,
+            roles: vec!["admin".into()],
+        })
+        .await
+        .unwrap();
+    let mut bob = account("bob@example.com", false, &[]);
+    bob.subject = "sub-2".into();
+    assert!(matches!(
+        store.sso_user(&p, &bob).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // Roles: permissions are the union; a role in use cannot go.
+    store
+        .create_role(&CustomRole {
+            name: "deployer".into(),
+            description: String::new(),
+            permissions: vec!["resource:write".into()],
+            created_at: 0,
+        })
+        .await
+        .unwrap();
+    let perms = store
+        .permissions_of(&["viewer".into(), "deployer".into(), "nobody".into()])
+        .await
+        .unwrap();
+    assert!(perms.contains("resource:read") && perms.contains("resource:write"));
+    assert!(!perms.contains("site:write"));
+    assert!(store.role_exists("deployer").await.unwrap());
+    assert!(!store.role_exists("nobody").await.unwrap());
+    store
+        .update_user(
+            ann.id,
+            &kakuremichi_control::store::UserPatch {
+                roles: Some(vec!["deployer".into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.delete_role("deployer").await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    // Passkey ceremonies are taken once, by kind, before they expire.
+    let id = store
+        .put_challenge(ann.id, "authenticate", "{}", 60_000)
+        .await
+        .unwrap();
+    assert!(store
+        .take_challenge(id, "register")
+        .await
+        .unwrap()
+        .is_none());
+    let id = store
+        .put_challenge(ann.id, "authenticate", "{\"x\":1}", 60_000)
+        .await
+        .unwrap();
+    let (user, state) = store
+        .take_challenge(id, "authenticate")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((user, state.as_str()), (ann.id, "{\"x\":1}"));
+    assert!(store
+        .take_challenge(id, "authenticate")
+        .await
+        .unwrap()
+        .is_none());
+    let old = store
+        .put_challenge(ann.id, "authenticate", "{}", -1)
+        .await
+        .unwrap();
+    assert!(store
+        .take_challenge(old, "authenticate")
+        .await
+        .unwrap()
+        .is_none());
+    // A credential belongs to one user.
+    store
+        .add_passkey(ann.id, "laptop", "cred-1", "{}")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.add_passkey(ann.id, "again", "cred-1", "{}").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.list_passkeys(ann.id).await.unwrap().len(), 1);
+}
 
 async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
     use kakuremichi_control::store::{NewUser, UserPatch, SESSION_LIFE_MS};
