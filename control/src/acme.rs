@@ -125,13 +125,21 @@ async fn ensure_resource_certificates(
         .filter(|r| r.protocol == RouteProtocol::Http)
         .map(|r| r.hostname.as_str())
         .collect();
-    for host in &hosts {
-        if certificates.iter().any(|c| certs::covers(&c.names, host)) {
+    for r in resources
+        .iter()
+        .filter(|r| r.protocol == RouteProtocol::Http)
+    {
+        let host = r.hostname.as_str();
+        // Only the resource's own organization's certificates count.
+        if certificates
+            .iter()
+            .any(|c| c.org_id == r.org_id && certs::covers(&c.names, host))
+        {
             continue;
         }
         let c = state
             .store
-            .create_acme_certificate(&[(*host).to_owned()], challenge, true)
+            .create_acme_certificate(r.org_id, &[host.to_owned()], challenge, true)
             .await?;
         tracing::info!(certificate_id = %c.id, %host, "ordering a certificate for a resource");
     }

@@ -69,6 +69,8 @@ pub(crate) struct Return {
     path: String,
     /// The nonce hash the token is bound to.
     nonce: String,
+    /// The organization the resource belongs to.
+    org: uuid::Uuid,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,7 +107,7 @@ pub(crate) fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-fn page(status: StatusCode, title: &str, body: &str) -> Response {
+pub(crate) fn page(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
@@ -150,13 +152,13 @@ fn random_token() -> String {
 }
 
 /// The CSRF token of this browser, and the cookie to set when it has none yet.
-fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+pub(crate) fn csrf_token(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
     if let Some(t) = cookie_value(headers, CSRF_COOKIE).filter(|t| t.len() == 43) {
         return (t.to_owned(), None);
     }
     let t = random_token();
     let c = format!(
-        "{CSRF_COOKIE}={t}; Path=/auth; HttpOnly; SameSite=Strict{}",
+        "{CSRF_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict{}",
         secure(state)
     );
     (t, HeaderValue::from_str(&c).ok())
@@ -208,15 +210,16 @@ pub(crate) async fn check_return(
         tracing::error!(error = %e, "cannot read resources for a sign-in");
         "sign-in is unavailable right now; try again shortly".to_owned()
     })?;
-    if !world
+    let Some(org) = world
         .resources
         .iter()
-        .any(|r| r.hostname == host && r.access.is_some())
-    {
+        .find(|r| r.hostname == host && r.access.is_some())
+        .map(|r| r.org_id)
+    else {
         return Err(format!(
             "{host} is not a site that needs sign-in here: go back to the site and try again"
         ));
-    }
+    };
     let origin = match url.port() {
         Some(p) => format!("{}://{host}:{p}", url.scheme()),
         None => format!("{}://{host}", url.scheme()),
@@ -234,11 +237,77 @@ pub(crate) async fn check_return(
         host,
         path,
         nonce: n.to_owned(),
+        org,
     }))
+}
+
+/// Whether the session may be granted a token for `ret`'s organization, and the user's roles
+/// there: the user must be a member; a session begun through another organization's own
+/// identity provider vouches only for that one; an organization may require a second factor.
+async fn roles_for(
+    state: &AppState,
+    session: &Session,
+    user: &User,
+    ret: &Return,
+) -> Result<Vec<String>, Response> {
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "cannot read an organization for a sign-in");
+        error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in failed",
+            "sign-in is unavailable right now; try again shortly",
+        )
+    };
+    let refuse = |why: &str, msg: String| {
+        tracing::info!(user_id = %user.id, host = %ret.host, reason = why, "no grant for a resource");
+        error_page(StatusCode::FORBIDDEN, "Access denied", &msg)
+    };
+    let roles = match state.store.member_roles(ret.org, user.id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(refuse(
+                "not a member",
+                format!(
+                    "You are signed in as {}, who is not a member of the organization that runs \
+                     {}. Ask its administrator for access.",
+                    user.email, ret.host
+                ),
+            ))
+        }
+        Err(e) => return Err(unavailable(e)),
+    };
+    if session.org_id.is_some_and(|o| o != ret.org) {
+        return Err(refuse(
+            "provider of another organization",
+            format!(
+                "You signed in through another organization's identity provider, which vouches \
+                 for you only there. To reach {}, sign out and sign in with your password, a \
+                 passkey, or a provider of its organization.",
+                ret.host
+            ),
+        ));
+    }
+    let org = state.store.get_org(ret.org).await.map_err(unavailable)?;
+    let second = session.amr.iter().any(|m| m == "otp" || m == "passkey");
+    if org.require_second_factor && !second {
+        return Err(refuse(
+            "second factor required",
+            format!(
+                "{} requires a second factor. Sign out, then sign in with a passkey or with \
+                 your password and an authenticator code (set them up on your account page).",
+                ret.host
+            ),
+        ));
+    }
+    Ok(roles)
 }
 
 /// The redirect to the gateway's callback with a token for `ret`.
 async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -> Response {
+    let roles = match roles_for(state, session, user, ret).await {
+        Ok(r) => r,
+        Err(page) => return page,
+    };
     let signer = match state.store.signer().await {
         Ok(s) => s,
         Err(e) => {
@@ -260,7 +329,7 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
         sid: session.id.to_string(),
         email: user.email.clone(),
         name: user.name.clone(),
-        roles: user.roles.clone(),
+        roles,
         nonce: ret.nonce.clone(),
         amr: session.amr.clone(),
     };
@@ -352,6 +421,7 @@ pub(crate) async fn audit(
             outcome: outcome.to_owned(),
             client: Some(peer.ip().to_string()),
             detail: detail.map(str::to_owned),
+            org_id: None,
         })
         .await;
 }
@@ -633,7 +703,7 @@ async fn sign_in(
             );
         }
     }
-    finish(&state, &peer, &headers, &user, &["pwd"], ret).await
+    finish(&state, &peer, &headers, &user, &["pwd"], None, ret).await
 }
 
 /// How long the second step of a sign-in may take.
@@ -675,7 +745,7 @@ struct Pending {
 }
 
 /// The step of a TOTP code that matches `code` within one step of `now` (unix seconds).
-fn totp_step(secret: &[u8], code: &str, now: u64) -> Option<i64> {
+pub(crate) fn totp_step(secret: &[u8], code: &str, now: u64) -> Option<i64> {
     let totp = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, secret.to_vec()).ok()?;
     let code = code.trim();
     let step = now / 30;
@@ -838,7 +908,7 @@ async fn sign_in_totp(
         Ok(r) => r,
         Err(m) => return error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m),
     };
-    finish(&state, &peer, &headers, &user, &["pwd", "otp"], ret).await
+    finish(&state, &peer, &headers, &user, &["pwd", "otp"], None, ret).await
 }
 
 /// Starts a session for a user who proved who they are, sets control's cookie, and sends the
@@ -849,6 +919,7 @@ pub(crate) async fn finish(
     headers: &HeaderMap,
     user: &User,
     amr: &[&str],
+    scope: Option<uuid::Uuid>,
     ret: Option<Return>,
 ) -> Response {
     // A new session at every sign-in; the one this browser had, if any, ends.
@@ -860,7 +931,7 @@ pub(crate) async fn finish(
     let amr: Vec<String> = amr.iter().map(|s| (*s).to_owned()).collect();
     let (session, cookie) = match state
         .store
-        .create_session(user.id, state.store.session_life_ms(), &amr)
+        .create_session(user.id, state.store.session_life_ms(), &amr, scope)
         .await
     {
         Ok(s) => s,
@@ -1178,7 +1249,7 @@ async fn setup(
         None,
     )
     .await;
-    finish(&state, &peer, &headers, &owner, &["pwd"], None).await
+    finish(&state, &peer, &headers, &owner, &["pwd"], None, None).await
 }
 
 /// `GET /account`: who is signed in here, how, and a button that ends every session.
@@ -1190,6 +1261,25 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
         return r;
     };
     let (csrf, set) = csrf_token(&state, &headers);
+    let orgs: String = state
+        .store
+        .memberships_of(user.id)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|(o, roles)| {
+            format!(
+                "<li>{}: {}{}</li>",
+                escape(&o.name),
+                escape(&roles.join(", ")),
+                if o.require_second_factor {
+                    " (requires a second factor)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
     let passkeys = if state.passkeys.is_some() {
         let list = state.store.list_passkeys(user.id).await.unwrap_or_default();
         let items: String = list
@@ -1197,7 +1287,7 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
             .map(|p| format!("<li>{}</li>", escape(&p.name)))
             .collect();
         format!(
-            "<h2>Passkeys</h2><ul>{items}</ul>\
+            "<h2>Passkeys</h2><ul id=\"passkeys\">{items}</ul>\
              <label>Name <input id=\"passkey-name\" value=\"this device\"></label>\
              <p><button type=\"button\" id=\"add-passkey\">Add a passkey</button> \
              <span id=\"passkey-status\" role=\"status\"></span></p>\
@@ -1210,15 +1300,15 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
         StatusCode::OK,
         "Your account",
         &format!(
-            "<p>{} ({})</p><p>Roles: {}</p><p>Second factor: {}</p>\
+            "<p>{} ({})</p><h2>Organizations and roles</h2><ul>{}</ul><p>Second factor: {}</p>\
              <p>This session: signed in with {}, ends in {} h.</p>\
              <form method=\"post\" action=\"/account/sign-out-everywhere\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button type=\"submit\">Sign out everywhere</button></form>\
-             <p><a href=\"/auth/sign-out\">Sign out here</a></p>{}",
+             <p><a href=\"/auth/sign-out\">Sign out here</a></p>{}{}",
             escape(&user.name),
             escape(&user.email),
-            escape(&user.roles.join(", ")),
+            orgs,
             if user.has_totp {
                 "authenticator app (TOTP)"
             } else {
@@ -1227,6 +1317,7 @@ async fn account_page(State(state): State<AppState>, headers: HeaderMap) -> Resp
             escape(&session.amr.join(" + ")),
             ((session.expires_at - now_ms()) / 3_600_000).max(0),
             escape(&csrf),
+            crate::totp::enrol_button(&user, &csrf),
             passkeys,
         ),
     );

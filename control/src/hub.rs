@@ -589,14 +589,27 @@ async fn handle(
         NodeMessage::Status(mut report) => {
             // A gateway's refusals go to the audit log, not into the stored status.
             let refusals = std::mem::take(&mut report.refusals);
-            if kind == NodeKind::Gateway {
+            if kind == NodeKind::Gateway && !refusals.is_empty() {
+                // Each line goes to the organization of the resource refused (a shared gateway
+                // serves several), else the gateway's own.
+                let world = state.world().await.ok();
+                let org_of = |host: &str| {
+                    let w = world.as_ref()?;
+                    w.resources
+                        .iter()
+                        .find(|res| res.hostname == host)
+                        .map(|res| res.org_id)
+                        .or_else(|| w.node(NodeKind::Gateway, id).map(|g| g.org_id))
+                };
                 for r in refusals.into_iter().take(MAX_REFUSALS_PER_REPORT) {
                     let detail = match &r.user {
                         Some(u) => format!("{u}: {}", r.reason),
                         None => r.reason.clone(),
                     };
+                    let org_id = org_of(&r.host);
                     state
                         .audit(crate::store::AuditEntry {
+                            org_id,
                             at: r.at_ms,
                             actor: format!("gateway:{id}"),
                             action: "access".into(),

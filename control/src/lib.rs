@@ -31,6 +31,7 @@ pub mod secrets;
 pub mod serve;
 pub mod sso;
 pub mod store;
+pub mod totp;
 pub mod validate;
 mod web;
 pub mod world;
@@ -236,6 +237,7 @@ pub fn app(state: AppState) -> Router {
         .merge(auth::router())
         .merge(sso::router())
         .merge(passkeys::router())
+        .merge(totp::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

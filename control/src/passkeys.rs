@@ -494,7 +494,7 @@ async fn sign_in(
             return crate::auth::error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m);
         }
     };
-    finish(&state, &peer, &headers, &user, &["passkey"], ret).await
+    finish(&state, &peer, &headers, &user, &["passkey"], None, ret).await
 }
 
 /// A refused passkey sign-in: logged, audited, and the sign-in page again.

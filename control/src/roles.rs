@@ -13,6 +13,7 @@ const MEMBER: &[&str] = &[
     "resource:read",
     "certificate:read",
     "config:read",
+    "org:read",
     "session:create",
     "session:access",
 ];
@@ -24,6 +25,7 @@ const VIEWER: &[&str] = &[
     "resource:read",
     "certificate:read",
     "config:read",
+    "org:read",
 ];
 
 /// The permissions of a built-in role; `None` for any other name.

@@ -32,7 +32,9 @@ use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
 use crate::auth::{audit, check_return, cookie_value, error_page, finish, secure, ReturnQuery};
-use crate::store::{now_ms, ExternalAccount, IdentityProvider, ProviderKind, StoreError};
+use crate::store::{
+    now_ms, ExternalAccount, IdentityProvider, ProviderKind, StoreError, DEFAULT_ORG,
+};
 use crate::AppState;
 
 /// The cookie carrying a sign-in in progress (sealed).
@@ -329,7 +331,10 @@ async fn callback(
                             ProviderKind::Oidc => "oidc",
                             ProviderKind::Github => "github",
                         };
-                        finish(&state, &peer, &headers, &user, &[amr], ret).await
+                        // A provider of the default organization vouches everywhere; any
+                        // other only for its own organization.
+                        let scope = (p.org_id != DEFAULT_ORG).then_some(p.org_id);
+                        finish(&state, &peer, &headers, &user, &[amr], scope, ret).await
                     }
                     Err(m) => error_page(StatusCode::BAD_REQUEST, "Cannot sign in", &m),
                 }
@@ -820,6 +825,7 @@ mod tests {
 
     fn provider(map: &[(&str, &[&str])]) -> IdentityProvider {
         IdentityProvider {
+            org_id: DEFAULT_ORG,
             id: Uuid::nil(),
             name: "op".into(),
             kind: ProviderKind::Oidc,

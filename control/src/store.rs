@@ -29,6 +29,7 @@ use crate::world::{World, WorldNode};
 
 mod certificates;
 mod identity;
+mod orgs;
 mod passkeys;
 mod roles;
 mod sso;
@@ -39,6 +40,7 @@ pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
     API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
+pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use roles::CustomRole;
 pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
@@ -108,6 +110,15 @@ impl From<sqlx::Error> for StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Maps a database error to a [`StoreError`], a unique-value violation to a `Conflict` saying
+/// `msg` (which value is taken, in the caller's words).
+fn taken(msg: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match StoreError::from(e) {
+        StoreError::Conflict(_) => StoreError::Conflict(msg()),
+        other => other,
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -123,6 +134,8 @@ pub struct Node {
     pub id: Uuid,
     /// Site (agent) or gateway.
     pub kind: NodeKind,
+    /// The organization it belongs to.
+    pub org_id: Uuid,
     /// Display name, unique per kind.
     pub name: String,
     /// Overlay address, unique across sites and gateways.
@@ -168,6 +181,8 @@ pub const LAST_TCP_PORT: u16 = 29999;
 pub struct Resource {
     /// The resource's id.
     pub id: Uuid,
+    /// The organization it belongs to (its primary site's).
+    pub org_id: Uuid,
     /// Display name.
     pub name: String,
     /// HTTP or TCP.
@@ -328,7 +343,7 @@ fn parse_uuid(s: &str) -> Result<Uuid> {
 }
 
 const NODE_COLUMNS: &str = "id, name, overlay_address, public_key, credential_hash, last_seen_at, \
-     applied_version, software_version, last_status, last_status_at, created_at";
+     applied_version, software_version, last_status, last_status_at, created_at, org_id";
 
 fn node_from_row(kind: NodeKind, row: &AnyRow) -> Result<Node> {
     let id: String = row.try_get("id")?;
@@ -341,9 +356,11 @@ fn node_from_row(kind: NodeKind, row: &AnyRow) -> Result<Node> {
         NodeKind::Gateway => Some(row.try_get::<String, _>("endpoint")?),
         NodeKind::Agent => None,
     };
+    let org: String = row.try_get("org_id")?;
     Ok(Node {
         id: parse_uuid(&id)?,
         kind,
+        org_id: parse_uuid(&org)?,
         name: row.try_get("name")?,
         overlay_address: Ipv4Addr::from_str(&addr).map_err(corrupt)?,
         endpoint,
@@ -371,8 +388,10 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
     let public_port: Option<i64> = row.try_get("public_port")?;
     let redirect_https: i64 = row.try_get("redirect_https")?;
     let hsts_max_age: Option<i64> = row.try_get("hsts_max_age")?;
+    let org: String = row.try_get("org_id")?;
     Ok(Resource {
         id: parse_uuid(&id)?,
+        org_id: parse_uuid(&org)?,
         name: row.try_get("name")?,
         protocol: match protocol.as_str() {
             "http" => RouteProtocol::Http,
@@ -737,11 +756,12 @@ impl Store {
         Ok(rows.iter().filter_map(|a| a.parse().ok()).collect())
     }
 
-    /// Creates a site (`endpoint: None`) or a gateway (`endpoint: Some`), allocating the lowest
-    /// free overlay address. Returns the node and its one-time enrollment token.
+    /// Creates a site (`endpoint: None`) or a gateway (`endpoint: Some`) in `org`, allocating
+    /// the lowest free overlay address. Returns the node and its one-time enrollment token.
     pub async fn create_node(
         &self,
         kind: NodeKind,
+        org: Uuid,
         name: &str,
         endpoint: Option<&str>,
     ) -> Result<(Node, Secret)> {
@@ -759,12 +779,12 @@ impl Store {
         // Gateways store their endpoint too, bound last.
         let (endpoint_column, endpoint_param) = match kind {
             NodeKind::Agent => ("", ""),
-            NodeKind::Gateway => (", endpoint", ", $7"),
+            NodeKind::Gateway => (", endpoint", ", $8"),
         };
         let sql = format!(
             "INSERT INTO {} (id, name, overlay_address, enrollment_token_hash, \
-             enrollment_token_expires_at, created_at{endpoint_column}) \
-             VALUES ($1, $2, $3, $4, $5, $6{endpoint_param})",
+             enrollment_token_expires_at, created_at, org_id{endpoint_column}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7{endpoint_param})",
             table(kind)
         );
         let mut insert = sqlx::query(&sql)
@@ -773,7 +793,8 @@ impl Store {
             .bind(addr.to_string())
             .bind(token_hash)
             .bind(self.token_expiry(now))
-            .bind(now);
+            .bind(now)
+            .bind(org.to_string());
         if kind == NodeKind::Gateway {
             insert = insert.bind(endpoint.unwrap_or_default());
         }
@@ -1158,14 +1179,20 @@ impl Store {
 
     // ---------------------------------------------------------------- resources
 
-    async fn site_exists(tx: &mut Transaction<'static, Any>, site_id: Uuid) -> Result<()> {
-        let found: Option<String> = sqlx::query_scalar("SELECT id FROM sites WHERE id = $1")
+    /// The site's organization; a site that does not exist, or (with `org`) belongs to another
+    /// organization, is the same `Invalid`.
+    async fn site_exists(
+        tx: &mut Transaction<'static, Any>,
+        site_id: Uuid,
+        org: Option<Uuid>,
+    ) -> Result<Uuid> {
+        let found: Option<String> = sqlx::query_scalar("SELECT org_id FROM sites WHERE id = $1")
             .bind(site_id.to_string())
             .fetch_optional(&mut **tx)
             .await?;
-        match found {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Invalid(format!(
+        match found.map(|o| parse_uuid(&o)).transpose()? {
+            Some(o) if org.is_none_or(|want| want == o) => Ok(o),
+            _ => Err(StoreError::Invalid(format!(
                 "site {site_id} does not exist"
             ))),
         }
@@ -1262,7 +1289,7 @@ impl Store {
     pub async fn create_resource(&self, new: &NewResource) -> Result<Resource> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
-        Self::site_exists(&mut tx, new.site_id).await?;
+        let org = Self::site_exists(&mut tx, new.site_id, None).await?;
         if new.sticky && new.protocol != RouteProtocol::Http {
             return Err(StoreError::Invalid(
                 "sticky sessions are for HTTP resources".into(),
@@ -1288,8 +1315,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
              protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check, \
-             limits, proxy_protocol, access) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             limits, proxy_protocol, access, org_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1308,10 +1336,11 @@ impl Store {
         .bind(limits_json(&new.limits)?)
         .bind(i64::from(new.proxy_protocol))
         .bind(access_json(&new.access)?)
+        .bind(org.to_string())
         .execute(&mut *tx)
         .await?;
         for t in &new.more_targets {
-            Self::insert_target(&mut tx, id, t).await?;
+            Self::insert_target(&mut tx, id, org, t).await?;
         }
         self.commit_bumped(tx).await?;
         self.get_resource(id).await
@@ -1320,10 +1349,11 @@ impl Store {
     async fn insert_target(
         tx: &mut Transaction<'static, Any>,
         resource: Uuid,
+        org: Uuid,
         new: &NewTarget,
     ) -> Result<ResourceTarget> {
         let site = new.site_id;
-        Self::site_exists(tx, site).await?;
+        Self::site_exists(tx, site, Some(org)).await?;
         let count: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM resource_targets WHERE resource_id = $1")
                 .bind(resource.to_string())
@@ -1376,13 +1406,15 @@ impl Store {
     ) -> Result<ResourceTarget> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
-        let found: Option<String> = sqlx::query_scalar("SELECT id FROM resources WHERE id = $1")
-            .bind(resource.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        if found.is_none() {
+        let found: Option<String> =
+            sqlx::query_scalar("SELECT org_id FROM resources WHERE id = $1")
+                .bind(resource.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(org) = found else {
             return Err(StoreError::NotFound("resource"));
-        }
+        };
+        let org = parse_uuid(&org)?;
         let protocol: Option<String> =
             sqlx::query_scalar("SELECT protocol FROM resources WHERE id = $1")
                 .bind(resource.to_string())
@@ -1393,7 +1425,7 @@ impl Store {
                 "proxy_protocol is for the targets of TCP resources".into(),
             ));
         }
-        let t = Self::insert_target(&mut tx, resource, new).await?;
+        let t = Self::insert_target(&mut tx, resource, org, new).await?;
         self.commit_bumped(tx).await?;
         Ok(t)
     }
@@ -1489,7 +1521,7 @@ impl Store {
         }
         if let Some(site) = patch.site_id {
             if site != r.site_id {
-                Self::site_exists(&mut tx, site).await?;
+                Self::site_exists(&mut tx, site, Some(r.org_id)).await?;
                 r.overlay_port = Self::free_port(&mut tx, site).await?;
                 r.site_id = site;
             }
@@ -1592,8 +1624,10 @@ impl Store {
         let id: String = row.try_get("id")?;
         let addr: String = row.try_get("overlay_address")?;
         let public_key: Option<String> = row.try_get("public_key")?;
+        let org: String = row.try_get("org_id")?;
         Ok(WorldNode {
             id: parse_uuid(&id)?,
+            org_id: parse_uuid(&org)?,
             name: row.try_get("name")?,
             overlay_address: Ipv4Addr::from_str(&addr).map_err(corrupt)?,
             endpoint: match kind {
@@ -1614,7 +1648,7 @@ impl Store {
         let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
-        let columns = "id, name, overlay_address, public_key, credential_hash";
+        let columns = "id, name, overlay_address, public_key, credential_hash, org_id";
         let sites = sqlx::query(&format!(
             "SELECT {columns} FROM sites ORDER BY created_at, id"
         ))

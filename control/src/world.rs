@@ -17,13 +17,15 @@ use kakuremichi_proto::{
 };
 use uuid::Uuid;
 
-use crate::store::{Resource, AGENT_KEEPALIVE_SECS};
+use crate::store::{Resource, AGENT_KEEPALIVE_SECS, DEFAULT_ORG};
 
 /// A site or gateway as snapshots need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorldNode {
     /// Id.
     pub id: Uuid,
+    /// The organization it belongs to.
+    pub org_id: Uuid,
     /// Display name.
     pub name: String,
     /// Overlay address.
@@ -49,8 +51,8 @@ pub struct World {
     pub gateways: Vec<WorldNode>,
     /// Resources, by hostname.
     pub resources: Vec<Resource>,
-    /// Certificates for gateways (valid ones, keys opened).
-    pub certificates: Vec<TlsCertificate>,
+    /// Certificates for gateways (valid ones, keys opened), with their organization.
+    pub certificates: Vec<(Uuid, TlsCertificate)>,
     /// ACME challenge answers for gateways.
     pub acme_challenges: Vec<AcmeChallenge>,
     /// Keys, sign-in page and revocations for gateways.
@@ -122,7 +124,7 @@ impl World {
     /// The same world with certificates and ACME challenge answers for gateways.
     pub fn with_tls(
         mut self,
-        certificates: Vec<TlsCertificate>,
+        certificates: Vec<(Uuid, TlsCertificate)>,
         acme_challenges: Vec<AcmeChallenge>,
     ) -> World {
         self.certificates = certificates;
@@ -139,8 +141,14 @@ impl World {
     }
 
     /// The snapshot of one node, or `None` if the node does not exist.
+    ///
+    /// Organizations stay apart: a gateway of the default organization is shared and serves
+    /// every organization's resources; any other gateway serves only its own organization's
+    /// (sites, routes and certificates). An agent dials its own organization's gateways and the
+    /// shared ones.
     pub fn snapshot(&self, kind: NodeKind, id: Uuid) -> Option<ConfigSnapshot> {
         let me = self.node(kind, id)?;
+        let serves = |org: Uuid| me.org_id == DEFAULT_ORG || org == me.org_id;
         let mut snap = ConfigSnapshot {
             version: self.version,
             node_id: id,
@@ -159,13 +167,22 @@ impl World {
         };
         match kind {
             NodeKind::Gateway => {
-                snap.certificates.clone_from(&self.certificates);
+                snap.certificates = self
+                    .certificates
+                    .iter()
+                    .filter(|(org, _)| serves(*org))
+                    .map(|(_, c)| c.clone())
+                    .collect();
                 snap.acme_challenges.clone_from(&self.acme_challenges);
                 // Only gateways that serve a resource needing sign-in need the keys.
-                if self.resources.iter().any(|r| r.access.is_some()) {
+                if self
+                    .resources
+                    .iter()
+                    .any(|r| r.access.is_some() && serves(r.org_id))
+                {
                     snap.identity = self.identity.clone().map(Box::new);
                 }
-                for site in &self.sites {
+                for site in self.sites.iter().filter(|s| serves(s.org_id)) {
                     let Some(key) = site.public_key else { continue };
                     snap.peers.push(PeerConfig {
                         node_id: site.id,
@@ -177,7 +194,7 @@ impl World {
                         persistent_keepalive: None,
                     });
                 }
-                for r in &self.resources {
+                for r in self.resources.iter().filter(|r| serves(r.org_id)) {
                     // Every target whose site is enrolled; the first is the route's own.
                     let pp = r.proxy_protocol && r.protocol == RouteProtocol::Tcp;
                     let mut backends = std::iter::once((r.site_id, r.overlay_port, pp))
@@ -219,7 +236,8 @@ impl World {
                 }
             }
             NodeKind::Agent => {
-                for gw in &self.gateways {
+                let mine = |gw: &&WorldNode| gw.org_id == DEFAULT_ORG || gw.org_id == me.org_id;
+                for gw in self.gateways.iter().filter(mine) {
                     let (Some(key), Some(endpoint)) = (gw.public_key, gw.endpoint.as_ref()) else {
                         continue;
                     };
@@ -263,6 +281,7 @@ mod tests {
     fn node(n: u8, key: Option<u8>, endpoint: Option<&str>) -> WorldNode {
         WorldNode {
             id: Uuid::from_u128(u128::from(n)),
+            org_id: DEFAULT_ORG,
             name: format!("n{n}"),
             overlay_address: Ipv4Addr::new(100, 64, 0, n),
             endpoint: endpoint.map(str::to_owned),
@@ -274,6 +293,7 @@ mod tests {
     fn resource(n: u8, site: u8, hostname: &str, port: u16) -> Resource {
         Resource {
             id: Uuid::from_u128(1000 + u128::from(n)),
+            org_id: DEFAULT_ORG,
             name: hostname.into(),
             protocol: RouteProtocol::Http,
             hostname: hostname.into(),
@@ -496,5 +516,48 @@ mod tests {
             assert_eq!(t.health_check.as_ref(), Some(&check));
             assert_eq!(t.hostname, "", "a TCP check sends no Host");
         }
+    }
+
+    #[test]
+    fn organizations_stay_apart_except_on_shared_gateways() {
+        let a = Uuid::from_u128(0xa);
+        let b = Uuid::from_u128(0xb);
+        let in_org = |mut n: WorldNode, org| {
+            n.org_id = org;
+            n
+        };
+        let res = |n, site, host: &str, org| Resource {
+            org_id: org,
+            ..resource(n, site, host, 10000)
+        };
+        let w = World::new(
+            1,
+            10,
+            vec![
+                in_org(node(1, Some(1), None), a),
+                in_org(node(2, Some(2), None), b),
+            ],
+            vec![
+                in_org(node(10, Some(10), Some("a:1")), a),
+                in_org(node(11, Some(11), Some("b:1")), b),
+                node(12, Some(12), Some("shared:1")),
+            ],
+            vec![res(1, 1, "a.example", a), res(2, 2, "b.example", b)],
+        );
+        let hosts = |s: &ConfigSnapshot| {
+            s.routes
+                .iter()
+                .map(|r| r.hostname.clone())
+                .collect::<Vec<_>>()
+        };
+        let peers = |s: &ConfigSnapshot| s.peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let gw_a = w.snapshot(NodeKind::Gateway, Uuid::from_u128(10)).unwrap();
+        assert_eq!(hosts(&gw_a), ["a.example"]);
+        assert_eq!(peers(&gw_a), ["n1"]);
+        let shared = w.snapshot(NodeKind::Gateway, Uuid::from_u128(12)).unwrap();
+        assert_eq!(hosts(&shared), ["a.example", "b.example"]);
+        assert_eq!(peers(&shared), ["n1", "n2"]);
+        let site_b = w.snapshot(NodeKind::Agent, Uuid::from_u128(2)).unwrap();
+        assert_eq!(peers(&site_b), ["n11", "n12"]);
     }
 }

@@ -37,7 +37,7 @@ try {
   await page.waitForFunction(() => /added/.test(document.getElementById('passkey-status').textContent));
   const added = await page.textContent('#passkey-status');
   await page.reload();
-  const listed = await page.textContent('ul');
+  const listed = await page.textContent('#passkeys');
 
   // Sign out, then the resource: the gateway sends the browser to sign in; the passkey does it.
   await page.goto(args.control + '/auth/sign-out');

@@ -592,25 +592,7 @@ async fn totp_is_asked_after_the_password_and_a_code_works_once() {
     assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
 
     let code = generator.generate_current().unwrap();
-    let page = browser
-        .go(
-            &stack,
-            Method::POST,
-            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
-            Some(&[("code", &code), ("csrf", &csrf), ("pending", &pending)]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
-    let back = browser
-        .go(&stack, Method::GET, &page.location.unwrap(), None)
-        .await
-        .unwrap();
-    assert_eq!(back.status, StatusCode::FOUND, "{}", back.body);
-    let app = browser
-        .go(&stack, Method::GET, &back.location.unwrap(), None)
-        .await
-        .unwrap();
+    let app = code_step(&stack, &mut browser, &csrf, &pending, &code).await;
     assert_eq!(app.status, StatusCode::OK, "{}", app.body);
     let headers: Value = serde_json::from_str(&app.body).unwrap();
     let claims = verify_assertion(
@@ -649,40 +631,45 @@ async fn totp_is_asked_after_the_password_and_a_code_works_once() {
     );
 }
 
-/// Opens the protected app, follows it to control's sign-in page and posts the right password;
-/// returns the CSRF token and the sealed pending sign-in of the TOTP form that follows.
-async fn password_step_of(stack: &Stack, browser: &mut Browser) -> (String, String) {
-    let first = browser
-        .go(stack, Method::GET, &demo_url(stack, "/headers"), None)
-        .await
-        .expect("the gateway answers");
-    let form = browser
-        .go(
-            stack,
-            Method::GET,
-            &first.location.expect("a redirect to sign in"),
-            None,
-        )
-        .await
-        .expect("control answers");
-    let csrf = hidden(&form.body, "csrf").expect("a csrf field");
-    let rd = hidden(&form.body, "rd").expect("an rd field");
-    let n = hidden(&form.body, "n").expect("an n field");
+/// Posts a TOTP code to the second step of a sign-in and follows control's redirect through the
+/// gateway's callback; returns the app's page.
+async fn code_step(
+    stack: &Stack,
+    browser: &mut Browser,
+    csrf: &str,
+    pending: &str,
+    code: &str,
+) -> Page {
     let page = browser
         .go(
             stack,
             Method::POST,
-            &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
-            Some(&[
-                ("email", ANN),
-                ("password", PASSWORD),
-                ("csrf", &csrf),
-                ("rd", &rd),
-                ("n", &n),
-            ]),
+            &format!("{}/auth/sign-in/totp", stack.opts.control_url_for_test),
+            Some(&[("code", code), ("csrf", csrf), ("pending", pending)]),
         )
         .await
         .expect("control answers");
+    assert_eq!(page.status, StatusCode::SEE_OTHER, "{}", page.body);
+    let back = browser
+        .go(
+            stack,
+            Method::GET,
+            &page.location.expect("a callback"),
+            None,
+        )
+        .await
+        .expect("the gateway answers");
+    assert_eq!(back.status, StatusCode::FOUND, "{}", back.body);
+    browser
+        .go(stack, Method::GET, &back.location.expect("the app"), None)
+        .await
+        .expect("the app answers")
+}
+
+/// Opens the protected app, follows it to control's sign-in page and posts the right password;
+/// returns the CSRF token and the sealed pending sign-in of the TOTP form that follows.
+async fn password_step_of(stack: &Stack, browser: &mut Browser) -> (String, String) {
+    let (page, csrf) = post_password(stack, browser, ANN).await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
     let pending = hidden(&page.body, "pending").expect("a TOTP form");
     (csrf, pending)
@@ -812,4 +799,205 @@ async fn an_expired_session_is_refused_at_the_gateway_with_a_clear_answer() {
             .any(|l| l.contains("session token refused") && l.contains("expired")),
         "the refusal is not logged"
     );
+}
+
+/// Signs in at control from the protected demo app's redirect; returns control's answer to the
+/// posted password (a redirect to the gateway when a token was granted) and the form's CSRF token.
+async fn post_password(stack: &Stack, browser: &mut Browser, email: &str) -> (Page, String) {
+    let first = browser
+        .go(stack, Method::GET, &demo_url(stack, "/headers"), None)
+        .await
+        .expect("the gateway answers");
+    let form = browser
+        .go(
+            stack,
+            Method::GET,
+            &first.location.expect("a redirect to sign in"),
+            None,
+        )
+        .await
+        .expect("control answers");
+    let field = |name: &str| hidden(&form.body, name).expect("a sign-in form");
+    let page = browser
+        .go(
+            stack,
+            Method::POST,
+            &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
+            Some(&[
+                ("email", email),
+                ("password", PASSWORD),
+                ("csrf", &field("csrf")),
+                ("rd", &field("rd")),
+                ("n", &field("n")),
+            ]),
+        )
+        .await
+        .expect("control answers");
+    (page, field("csrf"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_organizations_user_is_refused_and_an_organization_can_require_a_second_factor() {
+    let stack = Stack::start().await.expect("stack");
+    protect(&stack).await.unwrap();
+    // Organization beta, with its own owner, made by the instance's admin key.
+    let (status, beta) = stack
+        .api
+        .call(Method::POST, "/api/v1/orgs", Some(json!({"name": "beta"})))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{beta}");
+    let beta_key = beta["admin_key"].as_str().unwrap();
+    let made = client()
+        .post(format!("{}/api/v1/users", stack.opts.control_url_for_test))
+        .bearer_auth(beta_key)
+        .json(&json!({"email": "eve@beta.example", "password": PASSWORD, "roles": ["owner"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    // Beta's key does not see the demo resource of the default organization.
+    let listed: Value = client()
+        .get(format!(
+            "{}/api/v1/resources",
+            stack.opts.control_url_for_test
+        ))
+        .bearer_auth(beta_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, json!([]));
+
+    // Beta's owner signs in with the right password, and gets no token for the demo app.
+    let mut eve = Browser::new();
+    let (page, _) = post_password(&stack, &mut eve, "eve@beta.example").await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
+    assert!(
+        page.body
+            .contains("not a member of the organization that runs"),
+        "{}",
+        page.body
+    );
+    let again = eve
+        .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+        .await
+        .unwrap();
+    assert_eq!(again.status, StatusCode::FOUND, "the gateway let eve in");
+
+    // The default organization now requires a second factor: a password alone is not enough.
+    let orgs = stack.api.get("/api/v1/orgs").await.unwrap();
+    let default = orgs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "default")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = stack
+        .api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/orgs/{default}"),
+            Some(json!({"require_second_factor": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ann = create_user(&stack, ANN, &["member"]).await.unwrap();
+    let mut browser = Browser::new();
+    let (page, _) = post_password(&stack, &mut browser, ANN).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN, "{}", page.body);
+    assert!(
+        page.body.contains("requires a second factor"),
+        "{}",
+        page.body
+    );
+    // Ann adds an authenticator app herself, on her account page (she holds a control session
+    // from the password sign-in), proving a first code.
+    let control = stack.opts.control_url_for_test.clone();
+    let account = browser
+        .go(&stack, Method::GET, &format!("{control}/account"), None)
+        .await
+        .unwrap();
+    assert_eq!(account.status, StatusCode::OK, "{}", account.body);
+    let csrf = hidden(&account.body, "csrf").unwrap();
+    let started = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{control}/account/totp"),
+            Some(&[("csrf", &csrf)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.status, StatusCode::OK, "{}", started.body);
+    let secret = started
+        .body
+        .split("id=\"totp-secret\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap()
+        .to_owned();
+    let pending = hidden(&started.body, "pending").unwrap();
+    let bytes = totp_rs::Secret::Encoded(secret).to_bytes().unwrap();
+    let generator = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, bytes).unwrap();
+    let wrong = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{control}/account/totp/confirm"),
+            Some(&[("csrf", &csrf), ("pending", &pending), ("code", "000000x")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        wrong.body
+    );
+    let code = generator.generate_current().unwrap();
+    let added = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{control}/account/totp/confirm"),
+            Some(&[("csrf", &csrf), ("pending", &pending), ("code", &code)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(added.status, StatusCode::OK, "{}", added.body);
+    let user = stack
+        .api
+        .get(&format!("/api/v1/users/{ann}"))
+        .await
+        .unwrap();
+    assert_eq!(user["has_totp"], true, "{user}");
+    // The account page's sign-out-everywhere form works (its CSRF cookie reaches /account).
+    let out = browser
+        .go(
+            &stack,
+            Method::POST,
+            &format!("{control}/account/sign-out-everywhere"),
+            Some(&[("csrf", &csrf)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+
+    // With the password and a code (the next step's: the first one is used up), ann is in.
+    let mut browser = Browser::new();
+    let (csrf, pending) = password_step_of(&stack, &mut browser).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let code = generator.generate((now / 30 + 1) * 30);
+    let app = code_step(&stack, &mut browser, &csrf, &pending, &code).await;
+    assert_eq!(app.status, StatusCode::OK, "{}", app.body);
 }

@@ -7,7 +7,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::Router;
 
-use super::ApiJson;
+use super::{ApiJson, Org};
 use crate::store::{AuditEntry, AuditFilter};
 use crate::{ApiError, AppState};
 
@@ -18,9 +18,10 @@ pub fn router() -> Router<AppState> {
 
 async fn list(
     State(state): State<AppState>,
+    org: Org,
     filter: Result<Query<AuditFilter>, QueryRejection>,
 ) -> Result<ApiJson<Vec<AuditEntry>>, ApiError> {
     let Query(filter) =
         filter.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
-    Ok(ApiJson(state.store.list_audit(&filter).await?))
+    Ok(ApiJson(state.store.list_audit(org.0, &filter).await?))
 }

@@ -9,7 +9,7 @@ use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{invalid, ApiJson, ApiPath};
+use super::{invalid, ApiJson, ApiPath, Org};
 use crate::store::{CertSource, CertStatus, Certificate, ChallengeKind, Issued};
 use crate::{certs, validate, ApiError, AppState};
 
@@ -108,8 +108,25 @@ fn check_name(raw: &str) -> Result<String, ApiError> {
     }
 }
 
+/// A certificate may not cover another organization's resource hostnames: shared gateways
+/// would otherwise have a choice of certificates for them.
+async fn check_names_mine(state: &AppState, org: Org, names: &[String]) -> Result<(), ApiError> {
+    let resources = state.store.list_resources().await?;
+    if let Some(r) = resources
+        .iter()
+        .find(|r| r.org_id != org.0 && !r.hostname.is_empty() && certs::covers(names, &r.hostname))
+    {
+        return Err(ApiError::Conflict(format!(
+            "{} is another organization's hostname",
+            r.hostname
+        )));
+    }
+    Ok(())
+}
+
 async fn create(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<CreateCertificate>,
 ) -> Result<(StatusCode, ApiJson<CertificateView>), ApiError> {
     let cert = match (body.names, body.chain_pem, body.key_pem) {
@@ -160,9 +177,10 @@ async fn create(
                     )));
                 }
             }
+            check_names_mine(&state, org, &checked).await?;
             state
                 .store
-                .create_acme_certificate(&checked, challenge, false)
+                .create_acme_certificate(org.0, &checked, challenge, false)
                 .await?
         }
         (None, Some(chain_pem), Some(key_pem)) => {
@@ -179,9 +197,11 @@ async fn create(
             if info.not_after_ms <= crate::store::now_ms() {
                 return Err(invalid("the certificate has expired".into()));
             }
+            check_names_mine(&state, org, &info.names).await?;
             state
                 .store
                 .upload_certificate(
+                    org.0,
                     &info.names,
                     &Issued {
                         chain_pem,
@@ -203,29 +223,49 @@ async fn create(
     Ok((StatusCode::CREATED, ApiJson(cert.into())))
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<CertificateView>>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    org: Org,
+) -> Result<ApiJson<Vec<CertificateView>>, ApiError> {
     let all = state.store.list_certificates().await?;
-    Ok(ApiJson(all.into_iter().map(Into::into).collect()))
+    Ok(ApiJson(
+        all.into_iter()
+            .filter(|c| c.org_id == org.0)
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+/// The certificate, if it belongs to `org`; another organization's is "not found" as well.
+async fn owned(state: &AppState, org: Org, id: Uuid) -> Result<Certificate, ApiError> {
+    let c = state.store.get_certificate(id).await?;
+    org.owns(c.org_id, "certificate")?;
+    Ok(c)
 }
 
 async fn one(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<CertificateView>, ApiError> {
-    Ok(ApiJson(state.store.get_certificate(id).await?.into()))
+    Ok(ApiJson(owned(&state, org, id).await?.into()))
 }
 
 async fn renew(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<CertificateView>, ApiError> {
+    owned(&state, org, id).await?;
     Ok(ApiJson(state.store.certificate_due_now(id).await?.into()))
 }
 
 async fn remove(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    owned(&state, org, id).await?;
     state.store.delete_certificate(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -10,8 +10,8 @@ use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{allows, invalid, ApiJson, ApiPath, PERMISSIONS};
-use crate::store::{now_ms, ApiKey};
+use super::{allows, invalid, ApiJson, ApiPath, Org, PERMISSIONS};
+use crate::store::{now_ms, ApiKey, StoreError};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /api-keys`.
@@ -28,6 +28,10 @@ pub struct CreateKey {
     /// caller's own); absent: the caller's user, or an organization service key. A personal key
     /// holds only what its user's roles give, at every request.
     pub user_id: Option<Uuid>,
+    /// The organization the key acts in; absent: the caller's. Only a personal key may name
+    /// another organization, one its user is a member of (a user reaches each of their
+    /// organizations with a key made this way).
+    pub org_id: Option<Uuid>,
 }
 
 /// A new key: its fields and the secret, shown once.
@@ -50,12 +54,60 @@ pub fn router() -> Router<AppState> {
 async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<ApiKey>,
+    org: Org,
     ApiJson(body): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, ApiJson<CreatedKey>), ApiError> {
     let name = validate::name(&body.name).map_err(invalid)?;
     if body.scopes.is_empty() {
         return Err(invalid("scopes: give at least one permission".into()));
     }
+    let key_org = body.org_id.unwrap_or(org.0);
+    let cross = key_org != org.0;
+    let owner = match body.user_id {
+        None => caller.user_id,
+        Some(u) if Some(u) == caller.user_id => Some(u),
+        Some(u) => {
+            if !allows(caller.scopes.as_deref(), "user:write") {
+                return Err(ApiError::Forbidden(
+                    "a key for another user needs the user:write permission".into(),
+                ));
+            }
+            if !cross {
+                state
+                    .store
+                    .get_member(org.0, u)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound(_) => invalid(format!("user_id: no user {u}")),
+                        other => other.into(),
+                    })?;
+            }
+            Some(u)
+        }
+    };
+    // A key acting in another organization: only a personal key, for a member there, made by
+    // the user themself or by the instance's admins; it may hold what the user's roles there
+    // give (and holds no more at each request).
+    let limit = if cross {
+        let not_yours = || {
+            invalid(format!(
+                "org_id: a key can act only in its user's own organizations, and {key_org} is \
+                 not one"
+            ))
+        };
+        let Some(u) = owner else {
+            return Err(not_yours());
+        };
+        if owner != caller.user_id && !org.is_default() {
+            return Err(not_yours());
+        }
+        let Some(roles) = state.store.member_roles(key_org, u).await? else {
+            return Err(not_yours());
+        };
+        Some(state.store.permissions_of(key_org, &roles).await?)
+    } else {
+        None
+    };
     let mut scopes: Vec<String> = Vec::new();
     for s in body.scopes {
         if !PERMISSIONS.contains(&s.as_str()) {
@@ -64,10 +116,16 @@ async fn create(
                 PERMISSIONS.join(", ")
             )));
         }
-        if !allows(caller.scopes.as_deref(), &s) {
-            return Err(ApiError::Forbidden(format!(
-                "a key cannot give more than it has: this key lacks {s}"
-            )));
+        let held = match &limit {
+            Some(perms) => perms.contains(&s),
+            None => allows(caller.scopes.as_deref(), &s),
+        };
+        if !held {
+            return Err(ApiError::Forbidden(if cross {
+                format!("the user's roles in that organization do not give {s}")
+            } else {
+                format!("a key cannot give more than it has: this key lacks {s}")
+            }));
         }
         if !scopes.contains(&s) {
             scopes.push(s);
@@ -78,39 +136,24 @@ async fn create(
         Some(d) if (1..=3650).contains(&d) => Some(now_ms() + i64::from(d) * 86_400_000),
         Some(_) => return Err(invalid("expires_in_days must be from 1 to 3650".into())),
     };
-    let owner = match body.user_id {
-        None => caller.user_id,
-        Some(u) if Some(u) == caller.user_id => Some(u),
-        Some(u) => {
-            if !allows(caller.scopes.as_deref(), "user:write") {
-                return Err(ApiError::Forbidden(
-                    "a key for another user needs the user:write permission".into(),
-                ));
-            }
-            state.store.get_user(u).await.map_err(|e| match e {
-                crate::store::StoreError::NotFound(_) => invalid(format!("user_id: no user {u}")),
-                other => other.into(),
-            })?;
-            Some(u)
-        }
-    };
     let (key, secret) = state
         .store
-        .create_api_key(&name, &scopes, expires_at, owner)
+        .create_api_key(key_org, &name, &scopes, expires_at, owner)
         .await?;
-    tracing::info!(key_id = %key.id, "API key created");
+    tracing::info!(key_id = %key.id, org_id = %key_org, "API key created");
     Ok((StatusCode::CREATED, ApiJson(CreatedKey { key, secret })))
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<ApiKey>>, ApiError> {
-    Ok(ApiJson(state.store.list_api_keys().await?))
+async fn list(State(state): State<AppState>, org: Org) -> Result<ApiJson<Vec<ApiKey>>, ApiError> {
+    Ok(ApiJson(state.store.list_api_keys(org.0).await?))
 }
 
 async fn revoke(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    let keys = state.store.list_api_keys().await?;
+    let keys = state.store.list_api_keys(org.0).await?;
     let Some(key) = keys.iter().find(|k| k.id == id) else {
         return Err(ApiError::NotFound("API key not found".into()));
     };
@@ -119,7 +162,7 @@ async fn revoke(
             "this is the last admin key: revoking it would lock every admin out".into(),
         ));
     }
-    state.store.revoke_api_key(id).await?;
+    state.store.revoke_api_key(org.0, id).await?;
     tracing::info!(key_id = %id, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

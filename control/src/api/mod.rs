@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod gateways;
 pub mod keys;
 pub mod nodes;
+pub mod orgs;
 pub mod providers;
 pub mod resources;
 pub mod roles;
@@ -36,6 +37,42 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     }
 }
 
+/// The organization the caller acts in: its API key's. Everything the API shows or changes is
+/// this organization's; another organization's things are "not found".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Org(pub uuid::Uuid);
+
+impl Org {
+    /// `Ok` when `owner` is this organization; otherwise the same 404 as a missing `what`.
+    pub fn owns(self, owner: uuid::Uuid, what: impl std::fmt::Display) -> Result<(), ApiError> {
+        if owner == self.0 {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound(format!("{what} not found")))
+        }
+    }
+
+    /// Whether this is the default organization (the instance's own).
+    pub fn is_default(self) -> bool {
+        self.0 == crate::store::DEFAULT_ORG
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Org {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<crate::store::ApiKey>()
+            .map(|k| Org(k.org_id))
+            .ok_or_else(|| ApiError::Unauthorized("missing API key".into()))
+    }
+}
+
 /// A path parameter whose rejection is an [`ApiError`].
 #[derive(Debug, Clone, Copy, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
@@ -55,6 +92,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(keys::router())
         .merge(providers::router())
         .merge(roles::router())
+        .merge(orgs::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .route(ws_path, get(crate::hub::connect))
@@ -85,6 +123,8 @@ pub const PERMISSIONS: &[&str] = &[
     "role:write",
     "session:create",
     "session:access",
+    "org:read",
+    "org:write",
 ];
 
 /// The permission a request under `/api/v1` needs (`path` without the prefix).
@@ -96,6 +136,7 @@ pub fn permission(method: &axum::http::Method, path: &str) -> String {
         "resources" => "resource",
         "certificates" => "certificate",
         "users" => "user",
+        "orgs" => "org",
         "api-keys" => "api_key",
         "signing-keys" => "signing_key",
         "audit" => "audit",
@@ -146,7 +187,8 @@ async fn require_admin(
         (false, Some(user)) => format!("user:{user} api-key:{}", found.id),
         (false, None) => format!("api-key:{}", found.id),
     };
-    // A personal key holds what both it and its user's roles give, as of now.
+    // A personal key holds what both it and its user's roles in its organization give, as of
+    // now.
     if let Some(user) = found.user_id {
         let user = match state.store.get_user(user).await {
             Ok(u) if !u.disabled => u,
@@ -157,7 +199,12 @@ async fn require_admin(
             }
             Err(e) => return Err(e.into()),
         };
-        let mine = state.store.permissions_of(&user.roles).await?;
+        let Some(roles) = state.store.member_roles(found.org_id, user.id).await? else {
+            return Err(ApiError::Unauthorized(
+                "this API key's user is no longer a member of its organization".into(),
+            ));
+        };
+        let mine = state.store.permissions_of(found.org_id, &roles).await?;
         found.scopes = Some(match found.scopes.take() {
             None => mine.into_iter().collect(),
             Some(s) => s.into_iter().filter(|p| mine.contains(p)).collect(),
@@ -181,6 +228,7 @@ async fn require_admin(
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    let org = found.org_id;
     req.extensions_mut().insert(found);
     let response = next.run(req).await;
     // Every change through the API is audited, with who made it and how it ended.
@@ -194,6 +242,7 @@ async fn require_admin(
                 outcome: response.status().as_u16().to_string(),
                 client,
                 detail: None,
+                org_id: Some(org),
             })
             .await;
     }

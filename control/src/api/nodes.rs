@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{ApiJson, ApiPath};
+use super::{ApiJson, ApiPath, Org};
 use crate::store::Node;
 use crate::{ApiError, AppState};
 
@@ -153,15 +153,27 @@ fn view(state: &AppState, mut node: Node) -> NodeView {
     NodeView::new(node, online)
 }
 
+/// The node, if it belongs to `org`; another organization's is "not found" as well.
+async fn owned(state: &AppState, org: Org, kind: NodeKind, id: Uuid) -> Result<Node, ApiError> {
+    let node = state.store.get_node(kind, id).await?;
+    let what = match kind {
+        NodeKind::Agent => "site",
+        NodeKind::Gateway => "gateway",
+    };
+    org.owns(node.org_id, what)?;
+    Ok(node)
+}
+
 async fn create<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<N::Create>,
 ) -> Result<(StatusCode, ApiJson<NodeView>), ApiError> {
     let kind = N::KIND;
     let (name, endpoint) = N::create_fields(body)?;
     let (node, token) = state
         .store
-        .create_node(kind, &name, endpoint.as_deref())
+        .create_node(kind, org.0, &name, endpoint.as_deref())
         .await?;
     tracing::info!(node_id = %node.id, %kind, "node created");
     let mut v = view(&state, node);
@@ -171,26 +183,34 @@ async fn create<N: NodeApi>(
 
 async fn list<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
 ) -> Result<ApiJson<Vec<NodeView>>, ApiError> {
     let nodes = state.store.list_nodes(N::KIND).await?;
     Ok(ApiJson(
-        nodes.into_iter().map(|n| view(&state, n)).collect(),
+        nodes
+            .into_iter()
+            .filter(|n| n.org_id == org.0)
+            .map(|n| view(&state, n))
+            .collect(),
     ))
 }
 
 async fn one<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<NodeView>, ApiError> {
-    let node = state.store.get_node(N::KIND, id).await?;
+    let node = owned(&state, org, N::KIND, id).await?;
     Ok(ApiJson(view(&state, node)))
 }
 
 async fn update<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<N::Update>,
 ) -> Result<ApiJson<NodeView>, ApiError> {
+    owned(&state, org, N::KIND, id).await?;
     let (name, endpoint) = N::update_fields(body)?;
     let node = state
         .store
@@ -201,9 +221,11 @@ async fn update<N: NodeApi>(
 
 async fn remove<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     let kind = N::KIND;
+    owned(&state, org, kind, id).await?;
     state.store.delete_node(kind, id).await?;
     tracing::info!(node_id = %id, %kind, "node deleted");
     Ok(StatusCode::NO_CONTENT)
@@ -211,8 +233,10 @@ async fn remove<N: NodeApi>(
 
 async fn regenerate_token<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<TokenView>, ApiError> {
+    owned(&state, org, N::KIND, id).await?;
     let token = state.store.regenerate_enrollment_token(N::KIND, id).await?;
     tracing::info!(node_id = %id, kind = %N::KIND, "enrollment token regenerated; credential revoked");
     Ok(ApiJson(TokenView {
@@ -222,9 +246,11 @@ async fn regenerate_token<N: NodeApi>(
 
 async fn revoke<N: NodeApi>(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<NodeView>, ApiError> {
     let kind = N::KIND;
+    owned(&state, org, kind, id).await?;
     state.store.revoke_node(kind, id).await?;
     tracing::info!(node_id = %id, %kind, "node revoked");
     let node = state.store.get_node(kind, id).await?;

@@ -11,7 +11,7 @@ use kakuremichi_proto::Secret;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{invalid, ApiJson, ApiPath};
+use super::{invalid, ApiJson, ApiPath, Org};
 use crate::store::{IdentityProvider, NewIdentityProvider, ProviderKind};
 use crate::{validate, ApiError, AppState};
 
@@ -78,6 +78,7 @@ fn role_list(list: &[String], what: &str) -> Result<Vec<String>, ApiError> {
 
 async fn create(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<CreateProvider>,
 ) -> Result<(StatusCode, ApiJson<IdentityProvider>), ApiError> {
     let name = body.name.trim().to_owned();
@@ -147,7 +148,7 @@ async fn create(
     }
     let default_roles = role_list(&body.default_roles, "default_roles")?;
     for r in role_map.values().flatten().chain(&default_roles) {
-        if !state.store.role_exists(r).await? {
+        if !state.store.role_exists(org.0, r).await? {
             return Err(invalid(format!(
                 "there is no role {r:?}; see GET /api/v1/roles"
             )));
@@ -160,6 +161,7 @@ async fn create(
     let p = state
         .store
         .create_identity_provider(&NewIdentityProvider {
+            org_id: org.0,
             name,
             kind: body.kind,
             display_name,
@@ -177,21 +179,37 @@ async fn create(
     Ok((StatusCode::CREATED, ApiJson(p)))
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<IdentityProvider>>, ApiError> {
-    Ok(ApiJson(state.store.list_identity_providers().await?))
+async fn list(
+    State(state): State<AppState>,
+    org: Org,
+) -> Result<ApiJson<Vec<IdentityProvider>>, ApiError> {
+    let all = state.store.list_identity_providers().await?;
+    Ok(ApiJson(
+        all.into_iter().filter(|p| p.org_id == org.0).collect(),
+    ))
+}
+
+/// The provider, if it belongs to `org`; another organization's is "not found" as well.
+async fn owned(state: &AppState, org: Org, id: Uuid) -> Result<IdentityProvider, ApiError> {
+    let p = state.store.identity_provider(id).await?;
+    org.owns(p.org_id, "identity provider")?;
+    Ok(p)
 }
 
 async fn one(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<IdentityProvider>, ApiError> {
-    Ok(ApiJson(state.store.identity_provider(id).await?))
+    Ok(ApiJson(owned(&state, org, id).await?))
 }
 
 async fn remove(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    owned(&state, org, id).await?;
     state.store.delete_identity_provider(id).await?;
     state.sso.forget(id);
     tracing::info!(provider_id = %id, "identity provider removed");

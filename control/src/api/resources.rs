@@ -7,12 +7,14 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use kakuremichi_proto::identity::AccessPolicy;
-use kakuremichi_proto::{Balance, HealthCheck, Limits, RouteProtocol};
+use kakuremichi_proto::{Balance, HealthCheck, Limits, NodeKind, RouteProtocol};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{invalid, valid_opt, ApiJson, ApiPath};
-use crate::store::{NewResource, NewTarget, Resource, ResourcePatch, ResourceTarget, MAX_TARGETS};
+use super::{invalid, valid_opt, ApiJson, ApiPath, Org};
+use crate::store::{
+    NewResource, NewTarget, Resource, ResourcePatch, ResourceTarget, StoreError, MAX_TARGETS,
+};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /resources`.
@@ -411,6 +413,7 @@ pub fn router() -> Router<AppState> {
 
 async fn create(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<CreateResource>,
 ) -> Result<(StatusCode, ApiJson<ResourceView>), ApiError> {
     let protocol = body.protocol.unwrap_or(RouteProtocol::Http);
@@ -481,6 +484,15 @@ async fn create(
         return Err(invalid("sticky sessions are for HTTP resources".into()));
     }
     let health_check = body.health_check.map(|h| h.check(protocol)).transpose()?;
+    // The resource joins its primary site's organization, which must be the caller's; the
+    // store checks every further target's site against it.
+    match state.store.get_node(NodeKind::Agent, body.site_id).await {
+        Ok(site) if site.org_id == org.0 => {}
+        Ok(_) | Err(StoreError::NotFound(_)) => {
+            return Err(invalid(format!("site {} does not exist", body.site_id)))
+        }
+        Err(e) => return Err(e.into()),
+    }
     let mut r = state
         .store
         .create_resource(&NewResource {
@@ -523,41 +535,50 @@ async fn create(
     Ok((StatusCode::CREATED, ApiJson(r.into())))
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<ResourceView>>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    org: Org,
+) -> Result<ApiJson<Vec<ResourceView>>, ApiError> {
     let all = state.store.list_resources().await?;
-    Ok(ApiJson(all.into_iter().map(Into::into).collect()))
+    Ok(ApiJson(
+        all.into_iter()
+            .filter(|r| r.org_id == org.0)
+            .map(Into::into)
+            .collect(),
+    ))
+}
+
+/// The resource, if it belongs to `org`; another organization's is "not found" as well.
+async fn owned(state: &AppState, org: Org, id: Uuid) -> Result<Resource, ApiError> {
+    let r = state.store.get_resource(id).await?;
+    org.owns(r.org_id, "resource")?;
+    Ok(r)
 }
 
 async fn one(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<ResourceView>, ApiError> {
-    Ok(ApiJson(state.store.get_resource(id).await?.into()))
+    Ok(ApiJson(owned(&state, org, id).await?.into()))
 }
 
 async fn update(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateResource>,
 ) -> Result<ApiJson<ResourceView>, ApiError> {
-    let protocol =
-        if body.health_check.is_some() || body.limits.is_some() || body.proxy_protocol.is_some() {
-            Some(state.store.get_resource(id).await?.protocol)
-        } else {
-            None
-        };
+    let protocol = owned(&state, org, id).await?.protocol;
     let health_check = match body.health_check {
         None => None,
         Some(None) => Some(None),
-        // `protocol` was read above whenever a check is given.
-        Some(Some(h)) => Some(Some(h.check(protocol.unwrap_or(RouteProtocol::Http))?)),
+        Some(Some(h)) => Some(Some(h.check(protocol)?)),
     };
-    if let (Some(limits), Some(protocol)) = (&body.limits, protocol) {
+    if let Some(limits) = &body.limits {
         check_limits(limits, protocol)?;
     }
-    if let Some(protocol) = protocol {
-        check_proxy_protocol(body.proxy_protocol.filter(|on| *on), protocol)?;
-    }
+    check_proxy_protocol(body.proxy_protocol.filter(|on| *on), protocol)?;
     let patch = ResourcePatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
         hostname: valid_opt(body.hostname.as_deref(), validate::hostname)?,
@@ -590,17 +611,21 @@ async fn update(
 
 async fn remove(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    owned(&state, org, id).await?;
     state.store.delete_resource(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn add_target(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<TargetBody>,
 ) -> Result<(StatusCode, ApiJson<TargetView>), ApiError> {
+    owned(&state, org, id).await?;
     let target = validate::host_port(&body.target, "target").map_err(invalid)?;
     let t = state
         .store
@@ -623,8 +648,10 @@ async fn add_target(
 
 async fn remove_target(
     State(state): State<AppState>,
+    org: Org,
     ApiPath((id, target)): ApiPath<(Uuid, Uuid)>,
 ) -> Result<StatusCode, ApiError> {
+    owned(&state, org, id).await?;
     if id == target {
         return Err(invalid(
             "the primary target cannot be removed: PATCH the resource's site_id and target, or \

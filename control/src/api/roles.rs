@@ -7,7 +7,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::{invalid, ApiJson, ApiPath, PERMISSIONS};
+use super::{invalid, ApiJson, ApiPath, Org, PERMISSIONS};
 use crate::store::{CustomRole, BUILT_IN_ROLES};
 use crate::{validate, ApiError, AppState};
 
@@ -116,39 +116,51 @@ fn not_built_in(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<RoleView>>, ApiError> {
+async fn list(State(state): State<AppState>, org: Org) -> Result<ApiJson<Vec<RoleView>>, ApiError> {
     let mut all: Vec<RoleView> = BUILT_IN_ROLES
         .iter()
         .filter_map(|r| built_in_view(r))
         .collect();
-    all.extend(state.store.list_roles().await?.into_iter().map(Into::into));
+    all.extend(
+        state
+            .store
+            .list_roles(org.0)
+            .await?
+            .into_iter()
+            .map(Into::into),
+    );
     Ok(ApiJson(all))
 }
 
 async fn one(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(name): ApiPath<String>,
 ) -> Result<ApiJson<RoleView>, ApiError> {
     if let Some(v) = built_in_view(&name) {
         return Ok(ApiJson(v));
     }
-    Ok(ApiJson(state.store.role(&name).await?.into()))
+    Ok(ApiJson(state.store.role(org.0, &name).await?.into()))
 }
 
 async fn create(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<CreateRole>,
 ) -> Result<(StatusCode, ApiJson<RoleView>), ApiError> {
     let name = validate::role(&body.name).map_err(|e| invalid(format!("name: {e}")))?;
     not_built_in(&name)?;
     let role = state
         .store
-        .create_role(&CustomRole {
-            name,
-            description: description(&body.description)?,
-            permissions: permissions(body.permissions)?,
-            created_at: 0,
-        })
+        .create_role(
+            org.0,
+            &CustomRole {
+                name,
+                description: description(&body.description)?,
+                permissions: permissions(body.permissions)?,
+                created_at: 0,
+            },
+        )
         .await?;
     tracing::info!(role = %role.name, "role created");
     Ok((StatusCode::CREATED, ApiJson(role.into())))
@@ -156,6 +168,7 @@ async fn create(
 
 async fn update(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(name): ApiPath<String>,
     ApiJson(body): ApiJson<UpdateRole>,
 ) -> Result<ApiJson<RoleView>, ApiError> {
@@ -164,7 +177,7 @@ async fn update(
     let p = body.permissions.map(permissions).transpose()?;
     let role = state
         .store
-        .update_role(&name, d.as_deref(), p.as_deref())
+        .update_role(org.0, &name, d.as_deref(), p.as_deref())
         .await?;
     tracing::info!(role = %role.name, "role changed");
     Ok(ApiJson(role.into()))
@@ -172,10 +185,11 @@ async fn update(
 
 async fn remove(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     not_built_in(&name)?;
-    state.store.delete_role(&name).await?;
+    state.store.delete_role(org.0, &name).await?;
     tracing::info!(role = %name, "role deleted");
     Ok(StatusCode::NO_CONTENT)
 }

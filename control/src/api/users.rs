@@ -9,7 +9,7 @@ use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{invalid, valid_opt, ApiJson, ApiPath};
+use super::{invalid, valid_opt, ApiJson, ApiPath, Org};
 use crate::store::{NewUser, User, UserPatch};
 use crate::{secrets, validate, ApiError, AppState};
 
@@ -110,15 +110,19 @@ pub fn router() -> Router<AppState> {
         .route("/signing-keys/rotate", post(rotate))
 }
 
-/// Validated role names, each once, each a role that exists (built in or custom).
-async fn roles(state: &AppState, list: Vec<String>) -> Result<Vec<String>, ApiError> {
+/// Validated role names, each once, each a role that exists (built in or custom in `org`).
+pub(crate) async fn roles(
+    state: &AppState,
+    org: Org,
+    list: Vec<String>,
+) -> Result<Vec<String>, ApiError> {
     if list.len() > 64 {
         return Err(invalid("a user has at most 64 roles".into()));
     }
     let mut out = Vec::with_capacity(list.len());
     for r in list {
         let r = validate::role(&r).map_err(|e| invalid(format!("roles: {e}")))?;
-        if !state.store.role_exists(&r).await? {
+        if !state.store.role_exists(org.0, &r).await? {
             return Err(invalid(format!(
                 "roles: there is no role {r:?}; see GET /api/v1/roles"
             )));
@@ -139,8 +143,30 @@ async fn hash(password: Option<Secret>) -> Result<Option<String>, ApiError> {
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
+/// The member `id` of `org`, whose account only `org` may change (its password, second factor,
+/// lockout, name, or whether it is disabled): a user who also belongs to another organization
+/// is changed there by no one but themselves.
+async fn own_account(state: &AppState, org: Org, id: Uuid) -> Result<User, ApiError> {
+    let user = state.store.get_member(org.0, id).await?;
+    let elsewhere = state
+        .store
+        .memberships_of(id)
+        .await?
+        .iter()
+        .any(|(o, _)| o.id != org.0);
+    if elsewhere {
+        return Err(ApiError::Forbidden(
+            "this user also belongs to another organization: only their roles here can change, \
+             or their membership be removed"
+                .into(),
+        ));
+    }
+    Ok(user)
+}
+
 async fn create(
     State(state): State<AppState>,
+    org: Org,
     ApiJson(body): ApiJson<CreateUser>,
 ) -> Result<(StatusCode, ApiJson<UserView>), ApiError> {
     let email = validate::email(&body.email).map_err(invalid)?;
@@ -148,66 +174,84 @@ async fn create(
         Some(n) => validate::name(n).map_err(invalid)?,
         None => email.clone(),
     };
-    let roles = roles(&state, body.roles.unwrap_or_else(|| vec!["member".into()])).await?;
+    let roles = roles(
+        &state,
+        org,
+        body.roles.unwrap_or_else(|| vec!["member".into()]),
+    )
+    .await?;
     let password_hash = hash(body.password).await?;
     let u = state
         .store
-        .create_user(&NewUser {
-            email,
-            name,
-            password_hash,
-            roles,
-        })
+        .create_user(
+            org.0,
+            &NewUser {
+                email,
+                name,
+                password_hash,
+                roles,
+            },
+        )
         .await?;
     tracing::info!(user_id = %u.id, "user created");
     Ok((StatusCode::CREATED, ApiJson(u.into())))
 }
 
-async fn list(State(state): State<AppState>) -> Result<ApiJson<Vec<UserView>>, ApiError> {
-    let all = state.store.list_users().await?;
+async fn list(State(state): State<AppState>, org: Org) -> Result<ApiJson<Vec<UserView>>, ApiError> {
+    let all = state.store.list_users(org.0).await?;
     Ok(ApiJson(all.into_iter().map(Into::into).collect()))
 }
 
 async fn one(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<UserView>, ApiError> {
-    Ok(ApiJson(state.store.get_user(id).await?.into()))
+    Ok(ApiJson(state.store.get_member(org.0, id).await?.into()))
 }
 
 async fn update(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateUser>,
 ) -> Result<ApiJson<UserView>, ApiError> {
+    let account =
+        body.name.is_some() || body.disabled.is_some() || body.password.is_some() || body.unlock;
+    if account {
+        own_account(&state, org, id).await?;
+    }
     let patch = UserPatch {
         name: valid_opt(body.name.as_deref(), validate::name)?,
         roles: match body.roles {
-            Some(r) => Some(roles(&state, r).await?),
+            Some(r) => Some(roles(&state, org, r).await?),
             None => None,
         },
         disabled: body.disabled,
         password_hash: hash(body.password).await?,
         unlock: body.unlock,
     };
-    let u = state.store.update_user(id, &patch).await?;
+    let u = state.store.update_user(org.0, id, &patch).await?;
     tracing::info!(user_id = %u.id, disabled = u.disabled, unlocked = patch.unlock, "user changed");
     Ok(ApiJson(u.into()))
 }
 
 async fn remove(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    state.store.delete_user(id).await?;
+    state.store.delete_user(org.0, id).await?;
     tracing::info!(user_id = %id, "user deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn sign_out_everywhere(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    state.store.get_member(org.0, id).await?;
     state.store.revoke_user_sessions(id).await?;
     tracing::info!(user_id = %id, "user signed out everywhere");
     Ok(StatusCode::NO_CONTENT)
@@ -230,7 +274,16 @@ async fn keys(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, Ap
     ))
 }
 
-async fn rotate(State(state): State<AppState>) -> Result<ApiJson<Vec<KeyView>>, ApiError> {
+async fn rotate(
+    State(state): State<AppState>,
+    org: Org,
+) -> Result<ApiJson<Vec<KeyView>>, ApiError> {
+    if !org.is_default() {
+        return Err(ApiError::Forbidden(
+            "the signing keys are the instance's: only the default organization rotates them"
+                .into(),
+        ));
+    }
     let kid = state.store.rotate_signing_key().await?;
     tracing::info!(%kid, "signing key rotated");
     keys(State(state)).await
@@ -247,10 +300,11 @@ pub struct TotpView {
 
 async fn add_totp(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<(StatusCode, ApiJson<TotpView>), ApiError> {
     use rand::RngCore as _;
-    let user = state.store.get_user(id).await?;
+    let user = own_account(&state, org, id).await?;
     let mut raw = vec![0u8; 20];
     rand::thread_rng().fill_bytes(&mut raw);
     state.store.set_totp(id, &raw).await?;
@@ -275,8 +329,10 @@ async fn add_totp(
 
 async fn remove_totp(
     State(state): State<AppState>,
+    org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
+    own_account(&state, org, id).await?;
     state.store.clear_totp(id).await?;
     tracing::info!(user_id = %id, "TOTP second factor removed");
     Ok(StatusCode::NO_CONTENT)

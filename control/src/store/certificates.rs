@@ -79,6 +79,8 @@ pub enum CertStatus {
 pub struct Certificate {
     /// Id.
     pub id: Uuid,
+    /// The organization it belongs to.
+    pub org_id: Uuid,
     /// Names covered.
     pub names: Vec<String>,
     /// ACME or upload.
@@ -128,8 +130,10 @@ fn certificate_from_row(row: &AnyRow) -> Result<Certificate> {
     let status: String = row.try_get("status")?;
     let failures: i64 = row.try_get("failures")?;
     let auto: i64 = row.try_get("auto_resource")?;
+    let org: String = row.try_get("org_id")?;
     Ok(Certificate {
         id: parse_uuid(&id)?,
+        org_id: parse_uuid(&org)?,
         names: serde_json::from_str(&names).map_err(corrupt)?,
         source: match source.as_str() {
             "acme" => CertSource::Acme,
@@ -169,7 +173,7 @@ pub struct Issued {
 }
 
 const COLUMNS: &str = "id, names, source, challenge, status, chain_pem, not_before, not_after, \
-     next_attempt_at, failures, last_error, issued_at, created_at, auto_resource";
+     next_attempt_at, failures, last_error, issued_at, created_at, auto_resource, org_id";
 
 impl Store {
     fn sealer(&self) -> Result<&crate::seal::Sealer> {
@@ -186,9 +190,10 @@ impl Store {
         self.sealer.is_some()
     }
 
-    /// A new ACME certificate for `names`, due at once.
+    /// A new ACME certificate of `org` for `names`, due at once.
     pub async fn create_acme_certificate(
         &self,
+        org: Uuid,
         names: &[String],
         challenge: ChallengeKind,
         auto_resource: bool,
@@ -198,8 +203,8 @@ impl Store {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO certificates (id, names, source, challenge, status, next_attempt_at, \
-             failures, created_at, auto_resource) VALUES ($1, $2, 'acme', $3, 'pending', $4, 0, \
-             $5, $6)",
+             failures, created_at, auto_resource, org_id) VALUES ($1, $2, 'acme', $3, 'pending', \
+             $4, 0, $5, $6, $7)",
         )
         .bind(id.to_string())
         .bind(serde_json::to_string(names).map_err(corrupt)?)
@@ -207,13 +212,20 @@ impl Store {
         .bind(now)
         .bind(now)
         .bind(i64::from(auto_resource))
+        .bind(org.to_string())
         .execute(&self.pool)
         .await?;
         self.get_certificate(id).await
     }
 
-    /// Stores an uploaded certificate (its names and validity already read from the chain).
-    pub async fn upload_certificate(&self, names: &[String], cert: &Issued) -> Result<Certificate> {
+    /// Stores an uploaded certificate of `org` (its names and validity already read from the
+    /// chain).
+    pub async fn upload_certificate(
+        &self,
+        org: Uuid,
+        names: &[String],
+        cert: &Issued,
+    ) -> Result<Certificate> {
         let sealed = self
             .sealer()?
             .seal(KEY_PURPOSE, cert.key_pem.expose().as_bytes())
@@ -224,8 +236,8 @@ impl Store {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO certificates (id, names, source, status, chain_pem, key_sealed, \
-             not_before, not_after, failures, issued_at, created_at) \
-             VALUES ($1, $2, 'upload', 'valid', $3, $4, $5, $6, 0, $7, $8)",
+             not_before, not_after, failures, issued_at, created_at, org_id) \
+             VALUES ($1, $2, 'upload', 'valid', $3, $4, $5, $6, 0, $7, $8, $9)",
         )
         .bind(id.to_string())
         .bind(serde_json::to_string(names).map_err(corrupt)?)
@@ -235,6 +247,7 @@ impl Store {
         .bind(cert.not_after)
         .bind(now)
         .bind(now)
+        .bind(org.to_string())
         .execute(&mut *tx)
         .await?;
         self.commit_bumped(tx).await?;
@@ -478,9 +491,9 @@ impl Store {
     pub(super) async fn load_tls(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    ) -> Result<(Vec<TlsCertificate>, Vec<AcmeChallenge>)> {
+    ) -> Result<(Vec<(Uuid, TlsCertificate)>, Vec<AcmeChallenge>)> {
         let rows = sqlx::query(
-            "SELECT id, names, chain_pem, key_sealed, not_after FROM certificates \
+            "SELECT id, names, chain_pem, key_sealed, not_after, org_id FROM certificates \
              WHERE status = 'valid' AND chain_pem IS NOT NULL AND key_sealed IS NOT NULL \
              ORDER BY created_at, id",
         )
@@ -502,13 +515,17 @@ impl Store {
                 }
             };
             let names: String = row.try_get("names")?;
-            certificates.push(TlsCertificate {
-                id: parse_uuid(&id)?,
-                names: serde_json::from_str(&names).map_err(corrupt)?,
-                chain_pem: row.try_get("chain_pem")?,
-                key_pem: Secret::new(String::from_utf8(key).map_err(corrupt)?),
-                not_after_ms: row.try_get::<Option<i64>, _>("not_after")?.unwrap_or(0),
-            });
+            let org: String = row.try_get("org_id")?;
+            certificates.push((
+                parse_uuid(&org)?,
+                TlsCertificate {
+                    id: parse_uuid(&id)?,
+                    names: serde_json::from_str(&names).map_err(corrupt)?,
+                    chain_pem: row.try_get("chain_pem")?,
+                    key_pem: Secret::new(String::from_utf8(key).map_err(corrupt)?),
+                    not_after_ms: row.try_get::<Option<i64>, _>("not_after")?.unwrap_or(0),
+                },
+            ));
         }
         let rows = sqlx::query(
             "SELECT kind, name, token, value FROM acme_challenges ORDER BY created_at, id",

@@ -11,7 +11,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{corrupt, now_ms, parse_uuid, Result, Store, StoreError};
+use super::{corrupt, now_ms, parse_uuid, taken, Result, Store, StoreError};
 use crate::secrets;
 
 /// Prefix of control's sign-in session cookies.
@@ -30,7 +30,7 @@ pub struct User {
     pub email: String,
     /// Display name.
     pub name: String,
-    /// Role names.
+    /// Role names in the organization the user was read for (empty when read without one).
     pub roles: Vec<String>,
     /// Disabled users cannot sign in, and their tokens are refused everywhere.
     pub disabled: bool,
@@ -89,6 +89,9 @@ pub struct Session {
     pub expires_at: i64,
     /// How the user signed in.
     pub amr: Vec<String>,
+    /// Started through this organization's own identity provider: it vouches for the user
+    /// only there. `None`: any organization the user belongs to.
+    pub org_id: Option<Uuid>,
 }
 
 /// A key that signs session tokens, as the JWKS publishes it.
@@ -149,11 +152,18 @@ fn session_from_row(row: &AnyRow) -> Result<Session> {
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         amr: serde_json::from_str(&amr).map_err(corrupt)?,
+        org_id: row
+            .try_get::<Option<String>, _>("org_id")?
+            .map(|o| parse_uuid(&o))
+            .transpose()?,
     })
 }
 
+// users.roles is always '[]' (roles live in memberships).
 const USER_COLUMNS: &str = "id, email, name, password_hash, roles, disabled, failed_sign_ins, \
      locked_until, sessions_not_before, created_at, totp_sealed";
+const MEMBER_COLUMNS: &str = "u.id, u.email, u.name, u.password_hash, m.roles, u.disabled, \
+     u.failed_sign_ins, u.locked_until, u.sessions_not_before, u.created_at, u.totp_sealed";
 /// Purpose TOTP secrets are sealed under.
 const TOTP_PURPOSE: &str = "totp";
 
@@ -167,32 +177,49 @@ impl Store {
             .await?)
     }
 
-    /// Creates a user.
-    pub async fn create_user(&self, new: &NewUser) -> Result<User> {
+    /// Creates a user, a member of `org` with `new.roles`.
+    pub async fn create_user(&self, org: Uuid, new: &NewUser) -> Result<User> {
+        let _w = self.write.lock().await;
         let id = Uuid::new_v4();
+        let mut tx = self.pool.begin().await?;
+        Self::insert_user(&mut tx, id, org, new).await?;
+        tx.commit().await?;
+        self.get_member(org, id).await
+    }
+
+    async fn insert_user(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        id: Uuid,
+        org: Uuid,
+        new: &NewUser,
+    ) -> Result<()> {
+        let now = now_ms();
         sqlx::query(
             "INSERT INTO users (id, email, name, password_hash, roles, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, '[]', $5)",
         )
         .bind(id.to_string())
         .bind(&new.email)
         .bind(&new.name)
         .bind(new.password_hash.as_deref())
-        .bind(serde_json::to_string(&new.roles).map_err(corrupt)?)
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now)
+        .execute(&mut **tx)
         .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(_) => {
-                StoreError::Conflict(format!("a user with e-mail {} exists", new.email))
-            }
-            other => other,
-        })?;
-        self.get_user(id).await
+        .map_err(taken(|| format!("a user with e-mail {} exists", new.email)))?;
+        sqlx::query(
+            "INSERT INTO memberships (org_id, user_id, roles, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(org.to_string())
+        .bind(id.to_string())
+        .bind(serde_json::to_string(&new.roles).map_err(corrupt)?)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
-    /// Creates the first user (the owner) if there is none yet, and makes `admin_key_id` their
-    /// key. `Conflict` when a user exists already.
+    /// Creates the first user (the owner of the default organization) if there is none yet,
+    /// and makes `admin_key_id` their key. `Conflict` when a user exists already.
     pub async fn create_owner(&self, new: &NewUser, admin_key_id: Uuid) -> Result<User> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
@@ -203,28 +230,18 @@ impl Store {
             return Err(StoreError::Conflict("control is set up already".into()));
         }
         let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO users (id, email, name, password_hash, roles, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id.to_string())
-        .bind(&new.email)
-        .bind(&new.name)
-        .bind(new.password_hash.as_deref())
-        .bind(serde_json::to_string(&new.roles).map_err(corrupt)?)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        Self::insert_user(&mut tx, id, super::DEFAULT_ORG, new).await?;
         sqlx::query("UPDATE api_keys SET user_id = $1 WHERE id = $2")
             .bind(id.to_string())
             .bind(admin_key_id.to_string())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.get_user(id).await
+        self.get_member(super::DEFAULT_ORG, id).await
     }
 
-    /// One user.
+    /// One user, whatever their organizations (`roles` is empty: roles belong to memberships,
+    /// see [`Store::get_member`]).
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
         let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
             .bind(id.to_string())
@@ -234,7 +251,21 @@ impl Store {
         user_from_row(&row)
     }
 
-    /// A user and their password hash, by e-mail address.
+    /// One member of `org`, with their roles there; `NotFound` when not a member.
+    pub async fn get_member(&self, org: Uuid, id: Uuid) -> Result<User> {
+        let row = sqlx::query(&format!(
+            "SELECT {MEMBER_COLUMNS} FROM users u JOIN memberships m ON m.user_id = u.id \
+             WHERE m.org_id = $1 AND u.id = $2"
+        ))
+        .bind(org.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound("user"))?;
+        user_from_row(&row)
+    }
+
+    /// A user and their password hash, by e-mail address (`roles` empty, as [`Store::get_user`]).
     pub async fn user_by_email(&self, email: &str) -> Result<Option<(User, Option<String>)>> {
         let row = sqlx::query(&format!(
             "SELECT {USER_COLUMNS} FROM users WHERE email = $1"
@@ -248,11 +279,13 @@ impl Store {
         }
     }
 
-    /// Every user, oldest first.
-    pub async fn list_users(&self) -> Result<Vec<User>> {
+    /// Every member of `org`, with their roles there, oldest first.
+    pub async fn list_users(&self, org: Uuid) -> Result<Vec<User>> {
         sqlx::query(&format!(
-            "SELECT {USER_COLUMNS} FROM users ORDER BY created_at, id"
+            "SELECT {MEMBER_COLUMNS} FROM users u JOIN memberships m ON m.user_id = u.id \
+             WHERE m.org_id = $1 ORDER BY u.created_at, u.id"
         ))
+        .bind(org.to_string())
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -260,16 +293,22 @@ impl Store {
         .collect()
     }
 
-    /// Changes a user. Disabling, or a change of roles, also ends the user's sessions
-    /// everywhere (tokens carry the roles they were issued with).
-    pub async fn update_user(&self, id: Uuid, patch: &UserPatch) -> Result<User> {
+    /// Changes a member of `org`: roles there, and the account's name, password, lockout and
+    /// whether it is disabled (the caller decides who may change the account itself).
+    /// Disabling, or a change of roles, also ends the user's sessions everywhere (tokens carry
+    /// the roles they were issued with).
+    pub async fn update_user(&self, org: Uuid, id: Uuid, patch: &UserPatch) -> Result<User> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("user"))?;
+        let row = sqlx::query(&format!(
+            "SELECT {MEMBER_COLUMNS} FROM users u JOIN memberships m ON m.user_id = u.id \
+             WHERE m.org_id = $1 AND u.id = $2"
+        ))
+        .bind(org.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("user"))?;
         let mut u = user_from_row(&row)?;
         let mut cut = false;
         if let Some(n) = &patch.name {
@@ -298,11 +337,10 @@ impl Store {
                 .await?;
         }
         sqlx::query(
-            "UPDATE users SET name = $1, roles = $2, disabled = $3, failed_sign_ins = $4, \
-             locked_until = $5, sessions_not_before = $6 WHERE id = $7",
+            "UPDATE users SET name = $1, disabled = $2, failed_sign_ins = $3, \
+             locked_until = $4, sessions_not_before = $5 WHERE id = $6",
         )
         .bind(&u.name)
-        .bind(serde_json::to_string(&u.roles).map_err(corrupt)?)
         .bind(i64::from(u.disabled))
         .bind(i64::from(u.failed_sign_ins))
         .bind(u.locked_until)
@@ -310,14 +348,14 @@ impl Store {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
-        if cut {
-            sqlx::query(
-                "UPDATE user_sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
-            )
-            .bind(now_ms())
+        sqlx::query("UPDATE memberships SET roles = $1 WHERE org_id = $2 AND user_id = $3")
+            .bind(serde_json::to_string(&u.roles).map_err(corrupt)?)
+            .bind(org.to_string())
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
+        if cut {
+            Self::end_sessions(&mut tx, id).await?;
             self.commit_bumped(tx).await?;
         } else {
             tx.commit().await?;
@@ -325,23 +363,47 @@ impl Store {
         Ok(u)
     }
 
-    /// Deletes a user; their sessions stay, revoked, so that gateways keep refusing their tokens.
-    pub async fn delete_user(&self, id: Uuid) -> Result<()> {
-        let _w = self.write.lock().await;
-        let mut tx = self.pool.begin().await?;
+    async fn end_sessions(tx: &mut sqlx::Transaction<'static, sqlx::Any>, id: Uuid) -> Result<()> {
         sqlx::query(
             "UPDATE user_sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
         )
         .bind(now_ms())
         .bind(id.to_string())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+        Ok(())
+    }
+
+    /// Removes a user from `org`, ending their sessions; a user left in no organization is
+    /// deleted. Their sessions stay, revoked, so that gateways keep refusing their tokens.
+    pub async fn delete_user(&self, org: Uuid, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2")
+            .bind(org.to_string())
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound("user"));
+        }
+        Self::end_sessions(&mut tx, id).await?;
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM memberships WHERE user_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if left == 0 {
+            sqlx::query("DELETE FROM users WHERE id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            // Tokens carry the roles of the organization they were issued for.
+            sqlx::query("UPDATE users SET sessions_not_before = $1 WHERE id = $2")
+                .bind(now_ms() / 1000)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         self.commit_bumped(tx).await?;
         Ok(())
@@ -460,14 +522,15 @@ impl Store {
         user: Uuid,
         ttl_ms: i64,
         amr: &[String],
+        scope: Option<Uuid>,
     ) -> Result<(Session, Secret)> {
         let id = Uuid::new_v4();
         let secret = secrets::new_with_id(SESSION_PREFIX, id);
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO user_sessions (id, user_id, token_hash, created_at, expires_at, amr) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO user_sessions (id, user_id, token_hash, created_at, expires_at, amr, \
+             org_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id.to_string())
         .bind(user.to_string())
@@ -475,6 +538,7 @@ impl Store {
         .bind(now)
         .bind(now + ttl_ms)
         .bind(serde_json::to_string(amr).map_err(corrupt)?)
+        .bind(scope.map(|o| o.to_string()))
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE users SET failed_sign_ins = 0 WHERE id = $1")
@@ -489,6 +553,7 @@ impl Store {
                 created_at: now,
                 expires_at: now + ttl_ms,
                 amr: amr.to_vec(),
+                org_id: scope,
             },
             secret,
         ))
@@ -501,7 +566,7 @@ impl Store {
             return Ok(None);
         };
         let row = sqlx::query(
-            "SELECT id, user_id, token_hash, created_at, expires_at, revoked_at, amr \
+            "SELECT id, user_id, token_hash, created_at, expires_at, revoked_at, amr, org_id \
              FROM user_sessions WHERE id = $1",
         )
         .bind(id.to_string())
@@ -756,6 +821,9 @@ pub struct AuditEntry {
     /// More, e.g. why a sign-in failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The organization it happened in; `None` (sign-ins at control) shows to the default one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<Uuid>,
 }
 
 /// Which audit entries to list.
@@ -778,8 +846,8 @@ impl Store {
     /// Adds a line to the audit log.
     pub async fn record_audit(&self, e: &AuditEntry) -> Result<()> {
         sqlx::query(
-            "INSERT INTO audit_log (id, at, actor, action, target, outcome, client, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO audit_log (id, at, actor, action, target, outcome, client, detail, \
+             org_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(Uuid::new_v4().to_string())
         .bind(e.at)
@@ -789,17 +857,25 @@ impl Store {
         .bind(&e.outcome)
         .bind(e.client.as_deref())
         .bind(e.detail.as_deref())
+        .bind(e.org_id.map(|o| o.to_string()))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Audit entries matching `f`, newest first.
-    pub async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
+    /// The organization's audit entries matching `f`, newest first (the default organization
+    /// also sees those of no organization).
+    pub async fn list_audit(&self, org: Uuid, f: &AuditFilter) -> Result<Vec<AuditEntry>> {
         let mut sql = String::from(
-            "SELECT at, actor, action, target, outcome, client, detail FROM audit_log WHERE 1 = 1",
+            "SELECT at, actor, action, target, outcome, client, detail, org_id FROM audit_log \
+             WHERE (org_id = $1",
         );
-        let mut binds: Vec<String> = Vec::new();
+        sql.push_str(if org == super::DEFAULT_ORG {
+            " OR org_id IS NULL)"
+        } else {
+            ")"
+        });
+        let mut binds: Vec<String> = vec![org.to_string()];
         if let Some(a) = &f.action {
             match a.strip_suffix('*') {
                 Some(prefix) => {
@@ -844,6 +920,10 @@ impl Store {
                     outcome: r.try_get("outcome")?,
                     client: r.try_get("client")?,
                     detail: r.try_get("detail")?,
+                    org_id: r
+                        .try_get::<Option<String>, _>("org_id")?
+                        .map(|o| parse_uuid(&o))
+                        .transpose()?,
                 })
             })
             .collect()
@@ -862,6 +942,8 @@ pub struct ApiKey {
     pub name: String,
     /// Permissions; `None`: every permission (the admin key).
     pub scopes: Option<Vec<String>>,
+    /// The organization it acts in.
+    pub org_id: Uuid,
     /// The user it belongs to, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<Uuid>,
@@ -879,7 +961,9 @@ fn api_key_from_row(r: &AnyRow) -> Result<ApiKey> {
     let id: String = r.try_get("id")?;
     let user: Option<String> = r.try_get("user_id")?;
     let scopes: Option<String> = r.try_get("scopes")?;
+    let org: String = r.try_get("org_id")?;
     Ok(ApiKey {
+        org_id: parse_uuid(&org)?,
         id: parse_uuid(&id)?,
         name: r
             .try_get::<Option<String>, _>("name")?
@@ -895,12 +979,13 @@ fn api_key_from_row(r: &AnyRow) -> Result<ApiKey> {
 }
 
 const KEY_COLUMNS: &str = "id, hash, name, scopes, user_id, created_at, expires_at, last_used_at, \
-     revoked_at";
+     revoked_at, org_id";
 
 impl Store {
-    /// Makes a scoped API key; returns it and its secret (shown once).
+    /// Makes a scoped API key acting in `org`; returns it and its secret (shown once).
     pub async fn create_api_key(
         &self,
+        org: Uuid,
         name: &str,
         scopes: &[String],
         expires_at: Option<i64>,
@@ -909,8 +994,8 @@ impl Store {
         let id = Uuid::new_v4();
         let secret = secrets::new_with_id(API_KEY_PREFIX, id);
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, created_at, name, scopes, expires_at, user_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, hash, created_at, name, scopes, expires_at, user_id, \
+             org_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id.to_string())
         .bind(secrets::digest(&secret))
@@ -919,10 +1004,11 @@ impl Store {
         .bind(serde_json::to_string(scopes).map_err(corrupt)?)
         .bind(expires_at)
         .bind(user.map(|u| u.to_string()))
+        .bind(org.to_string())
         .execute(&self.pool)
         .await?;
         let key = self
-            .list_api_keys()
+            .list_api_keys(org)
             .await?
             .into_iter()
             .find(|k| k.id == id)
@@ -930,11 +1016,13 @@ impl Store {
         Ok((key, secret))
     }
 
-    /// Every live API key (the admin key included), oldest first.
-    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+    /// Every live API key of the organization (its admin key included), oldest first.
+    pub async fn list_api_keys(&self, org: Uuid) -> Result<Vec<ApiKey>> {
         sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id"
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND org_id = $1 \
+             ORDER BY created_at, id"
         ))
+        .bind(org.to_string())
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -942,14 +1030,17 @@ impl Store {
         .collect()
     }
 
-    /// Revokes an API key, with immediate effect.
-    pub async fn revoke_api_key(&self, id: Uuid) -> Result<()> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now_ms())
-                .bind(id.to_string())
-                .execute(&self.pool)
-                .await?;
+    /// Revokes an API key of the organization, with immediate effect.
+    pub async fn revoke_api_key(&self, org: Uuid, id: Uuid) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND org_id = $3 \
+             AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(id.to_string())
+        .bind(org.to_string())
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound("API key"));
         }

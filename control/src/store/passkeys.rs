@@ -4,7 +4,7 @@
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{now_ms, parse_uuid, Result, Store, StoreError};
+use super::{now_ms, parse_uuid, taken, Result, Store, StoreError};
 
 /// A user's passkey, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -42,12 +42,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(_) => {
-                StoreError::Conflict("this passkey is registered already".into())
-            }
-            other => other,
-        })?;
+        .map_err(taken(|| "this passkey is registered already".into()))?;
         Ok(id)
     }
 

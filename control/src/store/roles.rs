@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
+use uuid::Uuid;
 
-use super::{corrupt, now_ms, Result, Store, StoreError};
+use super::{corrupt, now_ms, taken, Result, Store, StoreError};
 
 /// A custom role.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -32,41 +33,44 @@ fn role_from_row(r: &AnyRow) -> Result<CustomRole> {
 }
 
 impl Store {
-    /// Every custom role, by name.
-    pub async fn list_roles(&self) -> Result<Vec<CustomRole>> {
-        sqlx::query("SELECT name, description, permissions, created_at FROM roles ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(role_from_row)
-            .collect()
+    /// Every custom role of the organization, by name.
+    pub async fn list_roles(&self, org: Uuid) -> Result<Vec<CustomRole>> {
+        sqlx::query(
+            "SELECT name, description, permissions, created_at FROM roles WHERE org_id = $1 \
+             ORDER BY name",
+        )
+        .bind(org.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(role_from_row)
+        .collect()
     }
 
     /// Adds a custom role (the caller checked the name is not built in).
-    pub async fn create_role(&self, role: &CustomRole) -> Result<CustomRole> {
+    pub async fn create_role(&self, org: Uuid, role: &CustomRole) -> Result<CustomRole> {
         sqlx::query(
-            "INSERT INTO roles (name, description, permissions, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO roles (org_id, name, description, permissions, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
+        .bind(org.to_string())
         .bind(&role.name)
         .bind(&role.description)
         .bind(serde_json::to_string(&role.permissions).map_err(corrupt)?)
         .bind(now_ms())
         .execute(&self.pool)
         .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(_) => {
-                StoreError::Conflict(format!("a role named {} exists", role.name))
-            }
-            other => other,
-        })?;
-        self.role(&role.name).await
+        .map_err(taken(|| format!("a role named {} exists", role.name)))?;
+        self.role(org, &role.name).await
     }
 
     /// One custom role.
-    pub async fn role(&self, name: &str) -> Result<CustomRole> {
+    pub async fn role(&self, org: Uuid, name: &str) -> Result<CustomRole> {
         let row = sqlx::query(
-            "SELECT name, description, permissions, created_at FROM roles WHERE name = $1",
+            "SELECT name, description, permissions, created_at FROM roles \
+             WHERE org_id = $1 AND name = $2",
         )
+        .bind(org.to_string())
         .bind(name)
         .fetch_optional(&self.pool)
         .await?
@@ -77,30 +81,34 @@ impl Store {
     /// Changes a custom role's description or permissions (in effect at the next request).
     pub async fn update_role(
         &self,
+        org: Uuid,
         name: &str,
         description: Option<&str>,
         permissions: Option<&[String]>,
     ) -> Result<CustomRole> {
-        let mut r = self.role(name).await?;
+        let mut r = self.role(org, name).await?;
         if let Some(d) = description {
             r.description = d.to_owned();
         }
         if let Some(p) = permissions {
             r.permissions = p.to_vec();
         }
-        sqlx::query("UPDATE roles SET description = $1, permissions = $2 WHERE name = $3")
-            .bind(&r.description)
-            .bind(serde_json::to_string(&r.permissions).map_err(corrupt)?)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE roles SET description = $1, permissions = $2 WHERE org_id = $3 AND name = $4",
+        )
+        .bind(&r.description)
+        .bind(serde_json::to_string(&r.permissions).map_err(corrupt)?)
+        .bind(org.to_string())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         Ok(r)
     }
 
     /// Removes a custom role; `Conflict` while a user holds it.
-    pub async fn delete_role(&self, name: &str) -> Result<()> {
+    pub async fn delete_role(&self, org: Uuid, name: &str) -> Result<()> {
         let holders = self
-            .list_users()
+            .list_users(org)
             .await?
             .into_iter()
             .filter(|u| u.roles.iter().any(|r| r == name))
@@ -110,7 +118,8 @@ impl Store {
                 "{holders} user(s) hold the role {name}: take it from them first"
             )));
         }
-        let done = sqlx::query("DELETE FROM roles WHERE name = $1")
+        let done = sqlx::query("DELETE FROM roles WHERE org_id = $1 AND name = $2")
+            .bind(org.to_string())
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -120,9 +129,9 @@ impl Store {
         Ok(())
     }
 
-    /// The permissions `roles` give together: built-in roles' from code, custom ones' from the
-    /// store; a name that is neither gives nothing.
-    pub async fn permissions_of(&self, roles: &[String]) -> Result<BTreeSet<String>> {
+    /// The permissions `roles` give together in the organization: built-in roles' from code,
+    /// custom ones' from the store; a name that is neither gives nothing.
+    pub async fn permissions_of(&self, org: Uuid, roles: &[String]) -> Result<BTreeSet<String>> {
         let mut out = BTreeSet::new();
         let mut custom = Vec::new();
         for r in roles {
@@ -132,7 +141,7 @@ impl Store {
             }
         }
         if !custom.is_empty() {
-            for role in self.list_roles().await? {
+            for role in self.list_roles(org).await? {
                 if custom.contains(&&role.name) {
                     out.extend(role.permissions);
                 }
@@ -141,12 +150,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether `name` is a role (built in or custom).
-    pub async fn role_exists(&self, name: &str) -> Result<bool> {
+    /// Whether `name` is a role (built in, or custom in the organization).
+    pub async fn role_exists(&self, org: Uuid, name: &str) -> Result<bool> {
         if crate::roles::built_in(name).is_some() {
             return Ok(true);
         }
-        match self.role(name).await {
+        match self.role(org, name).await {
             Ok(_) => Ok(true),
             Err(StoreError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),

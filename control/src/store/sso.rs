@@ -12,7 +12,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{corrupt, now_ms, parse_uuid, Result, Store, StoreError, User};
+use super::{corrupt, now_ms, parse_uuid, taken, Result, Store, StoreError, User};
 
 /// Purpose client secrets are sealed under.
 const SECRET_PURPOSE: &str = "idp-client-secret";
@@ -41,6 +41,9 @@ impl ProviderKind {
 pub struct IdentityProvider {
     /// Id.
     pub id: Uuid,
+    /// The organization it signs people in to (a default-organization provider vouches for
+    /// its users everywhere they are members).
+    pub org_id: Uuid,
     /// Short name, in URLs: `/auth/sso/<name>`.
     pub name: String,
     /// Kind.
@@ -68,6 +71,8 @@ pub struct IdentityProvider {
 /// A new identity provider (validated).
 #[derive(Debug, Clone)]
 pub struct NewIdentityProvider {
+    /// The organization.
+    pub org_id: Uuid,
     /// Short name.
     pub name: String,
     /// Kind.
@@ -108,7 +113,7 @@ pub struct ExternalAccount {
 }
 
 const PROVIDER_COLUMNS: &str = "id, name, kind, display_name, issuer, client_id, scopes, \
-     role_claim, role_map, default_roles, auto_provision, created_at";
+     role_claim, role_map, default_roles, auto_provision, created_at, org_id";
 
 fn provider_from_row(row: &AnyRow) -> Result<IdentityProvider> {
     let id: String = row.try_get("id")?;
@@ -116,6 +121,7 @@ fn provider_from_row(row: &AnyRow) -> Result<IdentityProvider> {
     let json = |c: &str| -> Result<String> { Ok(row.try_get::<String, _>(c)?) };
     Ok(IdentityProvider {
         id: parse_uuid(&id)?,
+        org_id: parse_uuid(&json("org_id")?)?,
         name: row.try_get("name")?,
         kind: match kind.as_str() {
             "oidc" => ProviderKind::Oidc,
@@ -156,7 +162,8 @@ impl Store {
         sqlx::query(
             "INSERT INTO identity_providers (id, name, kind, display_name, issuer, client_id, \
              client_secret_sealed, scopes, role_claim, role_map, default_roles, auto_provision, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             created_at, org_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -171,14 +178,12 @@ impl Store {
         .bind(serde_json::to_string(&new.default_roles).map_err(corrupt)?)
         .bind(i64::from(new.auto_provision))
         .bind(now_ms())
+        .bind(new.org_id.to_string())
         .execute(&self.pool)
         .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(_) => {
-                StoreError::Conflict(format!("an identity provider named {} exists", new.name))
-            }
-            other => other,
-        })?;
+        .map_err(taken(|| {
+            format!("an identity provider named {} exists", new.name)
+        }))?;
         self.identity_provider(id).await
     }
 
@@ -213,7 +218,7 @@ impl Store {
         Ok(Some((provider_from_row(&row)?, Secret::new(secret))))
     }
 
-    /// Every identity provider, by name.
+    /// Every identity provider of every organization, by name.
     pub async fn list_identity_providers(&self) -> Result<Vec<IdentityProvider>> {
         sqlx::query(&format!(
             "SELECT {PROVIDER_COLUMNS} FROM identity_providers ORDER BY name"
@@ -246,14 +251,21 @@ impl Store {
 
     /// The user an account at `provider` is: found by its subject; else an existing user with
     /// the same e-mail address, linked only when the provider verified it; else a new user when
-    /// the provider provisions. When the provider maps roles, the user's roles follow it (a
-    /// change ends their other sessions, as any change of roles does). `Invalid` with a message
-    /// for the person when none applies.
+    /// the provider provisions. The user ends up a member of the provider's organization (a
+    /// provider that provisions adds them). When the provider maps roles, the user's roles
+    /// there follow it (a change ends their other sessions, as any change of roles does).
+    /// `Invalid` with a message for the person when none applies.
+    ///
+    /// A provider of an organization other than the default one never takes over an account
+    /// it does not already know: it links by e-mail only accounts that are members of its
+    /// organization, and it provisions only addresses no account has. Otherwise the admin of
+    /// one organization could, with their own provider, sign in as a member of another.
     pub async fn sso_user(
         &self,
         provider: &IdentityProvider,
         account: &ExternalAccount,
     ) -> Result<User> {
+        let org = provider.org_id;
         let linked: Option<String> = sqlx::query_scalar(
             "SELECT user_id FROM user_identities WHERE provider_id = $1 AND subject = $2",
         )
@@ -261,11 +273,22 @@ impl Store {
         .bind(&account.subject)
         .fetch_optional(&self.pool)
         .await?;
+        let roles = provider_roles(provider, account.mapped_roles.as_deref());
         let user = match linked {
             Some(id) => self.get_user(parse_uuid(&id)?).await?,
             None => {
                 let user = match self.user_by_email(&account.email).await? {
-                    Some((user, _)) if account.email_verified => user,
+                    Some((user, _)) if account.email_verified => {
+                        let member = self.member_roles(org, user.id).await?.is_some();
+                        if org != super::DEFAULT_ORG && !member {
+                            return Err(StoreError::Invalid(format!(
+                                "an account with {} exists and is not a member of this \
+                                 organization: ask its administrator to add it",
+                                account.email
+                            )));
+                        }
+                        user
+                    }
                     Some(_) => {
                         return Err(StoreError::Invalid(format!(
                             "an account with {} exists, and {} has not verified that address",
@@ -273,13 +296,15 @@ impl Store {
                         )))
                     }
                     None if provider.auto_provision => {
-                        let roles = provider_roles(provider, account.mapped_roles.as_deref());
-                        self.create_user(&super::NewUser {
-                            email: account.email.clone(),
-                            name: account.name.clone(),
-                            password_hash: None,
-                            roles,
-                        })
+                        self.create_user(
+                            org,
+                            &super::NewUser {
+                                email: account.email.clone(),
+                                name: account.name.clone(),
+                                password_hash: None,
+                                roles: roles.clone(),
+                            },
+                        )
                         .await?
                     }
                     None => {
@@ -303,23 +328,31 @@ impl Store {
                 user
             }
         };
-        match &account.mapped_roles {
-            Some(mapped) => {
-                let roles = provider_roles(provider, Some(mapped));
-                if roles != user.roles {
-                    return self
-                        .update_user(
-                            user.id,
-                            &super::UserPatch {
-                                roles: Some(roles),
-                                ..Default::default()
-                            },
-                        )
-                        .await;
-                }
-                Ok(user)
+        let current = match self.member_roles(org, user.id).await? {
+            Some(r) => r,
+            None if provider.auto_provision => {
+                self.add_member(org, user.id, &roles).await?;
+                roles.clone()
             }
-            None => Ok(user),
+            None => {
+                return Err(StoreError::Invalid(format!(
+                    "{} is not a member of this organization: ask its administrator to add it",
+                    account.email
+                )))
+            }
+        };
+        if account.mapped_roles.is_some() && roles != current {
+            return self
+                .update_user(
+                    org,
+                    user.id,
+                    &super::UserPatch {
+                        roles: Some(roles),
+                        ..Default::default()
+                    },
+                )
+                .await;
         }
+        self.get_member(org, user.id).await
     }
 }

@@ -6,5 +6,6 @@
 mod api;
 mod common;
 mod store;
+mod tenants;
 mod upgrade;
 mod ws;

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use kakuremichi_control::activity::NodeActivity;
 use kakuremichi_control::store::{
-    NewResource, NewTarget, Node, Resource, ResourcePatch, Store, StoreError,
+    NewResource, NewTarget, Node, Resource, ResourcePatch, Store, StoreError, DEFAULT_ORG,
 };
 use kakuremichi_proto::{ConfigSnapshot, NodeKind, RouteProtocol, Secret, WgPublicKey};
 
@@ -19,7 +19,7 @@ fn key(b: u8) -> WgPublicKey {
 /// Creates a site (an agent node); returns it and its enrollment token.
 async fn add_site(store: &Store, name: &str) -> (Node, Secret) {
     store
-        .create_node(NodeKind::Agent, name, None)
+        .create_node(NodeKind::Agent, DEFAULT_ORG, name, None)
         .await
         .unwrap()
 }
@@ -27,7 +27,7 @@ async fn add_site(store: &Store, name: &str) -> (Node, Secret) {
 /// Creates a gateway; returns it and its enrollment token.
 async fn add_gateway(store: &Store, name: &str, endpoint: &str) -> (Node, Secret) {
     store
-        .create_node(NodeKind::Gateway, name, Some(endpoint))
+        .create_node(NodeKind::Gateway, DEFAULT_ORG, name, Some(endpoint))
         .await
         .unwrap()
 }
@@ -106,6 +106,7 @@ async fn sso_links_roles_and_passkey_challenges(store: Store) {
     // A provider: the secret is sealed, read back only by name.
     let p = store
         .create_identity_provider(&NewIdentityProvider {
+            org_id: DEFAULT_ORG,
             name: "corp".into(),
             kind: ProviderKind::Oidc,
             display_name: "Corp".into(),
@@ -129,6 +130,7 @@ async fn sso_links_roles_and_passkey_challenges(store: Store) {
     assert!(matches!(
         store
             .create_identity_provider(&NewIdentityProvider {
+                org_id: DEFAULT_ORG,
                 name: "corp".into(),
                 kind: ProviderKind::Github,
                 display_name: "x".into(),
@@ -165,12 +167,15 @@ async fn sso_links_roles_and_passkey_challenges(store: Store) {
     assert!(again.roles.is_empty(), "roles follow the provider");
     // An unverified address never links to an existing user.
     store
-        .create_user(&NewUser {
-            email: "bob@example.com".into(),
-            name: "Bob".into(),
-            password_hash: None,
-            roles: vec!["admin".into()],
-        })
+        .create_user(
+            DEFAULT_ORG,
+            &NewUser {
+                email: "bob@example.com".into(),
+                name: "Bob".into(),
+                password_hash: None,
+                roles: vec!["admin".into()],
+            },
+        )
         .await
         .unwrap();
     let mut bob = account("bob@example.com", false, &[]);
@@ -182,24 +187,31 @@ async fn sso_links_roles_and_passkey_challenges(store: Store) {
 
     // Roles: permissions are the union; a role in use cannot go.
     store
-        .create_role(&CustomRole {
-            name: "deployer".into(),
-            description: String::new(),
-            permissions: vec!["resource:write".into()],
-            created_at: 0,
-        })
+        .create_role(
+            DEFAULT_ORG,
+            &CustomRole {
+                name: "deployer".into(),
+                description: String::new(),
+                permissions: vec!["resource:write".into()],
+                created_at: 0,
+            },
+        )
         .await
         .unwrap();
     let perms = store
-        .permissions_of(&["viewer".into(), "deployer".into(), "nobody".into()])
+        .permissions_of(
+            DEFAULT_ORG,
+            &["viewer".into(), "deployer".into(), "nobody".into()],
+        )
         .await
         .unwrap();
     assert!(perms.contains("resource:read") && perms.contains("resource:write"));
     assert!(!perms.contains("site:write"));
-    assert!(store.role_exists("deployer").await.unwrap());
-    assert!(!store.role_exists("nobody").await.unwrap());
+    assert!(store.role_exists(DEFAULT_ORG, "deployer").await.unwrap());
+    assert!(!store.role_exists(DEFAULT_ORG, "nobody").await.unwrap());
     store
         .update_user(
+            DEFAULT_ORG,
             ann.id,
             &kakuremichi_control::store::UserPatch {
                 roles: Some(vec!["deployer".into()]),
@@ -209,7 +221,7 @@ async fn sso_links_roles_and_passkey_challenges(store: Store) {
         .await
         .unwrap();
     assert!(matches!(
-        store.delete_role("deployer").await,
+        store.delete_role(DEFAULT_ORG, "deployer").await,
         Err(StoreError::Conflict(_))
     ));
 
@@ -277,21 +289,27 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
         .await
         .unwrap();
     let ann = store
-        .create_user(&NewUser {
-            email: "ann@example.com".into(),
-            name: "Ann".into(),
-            password_hash: Some(hash),
-            roles: vec!["member".into()],
-        })
+        .create_user(
+            DEFAULT_ORG,
+            &NewUser {
+                email: "ann@example.com".into(),
+                name: "Ann".into(),
+                password_hash: Some(hash),
+                roles: vec!["member".into()],
+            },
+        )
         .await
         .unwrap();
     let dup = store
-        .create_user(&NewUser {
-            email: "ann@example.com".into(),
-            name: "Other".into(),
-            password_hash: None,
-            roles: vec![],
-        })
+        .create_user(
+            DEFAULT_ORG,
+            &NewUser {
+                email: "ann@example.com".into(),
+                name: "Other".into(),
+                password_hash: None,
+                roles: vec![],
+            },
+        )
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
     let (found, hash) = store
@@ -320,6 +338,7 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
     assert_eq!(store.get_user(ann.id).await.unwrap().locked_until, until);
     let u = store
         .update_user(
+            DEFAULT_ORG,
             ann.id,
             &UserPatch {
                 unlock: true,
@@ -344,7 +363,7 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
     });
     store.create_resource(&r).await.unwrap();
     let (s1, cookie) = store
-        .create_session(ann.id, 60_000, &["pwd".into()])
+        .create_session(ann.id, 60_000, &["pwd".into()], None)
         .await
         .unwrap();
     let (found, user) = store.session_by_cookie(&cookie).await.unwrap().unwrap();
@@ -387,11 +406,12 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
 
     // Disabling cuts every token; rotating keeps the old key verifying.
     let (s2, cookie2) = store
-        .create_session(ann.id, 60_000, &["pwd".into()])
+        .create_session(ann.id, 60_000, &["pwd".into()], None)
         .await
         .unwrap();
     store
         .update_user(
+            DEFAULT_ORG,
             ann.id,
             &UserPatch {
                 disabled: Some(true),
@@ -414,7 +434,7 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
     assert_eq!(store.signer().await.unwrap().kid, kid);
 
     // A deleted user's sessions stay revoked.
-    store.delete_user(ann.id).await.unwrap();
+    store.delete_user(DEFAULT_ORG, ann.id).await.unwrap();
     assert!(matches!(
         store.get_user(ann.id).await,
         Err(StoreError::NotFound(_))
@@ -444,25 +464,32 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
                     "201".into()
                 },
                 client: Some("127.0.0.1".into()),
+                org_id: None,
                 detail: None,
             })
             .await
             .unwrap();
     }
-    let all = store.list_audit(&AuditFilter::default()).await.unwrap();
+    let all = store
+        .list_audit(DEFAULT_ORG, &AuditFilter::default())
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
     assert_eq!(all[0].action, "POST /api/v1/sites", "newest first");
     let posts = AuditFilter {
         action: Some("POST *".into()),
         ..Default::default()
     };
-    assert_eq!(store.list_audit(&posts).await.unwrap().len(), 2);
+    assert_eq!(
+        store.list_audit(DEFAULT_ORG, &posts).await.unwrap().len(),
+        2
+    );
     let denied = AuditFilter {
         outcome: Some("denied".into()),
         ..Default::default()
     };
     assert_eq!(
-        store.list_audit(&denied).await.unwrap()[0].action,
+        store.list_audit(DEFAULT_ORG, &denied).await.unwrap()[0].action,
         "sign_in"
     );
     let recent = AuditFilter {
@@ -470,19 +497,27 @@ async fn users_sessions_keys_and_revocations_reach_gateways(store: Store) {
         limit: Some(1),
         ..Default::default()
     };
-    assert_eq!(store.list_audit(&recent).await.unwrap().len(), 1);
+    assert_eq!(
+        store.list_audit(DEFAULT_ORG, &recent).await.unwrap().len(),
+        1
+    );
     let by = AuditFilter {
         actor: Some("admin-key:x".into()),
         ..Default::default()
     };
-    assert_eq!(store.list_audit(&by).await.unwrap().len(), 2);
+    assert_eq!(store.list_audit(DEFAULT_ORG, &by).await.unwrap().len(), 2);
 }
 
 async fn acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only(store: Store) {
     use kakuremichi_control::store::{CertStatus, ChallengeKind, Issued, StoredChallenge};
     // Without a secrets key, certificates are refused (keys are never kept in the clear).
     let refused = store
-        .create_acme_certificate(&["a.example".into()], ChallengeKind::Http01, false)
+        .create_acme_certificate(
+            DEFAULT_ORG,
+            &["a.example".into()],
+            ChallengeKind::Http01,
+            false,
+        )
         .await;
     assert!(
         matches!(refused, Err(StoreError::Invalid(_))),
@@ -494,7 +529,12 @@ async fn acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only
     let (gw, _) = add_gateway(&store, "edge", "203.0.113.1:51820").await;
     let (site, _) = add_site(&store, "home").await;
     let c = store
-        .create_acme_certificate(&["a.example".into()], ChallengeKind::Http01, false)
+        .create_acme_certificate(
+            DEFAULT_ORG,
+            &["a.example".into()],
+            ChallengeKind::Http01,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(c.status, CertStatus::Pending);
@@ -656,7 +696,9 @@ async fn node_crud(store: Store) {
     assert_eq!(gw.endpoint.as_deref(), Some("203.0.113.1:51820"));
     // Names are unique per kind.
     assert!(matches!(
-        store.create_node(NodeKind::Agent, "home", None).await,
+        store
+            .create_node(NodeKind::Agent, DEFAULT_ORG, "home", None)
+            .await,
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(store.list_nodes(NodeKind::Agent).await.unwrap().len(), 1);

@@ -45,6 +45,8 @@ async fn check(store: &Store) {
     let r = &resources[0];
     assert_eq!(r.id.to_string(), RESOURCE);
     assert_eq!(r.hostname, "demo.localhost");
+    // 0013: what existed before organizations is the default organization's.
+    assert_eq!(r.org_id, kakuremichi_control::store::DEFAULT_ORG);
     assert_eq!(r.protocol, RouteProtocol::Http);
     assert_eq!(r.public_port, None);
     assert!(!r.redirect_https);
@@ -58,6 +60,7 @@ async fn check(store: &Store) {
         .await
         .unwrap();
     assert!(site.enrolled());
+    assert_eq!(site.org_id, kakuremichi_control::store::DEFAULT_ORG);
     // The upgraded table takes new rows of both kinds.
     let tcp = store
         .create_resource(&kakuremichi_control::store::NewResource {
