@@ -7,7 +7,6 @@
 //! own hostname. Forms carry a CSRF token matched against a `SameSite=Strict` cookie.
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::header::{CACHE_CONTROL, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE};
@@ -438,18 +437,23 @@ async fn sign_in_page(
     if let Some((session, user)) = current_session(&state, &headers).await {
         return match ret {
             Some(ret) => grant(&state, &session, &user, &ret).await,
-            None => page(
-                StatusCode::OK,
-                "Signed in",
-                &format!(
-                    "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
-                 <a href=\"/auth/sign-out\">Sign out</a></p>",
-                    escape(&user.email)
-                ),
-            ),
+            None => signed_in_page(&user),
         };
     }
     sign_in_again(&state, &headers, &q, "", StatusCode::OK, None).await
+}
+
+/// "You are signed in", for a sign-in that came from no resource.
+fn signed_in_page(user: &User) -> Response {
+    page(
+        StatusCode::OK,
+        "Signed in",
+        &format!(
+            "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
+             <a href=\"/auth/sign-out\">Sign out</a></p>",
+            escape(&user.email)
+        ),
+    )
 }
 
 /// The sign-in page (password form, passkey button, single sign-on links), with an error.
@@ -538,7 +542,7 @@ async fn sign_in(
             &sign_in_form(&csrf, &q, &form.email, Some(message)),
         )
     };
-    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+    if let Err(wait) = state.take_sign_in(peer.ip()).await {
         tracing::warn!(client = %peer.ip(), "sign-in refused: too many attempts from this address");
         let email = form.email.trim().to_ascii_lowercase();
         audit(
@@ -778,7 +782,7 @@ async fn sign_in_totp(
             "this form expired; please sign in again",
         );
     }
-    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+    if let Err(wait) = state.take_sign_in(peer.ip()).await {
         let mut r = page(
             StatusCode::TOO_MANY_REQUESTS,
             "Sign in",
@@ -963,15 +967,7 @@ pub(crate) async fn finish(
     );
     let mut r = match ret {
         Some(ret) => grant(state, &session, user, &ret).await,
-        None => page(
-            StatusCode::OK,
-            "Signed in",
-            &format!(
-                "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
-                 <a href=\"/auth/sign-out\">Sign out</a></p>",
-                escape(&user.email)
-            ),
-        ),
+        None => signed_in_page(user),
     };
     if let Ok(v) = HeaderValue::from_str(&set) {
         r.headers_mut().append(SET_COOKIE, v);
@@ -1162,7 +1158,7 @@ async fn setup(
             "this form expired; open /setup again",
         );
     }
-    if let Err(wait) = state.sign_in.take(peer.ip(), Instant::now()) {
+    if let Err(wait) = state.take_sign_in(peer.ip()).await {
         return again(
             StatusCode::TOO_MANY_REQUESTS,
             &format!(

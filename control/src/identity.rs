@@ -32,7 +32,9 @@ pub fn mint(signer: &Signer, claims: &SessionClaims) -> Result<String, SignError
         .map_err(|e| SignError(e.to_string()))
 }
 
-/// The sign-in rate limit: a token bucket per client address.
+/// The sign-in rate limit: a token bucket per client address, in this process. Control counts in
+/// the store ([`crate::store::Store::take_sign_in`]), shared by every replica, and falls back to
+/// this one only when the store cannot answer.
 #[derive(Debug)]
 pub struct SignInLimits {
     per_minute: u32,
@@ -52,6 +54,11 @@ impl SignInLimits {
             per_minute: per_minute.max(1),
             buckets: Mutex::default(),
         }
+    }
+
+    /// The limit, per minute.
+    pub fn per_minute(&self) -> u32 {
+        self.per_minute
     }
 
     /// Takes one attempt for `ip` at `now`; `Err(wait)` when none is left.

@@ -215,6 +215,25 @@ impl AppState {
         }
     }
 
+    /// One sign-in attempt from `ip`: counted in the store's bucket for that address (shared by
+    /// every replica), or in this process's own when the store cannot answer. `Err(wait)` when
+    /// the address has no attempt left.
+    pub async fn take_sign_in(&self, ip: std::net::IpAddr) -> Result<(), std::time::Duration> {
+        let per_minute = self.sign_in.per_minute();
+        match self
+            .store
+            .take_sign_in(&ip.to_string(), per_minute, crate::store::now_ms())
+            .await
+        {
+            Ok(None) => Ok(()),
+            Ok(Some(ms)) => Err(std::time::Duration::from_millis(ms.max(1) as u64)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count a sign-in attempt in the store; counting here");
+                self.sign_in.take(ip, std::time::Instant::now())
+            }
+        }
+    }
+
     /// Whether `key` is a valid admin key.
     pub async fn check_admin_key(&self, key: &Secret) -> Result<bool, StoreError> {
         self.store.verify_admin_key(key).await

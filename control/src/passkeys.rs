@@ -99,12 +99,23 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
     )
 }
 
-/// The CSRF token a script sends, in a header.
-fn csrf_header(headers: &HeaderMap) -> &str {
-    headers
+/// The relying party, for a script's request whose CSRF header (`X-CSRF-Token`) matches the
+/// page's cookie; otherwise the JSON answer that says why not.
+fn ready(state: &AppState, headers: &HeaderMap) -> Result<Arc<Webauthn>, Box<Response>> {
+    let Some(wa) = state.passkeys.clone() else {
+        return Err(Box::new(off()));
+    };
+    let sent = headers
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+        .unwrap_or("");
+    if !csrf_ok(headers, sent) {
+        return Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            "this page expired; reload it and try again",
+        )));
+    }
+    Ok(wa)
 }
 
 fn cred_id_text(pk: &Passkey) -> String {
@@ -115,15 +126,10 @@ fn cred_id_text(pk: &Passkey) -> String {
 }
 
 async fn register_options(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let Some(wa) = state.passkeys.clone() else {
-        return off();
+    let wa = match ready(&state, &headers) {
+        Ok(wa) => wa,
+        Err(r) => return *r,
     };
-    if !csrf_ok(&headers, csrf_header(&headers)) {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "this page expired; reload it and try again",
-        );
-    }
     let Some((_, user)) = current_session(&state, &headers).await else {
         return json_error(StatusCode::UNAUTHORIZED, "sign in first");
     };
@@ -170,15 +176,10 @@ async fn register(
     headers: HeaderMap,
     body: Result<Json<RegisterBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(wa) = state.passkeys.clone() else {
-        return off();
+    let wa = match ready(&state, &headers) {
+        Ok(wa) => wa,
+        Err(r) => return *r,
     };
-    if !csrf_ok(&headers, csrf_header(&headers)) {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "this page expired; reload it and try again",
-        );
-    }
     let Some((_, user)) = current_session(&state, &headers).await else {
         return json_error(StatusCode::UNAUTHORIZED, "sign in first");
     };
@@ -266,16 +267,11 @@ async fn sign_in_options(
     headers: HeaderMap,
     body: Result<Json<SignInOptionsBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(wa) = state.passkeys.clone() else {
-        return off();
+    let wa = match ready(&state, &headers) {
+        Ok(wa) => wa,
+        Err(r) => return *r,
     };
-    if !csrf_ok(&headers, csrf_header(&headers)) {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "this page expired; reload it and try again",
-        );
-    }
-    if let Err(wait) = state.sign_in.take(peer.ip(), std::time::Instant::now()) {
+    if let Err(wait) = state.take_sign_in(peer.ip()).await {
         return json_error(
             StatusCode::TOO_MANY_REQUESTS,
             &format!(

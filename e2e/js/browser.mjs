@@ -7,19 +7,9 @@
 // consents, and loads the resource again. Prints one JSON line:
 //   { "landed": { url, status, text } where the sign-in ended,
 //     "status", "url", "text": the resource loaded again, "cookies": [...] }
-import { chromium } from 'playwright-core';
+import { drive } from './chromium.mjs';
 
-const args = JSON.parse(process.argv[2]);
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-    '--disable-sync', '--disable-gpu', '--disable-quic', '--no-first-run'],
-});
-let out;
-try {
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  page.setDefaultTimeout(20000);
+await drive(async ({ args, context, page }) => {
   let lastNav = null;
   page.on('response', (r) => {
     if (r.request().isNavigationRequest() && r.frame() === page.mainFrame()) lastNav = r;
@@ -53,11 +43,6 @@ try {
   const landed = { url: page.url(), status: lastNav ? lastNav.status() : null, text: await page.innerText('body') };
   // The resource again, now with the session cookie (the tests' main check).
   const again = await page.goto(args.url);
-  out = { landed, status: again.status(), url: page.url(), text: await page.innerText('body'),
+  return { landed, status: again.status(), url: page.url(), text: await page.innerText('body'),
     cookies: (await context.cookies()).map((c) => ({ name: c.name, domain: c.domain, httpOnly: c.httpOnly, sameSite: c.sameSite })) };
-} catch (e) {
-  out = { error: String(e && e.stack || e) };
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(out));
+});

@@ -5,19 +5,9 @@
 // usage: node passkey.mjs '{"control": "http://localhost:PORT", "url": resource URL,
 //                           "email": ..., "password": ...}'
 // Prints one JSON line: { added, status, text, amr, sign_count, refused_replay }.
-import { chromium } from 'playwright-core';
+import { drive } from './chromium.mjs';
 
-const args = JSON.parse(process.argv[2]);
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-    '--disable-sync', '--disable-gpu', '--disable-quic', '--no-first-run'],
-});
-let out;
-try {
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  page.setDefaultTimeout(20000);
+await drive(async ({ args, context, page }) => {
   const cdp = await context.newCDPSession(page);
   await cdp.send('WebAuthn.enable');
   const { authenticatorId } = await cdp.send('WebAuthn.addVirtualAuthenticator', {
@@ -57,11 +47,6 @@ try {
   // The account page says how this session signed in.
   await page.goto(args.control + '/account');
   const account = await page.innerText('body');
-  out = { added, listed, sign_in_url: signInUrl, status, text, account,
+  return { added, listed, sign_in_url: signInUrl, status, text, account,
     sign_count: credentials.map((c) => c.signCount) };
-} catch (e) {
-  out = { error: String(e && e.stack || e) };
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(out));
+});

@@ -241,3 +241,36 @@ pub async fn protect_demo(stack: &Stack, access: serde_json::Value) -> anyhow::R
     )
     .await
 }
+
+/// The hostname of [`private_resource`].
+pub const PRIVATE_HOST: &str = "private.localhost";
+
+/// Creates a user (`user`: the body of `POST /api/v1/users`) and the resource [`PRIVATE_HOST`]
+/// on the stack's site, to the demo app, with the sign-in policy `access`.
+pub async fn private_resource(
+    stack: &Stack,
+    user: serde_json::Value,
+    access: serde_json::Value,
+) -> anyhow::Result<()> {
+    let (status, body) = stack
+        .api
+        .call(Method::POST, "/api/v1/users", Some(user))
+        .await?;
+    anyhow::ensure!(status == 201, "creating the user: {status} {body}");
+    let (status, body) = stack
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/resources",
+            Some(serde_json::json!({
+                "hostname": PRIVATE_HOST, "site_id": stack.site_id,
+                "target": stack.opts.app_listen.to_string(), "access": access
+            })),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "creating the private resource: {status} {body}"
+    );
+    Ok(())
+}

@@ -453,7 +453,8 @@ fn text(status: StatusCode, body: String) -> AuthResponse {
     r
 }
 
-fn html_escape(s: &str) -> String {
+/// Text made safe inside HTML elements and double-quoted attributes.
+pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

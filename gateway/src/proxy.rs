@@ -155,7 +155,7 @@ impl ProxyError {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/html"));
         let (content_type, body) = if wants_html {
-            let escaped = html_escape(&message);
+            let escaped = crate::auth::html_escape(&message);
             let status = self.status();
             (
                 "text/html; charset=utf-8",
@@ -181,13 +181,6 @@ impl ProxyError {
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
     }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 fn full(s: String) -> ProxyBody {

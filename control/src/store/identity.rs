@@ -409,6 +409,46 @@ impl Store {
         Ok(())
     }
 
+    /// Takes one sign-in attempt for the client address `ip` from its token bucket: `per_minute`
+    /// attempts a minute, in bursts of as many. The bucket lives in the store, so every control
+    /// replica counts against the same one. `Ok(None)`: go on; `Ok(Some(ms))`: refused, a token
+    /// comes back in `ms`. A refused attempt takes nothing.
+    pub async fn take_sign_in(&self, ip: &str, per_minute: u32, now: i64) -> Result<Option<i64>> {
+        let cap = f64::from(per_minute.max(1));
+        let rate = cap / 60_000.0;
+        // r = the tokens refilled since `at`, at most `cap`. Granted when r >= 1 (then r - 1
+        // stay); refused otherwise (r stays, at least 0).
+        let r = "(sign_in_buckets.tokens + ($3 - sign_in_buckets.at) * $4)";
+        let row = sqlx::query(&format!(
+            "INSERT INTO sign_in_buckets (ip, tokens, at, granted) VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (ip) DO UPDATE SET \
+               tokens = CASE WHEN {r} >= $5 THEN $5 - 1 WHEN {r} >= 1 THEN {r} - 1 \
+                 WHEN {r} < 0 THEN 0 ELSE {r} END, \
+               granted = CASE WHEN {r} >= 1 THEN 1 ELSE 0 END, \
+               at = $3 \
+             RETURNING tokens, granted"
+        ))
+        .bind(ip)
+        .bind(cap - 1.0)
+        .bind(now)
+        .bind(rate)
+        .bind(cap)
+        .fetch_one(&self.pool)
+        .await?;
+        let tokens: f64 = row.try_get("tokens")?;
+        let granted: i64 = row.try_get("granted")?;
+        // Buckets idle long enough to be full again are the ones that cost nothing to forget.
+        sqlx::query("DELETE FROM sign_in_buckets WHERE at < $1")
+            .bind(now - 120_000)
+            .execute(&self.pool)
+            .await?;
+        if granted != 0 {
+            Ok(None)
+        } else {
+            Ok(Some(((1.0 - tokens) / rate).ceil() as i64))
+        }
+    }
+
     /// Counts a wrong password: after `max_failures` in a row the account is locked for
     /// `lock_ms`. Returns the user's lock expiry, if locked now.
     pub async fn record_failed_sign_in(

@@ -1081,3 +1081,50 @@ async fn roles_are_permission_sets_and_a_personal_key_holds_what_its_user_may_at
     let (status, _) = app.delete("/api/v1/roles/deployer").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+/// Two control replicas on one store count sign-in attempts from an address together: the limit
+/// holds across them (here 3 a minute, alternating replicas), then 429 with `Retry-After`.
+#[tokio::test]
+async fn the_sign_in_rate_limit_is_shared_by_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("control.db").display()
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = kakuremichi_control::store::Store::connect(
+            &url,
+            kakuremichi_control::overlay::OverlayNet::DEFAULT,
+        )
+        .await
+        .unwrap();
+        let mut state = kakuremichi_control::AppState::new(store);
+        state.sign_in = std::sync::Arc::new(kakuremichi_control::identity::SignInLimits::new(3));
+        replicas.push(app(state));
+    }
+    let csrf = "c".repeat(43);
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/auth/sign-in")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, format!("kakuremichi_csrf={csrf}"))
+            .body(Body::from(format!(
+                "email=nobody%40example.com&password=wrong-password&csrf={csrf}"
+            )))
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                [192, 0, 2, 7],
+                40000,
+            ))));
+        let resp = replicas[i % 2].clone().oneshot(req).await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(resp.headers().contains_key(header::RETRY_AFTER));
+        }
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429]);
+}

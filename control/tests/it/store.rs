@@ -94,7 +94,54 @@ on_both_backends!(
     acme_certificates_are_leased_retried_issued_and_pushed_to_gateways_only,
     users_sessions_keys_and_revocations_reach_gateways,
     sso_links_roles_and_passkey_challenges,
+    sign_in_buckets_refill_and_keep_each_address_apart,
 );
+
+/// The sign-in rate limit's buckets: bursts of the limit, one token back every 60 s / limit, each
+/// address on its own, and a refused attempt costs nothing more.
+async fn sign_in_buckets_refill_and_keep_each_address_apart(store: Store) {
+    let t0 = 1_000_000_000_000;
+    for _ in 0..3 {
+        assert_eq!(store.take_sign_in("192.0.2.1", 3, t0).await.unwrap(), None);
+    }
+    let wait = store.take_sign_in("192.0.2.1", 3, t0).await.unwrap();
+    assert_eq!(wait, Some(20_000), "one token comes back in 60 s / 3");
+    // Hammering does not push it further away.
+    for _ in 0..10 {
+        assert_eq!(
+            store.take_sign_in("192.0.2.1", 3, t0).await.unwrap(),
+            Some(20_000)
+        );
+    }
+    assert_eq!(store.take_sign_in("192.0.2.2", 3, t0).await.unwrap(), None);
+    assert_eq!(
+        store
+            .take_sign_in("192.0.2.1", 3, t0 + 10_000)
+            .await
+            .unwrap(),
+        Some(10_000)
+    );
+    assert_eq!(
+        store
+            .take_sign_in("192.0.2.1", 3, t0 + 20_000)
+            .await
+            .unwrap(),
+        None
+    );
+    // A minute idle fills the bucket again, and never above the limit.
+    let later = t0 + 3_600_000;
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_sign_in("192.0.2.1", 3, later).await.unwrap(),
+            None
+        );
+    }
+    assert!(store
+        .take_sign_in("192.0.2.1", 3, later)
+        .await
+        .unwrap()
+        .is_some());
+}
 
 async fn sso_links_roles_and_passkey_challenges(store: Store) {
     use kakuremichi_control::store::{

@@ -150,31 +150,12 @@ async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
     opts.gateway_args = vec!["--max-connections-per-client".into(), "100000".into()];
     let stack = Stack::start_with(opts).await?;
     let password = "bench password 1234";
-    let (status, body) = stack
-        .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/users",
-            Some(serde_json::json!({"email": "bench@example.com", "password": password})),
-        )
-        .await?;
-    anyhow::ensure!(status == 201, "creating the user: {status} {body}");
-    let (status, body) = stack
-        .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/resources",
-            Some(serde_json::json!({
-                "hostname": "private.localhost", "site_id": stack.site_id,
-                "target": stack.opts.app_listen.to_string(),
-                "access": {"roles": ["member"]}
-            })),
-        )
-        .await?;
-    anyhow::ensure!(
-        status == 201,
-        "creating the private resource: {status} {body}"
-    );
+    kakuremichi_e2e::identity::private_resource(
+        &stack,
+        serde_json::json!({"email": "bench@example.com", "password": password}),
+        serde_json::json!({"roles": ["member"]}),
+    )
+    .await?;
     let port = stack.opts.gateway_http_for_test.port();
     let url = format!("http://private.localhost:{port}/bytes/1024");
     // The gateway learns of the new resource within a config push.

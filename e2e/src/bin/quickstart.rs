@@ -43,32 +43,15 @@ async fn main() -> anyhow::Result<()> {
     )?;
     // A second resource that needs sign-in, and a user who may reach it.
     let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 16);
-    let (status, body) = stack
-        .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/users",
-            Some(serde_json::json!({
-                "email": "demo@example.com", "name": "Demo User", "password": password
-            })),
-        )
-        .await?;
-    anyhow::ensure!(status == 201, "creating the demo user: {status} {body}");
-    let (status, body) = stack
-        .api
-        .call(
-            reqwest::Method::POST,
-            "/api/v1/resources",
-            Some(serde_json::json!({
-                "hostname": "private.localhost", "site_id": stack.site_id,
-                "target": stack.opts.app_listen.to_string(), "access": {}
-            })),
-        )
-        .await?;
-    anyhow::ensure!(
-        status == 201,
-        "creating the private resource: {status} {body}"
-    );
+    kakuremichi_e2e::identity::private_resource(
+        &stack,
+        serde_json::json!({
+            "email": "demo@example.com", "name": "Demo User", "password": password
+        }),
+        serde_json::json!({}),
+    )
+    .await
+    .context("setting up the resource behind sign-in")?;
     println!(
         r#"
 kakuremichi is running.
