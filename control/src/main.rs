@@ -292,6 +292,23 @@ async fn main() -> anyhow::Result<()> {
     if let Some(acme) = settings.acme.clone() {
         tokio::spawn(kakuremichi_control::acme::run(state.clone(), acme));
     }
+    // Gateways' API-key assertions live for a session's life: push fresh ones at a third of it.
+    let refresh = (settings.session_life / 3).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(3600),
+    );
+    let refresher = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = refresher.refresh_edge_credentials().await {
+                tracing::warn!(error = %e, "cannot refresh the gateways' API-key assertions");
+            }
+        }
+    });
     let router = app(state.clone());
     let shutdown_state = state.clone();
     let options = ServeOptions {

@@ -6,11 +6,13 @@
 
 use crate::api::PERMISSIONS;
 
-/// What a member may do: read the fleet, and start and use agent sessions.
+/// What a member may do: read the fleet, reach resources with an API key, and start and use
+/// agent sessions.
 const MEMBER: &[&str] = &[
     "site:read",
     "gateway:read",
     "resource:read",
+    "resource:access",
     "certificate:read",
     "config:read",
     "org:read",
@@ -50,6 +52,7 @@ mod tests {
         }
         assert!(VIEWER.iter().all(|p| MEMBER.contains(p)));
         assert!(!MEMBER.iter().any(|p| p.ends_with(":write")));
+        assert!(MEMBER.contains(&crate::store::ACCESS_PERMISSION));
         assert!(built_in("deployer").is_none());
     }
 }

@@ -19,7 +19,6 @@ use base64::Engine as _;
 use kakuremichi_proto::Secret;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -34,8 +33,7 @@ pub const CREDENTIAL_PREFIX: &str = "kmc";
 /// How many argon2id computations run at once, process-wide (19 MiB each).
 pub const ARGON2_IN_FLIGHT: usize = 2;
 
-const DIGEST_PREFIX: &str = "sha256$";
-const DOMAIN: &[u8] = b"kakuremichi secret v1\0";
+use kakuremichi_proto::identity::SECRET_DIGEST_PREFIX as DIGEST_PREFIX;
 
 static ARGON2_PERMITS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(ARGON2_IN_FLIGHT));
 
@@ -64,25 +62,16 @@ pub fn new_plain(prefix: &str) -> Secret {
 
 /// The id embedded in `<prefix>_<id simple>_<random>`, if the secret has that shape.
 pub fn embedded_id(prefix: &str, secret: &Secret) -> Option<Uuid> {
-    let rest = secret.expose().strip_prefix(prefix)?.strip_prefix('_')?;
-    let (id, random) = rest.split_once('_')?;
-    if random.is_empty() || id.len() != 32 {
-        return None;
-    }
-    Uuid::try_parse(id).ok()
+    kakuremichi_proto::identity::embedded_id(prefix, secret.expose())
 }
 
 fn raw_digest(secret: &Secret) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(DOMAIN);
-    h.update(secret.expose().as_bytes());
-    h.finalize().into()
+    kakuremichi_proto::identity::secret_digest_bytes(secret.expose())
 }
 
 /// The stored form of a high-entropy secret: `sha256$<base64url of SHA-256(domain, secret)>`.
 pub fn digest(secret: &Secret) -> String {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw_digest(secret));
-    format!("{DIGEST_PREFIX}{b64}")
+    kakuremichi_proto::identity::secret_digest(secret.expose())
 }
 
 /// How a secret compared with its stored hash.

@@ -38,7 +38,7 @@ pub use certificates::{
 };
 pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
-    API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
+    ACCESS_PERMISSION, API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
@@ -1679,6 +1679,9 @@ impl Store {
         let mut identity = self.gateway_identity(&mut tx, self.session_life_ms).await?;
         identity.issuer.clone_from(&self.public_url);
         identity.sign_in_url = format!("{}/auth/sign-in", self.public_url);
+        identity.api_keys = self
+            .edge_api_keys(&mut tx, &resources, &self.public_url, self.session_life_ms)
+            .await?;
         tx.commit().await?;
         Ok(World::new(
             version.max(0) as u64,
@@ -1689,6 +1692,24 @@ impl Store {
         )
         .with_tls(certificates, challenges)
         .with_identity(identity))
+    }
+
+    /// Bumps the config version (every node gets its snapshot again), so that what is minted at
+    /// each world (gateways' API-key assertions) is fresh; `false` when there was nothing to
+    /// refresh.
+    pub async fn refresh_edge_credentials(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM resources WHERE access LIKE '%\"api_keys\":true%'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let _w = self.write.lock().await;
+        let tx = self.pool.begin().await?;
+        self.commit_bumped(tx).await?;
+        Ok(true)
     }
 
     /// The config snapshot for a node, or `None` if the node no longer exists (loads a whole

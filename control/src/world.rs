@@ -180,7 +180,15 @@ impl World {
                     .iter()
                     .any(|r| r.access.is_some() && serves(r.org_id))
                 {
-                    snap.identity = self.identity.clone().map(Box::new);
+                    snap.identity = self.identity.clone().map(|mut id| {
+                        // API keys only for the hostnames this gateway serves.
+                        id.api_keys.retain(|k| {
+                            self.resources
+                                .iter()
+                                .any(|r| r.hostname == k.host && serves(r.org_id))
+                        });
+                        Box::new(id)
+                    });
                 }
                 for site in self.sites.iter().filter(|s| serves(s.org_id)) {
                     let Some(key) = site.public_key else { continue };

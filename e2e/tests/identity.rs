@@ -1001,3 +1001,129 @@ async fn another_organizations_user_is_refused_and_an_organization_can_require_a
     let app = code_step(&stack, &mut browser, &csrf, &pending, &code).await;
     assert_eq!(app.status, StatusCode::OK, "{}", app.body);
 }
+
+/// A request to the demo app through the gateway with `key` in `header`.
+async fn with_key(stack: &Stack, path: &str, header: &str, key: &str) -> reqwest::Response {
+    stack
+        .request_builder(Method::GET, DEMO_HOST, path)
+        .header(header, key)
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_api_key_reaches_a_resource_that_accepts_keys_and_the_app_verifies_its_assertion(
+) {
+    let stack = Stack::start().await.expect("stack");
+    let ann = create_user(&stack, ANN, &["member"]).await.unwrap();
+    protect_demo(&stack, json!({"roles": ["member"], "api_keys": true}))
+        .await
+        .unwrap();
+    let key = |scopes: Value| {
+        let stack = &stack;
+        let ann = ann.clone();
+        async move {
+            let (status, body) = stack
+                .api
+                .call(
+                    Method::POST,
+                    "/api/v1/api-keys",
+                    Some(json!({"name": "script", "scopes": scopes, "user_id": ann})),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{body}");
+            (
+                body["id"].as_str().unwrap().to_owned(),
+                body["secret"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (id, secret) = key(json!(["resource:access"])).await;
+    let bearer = format!("Bearer {secret}");
+    // The gateway accepts it within a config push.
+    wait_for(
+        "the gateway to accept the key",
+        Duration::from_secs(5),
+        || async {
+            let r = with_key(&stack, "/identity", "authorization", &bearer).await;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    // The app verifies the assertion against control's JWKS, as for a signed-in user.
+    let shown: Value = with_key(&stack, "/identity", "authorization", &bearer)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["verified"], true, "{shown}");
+    assert_eq!(shown["claims"]["amr"], json!(["api_key"]));
+    assert_eq!(shown["claims"]["email"], ANN);
+    assert_eq!(shown["claims"]["sub"], ann.as_str());
+    assert_eq!(shown["claims"]["roles"], json!(["member"]));
+    let claims = verify_assertion(
+        &stack,
+        with_key(&stack, "/headers", "x-api-key", &secret)
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["kakuremichi-jwt-assertion"]
+            .as_str()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claims["sid"], id.as_str());
+    // The key itself never reaches the app.
+    let headers: Value = with_key(&stack, "/headers", "x-api-key", &secret)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(headers.get("x-api-key").is_none() && headers.get("authorization").is_none());
+    assert!(!headers.to_string().contains(&secret), "{headers}");
+    // A key without resource:access, and a made-up one: 401 invalid_token.
+    let (_, reader) = key(json!(["resource:read"])).await;
+    let made_up = format!("Bearer kmk_{}_x", uuid::Uuid::new_v4().simple());
+    for sent in [format!("Bearer {reader}"), made_up] {
+        let r = with_key(&stack, "/headers", "authorization", &sent).await;
+        assert_eq!(r.status(), 401);
+        assert!(r.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token"));
+    }
+    // Revoked: refused at the gateway within 2 s.
+    let (status, body) = stack
+        .api
+        .call(Method::DELETE, &format!("/api/v1/api-keys/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let revoked_at = Instant::now();
+    wait_for(
+        "the gateway to refuse the key",
+        Duration::from_secs(2),
+        || async {
+            let r = with_key(&stack, "/headers", "authorization", &bearer).await;
+            Ok((r.status() == 401).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    println!("revoked key refused after {:?}", revoked_at.elapsed());
+    // The refusals reach the audit log with the gateway's next status report.
+    wait_for(
+        "the refusals in the audit log",
+        Duration::from_secs(15),
+        || async {
+            let log = stack.api.get("/api/v1/audit?action=access").await?;
+            Ok(log.to_string().contains("API key refused").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+}

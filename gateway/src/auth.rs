@@ -22,8 +22,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use kakuremichi_proto::identity::{
-    AccessPolicy, GatewayIdentity, IdentityHeaders, SessionClaims, ASSERTION_HEADER,
-    GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, SESSION_COOKIE,
+    embedded_id, secret_digest, AccessPolicy, GatewayIdentity, IdentityHeaders, SessionClaims,
+    API_KEY_HEADER, API_KEY_PREFIX, ASSERTION_HEADER, GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS,
+    NONCE_COOKIE, SESSION_COOKIE,
 };
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -79,6 +80,8 @@ pub struct EdgeIdentity {
     jwks: Bytes,
     revoked: HashSet<Uuid>,
     cutoffs: HashMap<Uuid, (i64, bool)>,
+    /// (key id, hostname) -> (the key's digest, the assertion for its requests).
+    api_keys: HashMap<(Uuid, String), (String, String)>,
 }
 
 impl std::fmt::Debug for EdgeIdentity {
@@ -119,6 +122,16 @@ impl EdgeIdentity {
                 .user_cutoffs
                 .iter()
                 .map(|c| (c.user, (c.not_before, c.disabled)))
+                .collect(),
+            api_keys: g
+                .api_keys
+                .iter()
+                .map(|k| {
+                    (
+                        (k.id, k.host.to_ascii_lowercase()),
+                        (k.digest.clone(), k.assertion.clone()),
+                    )
+                })
                 .collect(),
         }
     }
@@ -544,6 +557,11 @@ pub fn check(
             "sign-in is not available on this gateway yet; try again shortly\n".into(),
         ));
     };
+    if policy.api_keys {
+        if let Some(key) = presented_api_key(headers) {
+            return check_api_key(identity, cache, policy, headers, ask, &key);
+        }
+    }
     let Some(token) = cookie(headers, SESSION_COOKIE).map(str::to_owned) else {
         return Err(sign_in_needed(identity, headers, ask, None));
     };
@@ -568,31 +586,108 @@ pub fn check(
         ));
     }
     if !policy.allows(&claims.email, &claims.roles) {
-        tracing::warn!(host = ask.host, user_id = %claims.sub, "access denied by the resource's policy");
-        let message = format!(
-            "{} is signed in, but is not allowed to use {}. Ask an administrator for access.",
-            claims.email, ask.host
-        );
-        let r = if wants_html(headers) {
-            html(
-                StatusCode::FORBIDDEN,
-                "403 Forbidden",
-                &format!(
-                    "<p>{}</p><p><a href=\"{GATEWAY_AUTH_PREFIX}sign-out\">Sign in as someone else</a></p>",
-                    html_escape(&message)
-                ),
-            )
-        } else {
-            text(StatusCode::FORBIDDEN, format!("{message}\n"))
-        };
-        return Err(mark(
-            r,
-            Some(&claims.email),
-            "not allowed by the resource's policy".into(),
-        ));
+        return Err(denied(headers, ask, &claims));
     }
     strip_own_cookies(headers);
     add_identity_headers(headers, policy.identity_headers, &claims, &token);
+    Ok(claims)
+}
+
+/// The answer to an identity the resource's policy does not allow: a 403 naming the user.
+fn denied(headers: &HeaderMap, ask: &Ask<'_>, claims: &SessionClaims) -> AuthResponse {
+    tracing::warn!(host = ask.host, user_id = %claims.sub, "access denied by the resource's policy");
+    let message = format!(
+        "{} is signed in, but is not allowed to use {}. Ask an administrator for access.",
+        claims.email, ask.host
+    );
+    let r = if wants_html(headers) {
+        html(
+            StatusCode::FORBIDDEN,
+            "403 Forbidden",
+            &format!(
+                "<p>{}</p><p><a href=\"{GATEWAY_AUTH_PREFIX}sign-out\">Sign in as someone else</a></p>",
+                html_escape(&message)
+            ),
+        )
+    } else {
+        text(StatusCode::FORBIDDEN, format!("{message}\n"))
+    };
+    mark(
+        r,
+        Some(&claims.email),
+        "not allowed by the resource's policy".into(),
+    )
+}
+
+/// The API key a client sent (`Authorization: Bearer kmk_...` or `X-API-Key: kmk_...`), if any.
+/// Other bearer tokens are the app's business and pass untouched.
+fn presented_api_key(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    [
+        bearer,
+        headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(str::trim)
+    .find(|k| {
+        k.strip_prefix(API_KEY_PREFIX)
+            .is_some_and(|r| r.starts_with('_'))
+    })
+    .map(str::to_owned)
+}
+
+/// Decides a request that carries an API key, on a resource that accepts keys: the key must be
+/// one control pushed for this hostname (compared by digest, in constant time); its assertion is
+/// checked as any session token (signature, expiry, the user not disabled or cut off) and the
+/// policy applies to its user. The key itself never reaches the app.
+fn check_api_key(
+    identity: &EdgeIdentity,
+    cache: &TokenCache,
+    policy: &AccessPolicy,
+    headers: &mut HeaderMap,
+    ask: &Ask<'_>,
+    key: &str,
+) -> Result<Arc<SessionClaims>, AuthResponse> {
+    let refused = |why: String| {
+        tracing::warn!(host = ask.host, reason = %why, "API key refused");
+        let description = format!("the API key was refused: {why}");
+        let mut r = text(StatusCode::UNAUTHORIZED, format!("{description}\n"));
+        let challenge = format!(
+            "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{description}\"",
+            ask.host
+        );
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        mark(r, None, format!("API key refused: {why}"))
+    };
+    let unknown = "unknown, revoked, expired or not accepted here";
+    let Some(id) = embedded_id(API_KEY_PREFIX, key) else {
+        return Err(refused("malformed".into()));
+    };
+    let Some((digest, assertion)) = identity.api_keys.get(&(id, ask.host.to_owned())) else {
+        return Err(refused(unknown.into()));
+    };
+    if !bool::from(secret_digest(key).as_bytes().ct_eq(digest.as_bytes())) {
+        return Err(refused(unknown.into()));
+    }
+    let claims = cache
+        .verify(identity, assertion, ask.host, ask.now)
+        .map_err(|e| refused(e.to_string()))?;
+    if !policy.allows(&claims.email, &claims.roles) {
+        return Err(denied(headers, ask, &claims));
+    }
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(API_KEY_HEADER);
+    strip_own_cookies(headers);
+    add_identity_headers(headers, policy.identity_headers, &claims, assertion);
     Ok(claims)
 }
 
@@ -913,6 +1008,7 @@ mod tests {
                 .collect(),
             revoked_sessions: revoked,
             user_cutoffs: cutoffs,
+            api_keys: vec![],
         })
     }
 
@@ -1066,6 +1162,106 @@ mod tests {
             h.append(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn api_keys_reach_resources_that_accept_them_as_their_user_and_never_reach_the_app() {
+        let k1 = key("k1");
+        let user = Uuid::from_u128(1);
+        let key_id = Uuid::from_u128(0x4b);
+        let secret = format!("kmk_{}_thesecretpart", key_id.simple());
+        let mut c = claims(user, key_id);
+        c.nonce = String::new();
+        c.amr = vec!["api_key".into()];
+        let assertion = sign(&k1, &c);
+        let mut g = GatewayIdentity {
+            issuer: ISS.into(),
+            sign_in_url: format!("{ISS}/auth/sign-in"),
+            keys: vec![SigningKey {
+                kid: k1.kid.clone(),
+                x: k1.x.clone(),
+            }],
+            revoked_sessions: vec![],
+            user_cutoffs: vec![],
+            api_keys: vec![kakuremichi_proto::identity::EdgeApiKey {
+                id: key_id,
+                host: HOST.into(),
+                digest: secret_digest(&secret),
+                assertion: assertion.clone(),
+            }],
+        };
+        let id = EdgeIdentity::new(&g);
+        let cache = TokenCache::default();
+        let mut policy = AccessPolicy {
+            roles: vec!["member".into()],
+            api_keys: true,
+            ..Default::default()
+        };
+        let get = Method::GET;
+        let bearer = format!("Bearer {secret}");
+        for sent in [
+            ("authorization", bearer.as_str()),
+            ("x-api-key", secret.as_str()),
+        ] {
+            let mut h = headers(&[sent, ("cookie", "a=b")]);
+            let got = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true)).unwrap();
+            assert_eq!(got.sub, user.to_string());
+            assert_eq!(h[ASSERTION_HEADER], assertion.as_str());
+            assert_eq!(h["remote-user"], "ann@example.com");
+            assert!(
+                !h.contains_key("authorization") && !h.contains_key("x-api-key"),
+                "{h:?}"
+            );
+        }
+        let refused = |policy: &AccessPolicy, id: &EdgeIdentity, sent: &str| {
+            let mut h = headers(&[("authorization", sent)]);
+            check(Some(id), &cache, policy, &mut h, &ask(&get, "/x", true)).unwrap_err()
+        };
+        // A wrong secret, another key, a malformed one: 401 invalid_token, never a redirect.
+        let wrong = format!("Bearer kmk_{}_notthesecret", key_id.simple());
+        let other = format!("Bearer kmk_{}_thesecretpart", Uuid::from_u128(9).simple());
+        for sent in [wrong.as_str(), other.as_str(), "Bearer kmk_short_x"] {
+            let r = refused(&policy, &id, sent);
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{sent}");
+            assert!(r.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token"));
+            assert!(r.extensions().get::<Refused>().is_some());
+        }
+        // The policy applies to the key's user.
+        let strict = AccessPolicy {
+            roles: vec!["admin".into()],
+            api_keys: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            refused(&strict, &id, &bearer).status(),
+            StatusCode::FORBIDDEN
+        );
+        // A disabled user's key stops, as their sessions do.
+        g.user_cutoffs = vec![UserCutoff {
+            user,
+            not_before: 0,
+            disabled: true,
+        }];
+        let off = EdgeIdentity::new(&g);
+        assert_eq!(
+            refused(&policy, &off, &bearer).status(),
+            StatusCode::UNAUTHORIZED
+        );
+        // A resource that does not accept keys ignores them: sign in as usual (401 for a script).
+        policy.api_keys = false;
+        let r = refused(&policy, &id, &bearer);
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(!r.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token"));
+        // The assertion is no session cookie: it has no nonce to match.
+        let jar = format!("kakuremichi_session={assertion}; kakuremichi_nonce=x");
+        let mut h = headers(&[("cookie", jar.as_str())]);
+        assert!(check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true)).is_err());
     }
 
     #[test]

@@ -19,6 +19,43 @@ pub const GATEWAY_AUTH_PREFIX: &str = "/.kakuremichi/auth/";
 pub const JWKS_PATH: &str = "/.well-known/kakuremichi/jwks.json";
 /// How long a grant may take from control's redirect to the gateway's callback, in seconds.
 pub const GRANT_MAX_AGE_SECS: i64 = 120;
+/// Prefix of scoped API keys: `kmk_<id>_<secret>`.
+pub const API_KEY_PREFIX: &str = "kmk";
+/// The header that carries an API key beside `Authorization: Bearer`.
+pub const API_KEY_HEADER: &str = "x-api-key";
+/// What an assertion minted for an API key says in `amr`.
+pub const API_KEY_AMR: &str = "api_key";
+
+/// The prefix of [`secret_digest`]'s answer.
+pub const SECRET_DIGEST_PREFIX: &str = "sha256$";
+const SECRET_DIGEST_DOMAIN: &[u8] = b"kakuremichi secret v1\0";
+
+/// SHA-256 of a high-entropy secret (an API key, a credential, a session cookie) with a domain
+/// prefix: what control stores, and what gateways compare API keys with.
+pub fn secret_digest_bytes(secret: &str) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(SECRET_DIGEST_DOMAIN);
+    h.update(secret.as_bytes());
+    h.finalize().into()
+}
+
+/// The stored form of a high-entropy secret: `sha256$<base64url of [`secret_digest_bytes`]>`.
+pub fn secret_digest(secret: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_digest_bytes(secret));
+    format!("{SECRET_DIGEST_PREFIX}{b64}")
+}
+
+/// The id inside a secret shaped `<prefix>_<id, 32 hex>_<random>`, if it has that shape.
+pub fn embedded_id(prefix: &str, secret: &str) -> Option<Uuid> {
+    let rest = secret.strip_prefix(prefix)?.strip_prefix('_')?;
+    let (id, random) = rest.split_once('_')?;
+    if random.is_empty() || id.len() != 32 {
+        return None;
+    }
+    Uuid::try_parse(id).ok()
+}
 
 /// Who may reach an HTTP resource. A route without one is public.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +74,11 @@ pub struct AccessPolicy {
     /// Plain identity headers sent to the app beside the signed assertion.
     #[serde(default, skip_serializing_if = "IdentityHeaders::is_default")]
     pub identity_headers: IdentityHeaders,
+    /// Personal API keys (`Authorization: Bearer kmk_...` or `X-API-Key`) with the
+    /// `resource:access` permission reach the resource as their user, for scripts and clients
+    /// that cannot sign in with a browser; the lists above still decide which users.
+    #[serde(default, skip_serializing_if = "crate::is_false")]
+    pub api_keys: bool,
 }
 
 impl AccessPolicy {
@@ -113,6 +155,35 @@ pub struct GatewayIdentity {
     /// none of whose tokens count (disabled).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_cutoffs: Vec<UserCutoff>,
+    /// API keys accepted on resources that allow them, each for one hostname.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<EdgeApiKey>,
+}
+
+/// A personal API key a gateway accepts on one resource hostname, with the assertion the app
+/// gets for its requests.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeApiKey {
+    /// The key's id (inside the key: `kmk_<id>_<secret>`).
+    pub id: Uuid,
+    /// The resource hostname.
+    pub host: String,
+    /// The key's [`secret_digest`]: the gateway compares the key a client sends with it.
+    pub digest: String,
+    /// A session token (JWT) control signed for the key's user and this hostname, with
+    /// `sid` = the key's id and `amr` = [`API_KEY_AMR`]: checked like any session token, and sent
+    /// to the app as the assertion.
+    pub assertion: String,
+}
+
+impl std::fmt::Debug for EdgeApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeApiKey")
+            .field("id", &self.id)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Tokens of `user` issued before `not_before` (unix seconds) are refused; `disabled` refuses
@@ -208,6 +279,12 @@ mod tests {
                 not_before: 5,
                 disabled: true,
             }],
+            api_keys: vec![EdgeApiKey {
+                id,
+                host: "app.example".into(),
+                digest: secret_digest("kmk_x"),
+                assertion: "a.b.c".into(),
+            }],
         };
         let v = serde_json::to_value(&g).unwrap();
         assert_eq!(
@@ -219,8 +296,29 @@ mod tests {
                 "revoked_sessions": ["00000000-0000-0000-0000-000000000007"],
                 "user_cutoffs": [{"user": "00000000-0000-0000-0000-000000000007",
                                   "not_before": 5, "disabled": true}],
+                "api_keys": [{"id": "00000000-0000-0000-0000-000000000007",
+                              "host": "app.example",
+                              "digest": "sha256$RjUx2u2tc_dbPhghO-un_mRE1k9THERxoyOfsqgIQv0",
+                              "assertion": "a.b.c"}],
             })
         );
         assert_eq!(serde_json::from_value::<GatewayIdentity>(v).unwrap(), g);
+        assert!(
+            !format!("{:?}", g.api_keys[0]).contains("sha256"),
+            "a digest in Debug"
+        );
+    }
+
+    #[test]
+    fn api_keys_are_found_by_their_id() {
+        let id = Uuid::from_u128(0xabc);
+        let key = format!("{API_KEY_PREFIX}_{}_secretpart", id.simple());
+        assert_eq!(embedded_id(API_KEY_PREFIX, &key), Some(id));
+        assert_eq!(embedded_id("kma", &key), None);
+        assert_eq!(embedded_id(API_KEY_PREFIX, "kmk_nothex_x"), None);
+        assert_eq!(
+            embedded_id(API_KEY_PREFIX, &format!("kmk_{}_", id.simple())),
+            None
+        );
     }
 }

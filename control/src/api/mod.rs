@@ -107,6 +107,7 @@ pub const PERMISSIONS: &[&str] = &[
     "gateway:write",
     "resource:read",
     "resource:write",
+    "resource:access",
     "certificate:read",
     "certificate:write",
     "user:read",

@@ -5,7 +5,7 @@
 //! gateways must know (a revoked session, a user signed out everywhere or disabled, a new key)
 //! bumps the config version, so it reaches every gateway with the next snapshot.
 
-use kakuremichi_proto::identity::{GatewayIdentity, SigningKey, UserCutoff};
+use kakuremichi_proto::identity::{EdgeApiKey, GatewayIdentity, SigningKey, UserCutoff};
 use kakuremichi_proto::Secret;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -14,6 +14,8 @@ use uuid::Uuid;
 use super::{corrupt, now_ms, parse_uuid, taken, Result, Store, StoreError};
 use crate::secrets;
 
+/// The permission a personal API key (and its user) needs to reach resources that accept keys.
+pub const ACCESS_PERMISSION: &str = "resource:access";
 /// Prefix of control's sign-in session cookies.
 pub const SESSION_PREFIX: &str = "kms";
 /// Purpose the signing keys are sealed under.
@@ -741,11 +743,18 @@ impl Store {
 
     /// The current signing key, opened.
     pub async fn signer(&self) -> Result<Signer> {
+        self.read_signer(&self.pool).await
+    }
+
+    async fn read_signer<'e, E>(&self, ex: E) -> Result<Signer>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
         let row = sqlx::query(
             "SELECT kid, private_sealed FROM signing_keys WHERE retired_at IS NULL \
              ORDER BY created_at DESC",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(ex)
         .await?
         .ok_or(StoreError::NotFound("signing key"))?;
         let sealed: String = row.try_get("private_sealed")?;
@@ -837,7 +846,148 @@ impl Store {
             keys,
             revoked_sessions,
             user_cutoffs,
+            api_keys: Vec::new(),
         })
+    }
+
+    /// The API keys gateways accept: for every HTTP resource that allows them, each live
+    /// personal key of its organization whose user is a member there, not disabled, allowed by
+    /// the resource's policy, and holds `resource:access` (its scopes and its user's roles there
+    /// both give it), with an assertion signed for that user and hostname. The assertion lives
+    /// for a session's life (or until the key expires); control pushes fresh ones before then.
+    pub(crate) async fn edge_api_keys(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        resources: &[super::Resource],
+        issuer: &str,
+        life_ms: i64,
+    ) -> Result<Vec<EdgeApiKey>> {
+        use std::collections::HashMap;
+        let hosts: Vec<&super::Resource> = resources
+            .iter()
+            .filter(|r| r.access.as_ref().is_some_and(|a| a.api_keys) && !r.hostname.is_empty())
+            .collect();
+        if hosts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let keys = sqlx::query(
+            "SELECT id, hash, scopes, user_id, org_id, expires_at FROM api_keys \
+             WHERE revoked_at IS NULL AND user_id IS NOT NULL \
+             AND (expires_at IS NULL OR expires_at > $1) ORDER BY id",
+        )
+        .bind(now)
+        .fetch_all(&mut **tx)
+        .await?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // (org, user) -> (email, name, roles) of members who are not disabled.
+        let mut members: HashMap<(String, String), (String, String, Vec<String>)> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT m.org_id, m.user_id, m.roles, u.email, u.name FROM memberships m \
+             JOIN users u ON u.id = m.user_id WHERE u.disabled = 0",
+        )
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            let roles: String = r.try_get("roles")?;
+            members.insert(
+                (r.try_get("org_id")?, r.try_get("user_id")?),
+                (
+                    r.try_get("email")?,
+                    r.try_get("name")?,
+                    serde_json::from_str(&roles).map_err(corrupt)?,
+                ),
+            );
+        }
+        // (org, role) -> permissions of custom roles.
+        let mut custom: HashMap<(String, String), Vec<String>> = HashMap::new();
+        for r in sqlx::query("SELECT org_id, name, permissions FROM roles")
+            .fetch_all(&mut **tx)
+            .await?
+        {
+            let p: String = r.try_get("permissions")?;
+            custom.insert(
+                (r.try_get("org_id")?, r.try_get("name")?),
+                serde_json::from_str(&p).map_err(corrupt)?,
+            );
+        }
+        // Without a signing key nothing can be asserted: keys are not accepted, the rest of the
+        // world goes on.
+        let signer = match self.read_signer(&mut **tx).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign API-key assertions: gateways accept no API key");
+                return Ok(Vec::new());
+            }
+        };
+        let mut out = Vec::new();
+        for k in &keys {
+            let hash: String = k.try_get("hash")?;
+            if !hash.starts_with(kakuremichi_proto::identity::SECRET_DIGEST_PREFIX) {
+                // A hash from an earlier version: it becomes a digest at its first use at control.
+                continue;
+            }
+            let org: String = k.try_get("org_id")?;
+            let user: String = k.try_get("user_id")?;
+            let Some((email, name, roles)) = members.get(&(org.clone(), user.clone())) else {
+                continue;
+            };
+            let by_role = roles.iter().any(|r| match crate::roles::built_in(r) {
+                Some(perms) => perms.contains(&ACCESS_PERMISSION),
+                None => custom
+                    .get(&(org.clone(), r.clone()))
+                    .is_some_and(|p| p.iter().any(|p| p == ACCESS_PERMISSION)),
+            });
+            let scopes: Option<String> = k.try_get("scopes")?;
+            let by_scope = match scopes {
+                None => true,
+                Some(s) => serde_json::from_str::<Vec<String>>(&s)
+                    .map_err(corrupt)?
+                    .iter()
+                    .any(|p| p == ACCESS_PERMISSION),
+            };
+            if !(by_role && by_scope) {
+                continue;
+            }
+            let id: String = k.try_get("id")?;
+            let key_id = parse_uuid(&id)?;
+            let expires_at: Option<i64> = k.try_get("expires_at")?;
+            let exp = expires_at.map_or(now + life_ms, |e| e.min(now + life_ms));
+            for r in hosts.iter().filter(|r| r.org_id.to_string() == org) {
+                if !r.access.as_ref().is_some_and(|a| a.allows(email, roles)) {
+                    continue;
+                }
+                let claims = kakuremichi_proto::identity::SessionClaims {
+                    iss: issuer.to_owned(),
+                    sub: user.clone(),
+                    aud: r.hostname.clone(),
+                    iat: now / 1000,
+                    exp: exp / 1000,
+                    sid: key_id.to_string(),
+                    email: email.clone(),
+                    name: name.clone(),
+                    roles: roles.clone(),
+                    nonce: String::new(),
+                    amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
+                };
+                let assertion = match crate::identity::mint(&signer, &claims) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(error = %e, key_id = %key_id, "cannot sign an API-key assertion");
+                        continue;
+                    }
+                };
+                out.push(EdgeApiKey {
+                    id: key_id,
+                    host: r.hostname.clone(),
+                    digest: hash.clone(),
+                    assertion,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1022,7 +1172,9 @@ const KEY_COLUMNS: &str = "id, hash, name, scopes, user_id, created_at, expires_
      revoked_at, org_id";
 
 impl Store {
-    /// Makes a scoped API key acting in `org`; returns it and its secret (shown once).
+    /// Makes a scoped API key acting in `org`; returns it and its secret (shown once). Gateways
+    /// learn of it with the next config version (which this bumps), for resources that accept
+    /// keys.
     pub async fn create_api_key(
         &self,
         org: Uuid,
@@ -1033,6 +1185,8 @@ impl Store {
     ) -> Result<(ApiKey, Secret)> {
         let id = Uuid::new_v4();
         let secret = secrets::new_with_id(API_KEY_PREFIX, id);
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, hash, created_at, name, scopes, expires_at, user_id, \
              org_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -1045,8 +1199,9 @@ impl Store {
         .bind(expires_at)
         .bind(user.map(|u| u.to_string()))
         .bind(org.to_string())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        self.commit_bumped(tx).await?;
         let key = self
             .list_api_keys(org)
             .await?
@@ -1070,8 +1225,11 @@ impl Store {
         .collect()
     }
 
-    /// Revokes an API key of the organization, with immediate effect.
+    /// Revokes an API key of the organization, with immediate effect at control and within a
+    /// config push at every gateway (this bumps the version).
     pub async fn revoke_api_key(&self, org: Uuid, id: Uuid) -> Result<()> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND org_id = $3 \
              AND revoked_at IS NULL",
@@ -1079,11 +1237,12 @@ impl Store {
         .bind(now_ms())
         .bind(id.to_string())
         .bind(org.to_string())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound("API key"));
         }
+        self.commit_bumped(tx).await?;
         Ok(())
     }
 

@@ -95,7 +95,129 @@ on_both_backends!(
     users_sessions_keys_and_revocations_reach_gateways,
     sso_links_roles_and_passkey_challenges,
     sign_in_buckets_refill_and_keep_each_address_apart,
+    api_keys_reach_gateways_for_resources_that_accept_them,
 );
+
+/// Gateways get, for each resource that accepts API keys, the personal keys of members allowed
+/// there whose scopes and roles give `resource:access`, with an assertion control signed; a
+/// revoked key, a disabled user, a key without the permission or a resource that does not
+/// accept keys give none.
+async fn api_keys_reach_gateways_for_resources_that_accept_them(store: Store) {
+    use kakuremichi_control::store::{NewUser, UserPatch};
+    use kakuremichi_proto::identity::AccessPolicy;
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [5; 32],
+    )));
+    store.ensure_signing_key().await.unwrap();
+    let (site, _) = store
+        .create_node(NodeKind::Agent, DEFAULT_ORG, "s", None)
+        .await
+        .unwrap();
+    let mut new = res("keys.example", site.id);
+    new.access = Some(AccessPolicy {
+        roles: vec!["member".into()],
+        api_keys: true,
+        ..Default::default()
+    });
+    store.create_resource(&new).await.unwrap();
+    let mut plain = res("nokeys.example", site.id);
+    plain.access = Some(AccessPolicy::default());
+    store.create_resource(&plain).await.unwrap();
+    let ann = store
+        .create_user(
+            DEFAULT_ORG,
+            &NewUser {
+                email: "ann@example.com".into(),
+                name: "Ann".into(),
+                password_hash: None,
+                roles: vec!["member".into()],
+            },
+        )
+        .await
+        .unwrap();
+    let scopes = |s: &[&str]| s.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>();
+    let (key, secret) = store
+        .create_api_key(
+            DEFAULT_ORG,
+            "k",
+            &scopes(&["resource:access"]),
+            None,
+            Some(ann.id),
+        )
+        .await
+        .unwrap();
+    store
+        .create_api_key(
+            DEFAULT_ORG,
+            "r",
+            &scopes(&["resource:read"]),
+            None,
+            Some(ann.id),
+        )
+        .await
+        .unwrap();
+    store
+        .create_api_key(
+            DEFAULT_ORG,
+            "svc",
+            &scopes(&["resource:access"]),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let edge =
+        |store: Store| async move { store.load_world().await.unwrap().identity.unwrap().api_keys };
+    let keys = edge(store.clone()).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].id, key.id);
+    assert_eq!(keys[0].host, "keys.example");
+    assert_eq!(
+        keys[0].digest,
+        kakuremichi_control::secrets::digest(&secret)
+    );
+    let payload = keys[0].assertion.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["amr"], serde_json::json!(["api_key"]));
+    assert_eq!(claims["sid"], key.id.to_string());
+    assert_eq!(claims["aud"], "keys.example");
+    // A disabled user's key goes; so does a revoked key.
+    store
+        .update_user(
+            DEFAULT_ORG,
+            ann.id,
+            &UserPatch {
+                disabled: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(edge(store.clone()).await.is_empty());
+    store
+        .update_user(
+            DEFAULT_ORG,
+            ann.id,
+            &UserPatch {
+                disabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(edge(store.clone()).await.len(), 1);
+    let before = store.config_version().await.unwrap();
+    store.revoke_api_key(DEFAULT_ORG, key.id).await.unwrap();
+    assert!(
+        store.config_version().await.unwrap() > before,
+        "revoking pushes"
+    );
+    assert!(edge(store.clone()).await.is_empty());
+}
 
 /// The sign-in rate limit's buckets: bursts of the limit, one token back every 60 s / limit, each
 /// address on its own, and a refused attempt costs nothing more.
