@@ -1699,7 +1699,8 @@ impl Store {
     /// refresh.
     pub async fn refresh_edge_credentials(&self) -> Result<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM resources WHERE access LIKE '%\"api_keys\":true%'",
+            "SELECT COUNT(*) FROM resources WHERE access LIKE '%\"api_keys\":true%' \
+             OR access LIKE '%\"service_keys\":[%'",
         )
         .fetch_one(&self.pool)
         .await?;

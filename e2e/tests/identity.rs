@@ -1115,6 +1115,10 @@ async fn a_personal_api_key_reaches_a_resource_that_accepts_keys_and_the_app_ver
     .await
     .unwrap();
     println!("revoked key refused after {:?}", revoked_at.elapsed());
+    assert!(
+        !stack.logs_full().contains(&secret),
+        "the API key reached a log line"
+    );
     // The refusals reach the audit log with the gateway's next status report.
     wait_for(
         "the refusals in the audit log",
@@ -1126,4 +1130,176 @@ async fn a_personal_api_key_reaches_a_resource_that_accepts_keys_and_the_app_ver
     )
     .await
     .unwrap();
+}
+
+/// Machines and webhooks on a protected resource: an organization service key as the header
+/// pair (Kakuremichi's and Cloudflare's names) reaches the app as itself; a bypass rule lets
+/// `POST /echo` through without a cookie while the rest of the hostname stays protected; a deny
+/// rule by client address wins over a signed-in user; a revoked service key stops within 2 s;
+/// the key never reaches a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_rule_wins() {
+    let stack = Stack::start().await.expect("stack");
+    create_user(&stack, ANN, &["member"]).await.unwrap();
+    let (status, key) = stack
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Some(json!({"name": "ci deploy", "scopes": ["resource:access"], "service": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{key}");
+    let (key_id, secret) = (
+        key["id"].as_str().unwrap().to_owned(),
+        key["secret"].as_str().unwrap().to_owned(),
+    );
+    protect_demo(
+        &stack,
+        json!({
+            "roles": ["member"],
+            "service_keys": [key_id],
+            "rules": [
+                {"action": "deny", "cidrs": ["127.0.0.2/32"]},
+                {"action": "bypass", "paths": ["/echo"], "methods": ["POST"]},
+            ],
+        }),
+    )
+    .await
+    .unwrap();
+    let pair = |names: (&'static str, &'static str), path: &'static str| {
+        let (stack, key_id, secret) = (&stack, key_id.clone(), secret.clone());
+        async move {
+            stack
+                .request_builder(Method::GET, DEMO_HOST, path)
+                .header(names.0, key_id)
+                .header(names.1, secret)
+                .send()
+                .await
+                .expect("the gateway answers")
+        }
+    };
+    const OURS: (&str, &str) = (
+        "Kakuremichi-Access-Client-Id",
+        "Kakuremichi-Access-Client-Secret",
+    );
+    const CLOUDFLARE: (&str, &str) = ("CF-Access-Client-Id", "CF-Access-Client-Secret");
+    wait_for(
+        "the gateway to accept the service key",
+        Duration::from_secs(5),
+        || async { Ok((pair(OURS, "/identity").await.status() == 200).then_some(())) },
+    )
+    .await
+    .unwrap();
+    let shown: Value = pair(CLOUDFLARE, "/identity").await.json().await.unwrap();
+    assert_eq!(shown["verified"], true, "{shown}");
+    assert_eq!(shown["claims"]["amr"], json!(["service_key"]));
+    assert_eq!(shown["claims"]["sub"], key_id.as_str());
+    assert_eq!(shown["claims"]["name"], "ci deploy");
+    let headers: Value = pair(OURS, "/headers").await.json().await.unwrap();
+    assert_eq!(headers["remote-user"], key_id.as_str(), "{headers}");
+    assert!(!headers.to_string().contains(&secret), "{headers}");
+    // A pair whose id is not the secret's.
+    let r = stack
+        .request_builder(Method::GET, DEMO_HOST, "/headers")
+        .header(OURS.0, uuid::Uuid::new_v4().to_string())
+        .header(OURS.1, &secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The webhook path passes without a cookie; the rest of the hostname does not.
+    let hook = stack
+        .request_builder(Method::POST, DEMO_HOST, "/echo")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status(), 200);
+    assert_eq!(hook.text().await.unwrap(), "payload");
+    assert_eq!(
+        stack.get(DEMO_HOST, "/headers").await.unwrap().status(),
+        401
+    );
+    let r = stack
+        .request_builder(Method::GET, DEMO_HOST, "/echo")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the rule is for POST only");
+
+    // A signed-in user reaches the app from 127.0.0.1, and is refused from 127.0.0.2.
+    let mut browser = Browser::new();
+    let page = browser
+        .sign_in(&stack, &demo_url(&stack, "/headers"), ANN, PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let jar = browser.jar[DEMO_HOST]
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let from = |local: [u8; 4], method: Method, path: &'static str| {
+        let (stack, jar) = (&stack, jar.clone());
+        async move {
+            reqwest::Client::builder()
+                .no_proxy()
+                .local_address(std::net::IpAddr::from(local))
+                .build()
+                .unwrap()
+                .request(
+                    method,
+                    format!("http://{}{path}", stack.opts.gateway_http_for_test),
+                )
+                .header(HOST, DEMO_HOST)
+                .header(COOKIE, jar)
+                .send()
+                .await
+                .expect("the gateway answers")
+        }
+    };
+    assert_eq!(
+        from([127, 0, 0, 1], Method::GET, "/headers").await.status(),
+        200
+    );
+    let denied = from([127, 0, 0, 2], Method::GET, "/headers").await;
+    assert_eq!(denied.status(), 403);
+    assert!(denied.text().await.unwrap().contains("rule 0"));
+    assert_eq!(
+        from([127, 0, 0, 2], Method::POST, "/echo").await.status(),
+        403
+    );
+
+    // Revoked: the service key stops within 2 s.
+    let (status, body) = stack
+        .api
+        .call(Method::DELETE, &format!("/api/v1/api-keys/{key_id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    wait_for(
+        "the gateway to refuse the revoked service key",
+        Duration::from_secs(2),
+        || async { Ok((pair(OURS, "/headers").await.status() == 401).then_some(())) },
+    )
+    .await
+    .unwrap();
+    // The denial by rule reaches the audit log with its reason; the key no log line.
+    wait_for(
+        "the rule's denial in the audit log",
+        Duration::from_secs(15),
+        || async {
+            let log = stack.api.get("/api/v1/audit?action=access").await?;
+            Ok(log.to_string().contains("denied by rule 0").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        !stack.logs_full().contains(&secret),
+        "the service key reached a log line"
+    );
 }

@@ -22,9 +22,10 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use kakuremichi_proto::identity::{
-    embedded_id, secret_digest, AccessPolicy, GatewayIdentity, IdentityHeaders, SessionClaims,
-    API_KEY_HEADER, API_KEY_PREFIX, ASSERTION_HEADER, GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS,
-    NONCE_COOKIE, SESSION_COOKIE,
+    embedded_id, normalize_path, secret_digest, AccessPolicy, GatewayIdentity, IdentityHeaders,
+    RuleAction, SessionClaims, API_KEY_HEADER, API_KEY_PREFIX, ASSERTION_HEADER,
+    CF_CLIENT_ID_HEADER, CF_CLIENT_SECRET_HEADER, CLIENT_ID_HEADER, CLIENT_SECRET_HEADER,
+    GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, SERVICE_KEY_AMR, SESSION_COOKIE,
 };
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -339,7 +340,13 @@ fn add_identity_headers(
     let groups = claims.roles.join(",");
     match style {
         IdentityHeaders::Remote => {
-            insert(headers, "remote-user", &claims.email);
+            // A service key has no e-mail address: it is named by its id.
+            let user = if claims.email.is_empty() {
+                &claims.sub
+            } else {
+                &claims.email
+            };
+            insert(headers, "remote-user", user);
             insert(headers, "remote-email", &claims.email);
             insert(headers, "remote-name", &claims.name);
             insert(headers, "remote-groups", &groups);
@@ -535,11 +542,61 @@ pub struct Ask<'a> {
     pub now: i64,
     /// Whether control is reachable (a new sign-in needs it).
     pub control_up: bool,
+    /// The client's address (rules match it).
+    pub client: std::net::IpAddr,
 }
 
-/// Decides a request to a resource that needs sign-in. `Ok`: the request goes on, with the
-/// gateway's cookies removed and identity headers added. `Err`: the gateway's own answer.
+/// Decides a request to a resource with an access policy: its rules first (the first match
+/// allows, denies or asks for sign-in), then sign-in. `Ok`: the request goes on, with the
+/// gateway's cookies removed and identity headers added (`None`: a rule let it through without
+/// an identity). `Err`: the gateway's own answer.
 pub fn check(
+    identity: Option<&EdgeIdentity>,
+    cache: &TokenCache,
+    policy: &AccessPolicy,
+    headers: &mut HeaderMap,
+    ask: &Ask<'_>,
+) -> Result<Option<Arc<SessionClaims>>, AuthResponse> {
+    if !policy.rules.is_empty() {
+        let Ok(path) = normalize_path(ask.path_and_query) else {
+            tracing::warn!(host = ask.host, "request refused: ambiguous path");
+            return Err(mark(
+                text(
+                    StatusCode::BAD_REQUEST,
+                    "the path has dot segments, backslashes or encoded separators; this resource \
+                     does not take such paths\n"
+                        .into(),
+                ),
+                None,
+                "ambiguous path".into(),
+            ));
+        };
+        match policy.rule_for(ask.method.as_str(), &path, ask.client) {
+            Some((_, rule)) if rule.action == RuleAction::Allow => {
+                strip_own_cookies(headers);
+                return Ok(None);
+            }
+            Some((i, rule)) if rule.action == RuleAction::Deny => {
+                tracing::warn!(host = ask.host, rule = i, "request denied by a rule");
+                let message = format!("{} refuses this request (rule {i}).", ask.host);
+                let r = if wants_html(headers) {
+                    html(
+                        StatusCode::FORBIDDEN,
+                        "403 Forbidden",
+                        &format!("<p>{}</p>", html_escape(&message)),
+                    )
+                } else {
+                    text(StatusCode::FORBIDDEN, format!("{message}\n"))
+                };
+                return Err(mark(r, None, format!("denied by rule {i}")));
+            }
+            _ => {}
+        }
+    }
+    check_identity(identity, cache, policy, headers, ask).map(Some)
+}
+
+fn check_identity(
     identity: Option<&EdgeIdentity>,
     cache: &TokenCache,
     policy: &AccessPolicy,
@@ -557,9 +614,9 @@ pub fn check(
             "sign-in is not available on this gateway yet; try again shortly\n".into(),
         ));
     };
-    if policy.api_keys {
+    if policy.takes_keys() {
         if let Some(key) = presented_api_key(headers) {
-            return check_api_key(identity, cache, policy, headers, ask, &key);
+            return check_api_key(identity, cache, policy, headers, ask, key);
         }
     }
     let Some(token) = cookie(headers, SESSION_COOKIE).map(str::to_owned) else {
@@ -585,7 +642,7 @@ pub fn check(
             format!("session token refused: {}", TokenError::Nonce),
         ));
     }
-    if !policy.allows(&claims.email, &claims.roles) {
+    if !policy.allows_claims(&claims) {
         return Err(denied(headers, ask, &claims));
     }
     strip_own_cookies(headers);
@@ -598,7 +655,8 @@ fn denied(headers: &HeaderMap, ask: &Ask<'_>, claims: &SessionClaims) -> AuthRes
     tracing::warn!(host = ask.host, user_id = %claims.sub, "access denied by the resource's policy");
     let message = format!(
         "{} is signed in, but is not allowed to use {}. Ask an administrator for access.",
-        claims.email, ask.host
+        who(claims),
+        ask.host
     );
     let r = if wants_html(headers) {
         html(
@@ -614,14 +672,46 @@ fn denied(headers: &HeaderMap, ask: &Ask<'_>, claims: &SessionClaims) -> AuthRes
     };
     mark(
         r,
-        Some(&claims.email),
+        Some(&who(claims)),
         "not allowed by the resource's policy".into(),
     )
 }
 
-/// The API key a client sent (`Authorization: Bearer kmk_...` or `X-API-Key: kmk_...`), if any.
-/// Other bearer tokens are the app's business and pass untouched.
-fn presented_api_key(headers: &HeaderMap) -> Option<String> {
+/// How an identity is named to people: its e-mail address, or a service key's name and id.
+fn who(claims: &SessionClaims) -> String {
+    if claims.amr.iter().any(|a| a == SERVICE_KEY_AMR) {
+        format!("service key {} ({})", claims.name, claims.sub)
+    } else {
+        claims.email.clone()
+    }
+}
+
+/// The API key a client sent (`Authorization: Bearer kmk_...`, `X-API-Key: kmk_...`, or a
+/// service key as the client id and secret pair), if any: `Err` for a pair whose id is not the
+/// secret's. Other bearer tokens are the app's business and pass untouched.
+fn presented_api_key(headers: &HeaderMap) -> Option<Result<String, &'static str>> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let pair = [
+        (CLIENT_ID_HEADER, CLIENT_SECRET_HEADER),
+        (CF_CLIENT_ID_HEADER, CF_CLIENT_SECRET_HEADER),
+    ]
+    .into_iter()
+    .find_map(|(id, secret)| Some((get(id)?, get(secret)?)));
+    if let Some((id, secret)) = pair {
+        let matches = Uuid::try_parse(id)
+            .ok()
+            .is_some_and(|id| embedded_id(API_KEY_PREFIX, secret) == Some(id));
+        return Some(if matches {
+            Ok(secret.to_owned())
+        } else {
+            Err("the client id is not the secret's")
+        });
+    }
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -629,18 +719,15 @@ fn presented_api_key(headers: &HeaderMap) -> Option<String> {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         });
-    [
-        bearer,
-        headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()),
-    ]
-    .into_iter()
-    .flatten()
-    .map(str::trim)
-    .find(|k| {
-        k.strip_prefix(API_KEY_PREFIX)
-            .is_some_and(|r| r.starts_with('_'))
-    })
-    .map(str::to_owned)
+    [bearer, get(API_KEY_HEADER)]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|k| {
+            k.strip_prefix(API_KEY_PREFIX)
+                .is_some_and(|r| r.starts_with('_'))
+        })
+        .map(|k| Ok(k.to_owned()))
 }
 
 /// Decides a request that carries an API key, on a resource that accepts keys: the key must be
@@ -653,7 +740,7 @@ fn check_api_key(
     policy: &AccessPolicy,
     headers: &mut HeaderMap,
     ask: &Ask<'_>,
-    key: &str,
+    key: Result<String, &'static str>,
 ) -> Result<Arc<SessionClaims>, AuthResponse> {
     let refused = |why: String| {
         tracing::warn!(host = ask.host, reason = %why, "API key refused");
@@ -669,6 +756,8 @@ fn check_api_key(
         mark(r, None, format!("API key refused: {why}"))
     };
     let unknown = "unknown, revoked, expired or not accepted here";
+    let key = key.map_err(|why| refused(why.into()))?;
+    let key = key.as_str();
     let Some(id) = embedded_id(API_KEY_PREFIX, key) else {
         return Err(refused("malformed".into()));
     };
@@ -681,11 +770,23 @@ fn check_api_key(
     let claims = cache
         .verify(identity, assertion, ask.host, ask.now)
         .map_err(|e| refused(e.to_string()))?;
-    if !policy.allows(&claims.email, &claims.roles) {
+    let service = claims.amr.iter().any(|a| a == SERVICE_KEY_AMR);
+    if !service && !policy.api_keys {
+        return Err(refused(unknown.into()));
+    }
+    if !policy.allows_claims(&claims) {
         return Err(denied(headers, ask, &claims));
     }
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(API_KEY_HEADER);
+    for name in [
+        header::AUTHORIZATION.as_str(),
+        API_KEY_HEADER,
+        CLIENT_ID_HEADER,
+        CLIENT_SECRET_HEADER,
+        CF_CLIENT_ID_HEADER,
+        CF_CLIENT_SECRET_HEADER,
+    ] {
+        headers.remove(name);
+    }
     strip_own_cookies(headers);
     add_identity_headers(headers, policy.identity_headers, &claims, assertion);
     Ok(claims)
@@ -1153,6 +1254,7 @@ mod tests {
             path_and_query: path,
             now: NOW,
             control_up,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 
@@ -1204,7 +1306,9 @@ mod tests {
             ("x-api-key", secret.as_str()),
         ] {
             let mut h = headers(&[sent, ("cookie", "a=b")]);
-            let got = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true)).unwrap();
+            let got = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true))
+                .unwrap()
+                .unwrap();
             assert_eq!(got.sub, user.to_string());
             assert_eq!(h[ASSERTION_HEADER], assertion.as_str());
             assert_eq!(h["remote-user"], "ann@example.com");
@@ -1262,6 +1366,174 @@ mod tests {
         let jar = format!("kakuremichi_session={assertion}; kakuremichi_nonce=x");
         let mut h = headers(&[("cookie", jar.as_str())]);
         assert!(check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true)).is_err());
+    }
+
+    #[test]
+    fn service_keys_reach_resources_that_name_them_by_bearer_or_the_header_pair() {
+        let k1 = key("k1");
+        let key_id = Uuid::from_u128(0x5e);
+        let secret = format!("kmk_{}_machine", key_id.simple());
+        let mut c = claims(key_id, key_id);
+        c.nonce = String::new();
+        c.email = String::new();
+        c.name = "ci deploy".into();
+        c.roles = vec![];
+        c.amr = vec![SERVICE_KEY_AMR.into()];
+        let assertion = sign(&k1, &c);
+        let g = GatewayIdentity {
+            issuer: ISS.into(),
+            sign_in_url: format!("{ISS}/auth/sign-in"),
+            keys: vec![SigningKey {
+                kid: k1.kid.clone(),
+                x: k1.x.clone(),
+            }],
+            revoked_sessions: vec![],
+            user_cutoffs: vec![],
+            api_keys: vec![kakuremichi_proto::identity::EdgeApiKey {
+                id: key_id,
+                host: HOST.into(),
+                digest: secret_digest(&secret),
+                assertion: assertion.clone(),
+            }],
+        };
+        let id = EdgeIdentity::new(&g);
+        let cache = TokenCache::default();
+        let policy = AccessPolicy {
+            roles: vec!["admin".into()],
+            service_keys: vec![key_id],
+            ..Default::default()
+        };
+        let get = Method::GET;
+        let bearer = format!("Bearer {secret}");
+        let key_text = key_id.to_string();
+        let simple = key_id.simple().to_string();
+        for sent in [
+            vec![("authorization", bearer.as_str())],
+            vec![
+                ("kakuremichi-access-client-id", key_text.as_str()),
+                ("kakuremichi-access-client-secret", secret.as_str()),
+            ],
+            vec![
+                ("cf-access-client-id", simple.as_str()),
+                ("cf-access-client-secret", secret.as_str()),
+            ],
+        ] {
+            let mut h = headers(&sent);
+            let got = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/x", true))
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.sub, key_text);
+            assert_eq!(h[ASSERTION_HEADER], assertion.as_str());
+            assert_eq!(h["remote-user"], key_text.as_str());
+            assert_eq!(h["remote-name"], "ci deploy");
+            for (name, _) in &sent {
+                assert!(!h.contains_key(*name), "{name} reached the app");
+            }
+        }
+        let try_with = |policy: &AccessPolicy, sent: &[(&'static str, &str)]| {
+            let mut h = headers(sent);
+            check(Some(&id), &cache, policy, &mut h, &ask(&get, "/x", true))
+        };
+        // A pair whose id is not the secret's: refused, as is the right id with a wrong secret.
+        let other = Uuid::from_u128(7).to_string();
+        let wrong = format!("kmk_{}_guess", key_id.simple());
+        for sent in [
+            [
+                ("kakuremichi-access-client-id", other.as_str()),
+                ("kakuremichi-access-client-secret", secret.as_str()),
+            ],
+            [
+                ("kakuremichi-access-client-id", key_text.as_str()),
+                ("kakuremichi-access-client-secret", wrong.as_str()),
+            ],
+        ] {
+            let r = try_with(&policy, &sent).unwrap_err();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{sent:?}");
+        }
+        // A policy that does not name the key: 403 naming the key; it is no personal key
+        // either, even where personal keys are taken.
+        let personal_only = AccessPolicy {
+            api_keys: true,
+            ..Default::default()
+        };
+        let r = try_with(&personal_only, &[("authorization", &bearer)]).unwrap_err();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(r
+            .extensions()
+            .get::<Refused>()
+            .unwrap()
+            .user
+            .as_deref()
+            .unwrap()
+            .contains("ci deploy"));
+    }
+
+    #[test]
+    fn rules_allow_deny_or_ask_for_sign_in_by_path_method_and_client() {
+        use kakuremichi_proto::identity::AccessRule;
+        let k1 = key("k1");
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let policy = AccessPolicy {
+            rules: vec![
+                AccessRule {
+                    action: RuleAction::Deny,
+                    paths: vec![],
+                    methods: vec![],
+                    cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+                },
+                AccessRule {
+                    action: RuleAction::Allow,
+                    paths: vec!["/hooks/*".into()],
+                    methods: vec!["POST".into()],
+                    cidrs: vec![],
+                },
+            ],
+            ..Default::default()
+        };
+        let post = Method::POST;
+        let get = Method::GET;
+        let run = |method: &Method, path: &str, client: &str, pairs: &[(&'static str, &str)]| {
+            let mut h = headers(pairs);
+            let mut a = ask(method, path, true);
+            a.client = client.parse().unwrap();
+            check(Some(&id), &cache, &policy, &mut h, &a).map(|c| (c, h))
+        };
+        // The webhook passes without a cookie, and the app gets none of the gateway's cookies.
+        let (who, h) = run(
+            &post,
+            "/hooks/github?x=1",
+            "203.0.113.1",
+            &[("cookie", "kakuremichi_session=x; a=1")],
+        )
+        .unwrap();
+        assert!(who.is_none());
+        assert_eq!(h["cookie"], "a=1");
+        // Elsewhere, or with another method: sign-in as usual.
+        for (m, p) in [(&get, "/hooks/github"), (&post, "/admin")] {
+            assert_eq!(
+                run(m, p, "203.0.113.1", &[]).unwrap_err().status(),
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        // A path that could mean another one: 400, never a bypass.
+        for p in ["/hooks/../admin", "/hooks/%2e%2e/admin", "/hooks%2fx"] {
+            let r = run(&post, p, "203.0.113.1", &[]).unwrap_err();
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{p}");
+        }
+        // A deny rule by address wins over a signed-in user.
+        let token = sign(&k1, &claims(Uuid::new_v4(), Uuid::new_v4()));
+        let jar = format!("kakuremichi_session={token}; kakuremichi_nonce=the-nonce");
+        assert!(run(&get, "/", "203.0.113.1", &[("cookie", &jar)])
+            .unwrap()
+            .0
+            .is_some());
+        let r = run(&get, "/", "192.0.2.9", &[("cookie", &jar)]).unwrap_err();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            r.extensions().get::<Refused>().unwrap().reason,
+            "denied by rule 0"
+        );
     }
 
     #[test]
@@ -1326,7 +1598,9 @@ mod tests {
         let cookies = format!("a=1; kakuremichi_session={token}; kakuremichi_nonce=the-nonce; b=2");
         let mut h = headers(&[("cookie", &cookies), ("remote-user", "mallory")]);
         strip_identity_headers(&mut h);
-        let c = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", true)).unwrap();
+        let c = check(Some(&id), &cache, &policy, &mut h, &ask(&get, "/", true))
+            .unwrap()
+            .unwrap();
         assert_eq!(c.email, "ann@example.com");
         assert_eq!(h["cookie"], "a=1; b=2");
         assert_eq!(h["remote-user"], "ann@example.com");

@@ -467,6 +467,7 @@ impl Proxy {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
             control_up: self.control_up.load(Ordering::Relaxed),
+            client: client.ip(),
         };
         if own {
             let form = if method == http::Method::POST {

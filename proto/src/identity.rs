@@ -25,6 +25,98 @@ pub const API_KEY_PREFIX: &str = "kmk";
 pub const API_KEY_HEADER: &str = "x-api-key";
 /// What an assertion minted for an API key says in `amr`.
 pub const API_KEY_AMR: &str = "api_key";
+/// What an assertion minted for an organization service key says in `amr` (its `sub` is the
+/// key's id, its `name` the key's name, its `email` empty).
+pub const SERVICE_KEY_AMR: &str = "service_key";
+/// The header naming a service key's id, beside [`CLIENT_SECRET_HEADER`].
+pub const CLIENT_ID_HEADER: &str = "kakuremichi-access-client-id";
+/// The header carrying a service key (`kmk_<id>_<secret>`), beside [`CLIENT_ID_HEADER`].
+pub const CLIENT_SECRET_HEADER: &str = "kakuremichi-access-client-secret";
+/// Cloudflare Access's names for the same pair, accepted so machines move over unchanged.
+pub const CF_CLIENT_ID_HEADER: &str = "cf-access-client-id";
+/// See [`CF_CLIENT_ID_HEADER`].
+pub const CF_CLIENT_SECRET_HEADER: &str = "cf-access-client-secret";
+
+/// Whether `path` matches `pattern`, where `*` stands for any run of characters (`/` included)
+/// and everything else for itself.
+pub fn glob_matches(pattern: &str, path: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(first) = parts.next() else {
+        return false;
+    };
+    let Some(mut rest) = path.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*`: an exact match.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// Why a path cannot be matched against rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// A `.` or `..` segment, a backslash, or an encoded one of those or of `/` or NUL: an app
+    /// could read it as another path than the rules saw.
+    #[error("the path has dot segments or encoded separators")]
+    Ambiguous,
+}
+
+/// The path rules are matched against: percent-decoded, repeated slashes collapsed. A path an
+/// app might resolve differently (dot segments, backslashes, an encoded `/`, `\` or NUL, bytes
+/// that are not UTF-8) is an error, so a rule can never be slipped past with `/open/../admin`.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let raw = raw.split(['?', '#']).next().unwrap_or("");
+    let mut bytes = Vec::with_capacity(raw.len());
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b.get(i + 1).and_then(|c| hex(*c)),
+                b.get(i + 2).and_then(|c| hex(*c)),
+            ) {
+                (Some(h), Some(l)) => {
+                    let c = (h * 16 + l) as u8;
+                    if matches!(c, b'/' | b'\\' | 0) {
+                        return Err(PathError::Ambiguous);
+                    }
+                    bytes.push(c);
+                    i += 3;
+                    continue;
+                }
+                _ => return Err(PathError::Ambiguous),
+            }
+        }
+        bytes.push(b[i]);
+        i += 1;
+    }
+    let s = String::from_utf8(bytes).map_err(|_| PathError::Ambiguous)?;
+    if s.contains('\\') {
+        return Err(PathError::Ambiguous);
+    }
+    let mut out = String::with_capacity(s.len() + 1);
+    for seg in s.split('/').filter(|seg| !seg.is_empty()) {
+        if seg == "." || seg == ".." {
+            return Err(PathError::Ambiguous);
+        }
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || s.ends_with('/') {
+        out.push('/');
+    }
+    Ok(out)
+}
 
 /// The prefix of [`secret_digest`]'s answer.
 pub const SECRET_DIGEST_PREFIX: &str = "sha256$";
@@ -79,9 +171,89 @@ pub struct AccessPolicy {
     /// that cannot sign in with a browser; the lists above still decide which users.
     #[serde(default, skip_serializing_if = "crate::is_false")]
     pub api_keys: bool,
+    /// Organization service keys (by id) that reach the resource, for machines: sent as
+    /// `Authorization: Bearer`, `X-API-Key`, or the header pair [`CLIENT_ID_HEADER`] and
+    /// [`CLIENT_SECRET_HEADER`] (Cloudflare's `CF-Access-Client-Id`/`-Secret` also work). Each
+    /// needs `resource:access` among its scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_keys: Vec<Uuid>,
+    /// Rules tried in order before sign-in; the first that matches a request decides it. None
+    /// matching: sign-in as above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AccessRule>,
+}
+
+/// What a matching [`AccessRule`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// The request passes without sign-in (webhooks, health checks, native apps); the app gets
+    /// no identity, and a client's identity headers are still removed.
+    #[serde(alias = "bypass")]
+    Allow,
+    /// The request is refused (403), whoever is signed in.
+    Deny,
+    /// The request needs sign-in and the policy's lists (to protect a path inside a broader
+    /// `allow`).
+    SignIn,
+}
+
+/// One rule of an [`AccessPolicy`]: it matches a request when every condition given matches
+/// (an empty list matches anything).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// What a match does.
+    pub action: RuleAction,
+    /// Path patterns: `*` stands for any run of characters, `/` included (`/hooks/*`,
+    /// `*.png`); matched against the normalized path without the query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Methods, upper case (`POST`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Client address ranges (`203.0.113.0/24`, `::1/128`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidrs: Vec<ipnet::IpNet>,
+}
+
+impl AccessRule {
+    /// Whether the rule matches a request; `path` is normalized (see [`normalize_path`]).
+    pub fn matches(&self, method: &str, path: &str, client: std::net::IpAddr) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| glob_matches(p, path)))
+            && (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(&client)))
+    }
 }
 
 impl AccessPolicy {
+    /// The first rule matching a request, if any.
+    pub fn rule_for(
+        &self,
+        method: &str,
+        path: &str,
+        client: std::net::IpAddr,
+    ) -> Option<(usize, &AccessRule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(method, path, client))
+    }
+
+    /// Whether the identity in verified claims may reach the resource: a service key when the
+    /// policy names it, anyone else by [`AccessPolicy::allows`].
+    pub fn allows_claims(&self, c: &SessionClaims) -> bool {
+        if c.amr.iter().any(|a| a == SERVICE_KEY_AMR) {
+            return Uuid::try_parse(&c.sub).is_ok_and(|id| self.service_keys.contains(&id));
+        }
+        self.allows(&c.email, &c.roles)
+    }
+
+    /// Whether the resource takes keys at all (personal or service).
+    pub fn takes_keys(&self) -> bool {
+        self.api_keys || !self.service_keys.is_empty()
+    }
+
     /// Whether a signed-in identity may reach the resource.
     pub fn allows(&self, email: &str, roles: &[String]) -> bool {
         if self.users.is_empty() && self.roles.is_empty() && self.email_domains.is_empty() {
@@ -307,6 +479,100 @@ mod tests {
             !format!("{:?}", g.api_keys[0]).contains("sha256"),
             "a digest in Debug"
         );
+    }
+
+    #[test]
+    fn rules_match_by_glob_method_and_cidr_in_order() {
+        assert!(glob_matches("/hooks/*", "/hooks/github"));
+        assert!(glob_matches("/hooks/*", "/hooks/"));
+        assert!(!glob_matches("/hooks/*", "/hooks"));
+        assert!(glob_matches("*.png", "/a/b.png"));
+        assert!(!glob_matches("*.png", "/a/b.png.exe"));
+        assert!(glob_matches("/a/*/c/*", "/a/x/y/c/z"));
+        assert!(glob_matches("/exact", "/exact"));
+        assert!(!glob_matches("/exact", "/exact/more"));
+        assert!(glob_matches("*", "/anything"));
+        assert!(glob_matches("/a*a", "/aa"));
+        assert!(!glob_matches("/a*a", "/a"));
+
+        let p: AccessPolicy = serde_json::from_value(json!({
+            "rules": [
+                {"action": "deny", "cidrs": ["10.0.0.0/8"]},
+                {"action": "bypass", "paths": ["/hooks/*"], "methods": ["POST"]},
+                {"action": "sign_in", "paths": ["/public/secret*"]},
+                {"action": "allow", "paths": ["/public/*"]},
+            ],
+            "service_keys": ["00000000-0000-0000-0000-000000000009"],
+        }))
+        .unwrap();
+        let out: std::net::IpAddr = "203.0.113.5".parse().unwrap();
+        let inside: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let act = |m: &str, path: &str, ip| p.rule_for(m, path, ip).map(|(i, r)| (i, r.action));
+        assert_eq!(act("POST", "/hooks/x", out), Some((1, RuleAction::Allow)));
+        assert_eq!(act("GET", "/hooks/x", out), None);
+        assert_eq!(act("POST", "/hooks/x", inside), Some((0, RuleAction::Deny)));
+        assert_eq!(
+            act("GET", "/public/secret/a", out),
+            Some((2, RuleAction::SignIn))
+        );
+        assert_eq!(act("GET", "/public/a", out), Some((3, RuleAction::Allow)));
+        assert_eq!(
+            serde_json::to_value(&p.rules[1]).unwrap(),
+            json!({"action": "allow", "paths": ["/hooks/*"], "methods": ["POST"]})
+        );
+        assert!(serde_json::from_value::<AccessRule>(
+            json!({"action": "allow", "cidrs": ["10.0.0.0/33"]})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<AccessRule>(json!({"action": "maybe"})).is_err());
+        assert!(
+            serde_json::from_value::<AccessRule>(json!({"action": "deny", "path": ["/"]})).is_err()
+        );
+
+        let mut c = SessionClaims {
+            iss: "i".into(),
+            sub: "00000000-0000-0000-0000-000000000009".into(),
+            aud: "a".into(),
+            iat: 0,
+            exp: 1,
+            sid: "s".into(),
+            email: String::new(),
+            name: "ci".into(),
+            roles: vec![],
+            nonce: String::new(),
+            amr: vec![SERVICE_KEY_AMR.into()],
+        };
+        assert!(p.allows_claims(&c));
+        c.sub = "00000000-0000-0000-0000-000000000008".into();
+        assert!(
+            !p.allows_claims(&c),
+            "a service key the policy does not name"
+        );
+        c.amr = vec![API_KEY_AMR.into()];
+        c.email = "a@b.c".into();
+        assert!(p.allows_claims(&c), "no lists: any signed-in user");
+        assert!(p.takes_keys());
+    }
+
+    #[test]
+    fn paths_are_normalized_or_refused_before_rules_see_them() {
+        assert_eq!(normalize_path("/a//b/?x=1").unwrap(), "/a/b/");
+        assert_eq!(normalize_path("/hooks/%67ithub").unwrap(), "/hooks/github");
+        assert_eq!(normalize_path("").unwrap(), "/");
+        assert_eq!(normalize_path("/file%2Etxt").unwrap(), "/file.txt");
+        for bad in [
+            "/open/../admin",
+            "/open/%2e%2e/admin",
+            "/open/./x",
+            "/open%2fadmin",
+            "/open%5cadmin",
+            "/a\\b",
+            "/%00",
+            "/%zz",
+            "/%ff",
+        ] {
+            assert_eq!(normalize_path(bad), Err(PathError::Ambiguous), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub struct CreateKey {
     /// another organization, one its user is a member of (a user reaches each of their
     /// organizations with a key made this way).
     pub org_id: Option<Uuid>,
+    /// An organization service key, owned by no user, for machines (CI, webhooks' senders,
+    /// other services): it holds its scopes until it expires or is revoked, whoever made it.
+    /// Not with `user_id` or `org_id`.
+    #[serde(default)]
+    pub service: bool,
 }
 
 /// A new key: its fields and the secret, shown once.
@@ -61,9 +66,17 @@ async fn create(
     if body.scopes.is_empty() {
         return Err(invalid("scopes: give at least one permission".into()));
     }
+    if body.service && (body.user_id.is_some() || body.org_id.is_some()) {
+        return Err(invalid(
+            "service: a service key belongs to the caller's organization and to no user; \
+             leave out user_id and org_id"
+                .into(),
+        ));
+    }
     let key_org = body.org_id.unwrap_or(org.0);
     let cross = key_org != org.0;
     let owner = match body.user_id {
+        None if body.service => None,
         None => caller.user_id,
         Some(u) if Some(u) == caller.user_id => Some(u),
         Some(u) => {

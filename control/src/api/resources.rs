@@ -144,8 +144,54 @@ fn check_access(mut a: AccessPolicy, protocol: RouteProtocol) -> Result<AccessPo
     for r in &a.roles {
         validate::role(r).map_err(|e| invalid(format!("access.roles: {e}")))?;
     }
+    if a.service_keys.len() > MAX_ACCESS_ENTRIES {
+        return Err(invalid(format!(
+            "access.service_keys has more than {MAX_ACCESS_ENTRIES} entries"
+        )));
+    }
+    if a.rules.len() > MAX_RULES {
+        return Err(invalid(format!(
+            "access.rules has more than {MAX_RULES} rules"
+        )));
+    }
+    for (i, rule) in a.rules.iter_mut().enumerate() {
+        let at = format!("access.rules[{i}]");
+        if rule.paths.len() + rule.methods.len() + rule.cidrs.len() > MAX_ACCESS_ENTRIES {
+            return Err(invalid(format!(
+                "{at} has more than {MAX_ACCESS_ENTRIES} conditions"
+            )));
+        }
+        for p in &rule.paths {
+            if !(p.starts_with('/') || p.starts_with('*'))
+                || p.len() > 1024
+                || p.contains(['?', '#', '\\', '%'])
+                || p.chars().any(char::is_control)
+                || p.split('/').any(|seg| seg == "." || seg == "..")
+            {
+                return Err(invalid(format!(
+                    "{at}.paths: {p:?} is not a path pattern: it starts with / or *, has no \
+                     query, %, backslash or dot segment, and * stands for any run of characters"
+                )));
+            }
+        }
+        for m in &mut rule.methods {
+            let upper = m.to_ascii_uppercase();
+            if upper.is_empty()
+                || upper.len() > 32
+                || !upper
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+            {
+                return Err(invalid(format!("{at}.methods: {m:?} is not a method")));
+            }
+            *m = upper;
+        }
+    }
     Ok(a)
 }
+
+/// The most rules in an access policy.
+pub const MAX_RULES: usize = 100;
 
 fn check_proxy_protocol(on: Option<bool>, protocol: RouteProtocol) -> Result<(), ApiError> {
     if on.is_some() && protocol != RouteProtocol::Tcp {

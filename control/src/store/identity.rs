@@ -865,16 +865,15 @@ impl Store {
         use std::collections::HashMap;
         let hosts: Vec<&super::Resource> = resources
             .iter()
-            .filter(|r| r.access.as_ref().is_some_and(|a| a.api_keys) && !r.hostname.is_empty())
+            .filter(|r| r.access.as_ref().is_some_and(|a| a.takes_keys()) && !r.hostname.is_empty())
             .collect();
         if hosts.is_empty() {
             return Ok(Vec::new());
         }
         let now = now_ms();
         let keys = sqlx::query(
-            "SELECT id, hash, scopes, user_id, org_id, expires_at FROM api_keys \
-             WHERE revoked_at IS NULL AND user_id IS NOT NULL \
-             AND (expires_at IS NULL OR expires_at > $1) ORDER BY id",
+            "SELECT id, name, hash, scopes, user_id, org_id, expires_at FROM api_keys \
+             WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1) ORDER BY id",
         )
         .bind(now)
         .fetch_all(&mut **tx)
@@ -930,7 +929,49 @@ impl Store {
                 continue;
             }
             let org: String = k.try_get("org_id")?;
-            let user: String = k.try_get("user_id")?;
+            let id: String = k.try_get("id")?;
+            let key_id = parse_uuid(&id)?;
+            let user: Option<String> = k.try_get("user_id")?;
+            let scopes: Option<String> = k.try_get("scopes")?;
+            let by_scope = match scopes {
+                None => true,
+                Some(s) => serde_json::from_str::<Vec<String>>(&s)
+                    .map_err(corrupt)?
+                    .iter()
+                    .any(|p| p == ACCESS_PERMISSION),
+            };
+            let expires_at: Option<i64> = k.try_get("expires_at")?;
+            let exp = expires_at.map_or(now + life_ms, |e| e.min(now + life_ms));
+            let Some(user) = user else {
+                // An organization service key: for the resources whose policies name it.
+                if !by_scope {
+                    continue;
+                }
+                // The admin key seeded at first start has no name.
+                let name: String = k.try_get::<Option<String>, _>("name")?.unwrap_or_default();
+                for r in hosts.iter().filter(|r| {
+                    r.org_id.to_string() == org
+                        && r.access
+                            .as_ref()
+                            .is_some_and(|a| a.service_keys.contains(&key_id))
+                }) {
+                    let claims = kakuremichi_proto::identity::SessionClaims {
+                        iss: issuer.to_owned(),
+                        sub: key_id.to_string(),
+                        aud: r.hostname.clone(),
+                        iat: now / 1000,
+                        exp: exp / 1000,
+                        sid: key_id.to_string(),
+                        email: String::new(),
+                        name: name.clone(),
+                        roles: Vec::new(),
+                        nonce: String::new(),
+                        amr: vec![kakuremichi_proto::identity::SERVICE_KEY_AMR.to_owned()],
+                    };
+                    push_edge_key(&mut out, &signer, &claims, key_id, &hash);
+                }
+                continue;
+            };
             let Some((email, name, roles)) = members.get(&(org.clone(), user.clone())) else {
                 continue;
             };
@@ -940,23 +981,15 @@ impl Store {
                     .get(&(org.clone(), r.clone()))
                     .is_some_and(|p| p.iter().any(|p| p == ACCESS_PERMISSION)),
             });
-            let scopes: Option<String> = k.try_get("scopes")?;
-            let by_scope = match scopes {
-                None => true,
-                Some(s) => serde_json::from_str::<Vec<String>>(&s)
-                    .map_err(corrupt)?
-                    .iter()
-                    .any(|p| p == ACCESS_PERMISSION),
-            };
             if !(by_role && by_scope) {
                 continue;
             }
-            let id: String = k.try_get("id")?;
-            let key_id = parse_uuid(&id)?;
-            let expires_at: Option<i64> = k.try_get("expires_at")?;
-            let exp = expires_at.map_or(now + life_ms, |e| e.min(now + life_ms));
             for r in hosts.iter().filter(|r| r.org_id.to_string() == org) {
-                if !r.access.as_ref().is_some_and(|a| a.allows(email, roles)) {
+                if !r
+                    .access
+                    .as_ref()
+                    .is_some_and(|a| a.api_keys && a.allows(email, roles))
+                {
                     continue;
                 }
                 let claims = kakuremichi_proto::identity::SessionClaims {
@@ -972,22 +1005,32 @@ impl Store {
                     nonce: String::new(),
                     amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
                 };
-                let assertion = match crate::identity::mint(&signer, &claims) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::error!(error = %e, key_id = %key_id, "cannot sign an API-key assertion");
-                        continue;
-                    }
-                };
-                out.push(EdgeApiKey {
-                    id: key_id,
-                    host: r.hostname.clone(),
-                    digest: hash.clone(),
-                    assertion,
-                });
+                push_edge_key(&mut out, &signer, &claims, key_id, &hash);
             }
         }
         Ok(out)
+    }
+}
+
+/// Signs the assertion for a key on one hostname and adds it to what gateways get (a key whose
+/// assertion cannot be signed is left out, and logged).
+fn push_edge_key(
+    out: &mut Vec<EdgeApiKey>,
+    signer: &Signer,
+    claims: &kakuremichi_proto::identity::SessionClaims,
+    key_id: Uuid,
+    digest: &str,
+) {
+    match crate::identity::mint(signer, claims) {
+        Ok(assertion) => out.push(EdgeApiKey {
+            id: key_id,
+            host: claims.aud.clone(),
+            digest: digest.to_owned(),
+            assertion,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, key_id = %key_id, "cannot sign an API-key assertion")
+        }
     }
 }
 

@@ -837,6 +837,84 @@ async fn limits_and_proxy_protocol_over_the_api() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
 
+/// Access policies' rules and service keys: stored normalized, refused with a message naming
+/// the field when malformed.
+#[tokio::test]
+async fn access_rules_and_service_keys_are_validated() {
+    let t = TestApp::new().await;
+    let site = t.site("home").await;
+    let site_id = id(&site);
+    let (s, key) = t
+        .post(
+            "/api/v1/api-keys",
+            json!({"name": "ci", "scopes": ["resource:access"], "service": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{key}");
+    assert!(key["user_id"].is_null(), "{key}");
+    let (s, e) = t
+        .post(
+            "/api/v1/api-keys",
+            json!({"name": "ci", "scopes": ["resource:access"], "service": true,
+                   "user_id": uuid::Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let access = json!({
+        "service_keys": [id(&key)],
+        "rules": [
+            {"action": "deny", "cidrs": ["192.0.2.0/24"]},
+            {"action": "bypass", "paths": ["/hooks/*"], "methods": ["post"]},
+        ],
+    });
+    let (s, r) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "hooks.localhost", "site_id": site_id, "target": "127.0.0.1:9000",
+                   "access": access}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(
+        r["access"]["rules"][1],
+        json!({"action": "allow", "paths": ["/hooks/*"], "methods": ["POST"]})
+    );
+    assert_eq!(r["access"]["service_keys"], json!([id(&key)]));
+    let path = format!("/api/v1/resources/{}", id(&r));
+    for (rule, names) in [
+        (
+            json!({"action": "allow", "paths": ["hooks"]}),
+            "access.rules[0].paths",
+        ),
+        (
+            json!({"action": "allow", "paths": ["/a/../b"]}),
+            "access.rules[0].paths",
+        ),
+        (
+            json!({"action": "allow", "paths": ["/a?b=1"]}),
+            "access.rules[0].paths",
+        ),
+        (
+            json!({"action": "allow", "methods": ["GE T"]}),
+            "access.rules[0].methods",
+        ),
+        (
+            json!({"action": "allow", "cidrs": ["10.0.0.0/40"]}),
+            "cidrs",
+        ),
+        (json!({"action": "maybe"}), "action"),
+        (json!({"action": "allow", "path": ["/"]}), "path"),
+    ] {
+        let (s, e) = t.patch(&path, json!({"access": {"rules": [rule]}})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{rule} -> {e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{rule}: {message}");
+    }
+    let many: Vec<Value> = (0..101).map(|_| json!({"action": "deny"})).collect();
+    let (s, e) = t.patch(&path, json!({"access": {"rules": many}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+}
+
 #[tokio::test]
 async fn scoped_api_keys_hold_only_their_permissions_and_revocation_is_immediate() {
     let app = TestApp::new().await;

@@ -109,6 +109,12 @@ async fn api_keys_reach_gateways_for_resources_that_accept_them(store: Store) {
         [5; 32],
     )));
     store.ensure_signing_key().await.unwrap();
+    // The admin key seeded at first start (no user, no name, every permission) is among the
+    // keys read, and reaches no gateway.
+    store
+        .ensure_admin_key(Some(&Secret::new(crate::common::ADMIN_KEY)))
+        .await
+        .unwrap();
     let (site, _) = store
         .create_node(NodeKind::Agent, DEFAULT_ORG, "s", None)
         .await
@@ -156,11 +162,21 @@ async fn api_keys_reach_gateways_for_resources_that_accept_them(store: Store) {
         )
         .await
         .unwrap();
-    store
+    let (svc, svc_secret) = store
         .create_api_key(
             DEFAULT_ORG,
             "svc",
             &scopes(&["resource:access"]),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let (svc_read, _) = store
+        .create_api_key(
+            DEFAULT_ORG,
+            "svc-read",
+            &scopes(&["resource:read"]),
             None,
             None,
         )
@@ -216,6 +232,37 @@ async fn api_keys_reach_gateways_for_resources_that_accept_them(store: Store) {
         store.config_version().await.unwrap() > before,
         "revoking pushes"
     );
+    assert!(edge(store.clone()).await.is_empty());
+
+    // Service keys: only where a policy names them, only with resource:access, as themselves.
+    let mut machines = res("machines.example", site.id);
+    machines.access = Some(AccessPolicy {
+        service_keys: vec![svc.id, svc_read.id],
+        ..Default::default()
+    });
+    store.create_resource(&machines).await.unwrap();
+    assert!(store.refresh_edge_credentials().await.unwrap());
+    let keys = edge(store.clone()).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(
+        (keys[0].id, keys[0].host.as_str()),
+        (svc.id, "machines.example")
+    );
+    assert_eq!(
+        keys[0].digest,
+        kakuremichi_control::secrets::digest(&svc_secret)
+    );
+    let payload = keys[0].assertion.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["amr"], serde_json::json!(["service_key"]));
+    assert_eq!(claims["sub"], svc.id.to_string());
+    assert_eq!(claims["name"], "svc");
+    assert_eq!(claims["email"], "");
+    store.revoke_api_key(DEFAULT_ORG, svc.id).await.unwrap();
     assert!(edge(store.clone()).await.is_empty());
 }
 
