@@ -1139,27 +1139,34 @@ async fn a_personal_api_key_reaches_a_resource_that_accepts_keys_and_the_app_ver
 /// the key never reaches a log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_rule_wins() {
-    let stack = Stack::start().await.expect("stack");
+    let mut stack = Stack::start().await.expect("stack");
     create_user(&stack, ANN, &["member"]).await.unwrap();
-    let (status, key) = stack
-        .api
-        .call(
-            Method::POST,
-            "/api/v1/api-keys",
-            Some(json!({"name": "ci deploy", "scopes": ["resource:access"], "service": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{key}");
-    let (key_id, secret) = (
-        key["id"].as_str().unwrap().to_owned(),
-        key["secret"].as_str().unwrap().to_owned(),
-    );
+    let service_key = |name: &'static str| {
+        let stack = &stack;
+        async move {
+            let (status, key) = stack
+                .api
+                .call(
+                    Method::POST,
+                    "/api/v1/api-keys",
+                    Some(json!({"name": name, "scopes": ["resource:access"], "service": true})),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{key}");
+            (
+                key["id"].as_str().unwrap().to_owned(),
+                key["secret"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (key_id, secret) = service_key("ci deploy").await;
+    let (kept_id, kept_secret) = service_key("monitor").await;
     protect_demo(
         &stack,
         json!({
             "roles": ["member"],
-            "service_keys": [key_id],
+            "service_keys": [key_id, kept_id],
             "rules": [
                 {"action": "deny", "cidrs": ["127.0.0.2/32"]},
                 {"action": "bypass", "paths": ["/echo"], "methods": ["POST"]},
@@ -1168,18 +1175,6 @@ async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_ru
     )
     .await
     .unwrap();
-    let pair = |names: (&'static str, &'static str), path: &'static str| {
-        let (stack, key_id, secret) = (&stack, key_id.clone(), secret.clone());
-        async move {
-            stack
-                .request_builder(Method::GET, DEMO_HOST, path)
-                .header(names.0, key_id)
-                .header(names.1, secret)
-                .send()
-                .await
-                .expect("the gateway answers")
-        }
-    };
     const OURS: (&str, &str) = (
         "Kakuremichi-Access-Client-Id",
         "Kakuremichi-Access-Client-Secret",
@@ -1188,16 +1183,30 @@ async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_ru
     wait_for(
         "the gateway to accept the service key",
         Duration::from_secs(5),
-        || async { Ok((pair(OURS, "/identity").await.status() == 200).then_some(())) },
+        || async {
+            Ok((with_pair(&stack, OURS, &key_id, &secret, "/identity")
+                .await
+                .status()
+                == 200)
+                .then_some(()))
+        },
     )
     .await
     .unwrap();
-    let shown: Value = pair(CLOUDFLARE, "/identity").await.json().await.unwrap();
+    let shown: Value = with_pair(&stack, CLOUDFLARE, &key_id, &secret, "/identity")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(shown["verified"], true, "{shown}");
     assert_eq!(shown["claims"]["amr"], json!(["service_key"]));
     assert_eq!(shown["claims"]["sub"], key_id.as_str());
     assert_eq!(shown["claims"]["name"], "ci deploy");
-    let headers: Value = pair(OURS, "/headers").await.json().await.unwrap();
+    let headers: Value = with_pair(&stack, OURS, &key_id, &secret, "/headers")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(headers["remote-user"], key_id.as_str(), "{headers}");
     assert!(!headers.to_string().contains(&secret), "{headers}");
     // A pair whose id is not the secret's.
@@ -1243,23 +1252,7 @@ async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_ru
         .collect::<Vec<_>>()
         .join("; ");
     let from = |local: [u8; 4], method: Method, path: &'static str| {
-        let (stack, jar) = (&stack, jar.clone());
-        async move {
-            reqwest::Client::builder()
-                .no_proxy()
-                .local_address(std::net::IpAddr::from(local))
-                .build()
-                .unwrap()
-                .request(
-                    method,
-                    format!("http://{}{path}", stack.opts.gateway_http_for_test),
-                )
-                .header(HOST, DEMO_HOST)
-                .header(COOKIE, jar)
-                .send()
-                .await
-                .expect("the gateway answers")
-        }
+        from_address(&stack, &jar, local, method, path)
     };
     assert_eq!(
         from([127, 0, 0, 1], Method::GET, "/headers").await.status(),
@@ -1283,11 +1276,14 @@ async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_ru
     wait_for(
         "the gateway to refuse the revoked service key",
         Duration::from_secs(2),
-        || async { Ok((pair(OURS, "/headers").await.status() == 401).then_some(())) },
+        || async {
+            let r = with_pair(&stack, OURS, &key_id, &secret, "/headers").await;
+            Ok((r.status() == 401).then_some(()))
+        },
     )
     .await
     .unwrap();
-    // The denial by rule reaches the audit log with its reason; the key no log line.
+    // The denial by rule reaches the audit log with its reason.
     wait_for(
         "the rule's denial in the audit log",
         Duration::from_secs(15),
@@ -1298,8 +1294,83 @@ async fn a_service_key_pair_and_rules_let_machines_and_webhooks_in_and_a_deny_ru
     )
     .await
     .unwrap();
-    assert!(
-        !stack.logs_full().contains(&secret),
-        "the service key reached a log line"
-    );
+
+    // Control stopped: the other service key, the bypass rule, the deny rule and the signed-in
+    // user are decided as before, by the gateway alone.
+    stack.stop_control();
+    wait_for(
+        "the gateway to notice control is gone",
+        Duration::from_secs(10),
+        || async {
+            let p = Browser::new()
+                .go(&stack, Method::GET, &demo_url(&stack, "/"), None)
+                .await?;
+            Ok((p.status == StatusCode::SERVICE_UNAVAILABLE).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let kept = with_pair(&stack, OURS, &kept_id, &kept_secret, "/headers").await;
+    assert_eq!(kept.status(), 200);
+    let revoked = with_pair(&stack, OURS, &key_id, &secret, "/headers").await;
+    assert_eq!(revoked.status(), 401, "the revoked key");
+    let hook = stack
+        .request_builder(Method::POST, DEMO_HOST, "/echo")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hook.status(), 200);
+    let allowed = from_address(&stack, &jar, [127, 0, 0, 1], Method::GET, "/headers").await;
+    assert_eq!(allowed.status(), 200);
+    let denied = from_address(&stack, &jar, [127, 0, 0, 2], Method::GET, "/headers").await;
+    assert_eq!(denied.status(), 403);
+    let logs = stack.logs_full();
+    for key in [&secret, &kept_secret] {
+        assert!(
+            !logs.contains(key.as_str()),
+            "a service key reached a log line"
+        );
+    }
+}
+
+/// A request through the gateway with a service key as the client id and secret pair.
+async fn with_pair(
+    stack: &Stack,
+    names: (&str, &str),
+    id: &str,
+    secret: &str,
+    path: &str,
+) -> reqwest::Response {
+    stack
+        .request_builder(Method::GET, DEMO_HOST, path)
+        .header(names.0, id)
+        .header(names.1, secret)
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
+/// A request through the gateway from the local address `local`, with the cookies `jar`.
+async fn from_address(
+    stack: &Stack,
+    jar: &str,
+    local: [u8; 4],
+    method: Method,
+    path: &str,
+) -> reqwest::Response {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from(local))
+        .build()
+        .unwrap()
+        .request(
+            method,
+            format!("http://{}{path}", stack.opts.gateway_http_for_test),
+        )
+        .header(HOST, DEMO_HOST)
+        .header(COOKIE, jar)
+        .send()
+        .await
+        .expect("the gateway answers")
 }
