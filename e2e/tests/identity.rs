@@ -1363,7 +1363,7 @@ async fn from_address(
         .no_proxy()
         .local_address(std::net::IpAddr::from(local))
         .build()
-        .unwrap()
+        .expect("an HTTP client")
         .request(
             method,
             format!("http://{}{path}", stack.opts.gateway_http_for_test),
