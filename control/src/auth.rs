@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Form, Json, Router};
 use base64::Engine as _;
-use kakuremichi_proto::identity::{SessionClaims, GATEWAY_AUTH_PREFIX, JWKS_PATH};
+use kakuremichi_proto::identity::{SessionClaims, GATEWAY_AUTH_PREFIX, JWKS_PATH, SHARE_LINK_AMR};
 use kakuremichi_proto::Secret;
 use serde::Deserialize;
 use serde_json::json;
@@ -56,6 +56,118 @@ pub fn router() -> Router<AppState> {
             axum::routing::post(sign_out_everywhere),
         )
         .route(JWKS_PATH, get(jwks))
+        .route("/auth/share", get(open_share_link))
+}
+
+/// `GET /auth/share?t=&rd=&n=`: the gateway sends a browser here with a share link's secret;
+/// a live link counts one use and the browser goes back with a session token for the link
+/// (`sub` and `sid` = the link's id, `amr: ["share_link"]`, ending when the link expires).
+#[derive(Deserialize)]
+struct ShareQuery {
+    t: Option<String>,
+    rd: Option<String>,
+    n: Option<String>,
+}
+
+async fn open_share_link(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<ShareQuery>,
+) -> Response {
+    let refused = |status: StatusCode, msg: &str| error_page(status, "Share link refused", msg);
+    let ret = match check_return(
+        &state,
+        &ReturnQuery {
+            rd: q.rd.clone(),
+            n: q.n.clone(),
+        },
+    )
+    .await
+    {
+        Ok(Some(r)) => r,
+        Ok(None) => return refused(StatusCode::BAD_REQUEST, "this share link is incomplete"),
+        Err(msg) => return refused(StatusCode::BAD_REQUEST, &msg),
+    };
+    let Some(t) = q.t.filter(|t| t.len() < 200) else {
+        return refused(StatusCode::BAD_REQUEST, "this share link is incomplete");
+    };
+    let now = now_ms();
+    let link = match state
+        .store
+        .redeem_share_link(&Secret::new(t), &ret.host, now)
+        .await
+    {
+        Ok(Ok(link)) => link,
+        Ok(Err(why)) => {
+            tracing::warn!(client = %peer.ip(), host = %ret.host, reason = %why, "share link refused");
+            audit(
+                &state,
+                &peer,
+                "share_link",
+                "anonymous".into(),
+                &ret.host,
+                "denied",
+                Some(&why.to_string()),
+            )
+            .await;
+            return refused(
+                StatusCode::FORBIDDEN,
+                &format!("{why}. Ask whoever sent it for a new one."),
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open a share link");
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "share links cannot be opened right now; try again shortly",
+            );
+        }
+    };
+    let signer = match state.store.signer().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the signing key");
+            return refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "control cannot sign tokens right now; try again shortly",
+            );
+        }
+    };
+    let claims = SessionClaims {
+        iss: state.store.public_url().to_owned(),
+        sub: link.id.to_string(),
+        aud: ret.host.clone(),
+        iat: now / 1000,
+        exp: link.expires_at.min(now + state.store.session_life_ms()) / 1000,
+        sid: link.id.to_string(),
+        email: String::new(),
+        name: link.name.clone(),
+        roles: Vec::new(),
+        nonce: ret.nonce.clone(),
+        amr: vec![SHARE_LINK_AMR.to_owned()],
+    };
+    let token = match mint(&signer, &claims) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign a share-link token");
+            return refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "control cannot sign tokens right now; try again shortly",
+            );
+        }
+    };
+    tracing::info!(client = %peer.ip(), share_link = %link.id, host = %ret.host, uses = link.uses, "share link opened");
+    audit(
+        &state,
+        &peer,
+        "share_link",
+        format!("share-link:{}", link.id),
+        &ret.host,
+        "ok",
+        None,
+    )
+    .await;
+    to_callback(&ret, &token)
 }
 
 /// Where to send the browser after sign-in: a protected resource, validated.
@@ -344,6 +456,11 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
         }
     };
     tracing::info!(user_id = %user.id, session_id = %session.id, host = %ret.host, "granted a resource session");
+    to_callback(ret, &token)
+}
+
+/// The redirect to the gateway's callback on `ret`'s hostname with `token`.
+fn to_callback(ret: &Return, token: &str) -> Response {
     let location = format!(
         "{}{}callback?token={}&rd={}",
         ret.origin,

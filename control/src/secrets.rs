@@ -29,6 +29,8 @@ pub const ADMIN_KEY_PREFIX: &str = "kma";
 pub const ENROLL_TOKEN_PREFIX: &str = "kme";
 /// Prefix of node credentials.
 pub const CREDENTIAL_PREFIX: &str = "kmc";
+/// Prefix of share links' secrets.
+pub const SHARE_LINK_PREFIX: &str = "kml";
 
 /// How many argon2id computations run at once, process-wide (19 MiB each).
 pub const ARGON2_IN_FLIGHT: usize = 2;

@@ -32,6 +32,7 @@ mod identity;
 mod orgs;
 mod passkeys;
 mod roles;
+mod share_links;
 mod sso;
 pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
@@ -43,6 +44,7 @@ pub use identity::{
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use roles::CustomRole;
+pub use share_links::{ShareLink, ShareRefusal};
 pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
 
 /// The first overlay port given to a resource on its site.

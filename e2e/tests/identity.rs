@@ -1374,3 +1374,200 @@ async fn from_address(
         .await
         .expect("the gateway answers")
 }
+
+/// Share links through the gateway: a link opens the resource for whoever follows it, without an
+/// account, and the app gets an assertion naming the link; it stops after its last use, after its
+/// expiry, and at revocation (which also ends the sessions it opened, within 2 s); with control
+/// down, sessions it opened keep working and a new opening gets a clear page; no link's secret
+/// reaches a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_link_stops_after_its_last_use_its_expiry_and_its_revocation() {
+    let mut stack = Stack::start().await.expect("stack");
+    protect_demo(&stack, json!({"roles": ["admin"]}))
+        .await
+        .unwrap();
+    let link = |body: Value| {
+        let stack = &stack;
+        async move {
+            let (status, v) = stack
+                .api
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/resources/{}/share-links", stack.resource_id),
+                    Some(body),
+                )
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{v}");
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                demo_url(stack, v["path"].as_str().unwrap()),
+                v["secret"].as_str().unwrap().to_owned(),
+                v["expires_at"].as_i64().unwrap(),
+            )
+        }
+    };
+    let (twice_id, twice, twice_secret, _) =
+        link(json!({"name": "reviewers", "max_uses": 2})).await;
+    let (_, kept, kept_secret, _) = link(json!({"name": "kept"})).await;
+
+    // Two people open the link and reach the app, which verifies the assertion.
+    let mut first = Browser::new();
+    let page = first.follow(&stack, &twice).await.unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let shown: Value = serde_json::from_str(
+        &first
+            .go(&stack, Method::GET, &demo_url(&stack, "/identity"), None)
+            .await
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(shown["verified"], true, "{shown}");
+    assert_eq!(shown["claims"]["amr"], json!(["share_link"]));
+    assert_eq!(shown["claims"]["sub"], twice_id.as_str());
+    assert_eq!(shown["claims"]["name"], "reviewers");
+    let mut second = Browser::new();
+    assert_eq!(
+        second.follow(&stack, &twice).await.unwrap().status,
+        StatusCode::OK
+    );
+    // A third gets a clear refusal.
+    let third = Browser::new().follow(&stack, &twice).await.unwrap();
+    assert_eq!(third.status, StatusCode::FORBIDDEN);
+    assert!(
+        third.body.contains("used as many times as it allows"),
+        "{}",
+        third.body
+    );
+    let (_, listed) = stack
+        .api
+        .call(
+            Method::GET,
+            &format!("/api/v1/resources/{}/share-links", stack.resource_id),
+            None,
+        )
+        .await
+        .unwrap();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == twice_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["uses"], 2, "{entry}");
+    assert!(!listed.to_string().contains(&twice_secret));
+
+    // The brief link opens before its expiry, and not after.
+    let (_, brief, brief_secret, expires_at) =
+        link(json!({"name": "brief", "expires_in_seconds": 5})).await;
+    assert_eq!(
+        Browser::new().follow(&stack, &brief).await.unwrap().status,
+        StatusCode::OK
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    tokio::time::sleep(Duration::from_millis(
+        (expires_at - now_ms).max(0) as u64 + 100,
+    ))
+    .await;
+    let late = Browser::new().follow(&stack, &brief).await.unwrap();
+    assert_eq!(late.status, StatusCode::FORBIDDEN);
+    assert!(late.body.contains("expired"), "{}", late.body);
+
+    // A made-up or tampered link opens nothing.
+    let tampered = twice.replace(&twice_secret, &format!("{twice_secret}x"));
+    assert_eq!(
+        Browser::new()
+            .follow(&stack, &tampered)
+            .await
+            .unwrap()
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // Revoked: it opens nothing more, and the sessions it opened end at the gateway in 2 s.
+    let (status, body) = stack
+        .api
+        .call(
+            Method::DELETE,
+            &format!(
+                "/api/v1/resources/{}/share-links/{twice_id}",
+                stack.resource_id
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let revoked_at = Instant::now();
+    // The browser keeps its cookies between tries, so `wait_for` (which takes a `Fn`) is not
+    // used here.
+    loop {
+        let p = first
+            .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+            .await
+            .unwrap();
+        if p.status != StatusCode::OK {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(2),
+            "the revoked link's session still works after 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "revoked link's session ended after {:?}",
+        revoked_at.elapsed()
+    );
+    let again = Browser::new().follow(&stack, &twice).await.unwrap();
+    assert_eq!(again.status, StatusCode::FORBIDDEN);
+    assert!(again.body.contains("revoked"), "{}", again.body);
+
+    // Control down: a session a link opened keeps working; opening a link needs control.
+    let mut guest = Browser::new();
+    assert_eq!(
+        guest.follow(&stack, &kept).await.unwrap().status,
+        StatusCode::OK
+    );
+    stack.stop_control();
+    wait_for(
+        "the gateway to notice control is gone",
+        Duration::from_secs(10),
+        || async {
+            let p = Browser::new().follow(&stack, &kept).await?;
+            Ok((p.status == StatusCode::SERVICE_UNAVAILABLE).then_some(p))
+        },
+    )
+    .await
+    .map(|p| {
+        assert!(
+            p.body.contains("Share links are unavailable right now"),
+            "{}",
+            p.body
+        )
+    })
+    .unwrap();
+    for _ in 0..3 {
+        let p = guest
+            .go(&stack, Method::GET, &demo_url(&stack, "/headers"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            p.status,
+            StatusCode::OK,
+            "a guest lost access with control down"
+        );
+    }
+    let logs = stack.logs_full();
+    for secret in [&twice_secret, &brief_secret, &kept_secret] {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a share link reached a log line"
+        );
+    }
+}

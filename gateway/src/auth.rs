@@ -26,6 +26,7 @@ use kakuremichi_proto::identity::{
     RuleAction, SessionClaims, API_KEY_HEADER, API_KEY_PREFIX, ASSERTION_HEADER,
     CF_CLIENT_ID_HEADER, CF_CLIENT_SECRET_HEADER, CLIENT_ID_HEADER, CLIENT_SECRET_HEADER,
     GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, SERVICE_KEY_AMR, SESSION_COOKIE,
+    SHARE_LINK_AMR,
 };
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -681,6 +682,8 @@ fn denied(headers: &HeaderMap, ask: &Ask<'_>, claims: &SessionClaims) -> AuthRes
 fn who(claims: &SessionClaims) -> String {
     if claims.amr.iter().any(|a| a == SERVICE_KEY_AMR) {
         format!("service key {} ({})", claims.name, claims.sub)
+    } else if claims.amr.iter().any(|a| a == SHARE_LINK_AMR) {
+        format!("share link {} ({})", claims.name, claims.sub)
     } else {
         claims.email.clone()
     }
@@ -910,12 +913,75 @@ pub fn endpoint(
             "sign-in is not configured for this site\n".into(),
         ));
     };
+    if let Some(secret) = action.strip_prefix("share/") {
+        if ask.method != Method::GET && ask.method != Method::HEAD {
+            return Some(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "open a share link with GET\n".into(),
+            ));
+        }
+        return Some(open_share_link(identity, headers, ask, secret));
+    }
     Some(match (action, ask.method) {
         ("callback", &Method::GET) => callback(identity, cache, headers, ask, query),
         ("sign-out", &Method::GET) => sign_out_page(headers),
         ("sign-out", &Method::POST) => sign_out(identity, headers, ask, form.unwrap_or_default()),
         _ => text(StatusCode::NOT_FOUND, "no such sign-in page\n".into()),
     })
+}
+
+/// A share link opened on this hostname: the browser gets a nonce cookie and goes to control,
+/// which counts the use and sends it back to the callback with a session token bound to that
+/// nonce. Opening a link needs control; a session it opened does not.
+fn open_share_link(
+    identity: &EdgeIdentity,
+    headers: &HeaderMap,
+    ask: &Ask<'_>,
+    secret: &str,
+) -> AuthResponse {
+    if !ask.control_up {
+        return html(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Share links are unavailable right now",
+            &format!(
+                "<p>This share link for {} cannot be checked right now: the sign-in service \
+                 cannot be reached from here. People who already opened a link keep their \
+                 access.</p><p>Try again in a minute.</p>",
+                html_escape(ask.host)
+            ),
+        );
+    }
+    let existing = cookie(headers, NONCE_COOKIE).filter(|n| n.len() == 43);
+    let nonce = existing.map_or_else(random_nonce, str::to_owned);
+    let rd = format!("{}://{}/", ask.proto, ask.authority);
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let location = format!(
+        "{}/auth/share?t={}&rd={}&n={}",
+        identity.issuer.trim_end_matches('/'),
+        enc(secret),
+        enc(&rd),
+        nonce_hash(&nonce)
+    );
+    let mut r = text(StatusCode::FOUND, "opening the share link\n".into());
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if existing.is_none() {
+        set_cookie(
+            &mut r,
+            format!(
+                "{NONCE_COOKIE}={nonce}; Path=/; Max-Age={NONCE_LIFE_SECS}; HttpOnly; SameSite=Lax{}",
+                secure_attr(ask.proto)
+            ),
+        );
+    }
+    r
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
@@ -1466,6 +1532,66 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("ci deploy"));
+    }
+
+    #[test]
+    fn a_share_link_goes_to_control_with_a_nonce_and_needs_control_only_to_open() {
+        let k1 = key("k1");
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let get = Method::GET;
+        let path = "/.kakuremichi/auth/share/kml_0123_secret";
+        let r = endpoint(
+            Some(&id),
+            &cache,
+            &HeaderMap::new(),
+            &ask(&get, path, true),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        let to = r.headers()[header::LOCATION].to_str().unwrap();
+        assert!(
+            to.starts_with(&format!(
+                "{ISS}/auth/share?t=kml_0123_secret&rd=http%3A%2F%2Fapp.localhost%3A8080%2F&n="
+            )),
+            "{to}"
+        );
+        let set = r.headers()[header::SET_COOKIE].to_str().unwrap();
+        assert!(
+            set.starts_with("kakuremichi_nonce=") && set.contains("HttpOnly"),
+            "{set}"
+        );
+        let nonce = set.split(['=', ';']).nth(1).unwrap();
+        assert!(to.ends_with(&nonce_hash(nonce)));
+        let down = endpoint(
+            Some(&id),
+            &cache,
+            &HeaderMap::new(),
+            &ask(&get, path, false),
+            None,
+        )
+        .unwrap();
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let post = Method::POST;
+        let r = endpoint(
+            Some(&id),
+            &cache,
+            &HeaderMap::new(),
+            &ask(&post, path, true),
+            None,
+        )
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // A session the link opened passes any policy of the resource it was made for.
+        let mut c = claims(Uuid::new_v4(), Uuid::new_v4());
+        c.amr = vec![SHARE_LINK_AMR.into()];
+        c.email = String::new();
+        let strict = AccessPolicy {
+            roles: vec!["admin".into()],
+            ..Default::default()
+        };
+        assert!(strict.allows_claims(&c));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub const API_KEY_AMR: &str = "api_key";
 /// What an assertion minted for an organization service key says in `amr` (its `sub` is the
 /// key's id, its `name` the key's name, its `email` empty).
 pub const SERVICE_KEY_AMR: &str = "service_key";
+/// What a session token opened by a share link says in `amr` (its `sub` and `sid` are the
+/// link's id, its `name` the link's name, its `email` empty).
+pub const SHARE_LINK_AMR: &str = "share_link";
 /// The header naming a service key's id, beside [`CLIENT_SECRET_HEADER`].
 pub const CLIENT_ID_HEADER: &str = "kakuremichi-access-client-id";
 /// The header carrying a service key (`kmk_<id>_<secret>`), beside [`CLIENT_ID_HEADER`].
@@ -245,6 +248,10 @@ impl AccessPolicy {
     pub fn allows_claims(&self, c: &SessionClaims) -> bool {
         if c.amr.iter().any(|a| a == SERVICE_KEY_AMR) {
             return Uuid::try_parse(&c.sub).is_ok_and(|id| self.service_keys.contains(&id));
+        }
+        if c.amr.iter().any(|a| a == SHARE_LINK_AMR) {
+            // A link an administrator made for this resource (the token's audience).
+            return true;
         }
         self.allows(&c.email, &c.roles)
     }

@@ -12,6 +12,7 @@ pub mod orgs;
 pub mod providers;
 pub mod resources;
 pub mod roles;
+pub mod share_links;
 pub mod sites;
 pub mod users;
 
@@ -85,6 +86,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(sites::router())
         .merge(gateways::router())
         .merge(resources::router())
+        .merge(share_links::router())
         .merge(certificates::router())
         .merge(config::router())
         .merge(users::router())

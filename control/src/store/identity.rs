@@ -813,8 +813,11 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+        // Revoked sessions and revoked share links (the `sid` of the sessions they opened),
+        // while tokens for them may live.
         let revoked_sessions = sqlx::query_scalar::<_, String>(
             "SELECT id FROM user_sessions WHERE revoked_at IS NOT NULL AND expires_at > $1 \
+             UNION SELECT id FROM share_links WHERE revoked_at IS NOT NULL AND expires_at > $1 \
              ORDER BY id",
         )
         .bind(now)

@@ -915,6 +915,75 @@ async fn access_rules_and_service_keys_are_validated() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
 
+/// Share links over the API: only for resources that need sign-in, checked bounds, the secret
+/// shown once, revocation once.
+#[tokio::test]
+async fn share_links_over_the_api() {
+    let t = TestApp::new().await;
+    let site = t.site("home").await;
+    let site_id = id(&site);
+    let (_, public) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "open.localhost", "site_id": site_id, "target": "127.0.0.1:1"}),
+        )
+        .await;
+    let (s, e) = t
+        .post(
+            &format!("/api/v1/resources/{}/share-links", id(&public)),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("public"));
+    let (_, r) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "shut.localhost", "site_id": site_id, "target": "127.0.0.1:1",
+                   "access": {}}),
+        )
+        .await;
+    let links = format!("/api/v1/resources/{}/share-links", id(&r));
+    for bad in [
+        json!({"expires_in_seconds": 0}),
+        json!({"expires_in_seconds": 40_000_000}),
+        json!({"max_uses": 0}),
+        json!({"name": ""}),
+        json!({"uses": 3}),
+    ] {
+        let (s, e) = t.post(&links, bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    let (s, made) = t.post(&links, json!({"max_uses": 5})).await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let secret = made["secret"].as_str().unwrap();
+    assert!(secret.starts_with("kml_"));
+    assert_eq!(
+        made["path"].as_str().unwrap(),
+        format!("/.kakuremichi/auth/share/{secret}")
+    );
+    assert_eq!(
+        (made["uses"].as_i64(), made["max_uses"].as_i64()),
+        (Some(0), Some(5))
+    );
+    let (s, list) = t.get(&links).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(!list.to_string().contains(secret), "{list}");
+    let one = format!("{links}/{}", id(&made));
+    assert_eq!(t.delete(&one).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(t.delete(&one).await.0, StatusCode::NOT_FOUND);
+    let (_, list) = t.get(&links).await;
+    assert!(list[0]["revoked_at"].is_i64(), "{list}");
+    let (s, _) = t
+        .get(&format!(
+            "/api/v1/resources/{}/share-links",
+            uuid::Uuid::new_v4()
+        ))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 #[tokio::test]
 async fn scoped_api_keys_hold_only_their_permissions_and_revocation_is_immediate() {
     let app = TestApp::new().await;

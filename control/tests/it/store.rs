@@ -96,7 +96,106 @@ on_both_backends!(
     sso_links_roles_and_passkey_challenges,
     sign_in_buckets_refill_and_keep_each_address_apart,
     api_keys_reach_gateways_for_resources_that_accept_them,
+    share_links_count_uses_expire_and_revoke_their_sessions,
 );
+
+/// Share links: each opening counts one use, atomically; a used-up, expired, revoked or
+/// unknown link, or one opened on another hostname, opens nothing and says why; a revoked link's
+/// id reaches gateways among the revoked sessions.
+async fn share_links_count_uses_expire_and_revoke_their_sessions(store: Store) {
+    use kakuremichi_control::store::ShareRefusal;
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [5; 32],
+    )));
+    store.ensure_signing_key().await.unwrap();
+    let (site, _) = store
+        .create_node(NodeKind::Agent, DEFAULT_ORG, "s", None)
+        .await
+        .unwrap();
+    let mut new = res("shared.example", site.id);
+    new.access = Some(Default::default());
+    let r = store.create_resource(&new).await.unwrap();
+    let t0 = kakuremichi_control::store::now_ms();
+    let (link, secret) = store
+        .create_share_link(DEFAULT_ORG, r.id, "guests", t0 + 60_000, Some(2))
+        .await
+        .unwrap();
+    assert!(secret.expose().starts_with("kml_"));
+    assert_eq!((link.uses, link.max_uses), (0, Some(2)));
+    // Another organization cannot make one for this resource.
+    let other = uuid::Uuid::new_v4();
+    assert!(store
+        .create_share_link(other, r.id, "x", t0 + 60_000, None)
+        .await
+        .is_err());
+    let open = |host: &'static str, at: i64| {
+        let (store, secret) = (store.clone(), secret.clone());
+        async move { store.redeem_share_link(&secret, host, at).await.unwrap() }
+    };
+    assert_eq!(open("other.example", t0).await, Err(ShareRefusal::Unknown));
+    assert_eq!(open("shared.example", t0).await.unwrap().uses, 1);
+    assert_eq!(open("shared.example", t0).await.unwrap().uses, 2);
+    assert_eq!(open("shared.example", t0).await, Err(ShareRefusal::UsedUp));
+    let wrong = kakuremichi_proto::Secret::new(format!("kml_{}_wrong", link.id.simple()));
+    assert_eq!(
+        store
+            .redeem_share_link(&wrong, "shared.example", t0)
+            .await
+            .unwrap(),
+        Err(ShareRefusal::Unknown)
+    );
+    let (_, unlimited) = store
+        .create_share_link(DEFAULT_ORG, r.id, "open", t0 + 60_000, None)
+        .await
+        .unwrap();
+    let again = |at: i64| {
+        let (store, secret) = (store.clone(), unlimited.clone());
+        async move {
+            store
+                .redeem_share_link(&secret, "shared.example", at)
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..5 {
+        assert!(again(t0).await.is_ok());
+    }
+    assert_eq!(again(t0 + 60_000).await, Err(ShareRefusal::Expired));
+    let before = store.config_version().await.unwrap();
+    store
+        .revoke_share_link(DEFAULT_ORG, r.id, link.id)
+        .await
+        .unwrap();
+    assert!(
+        store.config_version().await.unwrap() > before,
+        "revoking pushes"
+    );
+    assert_eq!(open("shared.example", t0).await, Err(ShareRefusal::Revoked));
+    let revoked = store
+        .load_world()
+        .await
+        .unwrap()
+        .identity
+        .unwrap()
+        .revoked_sessions;
+    assert!(revoked.contains(&link.id), "{revoked:?}");
+    let listed = store.list_share_links(DEFAULT_ORG, r.id).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed
+        .iter()
+        .any(|l| l.id == link.id && l.revoked_at.is_some() && l.uses == 2));
+    assert!(store
+        .revoke_share_link(DEFAULT_ORG, r.id, link.id)
+        .await
+        .is_err());
+    // Deleting the resource takes its links.
+    store.delete_resource(r.id).await.unwrap();
+    assert!(store
+        .list_share_links(DEFAULT_ORG, r.id)
+        .await
+        .unwrap()
+        .is_empty());
+}
 
 /// Gateways get, for each resource that accepts API keys, the personal keys of members allowed
 /// there whose scopes and roles give `resource:access`, with an assertion control signed; a

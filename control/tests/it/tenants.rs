@@ -127,6 +127,7 @@ struct Tenant {
     api_key: String,
     provider: String,
     certificate: String,
+    share_link: String,
 }
 
 async fn tenant(api: &Api, name: &str, n: u8) -> Tenant {
@@ -237,8 +238,18 @@ async fn tenant(api: &Api, name: &str, n: u8) -> Tenant {
             StatusCode::CREATED,
         )
         .await;
+    let share_link = api
+        .ok(
+            k,
+            Method::POST,
+            &format!("/resources/{resource}/share-links"),
+            Some(json!({"name": format!("{name} guests"), "max_uses": 3})),
+            StatusCode::CREATED,
+        )
+        .await;
     let s = |v: &Value| v["id"].as_str().unwrap().to_owned();
     Tenant {
+        share_link: s(&share_link),
         key,
         org,
         site,
@@ -276,6 +287,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/resources/{id}"),
     ("POST", "/resources/{id}/targets"),
     ("DELETE", "/resources/{id}/targets/{target_id}"),
+    ("GET", "/resources/{id}/share-links"),
+    ("POST", "/resources/{id}/share-links"),
+    ("DELETE", "/resources/{id}/share-links/{link_id}"),
     ("GET", "/certificates"),
     ("POST", "/certificates"),
     ("GET", "/certificates/{id}"),
@@ -410,7 +424,8 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
         let path = pattern
             .replace("{id}", id)
             .replace("{name}", "nosuchrole")
-            .replace("{target_id}", &a.target);
+            .replace("{target_id}", &a.target)
+            .replace("{link_id}", &a.share_link);
         let body = match (*method, *pattern) {
             ("GET" | "DELETE", _) => None,
             ("POST", "/resources") => {
@@ -420,6 +435,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 Some(json!({"site_id": a.site, "target": "h:1"}))
             }
             ("PATCH", "/resources/{id}") => Some(json!({"name": "taken"})),
+            ("POST", "/resources/{id}/share-links") => Some(json!({"max_uses": 1})),
             ("POST", "/api-keys") => {
                 Some(json!({"name": "x", "scopes": ["site:read"], "user_id": a.user}))
             }
@@ -491,6 +507,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 &a.api_key,
                 &a.provider,
                 &a.certificate,
+                &a.share_link,
             ] {
                 assert!(
                     !text.contains(id.as_str()),
@@ -590,6 +607,7 @@ async fn a_as_seen_by_a(api: &Api, a: &Tenant) -> Vec<Value> {
         "/roles/deployer".to_owned(),
         format!("/orgs/{}", a.org),
         "/api-keys".to_owned(),
+        format!("/resources/{}/share-links", a.resource),
     ] {
         let mut v = api.ok(k, Method::GET, &path, None, StatusCode::OK).await;
         // Presence changes on its own; the rest must not.
