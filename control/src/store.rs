@@ -31,6 +31,7 @@ mod certificates;
 mod identity;
 mod orgs;
 mod passkeys;
+mod policies;
 mod roles;
 mod share_links;
 mod sso;
@@ -43,6 +44,7 @@ pub use identity::{
 };
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
+pub use policies::Policy;
 pub use roles::CustomRole;
 pub use share_links::{ShareLink, ShareRefusal};
 pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
@@ -217,8 +219,12 @@ pub struct Resource {
     pub proxy_protocol: bool,
     /// Targets beside the primary one (`site_id`, `target`), oldest first.
     pub more_targets: Vec<ResourceTarget>,
-    /// HTTP: who may reach it; `None` is public.
+    /// HTTP: who may reach it (its own fields laid over its policy's); `None` is public.
     pub access: Option<AccessPolicy>,
+    /// HTTP: the resource's own access fields (laid over its policy, when it follows one).
+    pub own_access: Option<AccessPolicy>,
+    /// HTTP: the reusable access policy it follows.
+    pub policy_id: Option<Uuid>,
 }
 
 /// One more target of a resource.
@@ -287,8 +293,10 @@ pub struct NewResource {
     pub proxy_protocol: bool,
     /// Further targets.
     pub more_targets: Vec<NewTarget>,
-    /// HTTP: who may reach it; `None` is public.
+    /// HTTP: who may reach it; `None` is public (or, with a policy, the policy alone).
     pub access: Option<AccessPolicy>,
+    /// HTTP: the reusable access policy it follows (checked to be the same organization's).
+    pub policy_id: Option<Uuid>,
 }
 
 /// Changes to a resource (already validated); `None` keeps the field.
@@ -320,6 +328,8 @@ pub struct ResourcePatch {
     pub proxy_protocol: Option<bool>,
     /// New access policy; `Some(None)` makes the resource public (HTTP).
     pub access: Option<Option<AccessPolicy>>,
+    /// The reusable policy it follows; `Some(None)`: none (HTTP).
+    pub policy_id: Option<Option<Uuid>>,
 }
 
 fn table(kind: NodeKind) -> &'static str {
@@ -381,6 +391,10 @@ fn node_from_row(kind: NodeKind, row: &AnyRow) -> Result<Node> {
     })
 }
 
+/// Resources with their policy's access (`policy_access`), for [`resource_from_row`].
+const RESOURCE_SELECT: &str = "SELECT r.*, p.access AS policy_access FROM resources r \
+     LEFT JOIN access_policies p ON p.id = r.policy_id";
+
 fn resource_from_row(row: &AnyRow) -> Result<Resource> {
     let id: String = row.try_get("id")?;
     let site_id: String = row.try_get("site_id")?;
@@ -391,6 +405,25 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
     let redirect_https: i64 = row.try_get("redirect_https")?;
     let hsts_max_age: Option<i64> = row.try_get("hsts_max_age")?;
     let org: String = row.try_get("org_id")?;
+    let own_access: Option<AccessPolicy> = row
+        .try_get::<Option<String>, _>("access")?
+        .map(|j| serde_json::from_str(&j).map_err(corrupt))
+        .transpose()?;
+    let policy_id = row
+        .try_get::<Option<String>, _>("policy_id")?
+        .map(|p| parse_uuid(&p))
+        .transpose()?;
+    // A resource whose policy is gone (never, while deleting one in use is refused) is closed
+    // rather than opened: an empty policy needs sign-in.
+    let policy_access: Option<AccessPolicy> = match policy_id {
+        None => None,
+        Some(_) => Some(
+            row.try_get::<Option<String>, _>("policy_access")?
+                .map(|j| serde_json::from_str(&j).map_err(corrupt))
+                .transpose()?
+                .unwrap_or_default(),
+        ),
+    };
     Ok(Resource {
         id: parse_uuid(&id)?,
         org_id: parse_uuid(&org)?,
@@ -430,10 +463,12 @@ fn resource_from_row(row: &AnyRow) -> Result<Resource> {
             .unwrap_or_default(),
         proxy_protocol: row.try_get::<i64, _>("proxy_protocol")? != 0,
         more_targets: Vec::new(),
-        access: row
-            .try_get::<Option<String>, _>("access")?
-            .map(|j| serde_json::from_str(&j).map_err(corrupt))
-            .transpose()?,
+        access: match &policy_access {
+            Some(p) => Some(p.overlaid_with(own_access.as_ref())),
+            None => own_access.clone(),
+        },
+        own_access,
+        policy_id,
     })
 }
 
@@ -1312,14 +1347,22 @@ impl Store {
                 (name, None, Some(i64::from(p)))
             }
         };
+        if let Some(p) = new.policy_id {
+            if new.protocol != RouteProtocol::Http {
+                return Err(StoreError::Invalid(
+                    "access policies are for HTTP resources".into(),
+                ));
+            }
+            Self::policy_exists(&mut tx, org, p).await?;
+        }
         let port = Self::free_port(&mut tx, new.site_id).await?;
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO resources (id, name, hostname, site_id, target, overlay_port, created_at, \
              protocol, public_port, redirect_https, hsts_max_age, balance, sticky, health_check, \
-             limits, proxy_protocol, access, org_id) \
+             limits, proxy_protocol, access, org_id, policy_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18)",
+             $18, $19)",
         )
         .bind(id.to_string())
         .bind(&new.name)
@@ -1339,6 +1382,7 @@ impl Store {
         .bind(i64::from(new.proxy_protocol))
         .bind(access_json(&new.access)?)
         .bind(org.to_string())
+        .bind(new.policy_id.map(|p| p.to_string()))
         .execute(&mut *tx)
         .await?;
         for t in &new.more_targets {
@@ -1450,7 +1494,7 @@ impl Store {
 
     /// One resource.
     pub async fn get_resource(&self, id: Uuid) -> Result<Resource> {
-        let row = sqlx::query("SELECT * FROM resources WHERE id = $1")
+        let row = sqlx::query(&format!("{RESOURCE_SELECT} WHERE r.id = $1"))
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -1467,7 +1511,7 @@ impl Store {
 
     /// All resources, oldest first.
     pub async fn list_resources(&self) -> Result<Vec<Resource>> {
-        let rows = sqlx::query("SELECT * FROM resources ORDER BY created_at, id")
+        let rows = sqlx::query(&format!("{RESOURCE_SELECT} ORDER BY r.created_at, r.id"))
             .fetch_all(&self.pool)
             .await?;
         let mut all = rows
@@ -1485,7 +1529,7 @@ impl Store {
     pub async fn update_resource(&self, id: Uuid, patch: &ResourcePatch) -> Result<Resource> {
         let _w = self.write.lock().await;
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT * FROM resources WHERE id = $1")
+        let row = sqlx::query(&format!("{RESOURCE_SELECT} WHERE r.id = $1"))
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await?
@@ -1565,13 +1609,24 @@ impl Store {
                     "sign-in (access) is for HTTP resources".into(),
                 ));
             }
-            r.access = a.clone();
+            r.own_access = a.clone();
+        }
+        if let Some(p) = patch.policy_id {
+            if r.protocol != RouteProtocol::Http && p.is_some() {
+                return Err(StoreError::Invalid(
+                    "access policies are for HTTP resources".into(),
+                ));
+            }
+            if let Some(p) = p {
+                Self::policy_exists(&mut tx, r.org_id, p).await?;
+            }
+            r.policy_id = p;
         }
         sqlx::query(
             "UPDATE resources SET name = $1, hostname = $2, site_id = $3, target = $4, \
              overlay_port = $5, public_port = $6, redirect_https = $7, hsts_max_age = $8, \
              balance = $9, sticky = $10, health_check = $11, limits = $12, proxy_protocol = $13, \
-             access = $14 WHERE id = $15",
+             access = $14, policy_id = $15 WHERE id = $16",
         )
         .bind(&r.name)
         .bind((r.protocol == RouteProtocol::Http).then_some(r.hostname.as_str()))
@@ -1586,19 +1641,14 @@ impl Store {
         .bind(health_json(&r.health_check)?)
         .bind(limits_json(&r.limits)?)
         .bind(i64::from(r.proxy_protocol))
-        .bind(access_json(&r.access)?)
+        .bind(access_json(&r.own_access)?)
+        .bind(r.policy_id.map(|p| p.to_string()))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
-        let targets = sqlx::query("SELECT * FROM resource_targets WHERE resource_id = $1")
-            .bind(id.to_string())
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut r = [r];
-        attach_targets(&mut r, &targets)?;
         self.commit_bumped(tx).await?;
-        let [r] = r;
-        Ok(r)
+        // Read back: the access it now has depends on its policy's.
+        self.get_resource(id).await
     }
 
     /// Deletes a resource.
@@ -1667,7 +1717,7 @@ impl Store {
         .iter()
         .map(|r| Self::world_node(NodeKind::Gateway, r))
         .collect::<Result<Vec<_>>>()?;
-        let mut resources = sqlx::query("SELECT * FROM resources")
+        let mut resources = sqlx::query(RESOURCE_SELECT)
             .fetch_all(&mut *tx)
             .await?
             .iter()
@@ -1701,8 +1751,9 @@ impl Store {
     /// refresh.
     pub async fn refresh_edge_credentials(&self) -> Result<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM resources WHERE access LIKE '%\"api_keys\":true%' \
-             OR access LIKE '%\"service_keys\":[%'",
+            "SELECT (SELECT COUNT(*) FROM resources WHERE access LIKE '%\"api_keys\":true%' \
+             OR access LIKE '%\"service_keys\":[%') + (SELECT COUNT(*) FROM access_policies \
+             WHERE access LIKE '%\"api_keys\":true%' OR access LIKE '%\"service_keys\":[%')",
         )
         .fetch_one(&self.pool)
         .await?;

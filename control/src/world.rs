@@ -319,6 +319,8 @@ mod tests {
             proxy_protocol: false,
             more_targets: vec![],
             access: None,
+            own_access: None,
+            policy_id: None,
         }
     }
 

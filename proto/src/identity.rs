@@ -256,6 +256,30 @@ impl AccessPolicy {
         self.allows(&c.email, &c.roles)
     }
 
+    /// This policy with `own`'s fields laid over it: each field `own` sets (a non-empty list,
+    /// `api_keys: true`, identity headers other than the default) replaces this one's.
+    pub fn overlaid_with(&self, own: Option<&AccessPolicy>) -> AccessPolicy {
+        let Some(own) = own else {
+            return self.clone();
+        };
+        fn pick<T: Clone>(own: &[T], base: &[T]) -> Vec<T> {
+            if own.is_empty() { base } else { own }.to_vec()
+        }
+        AccessPolicy {
+            users: pick(&own.users, &self.users),
+            roles: pick(&own.roles, &self.roles),
+            email_domains: pick(&own.email_domains, &self.email_domains),
+            identity_headers: if own.identity_headers == IdentityHeaders::default() {
+                self.identity_headers
+            } else {
+                own.identity_headers
+            },
+            api_keys: own.api_keys || self.api_keys,
+            service_keys: pick(&own.service_keys, &self.service_keys),
+            rules: pick(&own.rules, &self.rules),
+        }
+    }
+
     /// Whether the resource takes keys at all (personal or service).
     pub fn takes_keys(&self) -> bool {
         self.api_keys || !self.service_keys.is_empty()
@@ -559,6 +583,27 @@ mod tests {
         c.email = "a@b.c".into();
         assert!(p.allows_claims(&c), "no lists: any signed-in user");
         assert!(p.takes_keys());
+    }
+
+    #[test]
+    fn a_resource_lays_its_own_fields_over_its_policy() {
+        let base: AccessPolicy = serde_json::from_value(json!({
+            "roles": ["member"], "email_domains": ["example.com"],
+            "rules": [{"action": "deny", "cidrs": ["10.0.0.0/8"]}],
+            "identity_headers": "oauth2_proxy",
+        }))
+        .unwrap();
+        assert_eq!(base.overlaid_with(None), base);
+        let own: AccessPolicy =
+            serde_json::from_value(json!({"roles": ["admin"], "api_keys": true})).unwrap();
+        let got = base.overlaid_with(Some(&own));
+        assert_eq!(
+            serde_json::to_value(&got).unwrap(),
+            json!({"roles": ["admin"], "email_domains": ["example.com"],
+                   "rules": [{"action": "deny", "cidrs": ["10.0.0.0/8"]}],
+                   "identity_headers": "oauth2_proxy", "api_keys": true})
+        );
+        assert_eq!(base.overlaid_with(Some(&AccessPolicy::default())), base);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod gateways;
 pub mod keys;
 pub mod nodes;
 pub mod orgs;
+pub mod policies;
 pub mod providers;
 pub mod resources;
 pub mod roles;
@@ -86,6 +87,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(sites::router())
         .merge(gateways::router())
         .merge(resources::router())
+        .merge(policies::router())
         .merge(share_links::router())
         .merge(certificates::router())
         .merge(config::router())
@@ -136,7 +138,7 @@ pub fn permission(method: &axum::http::Method, path: &str) -> String {
     let thing = match first {
         "sites" => "site",
         "gateways" => "gateway",
-        "resources" => "resource",
+        "resources" | "policies" => "resource",
         "certificates" => "certificate",
         "users" => "user",
         "orgs" => "org",

@@ -52,8 +52,11 @@ pub struct CreateResource {
     /// TCP: send every target a PROXY protocol v2 header with the client's address (default
     /// false; a target may say otherwise).
     pub proxy_protocol: Option<bool>,
-    /// HTTP: who may reach the resource (absent: public). `{}` means any signed-in user.
+    /// HTTP: who may reach the resource (absent: public). `{}` means any signed-in user. With
+    /// `policy_id`, the fields it sets are laid over the policy's.
     pub access: Option<AccessPolicy>,
+    /// HTTP: a reusable access policy of the organization (`/policies`) the resource follows.
+    pub policy_id: Option<Uuid>,
 }
 
 /// A target: `{site_id, target}` (body of `POST /resources/{id}/targets`).
@@ -116,7 +119,10 @@ fn check_limits(limits: &Limits, protocol: RouteProtocol) -> Result<(), ApiError
 pub const MAX_ACCESS_ENTRIES: usize = 1000;
 
 /// Checks and normalizes an access policy (lower-cased e-mail addresses and domains).
-fn check_access(mut a: AccessPolicy, protocol: RouteProtocol) -> Result<AccessPolicy, ApiError> {
+pub(crate) fn check_access(
+    mut a: AccessPolicy,
+    protocol: RouteProtocol,
+) -> Result<AccessPolicy, ApiError> {
     if protocol != RouteProtocol::Http {
         return Err(invalid(
             "access (sign-in) is for HTTP resources: a TCP or UDP resource has no place to \
@@ -323,9 +329,12 @@ pub struct UpdateResource {
     pub limits: Option<Limits>,
     /// PROXY protocol v2 on or off for the targets that do not say otherwise (TCP).
     pub proxy_protocol: Option<bool>,
-    /// Who may reach the resource; `null` makes it public (HTTP).
+    /// Who may reach the resource; `null` makes it public (HTTP), or leaves only its policy.
     #[serde(default, deserialize_with = "present")]
     pub access: Option<Option<AccessPolicy>>,
+    /// The reusable access policy it follows; `null`: none (HTTP).
+    #[serde(default, deserialize_with = "present")]
+    pub policy_id: Option<Option<Uuid>>,
 }
 
 /// One target of a resource as the API shows it.
@@ -404,9 +413,16 @@ pub struct ResourceView {
     pub proxy_protocol: Option<bool>,
     /// Every target, the primary first.
     pub targets: Vec<TargetView>,
-    /// HTTP: who may reach it (absent: public).
+    /// HTTP: who may reach it (absent: public): with a policy, the policy's fields with the
+    /// resource's own laid over them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessPolicy>,
+    /// HTTP: the access policy it follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<Uuid>,
+    /// HTTP, with a policy: the resource's own access fields, laid over the policy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_access: Option<AccessPolicy>,
 }
 
 impl From<Resource> for ResourceView {
@@ -426,6 +442,8 @@ impl From<Resource> for ResourceView {
                 .map(|t| TargetView::of(t, protocol, pp)),
         );
         Self {
+            own_access: r.policy_id.and(r.own_access),
+            policy_id: r.policy_id,
             access: r.access,
             limits: r.limits,
             proxy_protocol: (r.protocol == RouteProtocol::Tcp).then_some(r.proxy_protocol),
@@ -557,6 +575,7 @@ async fn create(
             proxy_protocol: body.proxy_protocol.unwrap_or(false),
             more_targets,
             access: body.access.map(|a| check_access(a, protocol)).transpose()?,
+            policy_id: body.policy_id,
         })
         .await?;
     if name.is_empty() {
@@ -649,6 +668,7 @@ async fn update(
             Some(None) => Some(None),
             Some(Some(a)) => Some(Some(check_access(a, RouteProtocol::Http)?)),
         },
+        policy_id: body.policy_id,
     };
     Ok(ApiJson(
         state.store.update_resource(id, &patch).await?.into(),

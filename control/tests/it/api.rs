@@ -915,6 +915,88 @@ async fn access_rules_and_service_keys_are_validated() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
 }
 
+/// Reusable access policies over the API: validated like a resource's access; a resource that
+/// follows one shows the policy's fields with its own laid over them; one in use is not deleted.
+#[tokio::test]
+async fn access_policies_over_the_api() {
+    let t = TestApp::new().await;
+    let site = t.site("home").await;
+    let site_id = id(&site);
+    for bad in [
+        json!({"name": "x", "access": {"rules": [{"action": "allow", "paths": ["nope"]}]}}),
+        json!({"name": "", "access": {}}),
+        json!({"name": "x"}),
+        json!({"name": "x", "access": {}, "extra": 1}),
+    ] {
+        let (s, e) = t.post("/api/v1/policies", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} -> {e}");
+    }
+    let (s, p) = t
+        .post(
+            "/api/v1/policies",
+            json!({"name": "staff", "access": {"roles": ["member"], "users": ["Ann@Example.com"]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{p}");
+    assert_eq!(p["access"]["users"], json!(["ann@example.com"]));
+    let (s, _) = t
+        .post("/api/v1/policies", json!({"name": "staff", "access": {}}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, r) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "follows.localhost", "site_id": site_id, "target": "127.0.0.1:1",
+                   "policy_id": id(&p), "access": {"api_keys": true}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["policy_id"], id(&p));
+    assert_eq!(r["own_access"], json!({"api_keys": true}));
+    assert_eq!(
+        r["access"],
+        json!({"roles": ["member"], "users": ["ann@example.com"], "api_keys": true})
+    );
+    let (s, e) = t
+        .post(
+            "/api/v1/resources",
+            json!({"hostname": "x.localhost", "site_id": site_id, "target": "127.0.0.1:1",
+                   "policy_id": uuid::Uuid::new_v4()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    let policy = format!("/api/v1/policies/{}", id(&p));
+    let (s, changed) = t
+        .patch(
+            &policy,
+            json!({"access": {"email_domains": ["example.com"]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{changed}");
+    assert_eq!(changed["resources"], 1);
+    let (_, r) = t.get(&format!("/api/v1/resources/{}", id(&r))).await;
+    assert_eq!(
+        r["access"],
+        json!({"email_domains": ["example.com"], "api_keys": true})
+    );
+    let (s, e) = t.delete(&policy).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{e}");
+    let (s, r) = t
+        .patch(
+            &format!("/api/v1/resources/{}", id(&r)),
+            json!({"policy_id": null}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["access"], json!({"api_keys": true}));
+    assert!(
+        r.get("policy_id").is_none() && r.get("own_access").is_none(),
+        "{r}"
+    );
+    assert_eq!(t.delete(&policy).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(t.get(&policy).await.0, StatusCode::NOT_FOUND);
+}
+
 /// Share links over the API: only for resources that need sign-in, checked bounds, the secret
 /// shown once, revocation once.
 #[tokio::test]

@@ -70,6 +70,7 @@ fn res(hostname: &str, site_id: uuid::Uuid) -> NewResource {
         proxy_protocol: false,
         more_targets: vec![],
         access: None,
+        policy_id: None,
     }
 }
 
@@ -97,7 +98,117 @@ on_both_backends!(
     sign_in_buckets_refill_and_keep_each_address_apart,
     api_keys_reach_gateways_for_resources_that_accept_them,
     share_links_count_uses_expire_and_revoke_their_sessions,
+    policies_lie_under_their_resources_and_reach_gateways,
 );
+
+/// A reusable access policy: resources that follow it get its fields with their own laid over
+/// them, in the API's view and in gateways' routes; changing it pushes; one in use cannot be
+/// deleted; another organization's cannot be followed.
+async fn policies_lie_under_their_resources_and_reach_gateways(store: Store) {
+    use kakuremichi_control::store::{ResourcePatch, StoreError};
+    use kakuremichi_proto::identity::AccessPolicy;
+    let (s, st) = add_site(&store, "s").await;
+    let (g, gt) = add_gateway(&store, "g", "gw.example:51820").await;
+    store.enroll(NodeKind::Agent, &st, &key(1)).await.unwrap();
+    store.enroll(NodeKind::Gateway, &gt, &key(2)).await.unwrap();
+    let staff: AccessPolicy = serde_json::from_value(serde_json::json!({
+        "roles": ["member"], "rules": [{"action": "deny", "cidrs": ["192.0.2.0/24"]}]
+    }))
+    .unwrap();
+    let p = store
+        .create_policy(DEFAULT_ORG, "staff", &staff)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_policy(DEFAULT_ORG, "staff", &staff).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let mut own = res("own.example", s.id);
+    own.policy_id = Some(p.id);
+    own.access = Some(AccessPolicy {
+        roles: vec!["admin".into()],
+        ..Default::default()
+    });
+    let own = store.create_resource(&own).await.unwrap();
+    let mut plain = res("plain.example", s.id);
+    plain.policy_id = Some(p.id);
+    let plain = store.create_resource(&plain).await.unwrap();
+    let access = own.access.clone().unwrap();
+    assert_eq!(access.roles, vec!["admin".to_owned()]);
+    assert_eq!(access.rules, staff.rules);
+    assert_eq!(
+        own.own_access.as_ref().unwrap().roles,
+        vec!["admin".to_owned()]
+    );
+    assert_eq!(plain.access.as_ref(), Some(&staff));
+    assert_eq!(
+        store.get_policy(DEFAULT_ORG, p.id).await.unwrap().resources,
+        2
+    );
+    let route = |snap: &kakuremichi_proto::ConfigSnapshot, host: &str| {
+        snap.routes
+            .iter()
+            .find(|r| r.hostname == host)
+            .unwrap()
+            .access
+            .clone()
+    };
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
+    assert_eq!(route(&snap, "own.example"), Some(access));
+    assert_eq!(route(&snap, "plain.example"), Some(staff.clone()));
+    // Changing the policy changes both, with one push.
+    let before = store.config_version().await.unwrap();
+    let open = AccessPolicy {
+        email_domains: vec!["example.com".into()],
+        ..Default::default()
+    };
+    store
+        .update_policy(DEFAULT_ORG, p.id, None, Some(&open))
+        .await
+        .unwrap();
+    assert!(store.config_version().await.unwrap() > before);
+    let snap = snapshot(&store, NodeKind::Gateway, g.id).await;
+    assert_eq!(route(&snap, "plain.example"), Some(open.clone()));
+    assert_eq!(
+        route(&snap, "own.example").unwrap().email_domains,
+        vec!["example.com".to_owned()]
+    );
+    // Another organization's policy cannot be followed.
+    let other = store.create_org("other", None).await.unwrap().0.id;
+    let theirs = store
+        .create_policy(other, "theirs", &AccessPolicy::default())
+        .await
+        .unwrap();
+    let follow = |p: Option<uuid::Uuid>| ResourcePatch {
+        policy_id: Some(p),
+        ..Default::default()
+    };
+    assert!(matches!(
+        store
+            .update_resource(plain.id, &follow(Some(theirs.id)))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    // In use: not deleted. Once no resource follows it: deleted; a resource without its policy
+    // keeps only its own fields.
+    assert!(matches!(
+        store.delete_policy(DEFAULT_ORG, p.id).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.delete_policy(other, p.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let plain = store
+        .update_resource(plain.id, &follow(None))
+        .await
+        .unwrap();
+    assert_eq!(plain.access, None, "it was public but for its policy");
+    let own = store.update_resource(own.id, &follow(None)).await.unwrap();
+    assert_eq!(own.access.unwrap().roles, vec!["admin".to_owned()]);
+    store.delete_policy(DEFAULT_ORG, p.id).await.unwrap();
+    assert!(store.list_policies(DEFAULT_ORG).await.unwrap().is_empty());
+}
 
 /// Share links: each opening counts one use, atomically; a used-up, expired, revoked or
 /// unknown link, or one opened on another hostname, opens nothing and says why; a revoked link's
@@ -1483,6 +1594,7 @@ async fn tcp_resources_get_unique_public_ports_and_reach_gateways(store: Store) 
         proxy_protocol: false,
         more_targets: vec![],
         access: None,
+        policy_id: None,
     };
     let a = store.create_resource(&tcp(None)).await.unwrap();
     assert_eq!(a.public_port, Some(20000));

@@ -128,6 +128,7 @@ struct Tenant {
     provider: String,
     certificate: String,
     share_link: String,
+    policy: String,
 }
 
 async fn tenant(api: &Api, name: &str, n: u8) -> Tenant {
@@ -247,8 +248,18 @@ async fn tenant(api: &Api, name: &str, n: u8) -> Tenant {
             StatusCode::CREATED,
         )
         .await;
+    let policy = api
+        .ok(
+            k,
+            Method::POST,
+            "/policies",
+            Some(json!({"name": "staff", "access": {"roles": ["member"]}})),
+            StatusCode::CREATED,
+        )
+        .await;
     let s = |v: &Value| v["id"].as_str().unwrap().to_owned();
     Tenant {
+        policy: s(&policy),
         share_link: s(&share_link),
         key,
         org,
@@ -287,6 +298,11 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/resources/{id}"),
     ("POST", "/resources/{id}/targets"),
     ("DELETE", "/resources/{id}/targets/{target_id}"),
+    ("GET", "/policies"),
+    ("POST", "/policies"),
+    ("GET", "/policies/{id}"),
+    ("PATCH", "/policies/{id}"),
+    ("DELETE", "/policies/{id}"),
     ("GET", "/resources/{id}/share-links"),
     ("POST", "/resources/{id}/share-links"),
     ("DELETE", "/resources/{id}/share-links/{link_id}"),
@@ -419,6 +435,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
             "api-keys" => &a.api_key,
             "identity-providers" => &a.provider,
             "orgs" => &a.org,
+            "policies" => &a.policy,
             _ => "deployer",
         };
         let path = pattern
@@ -451,7 +468,8 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 | "/users"
                 | "/roles"
                 | "/certificates"
-                | "/identity-providers",
+                | "/identity-providers"
+                | "/policies",
             ) => {
                 // Creations make B's own things; checked below by what B's lists hold.
                 continue;
@@ -479,7 +497,8 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 | "/api-keys"
                 | "/identity-providers"
                 | "/roles"
-                | "/orgs",
+                | "/orgs"
+                | "/policies",
             ) => &[StatusCode::OK],
             // Instance-wide facts that belong to no organization.
             ("GET", "/config/version" | "/signing-keys") => &[StatusCode::OK],
@@ -508,6 +527,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 &a.provider,
                 &a.certificate,
                 &a.share_link,
+                &a.policy,
             ] {
                 assert!(
                     !text.contains(id.as_str()),
@@ -520,6 +540,16 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
             );
         }
     }
+    // B cannot make its own resource follow A's policy: the same answer as for none.
+    let (s, v) = api
+        .call(
+            bk,
+            Method::PATCH,
+            &format!("/resources/{}", b.resource),
+            Some(json!({"policy_id": a.policy})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // B holds its own things of the same names, and A's are unchanged.
     let (_, roles) = api.call(bk, Method::GET, "/roles/deployer", None).await;
     assert_eq!(roles["description"], "beta");
@@ -608,6 +638,7 @@ async fn a_as_seen_by_a(api: &Api, a: &Tenant) -> Vec<Value> {
         format!("/orgs/{}", a.org),
         "/api-keys".to_owned(),
         format!("/resources/{}/share-links", a.resource),
+        format!("/policies/{}", a.policy),
     ] {
         let mut v = api.ok(k, Method::GET, &path, None, StatusCode::OK).await;
         // Presence changes on its own; the rest must not.

@@ -79,6 +79,7 @@ async fn check(store: &Store) {
             proxy_protocol: false,
             more_targets: vec![],
             access: None,
+            policy_id: None,
         })
         .await
         .unwrap();
