@@ -474,6 +474,25 @@ fn text(status: StatusCode, body: String) -> AuthResponse {
     r
 }
 
+/// A refusal for a client that is not a browser: JSON (`{"error": {"code", "message"}}`, as
+/// control's API answers) when it asks for JSON, plain text otherwise.
+fn refusal(headers: &HeaderMap, status: StatusCode, code: &str, message: &str) -> AuthResponse {
+    let json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json") && !v.contains("text/html"));
+    if !json {
+        return text(status, format!("{message}\n"));
+    }
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let mut r = text(status, body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// Text made safe inside HTML elements and double-quoted attributes.
 pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -562,11 +581,12 @@ pub fn check(
         let Ok(path) = normalize_path(ask.path_and_query) else {
             tracing::warn!(host = ask.host, "request refused: ambiguous path");
             return Err(mark(
-                text(
+                refusal(
+                    headers,
                     StatusCode::BAD_REQUEST,
+                    "bad_request",
                     "the path has dot segments, backslashes or encoded separators; this resource \
-                     does not take such paths\n"
-                        .into(),
+                     does not take such paths",
                 ),
                 None,
                 "ambiguous path".into(),
@@ -587,7 +607,7 @@ pub fn check(
                         &format!("<p>{}</p>", html_escape(&message)),
                     )
                 } else {
-                    text(StatusCode::FORBIDDEN, format!("{message}\n"))
+                    refusal(headers, StatusCode::FORBIDDEN, "forbidden", &message)
                 };
                 return Err(mark(r, None, format!("denied by rule {i}")));
             }
@@ -610,9 +630,11 @@ fn check_identity(
             host = ask.host,
             "sign-in needed but this gateway has no identity config"
         );
-        return Err(text(
+        return Err(refusal(
+            headers,
             StatusCode::SERVICE_UNAVAILABLE,
-            "sign-in is not available on this gateway yet; try again shortly\n".into(),
+            "unavailable",
+            "sign-in is not available on this gateway yet; try again shortly",
         ));
     };
     if policy.takes_keys() {
@@ -669,7 +691,7 @@ fn denied(headers: &HeaderMap, ask: &Ask<'_>, claims: &SessionClaims) -> AuthRes
             ),
         )
     } else {
-        text(StatusCode::FORBIDDEN, format!("{message}\n"))
+        refusal(headers, StatusCode::FORBIDDEN, "forbidden", &message)
     };
     mark(
         r,
@@ -748,7 +770,12 @@ fn check_api_key(
     let refused = |why: String| {
         tracing::warn!(host = ask.host, reason = %why, "API key refused");
         let description = format!("the API key was refused: {why}");
-        let mut r = text(StatusCode::UNAUTHORIZED, format!("{description}\n"));
+        let mut r = refusal(
+            headers,
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            &description,
+        );
         let challenge = format!(
             "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{description}\"",
             ask.host
@@ -812,10 +839,16 @@ fn sign_in_needed(
                 format!("the session token was refused: {e}"),
             ),
         };
-        let mut r = text(
+        let mut r = refusal(
+            headers,
             StatusCode::UNAUTHORIZED,
-            format!(
-                "{description}: open {}://{}/ in a browser to sign in\n",
+            if error.is_empty() {
+                "unauthorized"
+            } else {
+                error
+            },
+            &format!(
+                "{description}: open {}://{}/ in a browser to sign in",
                 ask.proto, ask.authority
             ),
         );
@@ -1660,6 +1693,30 @@ mod tests {
             r.extensions().get::<Refused>().unwrap().reason,
             "denied by rule 0"
         );
+        // A client that asks for JSON gets its refusals as JSON, in control's API's shape.
+        let json = [("accept", "application/json")];
+        for (client, path, status, code) in [
+            ("192.0.2.9", "/", StatusCode::FORBIDDEN, "forbidden"),
+            (
+                "203.0.113.1",
+                "/admin",
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                "203.0.113.1",
+                "/a/../b",
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+        ] {
+            let r = run(&get, path, client, &json).unwrap_err();
+            assert_eq!(r.status(), status);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+            let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+            assert_eq!(v["error"]["code"], code, "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().len() > 10, "{v}");
+        }
     }
 
     #[test]
