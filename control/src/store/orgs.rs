@@ -185,7 +185,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound("organization"));
         }
-        for table in ["memberships", "roles"] {
+        for table in ["memberships", "roles", "access_policies"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE org_id = $1"))
                 .bind(id.to_string())
                 .execute(&mut *tx)
