@@ -30,12 +30,24 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/account/totp", post(start))
         .route("/account/totp/confirm", post(confirm))
+        .route("/account/totp/remove", post(remove))
 }
 
-/// The account page's part: a button to add an authenticator app, if the user has none.
+/// The account page's part: a button to add an authenticator app, or a form to remove the one
+/// the user has (proved with their password or a current code).
 pub fn enrol_button(user: &User, csrf: &str) -> String {
     if user.has_totp {
-        return String::new();
+        return format!(
+            "<h2>Authenticator app</h2><form method=\"post\" action=\"/account/totp/remove\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <p><label>Your password <input type=\"password\" name=\"password\" \
+             autocomplete=\"current-password\"></label> or <label>a current code \
+             <input name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\">\
+             </label></p><button type=\"submit\">Remove the authenticator app</button></form>\
+             <p>Sites that require a second factor will then need a passkey, or the app added \
+             again.</p>",
+            escape(csrf)
+        );
     }
     format!(
         "<h2>Authenticator app</h2><form method=\"post\" action=\"/account/totp\">\
@@ -49,6 +61,16 @@ pub fn enrol_button(user: &User, csrf: &str) -> String {
 struct StartForm {
     #[serde(default)]
     csrf: String,
+}
+
+#[derive(Deserialize)]
+struct RemoveForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    code: String,
 }
 
 #[derive(Deserialize)]
@@ -247,5 +269,101 @@ async fn confirm(
         "<p>From your next sign-in, control asks for a code after your password. Sites that \
          require a second factor let you in once you sign in again with it.</p>\
          <p><a href=\"/auth/sign-out\">Sign out</a> · <a href=\"/account\">Your account</a></p>",
+    )
+}
+
+/// Removes the signed-in user's authenticator app, once they prove it is them again: their
+/// password (rate limited as sign-ins are) or a current code from the app (used up).
+async fn remove(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<RemoveForm>,
+) -> Response {
+    let user = match signed_in(&state, &headers, &form.csrf).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if !user.has_totp {
+        return error_page(
+            StatusCode::CONFLICT,
+            "Authenticator app",
+            "you have no authenticator app to remove",
+        );
+    }
+    if state.take_sign_in(peer.ip()).await.is_err() {
+        return error_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Authenticator app",
+            "too many attempts from your address; try again in a minute",
+        );
+    }
+    let proved = if !form.password.is_empty() {
+        match state.store.user_by_email(&user.email).await {
+            Ok(Some((found, Some(hash)))) if found.id == user.id => {
+                crate::secrets::verify_argon2(&hash, &kakuremichi_proto::Secret::new(form.password))
+                    .await
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a password hash");
+                return unavailable();
+            }
+        }
+    } else {
+        match state.store.totp_secret(user.id).await {
+            Ok(Some(secret)) => match totp_step(&secret, &form.code, (now_ms() / 1000) as u64) {
+                Some(step) => state
+                    .store
+                    .take_totp_step(user.id, step)
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            },
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a TOTP secret");
+                return unavailable();
+            }
+        }
+    };
+    if !proved {
+        tracing::warn!(user_id = %user.id, "TOTP removal refused: wrong password or code");
+        audit(
+            &state,
+            &peer,
+            "totp_removed",
+            format!("user:{}", user.id),
+            &user.email,
+            "denied",
+            Some("wrong password or code"),
+        )
+        .await;
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Authenticator app",
+            "that password or code is not right: the authenticator app stays",
+        );
+    }
+    if let Err(e) = state.store.clear_totp(user.id).await {
+        tracing::error!(error = %e, "cannot remove a TOTP secret");
+        return unavailable();
+    }
+    tracing::info!(user_id = %user.id, "TOTP second factor removed by its user");
+    audit(
+        &state,
+        &peer,
+        "totp_removed",
+        format!("user:{}", user.id),
+        &user.email,
+        "ok",
+        None,
+    )
+    .await;
+    page(
+        StatusCode::OK,
+        "Authenticator app removed",
+        "<p>Control no longer asks for a code when you sign in.</p>\
+         <p><a href=\"/account\">Your account</a></p>",
     )
 }

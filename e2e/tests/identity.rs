@@ -1000,6 +1000,53 @@ async fn another_organizations_user_is_refused_and_an_organization_can_require_a
     let code = generator.generate((now / 30 + 1) * 30);
     let app = code_step(&stack, &mut browser, &csrf, &pending, &code).await;
     assert_eq!(app.status, StatusCode::OK, "{}", app.body);
+
+    // Ann removes the app herself, proving it is her with her password (a wrong one changes
+    // nothing).
+    let account = browser
+        .go(&stack, Method::GET, &format!("{control}/account"), None)
+        .await
+        .unwrap();
+    assert!(
+        account.body.contains("Remove the authenticator app"),
+        "{}",
+        account.body
+    );
+    let csrf = hidden(&account.body, "csrf").unwrap();
+    let remove = |password: &'static str| {
+        let (stack, control, csrf) = (&stack, control.clone(), csrf.clone());
+        let browser = &browser;
+        async move {
+            let mut b = Browser {
+                http: browser.http.clone(),
+                jar: browser.jar.clone(),
+            };
+            b.go(
+                stack,
+                Method::POST,
+                &format!("{control}/account/totp/remove"),
+                Some(&[("csrf", &csrf), ("password", password), ("code", "")]),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let refused = remove("not her password").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    let user = stack
+        .api
+        .get(&format!("/api/v1/users/{ann}"))
+        .await
+        .unwrap();
+    assert_eq!(user["has_totp"], true, "{user}");
+    let removed = remove(PASSWORD).await;
+    assert_eq!(removed.status, StatusCode::OK, "{}", removed.body);
+    let user = stack
+        .api
+        .get(&format!("/api/v1/users/{ann}"))
+        .await
+        .unwrap();
+    assert_eq!(user["has_totp"], false, "{user}");
 }
 
 /// A request to the demo app through the gateway with `key` in `header`.
