@@ -1618,3 +1618,70 @@ async fn a_share_link_stops_after_its_last_use_its_expiry_and_its_revocation() {
         );
     }
 }
+
+/// A reusable policy at the gateway: the demo resource follows it and is protected; a change to
+/// the policy (a bypass rule) reaches the gateway with one push; unfollowing makes the resource
+/// public again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_follows_a_reusable_policy_and_a_change_to_it_reaches_the_gateway() {
+    let stack = Stack::start().await.expect("stack");
+    let (status, policy) = stack
+        .api
+        .call(
+            Method::POST,
+            "/api/v1/policies",
+            Some(json!({"name": "staff", "access": {"roles": ["admin"]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{policy}");
+    let policy_id = policy["id"].as_str().unwrap().to_owned();
+    let resource = format!("/api/v1/resources/{}", stack.resource_id);
+    let status_of = |path: &'static str| {
+        let stack = &stack;
+        async move { Ok::<_, anyhow::Error>(stack.get(DEMO_HOST, path).await?.status()) }
+    };
+    let expect = |what: &'static str, path: &'static str, want: u16| {
+        let status_of = &status_of;
+        async move {
+            wait_for(what, Duration::from_secs(5), || async {
+                Ok((status_of(path).await? == want).then_some(()))
+            })
+            .await
+            .unwrap()
+        }
+    };
+    stack
+        .api
+        .patch(&resource, json!({"policy_id": policy_id}))
+        .await
+        .unwrap();
+    expect("the resource to need sign-in", "/headers", 401).await;
+    stack
+        .api
+        .patch(
+            &format!("/api/v1/policies/{policy_id}"),
+            json!({"access": {"roles": ["admin"],
+                              "rules": [{"action": "bypass", "paths": ["/whoami"]}]}}),
+        )
+        .await
+        .unwrap();
+    expect("the policy's new rule at the gateway", "/whoami", 200).await;
+    assert_eq!(status_of("/headers").await.unwrap(), 401);
+    stack
+        .api
+        .patch(&resource, json!({"policy_id": null}))
+        .await
+        .unwrap();
+    expect("the resource to be public again", "/headers", 200).await;
+    let (status, _) = stack
+        .api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/policies/{policy_id}"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+}
