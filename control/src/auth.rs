@@ -123,16 +123,6 @@ async fn open_share_link(
             );
         }
     };
-    let signer = match state.store.signer().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the signing key");
-            return refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "control cannot sign tokens right now; try again shortly",
-            );
-        }
-    };
     let claims = SessionClaims {
         iss: state.store.public_url().to_owned(),
         sub: link.id.to_string(),
@@ -146,15 +136,9 @@ async fn open_share_link(
         nonce: ret.nonce.clone(),
         amr: vec![SHARE_LINK_AMR.to_owned()],
     };
-    let token = match mint(&signer, &claims) {
+    let token = match sign(&state, &claims, "Share link refused").await {
         Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot sign a share-link token");
-            return refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "control cannot sign tokens right now; try again shortly",
-            );
-        }
+        Err(page) => return page,
     };
     tracing::info!(client = %peer.ip(), share_link = %link.id, host = %ret.host, uses = link.uses, "share link opened");
     audit(
@@ -175,13 +159,17 @@ pub(crate) struct Return {
     /// `scheme://host[:port]`.
     origin: String,
     /// The resource hostname.
-    host: String,
+    pub(crate) host: String,
     /// Path and query to return to.
     path: String,
     /// The nonce hash the token is bound to.
-    nonce: String,
+    pub(crate) nonce: String,
     /// The organization the resource belongs to.
-    org: uuid::Uuid,
+    pub(crate) org: uuid::Uuid,
+    /// The resource.
+    pub(crate) resource: uuid::Uuid,
+    /// Its access policy.
+    pub(crate) access: kakuremichi_proto::identity::AccessPolicy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,12 +309,10 @@ pub(crate) async fn check_return(
         tracing::error!(error = %e, "cannot read resources for a sign-in");
         "sign-in is unavailable right now; try again shortly".to_owned()
     })?;
-    let Some(org) = world
-        .resources
-        .iter()
-        .find(|r| r.hostname == host && r.access.is_some())
-        .map(|r| r.org_id)
-    else {
+    let Some((org, resource, access)) = world.resources.iter().find_map(|r| {
+        let a = r.access.as_ref().filter(|_| r.hostname == host)?;
+        Some((r.org_id, r.id, a.clone()))
+    }) else {
         return Err(format!(
             "{host} is not a site that needs sign-in here: go back to the site and try again"
         ));
@@ -349,6 +335,8 @@ pub(crate) async fn check_return(
         path,
         nonce: n.to_owned(),
         org,
+        resource,
+        access,
     }))
 }
 
@@ -419,17 +407,6 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
         Ok(r) => r,
         Err(page) => return page,
     };
-    let signer = match state.store.signer().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the signing key");
-            return error_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Sign-in failed",
-                "control cannot sign tokens right now; try again shortly",
-            );
-        }
-    };
     let now = now_ms() / 1000;
     let claims = SessionClaims {
         iss: state.store.public_url().to_owned(),
@@ -444,23 +421,39 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
         nonce: ret.nonce.clone(),
         amr: session.amr.clone(),
     };
-    let token = match mint(&signer, &claims) {
+    let token = match sign(state, &claims, "Sign-in failed").await {
         Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot sign a session token");
-            return error_page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Sign-in failed",
-                "control cannot sign tokens right now; try again shortly",
-            );
-        }
+        Err(page) => return page,
     };
     tracing::info!(user_id = %user.id, session_id = %session.id, host = %ret.host, "granted a resource session");
     to_callback(ret, &token)
 }
 
+/// A session token for `claims`, signed with the current key; `Err`: a page titled `title`
+/// saying control cannot sign now.
+pub(crate) async fn sign(
+    state: &AppState,
+    claims: &SessionClaims,
+    title: &str,
+) -> Result<String, Response> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "cannot {what}");
+        error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            title,
+            "control cannot sign tokens right now; try again shortly",
+        )
+    };
+    let signer = state
+        .store
+        .signer()
+        .await
+        .map_err(|e| unavailable("read the signing key", &e))?;
+    mint(&signer, claims).map_err(|e| unavailable("sign a session token", &e))
+}
+
 /// The redirect to the gateway's callback on `ret`'s hostname with `token`.
-fn to_callback(ret: &Return, token: &str) -> Response {
+pub(crate) fn to_callback(ret: &Return, token: &str) -> Response {
     let location = format!(
         "{}{}callback?token={}&rd={}",
         ret.origin,
@@ -601,10 +594,14 @@ async fn sign_in_again(
     } else {
         ""
     };
+    let visitors = crate::visitors::forms(state, q, &csrf).await;
     let mut r = page(
         status,
         "Sign in",
-        &format!("{}{passkey}{sso}", sign_in_form(&csrf, q, email, error)),
+        &format!(
+            "{visitors}{}{passkey}{sso}",
+            sign_in_form(&csrf, q, email, error)
+        ),
     );
     if let Some(c) = set {
         r.headers_mut().append(SET_COOKIE, c);

@@ -45,6 +45,13 @@ pub struct FileConfig {
     pub sign_in_per_minute: Option<u32>,
     /// How long a sign-in lasts (`8h`, `7d`).
     pub session_life: Option<String>,
+    /// Password/PIN attempts per minute from one client on one resource (and e-mail code
+    /// requests per client and per address).
+    pub passcode_attempts_per_minute: Option<u32>,
+    /// The SMTP relay that sends e-mailed codes (`smtp://host:25`, `smtps://user:pass@host`).
+    pub smtp_url: Option<Secret>,
+    /// The sender address of e-mailed codes.
+    pub smtp_from: Option<String>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -268,6 +275,10 @@ pub struct Settings {
     pub sign_in_per_minute: u32,
     /// How long a sign-in lasts: control's session, and the token every gateway holds.
     pub session_life: Duration,
+    /// Password/PIN attempts per minute from one client on one resource.
+    pub passcode_attempts_per_minute: u32,
+    /// The SMTP relay of e-mailed codes and their sender, checked ([`crate::visitors::Mailer`]).
+    pub smtp: Option<(Secret, String)>,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -309,6 +320,12 @@ pub struct RawSettings {
     pub sign_in_per_minute: Option<u32>,
     /// Session life.
     pub session_life: Option<String>,
+    /// Passcode attempts per minute.
+    pub passcode_attempts_per_minute: Option<u32>,
+    /// SMTP relay URL.
+    pub smtp_url: Option<Secret>,
+    /// Sender of e-mailed codes.
+    pub smtp_from: Option<String>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -332,6 +349,11 @@ impl RawSettings {
             public_url: self.public_url.or(file.public_url),
             sign_in_per_minute: self.sign_in_per_minute.or(file.sign_in_per_minute),
             session_life: self.session_life.or(file.session_life),
+            passcode_attempts_per_minute: self
+                .passcode_attempts_per_minute
+                .or(file.passcode_attempts_per_minute),
+            smtp_url: self.smtp_url.or(file.smtp_url),
+            smtp_from: self.smtp_from.or(file.smtp_from),
             acme: self.acme.over(file.acme),
         }
     }
@@ -441,10 +463,39 @@ impl RawSettings {
                     ),
                 })?,
         };
+        let passcode_attempts_per_minute = match self.passcode_attempts_per_minute {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    setting: "passcode attempts per minute",
+                    message: "must be at least 1".into(),
+                })
+            }
+            v => v.unwrap_or(crate::visitors::DEFAULT_ATTEMPTS_PER_MINUTE),
+        };
+        let smtp = match self.smtp_url {
+            None => None,
+            Some(url) => {
+                let from = self.smtp_from.unwrap_or_else(|| {
+                    let host = url::Url::parse(&public_url)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_owned))
+                        .filter(|h| h.contains('.'))
+                        .unwrap_or_else(|| "kakuremichi.localhost".into());
+                    format!("kakuremichi@{host}")
+                });
+                crate::visitors::Mailer::new(&url, &from).map_err(|e| ConfigError::Invalid {
+                    setting: "SMTP relay",
+                    message: e.to_string(),
+                })?;
+                Some((url, from))
+            }
+        };
         Ok(Settings {
             public_url,
             sign_in_per_minute,
             session_life,
+            passcode_attempts_per_minute,
+            smtp,
             secrets_key_file,
             acme,
             listen,

@@ -33,6 +33,7 @@ pub mod sso;
 pub mod store;
 pub mod totp;
 pub mod validate;
+pub mod visitors;
 mod web;
 pub mod world;
 
@@ -114,6 +115,8 @@ pub struct AppState {
     pub sso: Arc<crate::sso::SsoClients>,
     /// The WebAuthn relying party, when control's public URL allows passkeys.
     pub passkeys: Option<Arc<webauthn_rs::Webauthn>>,
+    /// Passwords, PINs and e-mailed codes of resources: limits and the mail relay.
+    pub visitors: Arc<crate::visitors::Visitors>,
 }
 
 impl AppState {
@@ -140,6 +143,7 @@ impl AppState {
             sign_in: Arc::default(),
             sso: Arc::default(),
             passkeys,
+            visitors: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());
@@ -257,6 +261,7 @@ pub fn app(state: AppState) -> Router {
         .merge(sso::router())
         .merge(passkeys::router())
         .merge(totp::router())
+        .merge(visitors::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

@@ -63,6 +63,19 @@ struct Cli {
     /// Default 24h.
     #[arg(long, env = "KAKUREMICHI_SESSION_LIFE")]
     session_life: Option<String>,
+    /// Password or PIN attempts per minute from one client on one resource (the resource takes
+    /// ten times as many from everyone); also e-mail code requests per client and per address.
+    /// Default 5.
+    #[arg(long, env = "KAKUREMICHI_PASSCODE_ATTEMPTS_PER_MINUTE")]
+    passcode_attempts_per_minute: Option<u32>,
+    /// The SMTP relay that sends one-time codes to visitors: smtp://host:25,
+    /// smtp://user:pass@host:587?tls=required, smtps://user:pass@host:465. Without it, no
+    /// resource offers e-mailed codes.
+    #[arg(long, env = "KAKUREMICHI_SMTP_URL")]
+    smtp_url: Option<String>,
+    /// The sender of e-mailed codes. Default kakuremichi@<public URL's host>.
+    #[arg(long, env = "KAKUREMICHI_SMTP_FROM")]
+    smtp_from: Option<String>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -205,6 +218,9 @@ async fn main() -> anyhow::Result<()> {
         public_url: cli.public_url,
         sign_in_per_minute: cli.sign_in_per_minute,
         session_life: cli.session_life,
+        passcode_attempts_per_minute: cli.passcode_attempts_per_minute,
+        smtp_url: cli.smtp_url.map(Secret::new),
+        smtp_from: cli.smtp_from,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -266,6 +282,16 @@ async fn main() -> anyhow::Result<()> {
     state.sign_in = std::sync::Arc::new(kakuremichi_control::identity::SignInLimits::new(
         settings.sign_in_per_minute,
     ));
+    state.visitors = std::sync::Arc::new(kakuremichi_control::visitors::Visitors {
+        per_minute: settings.passcode_attempts_per_minute,
+        mailer: match &settings.smtp {
+            Some((url, from)) => Some(
+                kakuremichi_control::visitors::Mailer::new(url, from)
+                    .context("cannot set up the SMTP relay")?,
+            ),
+            None => None,
+        },
+    });
     // A deep accept queue (the kernel caps it at net.core.somaxconn): a fleet reconnecting after
     // a restart opens its WebSockets all at once.
     let socket = match settings.listen {

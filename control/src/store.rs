@@ -35,6 +35,7 @@ mod policies;
 mod roles;
 mod share_links;
 mod sso;
+mod visitors;
 pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
 };
@@ -48,6 +49,9 @@ pub use policies::Policy;
 pub use roles::CustomRole;
 pub use share_links::{ShareLink, ShareRefusal};
 pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
+pub use visitors::{
+    EmailCodeRefusal, LivePasscode, PasscodeInfo, PasscodeKind, EMAIL_CODE_ATTEMPTS,
+};
 
 /// The first overlay port given to a resource on its site.
 pub const FIRST_OVERLAY_PORT: u16 = 10000;

@@ -21,7 +21,7 @@ pub fn client() -> reqwest::Client {
 }
 
 /// A browser, reduced to what this flow needs: cookies per host, no redirects followed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Browser {
     /// The client.
     pub http: reqwest::Client,
@@ -142,6 +142,25 @@ impl Browser {
         email: &str,
         password: &str,
     ) -> anyhow::Result<Page> {
+        let (_, fields) = self.sign_in_page(stack, url).await?;
+        let posted = self
+            .post_sign_in_form(
+                stack,
+                "/auth/sign-in",
+                &fields,
+                &[("email", email), ("password", password)],
+            )
+            .await?;
+        self.back_to_app(stack, posted).await
+    }
+
+    /// Opens `url` on a protected resource and follows the gateway's redirect to control's
+    /// sign-in page; returns the page and its hidden fields (`csrf`, `rd`, `n`).
+    pub async fn sign_in_page(
+        &mut self,
+        stack: &Stack,
+        url: &str,
+    ) -> anyhow::Result<(Page, SignInFields)> {
         let first = self.go(stack, Method::GET, url, None).await?;
         if first.status != StatusCode::FOUND {
             bail!(
@@ -161,23 +180,41 @@ impl Browser {
         if form.status != StatusCode::OK {
             bail!("the sign-in page answered {} {}", form.status, form.body);
         }
-        let csrf = hidden(&form.body, "csrf").context("no csrf field")?;
-        let rd = hidden(&form.body, "rd").context("no rd field")?;
-        let n = hidden(&form.body, "n").context("no n field")?;
-        let posted = self
-            .go(
-                stack,
-                Method::POST,
-                &format!("{}/auth/sign-in", stack.opts.control_url_for_test),
-                Some(&[
-                    ("email", email),
-                    ("password", password),
-                    ("csrf", &csrf),
-                    ("rd", &rd),
-                    ("n", &n),
-                ]),
-            )
-            .await?;
+        let fields = SignInFields {
+            csrf: hidden(&form.body, "csrf").context("no csrf field")?,
+            rd: hidden(&form.body, "rd").context("no rd field")?,
+            n: hidden(&form.body, "n").context("no n field")?,
+        };
+        Ok((form, fields))
+    }
+
+    /// POSTs a form of the sign-in page to `action` on control, with `fields`' hidden values
+    /// beside `values`.
+    pub async fn post_sign_in_form(
+        &mut self,
+        stack: &Stack,
+        action: &str,
+        fields: &SignInFields,
+        values: &[(&str, &str)],
+    ) -> anyhow::Result<Page> {
+        let mut form: Vec<(&str, &str)> = values.to_vec();
+        form.extend([
+            ("csrf", fields.csrf.as_str()),
+            ("rd", fields.rd.as_str()),
+            ("n", fields.n.as_str()),
+        ]);
+        self.go(
+            stack,
+            Method::POST,
+            &format!("{}{action}", stack.opts.control_url_for_test),
+            Some(&form),
+        )
+        .await
+    }
+
+    /// Follows control's answer to a sign-in form (a redirect to the gateway's callback) and
+    /// the callback's redirect; returns the page the app served.
+    pub async fn back_to_app(&mut self, stack: &Stack, posted: Page) -> anyhow::Result<Page> {
         if posted.status != StatusCode::SEE_OTHER {
             bail!("sign-in answered {} {}", posted.status, posted.body);
         }
@@ -192,6 +229,17 @@ impl Browser {
         let app = back.location.context("no Location after the callback")?;
         self.go(stack, Method::GET, &app, None).await
     }
+}
+
+/// The hidden fields of control's sign-in page for one resource.
+#[derive(Debug, Clone)]
+pub struct SignInFields {
+    /// The CSRF token.
+    pub csrf: String,
+    /// Where to return.
+    pub rd: String,
+    /// The nonce hash.
+    pub n: String,
 }
 
 impl Browser {

@@ -25,8 +25,8 @@ use kakuremichi_proto::identity::{
     embedded_id, normalize_path, secret_digest, AccessPolicy, GatewayIdentity, IdentityHeaders,
     RuleAction, SessionClaims, API_KEY_HEADER, API_KEY_PREFIX, ASSERTION_HEADER,
     CF_CLIENT_ID_HEADER, CF_CLIENT_SECRET_HEADER, CLIENT_ID_HEADER, CLIENT_SECRET_HEADER,
-    GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, SERVICE_KEY_AMR, SESSION_COOKIE,
-    SHARE_LINK_AMR,
+    GATEWAY_AUTH_PREFIX, GRANT_MAX_AGE_SECS, NONCE_COOKIE, PASSWORD_AMR, PIN_AMR, SERVICE_KEY_AMR,
+    SESSION_COOKIE, SHARE_LINK_AMR,
 };
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -564,6 +564,8 @@ pub struct Ask<'a> {
     pub control_up: bool,
     /// The client's address (rules match it).
     pub client: std::net::IpAddr,
+    /// The resource's id (a password or PIN session holds only for it).
+    pub resource: uuid::Uuid,
 }
 
 /// Decides a request to a resource with an access policy: its rules first (the first match
@@ -665,7 +667,7 @@ fn check_identity(
             format!("session token refused: {}", TokenError::Nonce),
         ));
     }
-    if !policy.allows_claims(&claims) {
+    if !policy.allows_claims(&claims, ask.resource) {
         return Err(denied(headers, ask, &claims));
     }
     strip_own_cookies(headers);
@@ -706,6 +708,10 @@ fn who(claims: &SessionClaims) -> String {
         format!("service key {} ({})", claims.name, claims.sub)
     } else if claims.amr.iter().any(|a| a == SHARE_LINK_AMR) {
         format!("share link {} ({})", claims.name, claims.sub)
+    } else if claims.amr.iter().any(|a| a == PASSWORD_AMR) {
+        "a visitor with the site's password".to_owned()
+    } else if claims.amr.iter().any(|a| a == PIN_AMR) {
+        "a visitor with the site's PIN".to_owned()
     } else {
         claims.email.clone()
     }
@@ -804,7 +810,7 @@ fn check_api_key(
     if !service && !policy.api_keys {
         return Err(refused(unknown.into()));
     }
-    if !policy.allows_claims(&claims) {
+    if !policy.allows_claims(&claims, ask.resource) {
         return Err(denied(headers, ask, &claims));
     }
     for name in [
@@ -1354,6 +1360,7 @@ mod tests {
             now: NOW,
             control_up,
             client: std::net::Ipv4Addr::LOCALHOST.into(),
+            resource: uuid::Uuid::nil(),
         }
     }
 
@@ -1624,7 +1631,7 @@ mod tests {
             roles: vec!["admin".into()],
             ..Default::default()
         };
-        assert!(strict.allows_claims(&c));
+        assert!(strict.allows_claims(&c, uuid::Uuid::nil()));
     }
 
     #[test]

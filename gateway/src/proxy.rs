@@ -468,6 +468,7 @@ impl Proxy {
                 .map_or(0, |d| d.as_secs() as i64),
             control_up: self.control_up.load(Ordering::Relaxed),
             client: client.ip(),
+            resource: target.resource_id,
         };
         if own {
             let form = if method == http::Method::POST {

@@ -31,6 +31,15 @@ pub const SERVICE_KEY_AMR: &str = "service_key";
 /// What a session token opened by a share link says in `amr` (its `sub` and `sid` are the
 /// link's id, its `name` the link's name, its `email` empty).
 pub const SHARE_LINK_AMR: &str = "share_link";
+/// What a session token opened with a resource's password says in `amr` (its `sub` is the
+/// resource's id, its `sid` the password's id, its `email` empty).
+pub const PASSWORD_AMR: &str = "resource_password";
+/// As [`PASSWORD_AMR`], for a resource's PIN.
+pub const PIN_AMR: &str = "resource_pin";
+/// What a session token opened with a one-time code sent by e-mail says in `amr` (its `email`
+/// is the address the code went to; the policy's [`AccessPolicy::email_codes`] must still match
+/// it).
+pub const EMAIL_CODE_AMR: &str = "email_code";
 /// The header naming a service key's id, beside [`CLIENT_SECRET_HEADER`].
 pub const CLIENT_ID_HEADER: &str = "kakuremichi-access-client-id";
 /// The header carrying a service key (`kmk_<id>_<secret>`), beside [`CLIENT_ID_HEADER`].
@@ -184,6 +193,10 @@ pub struct AccessPolicy {
     /// matching: sign-in as above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<AccessRule>,
+    /// Addresses that may sign in with a one-time code sent by e-mail, without an account
+    /// (lower case; `*` stands for any run of characters: `*@example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub email_codes: Vec<String>,
 }
 
 /// What a matching [`AccessRule`] does.
@@ -243,9 +256,19 @@ impl AccessPolicy {
             .find(|(_, r)| r.matches(method, path, client))
     }
 
-    /// Whether the identity in verified claims may reach the resource: a service key when the
-    /// policy names it, anyone else by [`AccessPolicy::allows`].
-    pub fn allows_claims(&self, c: &SessionClaims) -> bool {
+    /// Whether the identity in verified claims may reach resource `resource` (whose hostname the
+    /// token's audience already matched): a service key when the policy names it, a share link
+    /// or the resource's own password or PIN always (revoking them ends their sessions), an
+    /// e-mail code when [`AccessPolicy::email_codes`] still matches its address, anyone else by
+    /// [`AccessPolicy::allows`].
+    pub fn allows_claims(&self, c: &SessionClaims, resource: Uuid) -> bool {
+        if c.amr.iter().any(|a| a == PASSWORD_AMR || a == PIN_AMR) {
+            // Only for the resource it was entered on: not another one given the same hostname.
+            return Uuid::try_parse(&c.sub).is_ok_and(|id| id == resource);
+        }
+        if c.amr.iter().any(|a| a == EMAIL_CODE_AMR) {
+            return self.allows_email_code(&c.email);
+        }
         if c.amr.iter().any(|a| a == SERVICE_KEY_AMR) {
             return Uuid::try_parse(&c.sub).is_ok_and(|id| self.service_keys.contains(&id));
         }
@@ -277,7 +300,18 @@ impl AccessPolicy {
             api_keys: own.api_keys || self.api_keys,
             service_keys: pick(&own.service_keys, &self.service_keys),
             rules: pick(&own.rules, &self.rules),
+            email_codes: pick(&own.email_codes, &self.email_codes),
         }
+    }
+
+    /// Whether `email` may sign in with a code sent to it.
+    pub fn allows_email_code(&self, email: &str) -> bool {
+        let email = email.trim().to_ascii_lowercase();
+        !email.is_empty()
+            && self
+                .email_codes
+                .iter()
+                .any(|p| glob_matches(&p.to_ascii_lowercase(), &email))
     }
 
     /// Whether the resource takes keys at all (personal or service).
@@ -573,16 +607,71 @@ mod tests {
             nonce: String::new(),
             amr: vec![SERVICE_KEY_AMR.into()],
         };
-        assert!(p.allows_claims(&c));
+        assert!(p.allows_claims(&c, Uuid::nil()));
         c.sub = "00000000-0000-0000-0000-000000000008".into();
         assert!(
-            !p.allows_claims(&c),
+            !p.allows_claims(&c, Uuid::nil()),
             "a service key the policy does not name"
         );
         c.amr = vec![API_KEY_AMR.into()];
         c.email = "a@b.c".into();
-        assert!(p.allows_claims(&c), "no lists: any signed-in user");
+        assert!(
+            p.allows_claims(&c, Uuid::nil()),
+            "no lists: any signed-in user"
+        );
         assert!(p.takes_keys());
+    }
+
+    #[test]
+    fn passcodes_hold_for_their_resource_and_email_codes_for_listed_addresses() {
+        let resource = Uuid::from_u128(7);
+        let p: AccessPolicy = serde_json::from_value(json!({
+            "users": ["ann@example.com"],
+            "email_codes": ["*@Example.com", "bob@other.org"],
+        }))
+        .unwrap();
+        let mut c = SessionClaims {
+            iss: "i".into(),
+            sub: resource.to_string(),
+            aud: "a".into(),
+            iat: 0,
+            exp: 1,
+            sid: "s".into(),
+            email: String::new(),
+            name: String::new(),
+            roles: vec![],
+            nonce: String::new(),
+            amr: vec![PIN_AMR.into()],
+        };
+        assert!(p.allows_claims(&c, resource));
+        assert!(
+            !p.allows_claims(&c, Uuid::from_u128(8)),
+            "a PIN entered on another resource that had the same hostname"
+        );
+        c.amr = vec![PASSWORD_AMR.into()];
+        c.sub = "not a uuid".into();
+        assert!(!p.allows_claims(&c, resource));
+
+        c.amr = vec![EMAIL_CODE_AMR.into()];
+        for (email, ok) in [
+            ("carol@example.com", true),
+            ("Bob@Other.org", true),
+            ("bob@other.org.evil", false),
+            ("carol@example.com.evil", false),
+            ("", false),
+        ] {
+            c.email = email.into();
+            assert_eq!(p.allows_claims(&c, resource), ok, "{email}");
+        }
+        let own = AccessPolicy {
+            email_codes: vec!["dan@x.io".into()],
+            ..Default::default()
+        };
+        assert_eq!(p.overlaid_with(Some(&own)).email_codes, own.email_codes);
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!({"users": ["ann@example.com"], "email_codes": ["*@Example.com", "bob@other.org"]})
+        );
     }
 
     #[test]

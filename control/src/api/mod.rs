@@ -9,6 +9,7 @@ pub mod gateways;
 pub mod keys;
 pub mod nodes;
 pub mod orgs;
+pub mod passcodes;
 pub mod policies;
 pub mod providers;
 pub mod resources;
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(resources::router())
         .merge(policies::router())
         .merge(share_links::router())
+        .merge(passcodes::router())
         .merge(certificates::router())
         .merge(config::router())
         .merge(users::router())

@@ -150,6 +150,26 @@ pub(crate) fn check_access(
     for r in &a.roles {
         validate::role(r).map_err(|e| invalid(format!("access.roles: {e}")))?;
     }
+    if a.email_codes.len() > MAX_ACCESS_ENTRIES {
+        return Err(invalid(format!(
+            "access.email_codes has more than {MAX_ACCESS_ENTRIES} entries"
+        )));
+    }
+    for p in &mut a.email_codes {
+        let lower = p.trim().to_ascii_lowercase();
+        let domain_ok = lower.rsplit_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.is_empty()
+                && (domain == "*" || validate::hostname(domain.trim_start_matches("*.")).is_ok())
+        });
+        if lower.len() > 254 || !domain_ok || lower.chars().any(|c| c.is_whitespace()) {
+            return Err(invalid(format!(
+                "access.email_codes: {p:?} is not an address pattern such as \
+                 ann@example.com or *@example.com"
+            )));
+        }
+        *p = lower;
+    }
     if a.service_keys.len() > MAX_ACCESS_ENTRIES {
         return Err(invalid(format!(
             "access.service_keys has more than {MAX_ACCESS_ENTRIES} entries"

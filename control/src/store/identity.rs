@@ -411,8 +411,9 @@ impl Store {
         Ok(())
     }
 
-    /// Takes one sign-in attempt for the client address `ip` from its token bucket: `per_minute`
-    /// attempts a minute, in bursts of as many. The bucket lives in the store, so every control
+    /// Takes one sign-in attempt for `ip` (a client address, or any other key such as
+    /// `passcode:<resource>:<address>`) from its token bucket: `per_minute` attempts a minute,
+    /// in bursts of as many. The bucket lives in the store, so every control
     /// replica counts against the same one. `Ok(None)`: go on; `Ok(Some(ms))`: refused, a token
     /// comes back in `ms`. A refused attempt takes nothing.
     pub async fn take_sign_in(&self, ip: &str, per_minute: u32, now: i64) -> Result<Option<i64>> {
@@ -813,14 +814,16 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-        // Revoked sessions and revoked share links (the `sid` of the sessions they opened),
-        // while tokens for them may live.
+        // Revoked sessions, revoked share links and replaced passcodes (the `sid` of the sessions
+        // they opened), while tokens for them may live.
         let revoked_sessions = sqlx::query_scalar::<_, String>(
             "SELECT id FROM user_sessions WHERE revoked_at IS NOT NULL AND expires_at > $1 \
              UNION SELECT id FROM share_links WHERE revoked_at IS NOT NULL AND expires_at > $1 \
+             UNION SELECT id FROM resource_passcodes WHERE replaced_at > $2 \
              ORDER BY id",
         )
         .bind(now)
+        .bind(now - token_life_ms)
         .fetch_all(&mut **tx)
         .await?
         .iter()

@@ -1357,3 +1357,96 @@ async fn the_sign_in_rate_limit_is_shared_by_replicas() {
     }
     assert_eq!(statuses, [401, 401, 401, 429, 429]);
 }
+
+/// A resource's passcode over the API (set, shown without its hash, removed; bad shapes refused),
+/// and at the sign-in page: the resource as a whole takes at most ten times one client's
+/// attempts a minute, from whichever addresses they come.
+#[tokio::test]
+async fn passcodes_over_the_api_and_the_per_resource_limit() {
+    let db = common::sqlite().await;
+    let mut state = common::state(&db).await;
+    state.visitors = std::sync::Arc::new(kakuremichi_control::visitors::Visitors {
+        per_minute: 1,
+        mailer: None,
+    });
+    let base = format!("http://{}", common::serve(state).await);
+    let api = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut req = api
+            .request(method, format!("{base}/api/v1{path}"))
+            .bearer_auth(ADMIN_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (_, site) = call(
+        reqwest::Method::POST,
+        "/sites",
+        Some(json!({"name": "home"})),
+    )
+    .await;
+    let (s, r) = call(
+        reqwest::Method::POST,
+        "/resources",
+        Some(
+            json!({"hostname": "pin.localhost", "site_id": id(&site), "target": "127.0.0.1:1",
+                    "access": {"roles": ["admin"]}}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 201, "{r}");
+    let path = format!("/resources/{}/passcode", id(&r));
+    assert_eq!(call(reqwest::Method::GET, &path, None).await.0, 404);
+    let (s, e) = call(
+        reqwest::Method::PUT,
+        &path,
+        Some(json!({"kind": "pin", "value": "12a456"})),
+    )
+    .await;
+    assert_eq!(s, 400, "{e}");
+    let (s, shown) = call(
+        reqwest::Method::PUT,
+        &path,
+        Some(json!({"kind": "pin", "value": "123456"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{shown}");
+    let (s, shown) = call(reqwest::Method::GET, &path, None).await;
+    assert_eq!((s, &shown["kind"]), (200, &json!("pin")));
+    assert!(!shown.to_string().contains("argon2"), "{shown}");
+    assert_eq!(call(reqwest::Method::DELETE, &path, None).await.0, 204);
+    assert_eq!(call(reqwest::Method::DELETE, &path, None).await.0, 404);
+
+    // With no passcode left, each attempt is answered without hashing anything, so the burst
+    // below takes milliseconds: eleven clients, one attempt each, against a limit of ten a
+    // minute for the resource.
+    let csrf = "c".repeat(43);
+    let form = [
+        ("passcode", "123456"),
+        ("rd", "http://pin.localhost/"),
+        ("n", &"n".repeat(43)),
+        ("csrf", &csrf),
+    ];
+    let mut statuses = Vec::new();
+    for last in 2..=12u8 {
+        let client = reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+            .build()
+            .unwrap();
+        let r = client
+            .post(format!("{base}/auth/passcode"))
+            .header("cookie", format!("kakuremichi_csrf={csrf}"))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses[..10], [400; 10], "{statuses:?}");
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+}

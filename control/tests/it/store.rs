@@ -99,7 +99,150 @@ on_both_backends!(
     api_keys_reach_gateways_for_resources_that_accept_them,
     share_links_count_uses_expire_and_revoke_their_sessions,
     policies_lie_under_their_resources_and_reach_gateways,
+    passcodes_replace_and_revoke_and_email_codes_work_once,
 );
+
+/// A resource's passcode: one live at a time, another organization cannot set it, replacing or
+/// removing it puts its id among the revoked sessions gateways get; an e-mailed code works once,
+/// for its resource, before it expires, and a few wrong guesses spend it.
+async fn passcodes_replace_and_revoke_and_email_codes_work_once(store: Store) {
+    use kakuremichi_control::store::{EmailCodeRefusal, PasscodeKind, EMAIL_CODE_ATTEMPTS};
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [5; 32],
+    )));
+    store.ensure_signing_key().await.unwrap();
+    let (site, _) = store
+        .create_node(NodeKind::Agent, DEFAULT_ORG, "s", None)
+        .await
+        .unwrap();
+    let mut new = res("visit.example", site.id);
+    new.access = Some(Default::default());
+    let r = store.create_resource(&new).await.unwrap();
+    assert!(store.live_passcode(r.id).await.unwrap().is_none());
+    assert!(store
+        .set_passcode(uuid::Uuid::new_v4(), r.id, PasscodeKind::Pin, "h0")
+        .await
+        .is_err());
+    store
+        .set_passcode(DEFAULT_ORG, r.id, PasscodeKind::Password, "h1")
+        .await
+        .unwrap();
+    let first = store.live_passcode(r.id).await.unwrap().unwrap();
+    assert_eq!(
+        (first.kind, first.hash.as_str()),
+        (PasscodeKind::Password, "h1")
+    );
+    assert!(!format!("{first:?}").contains("h1"), "no hash in Debug");
+    let before = store.config_version().await.unwrap();
+    let info = store
+        .set_passcode(DEFAULT_ORG, r.id, PasscodeKind::Pin, "h2")
+        .await
+        .unwrap();
+    assert_eq!(info.kind, PasscodeKind::Pin);
+    assert!(
+        store.config_version().await.unwrap() > before,
+        "replacing pushes"
+    );
+    let second = store.live_passcode(r.id).await.unwrap().unwrap();
+    assert_ne!(second.id, first.id);
+    let revoked = || async {
+        store
+            .load_world()
+            .await
+            .unwrap()
+            .identity
+            .unwrap()
+            .revoked_sessions
+    };
+    let now = revoked().await;
+    assert!(
+        now.contains(&first.id) && !now.contains(&second.id),
+        "{now:?}"
+    );
+    assert_eq!(
+        store
+            .passcode_info(DEFAULT_ORG, r.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .kind,
+        PasscodeKind::Pin
+    );
+    assert!(store
+        .passcode_info(uuid::Uuid::new_v4(), r.id)
+        .await
+        .unwrap()
+        .is_none());
+    store.remove_passcode(DEFAULT_ORG, r.id).await.unwrap();
+    assert!(revoked().await.contains(&second.id));
+    assert!(store.live_passcode(r.id).await.unwrap().is_none());
+    assert!(store.remove_passcode(DEFAULT_ORG, r.id).await.is_err());
+
+    let t0 = kakuremichi_control::store::now_ms();
+    let id = store
+        .create_email_code(r.id, "ann@example.com", "123456", t0 + 60_000)
+        .await
+        .unwrap();
+    let other = uuid::Uuid::new_v4();
+    assert_eq!(
+        store
+            .redeem_email_code(id, other, "123456", t0)
+            .await
+            .unwrap(),
+        Err(EmailCodeRefusal::Wrong),
+        "another resource"
+    );
+    assert_eq!(
+        store
+            .redeem_email_code(id, r.id, "123456", t0 + 60_000)
+            .await
+            .unwrap(),
+        Err(EmailCodeRefusal::Expired)
+    );
+    assert_eq!(
+        store
+            .redeem_email_code(id, r.id, "654321", t0)
+            .await
+            .unwrap(),
+        Err(EmailCodeRefusal::Wrong)
+    );
+    assert_eq!(
+        store
+            .redeem_email_code(id, r.id, "123456", t0)
+            .await
+            .unwrap(),
+        Ok("ann@example.com".to_owned())
+    );
+    assert_eq!(
+        store
+            .redeem_email_code(id, r.id, "123456", t0)
+            .await
+            .unwrap(),
+        Err(EmailCodeRefusal::Spent),
+        "once"
+    );
+    let guessed = store
+        .create_email_code(r.id, "ann@example.com", "222222", t0 + 60_000)
+        .await
+        .unwrap();
+    for _ in 0..EMAIL_CODE_ATTEMPTS {
+        assert_eq!(
+            store
+                .redeem_email_code(guessed, r.id, "000000", t0)
+                .await
+                .unwrap(),
+            Err(EmailCodeRefusal::Wrong)
+        );
+    }
+    assert_eq!(
+        store
+            .redeem_email_code(guessed, r.id, "222222", t0)
+            .await
+            .unwrap(),
+        Err(EmailCodeRefusal::Spent),
+        "too many wrong guesses spend it"
+    );
+}
 
 /// A reusable access policy: resources that follow it get its fields with their own laid over
 /// them, in the API's view and in gateways' routes; changing it pushes; one in use cannot be

@@ -248,6 +248,14 @@ async fn tenant(api: &Api, name: &str, n: u8) -> Tenant {
             StatusCode::CREATED,
         )
         .await;
+    api.ok(
+        k,
+        Method::PUT,
+        &format!("/resources/{resource}/passcode"),
+        Some(json!({"kind": "password", "value": format!("{name} secret")})),
+        StatusCode::OK,
+    )
+    .await;
     let policy = api
         .ok(
             k,
@@ -306,6 +314,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/resources/{id}/share-links"),
     ("POST", "/resources/{id}/share-links"),
     ("DELETE", "/resources/{id}/share-links/{link_id}"),
+    ("GET", "/resources/{id}/passcode"),
+    ("PUT", "/resources/{id}/passcode"),
+    ("DELETE", "/resources/{id}/passcode"),
     ("GET", "/certificates"),
     ("POST", "/certificates"),
     ("GET", "/certificates/{id}"),
@@ -453,6 +464,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
             }
             ("PATCH", "/resources/{id}") => Some(json!({"name": "taken"})),
             ("POST", "/resources/{id}/share-links") => Some(json!({"max_uses": 1})),
+            ("PUT", "/resources/{id}/passcode") => Some(json!({"kind": "pin", "value": "000000"})),
             ("POST", "/api-keys") => {
                 Some(json!({"name": "x", "scopes": ["site:read"], "user_id": a.user}))
             }
@@ -638,6 +650,7 @@ async fn a_as_seen_by_a(api: &Api, a: &Tenant) -> Vec<Value> {
         format!("/orgs/{}", a.org),
         "/api-keys".to_owned(),
         format!("/resources/{}/share-links", a.resource),
+        format!("/resources/{}/passcode", a.resource),
         format!("/policies/{}", a.policy),
     ] {
         let mut v = api.ok(k, Method::GET, &path, None, StatusCode::OK).await;
