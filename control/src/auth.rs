@@ -343,11 +343,12 @@ pub(crate) async fn check_return(
 /// Whether the session may be granted a token for `ret`'s organization, and the user's roles
 /// there: the user must be a member; a session begun through another organization's own
 /// identity provider vouches only for that one; an organization may require a second factor.
-async fn roles_for(
+pub(crate) async fn roles_for(
     state: &AppState,
     session: &Session,
     user: &User,
-    ret: &Return,
+    org: uuid::Uuid,
+    host: &str,
 ) -> Result<Vec<String>, Response> {
     let unavailable = |e: crate::store::StoreError| {
         tracing::error!(error = %e, "cannot read an organization for a sign-in");
@@ -358,10 +359,10 @@ async fn roles_for(
         )
     };
     let refuse = |why: &str, msg: String| {
-        tracing::info!(user_id = %user.id, host = %ret.host, reason = why, "no grant for a resource");
+        tracing::info!(user_id = %user.id, host = %host, reason = why, "no grant for a resource");
         error_page(StatusCode::FORBIDDEN, "Access denied", &msg)
     };
-    let roles = match state.store.member_roles(ret.org, user.id).await {
+    let roles = match state.store.member_roles(org, user.id).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             return Err(refuse(
@@ -369,24 +370,24 @@ async fn roles_for(
                 format!(
                     "You are signed in as {}, who is not a member of the organization that runs \
                      {}. Ask its administrator for access.",
-                    user.email, ret.host
+                    user.email, host
                 ),
             ))
         }
         Err(e) => return Err(unavailable(e)),
     };
-    if session.org_id.is_some_and(|o| o != ret.org) {
+    if session.org_id.is_some_and(|o| o != org) {
         return Err(refuse(
             "provider of another organization",
             format!(
                 "You signed in through another organization's identity provider, which vouches \
                  for you only there. To reach {}, sign out and sign in with your password, a \
                  passkey, or a provider of its organization.",
-                ret.host
+                host
             ),
         ));
     }
-    let org = state.store.get_org(ret.org).await.map_err(unavailable)?;
+    let org = state.store.get_org(org).await.map_err(unavailable)?;
     let second = session.amr.iter().any(|m| m == "otp" || m == "passkey");
     if org.require_second_factor && !second {
         return Err(refuse(
@@ -394,7 +395,7 @@ async fn roles_for(
             format!(
                 "{} requires a second factor. Sign out, then sign in with a passkey or with \
                  your password and an authenticator code (set them up on your account page).",
-                ret.host
+                host
             ),
         ));
     }
@@ -403,7 +404,7 @@ async fn roles_for(
 
 /// The redirect to the gateway's callback with a token for `ret`.
 async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -> Response {
-    let roles = match roles_for(state, session, user, ret).await {
+    let roles = match roles_for(state, session, user, ret.org, &ret.host).await {
         Ok(r) => r,
         Err(page) => return page,
     };
@@ -547,14 +548,39 @@ async fn sign_in_page(
     if let Some((session, user)) = current_session(&state, &headers).await {
         return match ret {
             Some(ret) => grant(&state, &session, &user, &ret).await,
-            None => signed_in_page(&user),
+            None => signed_in_page(&headers, &user),
         };
     }
     sign_in_again(&state, &headers, &q, "", StatusCode::OK, None).await
 }
 
-/// "You are signed in", for a sign-in that came from no resource.
-fn signed_in_page(user: &User) -> Response {
+/// The cookie holding where to go after a sign-in that came from no resource (an OAuth
+/// authorization request that needs a signed-in user).
+pub(crate) const NEXT_COOKIE: &str = "kakuremichi_next";
+
+/// "You are signed in", for a sign-in that came from no resource; or, when the browser was
+/// sent to sign in by an authorization request ([`NEXT_COOKIE`]), back to that request.
+fn signed_in_page(headers: &HeaderMap, user: &User) -> Response {
+    let next = cookie_value(headers, NEXT_COOKIE)
+        .and_then(|v| {
+            url::form_urlencoded::parse(format!("v={v}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+        })
+        .filter(|n| n.starts_with("/oauth/authorize?") && !n.contains(['\r', '\n']));
+    if let Some(next) = next {
+        let mut r = StatusCode::SEE_OTHER.into_response();
+        if let Ok(v) = HeaderValue::from_str(&next) {
+            r.headers_mut().insert(LOCATION, v);
+        }
+        r.headers_mut().append(
+            SET_COOKIE,
+            HeaderValue::from_static(
+                "kakuremichi_next=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax",
+            ),
+        );
+        return r;
+    }
     page(
         StatusCode::OK,
         "Signed in",
@@ -1081,7 +1107,7 @@ pub(crate) async fn finish(
     );
     let mut r = match ret {
         Some(ret) => grant(state, &session, user, &ret).await,
-        None => signed_in_page(user),
+        None => signed_in_page(headers, user),
     };
     if let Ok(v) = HeaderValue::from_str(&set) {
         r.headers_mut().append(SET_COOKIE, v);

@@ -25,9 +25,18 @@ pub struct SignError(String);
 
 /// Signs `claims` with `signer` (EdDSA, `kid` in the header).
 pub fn mint(signer: &Signer, claims: &SessionClaims) -> Result<String, SignError> {
+    mint_as(signer, claims, "JWT")
+}
+
+/// Signs any claims with the JOSE header type `typ` (`at+jwt` for OAuth access tokens, RFC 9068).
+pub fn mint_as<C: serde::Serialize>(
+    signer: &Signer,
+    claims: &C,
+    typ: &str,
+) -> Result<String, SignError> {
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(signer.kid.clone());
-    header.typ = Some("JWT".into());
+    header.typ = Some(typ.into());
     jsonwebtoken::encode(&header, claims, &EncodingKey::from_ed_der(&signer.pkcs8))
         .map_err(|e| SignError(e.to_string()))
 }

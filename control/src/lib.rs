@@ -23,6 +23,7 @@ pub mod error;
 pub mod hub;
 pub mod identity;
 pub mod metrics;
+pub mod oauth;
 pub mod overlay;
 pub mod passkeys;
 pub mod roles;
@@ -262,6 +263,7 @@ pub fn app(state: AppState) -> Router {
         .merge(passkeys::router())
         .merge(totp::router())
         .merge(visitors::router())
+        .merge(oauth::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

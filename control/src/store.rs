@@ -29,6 +29,7 @@ use crate::world::{World, WorldNode};
 
 mod certificates;
 mod identity;
+mod oauth;
 mod orgs;
 mod passkeys;
 mod policies;
@@ -43,6 +44,7 @@ pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
     ACCESS_PERMISSION, API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
+pub use oauth::{GrantRefusal, OAuthClient, OAuthCode, OAuthGrant};
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use policies::Policy;

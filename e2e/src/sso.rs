@@ -13,7 +13,11 @@ use crate::{free_tcp_port, wait_for, Proc};
 /// The folder with the JavaScript parts and their `node_modules`.
 pub fn js_dir() -> anyhow::Result<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("js");
-    for need in ["node_modules/oidc-provider", "node_modules/playwright-core"] {
+    for need in [
+        "node_modules/oidc-provider",
+        "node_modules/playwright-core",
+        "node_modules/@modelcontextprotocol/sdk",
+    ] {
         if !dir.join(need).exists() {
             bail!(
                 "{} is missing: run scripts/setup (it installs the OpenID Provider and \

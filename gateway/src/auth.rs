@@ -194,6 +194,18 @@ impl TokenCache {
         host: &str,
         now: i64,
     ) -> Result<Arc<SessionClaims>, TokenError> {
+        self.verify_with(identity, token, now, |aud| aud.eq_ignore_ascii_case(host))
+    }
+
+    /// [`TokenCache::verify`] with another audience check (an OAuth access token's audience is
+    /// the resource's URL: [`audience_names`]).
+    pub fn verify_with(
+        &self,
+        identity: &EdgeIdentity,
+        token: &str,
+        now: i64,
+        audience_ok: impl Fn(&str) -> bool,
+    ) -> Result<Arc<SessionClaims>, TokenError> {
         let hit = self
             .map
             .lock()
@@ -219,7 +231,7 @@ impl TokenCache {
         if c.iss != identity.issuer {
             return Err(TokenError::WrongIssuer);
         }
-        if !c.aud.eq_ignore_ascii_case(host) {
+        if !audience_ok(&c.aud) {
             return Err(TokenError::WrongAudience);
         }
         if c.exp + LEEWAY_SECS as i64 <= now {
@@ -266,6 +278,134 @@ impl TokenCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether an access token's audience, a resource URL (RFC 8707), names `host`.
+pub fn audience_names(aud: &str, host: &str) -> bool {
+    url::Url::parse(aud).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.host_str().is_some_and(|h| h.eq_ignore_ascii_case(host))
+    })
+}
+
+/// Where a resource serves its protected-resource metadata (RFC 9728): this path, or this path
+/// followed by the resource's own path.
+pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
+
+/// What an OAuth access token says in `amr` (control's `oauth` module).
+pub const OAUTH_AMR: &str = "oauth";
+
+/// The scope an MCP resource's challenge names.
+pub const MCP_SCOPE: &str = "mcp";
+
+/// The metadata URL of the resource a request on an MCP resource is for (path form).
+fn resource_metadata_url(ask: &Ask<'_>) -> String {
+    let path = ask
+        .path_and_query
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("/")
+        .trim_end_matches('/');
+    format!(
+        "{}://{}{RESOURCE_METADATA_PATH}{path}",
+        ask.proto, ask.authority
+    )
+}
+
+/// The `WWW-Authenticate` challenge of an MCP resource (RFC 9728 §5.1, RFC 6750 §3).
+fn mcp_challenge(ask: &Ask<'_>, error: Option<(&str, &str)>) -> String {
+    let mut c = format!(
+        "Bearer resource_metadata=\"{}\", scope=\"{MCP_SCOPE}\"",
+        resource_metadata_url(ask)
+    );
+    if let Some((e, d)) = error {
+        c.push_str(&format!(
+            ", error=\"{e}\", error_description=\"{}\"",
+            d.replace('"', "'")
+        ));
+    }
+    c
+}
+
+/// The protected-resource metadata (RFC 9728 §3) of an MCP resource, for a request to
+/// [`RESOURCE_METADATA_PATH`] (root form) or below it (path form: the resource is that path).
+fn resource_metadata(identity: &EdgeIdentity, ask: &Ask<'_>, path: &str) -> AuthResponse {
+    let suffix = path.strip_prefix(RESOURCE_METADATA_PATH).unwrap_or("");
+    let doc = serde_json::json!({
+        "resource": format!("{}://{}{suffix}", ask.proto, ask.authority),
+        "authorization_servers": [identity.issuer],
+        "scopes_supported": [MCP_SCOPE],
+        "bearer_methods_supported": ["header"],
+        "resource_name": ask.host,
+    });
+    let mut r = text(StatusCode::OK, String::new());
+    *r.body_mut() = Bytes::from(doc.to_string());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    r
+}
+
+/// The answer to a request on an MCP resource that carries an OAuth bearer token: `None` when it
+/// carries none (other ways in apply). The token is checked locally (control's signature, issuer,
+/// expiry, revocation, audience = this hostname's URL, the policy's lists) and never reaches the
+/// MCP server.
+fn check_access_token(
+    identity: &EdgeIdentity,
+    cache: &TokenCache,
+    policy: &AccessPolicy,
+    headers: &mut HeaderMap,
+    ask: &Ask<'_>,
+) -> Option<Result<Arc<SessionClaims>, AuthResponse>> {
+    let query = ask.path_and_query.split_once('?').map_or("", |(_, q)| q);
+    if url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "access_token") {
+        return Some(Err(refusal(
+            headers,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "an access token in the URL is refused: send it in the Authorization header",
+        )));
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.starts_with(API_KEY_PREFIX))?
+        .to_owned();
+    let invalid = |headers: &HeaderMap, why: String| {
+        let mut r = refusal(headers, StatusCode::UNAUTHORIZED, "invalid_token", &why);
+        if let Ok(v) = HeaderValue::from_str(&mcp_challenge(ask, Some(("invalid_token", &why)))) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        mark(r, None, format!("access token refused: {why}"))
+    };
+    let claims = match cache.verify_with(identity, &token, ask.now, |aud| {
+        audience_names(aud, ask.host)
+    }) {
+        Ok(c) => c,
+        Err(e) => return Some(Err(invalid(headers, e.to_string()))),
+    };
+    if !claims.amr.iter().any(|a| a == OAUTH_AMR) {
+        return Some(Err(invalid(headers, "not an access token".into())));
+    }
+    if !policy.allows_claims(&claims, ask.resource) {
+        return Some(Err(denied(headers, ask, &claims)));
+    }
+    headers.remove(header::AUTHORIZATION);
+    strip_own_cookies(headers);
+    add_identity_headers(headers, policy.identity_headers, &claims, "");
+    // The client's token is never passed on (MCP: no token passthrough).
+    headers.remove(ASSERTION_HEADER);
+    Some(Ok(claims))
 }
 
 /// base64url(SHA-256(nonce)).
@@ -566,6 +706,8 @@ pub struct Ask<'a> {
     pub client: std::net::IpAddr,
     /// The resource's id (a password or PIN session holds only for it).
     pub resource: uuid::Uuid,
+    /// The resource is an MCP server: OAuth bearer tokens, protected-resource metadata.
+    pub mcp: bool,
 }
 
 /// Decides a request to a resource with an access policy: its rules first (the first match
@@ -639,6 +781,11 @@ fn check_identity(
             "sign-in is not available on this gateway yet; try again shortly",
         ));
     };
+    if ask.mcp {
+        if let Some(r) = check_access_token(identity, cache, policy, headers, ask) {
+            return r;
+        }
+    }
     if policy.takes_keys() {
         if let Some(key) = presented_api_key(headers) {
             return check_api_key(identity, cache, policy, headers, ask, key);
@@ -858,7 +1005,12 @@ fn sign_in_needed(
                 ask.proto, ask.authority
             ),
         );
-        let challenge = if error.is_empty() {
+        let challenge = if ask.mcp {
+            mcp_challenge(
+                ask,
+                (!error.is_empty()).then_some((error, description.as_str())),
+            )
+        } else if error.is_empty() {
             format!("Bearer realm=\"{}\"", ask.host)
         } else {
             format!(
@@ -931,6 +1083,18 @@ pub fn endpoint(
         .path_and_query
         .split_once('?')
         .unwrap_or((ask.path_and_query, ""));
+    if ask.mcp
+        && (path == RESOURCE_METADATA_PATH
+            || path.starts_with(&format!("{RESOURCE_METADATA_PATH}/")))
+    {
+        let Some(identity) = identity else {
+            return Some(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authorization is not configured on this gateway yet\n".into(),
+            ));
+        };
+        return Some(resource_metadata(identity, ask, path));
+    }
     if path == kakuremichi_proto::identity::JWKS_PATH {
         let identity = identity?;
         let mut r = text(StatusCode::OK, String::new());
@@ -1361,6 +1525,7 @@ mod tests {
             control_up,
             client: std::net::Ipv4Addr::LOCALHOST.into(),
             resource: uuid::Uuid::nil(),
+            mcp: false,
         }
     }
 
@@ -1922,5 +2087,105 @@ mod tests {
             taken.last().map(|r| (r.host.as_str(), r.count)),
             Some(("*", 10))
         );
+    }
+
+    #[test]
+    fn an_mcp_resource_challenges_serves_its_metadata_and_takes_only_its_access_tokens() {
+        let k1 = key("k1");
+        let id = identity(&[&k1], vec![], vec![]);
+        let cache = TokenCache::default();
+        let policy = AccessPolicy {
+            roles: vec!["member".into()],
+            mcp: true,
+            ..Default::default()
+        };
+        let post = Method::POST;
+        let mut ask = ask(&post, "/mcp", true);
+        ask.mcp = true;
+
+        // No token: 401 naming the metadata (path form) and the scope.
+        let mut h = headers(&[("accept", "application/json, text/event-stream")]);
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask).unwrap_err();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let challenge = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert_eq!(
+            challenge,
+            "Bearer resource_metadata=\"http://app.localhost:8080/.well-known/oauth-protected-resource/mcp\", scope=\"mcp\""
+        );
+
+        // Metadata, path and root forms.
+        let get = Method::GET;
+        for (path, resource) in [
+            (
+                "/.well-known/oauth-protected-resource/mcp",
+                "http://app.localhost:8080/mcp",
+            ),
+            (
+                "/.well-known/oauth-protected-resource",
+                "http://app.localhost:8080",
+            ),
+        ] {
+            let mut a = super::tests::ask(&get, path, true);
+            a.mcp = true;
+            let r = endpoint(Some(&id), &cache, &HeaderMap::new(), &a, None).unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let doc: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+            assert_eq!(doc["resource"], resource);
+            assert_eq!(doc["authorization_servers"], serde_json::json!([ISS]));
+            assert_eq!(
+                doc["bearer_methods_supported"],
+                serde_json::json!(["header"])
+            );
+        }
+
+        // A token for this resource: in, without the token, without an assertion.
+        let user = Uuid::new_v4();
+        let mut c = claims(user, Uuid::new_v4());
+        c.aud = "http://app.localhost:8080/mcp".into();
+        c.amr = vec![OAUTH_AMR.into()];
+        c.roles = vec!["member".into()];
+        c.nonce = String::new();
+        let token = sign(&k1, &c);
+        let mut h = headers(&[("authorization", &format!("Bearer {token}"))]);
+        let got = check(Some(&id), &cache, &policy, &mut h, &ask)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.sub, user.to_string());
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert!(h.get(ASSERTION_HEADER).is_none());
+        assert_eq!(h["remote-user"], c.email.as_str());
+
+        // Refused, each with 401 invalid_token: another resource's token, a session token (its
+        // audience is a hostname), a token without the oauth method.
+        let mut other = c.clone();
+        other.aud = "http://other.localhost:8080/mcp".into();
+        let mut session = c.clone();
+        session.aud = HOST.into();
+        let mut not_oauth = c.clone();
+        not_oauth.amr = vec!["pwd".into()];
+        for bad in [other, session, not_oauth] {
+            let mut h = headers(&[("authorization", &format!("Bearer {}", sign(&k1, &bad)))]);
+            let r = check(Some(&id), &cache, &policy, &mut h, &ask).unwrap_err();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{bad:?}");
+            let challenge = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+            assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
+            assert!(
+                challenge.starts_with("Bearer resource_metadata="),
+                "{challenge}"
+            );
+        }
+        // A user the policy does not allow: 403.
+        let mut stranger = c.clone();
+        stranger.roles = vec![];
+        let mut h = headers(&[("authorization", &format!("Bearer {}", sign(&k1, &stranger)))]);
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask).unwrap_err();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        // A token in the query string: 400, even a good one.
+        let q = format!("/mcp?access_token={token}");
+        let mut a = super::tests::ask(&post, &q, true);
+        a.mcp = true;
+        let mut h = HeaderMap::new();
+        let r = check(Some(&id), &cache, &policy, &mut h, &a).unwrap_err();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
 }

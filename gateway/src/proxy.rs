@@ -435,7 +435,10 @@ impl Proxy {
     ) -> Result<(), Response<ProxyBody>> {
         auth::strip_identity_headers(req.headers_mut());
         let path = req.uri().path();
-        let own = path.starts_with(GATEWAY_AUTH_PREFIX) || path == JWKS_PATH;
+        let mcp = target.access.as_ref().is_some_and(|a| a.mcp);
+        let own = path.starts_with(GATEWAY_AUTH_PREFIX)
+            || path == JWKS_PATH
+            || (mcp && path.starts_with(auth::RESOURCE_METADATA_PATH));
         if !own && target.access.is_none() {
             return Ok(());
         }
@@ -469,6 +472,7 @@ impl Proxy {
             control_up: self.control_up.load(Ordering::Relaxed),
             client: client.ip(),
             resource: target.resource_id,
+            mcp,
         };
         if own {
             let form = if method == http::Method::POST {

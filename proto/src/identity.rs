@@ -197,6 +197,11 @@ pub struct AccessPolicy {
     /// (lower case; `*` stands for any run of characters: `*@example.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub email_codes: Vec<String>,
+    /// The resource is an MCP server (or any API) whose clients authorize by OAuth 2.1 with
+    /// control as the authorization server: control issues access tokens for it (audience =
+    /// its URL) to users the lists above allow.
+    #[serde(default, skip_serializing_if = "crate::is_false")]
+    pub mcp: bool,
 }
 
 /// What a matching [`AccessRule`] does.
@@ -301,6 +306,7 @@ impl AccessPolicy {
             service_keys: pick(&own.service_keys, &self.service_keys),
             rules: pick(&own.rules, &self.rules),
             email_codes: pick(&own.email_codes, &self.email_codes),
+            mcp: own.mcp || self.mcp,
         }
     }
 

@@ -814,12 +814,13 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-        // Revoked sessions, revoked share links and replaced passcodes (the `sid` of the sessions
-        // they opened), while tokens for them may live.
+        // Revoked sessions, revoked share links, replaced passcodes and revoked OAuth grants (the
+        // `sid` of the sessions and tokens they opened), while tokens for them may live.
         let revoked_sessions = sqlx::query_scalar::<_, String>(
             "SELECT id FROM user_sessions WHERE revoked_at IS NOT NULL AND expires_at > $1 \
              UNION SELECT id FROM share_links WHERE revoked_at IS NOT NULL AND expires_at > $1 \
              UNION SELECT id FROM resource_passcodes WHERE replaced_at > $2 \
+             UNION SELECT grant_id FROM oauth_revoked_grants WHERE revoked_at > $2 \
              ORDER BY id",
         )
         .bind(now)

@@ -5,6 +5,7 @@
 
 mod api;
 mod common;
+mod oauth;
 mod store;
 mod tenants;
 mod upgrade;

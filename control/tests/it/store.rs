@@ -100,7 +100,98 @@ on_both_backends!(
     share_links_count_uses_expire_and_revoke_their_sessions,
     policies_lie_under_their_resources_and_reach_gateways,
     passcodes_replace_and_revoke_and_email_codes_work_once,
+    oauth_codes_and_refresh_tokens_work_once_and_a_replay_revokes_the_grant,
 );
+
+/// OAuth: a code and a refresh token each work once; a second use revokes the grant, whose id
+/// then reaches gateways among the revoked sessions, and ends its other refresh tokens.
+async fn oauth_codes_and_refresh_tokens_work_once_and_a_replay_revokes_the_grant(store: Store) {
+    use kakuremichi_control::store::{GrantRefusal, OAuthCode, OAuthGrant};
+    let store = store.with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+        [5; 32],
+    )));
+    store.ensure_signing_key().await.unwrap();
+    let client = store
+        .create_oauth_client("c", &["http://127.0.0.1/cb".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.oauth_client(client.id).await.unwrap().unwrap(),
+        client
+    );
+    assert!(store
+        .oauth_client(uuid::Uuid::new_v4())
+        .await
+        .unwrap()
+        .is_none());
+    let grant = OAuthGrant {
+        grant_id: uuid::Uuid::new_v4(),
+        client_id: client.id,
+        user_id: uuid::Uuid::new_v4(),
+        org_id: DEFAULT_ORG,
+        resource: "https://mcp.example/mcp".into(),
+        scope: "mcp".into(),
+    };
+    let code = OAuthCode {
+        grant: grant.clone(),
+        redirect_uri: "http://127.0.0.1/cb".into(),
+        challenge: "c".repeat(43),
+    };
+    let t0 = kakuremichi_control::store::now_ms();
+    store
+        .create_oauth_code("d1", &code, t0 + 60_000)
+        .await
+        .unwrap();
+    store
+        .create_oauth_code("d2", &code, t0 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_oauth_code("nope", t0).await.unwrap(),
+        Err(GrantRefusal::Unknown)
+    );
+    assert_eq!(
+        store.take_oauth_code("d2", t0 + 60_000).await.unwrap(),
+        Err(GrantRefusal::Expired)
+    );
+    assert_eq!(store.take_oauth_code("d1", t0).await.unwrap(), Ok(code));
+    store
+        .create_refresh_token("r1", &grant, t0 + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_refresh_token("r1", t0).await.unwrap(),
+        Ok(grant.clone())
+    );
+    store
+        .create_refresh_token("r2", &grant, t0 + 60_000)
+        .await
+        .unwrap();
+    assert!(!store.grant_revoked(grant.grant_id).await.unwrap());
+    let before = store.config_version().await.unwrap();
+    assert_eq!(
+        store.take_oauth_code("d1", t0).await.unwrap(),
+        Err(GrantRefusal::Replayed)
+    );
+    assert!(
+        store.config_version().await.unwrap() > before,
+        "a replay pushes"
+    );
+    assert!(store.grant_revoked(grant.grant_id).await.unwrap());
+    assert_eq!(
+        store.take_refresh_token("r2", t0).await.unwrap(),
+        Err(GrantRefusal::Replayed),
+        "the grant's live refresh token ends too"
+    );
+    let revoked = store
+        .load_world()
+        .await
+        .unwrap()
+        .identity
+        .unwrap()
+        .revoked_sessions;
+    assert!(revoked.contains(&grant.grant_id), "{revoked:?}");
+}
 
 /// A resource's passcode: one live at a time, another organization cannot set it, replacing or
 /// removing it puts its id among the revoked sessions gateways get; an e-mailed code works once,
