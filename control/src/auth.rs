@@ -135,6 +135,7 @@ async fn open_share_link(
         roles: Vec::new(),
         nonce: ret.nonce.clone(),
         amr: vec![SHARE_LINK_AMR.to_owned()],
+        scope: String::new(),
     };
     let token = match sign(&state, &claims, "Share link refused").await {
         Ok(t) => t,
@@ -421,6 +422,7 @@ async fn grant(state: &AppState, session: &Session, user: &User, ret: &Return) -
         roles,
         nonce: ret.nonce.clone(),
         amr: session.amr.clone(),
+        scope: String::new(),
     };
     let token = match sign(state, &claims, "Sign-in failed").await {
         Ok(t) => t,

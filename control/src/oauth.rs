@@ -53,16 +53,14 @@ pub const OAUTH_AMR: &str = "oauth";
 /// Redirect URIs a client may register at most.
 pub const MAX_REDIRECT_URIS: usize = 10;
 
-/// The claims of an access token: a session token's, with the client and scope (RFC 9068).
+/// The claims of an access token: a session token's (with `scope`), and the client (RFC 9068).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccessClaims {
-    /// Issuer, user, audience (the resource URL), times, grant (`sid`), identity, `amr`.
+    /// Issuer, user, audience (the resource URL), times, grant (`sid`), identity, `amr`, scope.
     #[serde(flatten)]
     pub base: SessionClaims,
     /// The client.
     pub client_id: String,
-    /// Granted scope.
-    pub scope: String,
 }
 
 /// The authorization server routes.
@@ -823,9 +821,9 @@ async fn issue(state: &AppState, grant: &OAuthGrant, now: i64) -> Response {
             roles,
             nonce: String::new(),
             amr: vec![OAUTH_AMR.to_owned()],
+            scope: grant.scope.clone(),
         },
         client_id: grant.client_id.to_string(),
-        scope: grant.scope.clone(),
     };
     let access = match mint_as(&signer, &claims, "at+jwt") {
         Ok(t) => t,

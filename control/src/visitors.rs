@@ -349,6 +349,7 @@ fn visitor_claims(state: &AppState, ret: &Return, sub: String, sid: Uuid) -> Ses
         roles: Vec::new(),
         nonce: ret.nonce.clone(),
         amr: Vec::new(),
+        scope: String::new(),
     }
 }
 

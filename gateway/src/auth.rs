@@ -397,6 +397,17 @@ fn check_access_token(
     if !claims.amr.iter().any(|a| a == OAUTH_AMR) {
         return Some(Err(invalid(headers, "not an access token".into())));
     }
+    if !claims.scope.split(' ').any(|s| s == MCP_SCOPE) {
+        // A valid token without the scope this server needs: the client asks again for it.
+        let why = format!("the token's scope does not include {MCP_SCOPE}");
+        let mut r = refusal(headers, StatusCode::FORBIDDEN, "insufficient_scope", &why);
+        if let Ok(v) =
+            HeaderValue::from_str(&mcp_challenge(ask, Some(("insufficient_scope", &why))))
+        {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return Some(Err(mark(r, Some(&who(&claims)), why)));
+    }
     if !policy.allows_claims(&claims, ask.resource) {
         return Some(Err(denied(headers, ask, &claims)));
     }
@@ -1395,6 +1406,7 @@ mod tests {
             roles: vec!["member".into()],
             nonce: nonce_hash("the-nonce"),
             amr: vec!["pwd".into()],
+            scope: String::new(),
         }
     }
 
@@ -2145,6 +2157,7 @@ mod tests {
         c.amr = vec![OAUTH_AMR.into()];
         c.roles = vec!["member".into()];
         c.nonce = String::new();
+        c.scope = "profile mcp".into();
         let token = sign(&k1, &c);
         let mut h = headers(&[("authorization", &format!("Bearer {token}"))]);
         let got = check(Some(&id), &cache, &policy, &mut h, &ask)
@@ -2174,6 +2187,19 @@ mod tests {
                 "{challenge}"
             );
         }
+        // A valid token without the scope: 403 insufficient_scope, naming it.
+        let mut narrow = c.clone();
+        narrow.scope = "profile".into();
+        let mut h = headers(&[("authorization", &format!("Bearer {}", sign(&k1, &narrow)))]);
+        let r = check(Some(&id), &cache, &policy, &mut h, &ask).unwrap_err();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let challenge = r.headers()[header::WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(
+            challenge.starts_with("Bearer resource_metadata=")
+                && challenge.contains("scope=\"mcp\"")
+                && challenge.contains("error=\"insufficient_scope\""),
+            "{challenge}"
+        );
         // A user the policy does not allow: 403.
         let mut stranger = c.clone();
         stranger.roles = vec![];

@@ -476,6 +476,9 @@ pub struct SessionClaims {
     /// How the user signed in (`pwd`, `otp`, `hwk`, `sso`).
     #[serde(default)]
     pub amr: Vec<String>,
+    /// OAuth access tokens only: the granted scope (space-separated).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
 }
 
 #[cfg(test)]
@@ -612,6 +615,7 @@ mod tests {
             roles: vec![],
             nonce: String::new(),
             amr: vec![SERVICE_KEY_AMR.into()],
+            scope: String::new(),
         };
         assert!(p.allows_claims(&c, Uuid::nil()));
         c.sub = "00000000-0000-0000-0000-000000000008".into();
@@ -648,6 +652,7 @@ mod tests {
             roles: vec![],
             nonce: String::new(),
             amr: vec![PIN_AMR.into()],
+            scope: String::new(),
         };
         assert!(p.allows_claims(&c, resource));
         assert!(

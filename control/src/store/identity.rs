@@ -974,6 +974,7 @@ impl Store {
                         roles: Vec::new(),
                         nonce: String::new(),
                         amr: vec![kakuremichi_proto::identity::SERVICE_KEY_AMR.to_owned()],
+                        scope: String::new(),
                     };
                     push_edge_key(&mut out, &signer, &claims, key_id, &hash);
                 }
@@ -1011,6 +1012,7 @@ impl Store {
                     roles: roles.clone(),
                     nonce: String::new(),
                     amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
+                    scope: String::new(),
                 };
                 push_edge_key(&mut out, &signer, &claims, key_id, &hash);
             }
