@@ -508,32 +508,24 @@ async fn request_email_code(
             "this site does not send codes by e-mail",
         );
     }
-    let per = state.visitors.per_minute;
-    if let Err(r) = take(&state, &format!("email-code:{}", peer.ip()), per, TITLE).await {
-        record(
-            &state,
-            &peer,
-            &ret,
-            "email_code",
-            email.clone(),
-            "denied",
-            Some("rate limited"),
-        )
-        .await;
-        return r;
-    }
-    if let Err(r) = take(&state, &format!("email-code-to:{email}"), per, TITLE).await {
-        record(
-            &state,
-            &peer,
-            &ret,
-            "email_code",
-            email.clone(),
-            "denied",
-            Some("rate limited"),
-        )
-        .await;
-        return r;
+    // Per client address, and per recipient (no mail bombing one inbox from many addresses).
+    for bucket in [
+        format!("email-code:{}", peer.ip()),
+        format!("email-code-to:{email}"),
+    ] {
+        if let Err(r) = take(&state, &bucket, state.visitors.per_minute, TITLE).await {
+            record(
+                &state,
+                &peer,
+                &ret,
+                "email_code",
+                email.clone(),
+                "denied",
+                Some("rate limited"),
+            )
+            .await;
+            return r;
+        }
     }
     // The page is the same whether or not the address may have a code; only a listed one gets
     // a code, sent after the answer so that timing tells nothing either.
