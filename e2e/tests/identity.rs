@@ -66,6 +66,22 @@ async fn verify_assertion(stack: &Stack, token: &str) -> anyhow::Result<Value> {
     Ok(jsonwebtoken::decode::<Value>(token, &key, &v)?.claims)
 }
 
+/// Audit lines of refusals summed by detail (`denied` counts one, `denied xN` N).
+fn refusal_counts(lines: &[Value]) -> std::collections::BTreeMap<String, u32> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in lines {
+        let outcome = e["outcome"].as_str().unwrap_or_default();
+        let n = match outcome.strip_prefix("denied x") {
+            Some(n) => n.parse().unwrap_or(0),
+            None => u32::from(outcome == "denied"),
+        };
+        *counts
+            .entry(e["detail"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += n;
+    }
+    counts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes_within_2s() {
     let mut stack = Stack::start().await.expect("stack");
@@ -159,9 +175,13 @@ async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes
         .await
         .unwrap();
     assert_eq!(without_nonce.status(), 401);
+    // The signature's first character carries six bits of it, so changing it always breaks the
+    // signature. (Its last carries only two, and the four padding bits beside them make some
+    // changes of it a base64 error instead: a malformed token, not a bad signature.)
+    let sig_at = token.rfind('.').unwrap() + 1;
     let mut tampered = token.clone();
-    let last = tampered.pop().unwrap();
-    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let first = tampered.remove(sig_at);
+    tampered.insert(sig_at, if first == 'A' { 'B' } else { 'A' });
     let nonce = browser
         .cookie(DEMO_HOST, "kakuremichi_nonce")
         .unwrap()
@@ -209,11 +229,21 @@ async fn password_sign_in_at_the_gateway_asserts_identity_to_the_app_and_revokes
                         .is_some_and(|d| d.starts_with("session token refused"))
                 })
                 .collect();
-            Ok((found.len() >= 2).then_some(found))
+            Ok((refusal_counts(&found).values().sum::<u32>() >= 3).then_some(found))
         },
     )
     .await
     .unwrap();
+    // Counted by reason (a report holds one line per distinct reason, with its count; two
+    // reports may split them): a bad signature, and two malformed tokens.
+    assert_eq!(
+        refusal_counts(&audited),
+        std::collections::BTreeMap::from([
+            ("session token refused: bad signature".to_owned(), 1),
+            ("session token refused: malformed token".to_owned(), 2),
+        ]),
+        "{audited:?}"
+    );
     for e in &audited {
         assert_eq!(e["target"], DEMO_HOST, "{e}");
         assert!(e["actor"].as_str().unwrap().starts_with("gateway:"), "{e}");

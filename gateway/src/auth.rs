@@ -577,6 +577,32 @@ impl Refusals {
         }
     }
 
+    /// Puts back what [`Refusals::take`] returned and could not be delivered, merged with what
+    /// was counted since (still bounded).
+    pub fn restore(&self, taken: Vec<kakuremichi_proto::AccessRefusal>) {
+        let mut b = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        for r in taken {
+            let client = r.client.as_deref().and_then(|c| c.parse().ok());
+            let key = (r.host, client, r.user, r.reason);
+            let fits = b.by.len() < MAX_REFUSALS;
+            match b.by.get_mut(&key) {
+                Some((at_ms, n)) => {
+                    *at_ms = (*at_ms).min(r.at_ms);
+                    *n = n.saturating_add(r.count);
+                }
+                None if key.0 != "*" && fits => {
+                    b.by.insert(key, (r.at_ms, r.count));
+                }
+                None => {
+                    if b.dropped == 0 || r.at_ms < b.first_dropped_ms {
+                        b.first_dropped_ms = r.at_ms;
+                    }
+                    b.dropped = b.dropped.saturating_add(r.count);
+                }
+            }
+        }
+    }
+
     /// Everything counted since the last call, oldest first.
     pub fn take(&self) -> Vec<kakuremichi_proto::AccessRefusal> {
         let b = std::mem::take(&mut *self.book.lock().unwrap_or_else(|e| e.into_inner()));
@@ -2098,6 +2124,49 @@ mod tests {
         assert_eq!(
             taken.last().map(|r| (r.host.as_str(), r.count)),
             Some(("*", 10))
+        );
+    }
+
+    #[test]
+    fn undelivered_refusals_go_back_and_merge_with_new_ones() {
+        let book = Refusals::default();
+        let ip = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        let bad = Refused {
+            user: None,
+            reason: "session token refused: bad signature".into(),
+        };
+        book.record("app.localhost", ip, &bad, 2000);
+        book.record("app.localhost", None, &bad, 2500);
+        let lost = book.take();
+        // Counted again while the report was on its way, then the report fails.
+        book.record("app.localhost", ip, &bad, 3000);
+        book.restore(lost);
+        let taken = book.take();
+        assert_eq!(taken.len(), 2, "{taken:?}");
+        assert_eq!(
+            (taken[0].client.as_deref(), taken[0].count, taken[0].at_ms),
+            (Some("10.0.0.1"), 2, 2000)
+        );
+        assert_eq!((taken[1].client.as_deref(), taken[1].count), (None, 1));
+
+        // Past the bound, restored ones are counted only, and the "*" line merges.
+        for i in 0..(MAX_REFUSALS + 3) {
+            let r = Refused {
+                user: None,
+                reason: format!("r{i}"),
+            };
+            book.record("app.localhost", ip, &r, 5000);
+        }
+        let lost = book.take();
+        book.record("app.localhost", ip, &bad, 6000);
+        book.restore(lost);
+        let taken = book.take();
+        assert_eq!(taken.len(), MAX_REFUSALS + 1);
+        let star = taken.iter().find(|r| r.host == "*").unwrap();
+        assert_eq!((star.count, star.at_ms), (4, 5000));
+        assert_eq!(
+            taken.iter().map(|r| u64::from(r.count)).sum::<u64>(),
+            MAX_REFUSALS as u64 + 4
         );
     }
 

@@ -386,4 +386,8 @@ impl NodeHooks for Gateway {
     fn status(&self) -> StatusReport {
         Gateway::status(self)
     }
+
+    fn undelivered(&self, report: StatusReport) {
+        self.inner.proxy.refusals().restore(report.refusals);
+    }
 }

@@ -29,6 +29,12 @@ pub trait NodeHooks: Send + Sync + 'static {
 
     /// A status report, sent every few seconds.
     fn status(&self) -> StatusReport;
+
+    /// A report from [`NodeHooks::status`] that could not be sent (the socket failed): what it
+    /// drained (a gateway's refusals) goes back, to ride on the next session's first report.
+    fn undelivered(&self, report: StatusReport) {
+        let _ = report;
+    }
 }
 
 /// Settings of the control channel.
@@ -398,6 +404,9 @@ async fn session<H: NodeHooks>(
                 Err(e) => return SessionEnd::Lost(e),
             };
             if let Err(e) = sink.send(frame).await {
+                if let NodeMessage::Status(report) = msg {
+                    hooks.undelivered(report);
+                }
                 return SessionEnd::Lost(format!("sending to control: {e}"));
             }
         }
