@@ -52,6 +52,10 @@ pub struct FileConfig {
     pub smtp_url: Option<Secret>,
     /// The sender address of e-mailed codes.
     pub smtp_from: Option<String>,
+    /// Where MCP clients' metadata documents may be fetched from: `public`, `any` or `off`.
+    pub client_metadata_documents: Option<String>,
+    /// Extra root certificates (PEM) trusted when fetching them.
+    pub client_metadata_ca_file: Option<PathBuf>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -279,6 +283,10 @@ pub struct Settings {
     pub passcode_attempts_per_minute: u32,
     /// The SMTP relay of e-mailed codes and their sender, checked ([`crate::visitors::Mailer`]).
     pub smtp: Option<(Secret, String)>,
+    /// Where MCP clients' metadata documents are fetched from.
+    pub client_metadata: crate::client_metadata::Reach,
+    /// Extra roots trusted when fetching them (read and parsed at validation).
+    pub client_metadata_roots: Vec<reqwest::Certificate>,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -326,6 +334,10 @@ pub struct RawSettings {
     pub smtp_url: Option<Secret>,
     /// Sender of e-mailed codes.
     pub smtp_from: Option<String>,
+    /// Where metadata documents are fetched from.
+    pub client_metadata_documents: Option<String>,
+    /// Extra roots for fetching them.
+    pub client_metadata_ca_file: Option<PathBuf>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -354,6 +366,12 @@ impl RawSettings {
                 .or(file.passcode_attempts_per_minute),
             smtp_url: self.smtp_url.or(file.smtp_url),
             smtp_from: self.smtp_from.or(file.smtp_from),
+            client_metadata_documents: self
+                .client_metadata_documents
+                .or(file.client_metadata_documents),
+            client_metadata_ca_file: self
+                .client_metadata_ca_file
+                .or(file.client_metadata_ca_file),
             acme: self.acme.over(file.acme),
         }
     }
@@ -490,7 +508,33 @@ impl RawSettings {
                 Some((url, from))
             }
         };
+        let client_metadata = match self.client_metadata_documents.as_deref() {
+            None => crate::client_metadata::Reach::default(),
+            Some(r) => r.parse().map_err(|message| ConfigError::Invalid {
+                setting: "client metadata documents",
+                message,
+            })?,
+        };
+        let client_metadata_roots = match &self.client_metadata_ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let bad = |message: String| ConfigError::Invalid {
+                    setting: "client metadata CA file",
+                    message,
+                };
+                let pem = std::fs::read(path)
+                    .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+                let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                if roots.is_empty() {
+                    return Err(bad(format!("{} holds no certificate", path.display())));
+                }
+                roots
+            }
+        };
         Ok(Settings {
+            client_metadata,
+            client_metadata_roots,
             public_url,
             sign_in_per_minute,
             session_life,
@@ -627,5 +671,40 @@ mod tests {
             };
             assert!(raw.validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn client_metadata_documents_default_to_public_addresses() {
+        use crate::client_metadata::Reach;
+        let s = RawSettings::default().validate().unwrap();
+        assert_eq!(s.client_metadata, Reach::Public);
+        let file: FileConfig = toml::from_str("client_metadata_documents = \"off\"").unwrap();
+        let s = RawSettings::default().over(file).validate().unwrap();
+        assert_eq!(s.client_metadata, Reach::Off);
+        let bad = RawSettings {
+            client_metadata_documents: Some("everywhere".into()),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for path in [empty, dir.path().join("missing.pem")] {
+            let bad = RawSettings {
+                client_metadata_ca_file: Some(path.clone()),
+                ..Default::default()
+            };
+            assert!(bad.validate().is_err(), "{}", path.display());
+        }
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        let s = RawSettings {
+            client_metadata_ca_file: Some(good),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(s.client_metadata_roots.len(), 1);
     }
 }

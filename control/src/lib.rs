@@ -17,6 +17,7 @@ pub mod activity;
 pub mod api;
 pub mod auth;
 pub mod certs;
+pub mod client_metadata;
 pub mod config;
 pub mod dns;
 pub mod error;
@@ -118,6 +119,8 @@ pub struct AppState {
     pub passkeys: Option<Arc<webauthn_rs::Webauthn>>,
     /// Passwords, PINs and e-mailed codes of resources: limits and the mail relay.
     pub visitors: Arc<crate::visitors::Visitors>,
+    /// MCP clients' metadata documents: the fetcher and its cache.
+    pub client_metadata: Arc<crate::client_metadata::ClientMetadata>,
 }
 
 impl AppState {
@@ -145,6 +148,7 @@ impl AppState {
             sso: Arc::default(),
             passkeys,
             visitors: Arc::default(),
+            client_metadata: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());

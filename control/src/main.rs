@@ -76,6 +76,14 @@ struct Cli {
     /// The sender of e-mailed codes. Default kakuremichi@<public URL's host>.
     #[arg(long, env = "KAKUREMICHI_SMTP_FROM")]
     smtp_from: Option<String>,
+    /// Where MCP clients' client ID metadata documents (an https URL as client_id) may be
+    /// fetched from: public (public addresses only, the default), any (loopback and private
+    /// addresses too: a lab or a test) or off (clients must register).
+    #[arg(long, env = "KAKUREMICHI_CLIENT_METADATA_DOCUMENTS")]
+    client_metadata_documents: Option<String>,
+    /// Extra root certificates (PEM) trusted when fetching client metadata documents.
+    #[arg(long, env = "KAKUREMICHI_CLIENT_METADATA_CA_FILE")]
+    client_metadata_ca_file: Option<PathBuf>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -221,6 +229,8 @@ async fn main() -> anyhow::Result<()> {
         passcode_attempts_per_minute: cli.passcode_attempts_per_minute,
         smtp_url: cli.smtp_url.map(Secret::new),
         smtp_from: cli.smtp_from,
+        client_metadata_documents: cli.client_metadata_documents,
+        client_metadata_ca_file: cli.client_metadata_ca_file,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -292,6 +302,14 @@ async fn main() -> anyhow::Result<()> {
             None => None,
         },
     });
+    state.client_metadata = std::sync::Arc::new(
+        kakuremichi_control::client_metadata::ClientMetadata::new(
+            settings.client_metadata,
+            &settings.client_metadata_roots,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("cannot set up the client metadata fetcher")?,
+    );
     // A deep accept queue (the kernel caps it at net.core.somaxconn): a fleet reconnecting after
     // a restart opens its WebSockets all at once.
     let socket = match settings.listen {

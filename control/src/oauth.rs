@@ -3,7 +3,8 @@
 //! 2025-11-25):
 //!
 //! - RFC 8414 metadata at `/.well-known/oauth-authorization-server`;
-//! - dynamic client registration (RFC 7591) at `/oauth/register`, public clients only;
+//! - dynamic client registration (RFC 7591) at `/oauth/register`, public clients only, and client
+//!   ID metadata documents (an `https` URL as `client_id`, fetched by [`crate::client_metadata`]);
 //! - `/oauth/authorize`: the signed-in user (sign-in first, then back here) consents for one
 //!   resource (RFC 8707 `resource`, the MCP server's URL); PKCE S256 only; redirect URIs match the
 //!   registered ones exactly, a loopback one on any port (RFC 8252 §7.3); the answer carries `iss`
@@ -36,6 +37,7 @@ use uuid::Uuid;
 use crate::auth::{
     csrf_ok, csrf_token, current_session, error_page, escape, page, roles_for, NEXT_COOKIE,
 };
+use crate::client_metadata;
 use crate::identity::mint_as;
 use crate::store::{now_ms, GrantRefusal, OAuthClient, OAuthCode, OAuthGrant, Resource};
 use crate::{secrets, AppState};
@@ -168,7 +170,7 @@ async fn metadata(State(state): State<AppState>) -> Response {
         "token_endpoint_auth_methods_supported": ["none"],
         "scopes_supported": [DEFAULT_SCOPE],
         "authorization_response_iss_parameter_supported": true,
-        "client_id_metadata_document_supported": false,
+        "client_id_metadata_document_supported": state.client_metadata.enabled(),
     }))
     .into_response();
     r.headers_mut()
@@ -357,25 +359,53 @@ fn back_to_client(redirect_uri: &str, iss: &str, params: &[(&str, &str)]) -> Res
 /// browser is never sent to an unchecked URI), then the rest (failures go back to the client).
 async fn check_request(state: &AppState, p: &AuthorizeParams) -> Result<Checked, Response> {
     let page_error = |msg: &str| error_page(StatusCode::BAD_REQUEST, "Authorization failed", msg);
-    let Some(client_id) = p.client_id.as_deref().and_then(|c| Uuid::try_parse(c).ok()) else {
-        return Err(page_error(
-            "the application did not say who it is (client_id)",
-        ));
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "cannot read an OAuth client");
+        error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Authorization failed",
+            "authorization is unavailable right now; try again shortly",
+        )
     };
-    let client = match state.store.oauth_client(client_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => {
-            return Err(page_error(
-                "this application is not registered here (client_id)",
-            ))
+    let client = match p.client_id.as_deref() {
+        Some(url) if client_metadata::is_url(url) => {
+            // A client ID metadata document: fetched (or cached), checked, and remembered.
+            let doc = match state.client_metadata.get(url).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::info!(client_id = %url, error = %e, "OAuth client metadata refused");
+                    return Err(page_error(&e.to_string()));
+                }
+            };
+            match state
+                .store
+                .upsert_metadata_client(&doc.client_id, &doc.client_name, &doc.redirect_uris)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => return Err(unavailable(e)),
+            }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read an OAuth client");
-            return Err(error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Authorization failed",
-                "authorization is unavailable right now; try again shortly",
-            ));
+        Some(id) => {
+            let Ok(id) = Uuid::try_parse(id) else {
+                return Err(page_error(
+                    "this application is not registered here (client_id)",
+                ));
+            };
+            match state.store.oauth_client(id).await {
+                Ok(Some(c)) if c.metadata_url.is_none() => c,
+                Ok(_) => {
+                    return Err(page_error(
+                        "this application is not registered here (client_id)",
+                    ))
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        None => {
+            return Err(page_error(
+                "the application did not say who it is (client_id)",
+            ))
         }
     };
     let redirect_uri = match p.redirect_uri.as_deref() {
@@ -544,17 +574,37 @@ async fn authorize_page(
         })
     })
     .collect();
-    let back_host = url::Url::parse(&c.redirect_uri)
-        .ok()
+    let back = url::Url::parse(&c.redirect_uri).ok();
+    let back_host = back
+        .as_ref()
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_default();
+    // Who vouches for the name: a published document's site, or nobody (it registered itself).
+    let vouched = match c.client.metadata_url.as_deref() {
+        Some(u) => format!(
+            "<p>This application's description is published by <b>{}</b>.</p>",
+            escape(
+                url::Url::parse(u)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .as_deref()
+                    .unwrap_or(u)
+            )
+        ),
+        None => "<p>This application registered itself: its name is its own claim.</p>".into(),
+    };
+    let local = if back.as_ref().is_some_and(loopback) {
+        "<p>It returns to a program on this computer (a loopback address): allow it only if you          just started one.</p>"
+    } else {
+        ""
+    };
     let mut r = page(
         StatusCode::OK,
         "Allow access?",
         &format!(
             "<p><b>{}</b> asks to use <b>{}</b> as {} (scope <code>{}</code>).</p>\
              <p>It will get a token for that server only, and returns to <b>{}</b>.</p>\
-             <form method=\"post\" action=\"/oauth/authorize\">{hidden}\
+             {vouched}{local}<form method=\"post\" action=\"/oauth/authorize\">{hidden}\
              <button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button> \
              <button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button></form>",
             escape(&c.client.name),
@@ -673,13 +723,34 @@ async fn token(
             "the body must be application/x-www-form-urlencoded",
         );
     };
-    let Some(client_id) = f.client_id.as_deref().and_then(|c| Uuid::try_parse(c).ok()) else {
-        return oauth_error(
+    let unknown_client = || {
+        oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "client_id is missing or unknown",
-        );
+        )
     };
+    // A metadata document's URL names the client control remembered at the authorization (no
+    // fetch here: the code or refresh token is bound to that client).
+    let client = match f.client_id.as_deref() {
+        Some(url) if client_metadata::is_url(url) => {
+            match state.store.oauth_client_by_url(url).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return unknown_client(),
+                Err(e) => return store_unavailable(e),
+            }
+        }
+        Some(id) => match Uuid::try_parse(id) {
+            Ok(id) => match state.store.oauth_client(id).await {
+                Ok(Some(c)) if c.metadata_url.is_none() => c,
+                Ok(_) => return unknown_client(),
+                Err(e) => return store_unavailable(e),
+            },
+            Err(_) => return unknown_client(),
+        },
+        None => return unknown_client(),
+    };
+    let client_id = client.id;
     let now = now_ms();
     let taken = match f.grant_type.as_deref() {
         Some("authorization_code") => {
@@ -746,7 +817,7 @@ async fn token(
     if f.resource.as_deref().is_some_and(|r| r != grant.resource) {
         return bad("invalid_target", "resource differs from the one authorized");
     }
-    issue(&state, &grant, now).await
+    issue(&state, &grant, &client.client_id(), now).await
 }
 
 fn store_unavailable(e: crate::store::StoreError) -> Response {
@@ -759,7 +830,7 @@ fn store_unavailable(e: crate::store::StoreError) -> Response {
 }
 
 /// Mints an access token and the next refresh token of `grant`.
-async fn issue(state: &AppState, grant: &OAuthGrant, now: i64) -> Response {
+async fn issue(state: &AppState, grant: &OAuthGrant, client_id: &str, now: i64) -> Response {
     let unavailable = || {
         oauth_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -823,7 +894,7 @@ async fn issue(state: &AppState, grant: &OAuthGrant, now: i64) -> Response {
             amr: vec![OAUTH_AMR.to_owned()],
             scope: grant.scope.clone(),
         },
-        client_id: grant.client_id.to_string(),
+        client_id: client_id.to_owned(),
     };
     let access = match mint_as(&signer, &claims, "at+jwt") {
         Ok(t) => t,

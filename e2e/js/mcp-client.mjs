@@ -4,11 +4,17 @@
 // authorization URL is opened with an already signed-in user's control cookie and the consent
 // form is allowed by this script. Then it lists and calls the server's tools.
 //
+// With "cimd": {"cert": PEM file, "key": PEM file}, it registers nothing: it publishes its
+// client ID metadata document on an https server of its own on 127.0.0.1 and uses that URL as
+// its client_id.
+//
 // usage: node mcp-client.mjs '{"url": MCP URL, "other": another MCP resource's URL,
-//                               "cookie": "kakuremichi_control=..."}'
+//                               "cookie": "kakuremichi_control=...", "cimd": {cert, key}?}'
 // Prints one JSON line: { tools, whoami, authUrl, client_id, other_status, other_challenge,
 // query_status, token } (token: the access token, for the test's own checks).
 import dns from 'node:dns';
+import fs from 'node:fs';
+import https from 'node:https';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { UnauthorizedError } from '@modelcontextprotocol/sdk/client/auth.js';
@@ -23,8 +29,12 @@ dns.lookup = (host, opts, cb) => {
 const REDIRECT = 'http://127.0.0.1:33418/callback';
 
 class Provider {
-  constructor() { this.client = undefined; this.saved = undefined; this.verifier = undefined; this.authUrl = null; }
+  constructor(metadataUrl) {
+    this.client = undefined; this.saved = undefined; this.verifier = undefined; this.authUrl = null;
+    this.metadataUrl = metadataUrl;
+  }
   get redirectUrl() { return REDIRECT; }
+  get clientMetadataUrl() { return this.metadataUrl; }
   get clientMetadata() {
     return { client_name: 'kakuremichi e2e MCP client', redirect_uris: [REDIRECT],
       grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'],
@@ -64,10 +74,31 @@ async function consent(authUrl, cookie) {
   return back.searchParams.get('code');
 }
 
+// Publishes this client's metadata document over https; resolves to [server, its URL, hits].
+async function publish(cimd) {
+  const hits = { n: 0 };
+  let url;
+  const server = https.createServer(
+    { cert: fs.readFileSync(cimd.cert), key: fs.readFileSync(cimd.key) },
+    (req, res) => {
+      hits.n += 1;
+      if (req.url !== '/mcp-client.json') { res.writeHead(404).end(); return; }
+      res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'max-age=600' });
+      res.end(JSON.stringify({ client_id: url, client_name: 'kakuremichi e2e MCP client (CIMD)',
+        redirect_uris: [REDIRECT], grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'], token_endpoint_auth_method: 'none' }));
+    });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  url = `https://127.0.0.1:${server.address().port}/mcp-client.json`;
+  return [server, url, hits];
+}
+
 const args = JSON.parse(process.argv[2]);
 let out;
+let published = null;
 try {
-  const provider = new Provider();
+  if (args.cimd) published = await publish(args.cimd);
+  const provider = new Provider(published ? published[1] : undefined);
   const url = new URL(args.url);
   let transport = new StreamableHTTPClientTransport(url, { authProvider: provider });
   try {
@@ -98,8 +129,9 @@ try {
   });
   out = { tools, whoami, authUrl: provider.authUrl.toString(), client_id: provider.client.client_id,
     other_status: other.status, other_challenge: other.headers.get('www-authenticate'),
-    query_status: query.status, token };
+    query_status: query.status, token, document_fetches: published ? published[2].n : null };
 } catch (e) {
   out = { error: String(e && e.stack || e) };
 }
+if (published) published[0].close();
 console.log(JSON.stringify(out));

@@ -582,13 +582,27 @@ async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
 }
 
 /// A self-signed CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM.
-struct ApiCertificate {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
+pub struct ApiCertificate {
+    /// The CA's certificate.
+    pub ca_pem: String,
+    /// The server's certificate.
+    pub cert_pem: String,
+    /// The server's key.
+    pub key_pem: String,
 }
 
-fn api_certificate() -> anyhow::Result<ApiCertificate> {
+impl std::fmt::Debug for ApiCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiCertificate")
+            .field("ca_pem", &self.ca_pem)
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A new CA and a server certificate for 127.0.0.1 and localhost signed by it.
+pub fn api_certificate() -> anyhow::Result<ApiCertificate> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,

@@ -1,6 +1,7 @@
 //! An MCP server behind an agent, authorized by the MCP specification end to end: the official
 //! TypeScript SDK client (`@modelcontextprotocol/sdk`) discovers the gateway's protected-resource
-//! metadata and control's authorization server, registers, completes the OAuth flow (PKCE,
+//! metadata and control's authorization server, registers (and, a second time, names its client
+//! ID metadata document on an https server of its own instead), completes the OAuth flow (PKCE,
 //! resource indicator, consent by a signed-in member, done by the script), lists and calls the
 //! tools of an SDK server behind the agent; the server never sees the client's token; the token
 //! is refused on another MCP resource and in the query string; with control down, the token
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use kakuremichi_e2e::identity::Browser;
 use kakuremichi_e2e::sso::{js_dir, run_script};
-use kakuremichi_e2e::{free_tcp_port, wait_for, Stack};
+use kakuremichi_e2e::{free_tcp_port, wait_for, Stack, StackOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -21,7 +22,26 @@ const OTHER_HOST: &str = "other-mcp.localhost";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mcp_sdk_client_authorizes_by_oauth_and_lists_the_tools_of_a_server_behind_an_agent() {
-    let mut stack = Stack::start().await.expect("stack");
+    // Control fetches client ID metadata documents from loopback too (the test client publishes
+    // its own there), trusting the CA of the client's certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = kakuremichi_e2e::acme::api_certificate().unwrap();
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    std::fs::write(&cert, &pki.cert_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let mut opts = StackOptions::loopback();
+    opts.control_args = vec![
+        "--client-metadata-documents".into(),
+        "any".into(),
+        "--client-metadata-ca-file".into(),
+        ca.display().to_string(),
+    ];
+    let mut stack = Stack::start_with(opts).await.expect("stack");
     let port = free_tcp_port();
     let _server = tokio::process::Command::new("node")
         .arg(js_dir().unwrap().join("mcp-server.mjs"))
@@ -172,6 +192,38 @@ async fn the_mcp_sdk_client_authorizes_by_oauth_and_lists_the_tools_of_a_server_
         out["query_status"], 400,
         "a token in the query string: {out:#}"
     );
+
+    // A client known by its metadata document's URL: nothing registered, same flow, and the
+    // token names that URL as its client.
+    let published = run_script(
+        "mcp-client.mjs",
+        &json!({"url": url, "other": format!("http://{OTHER_HOST}:{gw}/mcp"), "cookie": cookie,
+                "cimd": {"cert": cert, "key": key}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(published["tools"], json!(["whoami"]), "{published:#}");
+    let client_id = published["client_id"].as_str().unwrap();
+    assert!(
+        client_id.starts_with("https://127.0.0.1:") && client_id.ends_with("/mcp-client.json"),
+        "{published:#}"
+    );
+    assert_eq!(published["document_fetches"], 1, "{published:#}");
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            published["token"]
+                .as_str()
+                .unwrap()
+                .split('.')
+                .nth(1)
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["client_id"], client_id, "{claims}");
+    assert_eq!(published["whoami"]["user"], "ann@example.com");
 
     // The metadata a client discovers, both forms.
     for (path, resource) in [

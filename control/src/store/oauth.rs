@@ -20,6 +20,30 @@ pub struct OAuthClient {
     pub redirect_uris: Vec<String>,
     /// Unix ms.
     pub created_at: i64,
+    /// The URL of its client ID metadata document, when it is known by one (its `client_id`
+    /// then is that URL, and `id` is control's own name for it).
+    pub metadata_url: Option<String>,
+}
+
+impl OAuthClient {
+    /// What the client calls itself in `client_id`: its document's URL, else its id.
+    pub fn client_id(&self) -> String {
+        self.metadata_url
+            .clone()
+            .unwrap_or_else(|| self.id.to_string())
+    }
+}
+
+fn row_to_client(r: &AnyRow) -> Result<OAuthClient> {
+    let uris: String = r.try_get("redirect_uris")?;
+    Ok(OAuthClient {
+        id: parse_uuid(&r.try_get::<String, _>("id")?)?,
+        name: r.try_get("name")?,
+        redirect_uris: serde_json::from_str(&uris)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?,
+        created_at: r.try_get("created_at")?,
+        metadata_url: r.try_get("metadata_url")?,
+    })
 }
 
 /// What an authorization leads to, as a code or a refresh token carries it.
@@ -88,6 +112,7 @@ impl Store {
             name: name.to_owned(),
             redirect_uris: redirect_uris.to_vec(),
             created_at: now_ms(),
+            metadata_url: None,
         };
         let uris = serde_json::to_string(&c.redirect_uris)
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -106,23 +131,55 @@ impl Store {
 
     /// A registered client.
     pub async fn oauth_client(&self, id: Uuid) -> Result<Option<OAuthClient>> {
-        let row = sqlx::query(
-            "SELECT id, name, redirect_uris, created_at FROM oauth_clients WHERE id = $1",
+        sqlx::query(
+            "SELECT id, name, redirect_uris, created_at, metadata_url FROM oauth_clients \
+             WHERE id = $1",
         )
         .bind(id.to_string())
         .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let uris: String = r.try_get("redirect_uris")?;
-            Ok(OAuthClient {
-                id,
-                name: r.try_get("name")?,
-                redirect_uris: serde_json::from_str(&uris)
-                    .map_err(|e| StoreError::Invalid(e.to_string()))?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
+        .await?
+        .map(|r| row_to_client(&r))
         .transpose()
+    }
+
+    /// The client known by the metadata document at `url`.
+    pub async fn oauth_client_by_url(&self, url: &str) -> Result<Option<OAuthClient>> {
+        sqlx::query(
+            "SELECT id, name, redirect_uris, created_at, metadata_url FROM oauth_clients \
+             WHERE metadata_url = $1",
+        )
+        .bind(url)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| row_to_client(&r))
+        .transpose()
+    }
+
+    /// The client of the metadata document at `url`, made on first sight and its name and
+    /// redirect URIs brought up to date with the document otherwise.
+    pub async fn upsert_metadata_client(
+        &self,
+        url: &str,
+        name: &str,
+        redirect_uris: &[String],
+    ) -> Result<OAuthClient> {
+        let uris =
+            serde_json::to_string(redirect_uris).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO oauth_clients (id, name, redirect_uris, created_at, metadata_url) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (metadata_url) DO UPDATE \
+             SET name = excluded.name, redirect_uris = excluded.redirect_uris",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(name)
+        .bind(uris)
+        .bind(now_ms())
+        .bind(url)
+        .execute(&self.pool)
+        .await?;
+        self.oauth_client_by_url(url)
+            .await?
+            .ok_or(StoreError::NotFound("OAuth client"))
     }
 
     /// Records a code (by its digest) valid until `expires_at`.

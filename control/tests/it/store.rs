@@ -101,7 +101,51 @@ on_both_backends!(
     policies_lie_under_their_resources_and_reach_gateways,
     passcodes_replace_and_revoke_and_email_codes_work_once,
     oauth_codes_and_refresh_tokens_work_once_and_a_replay_revokes_the_grant,
+    metadata_clients_are_one_per_url_and_follow_their_document,
 );
+
+/// A client known by its metadata document: made on first sight, then the same row with the
+/// document's newest name and redirect URIs; registered clients have no URL.
+async fn metadata_clients_are_one_per_url_and_follow_their_document(store: Store) {
+    let url = "https://app.example.com/client.json";
+    assert!(store.oauth_client_by_url(url).await.unwrap().is_none());
+    let first = store
+        .upsert_metadata_client(url, "App", &["http://127.0.0.1/cb".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(first.metadata_url.as_deref(), Some(url));
+    assert_eq!(first.client_id(), url);
+    let again = store
+        .upsert_metadata_client(url, "App 2", &["https://app.example.com/cb".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.name, "App 2");
+    assert_eq!(again.redirect_uris, ["https://app.example.com/cb"]);
+    assert_eq!(
+        store.oauth_client(first.id).await.unwrap().as_ref(),
+        Some(&again)
+    );
+    let other = store
+        .upsert_metadata_client(
+            "https://other.example/c",
+            "Other",
+            &["http://127.0.0.1/cb".to_owned()],
+        )
+        .await
+        .unwrap();
+    assert_ne!(other.id, first.id);
+    // Registered clients, any number of them, have none.
+    for _ in 0..2 {
+        let c = store
+            .create_oauth_client("c", &["http://127.0.0.1/cb".to_owned()])
+            .await
+            .unwrap();
+        assert_eq!(c.metadata_url, None);
+        assert_eq!(c.client_id(), c.id.to_string());
+        assert_eq!(store.oauth_client(c.id).await.unwrap(), Some(c));
+    }
+}
 
 /// OAuth: a code and a refresh token each work once; a second use revokes the grant, whose id
 /// then reaches gateways among the revoked sessions, and ends its other refresh tokens.
