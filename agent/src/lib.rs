@@ -10,5 +10,6 @@ pub mod agent;
 pub mod apply;
 pub mod config;
 pub mod health;
+pub mod sessions;
 
 pub use agent::{Agent, AgentOptions};

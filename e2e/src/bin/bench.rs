@@ -47,6 +47,10 @@ struct Args {
     /// signed-in session) beside the same app public, alternating rounds in one run.
     #[arg(long)]
     identity: bool,
+    /// Measure agent sessions: start to `active` (p50/p99 over 50 starts, the fake agentapi as
+    /// the command) beside starting the same command by hand and polling it every millisecond.
+    #[arg(long)]
+    sessions: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -243,6 +247,107 @@ async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// p50 and p99 of `samples`, in milliseconds.
+fn p50_p99(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
+        samples
+            .get(i)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    (at(0.50), at(0.99))
+}
+
+/// Session start to `active` through the agent's session host, beside the floor: the same
+/// command started by hand and asked `/status` every millisecond until it answers.
+async fn sessions() -> anyhow::Result<()> {
+    use kakuremichi_agent::sessions::{HostConfig, Phase, SessionHost, StartRequest};
+    const STARTS: usize = 50;
+    let fake = kakuremichi_e2e::bin("kakuremichi-fake-agentapi")?;
+    let dir = tempfile::tempdir()?;
+    let config = HostConfig::new(
+        &format!("{} server --port {{port}} -- fake", fake.display()),
+        dir.path(),
+    );
+    let first_port = 21_000;
+    let host = SessionHost::spawn(HostConfig {
+        limits: kakuremichi_agent::sessions::Limits {
+            first_port,
+            ..config.limits.clone()
+        },
+        ..config
+    });
+    let mut changes = host.changes();
+    let mut managed = Vec::new();
+    for _ in 0..STARTS {
+        let id = uuid::Uuid::new_v4();
+        let t = Instant::now();
+        host.start(StartRequest {
+            id,
+            ..Default::default()
+        })
+        .await?;
+        loop {
+            let c = changes.recv().await?;
+            if c.view.id == id && c.view.phase == Phase::Active {
+                break;
+            }
+            if c.view.id == id && c.view.phase.ended() {
+                bail!("session failed: {:?}", c.view.reason);
+            }
+        }
+        managed.push(t.elapsed());
+        host.stop(id).await?;
+        loop {
+            let c = changes.recv().await?;
+            if c.view.id == id && c.view.phase.ended() {
+                break;
+            }
+        }
+    }
+    host.shutdown().await;
+
+    let http = reqwest::Client::new();
+    let mut by_hand = Vec::new();
+    for _ in 0..STARTS {
+        let port = free_tcp_port();
+        let t = Instant::now();
+        let mut child = tokio::process::Command::new(&fake)
+            .args(["server", "--port", &port.to_string(), "--", "fake"])
+            .kill_on_drop(true)
+            .spawn()?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let ok = http
+                .get(format!("http://127.0.0.1:{port}/status"))
+                .header("host", "localhost")
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+        }
+        by_hand.push(t.elapsed());
+        child.kill().await?;
+    }
+    let (m50, m99) = p50_p99(managed);
+    let (h50, h99) = p50_p99(by_hand);
+    println!();
+    println!("| session start to active ({STARTS} starts, fake agentapi) | p50 (ms) | p99 (ms) |");
+    println!("| --- | --- | --- |");
+    println!("| by hand: spawn, ask /status every 1 ms | {h50:.1} | {h99:.1} |");
+    println!("| kakuremichi agent session host | {m50:.1} | {m99:.1} |");
+    println!();
+    println!(
+        "session host / by hand: p50 {:.2}x, p99 {:.2}x",
+        m50 / h50,
+        m99 / h99
+    );
+    Ok(())
+}
+
 fn mib(kib: Option<u64>) -> f64 {
     kib.unwrap_or(0) as f64 / 1024.0
 }
@@ -256,6 +361,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.identity {
         return identity(secs, args.connections).await;
+    }
+    if args.sessions {
+        return sessions().await;
     }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {

@@ -1,0 +1,563 @@
+//! Agent sessions: processes such as agentapi servers wrapping AI coding agents, started on
+//! demand next to the private code, each on a port of its own, reached at `/<session-id>/...`.
+//!
+//! [`core`] is the lifecycle as a state machine without I/O; [`SessionHost`] is the thin tokio
+//! shell around it: it starts each session's command from a template (default
+//! `agentapi server --port {port} -- claude`) in its own working folder and process group (as
+//! another user when configured), with the environment merged host < `default.env` <
+//! `<role>.env` < request (the agent's own `KAKUREMICHI_*` settings never reach a session), an
+//! optional start-up script run first in the same process group, its output in `session.log`;
+//! it asks the agent's `/status` until it answers, and signals the whole group to end it.
+
+pub mod core;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use uuid::Uuid;
+
+use self::core::{Action, Sessions};
+pub use self::core::{Limits, Phase, StartError, View};
+
+/// The default session command.
+pub const DEFAULT_COMMAND: &str = "agentapi server --port {port} -- claude";
+
+/// How the host starts sessions.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The command template, one argument per element; `{port}`, `{id}` and `{dir}` are
+    /// replaced in each.
+    pub command: Vec<String>,
+    /// Sessions' working folders are made under it, one per session id.
+    pub work_dir: PathBuf,
+    /// The folder of `default.env` and `<role>.env`, when any.
+    pub env_dir: Option<PathBuf>,
+    /// A shell script run first in each session's folder and environment (`sh -c`), e.g. to
+    /// clone a repository; the session fails if it does.
+    pub startup_script: Option<String>,
+    /// The user and group id sessions run as (when the agent runs as root).
+    pub run_as: Option<(u32, u32)>,
+    /// Ports, counts and timers.
+    pub limits: Limits,
+}
+
+impl HostConfig {
+    /// `command` split at spaces, with the other settings at their defaults.
+    pub fn new(command: &str, work_dir: impl Into<PathBuf>) -> Self {
+        HostConfig {
+            command: command.split_whitespace().map(str::to_owned).collect(),
+            work_dir: work_dir.into(),
+            env_dir: None,
+            startup_script: None,
+            run_as: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A request to start a session.
+#[derive(Clone, Default)]
+pub struct StartRequest {
+    /// Its id (control's).
+    pub id: Uuid,
+    /// The role whose env file applies (`[A-Za-z0-9_-]`).
+    pub role: Option<String>,
+    /// Its own environment, over everything else.
+    pub env: BTreeMap<String, String>,
+    /// How long it may live.
+    pub ttl: Option<Duration>,
+}
+
+impl std::fmt::Debug for StartRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Environment values may be secrets (tokens): names only.
+        f.debug_struct("StartRequest")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// What is known of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Phase, port, reason, agent status.
+    pub view: View,
+    /// Its process (and process group) id, while it runs.
+    pub pid: Option<u32>,
+    /// Its working folder (its output is in `session.log` there).
+    pub dir: PathBuf,
+}
+
+/// Why the host refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The session cannot start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The request is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such session.
+    #[error("no such session")]
+    NotFound,
+    /// The host has stopped.
+    #[error("the session host has stopped")]
+    Gone,
+}
+
+enum Command {
+    Start(
+        StartRequest,
+        oneshot::Sender<Result<SessionInfo, HostError>>,
+    ),
+    Stop(Uuid, oneshot::Sender<Result<(), HostError>>),
+    List(oneshot::Sender<Vec<SessionInfo>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+enum Event {
+    Exited(Uuid, Option<i32>),
+    Probed(Uuid, Option<String>),
+}
+
+/// The sessions of this agent: a handle to the task that runs them.
+#[derive(Debug, Clone)]
+pub struct SessionHost {
+    commands: mpsc::Sender<Command>,
+    changes: broadcast::Sender<SessionInfo>,
+}
+
+impl SessionHost {
+    /// Starts the host task (in a tokio runtime).
+    pub fn spawn(config: HostConfig) -> SessionHost {
+        let (commands, rx) = mpsc::channel(64);
+        let (changes, _) = broadcast::channel(1024);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let shell = Shell {
+            core: Sessions::new(config.limits.clone()),
+            config: Arc::new(config),
+            procs: HashMap::new(),
+            requests: HashMap::new(),
+            events,
+            changes: changes.clone(),
+        };
+        tokio::spawn(shell.run(rx, events_rx));
+        SessionHost { commands, changes }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Starts a session: its info once its process is being started (`creating` or `starting`).
+    pub async fn start(&self, req: StartRequest) -> Result<SessionInfo, HostError> {
+        self.ask(|tx| Command::Start(req, tx))
+            .await
+            .unwrap_or(Err(HostError::Gone))
+    }
+
+    /// Ends a session (SIGTERM to its group, SIGKILL after the grace period).
+    pub async fn stop(&self, id: Uuid) -> Result<(), HostError> {
+        self.ask(|tx| Command::Stop(id, tx))
+            .await
+            .unwrap_or(Err(HostError::Gone))
+    }
+
+    /// Every session, ended ones too.
+    pub async fn list(&self) -> Vec<SessionInfo> {
+        self.ask(Command::List).await.unwrap_or_default()
+    }
+
+    /// One session.
+    pub async fn get(&self, id: Uuid) -> Option<SessionInfo> {
+        self.list().await.into_iter().find(|s| s.view.id == id)
+    }
+
+    /// Each change of a session's phase or agent status, as it happens.
+    pub fn changes(&self) -> broadcast::Receiver<SessionInfo> {
+        self.changes.subscribe()
+    }
+
+    /// Ends every session and waits until their processes are gone.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Command::Shutdown).await;
+    }
+}
+
+struct Shell {
+    core: Sessions,
+    config: Arc<HostConfig>,
+    /// Process (group) ids of sessions whose process may run.
+    procs: HashMap<Uuid, u32>,
+    /// Start requests until their process starts (a taken port means another try).
+    requests: HashMap<Uuid, StartRequest>,
+    events: mpsc::UnboundedSender<Event>,
+    changes: broadcast::Sender<SessionInfo>,
+}
+
+impl Shell {
+    fn info(&self, view: &View) -> SessionInfo {
+        SessionInfo {
+            view: view.clone(),
+            pid: self.procs.get(&view.id).copied(),
+            dir: self.config.work_dir.join(view.id.to_string()),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        // Once every handle is gone or a shutdown is asked: every session ends, then the task.
+        let mut ending = false;
+        let mut shutting: Option<oneshot::Sender<()>> = None;
+        loop {
+            let due = self.core.poll_timeout();
+            tokio::select! {
+                cmd = commands.recv(), if !ending => match cmd {
+                    None => {
+                        self.core.stop_all(Instant::now());
+                        ending = true;
+                    }
+                    Some(Command::Start(req, reply)) => {
+                        let r = self.start(req);
+                        self.drain();
+                        let r = r.map(|id| {
+                            self.core.get(id).map(|v| self.info(v)).unwrap_or_else(|| SessionInfo {
+                                view: View { id, phase: Phase::Failed, port: 0, reason: None, agent_status: None },
+                                pid: None,
+                                dir: self.config.work_dir.join(id.to_string()),
+                            })
+                        });
+                        let _ = reply.send(r);
+                    }
+                    Some(Command::Stop(id, reply)) => {
+                        let found = self.core.stop(id, Instant::now());
+                        let _ = reply.send(if found { Ok(()) } else { Err(HostError::NotFound) });
+                    }
+                    Some(Command::List(reply)) => {
+                        let all = self.core.list().map(|v| self.info(v)).collect();
+                        let _ = reply.send(all);
+                    }
+                    Some(Command::Shutdown(reply)) => {
+                        self.core.stop_all(Instant::now());
+                        ending = true;
+                        shutting = Some(reply);
+                    }
+                },
+                Some(ev) = events.recv() => match ev {
+                    Event::Exited(id, code) => self.core.handle_exited(id, code, Instant::now()),
+                    Event::Probed(id, status) => self.core.handle_probe(id, status, Instant::now()),
+                },
+                () = sleep_until(due), if due.is_some() => self.core.handle_timeout(Instant::now()),
+            }
+            self.drain();
+            if ending && self.procs.is_empty() {
+                if let Some(reply) = shutting.take() {
+                    let _ = reply.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    fn start(&mut self, req: StartRequest) -> Result<Uuid, HostError> {
+        if let Some(role) = &req.role {
+            if role.is_empty()
+                || !role
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(HostError::Invalid(format!(
+                    "role {role:?} may hold letters, digits, - and _ only"
+                )));
+            }
+        }
+        if let Some(k) = req
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(HostError::Invalid(format!(
+                "environment name {k:?} is not valid"
+            )));
+        }
+        let id = req.id;
+        let ttl = req.ttl;
+        self.requests.insert(id, req);
+        if let Err(e) = self.core.start(id, ttl, Instant::now()) {
+            self.requests.remove(&id);
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    fn drain(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Spawn { id, port } => self.spawn(id, port),
+                Action::Probe { id, port } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let status = probe(port).await;
+                        let _ = events.send(Event::Probed(id, status));
+                    });
+                }
+                Action::Terminate(id) => self.signal(id, nix::sys::signal::Signal::SIGTERM),
+                Action::Kill(id) => self.signal(id, nix::sys::signal::Signal::SIGKILL),
+                Action::Changed(id) => {
+                    if let Some(v) = self.core.get(id) {
+                        let info = self.info(v);
+                        if v.phase.ended() {
+                            self.procs.remove(&id);
+                            self.requests.remove(&id);
+                        }
+                        tracing::info!(session = %id, phase = ?info.view.phase, port = info.view.port, reason = info.view.reason.as_deref().unwrap_or(""), "session");
+                        let _ = self.changes.send(info);
+                    }
+                }
+            }
+        }
+    }
+
+    fn signal(&self, id: Uuid, signal: nix::sys::signal::Signal) {
+        let Some(pid) = self.procs.get(&id) else {
+            return;
+        };
+        let Ok(pid) = i32::try_from(*pid) else {
+            return;
+        };
+        match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => tracing::warn!(session = %id, error = %e, ?signal, "cannot signal a session"),
+        }
+    }
+
+    fn spawn(&mut self, id: Uuid, port: u16) {
+        let now = Instant::now();
+        // Another program on the port: the core picks another one.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            tracing::warn!(session = %id, port, "port taken by another program; trying another");
+            self.core.handle_port_taken(id, now);
+            return;
+        }
+        let Some(req) = self.requests.get(&id) else {
+            self.core
+                .handle_spawn_failed(id, "the start request was lost".into(), now);
+            return;
+        };
+        match spawn_process(&self.config, req, port) {
+            Ok(mut child) => {
+                let Some(pid) = child.id() else {
+                    self.core
+                        .handle_spawn_failed(id, "the session command vanished".into(), now);
+                    return;
+                };
+                self.procs.insert(id, pid);
+                self.core.handle_spawned(id, now);
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let code = match child.wait().await {
+                        Ok(status) => status.code(),
+                        Err(_) => None,
+                    };
+                    let _ = events.send(Event::Exited(id, code));
+                });
+            }
+            Err(e) => self.core.handle_spawn_failed(id, e, now),
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `KEY=VALUE` lines (blank lines and `#` comments skipped, optional quotes around the value).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            let k = k.trim();
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// The environment of a session: the host's (without the agent's own `KAKUREMICHI_*`
+/// settings) < `default.env` < `<role>.env` < the request's, then its id.
+pub fn session_env(
+    host: impl Iterator<Item = (String, String)>,
+    env_dir: Option<&Path>,
+    req: &StartRequest,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = host
+        .filter(|(k, _)| !k.starts_with("KAKUREMICHI_"))
+        .collect();
+    if let Some(dir) = env_dir {
+        let files = std::iter::once("default".to_owned()).chain(req.role.clone());
+        for name in files {
+            if let Ok(text) = std::fs::read_to_string(dir.join(format!("{name}.env"))) {
+                env.extend(parse_env_file(&text));
+            }
+        }
+    }
+    env.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.insert("KAKUREMICHI_SESSION_ID".into(), req.id.to_string());
+    env
+}
+
+fn spawn_process(
+    config: &HostConfig,
+    req: &StartRequest,
+    port: u16,
+) -> Result<tokio::process::Child, String> {
+    let dir = config.work_dir.join(req.id.to_string());
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot make the working folder {}: {e}", dir.display()))?;
+    if let Some((uid, gid)) = config.run_as {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|e| format!("cannot give {} to user {uid}: {e}", dir.display()))?;
+    }
+    let fill = |a: &String| {
+        a.replace("{port}", &port.to_string())
+            .replace("{id}", &req.id.to_string())
+            .replace("{dir}", &dir.display().to_string())
+    };
+    let mut argv: Vec<String> = config.command.iter().map(fill).collect();
+    if argv.is_empty() {
+        return Err("the session command is empty".into());
+    }
+    if let Some(script) = &config.startup_script {
+        // The script first, then the command in its place: one process group, and a failing
+        // script fails the session.
+        let mut wrapped = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("{script}\nexec \"$@\""),
+            "sh".to_owned(),
+        ];
+        wrapped.append(&mut argv);
+        argv = wrapped;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("session.log"))
+        .map_err(|e| format!("cannot open session.log: {e}"))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| format!("cannot open session.log: {e}"))?;
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(&dir)
+        .env_clear()
+        .envs(session_env(
+            std::env::vars(),
+            config.env_dir.as_deref(),
+            req,
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some((uid, gid)) = config.run_as {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot start {}: {e}", argv[0]))
+}
+
+/// Asks an agentapi's `/status` on loopback: its `status`, or `None` when it does not answer
+/// (yet) within a second.
+async fn probe(port: u16) -> Option<String> {
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            return None;
+        }
+        let json = &body[body.find('{')?..=body.rfind('}')?];
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        v["status"].as_str().map(str::to_owned)
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_is_host_then_default_then_role_then_request_without_the_agents_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("default.env"),
+            "# defaults\nA=default\nB=default\nexport C=\"quoted value\"\n\nnot a line\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("dev.env"), "B=role\nD='single'\n").unwrap();
+        let req = StartRequest {
+            id: Uuid::from_u128(7),
+            role: Some("dev".into()),
+            env: BTreeMap::from([("D".into(), "request".into())]),
+            ttl: None,
+        };
+        let host = [
+            ("A".to_owned(), "host".to_owned()),
+            ("PATH".to_owned(), "/usr/bin".to_owned()),
+            ("KAKUREMICHI_TOKEN".to_owned(), "secret".to_owned()),
+        ];
+        let env = session_env(host.into_iter(), Some(dir.path()), &req);
+        assert_eq!(env["A"], "default");
+        assert_eq!(env["B"], "role");
+        assert_eq!(env["C"], "quoted value");
+        assert_eq!(env["D"], "request");
+        assert_eq!(env["PATH"], "/usr/bin");
+        assert!(!env.contains_key("KAKUREMICHI_TOKEN"));
+        assert_eq!(
+            env["KAKUREMICHI_SESSION_ID"],
+            Uuid::from_u128(7).to_string()
+        );
+        // Values never show in Debug.
+        let shown = format!("{req:?}");
+        assert!(
+            shown.contains("\"D\"") && !shown.contains("request"),
+            "{shown}"
+        );
+    }
+}
