@@ -24,8 +24,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kakuremichi_node::{AppliedConfig, NodeHooks, NodeTunnel};
 use kakuremichi_proto::{
-    ConfigSnapshot, NodeKind, PeerConfig, StatusReport, StreamHeader, StreamKind, Target,
-    TargetStatus, AGENT_ERROR_HEADER,
+    ConfigSnapshot, NodeKind, PeerConfig, SessionPhase, SessionSpec, SessionState, StatusReport,
+    StreamHeader, StreamKind, Target, TargetStatus, AGENT_ERROR_HEADER,
 };
 use kakuremichi_tunnel::{Incoming, PeerSpec, Tunnel, TunnelStream};
 use tokio::io::AsyncReadExt as _;
@@ -36,6 +36,8 @@ use tracing::Instrument as _;
 
 use crate::apply::plan;
 use crate::health::HealthChecks;
+use crate::sessions::{SessionHost, StartRequest};
+use uuid::Uuid;
 
 /// How long dialing a target may take.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +68,8 @@ pub struct AgentOptions {
     pub private_key: [u8; 32],
     /// QUIC windows and limits inside the tunnel.
     pub quic: kakuremichi_tunnel::QuicSettings,
+    /// How agent sessions run (`None`: this agent runs none).
+    pub sessions: Option<crate::sessions::HostConfig>,
 }
 
 impl std::fmt::Debug for AgentOptions {
@@ -75,6 +79,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("wg_listen", &self.wg_listen)
             .field("private_key", &"***")
             .field("quic", &self.quic)
+            .field("sessions", &self.sessions)
             .finish()
     }
 }
@@ -93,6 +98,12 @@ struct Inner {
     /// Overlay port -> the last outcome of a flow to its target.
     target_status: Mutex<HashMap<u16, TargetStatus>>,
     health: Arc<HealthChecks>,
+    /// The session host, made when control first asks for a session.
+    sessions: std::sync::OnceLock<SessionHost>,
+    /// Sessions started (or refused) here that control still lists: none is started twice.
+    sessions_seen: Mutex<HashSet<Uuid>>,
+    /// Sessions the host refused to start, and why (reported as failed).
+    sessions_refused: Mutex<HashMap<Uuid, String>>,
 }
 
 /// The agent: cheap to clone.
@@ -140,6 +151,9 @@ impl Agent {
                 resolved: Mutex::new(HashMap::new()),
                 target_status: Mutex::new(HashMap::new()),
                 health: Arc::new(HealthChecks::default()),
+                sessions: std::sync::OnceLock::new(),
+                sessions_seen: Mutex::new(HashSet::new()),
+                sessions_refused: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -208,6 +222,7 @@ impl Agent {
                     .any(|t| t.port == *port && t.target == st.target)
             });
         self.inner.health.reconcile(&snapshot.targets);
+        self.reconcile_sessions(&snapshot.sessions).await;
         if !changes.is_empty() {
             tracing::info!(
                 version = snapshot.version,
@@ -578,10 +593,116 @@ impl Agent {
         let mut targets: Vec<TargetStatus> = by_port.into_values().collect();
         targets.sort_by(|a, b| (a.resource_id, &a.target).cmp(&(b.resource_id, &b.target)));
         StatusReport {
+            sessions: self.session_states(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
             targets,
             refusals: Vec::new(),
+        }
+    }
+
+    /// Starts the sessions control lists that this agent has not run yet, and ends those it
+    /// no longer lists.
+    async fn reconcile_sessions(&self, wanted: &[SessionSpec]) {
+        let Some(config) = &self.inner.options.sessions else {
+            if !wanted.is_empty() {
+                tracing::warn!(
+                    sessions = wanted.len(),
+                    "control lists sessions, but this agent runs none"
+                );
+            }
+            return;
+        };
+        if wanted.is_empty() && self.inner.sessions.get().is_none() {
+            return;
+        }
+        let host = self
+            .inner
+            .sessions
+            .get_or_init(|| SessionHost::spawn(config.clone()));
+        let ids: HashSet<Uuid> = wanted.iter().map(|s| s.id).collect();
+        for s in host.list().await {
+            if !s.view.phase.ended() && !ids.contains(&s.view.id) {
+                let _ = host.stop(s.view.id).await;
+            }
+        }
+        let new: Vec<&SessionSpec> = {
+            let mut seen = self
+                .inner
+                .sessions_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            seen.retain(|id| ids.contains(id));
+            wanted.iter().filter(|s| seen.insert(s.id)).collect()
+        };
+        self.inner
+            .sessions_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| ids.contains(id));
+        for spec in new {
+            let req = StartRequest {
+                id: spec.id,
+                role: spec.role.clone(),
+                env: spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+                    .collect(),
+                ttl: spec.ttl_secs.map(Duration::from_secs),
+            };
+            if let Err(e) = host.start(req).await {
+                tracing::warn!(session = %spec.id, error = %e, "cannot start a session");
+                self.inner
+                    .sessions_refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(spec.id, e.to_string());
+            }
+        }
+    }
+
+    /// This agent's sessions, for the status report.
+    fn session_states(&self) -> Vec<SessionState> {
+        let mut out: Vec<SessionState> = self
+            .inner
+            .sessions
+            .get()
+            .map(|h| h.views())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| SessionState {
+                id: v.id,
+                phase: v.phase,
+                port: v.port,
+                reason: v.reason,
+                agent_status: v.agent_status,
+            })
+            .collect();
+        let refused = self
+            .inner
+            .sessions_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        out.extend(refused.iter().map(|(id, why)| SessionState {
+            id: *id,
+            phase: SessionPhase::Failed,
+            port: 0,
+            reason: Some(why.clone()),
+            agent_status: None,
+        }));
+        out
+    }
+
+    /// The session host, once control has asked for a session.
+    pub fn session_host(&self) -> Option<&SessionHost> {
+        self.inner.sessions.get()
+    }
+
+    /// Ends every session (SIGTERM, SIGKILL after the grace period) and waits for them.
+    pub async fn stop_sessions(&self) {
+        if let Some(host) = self.inner.sessions.get() {
+            host.shutdown().await;
         }
     }
 

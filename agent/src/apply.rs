@@ -71,6 +71,7 @@ mod tests {
 
     fn snap(peers: Vec<PeerConfig>, targets: Vec<Target>) -> ConfigSnapshot {
         ConfigSnapshot {
+            sessions: Vec::new(),
             version: 1,
             node_id: Uuid::from_u128(9),
             kind: NodeKind::Agent,

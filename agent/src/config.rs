@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;
 
+use crate::sessions::{HostConfig, DEFAULT_COMMAND};
+
 /// The kakuremichi agent: publishes private apps through kakuremichi gateways.
 #[derive(Debug, Parser)]
 #[command(name = "kakuremichi-agent", version, about)]
@@ -44,6 +46,36 @@ pub struct Cli {
     /// QUIC sizes inside the tunnel.
     #[command(flatten)]
     pub quic: QuicArgs,
+    /// Agent sessions.
+    #[command(flatten)]
+    pub sessions: SessionArgs,
+}
+
+/// How the agent runs agent sessions.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SessionArgs {
+    /// The session command; {port}, {id} and {dir} are replaced in each word
+    /// [default: agentapi server --port {port} -- claude].
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_COMMAND")]
+    pub session_command: Option<String>,
+    /// Where sessions' working folders are made [default: DATA_DIR/sessions].
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_DIR")]
+    pub session_dir: Option<PathBuf>,
+    /// The folder of default.env and <role>.env, merged into sessions' environment.
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_ENV_DIR")]
+    pub session_env_dir: Option<PathBuf>,
+    /// A shell script file run first in each session's folder (e.g. to clone a repository).
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_STARTUP_SCRIPT")]
+    pub session_startup_script: Option<PathBuf>,
+    /// The ports sessions listen on, FIRST-LAST [default: 3284-3383].
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_PORTS")]
+    pub session_ports: Option<String>,
+    /// The user sessions run as (a name or uid; only when the agent runs as root).
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_USER")]
+    pub session_user: Option<String>,
+    /// Sessions alive at once at most [default: 100].
+    #[arg(long, env = "KAKUREMICHI_AGENT_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
 }
 
 /// The `--config` file.
@@ -58,6 +90,13 @@ pub struct FileConfig {
     wg_listen: Option<SocketAddr>,
     #[serde(default)]
     quic: QuicFile,
+    session_command: Option<String>,
+    session_dir: Option<PathBuf>,
+    session_env_dir: Option<PathBuf>,
+    session_startup_script: Option<PathBuf>,
+    session_ports: Option<String>,
+    session_user: Option<String>,
+    max_sessions: Option<usize>,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -67,7 +106,13 @@ impl Cli {
     /// Merges the command line (and environment) over the config file, applies defaults and
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        self.resolve_all().map(|(node, _)| node)
+    }
+
+    /// [`Cli::resolve`], and how sessions run.
+    pub fn resolve_all(self) -> Result<(Settings, HostConfig), ConfigError> {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
+        let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
             self.token,
@@ -78,7 +123,7 @@ impl Cli {
                 allow_insecure_control: file.allow_insecure_control,
             },
         )?;
-        Ok(Settings {
+        let node = Settings {
             control: control.control,
             token: control.token,
             allow_insecure_control: control.allow_insecure_control,
@@ -91,8 +136,82 @@ impl Cli {
                 .or(file.wg_listen)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             quic: self.quic.resolve(file.quic)?,
-        })
+        };
+        let a = sessions_args;
+        let sessions = session_config(
+            SessionArgs {
+                session_command: a.session_command.or(file.session_command),
+                session_dir: a.session_dir.or(file.session_dir),
+                session_env_dir: a.session_env_dir.or(file.session_env_dir),
+                session_startup_script: a.session_startup_script.or(file.session_startup_script),
+                session_ports: a.session_ports.or(file.session_ports),
+                session_user: a.session_user.or(file.session_user),
+                max_sessions: a.max_sessions.or(file.max_sessions),
+            },
+            &node.data_dir,
+        )?;
+        Ok((node, sessions))
     }
+}
+
+/// Validates the session settings.
+fn session_config(a: SessionArgs, data_dir: &std::path::Path) -> Result<HostConfig, ConfigError> {
+    let bad = |m: String| ConfigError::Invalid(m);
+    let command = a.session_command.as_deref().unwrap_or(DEFAULT_COMMAND);
+    let mut config = HostConfig::new(
+        command,
+        a.session_dir.unwrap_or_else(|| data_dir.join("sessions")),
+    );
+    if config.command.is_empty() {
+        return Err(bad("--session-command is empty".into()));
+    }
+    config.env_dir = a.session_env_dir;
+    if let Some(path) = a.session_startup_script {
+        let script = std::fs::read_to_string(&path).map_err(|e| {
+            bad(format!(
+                "cannot read the session start-up script {}: {e}",
+                path.display()
+            ))
+        })?;
+        config.startup_script = Some(script);
+    }
+    if let Some(ports) = a.session_ports {
+        let range = ports
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a > 0 && a <= b)
+            .ok_or_else(|| {
+                bad(format!(
+                    "--session-ports {ports:?} is not FIRST-LAST, e.g. 3284-3383"
+                ))
+            })?;
+        config.limits.first_port = range.0;
+        config.limits.ports = range.1 - range.0 + 1;
+    }
+    if let Some(n) = a.max_sessions {
+        if n == 0 {
+            return Err(bad("--max-sessions must be at least 1".into()));
+        }
+        config.limits.max_sessions = n;
+    }
+    if let Some(user) = a.session_user {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(bad(
+                "--session-user needs the agent to run as root (it runs sessions as that user)"
+                    .into(),
+            ));
+        }
+        let found = match user.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(&user),
+        };
+        let u = found
+            .ok()
+            .flatten()
+            .ok_or_else(|| bad(format!("--session-user {user:?}: no such user")))?;
+        config.run_as = Some((u.uid.as_raw(), u.gid.as_raw()));
+    }
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -218,5 +337,53 @@ mod tests {
             env("allow_insecure_control").as_deref(),
             Some("KAKUREMICHI_ALLOW_INSECURE_CONTROL")
         );
+    }
+
+    #[test]
+    fn session_settings_default_and_refuse_bad_values() {
+        let (node, s) =
+            Cli::parse_from(["kakuremichi-agent", "--control", "http://127.0.0.1:3000"])
+                .resolve_all()
+                .unwrap();
+        assert_eq!(
+            s.command,
+            ["agentapi", "server", "--port", "{port}", "--", "claude"]
+        );
+        assert_eq!(s.work_dir, node.data_dir.join("sessions"));
+        assert_eq!((s.limits.first_port, s.limits.ports), (3284, 100));
+        let (_, s) = Cli::parse_from([
+            "kakuremichi-agent",
+            "--session-ports",
+            "4000-4009",
+            "--session-command",
+            "my-agent --listen {port}",
+            "--max-sessions",
+            "3",
+        ])
+        .resolve_all()
+        .unwrap();
+        assert_eq!(
+            (s.limits.first_port, s.limits.ports, s.limits.max_sessions),
+            (4000, 10, 3)
+        );
+        assert_eq!(s.command, ["my-agent", "--listen", "{port}"]);
+        for bad in [
+            &["--session-ports", "4009-4000"][..],
+            &["--session-ports", "nope"],
+            &["--max-sessions", "0"],
+            &["--session-command", "  "],
+            &["--session-startup-script", "/nonexistent/script.sh"],
+            &["--session-user", "no-such-user-here"],
+        ] {
+            let args = std::iter::once("kakuremichi-agent").chain(bad.iter().copied());
+            assert!(Cli::parse_from(args).resolve_all().is_err(), "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "session_ports = \"5000-5001\"\n").unwrap();
+        let (_, s) = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
+            .resolve_all()
+            .unwrap();
+        assert_eq!((s.limits.first_port, s.limits.ports), (5000, 2));
     }
 }

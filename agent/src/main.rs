@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.resolve().context("invalid settings")?;
+    let (settings, sessions) = cli.resolve_all().context("invalid settings")?;
     let state = process::load_identity(&settings, NodeKind::Agent).await?;
 
     let agent = Agent::new(AgentOptions {
@@ -23,6 +23,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         wg_listen: settings.wg_listen,
         private_key: state.private_key.0,
         quic: settings.quic.clone(),
+        sessions: Some(sessions),
     });
     let cached_version =
         process::serve_cached_config(agent.cached_config(), |s| agent.apply(s, false)).await?;
@@ -35,6 +36,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     process::shutdown_signal().await;
     channel.abort();
+    // A graceful stop ends every session (their processes get the grace period).
+    agent.stop_sessions().await;
     agent.shutdown();
     Ok(())
 }

@@ -405,6 +405,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         certificates,
         acme_challenges,
         identity,
+        sessions,
     } = a;
     *node_id == b.node_id
         && *kind == b.kind
@@ -415,6 +416,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         && *certificates == b.certificates
         && *acme_challenges == b.acme_challenges
         && *identity == b.identity
+        && *sessions == b.sessions
 }
 
 enum Push {

@@ -150,6 +150,7 @@ impl World {
         let me = self.node(kind, id)?;
         let serves = |org: Uuid| me.org_id == DEFAULT_ORG || org == me.org_id;
         let mut snap = ConfigSnapshot {
+            sessions: Vec::new(),
             version: self.version,
             node_id: id,
             kind,

@@ -1133,6 +1133,7 @@ async fn session(
                 }
             }
             _ = status_tick.tick() => Some(NodeMessage::Status(StatusReport {
+                sessions: Vec::new(),
                 applied_version: applied.unwrap_or(0),
                 peers: Vec::new(),
                 targets: Vec::new(),

@@ -347,3 +347,126 @@ async fn twenty_sessions_at_once_and_a_start_up_script_then_a_shutdown_ends_them
         Some("the session command exited (status 7) before its agent answered")
     );
 }
+
+fn agent_snapshot(
+    version: u64,
+    sessions: Vec<kakuremichi_proto::SessionSpec>,
+) -> kakuremichi_proto::ConfigSnapshot {
+    kakuremichi_proto::ConfigSnapshot {
+        version,
+        node_id: Uuid::from_u128(9),
+        kind: kakuremichi_proto::NodeKind::Agent,
+        overlay: kakuremichi_proto::OverlayConfig {
+            address: std::net::Ipv4Addr::new(100, 64, 0, 9),
+            prefix_len: 10,
+            mtu: 1420,
+        },
+        peers: vec![],
+        routes: vec![],
+        targets: vec![],
+        certificates: vec![],
+        acme_challenges: vec![],
+        identity: None,
+        sessions,
+    }
+}
+
+/// The agent runs the sessions its config lists: a new one starts (once: an ended one is not
+/// started again while listed), one that leaves the list ends, its status report tells control,
+/// a start it refuses is reported failed, and stopping the agent ends every session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
+    use kakuremichi_agent::{Agent, AgentOptions};
+    use kakuremichi_proto::{SessionPhase, SessionSpec};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fake = bin("kakuremichi-fake-agentapi").unwrap();
+    let mut sessions = HostConfig::new(
+        &format!("{} server --port {{port}} -- fake", fake.display()),
+        dir.path().join("sessions"),
+    );
+    sessions.limits.first_port = ports(2);
+    sessions.limits.ports = 2;
+    sessions.limits.probe_every = Duration::from_millis(20);
+    sessions.limits.grace = Duration::from_secs(2);
+    let agent = Agent::new(AgentOptions {
+        data_dir: dir.path().join("agent"),
+        wg_listen: "127.0.0.1:0".parse().unwrap(),
+        private_key: [7; 32],
+        quic: Default::default(),
+        sessions: Some(sessions),
+    });
+    let spec = |id: Uuid| SessionSpec {
+        id,
+        role: None,
+        env: BTreeMap::from([("TOKEN".to_owned(), kakuremichi_proto::Secret::new("s3cret"))]),
+        ttl_secs: None,
+    };
+    let state_of = |id: Uuid| agent.status().sessions.into_iter().find(|s| s.id == id);
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    agent
+        .apply(agent_snapshot(1, vec![spec(a), spec(b)]), false)
+        .await
+        .unwrap();
+    let mut ports_seen = Vec::new();
+    for id in [a, b] {
+        let s = wait_for("an active session", Duration::from_secs(10), || async {
+            Ok(state_of(id).filter(|s| s.phase == SessionPhase::Active))
+        })
+        .await
+        .unwrap();
+        ports_seen.push(s.port);
+        let token = get(s.port, "/_test/env/TOKEN")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(token, "s3cret");
+    }
+    // The same list again (a new version): nothing restarts. A third one: no port left, reported.
+    let c = Uuid::new_v4();
+    agent
+        .apply(agent_snapshot(2, vec![spec(a), spec(b), spec(c)]), false)
+        .await
+        .unwrap();
+    let refused = state_of(c).unwrap();
+    assert_eq!(refused.phase, SessionPhase::Failed);
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("no free port left in "),
+        "{refused:?}"
+    );
+    let host = agent.session_host().unwrap();
+    assert_eq!(host.list().await.len(), 2, "nothing started twice");
+    // b leaves the list: it ends; a keeps running.
+    agent
+        .apply(agent_snapshot(3, vec![spec(a)]), false)
+        .await
+        .unwrap();
+    wait_for("b to stop", Duration::from_secs(10), || async {
+        Ok(state_of(b).filter(|s| s.phase == SessionPhase::Stopped))
+    })
+    .await
+    .unwrap();
+    assert_eq!(state_of(a).unwrap().phase, SessionPhase::Active);
+    assert!(
+        state_of(c).is_none(),
+        "no longer listed, no longer reported"
+    );
+    // Listed again after it ended: not started again (control removes ended sessions).
+    agent
+        .apply(agent_snapshot(4, vec![spec(a), spec(b)]), false)
+        .await
+        .unwrap();
+    assert_eq!(state_of(b).unwrap().phase, SessionPhase::Stopped);
+    // The agent stops: every session ends.
+    let pid = host.get(a).await.unwrap().pid.unwrap();
+    agent.stop_sessions().await;
+    assert!(group_members(pid).is_empty());
+    assert!(agent.status().sessions.iter().all(|s| s.phase.ended()));
+}

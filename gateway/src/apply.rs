@@ -158,6 +158,7 @@ mod tests {
 
     fn snap(version: u64, peers: Vec<PeerConfig>, routes: Vec<Route>) -> ConfigSnapshot {
         ConfigSnapshot {
+            sessions: Vec::new(),
             version,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Gateway,

@@ -293,6 +293,7 @@ impl Gateway {
     /// The status report: applied version and peer counters.
     pub fn status(&self) -> StatusReport {
         StatusReport {
+            sessions: Vec::new(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
             targets: Vec::new(),

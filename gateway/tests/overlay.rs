@@ -96,6 +96,7 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
         )
     };
     ConfigSnapshot {
+        sessions: Vec::new(),
         version: 1,
         node_id: Uuid::from_u128(1),
         kind: NodeKind::Gateway,
@@ -132,6 +133,7 @@ fn agent_snapshot(
     dead: SocketAddr,
 ) -> ConfigSnapshot {
     ConfigSnapshot {
+        sessions: Vec::new(),
         version: 1,
         node_id: Uuid::from_u128(2),
         kind: NodeKind::Agent,
@@ -220,6 +222,7 @@ async fn setup() -> Setup {
         wg_listen: "127.0.0.1:0".parse().unwrap(),
         private_key: agent_key,
         quic: Default::default(),
+        sessions: None,
     });
     agent
         .apply(

@@ -115,6 +115,7 @@ mod tests {
 
     fn snap(version: u64, kind: NodeKind) -> ConfigSnapshot {
         ConfigSnapshot {
+            sessions: Vec::new(),
             version,
             node_id: Uuid::from_u128(1),
             kind,

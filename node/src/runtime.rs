@@ -53,6 +53,7 @@ mod tests {
 
     fn snap(version: u64, address: Ipv4Addr) -> ConfigSnapshot {
         ConfigSnapshot {
+            sessions: Vec::new(),
             version,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Agent,

@@ -306,6 +306,7 @@ mod tests {
         let cache = ConfigCache::new(&dir.path().join("sub"));
         assert_eq!(cache.load().unwrap(), None);
         let snap = ConfigSnapshot {
+            sessions: Vec::new(),
             version: 3,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Gateway,

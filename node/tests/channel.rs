@@ -30,6 +30,7 @@ impl NodeHooks for Hooks {
     }
     fn status(&self) -> StatusReport {
         StatusReport {
+            sessions: Vec::new(),
             applied_version: 0,
             peers: vec![],
             targets: vec![],
@@ -59,6 +60,7 @@ fn config(addr: SocketAddr) -> ChannelConfig {
 
 fn snapshot(version: u64) -> ConfigSnapshot {
     ConfigSnapshot {
+        sessions: Vec::new(),
         version,
         node_id: NODE,
         kind: NodeKind::Gateway,

@@ -317,6 +317,70 @@ pub struct ConfigSnapshot {
     /// sign-in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<Box<identity::GatewayIdentity>>,
+    /// Agent only: the agent sessions control wants running here. One that leaves the list is
+    /// ended; one the agent ran before is not started again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionSpec>,
+}
+
+/// An agent session control wants running on an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    /// The session's id.
+    pub id: Uuid,
+    /// The role whose env file applies on the agent (`<role>.env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Its environment, over the agent's (values masked in `Debug`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, Secret>,
+    /// How long it may live, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Where an agent session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionPhase {
+    /// Its process is being started.
+    Creating,
+    /// Its process runs; its agent does not answer yet.
+    Starting,
+    /// Its agent answers.
+    Active,
+    /// Asked to end; its process has not exited yet.
+    Stopping,
+    /// Ended.
+    Stopped,
+    /// Ended by a failure (see the reason).
+    Failed,
+}
+
+impl SessionPhase {
+    /// Whether the session has ended.
+    pub fn ended(self) -> bool {
+        matches!(self, SessionPhase::Stopped | SessionPhase::Failed)
+    }
+}
+
+/// One of an agent's sessions, as its status report tells control.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionState {
+    /// The session.
+    pub id: Uuid,
+    /// Its phase.
+    pub phase: SessionPhase,
+    /// The loopback port its agent listens on.
+    pub port: u16,
+    /// Why it ended, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Its agent's last status (`stable` or `running`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_status: Option<String>,
 }
 
 /// A certificate chain and its private key, as control pushes them to gateways.
@@ -606,6 +670,9 @@ pub struct StatusReport {
     /// Gateway only: requests refused access since the last report, for control's audit log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refusals: Vec<AccessRefusal>,
+    /// Agent only: its sessions (ended ones for a while too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionState>,
 }
 
 /// Requests a gateway refused access (a refused token, a user the policy does not allow, a
@@ -707,6 +774,7 @@ mod tests {
     fn snapshot_golden() {
         golden(
             ControlMessage::Config(ConfigSnapshot {
+                sessions: Vec::new(),
                 version: 42,
                 node_id: ID,
                 kind: NodeKind::Gateway,
@@ -823,6 +891,7 @@ mod tests {
     fn agent_snapshot_golden() {
         golden(
             ConfigSnapshot {
+                sessions: Vec::new(),
                 version: 3,
                 node_id: ID2,
                 kind: NodeKind::Agent,
@@ -919,6 +988,7 @@ mod tests {
     fn status_golden() {
         golden(
             NodeMessage::Status(StatusReport {
+                sessions: Vec::new(),
                 applied_version: 4,
                 peers: vec![PeerStatus {
                     public_key: key(1),

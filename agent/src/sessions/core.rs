@@ -53,30 +53,7 @@ impl Default for Limits {
     }
 }
 
-/// Where a session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Its process is being started.
-    Creating,
-    /// Its process runs; its agentapi does not answer yet.
-    Starting,
-    /// It answers.
-    Active,
-    /// Asked to end; its process has not exited yet.
-    Stopping,
-    /// Ended.
-    Stopped,
-    /// Ended by a failure (see the reason).
-    Failed,
-}
-
-impl Phase {
-    /// Whether the session has ended.
-    pub fn ended(self) -> bool {
-        matches!(self, Phase::Stopped | Phase::Failed)
-    }
-}
+pub use kakuremichi_proto::SessionPhase as Phase;
 
 /// Why a session cannot start.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

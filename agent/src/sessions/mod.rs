@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use self::core::{Action, Sessions};
@@ -132,6 +132,7 @@ enum Event {
 pub struct SessionHost {
     commands: mpsc::Sender<Command>,
     changes: broadcast::Sender<SessionInfo>,
+    views: watch::Receiver<Vec<View>>,
 }
 
 impl SessionHost {
@@ -140,7 +141,9 @@ impl SessionHost {
         let (commands, rx) = mpsc::channel(64);
         let (changes, _) = broadcast::channel(1024);
         let (events, events_rx) = mpsc::unbounded_channel();
+        let (views_tx, views) = watch::channel(Vec::new());
         let shell = Shell {
+            views: views_tx,
             core: Sessions::new(config.limits.clone()),
             config: Arc::new(config),
             procs: HashMap::new(),
@@ -149,7 +152,11 @@ impl SessionHost {
             changes: changes.clone(),
         };
         tokio::spawn(shell.run(rx, events_rx));
-        SessionHost { commands, changes }
+        SessionHost {
+            commands,
+            changes,
+            views,
+        }
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
@@ -182,6 +189,11 @@ impl SessionHost {
         self.list().await.into_iter().find(|s| s.view.id == id)
     }
 
+    /// Every session as last seen, without waiting (for a status report).
+    pub fn views(&self) -> Vec<View> {
+        self.views.borrow().clone()
+    }
+
     /// Each change of a session's phase or agent status, as it happens.
     pub fn changes(&self) -> broadcast::Receiver<SessionInfo> {
         self.changes.subscribe()
@@ -202,6 +214,7 @@ struct Shell {
     requests: HashMap<Uuid, StartRequest>,
     events: mpsc::UnboundedSender<Event>,
     changes: broadcast::Sender<SessionInfo>,
+    views: watch::Sender<Vec<View>>,
 }
 
 impl Shell {
@@ -262,6 +275,12 @@ impl Shell {
                 () = sleep_until(due), if due.is_some() => self.core.handle_timeout(Instant::now()),
             }
             self.drain();
+            self.views.send_if_modified(|views| {
+                let now: Vec<View> = self.core.list().cloned().collect();
+                let changed = *views != now;
+                *views = now;
+                changed
+            });
             if ending && self.procs.is_empty() {
                 if let Some(reply) = shutting.take() {
                     let _ = reply.send(());

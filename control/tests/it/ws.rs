@@ -298,6 +298,7 @@ async fn applied_and_status_are_visible_through_get() {
     send(
         &mut ws,
         &NodeMessage::Status(StatusReport {
+            sessions: Vec::new(),
             applied_version: snap.version,
             peers: vec![PeerStatus {
                 public_key: WgPublicKey([1; 32]),
