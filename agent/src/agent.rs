@@ -621,7 +621,10 @@ impl Agent {
             .sessions
             .get_or_init(|| SessionHost::spawn(config.clone()));
         let ids: HashSet<Uuid> = wanted.iter().map(|s| s.id).collect();
+        // Sessions the host knows, ended ones too: none of them starts again.
+        let mut known = HashSet::new();
         for s in host.list().await {
+            known.insert(s.view.id);
             if !s.view.phase.ended() && !ids.contains(&s.view.id) {
                 let _ = host.stop(s.view.id).await;
             }
@@ -633,7 +636,10 @@ impl Agent {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             seen.retain(|id| ids.contains(id));
-            wanted.iter().filter(|s| seen.insert(s.id)).collect()
+            wanted
+                .iter()
+                .filter(|s| !known.contains(&s.id) && seen.insert(s.id))
+                .collect()
         };
         self.inner
             .sessions_refused

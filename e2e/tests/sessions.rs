@@ -17,14 +17,35 @@ use kakuremichi_e2e::{bin, wait_for};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// The first of `n` ports for a host: below the kernel's ephemeral range (where the other tests'
-/// free ports come from), apart for each test process and each call. A port another program holds
-/// anyway is skipped by the host.
+/// Ports per test process, in blocks from 20000: below the kernel's ephemeral range (where the
+/// other tests' free ports come from).
+const BLOCK: u16 = 64;
+
+/// The first of `n` ports for a host. Each test process owns a block of its own, claimed with a
+/// lock file that the kernel releases when the process ends, so two tests running at once never
+/// share a port; calls in one process take the block's ports in turn.
 fn ports(n: u16) -> u16 {
+    static BLOCK_START: std::sync::OnceLock<(u16, std::fs::File)> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let (start, _lock) = BLOCK_START.get_or_init(|| {
+        let blocks = (32_768 - 20_000) / BLOCK;
+        let first = (std::process::id() as u16) % blocks;
+        (0..blocks)
+            .map(|i| (first + i) % blocks)
+            .find_map(|k| {
+                let path = std::env::temp_dir().join(format!("kakuremichi-session-ports-{k}.lock"));
+                let file = std::fs::File::create(path).ok()?;
+                file.try_lock().ok()?;
+                Some((20_000 + k * BLOCK, file))
+            })
+            .expect("a free block of session ports")
+    });
     let offset = NEXT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-    let slot = (std::process::id() % 200) as u16;
-    20_000 + slot * 60 + offset % 60
+    assert!(
+        offset + n <= BLOCK,
+        "this test process asks for more than {BLOCK} ports"
+    );
+    start + offset
 }
 
 fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
@@ -324,13 +345,15 @@ async fn twenty_sessions_at_once_and_a_start_up_script_then_a_shutdown_ends_them
     assert_eq!(taken.len(), 20, "a port each");
 
     host.shutdown().await;
-    for g in groups {
-        assert!(
-            group_members(g).is_empty(),
-            "group {g} left {:?}",
-            group_members(g)
-        );
-    }
+    // Signals are delivered at once, deaths a moment later.
+    wait_for("every group to be gone", Duration::from_secs(5), || async {
+        Ok(groups
+            .iter()
+            .all(|g| group_members(*g).is_empty())
+            .then_some(()))
+    })
+    .await
+    .unwrap();
 
     // A start-up script that fails fails its session, with its status.
     let mut config = HostConfig::new(
@@ -458,7 +481,8 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
         state_of(c).is_none(),
         "no longer listed, no longer reported"
     );
-    // Listed again after it ended: not started again (control removes ended sessions).
+    // Listed again after it ended: not started again (the host still knows it; control removes
+    // ended sessions from the list and never reuses an id).
     agent
         .apply(agent_snapshot(4, vec![spec(a), spec(b)]), false)
         .await
@@ -467,6 +491,10 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
     // The agent stops: every session ends.
     let pid = host.get(a).await.unwrap().pid.unwrap();
     agent.stop_sessions().await;
-    assert!(group_members(pid).is_empty());
+    wait_for("the group to be gone", Duration::from_secs(5), || async {
+        Ok(group_members(pid).is_empty().then_some(()))
+    })
+    .await
+    .unwrap();
     assert!(agent.status().sessions.iter().all(|s| s.phase.ended()));
 }
