@@ -104,6 +104,8 @@ struct Inner {
     sessions_seen: Mutex<HashSet<Uuid>>,
     /// Sessions the host refused to start, and why (reported as failed).
     sessions_refused: Mutex<HashMap<Uuid, String>>,
+    /// Woken when a session changes, so that control hears of it at once.
+    status_wake: Arc<tokio::sync::Notify>,
 }
 
 /// The agent: cheap to clone.
@@ -154,6 +156,7 @@ impl Agent {
                 sessions: std::sync::OnceLock::new(),
                 sessions_seen: Mutex::new(HashSet::new()),
                 sessions_refused: Mutex::new(HashMap::new()),
+                status_wake: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -324,6 +327,10 @@ impl Agent {
             self.inner.health.serve_stream(stream).await;
             return;
         }
+        if header.kind == StreamKind::Session {
+            self.serve_session(stream, header.resource_id).await;
+            return;
+        }
         let mut targets = self.inner.targets.subscribe();
         let target = targets.borrow_and_update().get(&header.port).cloned();
         let Some(target) = target.filter(|t| t.resource_id == header.resource_id) else {
@@ -341,7 +348,7 @@ impl Agent {
                 StreamKind::Http => self.serve_http(stream, &target).await,
                 StreamKind::Tcp => self.copy_tcp(stream, &target).await,
                 StreamKind::Udp => self.relay_udp(stream, &target).await,
-                StreamKind::Health => {}
+                StreamKind::Health | StreamKind::Session => {}
             }
         }
         .instrument(span);
@@ -350,6 +357,49 @@ impl Agent {
             () = target_changed(&mut targets, &target) => {
                 tracing::debug!(resource_id = %target.resource_id, "target changed: flow ended");
             }
+        }
+    }
+
+    /// Serves an HTTP exchange with an agent session's server: on its loopback port while it
+    /// is starting or active, with `Host` its own (agentapi accepts only local names); a
+    /// session this agent does not run gets a 404 the gateway passes on.
+    async fn serve_session(&self, stream: TunnelStream, id: Uuid) {
+        let port = self.inner.sessions.get().and_then(|h| {
+            h.views()
+                .into_iter()
+                .find(|v| v.id == id && matches!(v.phase, SessionPhase::Starting | SessionPhase::Active))
+                .map(|v| v.port)
+        });
+        let span = tracing::debug_span!("session", session_id = %id);
+        let target = port.map(|port| Target {
+            resource_id: id,
+            port: 0,
+            target: format!("127.0.0.1:{port}"),
+            health_check: None,
+            hostname: format!("localhost:{port}"),
+        });
+        let service = hyper::service::service_fn(|mut req: Request<Body>| {
+            let target = target.clone();
+            async move {
+                let Some(target) = target else {
+                    return Ok::<_, Infallible>(agent_error(
+                        StatusCode::NOT_FOUND,
+                        "Session not found",
+                    ));
+                };
+                if let Ok(v) = http::HeaderValue::from_str(&target.hostname) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Ok(self.proxy_to_target(req, &target).await)
+            }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .instrument(span)
+            .await;
+        if let Err(error) = served {
+            tracing::debug!(%error, "session stream ended with an error");
         }
     }
 
@@ -550,6 +600,10 @@ impl Agent {
     }
 
     fn record(&self, target: &Target, error: Option<String>) {
+        if target.port == 0 {
+            // An agent session: its state goes in the sessions part of the report.
+            return;
+        }
         let mut status = self
             .inner
             .target_status
@@ -605,21 +659,47 @@ impl Agent {
     /// no longer lists.
     async fn reconcile_sessions(&self, wanted: &[SessionSpec]) {
         let Some(config) = &self.inner.options.sessions else {
-            if !wanted.is_empty() {
-                tracing::warn!(
-                    sessions = wanted.len(),
-                    "control lists sessions, but this agent runs none"
-                );
+            let mut refused = self
+                .inner
+                .sessions_refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let ids: HashSet<Uuid> = wanted.iter().map(|s| s.id).collect();
+            refused.retain(|id, _| ids.contains(id));
+            let mut new = 0;
+            for s in wanted {
+                if !refused.contains_key(&s.id) {
+                    refused.insert(
+                        s.id,
+                        "this agent runs no sessions (start it with --session-command)".into(),
+                    );
+                    new += 1;
+                }
+            }
+            if new > 0 {
+                tracing::warn!(sessions = new, "control lists sessions, but this agent runs none");
+                self.inner.status_wake.notify_one();
             }
             return;
         };
         if wanted.is_empty() && self.inner.sessions.get().is_none() {
             return;
         }
-        let host = self
-            .inner
-            .sessions
-            .get_or_init(|| SessionHost::spawn(config.clone()));
+        let host = self.inner.sessions.get_or_init(|| {
+            let host = SessionHost::spawn(config.clone());
+            let mut changes = host.changes();
+            let wake = Arc::clone(&self.inner.status_wake);
+            tokio::spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    match changes.recv().await {
+                        Ok(_) | Err(RecvError::Lagged(_)) => wake.notify_one(),
+                        Err(RecvError::Closed) => return,
+                    }
+                }
+            });
+            host
+        });
         let ids: HashSet<Uuid> = wanted.iter().map(|s| s.id).collect();
         // Sessions the host knows, ended ones too: none of them starts again.
         let mut known = HashSet::new();
@@ -664,6 +744,7 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(spec.id, e.to_string());
+                self.inner.status_wake.notify_one();
             }
         }
     }
@@ -783,5 +864,9 @@ impl NodeHooks for Agent {
 
     fn status(&self) -> StatusReport {
         Agent::status(self)
+    }
+
+    fn status_wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(Arc::clone(&self.inner.status_wake))
     }
 }

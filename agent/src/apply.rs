@@ -72,6 +72,7 @@ mod tests {
     fn snap(peers: Vec<PeerConfig>, targets: Vec<Target>) -> ConfigSnapshot {
         ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version: 1,
             node_id: Uuid::from_u128(9),
             kind: NodeKind::Agent,

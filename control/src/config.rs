@@ -56,6 +56,8 @@ pub struct FileConfig {
     pub client_metadata_documents: Option<String>,
     /// Extra root certificates (PEM) trusted when fetching them.
     pub client_metadata_ca_file: Option<PathBuf>,
+    /// The hostname gateways serve agent sessions at (agentapi-proxy's API).
+    pub sessions_hostname: Option<String>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -287,6 +289,8 @@ pub struct Settings {
     pub client_metadata: crate::client_metadata::Reach,
     /// Extra roots trusted when fetching them (read and parsed at validation).
     pub client_metadata_roots: Vec<reqwest::Certificate>,
+    /// The hostname gateways serve agent sessions at, lower case.
+    pub sessions_hostname: Option<String>,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -338,6 +342,8 @@ pub struct RawSettings {
     pub client_metadata_documents: Option<String>,
     /// Extra roots for fetching them.
     pub client_metadata_ca_file: Option<PathBuf>,
+    /// Sessions hostname.
+    pub sessions_hostname: Option<String>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -372,6 +378,7 @@ impl RawSettings {
             client_metadata_ca_file: self
                 .client_metadata_ca_file
                 .or(file.client_metadata_ca_file),
+            sessions_hostname: self.sessions_hostname.or(file.sessions_hostname),
             acme: self.acme.over(file.acme),
         }
     }
@@ -532,7 +539,17 @@ impl RawSettings {
                 roots
             }
         };
+        let sessions_hostname = match self.sessions_hostname.as_deref() {
+            None | Some("") => None,
+            Some(h) => Some(crate::validate::hostname(h).map_err(|message| {
+                ConfigError::Invalid {
+                    setting: "sessions hostname",
+                    message,
+                }
+            })?),
+        };
         Ok(Settings {
+            sessions_hostname,
             client_metadata,
             client_metadata_roots,
             public_url,

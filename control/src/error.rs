@@ -8,7 +8,8 @@ use serde_json::json;
 
 use crate::store::StoreError;
 
-/// An error answered by the API as `{"error": {"code": "...", "message": "..."}}`.
+/// An error answered by the API as `{"error": {"code": "...", "message": "..."}, "message":
+/// "..."}` (the top-level `message` is what agentapi-proxy's clients read).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Malformed JSON, unknown field, wrong content type or invalid value.
@@ -65,7 +66,7 @@ impl IntoResponse for ApiError {
         };
         (
             status,
-            Json(json!({"error": {"code": code, "message": message}})),
+            Json(json!({"error": {"code": code, "message": message}, "message": message})),
         )
             .into_response()
     }

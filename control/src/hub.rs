@@ -406,6 +406,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         acme_challenges,
         identity,
         sessions,
+        sessions_endpoint,
     } = a;
     *node_id == b.node_id
         && *kind == b.kind
@@ -417,6 +418,7 @@ fn same_content(a: &ConfigSnapshot, b: &ConfigSnapshot) -> bool {
         && *acme_challenges == b.acme_challenges
         && *identity == b.identity
         && *sessions == b.sessions
+        && *sessions_endpoint == b.sessions_endpoint
 }
 
 enum Push {
@@ -626,6 +628,9 @@ async fn handle(
                         })
                         .await;
                 }
+            }
+            if kind == NodeKind::Agent && !report.sessions.is_empty() {
+                crate::sessions::on_report(state, id, &report.sessions).await;
             }
             match serde_json::to_string(&report) {
                 Ok(json) => state

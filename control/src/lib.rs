@@ -31,6 +31,7 @@ pub mod roles;
 pub mod seal;
 pub mod secrets;
 pub mod serve;
+pub mod sessions;
 pub mod sso;
 pub mod store;
 pub mod totp;
@@ -121,6 +122,10 @@ pub struct AppState {
     pub visitors: Arc<crate::visitors::Visitors>,
     /// MCP clients' metadata documents: the fetcher and its cache.
     pub client_metadata: Arc<crate::client_metadata::ClientMetadata>,
+    /// Agent sessions' changes, for the status stream and long polls.
+    pub session_events: Arc<crate::sessions::SessionEvents>,
+    /// How often the sessions status stream sends a heartbeat.
+    pub session_heartbeat: Duration,
 }
 
 impl AppState {
@@ -149,6 +154,8 @@ impl AppState {
             passkeys,
             visitors: Arc::default(),
             client_metadata: Arc::default(),
+            session_events: Arc::default(),
+            session_heartbeat: crate::sessions::HEARTBEAT,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());

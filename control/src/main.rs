@@ -84,6 +84,11 @@ struct Cli {
     /// Extra root certificates (PEM) trusted when fetching client metadata documents.
     #[arg(long, env = "KAKUREMICHI_CLIENT_METADATA_CA_FILE")]
     client_metadata_ca_file: Option<PathBuf>,
+    /// The hostname gateways serve agent sessions at (agentapi-proxy's API: /start, /search,
+    /// /{id}/*, /s/{token}/*), e.g. agents.example.com. Without it, sessions are managed under
+    /// /api/v1/sessions but no gateway reaches them.
+    #[arg(long, env = "KAKUREMICHI_SESSIONS_HOSTNAME")]
+    sessions_hostname: Option<String>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -231,6 +236,7 @@ async fn main() -> anyhow::Result<()> {
         smtp_from: cli.smtp_from,
         client_metadata_documents: cli.client_metadata_documents,
         client_metadata_ca_file: cli.client_metadata_ca_file,
+        sessions_hostname: cli.sessions_hostname,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -266,7 +272,8 @@ async fn main() -> anyhow::Result<()> {
     .context("cannot open the database")?
     .with_enrollment_token_ttl(settings.enrollment_token_ttl)
     .with_public_url(&settings.public_url)
-    .with_session_life(settings.session_life);
+    .with_session_life(settings.session_life)
+    .with_sessions_host(settings.sessions_hostname.clone());
     let sealer = kakuremichi_control::seal::Sealer::from_file(&settings.secrets_key_file, true)
         .context("cannot set up the secrets key")?;
     let store = store.with_sealer(std::sync::Arc::new(sealer));

@@ -17,7 +17,9 @@ const MEMBER: &[&str] = &[
     "config:read",
     "org:read",
     "session:create",
+    "session:list",
     "session:access",
+    "session:delete",
 ];
 
 /// What a viewer may do: read the fleet.

@@ -34,6 +34,7 @@ mod orgs;
 mod passkeys;
 mod policies;
 mod roles;
+mod sessions;
 mod share_links;
 mod sso;
 mod visitors;
@@ -49,6 +50,7 @@ pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use policies::Policy;
 pub use roles::CustomRole;
+pub use sessions::{AgentSession, LiveSession, NewAgentSession, SessionShareInfo};
 pub use share_links::{ShareLink, ShareRefusal};
 pub use sso::{ExternalAccount, IdentityProvider, NewIdentityProvider, ProviderKind};
 pub use visitors::{
@@ -557,6 +559,8 @@ pub struct Store {
     public_url: String,
     /// How long a sign-in lasts (ms).
     session_life_ms: i64,
+    /// The gateways' agent-sessions hostname, if control runs that endpoint.
+    sessions_host: Option<String>,
 }
 
 /// How long a session (and every token minted from it) lasts.
@@ -631,6 +635,7 @@ impl Store {
             sealer: None,
             public_url: "http://127.0.0.1:3000".into(),
             session_life_ms: SESSION_LIFE_MS,
+            sessions_host: None,
         })
     }
 
@@ -662,6 +667,17 @@ impl Store {
     /// Control's public URL (the issuer of session tokens).
     pub fn public_url(&self) -> &str {
         &self.public_url
+    }
+
+    /// The same store, with gateways serving the agent-sessions endpoint at `host`.
+    pub fn with_sessions_host(mut self, host: Option<String>) -> Store {
+        self.sessions_host = host.map(|h| h.to_ascii_lowercase());
+        self
+    }
+
+    /// The gateways' agent-sessions hostname, if any.
+    pub fn sessions_host(&self) -> Option<&str> {
+        self.sessions_host.as_deref()
     }
 
     /// The same store, issuing enrollment tokens valid for `ttl`.
@@ -1738,8 +1754,18 @@ impl Store {
         identity.issuer.clone_from(&self.public_url);
         identity.sign_in_url = format!("{}/auth/sign-in", self.public_url);
         identity.api_keys = self
-            .edge_api_keys(&mut tx, &resources, &self.public_url, self.session_life_ms)
+            .edge_api_keys(
+                &mut tx,
+                &resources,
+                self.sessions_host.as_deref(),
+                &self.public_url,
+                self.session_life_ms,
+            )
             .await?;
+        let sessions = match &self.sessions_host {
+            Some(host) => Some(self.sessions_world(&mut tx, host).await?),
+            None => None,
+        };
         tx.commit().await?;
         Ok(World::new(
             version.max(0) as u64,
@@ -1749,7 +1775,8 @@ impl Store {
             resources,
         )
         .with_tls(certificates, challenges)
-        .with_identity(identity))
+        .with_identity(identity)
+        .with_sessions(sessions))
     }
 
     /// Bumps the config version (every node gets its snapshot again), so that what is minted at
@@ -1763,7 +1790,7 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?;
-        if n == 0 {
+        if n == 0 && self.sessions_host.is_none() {
             return Ok(false);
         }
         let _w = self.write.lock().await;

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use kakuremichi_proto::identity::GatewayIdentity;
 use kakuremichi_proto::{
     AcmeChallenge, Backend, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route,
-    RouteProtocol, Target, TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
+    RouteProtocol, SessionRoute, SessionShare, SessionSpec, SessionsEndpoint, Target, TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
 };
 use uuid::Uuid;
 
@@ -38,6 +38,17 @@ pub struct WorldNode {
     pub credential_hash: Option<String>,
 }
 
+/// The agent-sessions endpoint as of one config version.
+#[derive(Debug, Clone, Default)]
+pub struct SessionsWorld {
+    /// The gateways' hostname for it.
+    pub hostname: String,
+    /// Control's public URL.
+    pub control_url: String,
+    /// Live sessions, oldest first, each with the users who may reach it.
+    pub sessions: Vec<(crate::store::LiveSession, Vec<Uuid>)>,
+}
+
 /// Everything snapshots are made of, as of one config version.
 #[derive(Debug, Clone, Default)]
 pub struct World {
@@ -57,6 +68,8 @@ pub struct World {
     pub acme_challenges: Vec<AcmeChallenge>,
     /// Keys, sign-in page and revocations for gateways.
     pub identity: Option<GatewayIdentity>,
+    /// The agent-sessions endpoint, when control runs one.
+    pub sessions: Option<SessionsWorld>,
     sites_by_id: HashMap<Uuid, usize>,
     gateways_by_id: HashMap<Uuid, usize>,
     resources_by_site: HashMap<Uuid, Vec<(usize, u16, String)>>,
@@ -112,7 +125,14 @@ impl World {
             certificates: Vec::new(),
             acme_challenges: Vec::new(),
             identity: None,
+            sessions: None,
         }
+    }
+
+    /// The same world with the agent-sessions endpoint.
+    pub fn with_sessions(mut self, sessions: Option<SessionsWorld>) -> World {
+        self.sessions = sessions;
+        self
     }
 
     /// The same world with identity settings for gateways.
@@ -151,6 +171,7 @@ impl World {
         let serves = |org: Uuid| me.org_id == DEFAULT_ORG || org == me.org_id;
         let mut snap = ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version: self.version,
             node_id: id,
             kind,
@@ -175,21 +196,52 @@ impl World {
                     .map(|(_, c)| c.clone())
                     .collect();
                 snap.acme_challenges.clone_from(&self.acme_challenges);
-                // Only gateways that serve a resource needing sign-in need the keys.
-                if self
-                    .resources
-                    .iter()
-                    .any(|r| r.access.is_some() && serves(r.org_id))
+                let sessions_host = self.sessions.as_ref().map(|s| s.hostname.as_str());
+                // Only gateways that serve a resource needing sign-in (or the sessions
+                // endpoint) need the keys.
+                if sessions_host.is_some()
+                    || self
+                        .resources
+                        .iter()
+                        .any(|r| r.access.is_some() && serves(r.org_id))
                 {
                     snap.identity = self.identity.clone().map(|mut id| {
                         // API keys only for the hostnames this gateway serves.
                         id.api_keys.retain(|k| {
-                            self.resources
-                                .iter()
-                                .any(|r| r.hostname == k.host && serves(r.org_id))
+                            Some(k.host.as_str()) == sessions_host
+                                || self
+                                    .resources
+                                    .iter()
+                                    .any(|r| r.hostname == k.host && serves(r.org_id))
                         });
                         Box::new(id)
                     });
+                }
+                if let Some(sw) = &self.sessions {
+                    let sessions = sw
+                        .sessions
+                        .iter()
+                        .filter(|(s, _)| serves(s.org_id))
+                        .filter_map(|(s, users)| {
+                            let site = self.node(NodeKind::Agent, s.site_id)?;
+                            site.public_key?;
+                            Some(SessionRoute {
+                                id: s.id,
+                                site_id: s.site_id,
+                                overlay_address: site.overlay_address,
+                                users: users.clone(),
+                                share: s.share.as_ref().map(|(digest, exp)| SessionShare {
+                                    digest: digest.clone(),
+                                    expires_at_ms: *exp,
+                                }),
+                            })
+                        })
+                        .collect();
+                    snap.sessions_endpoint = Some(Box::new(SessionsEndpoint {
+                        hostname: sw.hostname.clone(),
+                        control_url: sw.control_url.clone(),
+                        sessions,
+                    }));
                 }
                 for site in self.sites.iter().filter(|s| serves(s.org_id)) {
                     let Some(key) = site.public_key else { continue };
@@ -262,6 +314,19 @@ impl World {
                         endpoint: Some(endpoint.clone()),
                         persistent_keepalive: Some(AGENT_KEEPALIVE_SECS),
                     });
+                }
+                if let Some(sw) = &self.sessions {
+                    snap.sessions = sw
+                        .sessions
+                        .iter()
+                        .filter(|(s, _)| s.site_id == id)
+                        .map(|(s, _)| SessionSpec {
+                            id: s.id,
+                            role: s.team_id.clone(),
+                            env: s.env.clone(),
+                            ttl_secs: s.ttl_secs,
+                        })
+                        .collect();
                 }
                 for (i, port, target) in self.resources_by_site.get(&id).into_iter().flatten() {
                     let r = &self.resources[*i];

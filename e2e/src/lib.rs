@@ -461,6 +461,8 @@ pub struct StackOptions {
     pub gateway_args: Vec<String>,
     /// Extra control arguments.
     pub control_args: Vec<String>,
+    /// Extra agent arguments.
+    pub agent_args: Vec<String>,
     /// The admin key control is seeded with.
     pub admin_key: String,
 }
@@ -493,6 +495,7 @@ impl StackOptions {
             app_listen: SocketAddr::from((lan, 9000)),
             gateway_args: Vec::new(),
             control_args: Vec::new(),
+            agent_args: Vec::new(),
             admin_key: TEST_ADMIN_KEY.to_string(),
         }
     }
@@ -519,6 +522,7 @@ impl StackOptions {
             app_listen: SocketAddr::from(([127, 0, 0, 1], app_port)),
             gateway_args: Vec::new(),
             control_args: Vec::new(),
+            agent_args: Vec::new(),
             admin_key: TEST_ADMIN_KEY.to_string(),
         }
     }
@@ -839,6 +843,7 @@ fn start_agent_named(
     if let Some(wg) = opts.agent_wg_listen {
         args.extend(["--wg-listen".into(), wg.to_string()]);
     }
+    args.extend(opts.agent_args.iter().cloned());
     Proc::spawn(
         name,
         &bin("kakuremichi-agent")?,

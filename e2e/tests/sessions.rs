@@ -391,6 +391,7 @@ fn agent_snapshot(
         acme_challenges: vec![],
         identity: None,
         sessions,
+        sessions_endpoint: None,
     }
 }
 
@@ -497,4 +498,360 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
     .await
     .unwrap();
     assert!(agent.status().sessions.iter().all(|s| s.phase.ended()));
+}
+
+// ------------------------------------------------------------ through control and a gateway
+
+const SESSIONS_HOST: &str = "agents.localhost";
+
+/// A stack whose control serves the sessions endpoint at [`SESSIONS_HOST`] and whose agent runs
+/// the fake agentapi as its session command, on `n` ports of this process's block.
+async fn sessions_stack(n: u16) -> kakuremichi_e2e::Stack {
+    let fake = bin("kakuremichi-fake-agentapi").unwrap();
+    let first = ports(n);
+    let mut opts = kakuremichi_e2e::StackOptions::loopback();
+    opts.control_args = vec!["--sessions-hostname".into(), SESSIONS_HOST.into()];
+    opts.agent_args = vec![
+        "--session-command".into(),
+        format!(
+            "{} server --port {{port}} --reply-delay-ms 20 -- fake-claude",
+            fake.display()
+        ),
+        "--session-ports".into(),
+        format!("{first}-{}", first + n - 1),
+    ];
+    kakuremichi_e2e::Stack::start_with(opts).await.unwrap()
+}
+
+/// A member with a personal API key holding every session permission; returns (user id, key).
+async fn member_key(stack: &kakuremichi_e2e::Stack, email: &str) -> (String, String) {
+    let (status, user) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({"email": email, "password": "correct horse battery", "roles": ["member"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{user}");
+    let id = user["id"].as_str().unwrap().to_owned();
+    let (status, key) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/api-keys",
+            Some(serde_json::json!({
+                "name": "sessions",
+                "user_id": id,
+                "scopes": ["session:create", "session:list", "session:access", "session:delete"],
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{key}");
+    (id, key["secret"].as_str().unwrap().to_owned())
+}
+
+/// A request to the sessions hostname on the gateway, with `X-API-Key` when a key is given.
+fn at_gateway(
+    stack: &kakuremichi_e2e::Stack,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let r = stack.request_builder(method, SESSIONS_HOST, path);
+    match key {
+        Some(k) => r.header("x-api-key", k),
+        None => r,
+    }
+}
+
+async fn json_of(r: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Waits until the session shows `status` in `/search` (by its owner's key, at the gateway).
+async fn until_status(stack: &kakuremichi_e2e::Stack, key: &str, id: &str, status: &str) {
+    wait_for(
+        &format!("session {id} to be {status}"),
+        Duration::from_secs(20),
+        || async {
+            let (code, body) = json_of(at_gateway(
+                stack,
+                reqwest::Method::GET,
+                &format!("/search?status={status}"),
+                Some(key),
+            ))
+            .await;
+            assert_eq!(code, 200, "{body}");
+            Ok(body["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["session_id"] == id)
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_apart() {
+    let stack = sessions_stack(8).await;
+    let (_ann, ann) = member_key(&stack, "ann@example.com").await;
+    let (_bob, bob) = member_key(&stack, "bob@example.com").await;
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    let delete = reqwest::Method::DELETE;
+
+    // Health, without a key.
+    let (code, body) = json_of(at_gateway(&stack, get.clone(), "/health", None)).await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+    // agentapi-proxy's curl example: start with environment, tags and a first message.
+    let (code, body) = json_of(
+        at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&serde_json::json!({
+            "environment": {"GITHUB_TOKEN": "ghp_secret"},
+            "tags": {"repository": "org/repo", "branch": "main"},
+            "params": {"message": "hello", "session_ttl": "1h"},
+        })),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    until_status(&stack, &ann, &id, "active").await;
+    // Search by tag; bob sees nothing of ann's.
+    let (code, body) = json_of(at_gateway(
+        &stack,
+        get.clone(),
+        "/search?tag.repository=org/repo",
+        Some(&ann),
+    ))
+    .await;
+    assert_eq!(code, 200);
+    let found = &body["sessions"][0];
+    assert_eq!(found["session_id"], id.as_str());
+    assert_eq!(found["tags"]["branch"], "main");
+    assert_eq!(found["scope"], "user");
+    assert!(found["started_at"].as_str().unwrap().ends_with('Z'));
+    let (_, body) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&bob))).await;
+    assert_eq!(body["sessions"].as_array().unwrap().len(), 0, "{body}");
+
+    // The session's own agentapi, reached through the tunnel, the prefix stripped. The
+    // gateway gets ann's key within a config push.
+    wait_for("the gateway to route ann's session", Duration::from_secs(10), || async {
+        let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))
+            .send()
+            .await?;
+        Ok((r.status() == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (code, body) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))).await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("stable")), "{body}");
+    // The request's environment reached the process.
+    let r = at_gateway(&stack, get.clone(), &format!("/{id}/_test/env/GITHUB_TOKEN"), Some(&ann))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "ghp_secret");
+    // Send a message with Bearer auth (the Go client's way), read the answer.
+    let (code, body) = json_of(
+        stack
+            .request_builder(post.clone(), SESSIONS_HOST, &format!("/{id}/message"))
+            .bearer_auth(&ann)
+            .json(&serde_json::json!({"content": "ping", "type": "user"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    wait_for("the fake agent's answer", Duration::from_secs(10), || async {
+        let (_, body) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/messages"), Some(&ann))).await;
+        Ok(body["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: ping"))
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    // Events stream at once (SSE passed through unbuffered).
+    let mut events = at_gateway(&stack, get.clone(), &format!("/{id}/events"), Some(&ann))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), events.chunk())
+        .await
+        .expect("an event at once")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data:"), "{first:?}");
+    drop(events);
+
+    // Bob cannot see, reach or delete it; nobody without a key reaches it.
+    for (method, path) in [
+        (get.clone(), format!("/{id}/status")),
+        (post.clone(), format!("/{id}/message")),
+    ] {
+        let (code, body) = json_of(at_gateway(&stack, method, &path, Some(&bob))).await;
+        assert_eq!((code, body["message"].as_str()), (404, Some("Session not found")), "{path}");
+    }
+    let (code, _) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/status"), None)).await;
+    assert_eq!(code, 401);
+    let (code, _) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}"), Some(&bob))).await;
+    assert_eq!(code, 404);
+    // An unknown session id.
+    let (code, body) = json_of(at_gateway(
+        &stack,
+        get.clone(),
+        &format!("/{}/status", Uuid::new_v4()),
+        Some(&ann),
+    ))
+    .await;
+    assert_eq!((code, body["message"].as_str()), (404, Some("Session not found")));
+
+    // A share link: read-only without a key, and it stops when revoked or expired.
+    let (code, share) = json_of(at_gateway(&stack, post.clone(), &format!("/sessions/{id}/share"), Some(&ann))).await;
+    assert_eq!(code, 201, "{share}");
+    let token = share["token"].as_str().unwrap().to_owned();
+    assert_eq!(share["share_url"], format!("/s/{token}/"));
+    let (code, _) = json_of(at_gateway(&stack, post.clone(), &format!("/sessions/{id}/share"), Some(&bob))).await;
+    assert_eq!(code, 404);
+    wait_for("the share link to work", Duration::from_secs(10), || async {
+        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None).send().await?;
+        Ok((r.status() == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (code, body) = json_of(
+        at_gateway(&stack, post.clone(), &format!("/s/{token}/message"), None)
+            .json(&serde_json::json!({"content": "rm -rf", "type": "user"})),
+    )
+    .await;
+    assert_eq!((code, body["message"].as_str()), (403, Some("Shared sessions are read-only")));
+    let (code, _) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}/share"), Some(&ann))).await;
+    assert_eq!(code, 200);
+    wait_for("the revoked link to stop", Duration::from_secs(10), || async {
+        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None).send().await?;
+        Ok((r.status() == 404).then_some(()))
+    })
+    .await
+    .unwrap();
+    let (code, share) = json_of(at_gateway(
+        &stack,
+        post.clone(),
+        &format!("/sessions/{id}/share?expires_in=2"),
+        Some(&ann),
+    ))
+    .await;
+    assert_eq!(code, 201, "{share}");
+    let token = share["token"].as_str().unwrap().to_owned();
+    wait_for("the expiring link to work", Duration::from_secs(10), || async {
+        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/status"), None).send().await?;
+        Ok((r.status() == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_for("the link to expire", Duration::from_secs(10), || async {
+        let (code, body) = json_of(at_gateway(&stack, get.clone(), &format!("/s/{token}/status"), None)).await;
+        Ok((code == 410 && body["message"] == "Share link has expired").then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Bad input: a bad body, a bad TTL, a team session without a team, an unknown or offline
+    // site: each a clear error, nothing started.
+    for (body, want) in [
+        (serde_json::json!({"nonsense": 1}), 400),
+        (serde_json::json!({"params": {"session_ttl": "forever"}}), 400),
+        (serde_json::json!({"scope": "team"}), 400),
+        (serde_json::json!({"scope": "team", "team_id": "ops"}), 403),
+        (serde_json::json!({"environment": {"BAD NAME": "x"}}), 400),
+        (serde_json::json!({"site": "nowhere"}), 404),
+    ] {
+        let (code, answer) = json_of(at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&body)).await;
+        assert_eq!(code, want, "{body} -> {answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    }
+    stack.api.create_site("cold").await.unwrap();
+    let (code, answer) = json_of(
+        at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&serde_json::json!({"site": "cold"})),
+    )
+    .await;
+    assert_eq!(code, 409, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("offline"), "{answer}");
+    let (_, body) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&ann))).await;
+    assert_eq!(body["sessions"].as_array().unwrap().len(), 1, "{body}");
+
+    // The status stream sees a new session start and become active.
+    let mut stream = at_gateway(&stack, get.clone(), "/sessions/status/stream", Some(&ann))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (code, body) = json_of(at_gateway(&stack, post.clone(), "/start", Some(&ann))).await;
+    assert_eq!(code, 200, "{body}");
+    let second = body["session_id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !seen.contains(&format!("{{\"session_id\":\"{second}\",\"status\":\"active\"")) {
+            let chunk = stream.chunk().await.unwrap().expect("the stream goes on");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no active event for {second}: {seen}"));
+    assert!(seen.contains(&format!("\"session_id\":\"{second}\",\"status\":\"creating\"")), "{seen}");
+    drop(stream);
+
+    // Delete: terminated at once, the gateway stops routing it, its process is gone.
+    let port = until_port(&stack, &ann, &id).await;
+    let (code, body) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}"), Some(&ann))).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "terminated");
+    wait_for("the deleted session to be unreachable", Duration::from_secs(10), || async {
+        let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann)).send().await?;
+        Ok((r.status() == 404).then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_for("the session's process to end", Duration::from_secs(10), || async {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(()))
+    })
+    .await
+    .unwrap();
+    let (_, body) = json_of(at_gateway(&stack, get.clone(), "/search?status=stopped", Some(&ann))).await;
+    assert!(body["sessions"].as_array().unwrap().iter().any(|s| s["session_id"] == id.as_str()), "{body}");
+    // The environment is sealed at rest: the secret is nowhere in control's database.
+    let mut files = 0;
+    for entry in std::fs::read_dir(stack.dir.path().join("control")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("control.db")) {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(!bytes.windows(10).any(|w| w == b"ghp_secret"), "{}", path.display());
+            files += 1;
+        }
+    }
+    assert!(files >= 1);
+    // Nor in any log.
+    assert!(!stack.logs_full().contains("ghp_secret"));
+}
+
+/// The agent's loopback port of a session, once its agent has reported it (`/search`).
+async fn until_port(stack: &kakuremichi_e2e::Stack, key: &str, id: &str) -> u16 {
+    wait_for("the session's port", Duration::from_secs(10), || async {
+        let (_, body) = json_of(at_gateway(stack, reqwest::Method::GET, "/search", Some(key))).await;
+        Ok(body["sessions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["session_id"] == id))
+            .and_then(|s| s["port"].as_u64())
+            .filter(|p| *p > 0)
+            .map(|p| p as u16))
+    })
+    .await
+    .unwrap()
 }

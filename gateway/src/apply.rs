@@ -159,6 +159,7 @@ mod tests {
     fn snap(version: u64, peers: Vec<PeerConfig>, routes: Vec<Route>) -> ConfigSnapshot {
         ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Gateway,

@@ -945,6 +945,34 @@ fn presented_api_key(headers: &HeaderMap) -> Option<Result<String, &'static str>
         .map(|k| Ok(k.to_owned()))
 }
 
+/// The claims of the API key a request carries (`X-API-Key` or `Authorization: Bearer`), if
+/// control pushed that key for `host` (compared by digest in constant time) and its assertion
+/// holds (signature, expiry, its user not disabled or cut off). For the agent-sessions
+/// endpoint, which decides per session.
+pub fn api_key_claims(
+    identity: &EdgeIdentity,
+    cache: &TokenCache,
+    headers: &HeaderMap,
+    host: &str,
+    now: i64,
+) -> Result<Arc<SessionClaims>, String> {
+    let key = presented_api_key(headers)
+        .ok_or("no API key")?
+        .map_err(str::to_owned)?;
+    let unknown = || "unknown, revoked, expired or not accepted here".to_owned();
+    let id = embedded_id(API_KEY_PREFIX, &key).ok_or("malformed API key")?;
+    let (digest, assertion) = identity
+        .api_keys
+        .get(&(id, host.to_owned()))
+        .ok_or_else(unknown)?;
+    if !bool::from(secret_digest(&key).as_bytes().ct_eq(digest.as_bytes())) {
+        return Err(unknown());
+    }
+    cache
+        .verify(identity, assertion, host, now)
+        .map_err(|e| e.to_string())
+}
+
 /// Decides a request that carries an API key, on a resource that accepts keys: the key must be
 /// one control pushed for this hostname (compared by digest, in constant time); its assertion is
 /// checked as any session token (signature, expiry, the user not disabled or cut off) and the

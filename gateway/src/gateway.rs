@@ -251,6 +251,9 @@ impl Gateway {
             RouteTable::from_routes(&snapshot.routes).with_acme_http01(&snapshot.acme_challenges);
         self.inner.metrics.set_routes(table.len());
         self.inner.proxy.set_identity(snapshot.identity.as_deref());
+        self.inner
+            .proxy
+            .set_sessions(snapshot.sessions_endpoint.as_deref());
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         let agents: std::collections::HashSet<std::net::Ipv4Addr> = snapshot
             .routes

@@ -39,6 +39,9 @@ use crate::idle::{GiveBack, IdleStreams};
 use crate::metrics::Metrics;
 use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
+mod sessions;
+pub use sessions::SessionsTable;
+
 /// Body of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -367,6 +370,8 @@ pub struct Proxy {
     tokens: TokenCache,
     refusals: auth::Refusals,
     control_up: AtomicBool,
+    sessions: RwLock<Option<Arc<SessionsTable>>>,
+    control_http: reqwest::Client,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -401,6 +406,12 @@ impl Proxy {
             tokens: TokenCache::default(),
             refusals: auth::Refusals::default(),
             control_up: AtomicBool::new(false),
+            sessions: RwLock::new(None),
+            control_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -621,6 +632,12 @@ impl Proxy {
             }
         }
         let host = request_host(req.uri(), req.headers());
+        if let Some(table) = host.as_deref().and_then(|h| self.sessions_for(h)) {
+            let response = self.handle_sessions(req, client, proto, table).await;
+            self.metrics.record_request(response.status().as_u16());
+            tracing::debug!(%client, %method, %path, status = response.status().as_u16(), "sessions request");
+            return response;
+        }
         let (response, resource) = match host {
             None => (ProxyError::MissingHost.response(accept.as_ref()), None),
             Some(host) => match self.route(&host) {

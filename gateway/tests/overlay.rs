@@ -97,6 +97,7 @@ fn gateway_snapshot(agent_key: [u8; 32]) -> ConfigSnapshot {
     };
     ConfigSnapshot {
         sessions: Vec::new(),
+        sessions_endpoint: None,
         version: 1,
         node_id: Uuid::from_u128(1),
         kind: NodeKind::Gateway,
@@ -134,6 +135,7 @@ fn agent_snapshot(
 ) -> ConfigSnapshot {
     ConfigSnapshot {
         sessions: Vec::new(),
+        sessions_endpoint: None,
         version: 1,
         node_id: Uuid::from_u128(2),
         kind: NodeKind::Agent,

@@ -116,6 +116,7 @@ mod tests {
     fn snap(version: u64, kind: NodeKind) -> ConfigSnapshot {
         ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version,
             node_id: Uuid::from_u128(1),
             kind,

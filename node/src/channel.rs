@@ -35,6 +35,12 @@ pub trait NodeHooks: Send + Sync + 'static {
     fn undelivered(&self, report: StatusReport) {
         let _ = report;
     }
+
+    /// Wakes the channel to send a status report at once, between ticks (an agent session
+    /// changed phase); `None`: reports go on ticks only.
+    fn status_wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Settings of the control channel.
@@ -335,6 +341,7 @@ async fn session<H: NodeHooks>(
         .max(Duration::from_millis(10));
     let mut idle_tick = tokio::time::interval(idle_check);
     let mut nonce: u64 = rand::random();
+    let wake = hooks.status_wake();
 
     loop {
         let outgoing: Option<NodeMessage> = tokio::select! {
@@ -378,6 +385,16 @@ async fn session<H: NodeHooks>(
                     }
                     Some(Ok(_)) => None,
                 }
+            }
+            () = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut report = hooks.status();
+                report.applied_version = applied.unwrap_or(0);
+                Some(NodeMessage::Status(report))
             }
             _ = status_tick.tick() => {
                 let mut report = hooks.status();

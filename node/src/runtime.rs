@@ -54,6 +54,7 @@ mod tests {
     fn snap(version: u64, address: Ipv4Addr) -> ConfigSnapshot {
         ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Agent,

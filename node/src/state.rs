@@ -307,6 +307,7 @@ mod tests {
         assert_eq!(cache.load().unwrap(), None);
         let snap = ConfigSnapshot {
             sessions: Vec::new(),
+            sessions_endpoint: None,
             version: 3,
             node_id: Uuid::from_u128(1),
             kind: NodeKind::Gateway,

@@ -61,6 +61,7 @@ fn config(addr: SocketAddr) -> ChannelConfig {
 fn snapshot(version: u64) -> ConfigSnapshot {
     ConfigSnapshot {
         sessions: Vec::new(),
+        sessions_endpoint: None,
         version,
         node_id: NODE,
         kind: NodeKind::Gateway,

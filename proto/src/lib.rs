@@ -321,6 +321,55 @@ pub struct ConfigSnapshot {
     /// ended; one the agent ran before is not started again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<SessionSpec>,
+    /// Gateway only: the agent-sessions endpoint (a hostname serving agentapi-proxy's API), when
+    /// control runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_endpoint: Option<Box<SessionsEndpoint>>,
+}
+
+/// The agent-sessions endpoint a gateway serves: `/{id}/*` of each live session goes through
+/// the tunnel to it (for the users it names), `/s/{token}/*` read-only to a shared one, and the
+/// rest (`/start`, `/search`, `/sessions/...`) to control's `/api/v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsEndpoint {
+    /// The hostname, lower case, without port.
+    pub hostname: String,
+    /// Control's base URL, where the other routes go.
+    pub control_url: String,
+    /// The live sessions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionRoute>,
+}
+
+/// One live agent session, as a gateway routes to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRoute {
+    /// The session.
+    pub id: Uuid,
+    /// The site (agent) it runs on.
+    pub site_id: Uuid,
+    /// That agent's overlay address.
+    pub overlay_address: Ipv4Addr,
+    /// The users who may reach it (its owner; for a team session the team's members and the
+    /// organization's admins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<Uuid>,
+    /// Its share link, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<SessionShare>,
+}
+
+/// A session's read-only share link, as a gateway checks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionShare {
+    /// The token's [`identity::secret_digest`].
+    pub digest: String,
+    /// When it stops working (unix ms), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
 }
 
 /// An agent session control wants running on an agent.
@@ -775,6 +824,7 @@ mod tests {
         golden(
             ControlMessage::Config(ConfigSnapshot {
                 sessions: Vec::new(),
+                sessions_endpoint: None,
                 version: 42,
                 node_id: ID,
                 kind: NodeKind::Gateway,
@@ -892,6 +942,7 @@ mod tests {
         golden(
             ConfigSnapshot {
                 sessions: Vec::new(),
+                sessions_endpoint: None,
                 version: 3,
                 node_id: ID2,
                 kind: NodeKind::Agent,

@@ -23,6 +23,9 @@ pub enum StreamKind {
     /// [`crate::HealthReport`]s, for as long as the gateway keeps the stream open. Port 0 and
     /// the nil resource id.
     Health,
+    /// One HTTP/1.1 exchange with an agent session's server on the agent's loopback. Port 0;
+    /// the resource id is the session's id.
+    Session,
 }
 
 /// The largest datagram a UDP flow carries (the most an IPv4 UDP payload can be).
@@ -88,6 +91,7 @@ impl StreamHeader {
             StreamKind::Tcp => 2,
             StreamKind::Udp => 3,
             StreamKind::Health => 4,
+            StreamKind::Session => 5,
         };
         out[4..6].copy_from_slice(&self.port.to_be_bytes());
         out[6..].copy_from_slice(self.resource_id.as_bytes());
@@ -107,6 +111,7 @@ impl StreamHeader {
             2 => StreamKind::Tcp,
             3 => StreamKind::Udp,
             4 => StreamKind::Health,
+            5 => StreamKind::Session,
             other => return Err(StreamHeaderError::UnknownKind(other)),
         };
         let mut id = [0u8; 16];
@@ -139,6 +144,13 @@ mod tests {
         };
         assert_eq!(h.encode()[3], 3);
         assert_eq!(StreamHeader::decode(&h.encode()), Ok(h));
+        let s = StreamHeader {
+            kind: StreamKind::Session,
+            port: 0,
+            resource_id: ID,
+        };
+        assert_eq!(s.encode()[3], 5);
+        assert_eq!(StreamHeader::decode(&s.encode()), Ok(s));
     }
 
     const ID: Uuid = Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);

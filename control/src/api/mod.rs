@@ -99,8 +99,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(providers::router())
         .merge(roles::router())
         .merge(orgs::router())
+        .merge(crate::sessions::router())
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
+        .merge(crate::sessions::public_router())
         .route(ws_path, get(crate::hub::connect))
 }
 
@@ -129,7 +131,9 @@ pub const PERMISSIONS: &[&str] = &[
     "role:read",
     "role:write",
     "session:create",
+    "session:list",
     "session:access",
+    "session:delete",
     "org:read",
     "org:write",
 ];
@@ -137,6 +141,10 @@ pub const PERMISSIONS: &[&str] = &[
 /// The permission a request under `/api/v1` needs (`path` without the prefix).
 pub fn permission(method: &axum::http::Method, path: &str) -> String {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if first == "sessions" {
+        let rest = path.trim_start_matches('/').strip_prefix("sessions").unwrap_or("");
+        return crate::sessions::permission(method, rest).to_owned();
+    }
     let thing = match first {
         "sites" => "site",
         "gateways" => "gateway",

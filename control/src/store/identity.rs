@@ -866,6 +866,7 @@ impl Store {
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         resources: &[super::Resource],
+        sessions_host: Option<&str>,
         issuer: &str,
         life_ms: i64,
     ) -> Result<Vec<EdgeApiKey>> {
@@ -874,7 +875,7 @@ impl Store {
             .iter()
             .filter(|r| r.access.as_ref().is_some_and(|a| a.takes_keys()) && !r.hostname.is_empty())
             .collect();
-        if hosts.is_empty() {
+        if hosts.is_empty() && sessions_host.is_none() {
             return Ok(Vec::new());
         }
         let now = now_ms();
@@ -940,13 +941,11 @@ impl Store {
             let key_id = parse_uuid(&id)?;
             let user: Option<String> = k.try_get("user_id")?;
             let scopes: Option<String> = k.try_get("scopes")?;
-            let by_scope = match scopes {
-                None => true,
-                Some(s) => serde_json::from_str::<Vec<String>>(&s)
-                    .map_err(corrupt)?
-                    .iter()
-                    .any(|p| p == ACCESS_PERMISSION),
-            };
+            let scopes: Option<Vec<String>> = scopes
+                .map(|s| serde_json::from_str(&s).map_err(corrupt))
+                .transpose()?;
+            let scoped = |perm: &str| scopes.as_ref().is_none_or(|s| s.iter().any(|p| p == perm));
+            let by_scope = scoped(ACCESS_PERMISSION);
             let expires_at: Option<i64> = k.try_get("expires_at")?;
             let exp = expires_at.map_or(now + life_ms, |e| e.min(now + life_ms));
             let Some(user) = user else {
@@ -983,13 +982,35 @@ impl Store {
             let Some((email, name, roles)) = members.get(&(org.clone(), user.clone())) else {
                 continue;
             };
-            let by_role = roles.iter().any(|r| match crate::roles::built_in(r) {
-                Some(perms) => perms.contains(&ACCESS_PERMISSION),
-                None => custom
-                    .get(&(org.clone(), r.clone()))
-                    .is_some_and(|p| p.iter().any(|p| p == ACCESS_PERMISSION)),
-            });
-            if !(by_role && by_scope) {
+            let role_gives = |perm: &str| {
+                roles.iter().any(|r| match crate::roles::built_in(r) {
+                    Some(perms) => perms.contains(&perm),
+                    None => custom
+                        .get(&(org.clone(), r.clone()))
+                        .is_some_and(|p| p.iter().any(|p| p == perm)),
+                })
+            };
+            // The agent-sessions endpoint: each key that may reach sessions, as its user.
+            if let Some(host) = sessions_host {
+                if role_gives(SESSION_ACCESS) && scoped(SESSION_ACCESS) {
+                    let claims = kakuremichi_proto::identity::SessionClaims {
+                        iss: issuer.to_owned(),
+                        sub: user.clone(),
+                        aud: host.to_owned(),
+                        iat: now / 1000,
+                        exp: exp / 1000,
+                        sid: key_id.to_string(),
+                        email: email.clone(),
+                        name: name.clone(),
+                        roles: roles.clone(),
+                        nonce: String::new(),
+                        amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
+                        scope: String::new(),
+                    };
+                    push_edge_key(&mut out, &signer, &claims, key_id, &hash);
+                }
+            }
+            if !(role_gives(ACCESS_PERMISSION) && by_scope) {
                 continue;
             }
             for r in hosts.iter().filter(|r| r.org_id.to_string() == org) {
@@ -1020,6 +1041,9 @@ impl Store {
         Ok(out)
     }
 }
+
+/// The permission that lets a key reach agent sessions through a gateway.
+const SESSION_ACCESS: &str = "session:access";
 
 /// Signs the assertion for a key on one hostname and adds it to what gateways get (a key whose
 /// assertion cannot be signed is left out, and logged).
