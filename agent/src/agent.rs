@@ -367,7 +367,9 @@ impl Agent {
         let port = self.inner.sessions.get().and_then(|h| {
             h.views()
                 .into_iter()
-                .find(|v| v.id == id && matches!(v.phase, SessionPhase::Starting | SessionPhase::Active))
+                .find(|v| {
+                    v.id == id && matches!(v.phase, SessionPhase::Starting | SessionPhase::Active)
+                })
                 .map(|v| v.port)
         });
         let span = tracing::debug_span!("session", session_id = %id);
@@ -677,7 +679,10 @@ impl Agent {
                 }
             }
             if new > 0 {
-                tracing::warn!(sessions = new, "control lists sessions, but this agent runs none");
+                tracing::warn!(
+                    sessions = new,
+                    "control lists sessions, but this agent runs none"
+                );
                 self.inner.status_wake.notify_one();
             }
             return;
@@ -736,6 +741,7 @@ impl Agent {
                     .map(|(k, v)| (k.clone(), v.expose().to_owned()))
                     .collect(),
                 ttl: spec.ttl_secs.map(Duration::from_secs),
+                initial_message: spec.initial_message.clone(),
             };
             if let Err(e) = host.start(req).await {
                 tracing::warn!(session = %spec.id, error = %e, "cannot start a session");

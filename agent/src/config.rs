@@ -76,6 +76,15 @@ pub struct SessionArgs {
     /// Sessions alive at once at most [default: 100].
     #[arg(long, env = "KAKUREMICHI_AGENT_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// The command for a session that was running when the agent stopped without ending it
+    /// (it crashed or was killed), started again in its folder, e.g.
+    /// "agentapi server --port {port} -- claude --continue" [default: the session command].
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_RESUME_COMMAND")]
+    pub session_resume_command: Option<String>,
+    /// Sessions begun longer ago than this are not resumed (they fail): 30m, 12h, 7d
+    /// [default: 24h].
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_RESUME_MAX_AGE")]
+    pub session_resume_max_age: Option<String>,
 }
 
 /// The `--config` file.
@@ -97,6 +106,8 @@ pub struct FileConfig {
     session_ports: Option<String>,
     session_user: Option<String>,
     max_sessions: Option<usize>,
+    session_resume_command: Option<String>,
+    session_resume_max_age: Option<String>,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -147,11 +158,28 @@ impl Cli {
                 session_ports: a.session_ports.or(file.session_ports),
                 session_user: a.session_user.or(file.session_user),
                 max_sessions: a.max_sessions.or(file.max_sessions),
+                session_resume_command: a.session_resume_command.or(file.session_resume_command),
+                session_resume_max_age: a.session_resume_max_age.or(file.session_resume_max_age),
             },
             &node.data_dir,
         )?;
         Ok((node, sessions))
     }
+}
+
+/// `90s`, `30m`, `12h`, `7d` (not zero).
+fn parse_age(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let i = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..i].parse().ok()?;
+    let unit = match &s[i..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(n.checked_mul(unit)?)).filter(|d| !d.is_zero())
 }
 
 /// Validates the session settings.
@@ -187,6 +215,20 @@ fn session_config(a: SessionArgs, data_dir: &std::path::Path) -> Result<HostConf
             })?;
         config.limits.first_port = range.0;
         config.limits.ports = range.1 - range.0 + 1;
+    }
+    if let Some(resume) = &a.session_resume_command {
+        let words: Vec<String> = resume.split_whitespace().map(str::to_owned).collect();
+        if words.is_empty() {
+            return Err(bad("--session-resume-command is empty".into()));
+        }
+        config.resume_command = Some(words);
+    }
+    if let Some(age) = &a.session_resume_max_age {
+        config.resume_max_age = parse_age(age).ok_or_else(|| {
+            bad(format!(
+                "--session-resume-max-age {age:?} is not a duration such as 30m, 12h or 7d"
+            ))
+        })?;
     }
     if let Some(n) = a.max_sessions {
         if n == 0 {

@@ -541,12 +541,14 @@ impl RawSettings {
         };
         let sessions_hostname = match self.sessions_hostname.as_deref() {
             None | Some("") => None,
-            Some(h) => Some(crate::validate::hostname(h).map_err(|message| {
-                ConfigError::Invalid {
-                    setting: "sessions hostname",
-                    message,
-                }
-            })?),
+            Some(h) => {
+                Some(
+                    crate::validate::hostname(h).map_err(|message| ConfigError::Invalid {
+                        setting: "sessions hostname",
+                        message,
+                    })?,
+                )
+            }
         };
         Ok(Settings {
             sessions_hostname,

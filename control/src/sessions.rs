@@ -73,7 +73,9 @@ pub async fn on_report(state: &AppState, site: Uuid, states: &[kakuremichi_proto
                 state.session_events.publish(s);
             }
         }
-        Err(e) => tracing::warn!(error = %e, site_id = %site, "cannot record agent sessions' states"),
+        Err(e) => {
+            tracing::warn!(error = %e, site_id = %site, "cannot record agent sessions' states")
+        }
     }
 }
 
@@ -96,7 +98,10 @@ pub fn router() -> Router<AppState> {
 
 /// The routes under `/api/v1/sessions` open to anyone.
 pub fn public_router() -> Router<AppState> {
-    Router::new().route("/sessions/health", get(|| async { Json(json!({"status": "ok"})) }))
+    Router::new().route(
+        "/sessions/health",
+        get(|| async { Json(json!({"status": "ok"})) }),
+    )
 }
 
 /// The permission a request under `/api/v1/sessions` needs (`rest` after `/sessions`).
@@ -241,7 +246,9 @@ pub fn go_duration_secs(s: &str) -> Option<u64> {
         rest = &rest[unit_len..];
         total_ms += (n * ms) as u128;
     }
-    u64::try_from(total_ms.div_ceil(1000)).ok().filter(|&s| s > 0)
+    u64::try_from(total_ms.div_ceil(1000))
+        .ok()
+        .filter(|&s| s > 0)
 }
 
 fn check_start(req: &StartRequest) -> Result<(), ApiError> {
@@ -271,7 +278,9 @@ fn check_start(req: &StartRequest) -> Result<(), ApiError> {
     }
     for (k, v) in &req.tags {
         if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-            return bad(format!("tags: {k:?}: keys 1 to 128 bytes, values up to 1 KiB"));
+            return bad(format!(
+                "tags: {k:?}: keys 1 to 128 bytes, values up to 1 KiB"
+            ));
         }
     }
     for (name, want) in [
@@ -540,7 +549,10 @@ async fn search(
             }
         })
         .filter(|s| status.is_none_or(|st| s.status == st))
-        .filter(|s| tags.iter().all(|(k, v)| s.tags.get(*k).map(String::as_str) == Some(v)))
+        .filter(|s| {
+            tags.iter()
+                .all(|(k, v)| s.tags.get(*k).map(String::as_str) == Some(v))
+        })
         .filter(|s| hidden_asked || s.tags.get("hidden").map(String::as_str) != Some("true"))
         .map(session_json)
         .collect();
@@ -624,9 +636,9 @@ struct WaitQuery {
 fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
     let secs = match q.timeout.as_deref() {
         None | Some("") => 30,
-        Some(t) => t
-            .parse::<u64>()
-            .map_err(|_| ApiError::BadRequest(format!("timeout: {t:?} is not a number of seconds")))?,
+        Some(t) => t.parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!("timeout: {t:?} is not a number of seconds"))
+        })?,
     };
     Ok(Duration::from_secs(secs.clamp(1, 60)))
 }
@@ -672,9 +684,7 @@ async fn messages_wait(
     };
     let mut rx = state.session_events.subscribe();
     let s = visible(&state, &caller, &id).await?;
-    let updated = |s: &AgentSession| {
-        json!({"updated": true, "session_id": s.id, "timestamp": rfc3339(s.updated_at.max(s.last_message_at))})
-    };
+    let updated = |s: &AgentSession| json!({"updated": true, "session_id": s.id, "timestamp": rfc3339(s.updated_at.max(s.last_message_at))});
     if since.is_some_and(|t| s.updated_at.max(s.last_message_at) > t) {
         return Ok(Json(updated(&s)));
     }
@@ -742,9 +752,9 @@ async fn share_create(
     {
         return Ok((StatusCode::OK, Json(share_json(&s, now)?)));
     }
-    let expires_at = q
-        .expires_in
-        .map(|secs| now.saturating_add(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)));
+    let expires_at = q.expires_in.map(|secs| {
+        now.saturating_add(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX))
+    });
     let token = crate::secrets::new_plain("kms");
     state
         .store
@@ -784,7 +794,9 @@ async fn share_delete(
     if !state.store.delete_session_share(caller.org, s.id).await? {
         return Err(ApiError::NotFound("Share not found".into()));
     }
-    Ok(Json(json!({"message": "Share revoked successfully", "session_id": s.id})))
+    Ok(Json(
+        json!({"message": "Share revoked successfully", "session_id": s.id}),
+    ))
 }
 
 /// `/{id}/*` reaches a session through a gateway only: a redirect to the sessions hostname.
@@ -842,7 +854,10 @@ mod tests {
     fn times_round_trip() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_777_723_200_000), "2026-05-02T12:00:00Z");
-        assert_eq!(parse_time_ms("2026-05-02T12:00:00Z"), Some(1_777_723_200_000));
+        assert_eq!(
+            parse_time_ms("2026-05-02T12:00:00Z"),
+            Some(1_777_723_200_000)
+        );
         assert_eq!(
             parse_time_ms("2026-05-02T14:00:00.250+02:00"),
             Some(1_777_723_200_250)
@@ -858,11 +873,23 @@ mod tests {
     fn permissions_by_route() {
         assert_eq!(permission(&Method::POST, "/start"), "session:create");
         assert_eq!(permission(&Method::GET, "/search"), "session:list");
-        assert_eq!(permission(&Method::GET, "/sessions/status/stream"), "session:list");
+        assert_eq!(
+            permission(&Method::GET, "/sessions/status/stream"),
+            "session:list"
+        );
         assert_eq!(permission(&Method::DELETE, "/sessions/x"), "session:delete");
-        assert_eq!(permission(&Method::POST, "/sessions/x/share"), "session:create");
-        assert_eq!(permission(&Method::GET, "/sessions/x/share"), "session:access");
-        assert_eq!(permission(&Method::GET, "/sessions/x/messages/wait"), "session:access");
+        assert_eq!(
+            permission(&Method::POST, "/sessions/x/share"),
+            "session:create"
+        );
+        assert_eq!(
+            permission(&Method::GET, "/sessions/x/share"),
+            "session:access"
+        );
+        assert_eq!(
+            permission(&Method::GET, "/sessions/x/messages/wait"),
+            "session:access"
+        );
         assert_eq!(permission(&Method::POST, "/x/message"), "session:access");
     }
 }

@@ -13,7 +13,8 @@ use std::net::Ipv4Addr;
 use kakuremichi_proto::identity::GatewayIdentity;
 use kakuremichi_proto::{
     AcmeChallenge, Backend, ConfigSnapshot, NodeKind, OverlayConfig, PeerConfig, Route,
-    RouteProtocol, SessionRoute, SessionShare, SessionSpec, SessionsEndpoint, Target, TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
+    RouteProtocol, SessionRoute, SessionShare, SessionSpec, SessionsEndpoint, Target,
+    TlsCertificate, WgPublicKey, DEFAULT_OVERLAY_MTU,
 };
 use uuid::Uuid;
 
@@ -325,6 +326,7 @@ impl World {
                             role: s.team_id.clone(),
                             env: s.env.clone(),
                             ttl_secs: s.ttl_secs,
+                            initial_message: s.initial_message.clone(),
                         })
                         .collect();
                 }

@@ -65,6 +65,8 @@ fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
         env_dir: Some(dir.join("env")),
         startup_script: None,
         run_as: None,
+        resume_command: None,
+        resume_max_age: kakuremichi_agent::sessions::DEFAULT_RESUME_MAX_AGE,
         limits: Limits {
             first_port: first,
             ports: ports_n,
@@ -136,7 +138,7 @@ async fn a_session_starts_with_its_environment_answers_messages_and_ends_with_it
             id,
             role: Some("dev".into()),
             env: BTreeMap::from([("C".into(), "request".into())]),
-            ttl: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -425,6 +427,7 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
         role: None,
         env: BTreeMap::from([("TOKEN".to_owned(), kakuremichi_proto::Secret::new("s3cret"))]),
         ttl_secs: None,
+        initial_message: None,
     };
     let state_of = |id: Uuid| agent.status().sessions.into_iter().find(|s| s.id == id);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
@@ -507,6 +510,11 @@ const SESSIONS_HOST: &str = "agents.localhost";
 /// A stack whose control serves the sessions endpoint at [`SESSIONS_HOST`] and whose agent runs
 /// the fake agentapi as its session command, on `n` ports of this process's block.
 async fn sessions_stack(n: u16) -> kakuremichi_e2e::Stack {
+    sessions_stack_with(n, &[]).await
+}
+
+/// [`sessions_stack`] with more agent arguments.
+async fn sessions_stack_with(n: u16, more: &[String]) -> kakuremichi_e2e::Stack {
     let fake = bin("kakuremichi-fake-agentapi").unwrap();
     let first = ports(n);
     let mut opts = kakuremichi_e2e::StackOptions::loopback();
@@ -520,6 +528,7 @@ async fn sessions_stack(n: u16) -> kakuremichi_e2e::Stack {
         "--session-ports".into(),
         format!("{first}-{}", first + n - 1),
     ];
+    opts.agent_args.extend(more.iter().cloned());
     kakuremichi_e2e::Stack::start_with(opts).await.unwrap()
 }
 
@@ -571,7 +580,10 @@ async fn json_of(r: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = r.send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// Waits until the session shows `status` in `/search` (by its owner's key, at the gateway).
@@ -613,13 +625,13 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     let (code, body) = json_of(at_gateway(&stack, get.clone(), "/health", None)).await;
     assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
     // agentapi-proxy's curl example: start with environment, tags and a first message.
-    let (code, body) = json_of(
-        at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&serde_json::json!({
+    let (code, body) = json_of(at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(
+        &serde_json::json!({
             "environment": {"GITHUB_TOKEN": "ghp_secret"},
             "tags": {"repository": "org/repo", "branch": "main"},
             "params": {"message": "hello", "session_ttl": "1h"},
-        })),
-    )
+        }),
+    ))
     .await;
     assert_eq!(code, 200, "{body}");
     let id = body["session_id"].as_str().unwrap().to_owned();
@@ -643,21 +655,60 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
 
     // The session's own agentapi, reached through the tunnel, the prefix stripped. The
     // gateway gets ann's key within a config push.
-    wait_for("the gateway to route ann's session", Duration::from_secs(10), || async {
-        let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))
-            .send()
-            .await?;
-        Ok((r.status() == 200).then_some(()))
-    })
+    wait_for(
+        "the gateway to route ann's session",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))
+                .send()
+                .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
     .await
     .unwrap();
-    let (code, body) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))).await;
-    assert_eq!((code, body["status"].as_str()), (200, Some("stable")), "{body}");
+    // The first message (params.message) reached the agent once it was stable.
+    wait_for(
+        "the first message's answer",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = json_of(at_gateway(
+                &stack,
+                get.clone(),
+                &format!("/{id}/messages"),
+                Some(&ann),
+            ))
+            .await;
+            Ok(body["messages"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: hello"))
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let (code, body) = json_of(at_gateway(
+        &stack,
+        get.clone(),
+        &format!("/{id}/status"),
+        Some(&ann),
+    ))
+    .await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("stable")),
+        "{body}"
+    );
     // The request's environment reached the process.
-    let r = at_gateway(&stack, get.clone(), &format!("/{id}/_test/env/GITHUB_TOKEN"), Some(&ann))
-        .send()
-        .await
-        .unwrap();
+    let r = at_gateway(
+        &stack,
+        get.clone(),
+        &format!("/{id}/_test/env/GITHUB_TOKEN"),
+        Some(&ann),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_eq!(r.text().await.unwrap(), "ghp_secret");
     // Send a message with Bearer auth (the Go client's way), read the answer.
     let (code, body) = json_of(
@@ -668,13 +719,23 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    wait_for("the fake agent's answer", Duration::from_secs(10), || async {
-        let (_, body) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/messages"), Some(&ann))).await;
-        Ok(body["messages"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: ping"))
-            .then_some(()))
-    })
+    wait_for(
+        "the fake agent's answer",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = json_of(at_gateway(
+                &stack,
+                get.clone(),
+                &format!("/{id}/messages"),
+                Some(&ann),
+            ))
+            .await;
+            Ok(body["messages"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: ping"))
+                .then_some(()))
+        },
+    )
     .await
     .unwrap();
     // Events stream at once (SSE passed through unbuffered).
@@ -689,7 +750,10 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
         .expect("an event at once")
         .unwrap()
         .unwrap();
-    assert!(String::from_utf8_lossy(&first).contains("data:"), "{first:?}");
+    assert!(
+        String::from_utf8_lossy(&first).contains("data:"),
+        "{first:?}"
+    );
     drop(events);
 
     // Bob cannot see, reach or delete it; nobody without a key reaches it.
@@ -698,11 +762,27 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
         (post.clone(), format!("/{id}/message")),
     ] {
         let (code, body) = json_of(at_gateway(&stack, method, &path, Some(&bob))).await;
-        assert_eq!((code, body["message"].as_str()), (404, Some("Session not found")), "{path}");
+        assert_eq!(
+            (code, body["message"].as_str()),
+            (404, Some("Session not found")),
+            "{path}"
+        );
     }
-    let (code, _) = json_of(at_gateway(&stack, get.clone(), &format!("/{id}/status"), None)).await;
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        get.clone(),
+        &format!("/{id}/status"),
+        None,
+    ))
+    .await;
     assert_eq!(code, 401);
-    let (code, _) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}"), Some(&bob))).await;
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        delete.clone(),
+        &format!("/sessions/{id}"),
+        Some(&bob),
+    ))
+    .await;
     assert_eq!(code, 404);
     // An unknown session id.
     let (code, body) = json_of(at_gateway(
@@ -712,19 +792,40 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
         Some(&ann),
     ))
     .await;
-    assert_eq!((code, body["message"].as_str()), (404, Some("Session not found")));
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (404, Some("Session not found"))
+    );
 
     // A share link: read-only without a key, and it stops when revoked or expired.
-    let (code, share) = json_of(at_gateway(&stack, post.clone(), &format!("/sessions/{id}/share"), Some(&ann))).await;
+    let (code, share) = json_of(at_gateway(
+        &stack,
+        post.clone(),
+        &format!("/sessions/{id}/share"),
+        Some(&ann),
+    ))
+    .await;
     assert_eq!(code, 201, "{share}");
     let token = share["token"].as_str().unwrap().to_owned();
     assert_eq!(share["share_url"], format!("/s/{token}/"));
-    let (code, _) = json_of(at_gateway(&stack, post.clone(), &format!("/sessions/{id}/share"), Some(&bob))).await;
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        post.clone(),
+        &format!("/sessions/{id}/share"),
+        Some(&bob),
+    ))
+    .await;
     assert_eq!(code, 404);
-    wait_for("the share link to work", Duration::from_secs(10), || async {
-        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None).send().await?;
-        Ok((r.status() == 200).then_some(()))
-    })
+    wait_for(
+        "the share link to work",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None)
+                .send()
+                .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
     .await
     .unwrap();
     let (code, body) = json_of(
@@ -732,13 +833,28 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
             .json(&serde_json::json!({"content": "rm -rf", "type": "user"})),
     )
     .await;
-    assert_eq!((code, body["message"].as_str()), (403, Some("Shared sessions are read-only")));
-    let (code, _) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}/share"), Some(&ann))).await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (403, Some("Shared sessions are read-only"))
+    );
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        delete.clone(),
+        &format!("/sessions/{id}/share"),
+        Some(&ann),
+    ))
+    .await;
     assert_eq!(code, 200);
-    wait_for("the revoked link to stop", Duration::from_secs(10), || async {
-        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None).send().await?;
-        Ok((r.status() == 404).then_some(()))
-    })
+    wait_for(
+        "the revoked link to stop",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/messages"), None)
+                .send()
+                .await?;
+            Ok((r.status() == 404).then_some(()))
+        },
+    )
     .await
     .unwrap();
     let (code, share) = json_of(at_gateway(
@@ -750,14 +866,26 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     .await;
     assert_eq!(code, 201, "{share}");
     let token = share["token"].as_str().unwrap().to_owned();
-    wait_for("the expiring link to work", Duration::from_secs(10), || async {
-        let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/status"), None).send().await?;
-        Ok((r.status() == 200).then_some(()))
-    })
+    wait_for(
+        "the expiring link to work",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(&stack, get.clone(), &format!("/s/{token}/status"), None)
+                .send()
+                .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
     .await
     .unwrap();
     wait_for("the link to expire", Duration::from_secs(10), || async {
-        let (code, body) = json_of(at_gateway(&stack, get.clone(), &format!("/s/{token}/status"), None)).await;
+        let (code, body) = json_of(at_gateway(
+            &stack,
+            get.clone(),
+            &format!("/s/{token}/status"),
+            None,
+        ))
+        .await;
         Ok((code == 410 && body["message"] == "Share link has expired").then_some(()))
     })
     .await
@@ -767,23 +895,34 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     // site: each a clear error, nothing started.
     for (body, want) in [
         (serde_json::json!({"nonsense": 1}), 400),
-        (serde_json::json!({"params": {"session_ttl": "forever"}}), 400),
+        (
+            serde_json::json!({"params": {"session_ttl": "forever"}}),
+            400,
+        ),
         (serde_json::json!({"scope": "team"}), 400),
         (serde_json::json!({"scope": "team", "team_id": "ops"}), 403),
         (serde_json::json!({"environment": {"BAD NAME": "x"}}), 400),
         (serde_json::json!({"site": "nowhere"}), 404),
     ] {
-        let (code, answer) = json_of(at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&body)).await;
+        let (code, answer) =
+            json_of(at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&body)).await;
         assert_eq!(code, want, "{body} -> {answer}");
-        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
     }
     stack.api.create_site("cold").await.unwrap();
     let (code, answer) = json_of(
-        at_gateway(&stack, post.clone(), "/start", Some(&ann)).json(&serde_json::json!({"site": "cold"})),
+        at_gateway(&stack, post.clone(), "/start", Some(&ann))
+            .json(&serde_json::json!({"site": "cold"})),
     )
     .await;
     assert_eq!(code, 409, "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("offline"), "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("offline"),
+        "{answer}"
+    );
     let (_, body) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&ann))).await;
     assert_eq!(body["sessions"].as_array().unwrap().len(), 1, "{body}");
 
@@ -798,41 +937,86 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     let second = body["session_id"].as_str().unwrap().to_owned();
     let mut seen = String::new();
     tokio::time::timeout(Duration::from_secs(20), async {
-        while !seen.contains(&format!("{{\"session_id\":\"{second}\",\"status\":\"active\"")) {
+        while !seen.contains(&format!(
+            "{{\"session_id\":\"{second}\",\"status\":\"active\""
+        )) {
             let chunk = stream.chunk().await.unwrap().expect("the stream goes on");
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
     })
     .await
     .unwrap_or_else(|_| panic!("no active event for {second}: {seen}"));
-    assert!(seen.contains(&format!("\"session_id\":\"{second}\",\"status\":\"creating\"")), "{seen}");
+    assert!(
+        seen.contains(&format!(
+            "\"session_id\":\"{second}\",\"status\":\"creating\""
+        )),
+        "{seen}"
+    );
     drop(stream);
 
     // Delete: terminated at once, the gateway stops routing it, its process is gone.
     let port = until_port(&stack, &ann, &id).await;
-    let (code, body) = json_of(at_gateway(&stack, delete.clone(), &format!("/sessions/{id}"), Some(&ann))).await;
+    let (code, body) = json_of(at_gateway(
+        &stack,
+        delete.clone(),
+        &format!("/sessions/{id}"),
+        Some(&ann),
+    ))
+    .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["status"], "terminated");
-    wait_for("the deleted session to be unreachable", Duration::from_secs(10), || async {
-        let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann)).send().await?;
-        Ok((r.status() == 404).then_some(()))
-    })
+    wait_for(
+        "the deleted session to be unreachable",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(&ann))
+                .send()
+                .await?;
+            Ok((r.status() == 404).then_some(()))
+        },
+    )
     .await
     .unwrap();
-    wait_for("the session's process to end", Duration::from_secs(10), || async {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_err().then_some(()))
-    })
+    wait_for(
+        "the session's process to end",
+        Duration::from_secs(10),
+        || async {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err()
+                .then_some(()))
+        },
+    )
     .await
     .unwrap();
-    let (_, body) = json_of(at_gateway(&stack, get.clone(), "/search?status=stopped", Some(&ann))).await;
-    assert!(body["sessions"].as_array().unwrap().iter().any(|s| s["session_id"] == id.as_str()), "{body}");
+    let (_, body) = json_of(at_gateway(
+        &stack,
+        get.clone(),
+        "/search?status=stopped",
+        Some(&ann),
+    ))
+    .await;
+    assert!(
+        body["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["session_id"] == id.as_str()),
+        "{body}"
+    );
     // The environment is sealed at rest: the secret is nowhere in control's database.
     let mut files = 0;
     for entry in std::fs::read_dir(stack.dir.path().join("control")).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("control.db")) {
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("control.db"))
+        {
             let bytes = std::fs::read(&path).unwrap();
-            assert!(!bytes.windows(10).any(|w| w == b"ghp_secret"), "{}", path.display());
+            assert!(
+                !bytes.windows(10).any(|w| w == b"ghp_secret"),
+                "{}",
+                path.display()
+            );
             files += 1;
         }
     }
@@ -844,7 +1028,13 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
 /// The agent's loopback port of a session, once its agent has reported it (`/search`).
 async fn until_port(stack: &kakuremichi_e2e::Stack, key: &str, id: &str) -> u16 {
     wait_for("the session's port", Duration::from_secs(10), || async {
-        let (_, body) = json_of(at_gateway(stack, reqwest::Method::GET, "/search", Some(key))).await;
+        let (_, body) = json_of(at_gateway(
+            stack,
+            reqwest::Method::GET,
+            "/search",
+            Some(key),
+        ))
+        .await;
         Ok(body["sessions"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["session_id"] == id))
@@ -854,4 +1044,234 @@ async fn until_port(stack: &kakuremichi_e2e::Stack, key: &str, id: &str) -> u16 
     })
     .await
     .unwrap()
+}
+
+/// Reads an SSE response until `want` shows; the time it took.
+async fn until_in_stream(resp: &mut reqwest::Response, seen: &mut String, want: &str) -> Duration {
+    let t = std::time::Instant::now();
+    while !seen.contains(want) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {want} in {seen}"))
+            .unwrap()
+            .expect("the stream goes on");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sessions_on_one_agent_stream_each_event_through_the_gateway_within_100ms() {
+    const N: usize = 20;
+    let stack = sessions_stack(N as u16 + 4).await;
+    let (_, key) = member_key(&stack, "ann@example.com").await;
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        let (code, body) = json_of(at_gateway(
+            &stack,
+            reqwest::Method::POST,
+            "/start",
+            Some(&key),
+        ))
+        .await;
+        assert_eq!(code, 200, "{body}");
+        ids.push(body["session_id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        until_status(&stack, &key, id, "active").await;
+    }
+    wait_for(
+        "the gateway to route the sessions",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(
+                &stack,
+                reqwest::Method::GET,
+                &format!("/{}/status", ids[N - 1]),
+                Some(&key),
+            )
+            .send()
+            .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    // Every session's event stream open at once through the gateway.
+    let mut streams = Vec::new();
+    for id in &ids {
+        let mut resp = at_gateway(
+            &stack,
+            reqwest::Method::GET,
+            &format!("/{id}/events"),
+            Some(&key),
+        )
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut seen = String::new();
+        until_in_stream(&mut resp, &mut seen, "status_change").await;
+        streams.push((id.clone(), resp, seen));
+    }
+    // A message to each, all at once: its event reaches the client within 100 ms of sending.
+    let stack = &stack;
+    let key = &key;
+    let latencies = futures_util::future::join_all(streams.into_iter().enumerate().map(
+        |(i, (id, mut resp, mut seen))| async move {
+            let content = format!("message-{i}");
+            let sent = std::time::Instant::now();
+            let post = at_gateway(
+                stack,
+                reqwest::Method::POST,
+                &format!("/{id}/message"),
+                Some(key),
+            )
+            .json(&serde_json::json!({"content": content, "type": "user"}))
+            .send();
+            let want = format!("\"message\":\"{content}\"");
+            let (answer, _) = tokio::join!(post, until_in_stream(&mut resp, &mut seen, &want));
+            let latency = sent.elapsed();
+            assert_eq!(answer.unwrap().status(), 200);
+            // The answer streams too.
+            until_in_stream(&mut resp, &mut seen, &format!("echo: {content}")).await;
+            latency
+        },
+    ))
+    .await;
+    let worst = latencies.iter().max().unwrap();
+    println!("20 sessions: worst event latency through the gateway {worst:?}");
+    assert!(*worst < Duration::from_millis(100), "{latencies:?}");
+}
+
+async fn session_messages(stack: &kakuremichi_e2e::Stack, key: &str, id: &str) -> Vec<Value> {
+    let (_, body) = json_of(at_gateway(
+        stack,
+        reqwest::Method::GET,
+        &format!("/{id}/messages"),
+        Some(key),
+    ))
+    .await;
+    body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+/// The processes whose working folder is `dir`.
+fn working_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == dir))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_and_started_again_resumes_its_sessions_and_leaves_no_old_process() {
+    let fake = bin("kakuremichi-fake-agentapi").unwrap();
+    let resume = format!(
+        "{} server --port {{port}} --type resumed --spawn-child -- fake-claude --continue",
+        fake.display()
+    );
+    let mut stack = sessions_stack_with(
+        6,
+        &[
+            "--session-resume-command".into(),
+            resume,
+            "--session-resume-max-age".into(),
+            "1h".into(),
+        ],
+    )
+    .await;
+    let (_, key) = member_key(&stack, "ann@example.com").await;
+    let (code, body) = json_of(
+        at_gateway(&stack, reqwest::Method::POST, "/start", Some(&key))
+            .json(&serde_json::json!({"params": {"message": "remember me"}})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    until_status(&stack, &key, &id, "active").await;
+    wait_for("the first answer", Duration::from_secs(10), || async {
+        Ok(session_messages(&stack, &key, &id)
+            .await
+            .iter()
+            .any(|m| m["content"] == "echo: remember me")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let dir = stack
+        .dir
+        .path()
+        .join("agent")
+        .join("sessions")
+        .join(&id)
+        .canonicalize()
+        .unwrap();
+    let before = working_in(&dir);
+    assert!(!before.is_empty());
+
+    // Killed: its session's process lives on, orphaned.
+    stack.agent.kill();
+    assert_eq!(working_in(&dir), before);
+    stack.restart_agent().unwrap();
+    // Back: the old process group ended, the session resumed with the resume command (in its
+    // folder), active again, and its first message not sent twice.
+    wait_for(
+        "the session to be resumed",
+        Duration::from_secs(30),
+        || async {
+            let r = at_gateway(
+                &stack,
+                reqwest::Method::GET,
+                &format!("/{id}/status"),
+                Some(&key),
+            )
+            .send()
+            .await?;
+            if r.status() != 200 {
+                return Ok(None);
+            }
+            let v: Value = r.json().await?;
+            Ok((v["agent_type"] == "resumed" && v["status"] == "stable").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    for pid in &before {
+        // Gone, or a zombie its new parent has not reaped.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = state.rsplit_once(')').map_or("", |(_, r)| r.trim_start());
+        assert!(
+            state.is_empty() || state.starts_with('Z'),
+            "old process {pid} outlived the restart: {state}"
+        );
+    }
+    let now = working_in(&dir);
+    assert!(!now.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !session_messages(&stack, &key, &id)
+            .await
+            .iter()
+            .any(|m| m["content"] == "remember me"),
+        "sent twice"
+    );
+    // Deleting it leaves no process of its group (the resumed one and its child) behind.
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        reqwest::Method::DELETE,
+        &format!("/sessions/{id}"),
+        Some(&key),
+    ))
+    .await;
+    assert_eq!(code, 200);
+    wait_for(
+        "the session's processes to end",
+        Duration::from_secs(15),
+        || async { Ok(working_in(&dir).is_empty().then_some(())) },
+    )
+    .await
+    .unwrap();
+    until_status(&stack, &key, &id, "stopped").await;
 }

@@ -387,6 +387,9 @@ pub struct SessionSpec {
     /// How long it may live, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
+    /// A first message for its agent, sent once it is stable (not again when it is resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_message: Option<String>,
 }
 
 /// Where an agent session is in its life.

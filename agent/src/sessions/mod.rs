@@ -41,9 +41,18 @@ pub struct HostConfig {
     pub startup_script: Option<String>,
     /// The user and group id sessions run as (when the agent runs as root).
     pub run_as: Option<(u32, u32)>,
+    /// The command template for a session whose folder is already there (the agent restarted
+    /// while it ran), e.g. `agentapi server --port {port} -- claude --continue`; `None`: the
+    /// command itself.
+    pub resume_command: Option<Vec<String>>,
+    /// A session folder older than this is not resumed (the session fails instead).
+    pub resume_max_age: Duration,
     /// Ports, counts and timers.
     pub limits: Limits,
 }
+
+/// Default [`HostConfig::resume_max_age`].
+pub const DEFAULT_RESUME_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 impl HostConfig {
     /// `command` split at spaces, with the other settings at their defaults.
@@ -54,6 +63,8 @@ impl HostConfig {
             env_dir: None,
             startup_script: None,
             run_as: None,
+            resume_command: None,
+            resume_max_age: DEFAULT_RESUME_MAX_AGE,
             limits: Limits::default(),
         }
     }
@@ -70,6 +81,8 @@ pub struct StartRequest {
     pub env: BTreeMap<String, String>,
     /// How long it may live.
     pub ttl: Option<Duration>,
+    /// A first message sent to its agent once it is stable (not when it is resumed).
+    pub initial_message: Option<String>,
 }
 
 impl std::fmt::Debug for StartRequest {
@@ -80,6 +93,7 @@ impl std::fmt::Debug for StartRequest {
             .field("role", &self.role)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("ttl", &self.ttl)
+            .field("initial_message", &self.initial_message.is_some())
             .finish()
     }
 }
@@ -151,7 +165,10 @@ impl SessionHost {
             events,
             changes: changes.clone(),
         };
-        tokio::spawn(shell.run(rx, events_rx));
+        tokio::spawn(async move {
+            reap_orphans(&shell.config.work_dir, shell.config.limits.grace).await;
+            shell.run(rx, events_rx).await
+        });
         SessionHost {
             commands,
             changes,
@@ -337,6 +354,15 @@ impl Shell {
                 Action::Changed(id) => {
                     if let Some(v) = self.core.get(id) {
                         let info = self.info(v);
+                        if v.phase == Phase::Active && v.agent_status.as_deref() == Some("stable") {
+                            let message = self
+                                .requests
+                                .get_mut(&id)
+                                .and_then(|r| r.initial_message.take());
+                            if let Some(message) = message {
+                                tokio::spawn(send_message(id, v.port, message));
+                            }
+                        }
                         if v.phase.ended() {
                             self.procs.remove(&id);
                             self.requests.remove(&id);
@@ -376,7 +402,13 @@ impl Shell {
             return;
         };
         match spawn_process(&self.config, req, port) {
-            Ok(mut child) => {
+            Ok((mut child, resumed)) => {
+                if resumed {
+                    // Its conversation goes on: no first message again.
+                    if let Some(r) = self.requests.get_mut(&id) {
+                        r.initial_message = None;
+                    }
+                }
                 let Some(pid) = child.id() else {
                     self.core
                         .handle_spawn_failed(id, "the session command vanished".into(), now);
@@ -448,14 +480,40 @@ pub fn session_env(
     env
 }
 
+/// The file in a session's folder marking when it first started.
+const STARTED_FILE: &str = ".kakuremichi-started";
+/// The file in a session's folder holding its process group id while it may run.
+const PGID_FILE: &str = ".kakuremichi-pgid";
+
+/// Starts a session's process: `(child, resumed)`, resumed when its folder was there already
+/// (an earlier run of the agent started it).
 fn spawn_process(
     config: &HostConfig,
     req: &StartRequest,
     port: u16,
-) -> Result<tokio::process::Child, String> {
+) -> Result<(tokio::process::Child, bool), String> {
     let dir = config.work_dir.join(req.id.to_string());
+    let started = dir.join(STARTED_FILE);
+    let resumed = match std::fs::metadata(&started).and_then(|m| m.modified()) {
+        Ok(at) => {
+            let age = at.elapsed().unwrap_or_default();
+            if age > config.resume_max_age {
+                return Err(format!(
+                    "the session began {} s ago, longer than the resume limit ({} s): not resumed",
+                    age.as_secs(),
+                    config.resume_max_age.as_secs()
+                ));
+            }
+            true
+        }
+        Err(_) => false,
+    };
     std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot make the working folder {}: {e}", dir.display()))?;
+    if !resumed {
+        std::fs::write(&started, b"")
+            .map_err(|e| format!("cannot write {}: {e}", started.display()))?;
+    }
     if let Some((uid, gid)) = config.run_as {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
             .map_err(|e| format!("cannot give {} to user {uid}: {e}", dir.display()))?;
@@ -465,11 +523,15 @@ fn spawn_process(
             .replace("{id}", &req.id.to_string())
             .replace("{dir}", &dir.display().to_string())
     };
-    let mut argv: Vec<String> = config.command.iter().map(fill).collect();
+    let template = match (&config.resume_command, resumed) {
+        (Some(resume), true) => resume,
+        _ => &config.command,
+    };
+    let mut argv: Vec<String> = template.iter().map(fill).collect();
     if argv.is_empty() {
         return Err("the session command is empty".into());
     }
-    if let Some(script) = &config.startup_script {
+    if let Some(script) = config.startup_script.as_ref().filter(|_| !resumed) {
         // The script first, then the command in its place: one process group, and a failing
         // script fails the session.
         let mut wrapped = vec![
@@ -506,8 +568,112 @@ fn spawn_process(
     if let Some((uid, gid)) = config.run_as {
         cmd.uid(uid).gid(gid);
     }
-    cmd.spawn()
-        .map_err(|e| format!("cannot start {}: {e}", argv[0]))
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+    if let Some(pid) = child.id() {
+        // So that an agent started again after a crash ends what this one leaves behind.
+        if let Err(e) = std::fs::write(dir.join(PGID_FILE), pid.to_string()) {
+            tracing::warn!(session = %req.id, error = %e, "cannot note the session's process group");
+        }
+    }
+    Ok((child, resumed))
+}
+
+/// The processes of group `pgid` whose working folder is `dir` or under it.
+fn group_in(pgid: i32, dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // Fields after the command's closing parenthesis: state, ppid, pgrp, ...
+            let pgrp = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|p| p.parse::<i32>().ok());
+            pgrp == Some(pgid)
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+/// Ends the process groups an earlier run of the agent left (it was killed, so its sessions'
+/// groups lived on): each session folder's noted group, if processes of it still work in that
+/// folder (a reused id is left alone). SIGTERM, then SIGKILL after `grace`.
+async fn reap_orphans(work_dir: &Path, grace: Duration) {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    let mut groups = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Some(pgid) = std::fs::read_to_string(dir.join(PGID_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| *p > 1)
+        else {
+            continue;
+        };
+        let dir = dir.canonicalize().unwrap_or(dir);
+        if !group_in(pgid, &dir).is_empty() {
+            tracing::info!(pgid, dir = %dir.display(), "ending a session process group left by an earlier run");
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            groups.push((pgid, dir));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while !groups.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        groups.retain(|(pgid, dir)| !group_in(*pgid, dir).is_empty());
+    }
+    for (pgid, _) in groups {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Sends a session's first message to its agentapi (`POST /message`), once.
+async fn send_message(id: Uuid, port: u16, content: String) {
+    let body = serde_json::json!({"content": content, "type": "user"}).to_string();
+    let send = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let head = format!(
+            "POST /message HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body.as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(30), send).await {
+        Ok(Ok(status)) if status.contains(" 200") => {
+            tracing::info!(session = %id, "first message sent")
+        }
+        Ok(Ok(status)) => {
+            tracing::warn!(session = %id, %status, "the agent refused the first message")
+        }
+        Ok(Err(e)) => tracing::warn!(session = %id, error = %e, "cannot send the first message"),
+        Err(_) => tracing::warn!(session = %id, "sending the first message timed out"),
+    }
 }
 
 /// Asks an agentapi's `/status` on loopback: its `status`, or `None` when it does not answer
@@ -554,7 +720,7 @@ mod tests {
             id: Uuid::from_u128(7),
             role: Some("dev".into()),
             env: BTreeMap::from([("D".into(), "request".into())]),
-            ttl: None,
+            ..Default::default()
         };
         let host = [
             ("A".to_owned(), "host".to_owned()),

@@ -142,7 +142,10 @@ pub const PERMISSIONS: &[&str] = &[
 pub fn permission(method: &axum::http::Method, path: &str) -> String {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     if first == "sessions" {
-        let rest = path.trim_start_matches('/').strip_prefix("sessions").unwrap_or("");
+        let rest = path
+            .trim_start_matches('/')
+            .strip_prefix("sessions")
+            .unwrap_or("");
         return crate::sessions::permission(method, rest).to_owned();
     }
     let thing = match first {

@@ -116,6 +116,8 @@ pub struct LiveSession {
     pub env: BTreeMap<String, kakuremichi_proto::Secret>,
     /// Share digest and expiry.
     pub share: Option<(String, Option<i64>)>,
+    /// The start request's `params.message`.
+    pub initial_message: Option<String>,
 }
 
 const COLUMNS: &str = "id, org_id, user_id, scope, team_id, site_id, status, tags, params, \
@@ -426,7 +428,7 @@ impl Store {
     ) -> Result<Vec<LiveSession>> {
         let rows = sqlx::query(
             "SELECT id, org_id, user_id, team_id, site_id, ttl_secs, env_sealed, share_digest, \
-             share_expires_at FROM agent_sessions WHERE ended_at IS NULL ORDER BY started_at, id",
+             share_expires_at, params FROM agent_sessions WHERE ended_at IS NULL ORDER BY started_at, id",
         )
         .fetch_all(&mut **tx)
         .await?;
@@ -452,7 +454,13 @@ impl Store {
             };
             let digest: Option<String> = r.try_get("share_digest")?;
             let ttl: Option<i64> = r.try_get("ttl_secs")?;
+            let params: String = r.try_get("params")?;
+            let initial_message = serde_json::from_str::<serde_json::Value>(&params)
+                .ok()
+                .and_then(|p| p.get("message")?.as_str().map(str::to_owned))
+                .filter(|m| !m.is_empty());
             out.push(LiveSession {
+                initial_message,
                 id,
                 org_id: parse_uuid(&org)?,
                 user_id: opt_uuid(r.try_get("user_id")?)?,

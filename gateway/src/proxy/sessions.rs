@@ -168,7 +168,8 @@ impl Proxy {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let claims = auth::api_key_claims(&identity, &self.tokens, req.headers(), &table.hostname, now)?;
+        let claims =
+            auth::api_key_claims(&identity, &self.tokens, req.headers(), &table.hostname, now)?;
         Uuid::try_parse(&claims.sub).map_err(|_| "the key belongs to no user".to_owned())
     }
 
@@ -191,8 +192,7 @@ impl Proxy {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        if s
-            .share
+        if s.share
             .as_ref()
             .and_then(|sh| sh.expires_at_ms)
             .is_some_and(|e| e <= now)
@@ -262,9 +262,12 @@ impl Proxy {
             .await
         {
             Ok(r) => r,
-            Err(ProxyError::Offline(_)) | Err(ProxyError::Timeout(_)) | Err(ProxyError::Busy(_)) => {
-                message(StatusCode::BAD_GATEWAY, "Bad Gateway: the session's agent cannot be reached")
-            }
+            Err(ProxyError::Offline(_))
+            | Err(ProxyError::Timeout(_))
+            | Err(ProxyError::Busy(_)) => message(
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway: the session's agent cannot be reached",
+            ),
             Err(e) => e.response(accept.as_ref()),
         }
     }
@@ -283,7 +286,12 @@ impl Proxy {
         for (name, value) in &parts.headers {
             if matches!(
                 name.as_str(),
-                "host" | "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade"
+                "host"
+                    | "connection"
+                    | "keep-alive"
+                    | "transfer-encoding"
+                    | "te"
+                    | "upgrade"
                     | "x-forwarded-for"
             ) {
                 continue;
@@ -301,7 +309,10 @@ impl Proxy {
                 for (name, value) in resp.headers() {
                     if matches!(
                         name.as_str(),
-                        "connection" | "keep-alive" | "transfer-encoding" | "access-control-allow-origin"
+                        "connection"
+                            | "keep-alive"
+                            | "transfer-encoding"
+                            | "access-control-allow-origin"
                     ) {
                         continue;
                     }
