@@ -389,6 +389,9 @@ impl Agent {
                         "Session not found",
                     ));
                 };
+                if req.uri().path() == SESSION_LOG_PATH && req.method() == http::Method::GET {
+                    return Ok(self.session_log(id).await);
+                }
                 if let Ok(v) = http::HeaderValue::from_str(&target.hostname) {
                     req.headers_mut().insert(header::HOST, v);
                 }
@@ -403,6 +406,36 @@ impl Agent {
         if let Err(error) = served {
             tracing::debug!(%error, "session stream ended with an error");
         }
+    }
+
+    /// The last 64 KiB of a session's output (`session.log` in its folder).
+    async fn session_log(&self, id: Uuid) -> Response<AgentBody> {
+        let Some(config) = &self.inner.options.sessions else {
+            return agent_error(StatusCode::NOT_FOUND, "Session not found");
+        };
+        let path = config.work_dir.join(id.to_string()).join("session.log");
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::warn!(session_id = %id, error = %e, "cannot read a session's log");
+                return agent_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot read the session's log",
+                );
+            }
+        };
+        let tail = bytes[bytes.len().saturating_sub(64 * 1024)..].to_vec();
+        let mut r = Response::new(
+            Full::new(Bytes::from(tail))
+                .map_err(|never: Infallible| match never {})
+                .boxed_unsync(),
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
     }
 
     /// Serves the HTTP exchange on the stream, forwarding it over the target's keep-alive pool.
@@ -670,9 +703,8 @@ impl Agent {
             refused.retain(|id, _| ids.contains(id));
             let mut new = 0;
             for s in wanted {
-                if !refused.contains_key(&s.id) {
-                    refused.insert(
-                        s.id,
+                if let std::collections::hash_map::Entry::Vacant(e) = refused.entry(s.id) {
+                    e.insert(
                         "this agent runs no sessions (start it with --session-command)".into(),
                     );
                     new += 1;
@@ -842,6 +874,9 @@ async fn join_upgrades(gateway: hyper::upgrade::OnUpgrade, target: hyper::upgrad
 }
 
 /// An error answered by the agent itself, marked so that the gateway answers with its own page.
+/// The path, inside a session's routes, of its output (the agent answers it, not the session).
+pub const SESSION_LOG_PATH: &str = "/.kakuremichi/log";
+
 fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
     let body = Full::new(Bytes::from(format!("{message}\n")))
         .map_err(|never: Infallible| match never {})

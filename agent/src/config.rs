@@ -85,6 +85,16 @@ pub struct SessionArgs {
     /// [default: 24h].
     #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_RESUME_MAX_AGE")]
     pub session_resume_max_age: Option<String>,
+    /// Address space of each session process at most, in MiB (RLIMIT_AS).
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_MEMORY_MIB")]
+    pub session_memory_mib: Option<u64>,
+    /// CPU time of each session process at most, in seconds (RLIMIT_CPU).
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_CPU_SECS")]
+    pub session_cpu_secs: Option<u64>,
+    /// Processes of the sessions' user at most (RLIMIT_NPROC; per session with --session-user
+    /// and one user per session, else shared).
+    #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_MAX_PROCESSES")]
+    pub session_max_processes: Option<u64>,
 }
 
 /// The `--config` file.
@@ -108,6 +118,9 @@ pub struct FileConfig {
     max_sessions: Option<usize>,
     session_resume_command: Option<String>,
     session_resume_max_age: Option<String>,
+    session_memory_mib: Option<u64>,
+    session_cpu_secs: Option<u64>,
+    session_max_processes: Option<u64>,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -160,6 +173,9 @@ impl Cli {
                 max_sessions: a.max_sessions.or(file.max_sessions),
                 session_resume_command: a.session_resume_command.or(file.session_resume_command),
                 session_resume_max_age: a.session_resume_max_age.or(file.session_resume_max_age),
+                session_memory_mib: a.session_memory_mib.or(file.session_memory_mib),
+                session_cpu_secs: a.session_cpu_secs.or(file.session_cpu_secs),
+                session_max_processes: a.session_max_processes.or(file.session_max_processes),
             },
             &node.data_dir,
         )?;
@@ -229,6 +245,29 @@ fn session_config(a: SessionArgs, data_dir: &std::path::Path) -> Result<HostConf
                 "--session-resume-max-age {age:?} is not a duration such as 30m, 12h or 7d"
             ))
         })?;
+    }
+    for (name, v) in [
+        ("--session-memory-mib", a.session_memory_mib),
+        ("--session-cpu-secs", a.session_cpu_secs),
+        ("--session-max-processes", a.session_max_processes),
+    ] {
+        if v == Some(0) {
+            return Err(bad(format!("{name} must be at least 1")));
+        }
+    }
+    config.rlimits = crate::sessions::SessionLimits {
+        memory_bytes: a.session_memory_mib.map(|m| m.saturating_mul(1 << 20)),
+        cpu_secs: a.session_cpu_secs,
+        processes: a.session_max_processes,
+    };
+    if config.rlimits != Default::default() {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("prlimit").is_file()));
+        if !found {
+            return Err(bad(
+                "session limits need util-linux's prlimit on PATH (apt install util-linux)".into(),
+            ));
+        }
     }
     if let Some(n) = a.max_sessions {
         if n == 0 {

@@ -521,11 +521,12 @@ async fn search(
             "status" => status = Some(v.as_str()),
             "scope" => scope = Some(v.as_str()),
             "team_id" => team = Some(v.as_str()),
-            k => match k.strip_prefix("tag.") {
-                Some(t) => tags.push((t, v.as_str())),
-                // agentapi-proxy ignores other parameters; so does this.
-                None => {}
-            },
+            // agentapi-proxy ignores other parameters; so does this.
+            k => {
+                if let Some(t) = k.strip_prefix("tag.") {
+                    tags.push((t, v.as_str()));
+                }
+            }
         }
     }
     if let Some(s) = scope.filter(|s| !matches!(*s, "user" | "team")) {

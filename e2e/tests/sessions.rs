@@ -67,6 +67,11 @@ fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
         run_as: None,
         resume_command: None,
         resume_max_age: kakuremichi_agent::sessions::DEFAULT_RESUME_MAX_AGE,
+        rlimits: kakuremichi_agent::sessions::SessionLimits {
+            memory_bytes: Some(4 << 30),
+            cpu_secs: Some(3600),
+            processes: None,
+        },
         limits: Limits {
             first_port: first,
             ports: ports_n,
@@ -148,6 +153,20 @@ async fn a_session_starts_with_its_environment_answers_messages_and_ends_with_it
     ));
     let active = until_phase(&host, id, Phase::Active).await;
     let (port, pgid) = (active.view.port, active.pid.unwrap());
+    // Its resource limits hold (prlimit set them, then ran the command in its place).
+    let limits = std::fs::read_to_string(format!("/proc/{pgid}/limits")).unwrap();
+    let line = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap()
+    };
+    assert!(
+        line("Max address space").contains("4294967296 4294967296"),
+        "{limits}"
+    );
+    assert!(line("Max cpu time").contains("3600 3600"), "{limits}");
     assert_eq!(active.view.agent_status.as_deref(), Some("stable"));
     // Each phase was announced.
     let mut seen = Vec::new();
@@ -738,6 +757,21 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
     )
     .await
     .unwrap();
+    // Its output, from its agent (never through a share link).
+    let r = at_gateway(
+        &stack,
+        get.clone(),
+        &format!("/{id}/.kakuremichi/log"),
+        Some(&ann),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     // Events stream at once (SSE passed through unbuffered).
     let mut events = at_gateway(&stack, get.clone(), &format!("/{id}/events"), Some(&ann))
         .header("accept", "text/event-stream")

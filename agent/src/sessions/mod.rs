@@ -47,8 +47,45 @@ pub struct HostConfig {
     pub resume_command: Option<Vec<String>>,
     /// A session folder older than this is not resumed (the session fails instead).
     pub resume_max_age: Duration,
+    /// Resource limits of each session's processes.
+    pub rlimits: SessionLimits,
     /// Ports, counts and timers.
     pub limits: Limits,
+}
+
+/// Resource limits of a session's processes (`setrlimit`, through util-linux `prlimit`): each
+/// process of the session inherits them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Address space per process, bytes (`RLIMIT_AS`).
+    pub memory_bytes: Option<u64>,
+    /// CPU time per process, seconds (`RLIMIT_CPU`): SIGXCPU, then SIGKILL.
+    pub cpu_secs: Option<u64>,
+    /// Processes of the session's user at most (`RLIMIT_NPROC`): per session when sessions run
+    /// as a user of their own.
+    pub processes: Option<u64>,
+}
+
+impl SessionLimits {
+    /// `prlimit` and its arguments, or nothing when no limit is set.
+    pub fn prefix(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(m) = self.memory_bytes {
+            out.push(format!("--as={m}"));
+        }
+        if let Some(c) = self.cpu_secs {
+            out.push(format!("--cpu={c}"));
+        }
+        if let Some(p) = self.processes {
+            out.push(format!("--nproc={p}"));
+        }
+        if out.is_empty() {
+            return out;
+        }
+        out.insert(0, "prlimit".into());
+        out.push("--".into());
+        out
+    }
 }
 
 /// Default [`HostConfig::resume_max_age`].
@@ -65,6 +102,7 @@ impl HostConfig {
             run_as: None,
             resume_command: None,
             resume_max_age: DEFAULT_RESUME_MAX_AGE,
+            rlimits: SessionLimits::default(),
             limits: Limits::default(),
         }
     }
@@ -543,6 +581,11 @@ fn spawn_process(
         wrapped.append(&mut argv);
         argv = wrapped;
     }
+    let mut limited = config.rlimits.prefix();
+    if !limited.is_empty() {
+        limited.append(&mut argv);
+        argv = limited;
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -706,6 +749,26 @@ async fn probe(port: u16) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_become_a_prlimit_prefix() {
+        assert!(SessionLimits::default().prefix().is_empty());
+        let l = SessionLimits {
+            memory_bytes: Some(1 << 30),
+            cpu_secs: Some(3600),
+            processes: Some(256),
+        };
+        assert_eq!(
+            l.prefix(),
+            [
+                "prlimit",
+                "--as=1073741824",
+                "--cpu=3600",
+                "--nproc=256",
+                "--"
+            ]
+        );
+    }
 
     #[test]
     fn env_is_host_then_default_then_role_then_request_without_the_agents_settings() {

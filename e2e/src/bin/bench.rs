@@ -345,6 +345,117 @@ async fn sessions() -> anyhow::Result<()> {
         m50 / h50,
         m99 / h99
     );
+    session_messages(&fake).await
+}
+
+/// `GET /{id}/messages` through a gateway (API key, tunnel, the agent's session stream) beside
+/// the same call on the agent's host, alternating rounds of 100 sequential keep-alive calls.
+async fn session_messages(fake: &std::path::Path) -> anyhow::Result<()> {
+    const HOST: &str = "agents.localhost";
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 100;
+    let mut opts = StackOptions::loopback();
+    opts.control_args = vec!["--sessions-hostname".into(), HOST.into()];
+    opts.agent_args = vec![
+        "--session-command".into(),
+        format!("{} server --port {{port}} -- fake", fake.display()),
+        "--session-ports".into(),
+        "21100-21109".into(),
+    ];
+    let stack = Stack::start_with(opts).await?;
+    let (status, user) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({"email": "bench@example.com", "password": "correct horse battery", "roles": ["member"]})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "user: {user}");
+    let (status, key) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/api-keys",
+            Some(serde_json::json!({"name": "bench", "user_id": user["id"]})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "key: {key}");
+    let key = key["secret"].as_str().context("no key")?.to_owned();
+    let gw = stack.opts.gateway_http_for_test;
+    let http = reqwest::Client::new();
+    let start: serde_json::Value = http
+        .post(format!("http://{gw}/start"))
+        .header("host", HOST)
+        .header("x-api-key", &key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = start["session_id"]
+        .as_str()
+        .context("no session id")?
+        .to_owned();
+    let through = format!("http://{gw}/{id}/messages");
+    let port = kakuremichi_e2e::wait_for("the session", Duration::from_secs(30), || async {
+        let r = http
+            .get(&through)
+            .header("host", HOST)
+            .header("x-api-key", &key)
+            .send()
+            .await?;
+        if r.status() != 200 {
+            return Ok(None);
+        }
+        let found: serde_json::Value = http
+            .get(format!("http://{gw}/search"))
+            .header("host", HOST)
+            .header("x-api-key", &key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(found["sessions"][0]["port"].as_u64())
+    })
+    .await?;
+    let direct = format!("http://127.0.0.1:{port}/messages");
+    let mut via_gateway = Vec::new();
+    let mut on_host = Vec::new();
+    for _ in 0..ROUNDS {
+        for _ in 0..PER_ROUND {
+            let t = Instant::now();
+            let r = http.get(&direct).header("host", "localhost").send().await?;
+            anyhow::ensure!(r.status() == 200);
+            r.bytes().await?;
+            on_host.push(t.elapsed());
+        }
+        for _ in 0..PER_ROUND {
+            let t = Instant::now();
+            let r = http
+                .get(&through)
+                .header("host", HOST)
+                .header("x-api-key", &key)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status() == 200);
+            r.bytes().await?;
+            via_gateway.push(t.elapsed());
+        }
+    }
+    let n = via_gateway.len();
+    let (d50, d99) = p50_p99(on_host);
+    let (g50, g99) = p50_p99(via_gateway);
+    println!();
+    println!("| GET /{{id}}/messages ({n} calls, keep-alive) | p50 (ms) | p99 (ms) |");
+    println!("| --- | --- | --- |");
+    println!("| on the agent's host, to the session's port | {d50:.2} | {d99:.2} |");
+    println!("| through the gateway (API key, tunnel, agent) | {g50:.2} | {g99:.2} |");
+    println!();
+    println!(
+        "added by the gateway path: p50 +{:.2} ms, p99 +{:.2} ms",
+        g50 - d50,
+        g99 - d99
+    );
     Ok(())
 }
 

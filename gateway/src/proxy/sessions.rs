@@ -6,6 +6,8 @@
 //!   stripped; responses stream as they come (SSE is never buffered).
 //! - `/s/{token}/*`: a share link, read-only (`GET`/`HEAD`), no sign-in, until it expires
 //!   (410) or is revoked.
+//! - `/{id}/.kakuremichi/log`: the session's output, answered by its agent (not on share
+//!   links).
 //! - `/health` here; everything else (`/start`, `/search`, `/sessions/...`) goes to control's
 //!   `/api/v1/sessions`, which decides it.
 //!
@@ -201,6 +203,10 @@ impl Proxy {
         }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return message(StatusCode::FORBIDDEN, "Shared sessions are read-only");
+        }
+        if tail.starts_with("/.kakuremichi/") {
+            // The agent's own paths (the session's output) are for its owner only.
+            return message(StatusCode::NOT_FOUND, "Not found");
         }
         auth::strip_identity_headers(req.headers_mut());
         for name in [header::AUTHORIZATION.as_str(), "x-api-key", "cookie"] {
