@@ -377,7 +377,7 @@ async fn session_messages(fake: &std::path::Path) -> anyhow::Result<()> {
         .call(
             reqwest::Method::POST,
             "/api/v1/api-keys",
-            Some(serde_json::json!({"name": "bench", "user_id": user["id"]})),
+            Some(serde_json::json!({"name": "bench", "user_id": user["id"], "scopes": ["session:create", "session:list", "session:access"]})),
         )
         .await?;
     anyhow::ensure!(status == 201, "key: {key}");
