@@ -1309,3 +1309,245 @@ async fn an_agent_killed_and_started_again_resumes_its_sessions_and_leaves_no_ol
     .unwrap();
     until_status(&stack, &key, &id, "stopped").await;
 }
+
+/// Runs `kakuremichi sessions <args>` against the stack's sessions hostname: its stdout, or
+/// its stderr as the error.
+fn cli(stack: &kakuremichi_e2e::Stack, key: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(bin("kakuremichi").unwrap())
+        .arg("sessions")
+        .args(args)
+        .env(
+            "KAKUREMICHI_ENDPOINT",
+            format!(
+                "http://{SESSIONS_HOST}:{}",
+                stack.opts.gateway_http_for_test.port()
+            ),
+        )
+        .env("KAKUREMICHI_API_KEY", key)
+        .env(
+            "KAKUREMICHI_CONNECT_TO",
+            stack.opts.gateway_http_for_test.to_string(),
+        )
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_and_its_mcp_server_manage_sessions_through_a_gateway() {
+    let stack = sessions_stack(6).await;
+    let (_, key) = member_key(&stack, "ann@example.com").await;
+    let id = cli(
+        &stack,
+        &key,
+        &["start", "--tag", "repo=org/app", "--message", "hi"],
+    )
+    .unwrap();
+    Uuid::parse_str(&id).unwrap();
+    until_status(&stack, &key, &id, "active").await;
+    let listed = cli(&stack, &key, &["search", "--tag", "repo=org/app", "--json"]).unwrap();
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["session_id"], id.as_str());
+    wait_for("the first answer", Duration::from_secs(10), || async {
+        Ok(session_messages(&stack, &key, &id)
+            .await
+            .iter()
+            .any(|m| m["content"] == "echo: hi")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let answer = cli(&stack, &key, &["send", &id, "second", "--wait"]).unwrap();
+    assert_eq!(answer, "echo: second");
+    // `tail` follows the events: the conversation so far comes first.
+    let mut tail = tokio::process::Command::new(bin("kakuremichi").unwrap())
+        .args(["sessions", "tail", &id])
+        .env(
+            "KAKUREMICHI_ENDPOINT",
+            format!(
+                "http://{SESSIONS_HOST}:{}",
+                stack.opts.gateway_http_for_test.port()
+            ),
+        )
+        .env("KAKUREMICHI_API_KEY", &key)
+        .env(
+            "KAKUREMICHI_CONNECT_TO",
+            stack.opts.gateway_http_for_test.to_string(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tail.stdout.take().unwrap()));
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            line.starts_with("message_update: ") || line.starts_with("status_change: "),
+            "{line}"
+        );
+        if line.contains("\"message\":\"hi\"") {
+            break;
+        }
+    }
+    tail.kill().await.unwrap();
+    let link = cli(&stack, &key, &["open", &id]).unwrap();
+    assert!(
+        link.contains(&format!("{SESSIONS_HOST}:")) && link.contains("/s/kms_"),
+        "{link}"
+    );
+    // Errors are clear and exit non-zero.
+    let err = cli(&stack, &key, &["rm", &Uuid::new_v4().to_string()]).unwrap_err();
+    assert!(
+        err.contains("404") && err.contains("Session not found"),
+        "{err}"
+    );
+    let err = cli(&stack, "kmk_bogus", &["search"]).unwrap_err();
+    assert!(err.contains("401"), "{err}");
+
+    // The MCP server: initialize, list the tools, use each.
+    let mut mcp = tokio::process::Command::new(bin("kakuremichi").unwrap())
+        .args(["sessions", "mcp"])
+        .env(
+            "KAKUREMICHI_ENDPOINT",
+            format!(
+                "http://{SESSIONS_HOST}:{}",
+                stack.opts.gateway_http_for_test.port()
+            ),
+        )
+        .env("KAKUREMICHI_API_KEY", &key)
+        .env(
+            "KAKUREMICHI_CONNECT_TO",
+            stack.opts.gateway_http_for_test.to_string(),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = mcp.stdin.take().unwrap();
+    let mut out =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(mcp.stdout.take().unwrap()));
+    let n = std::cell::Cell::new(0);
+    let rpc = |method: &str, params: Value| {
+        n.set(n.get() + 1);
+        serde_json::json!({"jsonrpc": "2.0", "id": n.get(), "method": method, "params": params})
+            .to_string()
+            + "\n"
+    };
+    let mut ask = async |line: String| -> Value {
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, line.as_bytes())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), out.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    let init = ask(rpc("initialize", serde_json::json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}))).await;
+    assert_eq!(init["result"]["serverInfo"]["name"], "kakuremichi-sessions");
+    let tools = ask(rpc("tools/list", serde_json::json!({}))).await;
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "list_sessions",
+            "create_session",
+            "send_message",
+            "get_messages",
+            "delete_session"
+        ]
+    );
+    let call = |name: &str, args: Value| {
+        rpc(
+            "tools/call",
+            serde_json::json!({"name": name, "arguments": args}),
+        )
+    };
+    let created = ask(call(
+        "create_session",
+        serde_json::json!({"tags": {"via": "mcp"}}),
+    ))
+    .await;
+    let mcp_id = created["result"]["structuredContent"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    until_status(&stack, &key, &mcp_id, "active").await;
+    wait_for(
+        "the gateway to route the MCP session",
+        Duration::from_secs(10),
+        || async {
+            let r = at_gateway(
+                &stack,
+                reqwest::Method::GET,
+                &format!("/{mcp_id}/status"),
+                Some(&key),
+            )
+            .send()
+            .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let listed = ask(call(
+        "list_sessions",
+        serde_json::json!({"tags": {"via": "mcp"}}),
+    ))
+    .await;
+    assert_eq!(
+        listed["result"]["structuredContent"]["sessions"][0]["session_id"],
+        mcp_id.as_str()
+    );
+    let sent = ask(call(
+        "send_message",
+        serde_json::json!({"session_id": mcp_id, "message": "from mcp"}),
+    ))
+    .await;
+    assert_eq!(sent["result"]["isError"], false, "{sent}");
+    let mut got = Value::Null;
+    for _ in 0..50 {
+        got = ask(call(
+            "get_messages",
+            serde_json::json!({"session_id": mcp_id}),
+        ))
+        .await;
+        if got.to_string().contains("echo: from mcp") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(got.to_string().contains("echo: from mcp"), "{got}");
+    let bad = ask(call(
+        "send_message",
+        serde_json::json!({"session_id": mcp_id}),
+    ))
+    .await;
+    assert_eq!(bad["result"]["isError"], true);
+    let deleted = ask(call(
+        "delete_session",
+        serde_json::json!({"session_id": mcp_id}),
+    ))
+    .await;
+    assert_eq!(deleted["result"]["isError"], false, "{deleted}");
+    let unknown = ask(rpc("nonsense", serde_json::json!({}))).await;
+    assert_eq!(unknown["error"]["code"], -32601);
+    until_status(&stack, &key, &mcp_id, "stopped").await;
+    cli(&stack, &key, &["rm", &id]).unwrap();
+}
