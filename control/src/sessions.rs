@@ -176,6 +176,23 @@ impl Caller {
     }
 }
 
+/// The caller and a session they own (its owner, or an admin), for managing its share link.
+async fn owned(
+    state: &AppState,
+    key: &ApiKey,
+    id: &str,
+    doing: &str,
+) -> Result<(Caller, AgentSession), ApiError> {
+    let caller = Caller::of(state, key).await?;
+    let s = visible(state, &caller, id).await?;
+    if !caller.owns(&s) {
+        return Err(ApiError::Forbidden(format!(
+            "only the session's owner or an admin may {doing} its share link"
+        )));
+    }
+    Ok((caller, s))
+}
+
 async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<AgentSession, ApiError> {
     let not_found = || ApiError::NotFound("Session not found".into());
     let id = Uuid::parse_str(id).map_err(|_| not_found())?;
@@ -738,13 +755,7 @@ async fn share_create(
     q: Result<Query<ShareQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Query(q) = q.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let caller = Caller::of(&state, &key).await?;
-    let s = visible(&state, &caller, &id).await?;
-    if !caller.owns(&s) {
-        return Err(ApiError::Forbidden(
-            "only the session's owner or an admin may share it".into(),
-        ));
-    }
+    let (caller, s) = owned(&state, &key, &id, "make").await?;
     let now = crate::store::now_ms();
     if s.share
         .as_ref()
@@ -770,13 +781,7 @@ async fn share_get(
     Extension(key): Extension<ApiKey>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = Caller::of(&state, &key).await?;
-    let s = visible(&state, &caller, &id).await?;
-    if !caller.owns(&s) {
-        return Err(ApiError::Forbidden(
-            "only the session's owner or an admin may see its share link".into(),
-        ));
-    }
+    let (_, s) = owned(&state, &key, &id, "see").await?;
     Ok(Json(share_json(&s, crate::store::now_ms())?))
 }
 
@@ -785,13 +790,7 @@ async fn share_delete(
     Extension(key): Extension<ApiKey>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = Caller::of(&state, &key).await?;
-    let s = visible(&state, &caller, &id).await?;
-    if !caller.owns(&s) {
-        return Err(ApiError::Forbidden(
-            "only the session's owner or an admin may revoke its share link".into(),
-        ));
-    }
+    let (caller, s) = owned(&state, &key, &id, "revoke").await?;
     if !state.store.delete_session_share(caller.org, s.id).await? {
         return Err(ApiError::NotFound("Share not found".into()));
     }

@@ -1313,28 +1313,33 @@ async fn an_agent_killed_and_started_again_resumes_its_sessions_and_leaves_no_ol
 /// Runs `kakuremichi sessions <args>` against the stack's sessions hostname: its stdout, or
 /// its stderr as the error.
 fn cli(stack: &kakuremichi_e2e::Stack, key: &str, args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(bin("kakuremichi").unwrap())
-        .arg("sessions")
-        .args(args)
-        .env(
-            "KAKUREMICHI_ENDPOINT",
-            format!(
-                "http://{SESSIONS_HOST}:{}",
-                stack.opts.gateway_http_for_test.port()
-            ),
-        )
-        .env("KAKUREMICHI_API_KEY", key)
-        .env(
-            "KAKUREMICHI_CONNECT_TO",
-            stack.opts.gateway_http_for_test.to_string(),
-        )
-        .output()
-        .unwrap();
+    let mut command = cli_command(stack, key, args);
+    let out = command.as_std_mut().output().unwrap();
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
+}
+
+/// `kakuremichi sessions <args>` aimed at the stack's sessions hostname with `key`.
+fn cli_command(
+    stack: &kakuremichi_e2e::Stack,
+    key: &str,
+    args: &[&str],
+) -> tokio::process::Command {
+    let gw = stack.opts.gateway_http_for_test;
+    let mut c = tokio::process::Command::new(bin("kakuremichi").unwrap());
+    c.arg("sessions")
+        .args(args)
+        .env(
+            "KAKUREMICHI_ENDPOINT",
+            format!("http://{SESSIONS_HOST}:{}", gw.port()),
+        )
+        .env("KAKUREMICHI_API_KEY", key)
+        .env("KAKUREMICHI_CONNECT_TO", gw.to_string())
+        .kill_on_drop(true);
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1364,22 +1369,8 @@ async fn the_cli_and_its_mcp_server_manage_sessions_through_a_gateway() {
     let answer = cli(&stack, &key, &["send", &id, "second", "--wait"]).unwrap();
     assert_eq!(answer, "echo: second");
     // `tail` follows the events: the conversation so far comes first.
-    let mut tail = tokio::process::Command::new(bin("kakuremichi").unwrap())
-        .args(["sessions", "tail", &id])
-        .env(
-            "KAKUREMICHI_ENDPOINT",
-            format!(
-                "http://{SESSIONS_HOST}:{}",
-                stack.opts.gateway_http_for_test.port()
-            ),
-        )
-        .env("KAKUREMICHI_API_KEY", &key)
-        .env(
-            "KAKUREMICHI_CONNECT_TO",
-            stack.opts.gateway_http_for_test.to_string(),
-        )
+    let mut tail = cli_command(&stack, &key, &["tail", &id])
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines =
@@ -1414,23 +1405,9 @@ async fn the_cli_and_its_mcp_server_manage_sessions_through_a_gateway() {
     assert!(err.contains("401"), "{err}");
 
     // The MCP server: initialize, list the tools, use each.
-    let mut mcp = tokio::process::Command::new(bin("kakuremichi").unwrap())
-        .args(["sessions", "mcp"])
-        .env(
-            "KAKUREMICHI_ENDPOINT",
-            format!(
-                "http://{SESSIONS_HOST}:{}",
-                stack.opts.gateway_http_for_test.port()
-            ),
-        )
-        .env("KAKUREMICHI_API_KEY", &key)
-        .env(
-            "KAKUREMICHI_CONNECT_TO",
-            stack.opts.gateway_http_for_test.to_string(),
-        )
+    let mut mcp = cli_command(&stack, &key, &["mcp"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stdin = mcp.stdin.take().unwrap();

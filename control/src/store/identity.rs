@@ -990,24 +990,25 @@ impl Store {
                         .is_some_and(|p| p.iter().any(|p| p == perm)),
                 })
             };
+            // The key's assertion on one hostname: its user, as a session token says.
+            let claims_for = |aud: &str| kakuremichi_proto::identity::SessionClaims {
+                iss: issuer.to_owned(),
+                sub: user.clone(),
+                aud: aud.to_owned(),
+                iat: now / 1000,
+                exp: exp / 1000,
+                sid: key_id.to_string(),
+                email: email.clone(),
+                name: name.clone(),
+                roles: roles.clone(),
+                nonce: String::new(),
+                amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
+                scope: String::new(),
+            };
             // The agent-sessions endpoint: each key that may reach sessions, as its user.
             if let Some(host) = sessions_host {
                 if role_gives(SESSION_ACCESS) && scoped(SESSION_ACCESS) {
-                    let claims = kakuremichi_proto::identity::SessionClaims {
-                        iss: issuer.to_owned(),
-                        sub: user.clone(),
-                        aud: host.to_owned(),
-                        iat: now / 1000,
-                        exp: exp / 1000,
-                        sid: key_id.to_string(),
-                        email: email.clone(),
-                        name: name.clone(),
-                        roles: roles.clone(),
-                        nonce: String::new(),
-                        amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
-                        scope: String::new(),
-                    };
-                    push_edge_key(&mut out, &signer, &claims, key_id, &hash);
+                    push_edge_key(&mut out, &signer, &claims_for(host), key_id, &hash);
                 }
             }
             if !(role_gives(ACCESS_PERMISSION) && by_scope) {
@@ -1021,21 +1022,7 @@ impl Store {
                 {
                     continue;
                 }
-                let claims = kakuremichi_proto::identity::SessionClaims {
-                    iss: issuer.to_owned(),
-                    sub: user.clone(),
-                    aud: r.hostname.clone(),
-                    iat: now / 1000,
-                    exp: exp / 1000,
-                    sid: key_id.to_string(),
-                    email: email.clone(),
-                    name: name.clone(),
-                    roles: roles.clone(),
-                    nonce: String::new(),
-                    amr: vec![kakuremichi_proto::identity::API_KEY_AMR.to_owned()],
-                    scope: String::new(),
-                };
-                push_edge_key(&mut out, &signer, &claims, key_id, &hash);
+                push_edge_key(&mut out, &signer, &claims_for(&r.hostname), key_id, &hash);
             }
         }
         Ok(out)
