@@ -213,6 +213,15 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Sessions::Send { id, message, wait } => {
+            // agentapi takes a message only while its agent waits for one.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while client.status(&id).await? != "stable" {
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the session's agent is still busy after 60 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             let before = client.messages(&id).await?.len();
             client.send(&id, &message).await?;
             if wait {

@@ -48,6 +48,36 @@ fn ports(n: u16) -> u16 {
     start + offset
 }
 
+/// Kills, when dropped (at a test's end, after a panic too), every process working under a
+/// folder. Sessions outlive an agent that is killed (by design: the next agent resumes them), so
+/// without this a test's sessions would outlive it and hold ports of its block, which the next
+/// test process to claim that block would find taken.
+struct KillUnder(std::path::PathBuf);
+
+impl KillUnder {
+    fn new(dir: &Path) -> KillUnder {
+        KillUnder(dir.canonicalize().unwrap_or_else(|_| dir.to_owned()))
+    }
+}
+
+impl Drop for KillUnder {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+            let under = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .is_ok_and(|cwd| cwd.starts_with(&self.0));
+            if under && pid != std::process::id() as i32 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
     let fake = bin("kakuremichi-fake-agentapi").unwrap();
     let mut command = vec![
@@ -131,6 +161,7 @@ fn get(port: u16, path: &str) -> reqwest::RequestBuilder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_starts_with_its_environment_answers_messages_and_ends_with_its_whole_group() {
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = KillUnder::new(dir.path());
     std::fs::create_dir_all(dir.path().join("env")).unwrap();
     std::fs::write(dir.path().join("env/default.env"), "A=default\nB=default\n").unwrap();
     std::fs::write(dir.path().join("env/dev.env"), "B=role\nC=role\n").unwrap();
@@ -250,6 +281,7 @@ async fn a_session_starts_with_its_environment_answers_messages_and_ends_with_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_commands_a_full_port_range_and_bad_requests_fail_clearly_and_disturb_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = KillUnder::new(dir.path());
     let (ok_host, _) = host(dir.path(), &[], 2);
     let (dying, _) = host(dir.path(), &["--exit-at-once"], 2);
 
@@ -328,6 +360,7 @@ async fn bad_commands_a_full_port_range_and_bad_requests_fail_clearly_and_distur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sessions_at_once_and_a_start_up_script_then_a_shutdown_ends_them_all() {
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = KillUnder::new(dir.path());
     let fake = bin("kakuremichi-fake-agentapi").unwrap();
     let mut config = HostConfig::new(
         &format!(
@@ -425,6 +458,7 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
     use kakuremichi_proto::{SessionPhase, SessionSpec};
 
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = KillUnder::new(dir.path());
     let fake = bin("kakuremichi-fake-agentapi").unwrap();
     let mut sessions = HostConfig::new(
         &format!("{} server --port {{port}} -- fake", fake.display()),
@@ -528,12 +562,31 @@ const SESSIONS_HOST: &str = "agents.localhost";
 
 /// A stack whose control serves the sessions endpoint at [`SESSIONS_HOST`] and whose agent runs
 /// the fake agentapi as its session command, on `n` ports of this process's block.
-async fn sessions_stack(n: u16) -> kakuremichi_e2e::Stack {
+async fn sessions_stack(n: u16) -> SessionsStack {
     sessions_stack_with(n, &[]).await
 }
 
+/// A stack and the reaper of its sessions (dropped first, while the stack's folder is there).
+struct SessionsStack {
+    _reaper: KillUnder,
+    stack: kakuremichi_e2e::Stack,
+}
+
+impl std::ops::Deref for SessionsStack {
+    type Target = kakuremichi_e2e::Stack;
+    fn deref(&self) -> &kakuremichi_e2e::Stack {
+        &self.stack
+    }
+}
+
+impl std::ops::DerefMut for SessionsStack {
+    fn deref_mut(&mut self) -> &mut kakuremichi_e2e::Stack {
+        &mut self.stack
+    }
+}
+
 /// [`sessions_stack`] with more agent arguments.
-async fn sessions_stack_with(n: u16, more: &[String]) -> kakuremichi_e2e::Stack {
+async fn sessions_stack_with(n: u16, more: &[String]) -> SessionsStack {
     let fake = bin("kakuremichi-fake-agentapi").unwrap();
     let first = ports(n);
     let mut opts = kakuremichi_e2e::StackOptions::loopback();
@@ -548,17 +601,26 @@ async fn sessions_stack_with(n: u16, more: &[String]) -> kakuremichi_e2e::Stack 
         format!("{first}-{}", first + n - 1),
     ];
     opts.agent_args.extend(more.iter().cloned());
-    kakuremichi_e2e::Stack::start_with(opts).await.unwrap()
+    let stack = kakuremichi_e2e::Stack::start_with(opts).await.unwrap();
+    SessionsStack {
+        _reaper: KillUnder::new(stack.dir.path()),
+        stack,
+    }
 }
 
 /// A member with a personal API key holding every session permission; returns (user id, key).
 async fn member_key(stack: &kakuremichi_e2e::Stack, email: &str) -> (String, String) {
+    user_key(stack, email, &["member"]).await
+}
+
+/// A user with `roles` and a personal API key holding every session permission.
+async fn user_key(stack: &kakuremichi_e2e::Stack, email: &str, roles: &[&str]) -> (String, String) {
     let (status, user) = stack
         .api
         .call(
             reqwest::Method::POST,
             "/api/v1/users",
-            Some(serde_json::json!({"email": email, "password": "correct horse battery", "roles": ["member"]})),
+            Some(serde_json::json!({"email": email, "password": "correct horse battery", "roles": roles})),
         )
         .await
         .unwrap();
@@ -698,10 +760,18 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
                 Some(&ann),
             ))
             .await;
-            Ok(body["messages"]
+            let answered = body["messages"]
                 .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: hello"))
-                .then_some(()))
+                .is_some_and(|m| m.iter().any(|m| m["content"] == "echo: hello"));
+            // The fake adds its answer, then becomes stable: a moment apart.
+            let (_, status) = json_of(at_gateway(
+                &stack,
+                get.clone(),
+                &format!("/{id}/status"),
+                Some(&ann),
+            ))
+            .await;
+            Ok((answered && status["status"] == "stable").then_some(()))
         },
     )
     .await
@@ -1527,4 +1597,93 @@ async fn the_cli_and_its_mcp_server_manage_sessions_through_a_gateway() {
     assert_eq!(unknown["error"]["code"], -32601);
     until_status(&stack, &key, &mcp_id, "stopped").await;
     cli(&stack, &key, &["rm", &id]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn team_sessions_are_for_the_teams_members_and_admins_see_everything() {
+    let stack = sessions_stack(6).await;
+    let (status, role) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/roles",
+            Some(serde_json::json!({"name": "ops", "description": "the ops team", "permissions": ["session:list"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{role}");
+    let (_, carol) = user_key(&stack, "carol@example.com", &["member", "ops"]).await;
+    let (_, erin) = user_key(&stack, "erin@example.com", &["member", "ops"]).await;
+    let (_, dave) = user_key(&stack, "dave@example.com", &["member"]).await;
+    let (_, boss) = user_key(&stack, "boss@example.com", &["admin"]).await;
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    let team = serde_json::json!({"scope": "team", "team_id": "ops", "tags": {"kind": "team"}});
+    let (code, body) =
+        json_of(at_gateway(&stack, post.clone(), "/start", Some(&dave)).json(&team)).await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) =
+        json_of(at_gateway(&stack, post.clone(), "/start", Some(&carol)).json(&team)).await;
+    assert_eq!(code, 200, "{body}");
+    let team_id = body["session_id"].as_str().unwrap().to_owned();
+    let (code, body) = json_of(at_gateway(&stack, post.clone(), "/start", Some(&carol))).await;
+    assert_eq!(code, 200, "{body}");
+    let personal = body["session_id"].as_str().unwrap().to_owned();
+    let team_search = |key: &str| {
+        let r = at_gateway(&stack, get.clone(), "/search?scope=team", Some(key));
+        async move {
+            let (_, body) = json_of(r).await;
+            body["sessions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["session_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    until_status(&stack, &carol, &personal, "active").await;
+    // The team's members and admins see the team session; others do not.
+    assert_eq!(team_search(&erin).await, [team_id.clone()]);
+    assert_eq!(team_search(&boss).await, [team_id.clone()]);
+    assert!(team_search(&dave).await.is_empty());
+    // Without scope=team: personal sessions; admins see everyone's.
+    let (_, mine) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&erin))).await;
+    assert!(mine["sessions"].as_array().unwrap().is_empty(), "{mine}");
+    let (_, all) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&boss))).await;
+    assert_eq!(all["sessions"][0]["session_id"], personal.as_str(), "{all}");
+    // Reaching them through the gateway: the team session for members and admins, the personal
+    // one for its owner alone.
+    let reach =
+        |key: &str, id: &str| at_gateway(&stack, get.clone(), &format!("/{id}/status"), Some(key));
+    wait_for(
+        "erin to reach the team session",
+        Duration::from_secs(20),
+        || async { Ok((reach(&erin, &team_id).send().await?.status() == 200).then_some(())) },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "carol to reach her session",
+        Duration::from_secs(20),
+        || async { Ok((reach(&carol, &personal).send().await?.status() == 200).then_some(())) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(reach(&boss, &team_id).send().await.unwrap().status(), 200);
+    assert_eq!(reach(&dave, &team_id).send().await.unwrap().status(), 404);
+    assert_eq!(reach(&erin, &personal).send().await.unwrap().status(), 404);
+    assert_eq!(reach(&boss, &personal).send().await.unwrap().status(), 404);
+    // Deleting: not by an outsider; by a team member; by an admin for anyone's.
+    let delete = |key: &str, id: &str| {
+        at_gateway(
+            &stack,
+            reqwest::Method::DELETE,
+            &format!("/sessions/{id}"),
+            Some(key),
+        )
+    };
+    assert_eq!(json_of(delete(&dave, &team_id)).await.0, 404);
+    assert_eq!(json_of(delete(&erin, &team_id)).await.0, 200);
+    assert_eq!(json_of(delete(&boss, &personal)).await.0, 200);
+    until_status(&stack, &carol, &personal, "stopped").await;
 }
