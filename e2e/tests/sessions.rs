@@ -1643,8 +1643,8 @@ async fn team_sessions_are_for_the_teams_members_and_admins_see_everything() {
     };
     until_status(&stack, &carol, &personal, "active").await;
     // The team's members and admins see the team session; others do not.
-    assert_eq!(team_search(&erin).await, [team_id.clone()]);
-    assert_eq!(team_search(&boss).await, [team_id.clone()]);
+    assert_eq!(team_search(&erin).await, vec![team_id.as_str()]);
+    assert_eq!(team_search(&boss).await, vec![team_id.as_str()]);
     assert!(team_search(&dave).await.is_empty());
     // Without scope=team: personal sessions; admins see everyone's.
     let (_, mine) = json_of(at_gateway(&stack, get.clone(), "/search", Some(&erin))).await;
