@@ -682,6 +682,7 @@ impl Agent {
         let mut targets: Vec<TargetStatus> = by_port.into_values().collect();
         targets.sort_by(|a, b| (a.resource_id, &a.target).cmp(&(b.resource_id, &b.target)));
         StatusReport {
+            session_accesses: Vec::new(),
             sessions: self.session_states(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),

@@ -1,12 +1,62 @@
-//! An MCP server over stdio (JSON-RPC 2.0, one message per line) whose tools manage agent
-//! sessions through a [`Client`]: `list_sessions`, `create_session`, `send_message`,
-//! `get_messages`, `delete_session`. An MCP client (Claude Desktop, an IDE) runs
-//! `kakuremichi sessions mcp` as a local server.
+//! MCP for agent sessions: the tools `list_sessions`, `create_session`, `send_message`,
+//! `get_messages`, `delete_session`, answered by [`handle`] over anything that implements
+//! [`Sessions`]. Two transports use it: a local server over stdio (JSON-RPC 2.0, one message per
+//! line) that an MCP client (Claude Desktop, an IDE) runs as `kakuremichi sessions mcp`, with a
+//! [`Client`]; and the gateways' `POST /mcp` on the sessions hostname (streamable HTTP).
+
+use std::future::Future;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
 
-use crate::{Client, ClientError, StartRequest};
+use crate::{Client, ClientError, Message, Session, StartRequest};
+
+/// What the tools need: the sessions API as one user sees it.
+pub trait Sessions: Sync {
+    /// `/search`.
+    fn search(
+        &self,
+        query: &[(String, String)],
+    ) -> impl Future<Output = Result<Vec<Session>, ClientError>> + Send;
+    /// `/start`: the new session's id.
+    fn start(&self, req: &StartRequest)
+        -> impl Future<Output = Result<String, ClientError>> + Send;
+    /// `POST /{id}/message`.
+    fn send(&self, id: &str, content: &str)
+        -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `GET /{id}/messages`.
+    fn messages(&self, id: &str) -> impl Future<Output = Result<Vec<Message>, ClientError>> + Send;
+    /// `DELETE /sessions/{id}`.
+    fn delete(&self, id: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+impl Sessions for Client {
+    fn search(
+        &self,
+        query: &[(String, String)],
+    ) -> impl Future<Output = Result<Vec<Session>, ClientError>> + Send {
+        Client::search(self, query)
+    }
+    fn start(
+        &self,
+        req: &StartRequest,
+    ) -> impl Future<Output = Result<String, ClientError>> + Send {
+        Client::start(self, req)
+    }
+    fn send(
+        &self,
+        id: &str,
+        content: &str,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send {
+        Client::send(self, id, content)
+    }
+    fn messages(&self, id: &str) -> impl Future<Output = Result<Vec<Message>, ClientError>> + Send {
+        Client::messages(self, id)
+    }
+    fn delete(&self, id: &str) -> impl Future<Output = Result<(), ClientError>> + Send {
+        Client::delete(self, id)
+    }
+}
 
 /// The protocol version this server speaks.
 pub const PROTOCOL_VERSION: &str = "2025-06-18";
@@ -69,7 +119,7 @@ fn arg<'a>(args: &'a Value, name: &str) -> Result<&'a str, ClientError> {
 }
 
 /// Runs one tool: its result as JSON text.
-pub async fn call(client: &Client, name: &str, args: &Value) -> Result<Value, ClientError> {
+pub async fn call<S: Sessions>(client: &S, name: &str, args: &Value) -> Result<Value, ClientError> {
     match name {
         "list_sessions" => {
             let mut q: Vec<(String, String)> = Vec::new();
@@ -113,7 +163,7 @@ pub async fn call(client: &Client, name: &str, args: &Value) -> Result<Value, Cl
 }
 
 /// Answers one JSON-RPC message; `None` for a notification.
-pub async fn handle(client: &Client, msg: &Value) -> Option<Value> {
+pub async fn handle<S: Sessions>(client: &S, msg: &Value) -> Option<Value> {
     let id = msg.get("id").cloned()?;
     let method = msg["method"].as_str().unwrap_or("");
     let result = match method {

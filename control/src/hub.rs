@@ -629,6 +629,10 @@ async fn handle(
                         .await;
                 }
             }
+            let accesses = std::mem::take(&mut report.session_accesses);
+            if kind == NodeKind::Gateway && !accesses.is_empty() {
+                crate::sessions::audit_accesses(state, id, accesses).await;
+            }
             if kind == NodeKind::Agent && !report.sessions.is_empty() {
                 crate::sessions::on_report(state, id, &report.sessions).await;
             }

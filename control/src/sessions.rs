@@ -79,6 +79,46 @@ pub async fn on_report(state: &AppState, site: Uuid, states: &[kakuremichi_proto
     }
 }
 
+/// Writes a gateway's counted session accesses to the audit log: one line per session, user
+/// and client (`session_access`, outcome `ok` or `ok xN`), in the session's organization.
+pub async fn audit_accesses(
+    state: &AppState,
+    gateway: Uuid,
+    accesses: Vec<kakuremichi_proto::SessionAccess>,
+) {
+    let world = state.world().await.ok();
+    for a in accesses.into_iter().take(1000) {
+        let org_id = world.as_ref().and_then(|w| {
+            w.sessions
+                .as_ref()?
+                .sessions
+                .iter()
+                .find(|(s, _)| s.id == a.session_id)
+                .map(|(s, _)| s.org_id)
+                .or_else(|| w.node(NodeKind::Gateway, gateway).map(|g| g.org_id))
+        });
+        state
+            .audit(crate::store::AuditEntry {
+                at: a.first_at_ms,
+                actor: match a.user {
+                    Some(u) => format!("user:{u}"),
+                    None => "share-link".into(),
+                },
+                action: "session_access".into(),
+                target: Some(a.session_id.to_string()),
+                outcome: if a.count > 1 {
+                    format!("ok x{}", a.count)
+                } else {
+                    "ok".into()
+                },
+                client: a.client.map(|c| c.to_string()),
+                detail: Some(format!("through gateway:{gateway}")),
+                org_id,
+            })
+            .await;
+    }
+}
+
 /// The routes under `/api/v1/sessions` that need an API key.
 pub fn router() -> Router<AppState> {
     Router::new()

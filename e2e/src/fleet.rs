@@ -1133,6 +1133,7 @@ async fn session(
                 }
             }
             _ = status_tick.tick() => Some(NodeMessage::Status(StatusReport {
+                session_accesses: Vec::new(),
                 sessions: Vec::new(),
                 applied_version: applied.unwrap_or(0),
                 peers: Vec::new(),

@@ -696,7 +696,7 @@ async fn until_status(stack: &kakuremichi_e2e::Stack, key: &str, id: &str, statu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_apart() {
     let stack = sessions_stack(8).await;
-    let (_ann, ann) = member_key(&stack, "ann@example.com").await;
+    let (ann_id, ann) = member_key(&stack, "ann@example.com").await;
     let (_bob, bob) = member_key(&stack, "bob@example.com").await;
     let get = reqwest::Method::GET;
     let post = reqwest::Method::POST;
@@ -1107,6 +1107,27 @@ async fn agentapi_proxy_clients_work_unchanged_through_a_gateway_and_users_stay_
             .any(|s| s["session_id"] == id.as_str()),
         "{body}"
     );
+    // Every access is in the audit log: the owner's requests and the share link's, counted.
+    wait_for(
+        "session accesses in the audit log",
+        Duration::from_secs(20),
+        || async {
+            let log = stack
+                .api
+                .get("/api/v1/audit?action=session_access&limit=1000")
+                .await?;
+            let lines = log.as_array().cloned().unwrap_or_default();
+            let by = |actor: &str| {
+                lines.iter().any(|l| {
+                    l["target"] == id.as_str()
+                        && l["actor"].as_str().is_some_and(|a| a.starts_with(actor))
+                })
+            };
+            Ok((by(&format!("user:{ann_id}")) && by("share-link")).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
     // The environment is sealed at rest: the secret is nowhere in control's database.
     let mut files = 0;
     for entry in std::fs::read_dir(stack.dir.path().join("control")).unwrap() {
@@ -1596,6 +1617,117 @@ async fn the_cli_and_its_mcp_server_manage_sessions_through_a_gateway() {
     let unknown = ask(rpc("nonsense", serde_json::json!({}))).await;
     assert_eq!(unknown["error"]["code"], -32601);
     until_status(&stack, &key, &mcp_id, "stopped").await;
+
+    // The same tools over HTTP at the gateway's /mcp (streamable HTTP, JSON answers).
+    let http_rpc = |key: Option<&str>, body: Value| {
+        let r = at_gateway(&stack, reqwest::Method::POST, "/mcp", None)
+            .header("accept", "application/json, text/event-stream")
+            .json(&body);
+        match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    };
+    let rpc_body = |id: u64, method: &str, params: Value| serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    let r = http_rpc(None, rpc_body(1, "tools/list", serde_json::json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let (code, init) = json_of(http_rpc(
+        Some(&key),
+        rpc_body(1, "initialize", serde_json::json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}})),
+    ))
+    .await;
+    assert_eq!(code, 200, "{init}");
+    assert_eq!(init["result"]["serverInfo"]["name"], "kakuremichi-sessions");
+    let note = http_rpc(
+        Some(&key),
+        serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(note.status(), 202);
+    let tool = |id: u64, name: &str, args: Value| {
+        http_rpc(
+            Some(&key),
+            rpc_body(
+                id,
+                "tools/call",
+                serde_json::json!({"name": name, "arguments": args}),
+            ),
+        )
+    };
+    let (_, created) = json_of(tool(
+        2,
+        "create_session",
+        serde_json::json!({"tags": {"via": "http-mcp"}}),
+    ))
+    .await;
+    let http_id = created["result"]["structuredContent"]["session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{created}"))
+        .to_owned();
+    until_status(&stack, &key, &http_id, "active").await;
+    wait_for(
+        "the gateway to route the HTTP MCP session",
+        Duration::from_secs(10),
+        || async {
+            let (_, sent) = json_of(tool(
+                3,
+                "send_message",
+                serde_json::json!({"session_id": http_id, "message": "over http"}),
+            ))
+            .await;
+            Ok((sent["result"]["isError"] == false).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the answer over HTTP MCP",
+        Duration::from_secs(10),
+        || async {
+            let (_, got) = json_of(tool(
+                4,
+                "get_messages",
+                serde_json::json!({"session_id": http_id}),
+            ))
+            .await;
+            Ok(got.to_string().contains("echo: over http").then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let (_, listed) = json_of(tool(
+        5,
+        "list_sessions",
+        serde_json::json!({"tags": {"via": "http-mcp"}}),
+    ))
+    .await;
+    assert_eq!(
+        listed["result"]["structuredContent"]["sessions"][0]["session_id"],
+        http_id.as_str()
+    );
+    // Another user's session is not found through MCP either.
+    let (_, other) = json_of(tool(
+        6,
+        "get_messages",
+        serde_json::json!({"session_id": Uuid::new_v4()}),
+    ))
+    .await;
+    assert_eq!(other["result"]["isError"], true, "{other}");
+    assert!(other.to_string().contains("Session not found"), "{other}");
+    let (_, deleted) = json_of(tool(
+        7,
+        "delete_session",
+        serde_json::json!({"session_id": http_id}),
+    ))
+    .await;
+    assert_eq!(deleted["result"]["isError"], false, "{deleted}");
+    until_status(&stack, &key, &http_id, "stopped").await;
     cli(&stack, &key, &["rm", &id]).unwrap();
 }
 

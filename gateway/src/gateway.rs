@@ -296,6 +296,7 @@ impl Gateway {
     /// The status report: applied version and peer counters.
     pub fn status(&self) -> StatusReport {
         StatusReport {
+            session_accesses: self.inner.proxy.session_accesses().take(),
             sessions: Vec::new(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
@@ -393,5 +394,9 @@ impl NodeHooks for Gateway {
 
     fn undelivered(&self, report: StatusReport) {
         self.inner.proxy.refusals().restore(report.refusals);
+        self.inner
+            .proxy
+            .session_accesses()
+            .restore(report.session_accesses);
     }
 }

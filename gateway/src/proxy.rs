@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::routing::{request_host, Dial, RouteTable, RouteTarget};
 
 mod sessions;
-pub use sessions::SessionsTable;
+pub use sessions::{SessionAccessBook, SessionsTable};
 
 /// Body of every response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -371,6 +371,7 @@ pub struct Proxy {
     refusals: auth::Refusals,
     control_up: AtomicBool,
     sessions: RwLock<Option<Arc<SessionsTable>>>,
+    session_accesses: SessionAccessBook,
     control_http: reqwest::Client,
 }
 
@@ -407,6 +408,7 @@ impl Proxy {
             refusals: auth::Refusals::default(),
             control_up: AtomicBool::new(false),
             sessions: RwLock::new(None),
+            session_accesses: SessionAccessBook::default(),
             control_http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .redirect(reqwest::redirect::Policy::none())

@@ -30,6 +30,7 @@ impl NodeHooks for Hooks {
     }
     fn status(&self) -> StatusReport {
         StatusReport {
+            session_accesses: Vec::new(),
             sessions: Vec::new(),
             applied_version: 0,
             peers: vec![],

@@ -725,6 +725,28 @@ pub struct StatusReport {
     /// Agent only: its sessions (ended ones for a while too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<SessionState>,
+    /// Gateway only: requests that reached agent sessions since the last report, for control's
+    /// audit log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_accesses: Vec<SessionAccess>,
+}
+
+/// Requests from one client that reached one agent session through a gateway, counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAccess {
+    /// The session.
+    pub session_id: Uuid,
+    /// The user whose key was used; `None` for a share link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Uuid>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<std::net::IpAddr>,
+    /// How many requests.
+    pub count: u32,
+    /// The first one (unix ms).
+    pub first_at_ms: i64,
 }
 
 /// Requests a gateway refused access (a refused token, a user the policy does not allow, a
@@ -1042,6 +1064,7 @@ mod tests {
     fn status_golden() {
         golden(
             NodeMessage::Status(StatusReport {
+                session_accesses: Vec::new(),
                 sessions: Vec::new(),
                 applied_version: 4,
                 peers: vec![PeerStatus {

@@ -298,6 +298,7 @@ async fn applied_and_status_are_visible_through_get() {
     send(
         &mut ws,
         &NodeMessage::Status(StatusReport {
+            session_accesses: Vec::new(),
             sessions: Vec::new(),
             applied_version: snap.version,
             peers: vec![PeerStatus {
