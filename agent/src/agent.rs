@@ -683,6 +683,7 @@ impl Agent {
         targets.sort_by(|a, b| (a.resource_id, &a.target).cmp(&(b.resource_id, &b.target)));
         StatusReport {
             session_accesses: Vec::new(),
+            session_labels: self.session_labels(),
             sessions: self.session_states(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
@@ -720,9 +721,8 @@ impl Agent {
             }
             return;
         };
-        if wanted.is_empty() && self.inner.sessions.get().is_none() {
-            return;
-        }
+        // Started at the first config even when it lists no session: the host first ends what an
+        // earlier run left (orphaned process groups, folders of ended sessions).
         let host = self.inner.sessions.get_or_init(|| {
             let host = SessionHost::spawn(config.clone());
             let mut changes = host.changes();
@@ -775,6 +775,7 @@ impl Agent {
                     .collect(),
                 ttl: spec.ttl_secs.map(Duration::from_secs),
                 initial_message: spec.initial_message.clone(),
+                oneshot: spec.oneshot,
             };
             if let Err(e) = host.start(req).await {
                 tracing::warn!(session = %spec.id, error = %e, "cannot start a session");
@@ -786,6 +787,16 @@ impl Agent {
                 self.inner.status_wake.notify_one();
             }
         }
+    }
+
+    /// The labels this agent runs sessions with (none when it runs no sessions).
+    fn session_labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.inner
+            .options
+            .sessions
+            .as_ref()
+            .map(|c| c.labels.clone())
+            .unwrap_or_default()
     }
 
     /// This agent's sessions, for the status report.

@@ -95,6 +95,14 @@ pub struct SessionArgs {
     /// and one user per session, else shared).
     #[arg(long, env = "KAKUREMICHI_AGENT_SESSION_MAX_PROCESSES")]
     pub session_max_processes: Option<u64>,
+    /// A label of this agent, KEY=VALUE (repeat it, or commas in the variable): a new session
+    /// whose tags hold KEY=VALUE runs on an agent with that label (the most such tags wins).
+    #[arg(
+        long = "session-label",
+        env = "KAKUREMICHI_AGENT_SESSION_LABELS",
+        value_delimiter = ','
+    )]
+    pub session_labels: Vec<String>,
 }
 
 /// The `--config` file.
@@ -121,6 +129,9 @@ pub struct FileConfig {
     session_memory_mib: Option<u64>,
     session_cpu_secs: Option<u64>,
     session_max_processes: Option<u64>,
+    /// `[session_labels]`: KEY = "VALUE".
+    #[serde(default)]
+    session_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -176,6 +187,14 @@ impl Cli {
                 session_memory_mib: a.session_memory_mib.or(file.session_memory_mib),
                 session_cpu_secs: a.session_cpu_secs.or(file.session_cpu_secs),
                 session_max_processes: a.session_max_processes.or(file.session_max_processes),
+                session_labels: if a.session_labels.is_empty() {
+                    file.session_labels
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect()
+                } else {
+                    a.session_labels
+                },
             },
             &node.data_dir,
         )?;
@@ -268,6 +287,18 @@ fn session_config(a: SessionArgs, data_dir: &std::path::Path) -> Result<HostConf
                 "session limits need util-linux's prlimit on PATH (apt install util-linux)".into(),
             ));
         }
+    }
+    for label in &a.session_labels {
+        let (k, v) = label
+            .split_once('=')
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .filter(|(k, v)| !k.is_empty() && k.len() <= 128 && v.len() <= 1024)
+            .ok_or_else(|| {
+                bad(format!(
+                    "--session-label {label:?} is not KEY=VALUE (a key of 1 to 128 bytes)"
+                ))
+            })?;
+        config.labels.insert(k.to_owned(), v.to_owned());
     }
     if let Some(n) = a.max_sessions {
         if n == 0 {
@@ -440,9 +471,20 @@ mod tests {
             "my-agent --listen {port}",
             "--max-sessions",
             "3",
+            "--session-label",
+            "repo=api,gpu = yes",
+            "--session-label",
+            "zone=",
         ])
         .resolve_all()
         .unwrap();
+        assert_eq!(
+            s.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+            ["gpu=yes", "repo=api", "zone="]
+        );
         assert_eq!(
             (s.limits.first_port, s.limits.ports, s.limits.max_sessions),
             (4000, 10, 3)
@@ -455,16 +497,23 @@ mod tests {
             &["--session-command", "  "],
             &["--session-startup-script", "/nonexistent/script.sh"],
             &["--session-user", "no-such-user-here"],
+            &["--session-label", "no-equals-sign"],
+            &["--session-label", "=value"],
         ] {
             let args = std::iter::once("kakuremichi-agent").chain(bad.iter().copied());
             assert!(Cli::parse_from(args).resolve_all().is_err(), "{bad:?}");
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.toml");
-        std::fs::write(&path, "session_ports = \"5000-5001\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "session_ports = \"5000-5001\"\n[session_labels]\nrepo = \"web\"\n",
+        )
+        .unwrap();
         let (_, s) = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
             .resolve_all()
             .unwrap();
         assert_eq!((s.limits.first_port, s.limits.ports), (5000, 2));
+        assert_eq!(s.labels.get("repo").map(String::as_str), Some("web"));
     }
 }

@@ -24,6 +24,7 @@ use instant_acme::{
 };
 use kakuremichi_proto::{NodeKind, RouteProtocol, Secret};
 use rand::Rng as _;
+use uuid::Uuid;
 
 use crate::certs;
 use crate::dns::Rfc2136;
@@ -109,8 +110,9 @@ pub async fn run(state: AppState, settings: AcmeSettings) {
     }
 }
 
-/// Creates an ACME certificate for every HTTP resource hostname no certificate covers, and removes
-/// automatic ones whose resource is gone.
+/// Creates an ACME certificate for every HTTP resource hostname (and the agent sessions
+/// hostname, under the default organization, whose gateways serve it) no certificate covers, and
+/// removes automatic ones whose hostname is no longer served.
 async fn ensure_resource_certificates(
     state: &AppState,
     settings: &AcmeSettings,
@@ -120,32 +122,34 @@ async fn ensure_resource_certificates(
     };
     let resources = state.store.list_resources().await?;
     let certificates = state.store.list_certificates().await?;
-    let hosts: Vec<&str> = resources
+    let wanted: Vec<(Uuid, &str)> = resources
         .iter()
         .filter(|r| r.protocol == RouteProtocol::Http)
-        .map(|r| r.hostname.as_str())
+        .map(|r| (r.org_id, r.hostname.as_str()))
+        .chain(
+            state
+                .store
+                .sessions_host()
+                .map(|h| (crate::store::DEFAULT_ORG, h)),
+        )
         .collect();
-    for r in resources
-        .iter()
-        .filter(|r| r.protocol == RouteProtocol::Http)
-    {
-        let host = r.hostname.as_str();
-        // Only the resource's own organization's certificates count.
+    for &(org, host) in &wanted {
+        // Only the hostname's own organization's certificates count.
         if certificates
             .iter()
-            .any(|c| c.org_id == r.org_id && certs::covers(&c.names, host))
+            .any(|c| c.org_id == org && certs::covers(&c.names, host))
         {
             continue;
         }
         let c = state
             .store
-            .create_acme_certificate(r.org_id, &[host.to_owned()], challenge, true)
+            .create_acme_certificate(org, &[host.to_owned()], challenge, true)
             .await?;
-        tracing::info!(certificate_id = %c.id, %host, "ordering a certificate for a resource");
+        tracing::info!(certificate_id = %c.id, %host, "ordering a certificate for a hostname gateways serve");
     }
     for c in certificates.iter().filter(|c| c.auto_resource) {
-        if !c.names.iter().any(|n| hosts.contains(&n.as_str())) {
-            tracing::info!(certificate_id = %c.id, names = ?c.names, "resource gone: certificate removed");
+        if !c.names.iter().any(|n| wanted.iter().any(|(_, h)| h == n)) {
+            tracing::info!(certificate_id = %c.id, names = ?c.names, "hostname no longer served: certificate removed");
             state.store.delete_certificate(c.id).await?;
         }
     }

@@ -29,7 +29,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::api::ApiPath;
-use crate::store::{AgentSession, ApiKey, NewAgentSession};
+use crate::store::{AgentSession, ApiKey, NewAgentSession, Node};
 use crate::{ApiError, AppState};
 
 /// How often the status stream sends a heartbeat comment.
@@ -367,6 +367,13 @@ async fn start(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let caller = Caller::of(&state, &key).await?;
+    if caller.user.is_none() && !caller.admin {
+        // Nobody could see or reach it: a session belongs to a user (or a team of users).
+        return Err(ApiError::Forbidden(
+            "sessions are started with a user's API key (or an organization key holding every permission)"
+                .into(),
+        ));
+    }
     let req: StartRequest = if body.iter().all(u8::is_ascii_whitespace) {
         StartRequest::default()
     } else {
@@ -404,7 +411,7 @@ async fn start(
             ))
         })?),
     };
-    let site = choose_site(&state, caller.org, req.site.as_deref()).await?;
+    let site = choose_site(&state, caller.org, req.site.as_deref(), &req.tags).await?;
     let session = state
         .store
         .create_agent_session(
@@ -428,14 +435,21 @@ async fn start(
 }
 
 /// The site to run a new session on: the one named (by id or name; it must be online), else
-/// the online site of the organization with the fewest live sessions.
-async fn choose_site(state: &AppState, org: Uuid, named: Option<&str>) -> Result<Uuid, ApiError> {
+/// of the organization's online sites the one whose labels match most of the session's tags,
+/// then the one with the fewest live sessions.
+async fn choose_site(
+    state: &AppState,
+    org: Uuid,
+    named: Option<&str>,
+    tags: &BTreeMap<String, String>,
+) -> Result<Uuid, ApiError> {
     let sites: Vec<_> = state
         .store
         .list_nodes(NodeKind::Agent)
         .await?
         .into_iter()
         .filter(|s| s.org_id == org)
+        .map(|s| crate::api::nodes::fresh(state, s))
         .collect();
     if let Some(name) = named.filter(|n| !n.is_empty()) {
         let site = sites
@@ -451,12 +465,36 @@ async fn choose_site(state: &AppState, org: Uuid, named: Option<&str>) -> Result
         return Ok(site.id);
     }
     let load = state.store.live_sessions_per_site().await?;
+    let online: Vec<&Node> = sites.iter().filter(|s| state.hub.is_online(s.id)).collect();
+    pick_site(&online, tags, &load)
+        .ok_or_else(|| ApiError::Conflict("no site is online to run the session".into()))
+}
+
+/// Of `sites`, the one whose session labels (from its agent's status reports) match most of
+/// the session's `tags`, then the one running the fewest live sessions, then by name.
+fn pick_site(
+    sites: &[&Node],
+    tags: &BTreeMap<String, String>,
+    load: &BTreeMap<Uuid, i64>,
+) -> Option<Uuid> {
+    let matches = |site: &Node| {
+        site.last_status.as_ref().map_or(0, |st| {
+            st.session_labels
+                .iter()
+                .filter(|(k, v)| tags.get(*k) == Some(*v))
+                .count()
+        })
+    };
     sites
         .iter()
-        .filter(|s| state.hub.is_online(s.id))
-        .min_by_key(|s| (load.get(&s.id).copied().unwrap_or(0), s.name.clone()))
+        .min_by_key(|s| {
+            (
+                std::cmp::Reverse(matches(s)),
+                load.get(&s.id).copied().unwrap_or(0),
+                s.name.clone(),
+            )
+        })
         .map(|s| s.id)
-        .ok_or_else(|| ApiError::Conflict("no site is online to run the session".into()))
 }
 
 /// RFC 3339 (UTC, seconds) of a unix-ms time.
@@ -875,6 +913,76 @@ fn redirect(state: &AppState, uri: &Uri) -> Result<Response, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn site(n: u128, name: &str, labels: &[(&str, &str)]) -> Node {
+        Node {
+            id: Uuid::from_u128(n),
+            kind: NodeKind::Agent,
+            org_id: Uuid::nil(),
+            name: name.into(),
+            overlay_address: std::net::Ipv4Addr::new(100, 64, 0, n as u8),
+            endpoint: None,
+            public_key: None,
+            has_credential: true,
+            last_seen_at: None,
+            applied_version: None,
+            software_version: None,
+            last_status: (!labels.is_empty()).then(|| kakuremichi_proto::StatusReport {
+                applied_version: 1,
+                peers: Vec::new(),
+                targets: Vec::new(),
+                refusals: Vec::new(),
+                sessions: Vec::new(),
+                session_accesses: Vec::new(),
+                session_labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            }),
+            last_status_at: None,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_site_is_the_one_matching_most_tags_then_the_least_loaded() {
+        let a = site(1, "a", &[]);
+        let b = site(2, "b", &[("repo", "api"), ("gpu", "yes")]);
+        let c = site(3, "c", &[("repo", "web")]);
+        let sites = [&a, &b, &c];
+        let tags = |t: &[(&str, &str)]| -> BTreeMap<String, String> {
+            t.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let mut load = BTreeMap::new();
+        // No tags, no load: by name.
+        assert_eq!(pick_site(&sites, &tags(&[]), &load), Some(a.id));
+        load.insert(a.id, 3);
+        load.insert(b.id, 5);
+        // The least loaded.
+        assert_eq!(pick_site(&sites, &tags(&[]), &load), Some(c.id));
+        // A matching tag beats load; a tag no site has changes nothing.
+        assert_eq!(
+            pick_site(&sites, &tags(&[("repo", "api"), ("team", "x")]), &load),
+            Some(b.id)
+        );
+        assert_eq!(
+            pick_site(&sites, &tags(&[("repo", "web")]), &load),
+            Some(c.id)
+        );
+        // The most matches wins.
+        let d = site(4, "d", &[("repo", "api")]);
+        assert_eq!(
+            pick_site(
+                &[&a, &b, &c, &d],
+                &tags(&[("repo", "api"), ("gpu", "yes")]),
+                &load
+            ),
+            Some(b.id)
+        );
+        assert_eq!(pick_site(&[], &tags(&[]), &load), None);
+    }
 
     #[test]
     fn go_durations() {

@@ -327,6 +327,7 @@ impl World {
                             env: s.env.clone(),
                             ttl_secs: s.ttl_secs,
                             initial_message: s.initial_message.clone(),
+                            oneshot: s.oneshot,
                         })
                         .collect();
                 }

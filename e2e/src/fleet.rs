@@ -1134,6 +1134,7 @@ async fn session(
             }
             _ = status_tick.tick() => Some(NodeMessage::Status(StatusReport {
                 session_accesses: Vec::new(),
+                session_labels: Default::default(),
                 sessions: Vec::new(),
                 applied_version: applied.unwrap_or(0),
                 peers: Vec::new(),

@@ -641,6 +641,24 @@ impl Stack {
         )
     }
 
+    /// [`Stack::start_another_agent`] with `agent_args` in place of the stack's own extra agent
+    /// arguments.
+    pub fn start_another_agent_with(
+        &self,
+        name: &str,
+        token: &str,
+        agent_args: &[String],
+    ) -> anyhow::Result<Proc> {
+        let mut opts = self.opts.clone();
+        opts.agent_args = agent_args.to_vec();
+        start_agent_named(
+            &opts,
+            self.dir.path(),
+            &format!("agent-{name}"),
+            Some(token),
+        )
+    }
+
     /// Stops control.
     pub fn stop_control(&mut self) {
         self.control.kill();

@@ -236,6 +236,9 @@ async fn control_orders_http01_tls_alpn01_and_dns01_wildcard_certificates_two_ga
         knot.tsig_name.clone(),
         "--acme-dns-tsig-secret-file".into(),
         tsig.display().to_string(),
+        // The agent sessions hostname gets its certificate too.
+        "--sessions-hostname".into(),
+        "agents.acme.test".into(),
     ];
     let mut stack = Stack::start_with(opts).await.unwrap();
     let api = stack.api.clone();
@@ -308,12 +311,12 @@ async fn control_orders_http01_tls_alpn01_and_dns01_wildcard_certificates_two_ga
     }
     let ordered = Instant::now();
     let all = wait_for(
-        "three valid certificates",
+        "four valid certificates",
         Duration::from_secs(90),
         || async {
             let all = certificates(&api).await;
             let valid = all.iter().filter(|c| c["status"] == "valid").count();
-            Ok((all.len() == 3 && valid == 3).then_some(all))
+            Ok((all.len() == 4 && valid == 4).then_some(all))
         },
     )
     .await;
@@ -326,7 +329,7 @@ async fn control_orders_http01_tls_alpn01_and_dns01_wildcard_certificates_two_ga
             gateway2.log_tail(40)
         ),
     };
-    println!("three certificates issued in {:?}", ordered.elapsed());
+    println!("four certificates issued in {:?}", ordered.elapsed());
     let by_name = |n: &str| {
         all.iter()
             .find(|c| c["names"] == json!([n]))
@@ -337,6 +340,11 @@ async fn control_orders_http01_tls_alpn01_and_dns01_wildcard_certificates_two_ga
     assert_eq!(app["challenge"], "http-01");
     assert_eq!(app["auto_resource"], true);
     assert_eq!(by_name("b.acme.test")["challenge"], "tls-alpn-01");
+    let sessions = by_name("agents.acme.test");
+    assert_eq!(
+        (&sessions["challenge"], &sessions["auto_resource"]),
+        (&json!("http-01"), &json!(true))
+    );
     assert_eq!(by_name("*.wild.acme.test")["challenge"], "dns-01");
     assert!(!json!(all).to_string().contains("PRIVATE KEY"));
     // The DNS-01 record was removed after the order.
@@ -347,7 +355,12 @@ async fn control_orders_http01_tls_alpn01_and_dns01_wildcard_certificates_two_ga
     let gw1: std::net::SocketAddr = ([127, 0, 0, 1], https_port).into();
     let gw2_addr: std::net::SocketAddr = ([127, 0, 0, 2], https_port).into();
     let mut first = std::collections::HashMap::new();
-    for sni in ["app.acme.test", "b.acme.test", "x.wild.acme.test"] {
+    for sni in [
+        "app.acme.test",
+        "b.acme.test",
+        "x.wild.acme.test",
+        "agents.acme.test",
+    ] {
         let a = wait_for(
             "a gateway to serve the certificate",
             Duration::from_secs(10),

@@ -102,6 +102,7 @@ fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
             cpu_secs: Some(3600),
             processes: None,
         },
+        labels: BTreeMap::new(),
         limits: Limits {
             first_port: first,
             ports: ports_n,
@@ -481,6 +482,7 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
         env: BTreeMap::from([("TOKEN".to_owned(), kakuremichi_proto::Secret::new("s3cret"))]),
         ttl_secs: None,
         initial_message: None,
+        oneshot: false,
     };
     let state_of = |id: Uuid| agent.status().sessions.into_iter().find(|s| s.id == id);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
@@ -1399,6 +1401,16 @@ async fn an_agent_killed_and_started_again_resumes_its_sessions_and_leaves_no_ol
     .await
     .unwrap();
     until_status(&stack, &key, &id, "stopped").await;
+    // Its folder is kept a while after the end, and goes at the agent's next start.
+    assert!(dir.join("session.log").exists());
+    stack.restart_agent().unwrap();
+    wait_for(
+        "the ended session's folder to go",
+        Duration::from_secs(15),
+        || async { Ok((!dir.exists()).then_some(())) },
+    )
+    .await
+    .unwrap();
 }
 
 /// Runs `kakuremichi sessions <args>` against the stack's sessions hostname: its stdout, or
@@ -1818,4 +1830,366 @@ async fn team_sessions_are_for_the_teams_members_and_admins_see_everything() {
     assert_eq!(json_of(delete(&erin, &team_id)).await.0, 200);
     assert_eq!(json_of(delete(&boss, &personal)).await.0, 200);
     until_status(&stack, &carol, &personal, "stopped").await;
+}
+
+/// The arguments of an agent running the fake agentapi as its session command on `n` ports of
+/// this process's block, with `more` after them.
+fn fake_session_args(n: u16, more: &[&str]) -> Vec<String> {
+    let fake = bin("kakuremichi-fake-agentapi").unwrap();
+    let first = ports(n);
+    let mut args = vec![
+        "--session-command".into(),
+        format!(
+            "{} server --port {{port}} --reply-delay-ms 20 -- fake-claude",
+            fake.display()
+        ),
+        "--session-ports".into(),
+        format!("{first}-{}", first + n - 1),
+    ];
+    args.extend(more.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+/// Starts a session with `body` at the gateway: its id.
+async fn start_session(stack: &kakuremichi_e2e::Stack, key: &str, body: Value) -> String {
+    let (code, answer) =
+        json_of(at_gateway(stack, reqwest::Method::POST, "/start", Some(key)).json(&body)).await;
+    assert_eq!(code, 200, "{answer}");
+    answer["session_id"].as_str().unwrap().to_owned()
+}
+
+/// The session as `/search` shows it to `key`'s owner.
+async fn found(stack: &kakuremichi_e2e::Stack, key: &str, id: &str) -> Value {
+    let (code, body) = json_of(at_gateway(
+        stack,
+        reqwest::Method::GET,
+        "/search",
+        Some(key),
+    ))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    body["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session_id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_choose_the_agent_whose_labels_match_and_a_oneshot_session_ends_once_its_agent_answered(
+) {
+    let stack = sessions_stack_with(4, &["--session-label".into(), "repo=api".into()]).await;
+    let second = stack.api.create_site("second").await.unwrap();
+    let _second_agent = stack
+        .start_another_agent_with(
+            "second",
+            &second.token,
+            &fake_session_args(4, &["--session-label", "repo=web,gpu=yes"]),
+        )
+        .unwrap();
+    // Both agents online, their labels known to control.
+    wait_for(
+        "both sites to report their labels",
+        Duration::from_secs(20),
+        || async {
+            let sites = stack.api.get("/api/v1/sites").await?;
+            let labelled = sites
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["online"] == true && s["session_labels"].is_object())
+                .count();
+            Ok((labelled == 2).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let sites = stack.api.get("/api/v1/sites").await.unwrap();
+    let by_name = |name: &str| {
+        sites
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        by_name("second")["session_labels"],
+        serde_json::json!({"repo": "web", "gpu": "yes"})
+    );
+    let (_, key) = member_key(&stack, "ann@example.com").await;
+    // A scoped organization key (no user) cannot start a session nobody could then see.
+    let (status, service) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/api-keys",
+            Some(serde_json::json!({"name": "ci", "scopes": ["session:create", "session:list"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{service}");
+    let (code, body) = json_of(
+        at_gateway(
+            &stack,
+            reqwest::Method::POST,
+            "/start",
+            service["secret"].as_str(),
+        )
+        .json(&serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("a user's API key"),
+        "{body}"
+    );
+
+    // The tags pick the agent, whatever the load: three sessions for web, then api, then the
+    // one matching two tags over the one matching one.
+    let mut web = Vec::new();
+    for _ in 0..2 {
+        web.push(start_session(&stack, &key, serde_json::json!({"tags": {"repo": "web"}})).await);
+    }
+    let api = start_session(&stack, &key, serde_json::json!({"tags": {"repo": "api"}})).await;
+    let both = start_session(
+        &stack,
+        &key,
+        serde_json::json!({"tags": {"repo": "api", "gpu": "yes"}}),
+    )
+    .await;
+    let untagged = start_session(&stack, &key, serde_json::json!({})).await;
+    for id in &web {
+        assert_eq!(found(&stack, &key, id).await["site_id"], second.id.as_str());
+    }
+    let first_site = stack.site_id.clone();
+    assert_eq!(
+        found(&stack, &key, &api).await["site_id"],
+        first_site.as_str()
+    );
+    // repo=api (first) and gpu=yes (second) match one each: the less loaded, the first.
+    assert_eq!(
+        found(&stack, &key, &both).await["site_id"],
+        first_site.as_str()
+    );
+    // No tag: one of the two, the less loaded (here they tie, two each).
+    assert!(!found(&stack, &key, &untagged).await["site_id"].is_null());
+    for id in web.iter().chain([&api, &both, &untagged]) {
+        until_status(&stack, &key, id, "active").await;
+        let (code, _) = json_of(at_gateway(
+            &stack,
+            reqwest::Method::DELETE,
+            &format!("/sessions/{id}"),
+            Some(&key),
+        ))
+        .await;
+        assert_eq!(code, 200);
+    }
+
+    // oneshot: its agent answers the first message, then the session ends by itself.
+    let once = start_session(
+        &stack,
+        &key,
+        serde_json::json!({"params": {"message": "do it once", "oneshot": true}}),
+    )
+    .await;
+    let kept = start_session(
+        &stack,
+        &key,
+        serde_json::json!({"params": {"message": "and stay"}}),
+    )
+    .await;
+    until_status(&stack, &key, &once, "stopped").await;
+    let s = found(&stack, &key, &once).await;
+    assert_eq!(s["reason"], "oneshot: its agent finished", "{s}");
+    until_status(&stack, &key, &kept, "active").await;
+    wait_for(
+        "the kept session's answer",
+        Duration::from_secs(10),
+        || async {
+            Ok(session_messages(&stack, &key, &kept)
+                .await
+                .iter()
+                .any(|m| m["content"] == "echo: and stay")
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(found(&stack, &key, &kept).await["status"], "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_serve_while_control_is_down_and_a_control_restart_loses_nothing() {
+    let mut stack = sessions_stack(4).await;
+    let (_, key) = member_key(&stack, "ann@example.com").await;
+    let id = start_session(
+        &stack,
+        &key,
+        serde_json::json!({
+            "environment": {"API_TOKEN": "s3cret-env"},
+            "tags": {"repository": "org/repo"},
+            "params": {"message": "before", "session_ttl": "2h"},
+        }),
+    )
+    .await;
+    until_status(&stack, &key, &id, "active").await;
+    wait_for("the first answer", Duration::from_secs(10), || async {
+        Ok(session_messages(&stack, &key, &id)
+            .await
+            .iter()
+            .any(|m| m["content"] == "echo: before")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let (code, share) = json_of(at_gateway(
+        &stack,
+        reqwest::Method::POST,
+        &format!("/sessions/{id}/share"),
+        Some(&key),
+    ))
+    .await;
+    assert_eq!(code, 201, "{share}");
+    let token = share["token"].as_str().unwrap().to_owned();
+    let before = found(&stack, &key, &id).await;
+
+    // Control down: the session is still reached through the gateway, by key and share link,
+    // and still works.
+    stack.stop_control();
+    let (code, _) = json_of(
+        at_gateway(
+            &stack,
+            reqwest::Method::POST,
+            &format!("/{id}/message"),
+            Some(&key),
+        )
+        .json(&serde_json::json!({"content": "while control is down", "type": "user"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    wait_for(
+        "the answer without control",
+        Duration::from_secs(10),
+        || async {
+            Ok(session_messages(&stack, &key, &id)
+                .await
+                .iter()
+                .any(|m| m["content"] == "echo: while control is down")
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let r = at_gateway(
+        &stack,
+        reqwest::Method::GET,
+        &format!("/s/{token}/messages"),
+        None,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Control back: the session as it was (same site, tags, times, share link), still active,
+    // its environment not sent again as a new start (the agent runs the same process).
+    let pid_before = working_in(
+        &stack
+            .dir
+            .path()
+            .join("agent/sessions")
+            .join(&id)
+            .canonicalize()
+            .unwrap(),
+    );
+    stack.start_control_again().await.unwrap();
+    wait_for(
+        "sessions through control again",
+        Duration::from_secs(20),
+        || async {
+            let r = at_gateway(&stack, reqwest::Method::GET, "/search", Some(&key))
+                .send()
+                .await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let after = found(&stack, &key, &id).await;
+    for field in [
+        "session_id",
+        "site_id",
+        "tags",
+        "started_at",
+        "scope",
+        "status",
+    ] {
+        assert_eq!(
+            after[field], before[field],
+            "{field}: {before} then {after}"
+        );
+    }
+    let (code, listed) = json_of(at_gateway(
+        &stack,
+        reqwest::Method::GET,
+        &format!("/sessions/{id}/share"),
+        Some(&key),
+    ))
+    .await;
+    assert_eq!(code, 200, "{listed}");
+    assert_eq!(
+        working_in(
+            &stack
+                .dir
+                .path()
+                .join("agent/sessions")
+                .join(&id)
+                .canonicalize()
+                .unwrap()
+        ),
+        pid_before,
+        "the session's process was started again"
+    );
+    // Status changes still reach control: the long poll sees the next answer.
+    let (code, _) = json_of(
+        at_gateway(
+            &stack,
+            reqwest::Method::POST,
+            &format!("/{id}/message"),
+            Some(&key),
+        )
+        .json(&serde_json::json!({"content": "after", "type": "user"})),
+    )
+    .await;
+    assert_eq!(code, 200);
+    wait_for(
+        "the answer after the restart",
+        Duration::from_secs(10),
+        || async {
+            Ok(session_messages(&stack, &key, &id)
+                .await
+                .iter()
+                .any(|m| m["content"] == "echo: after")
+                .then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let (code, _) = json_of(at_gateway(
+        &stack,
+        reqwest::Method::DELETE,
+        &format!("/sessions/{id}"),
+        Some(&key),
+    ))
+    .await;
+    assert_eq!(code, 200);
+    until_status(&stack, &key, &id, "stopped").await;
 }

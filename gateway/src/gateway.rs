@@ -297,6 +297,7 @@ impl Gateway {
     pub fn status(&self) -> StatusReport {
         StatusReport {
             session_accesses: self.inner.proxy.session_accesses().take(),
+            session_labels: Default::default(),
             sessions: Vec::new(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),

@@ -31,6 +31,7 @@ impl NodeHooks for Hooks {
     fn status(&self) -> StatusReport {
         StatusReport {
             session_accesses: Vec::new(),
+            session_labels: Default::default(),
             sessions: Vec::new(),
             applied_version: 0,
             peers: vec![],

@@ -390,6 +390,9 @@ pub struct SessionSpec {
     /// A first message for its agent, sent once it is stable (not again when it is resumed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_message: Option<String>,
+    /// It ends the first time its agent finishes work (agentapi-proxy's `oneshot`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oneshot: bool,
 }
 
 /// Where an agent session is in its life.
@@ -729,6 +732,10 @@ pub struct StatusReport {
     /// audit log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub session_accesses: Vec<SessionAccess>,
+    /// Agent only: the labels it runs sessions with (`--session-label`), which control matches
+    /// against a new session's tags to choose where it runs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub session_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Requests from one client that reached one agent session through a gateway, counted.
@@ -1065,6 +1072,7 @@ mod tests {
         golden(
             NodeMessage::Status(StatusReport {
                 session_accesses: Vec::new(),
+                session_labels: Default::default(),
                 sessions: Vec::new(),
                 applied_version: 4,
                 peers: vec![PeerStatus {

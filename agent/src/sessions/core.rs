@@ -98,6 +98,8 @@ pub enum Action {
     Kill(Uuid),
     /// Its phase changed (tell whoever follows).
     Changed(Uuid),
+    /// It ended a while ago and is forgotten: its working folder may go.
+    Forgotten(Uuid),
 }
 
 /// What is known of one session.
@@ -130,6 +132,10 @@ struct Session {
     forget_at: Option<Instant>,
     /// The phase to end in once its process exits (a failure found while it ran).
     end_as: Option<(Phase, String)>,
+    /// It ends the first time its agent finishes work (`running`, then `stable`).
+    oneshot: bool,
+    /// Its agent was seen `running`.
+    worked: bool,
 }
 
 /// Every session of one agent.
@@ -222,11 +228,21 @@ impl Sessions {
                 ttl_at: ttl.map(|t| now + t),
                 forget_at: None,
                 end_as: None,
+                oneshot: false,
+                worked: false,
             },
         );
         self.actions.push_back(Action::Changed(id));
         self.actions.push_back(Action::Spawn { id, port });
         Ok(port)
+    }
+
+    /// Session `id` ends, as `stopped`, the first time its agent finishes work: it was seen
+    /// `running`, then `stable` (agentapi-proxy's `oneshot`).
+    pub fn set_oneshot(&mut self, id: Uuid) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.oneshot = true;
+        }
     }
 
     /// Asks session `id` to end (SIGTERM, then SIGKILL after the grace period). `false`: no such
@@ -336,18 +352,30 @@ impl Sessions {
                 s.probe_wait = (s.probe_wait * 2).min(every).max(Duration::from_millis(1));
                 s.probe_at = Some(now + s.probe_wait);
             }
-            (Phase::Active, Some(st)) => s.view.agent_status = Some(st),
+            (Phase::Active, Some(st)) => self.handle_agent_status(id, st, now),
             _ => {}
         }
     }
 
     /// What its agent says on its event stream (`stable` or `running`).
-    pub fn handle_agent_status(&mut self, id: Uuid, status: String) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            if s.view.phase == Phase::Active && s.view.agent_status.as_deref() != Some(&status) {
-                s.view.agent_status = Some(status);
-                self.actions.push_back(Action::Changed(id));
-            }
+    pub fn handle_agent_status(&mut self, id: Uuid, status: String, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.view.phase != Phase::Active || s.view.agent_status.as_deref() == Some(&status) {
+            return;
+        }
+        let finished = s.oneshot && s.worked && status == "stable";
+        s.worked |= status == "running";
+        s.view.agent_status = Some(status);
+        self.actions.push_back(Action::Changed(id));
+        if finished {
+            self.stop_as(
+                id,
+                Phase::Stopped,
+                Some("oneshot: its agent finished".into()),
+                now,
+            );
         }
     }
 
@@ -405,6 +433,7 @@ impl Sessions {
             };
             if s.forget_at.is_some_and(|t| t <= now) {
                 self.sessions.remove(&id);
+                self.actions.push_back(Action::Forgotten(id));
                 continue;
             }
             if s.kill_at.is_some_and(|t| t <= now) {
@@ -554,8 +583,8 @@ mod tests {
         );
         assert_eq!(drain(&mut s), [Action::Changed(id(1))]);
         // Its event stream says it works, then waits.
-        s.handle_agent_status(id(1), "running".into());
-        s.handle_agent_status(id(1), "running".into());
+        s.handle_agent_status(id(1), "running".into(), at);
+        s.handle_agent_status(id(1), "running".into(), at);
         assert_eq!(drain(&mut s), [Action::Changed(id(1))]);
     }
 
@@ -613,6 +642,7 @@ mod tests {
         );
         s.handle_timeout(t0 + Duration::from_secs(61));
         assert!(s.get(id(1)).is_none());
+        assert_eq!(drain(&mut s), [Action::Forgotten(id(1))]);
         // A command that cannot start at all.
         s.start(id(2), None, t0).unwrap();
         s.handle_spawn_failed(id(2), "no such file: agentapi".into(), t0);
@@ -740,5 +770,45 @@ mod tests {
             s.get(id(1)).and_then(|v| v.reason.clone()).as_deref(),
             Some("the agent stopped")
         );
+    }
+
+    #[test]
+    fn a_oneshot_session_ends_once_its_agent_has_worked_and_waits_again() {
+        let t0 = Instant::now();
+        let mut s = Sessions::new(limits());
+        for n in [1, 2] {
+            s.start(id(n), None, t0).unwrap();
+            s.handle_spawned(id(n), t0);
+            s.handle_probe(id(n), Some("stable".into()), t0);
+        }
+        s.set_oneshot(id(1));
+        drain(&mut s);
+        // Stable again without having worked: nothing ends.
+        s.handle_agent_status(id(1), "stable".into(), t0);
+        assert_eq!(drain(&mut s), []);
+        for n in [1, 2] {
+            s.handle_agent_status(id(n), "running".into(), t0);
+            s.handle_agent_status(id(n), "stable".into(), t0);
+        }
+        assert_eq!(s.get(id(1)).unwrap().phase, Phase::Stopping);
+        assert_eq!(
+            drain(&mut s),
+            [
+                Action::Changed(id(1)),
+                Action::Changed(id(1)),
+                Action::Terminate(id(1)),
+                Action::Changed(id(1)),
+                Action::Changed(id(2)),
+                Action::Changed(id(2)),
+            ]
+        );
+        s.handle_exited(id(1), None, t0);
+        let v = s.get(id(1)).unwrap();
+        assert_eq!(
+            (v.phase, v.reason.as_deref()),
+            (Phase::Stopped, Some("oneshot: its agent finished"))
+        );
+        // The other one, not oneshot, goes on.
+        assert_eq!(s.get(id(2)).unwrap().phase, Phase::Active);
     }
 }

@@ -51,6 +51,9 @@ pub struct HostConfig {
     pub rlimits: SessionLimits,
     /// Ports, counts and timers.
     pub limits: Limits,
+    /// Labels control matches against a new session's tags to choose the agent it runs on
+    /// (e.g. `repo=github.com/acme/api`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Resource limits of a session's processes (`setrlimit`, through util-linux `prlimit`): each
@@ -104,6 +107,7 @@ impl HostConfig {
             resume_max_age: DEFAULT_RESUME_MAX_AGE,
             rlimits: SessionLimits::default(),
             limits: Limits::default(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -121,6 +125,8 @@ pub struct StartRequest {
     pub ttl: Option<Duration>,
     /// A first message sent to its agent once it is stable (not when it is resumed).
     pub initial_message: Option<String>,
+    /// It ends the first time its agent finishes work (agentapi-proxy's `oneshot`).
+    pub oneshot: bool,
 }
 
 impl std::fmt::Debug for StartRequest {
@@ -132,6 +138,7 @@ impl std::fmt::Debug for StartRequest {
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("ttl", &self.ttl)
             .field("initial_message", &self.initial_message.is_some())
+            .field("oneshot", &self.oneshot)
             .finish()
     }
 }
@@ -177,6 +184,10 @@ enum Command {
 enum Event {
     Exited(Uuid, Option<i32>),
     Probed(Uuid, Option<String>),
+    /// A `status_change` on its agentapi's `/events`.
+    AgentStatus(Uuid, String),
+    /// Its `/events` is followed (or cannot be): its first message may go.
+    Following(Uuid),
 }
 
 /// The sessions of this agent: a handle to the task that runs them.
@@ -200,11 +211,13 @@ impl SessionHost {
             config: Arc::new(config),
             procs: HashMap::new(),
             requests: HashMap::new(),
+            followers: HashMap::new(),
             events,
             changes: changes.clone(),
         };
         tokio::spawn(async move {
             reap_orphans(&shell.config.work_dir, shell.config.limits.grace).await;
+            remove_ended(&shell.config.work_dir).await;
             shell.run(rx, events_rx).await
         });
         SessionHost {
@@ -267,6 +280,8 @@ struct Shell {
     procs: HashMap<Uuid, u32>,
     /// Start requests until their process starts (a taken port means another try).
     requests: HashMap<Uuid, StartRequest>,
+    /// Active sessions' `/events` followers, and whether each follows yet.
+    followers: HashMap<Uuid, (tokio::task::JoinHandle<()>, bool)>,
     events: mpsc::UnboundedSender<Event>,
     changes: broadcast::Sender<SessionInfo>,
     views: watch::Sender<Vec<View>>,
@@ -326,6 +341,15 @@ impl Shell {
                 Some(ev) = events.recv() => match ev {
                     Event::Exited(id, code) => self.core.handle_exited(id, code, Instant::now()),
                     Event::Probed(id, status) => self.core.handle_probe(id, status, Instant::now()),
+                    Event::AgentStatus(id, status) => {
+                        self.core.handle_agent_status(id, status, Instant::now());
+                    }
+                    Event::Following(id) => {
+                        if let Some((_, following)) = self.followers.get_mut(&id) {
+                            *following = true;
+                        }
+                        self.first_message(id);
+                    }
                 },
                 () = sleep_until(due), if due.is_some() => self.core.handle_timeout(Instant::now()),
             }
@@ -368,10 +392,14 @@ impl Shell {
         }
         let id = req.id;
         let ttl = req.ttl;
+        let oneshot = req.oneshot;
         self.requests.insert(id, req);
         if let Err(e) = self.core.start(id, ttl, Instant::now()) {
             self.requests.remove(&id);
             return Err(e.into());
+        }
+        if oneshot {
+            self.core.set_oneshot(id);
         }
         Ok(id)
     }
@@ -389,27 +417,65 @@ impl Shell {
                 }
                 Action::Terminate(id) => self.signal(id, nix::sys::signal::Signal::SIGTERM),
                 Action::Kill(id) => self.signal(id, nix::sys::signal::Signal::SIGKILL),
+                Action::Forgotten(id) => {
+                    let dir = self.config.work_dir.join(id.to_string());
+                    tokio::spawn(async move {
+                        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                            if e.kind() != std::io::ErrorKind::NotFound {
+                                tracing::warn!(session = %id, error = %e, dir = %dir.display(), "cannot remove an ended session's folder");
+                            }
+                        }
+                    });
+                }
                 Action::Changed(id) => {
                     if let Some(v) = self.core.get(id) {
                         let info = self.info(v);
-                        if v.phase == Phase::Active && v.agent_status.as_deref() == Some("stable") {
-                            let message = self
-                                .requests
-                                .get_mut(&id)
-                                .and_then(|r| r.initial_message.take());
-                            if let Some(message) = message {
-                                tokio::spawn(send_message(id, v.port, message));
-                            }
+                        let (phase, port) = (v.phase, v.port);
+                        if phase == Phase::Active && !self.followers.contains_key(&id) {
+                            let events = self.events.clone();
+                            let task = tokio::spawn(follow_events(id, port, events));
+                            self.followers.insert(id, (task, false));
                         }
-                        if v.phase.ended() {
+                        self.first_message(id);
+                        if phase.ended() {
                             self.procs.remove(&id);
                             self.requests.remove(&id);
+                            if let Some((task, _)) = self.followers.remove(&id) {
+                                task.abort();
+                            }
+                            // Its folder goes when it is forgotten, or at the agent's next start.
+                            let _ = std::fs::write(info.dir.join(ENDED_FILE), b"");
                         }
                         tracing::info!(session = %id, phase = ?info.view.phase, port = info.view.port, reason = info.view.reason.as_deref().unwrap_or(""), "session");
                         let _ = self.changes.send(info);
                     }
                 }
             }
+        }
+    }
+
+    /// Sends the session's first message once its agent is active and stable and its
+    /// `/events` is followed (so the work it starts is seen, however short).
+    fn first_message(&mut self, id: Uuid) {
+        let Some(v) = self.core.get(id) else {
+            return;
+        };
+        let ready = v.phase == Phase::Active
+            && v.agent_status.as_deref() == Some("stable")
+            && self
+                .followers
+                .get(&id)
+                .is_some_and(|(_, following)| *following);
+        if !ready {
+            return;
+        }
+        let port = v.port;
+        if let Some(message) = self
+            .requests
+            .get_mut(&id)
+            .and_then(|r| r.initial_message.take())
+        {
+            tokio::spawn(send_message(id, port, message));
         }
     }
 
@@ -522,6 +588,8 @@ pub fn session_env(
 const STARTED_FILE: &str = ".kakuremichi-started";
 /// The file in a session's folder holding its process group id while it may run.
 const PGID_FILE: &str = ".kakuremichi-pgid";
+/// In a session's folder once the session ended: the folder goes at the agent's next start.
+const ENDED_FILE: &str = ".kakuremichi-ended";
 
 /// Starts a session's process: `(child, resumed)`, resumed when its folder was there already
 /// (an earlier run of the agent started it).
@@ -684,6 +752,98 @@ async fn reap_orphans(work_dir: &Path, grace: Duration) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+}
+
+/// Removes the folders of sessions that ended (marked so) in an earlier run of the agent.
+async fn remove_ended(work_dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(work_dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let dir = entry.path();
+        if tokio::fs::try_exists(dir.join(ENDED_FILE))
+            .await
+            .unwrap_or(false)
+        {
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot remove an ended session's folder");
+            }
+        }
+    }
+}
+
+/// The longest line of a session's `/events` followed; a longer one ends the following.
+const MAX_EVENT_LINE: usize = 4 << 20;
+
+/// Follows a session's agentapi `/events` (SSE) while it lives: each `status_change` goes to
+/// the core as it happens, so even a short `running` is seen. [`Event::Following`] is sent once
+/// the stream is open, or could not be opened (an agentapi without `/events`: its status is then
+/// only what `/status` said at the start).
+async fn follow_events(id: Uuid, port: u16, events: mpsc::UnboundedSender<Event>) {
+    use http_body_util::BodyExt as _;
+    let opened = tokio::time::timeout(Duration::from_secs(5), open_events(port))
+        .await
+        .ok()
+        .flatten();
+    let _ = events.send(Event::Following(id));
+    let Some(mut body) = opened else {
+        tracing::debug!(session = %id, "its agent's /events cannot be followed");
+        return;
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    let mut event = String::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                event.clear();
+            } else if let Some(name) = line.strip_prefix("event:") {
+                name.trim().clone_into(&mut event);
+            } else if let Some(data) = line.strip_prefix("data:") {
+                if event != "status_change" {
+                    continue;
+                }
+                let status = serde_json::from_str::<serde_json::Value>(data.trim())
+                    .ok()
+                    .and_then(|v| v["status"].as_str().map(str::to_owned));
+                if let Some(status) = status {
+                    tracing::trace!(session = %id, %status, "agent status");
+                    let _ = events.send(Event::AgentStatus(id, status));
+                }
+            }
+        }
+        if buf.len() > MAX_EVENT_LINE {
+            tracing::warn!(session = %id, "a line of its agent's /events is too long; no longer followed");
+            return;
+        }
+    }
+}
+
+/// `GET /events` on a session's agentapi: the body of its event stream.
+async fn open_events(port: u16) -> Option<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tcp))
+    .await
+    .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/events")
+        .header(http::header::HOST, "localhost")
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(http_body_util::Empty::new())
+        .ok()?;
+    let resp = send.send_request(req).await.ok()?;
+    resp.status().is_success().then(|| resp.into_body())
 }
 
 /// Sends a session's first message to its agentapi (`POST /message`), once.

@@ -49,6 +49,9 @@ pub struct NodeView {
     /// Sites only: target reachability of the latest status.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub targets: Option<Vec<TargetStatus>>,
+    /// Sites only: the labels its agent runs sessions with (`--session-label`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub session_labels: std::collections::BTreeMap<String, String>,
     /// Creation time (unix ms).
     pub created_at: i64,
     /// The one-time enrollment token, only in the answer that created it.
@@ -70,9 +73,9 @@ impl NodeView {
             let at = node.last_status_at?;
             Some(at.saturating_sub(i64::try_from(freshest).unwrap_or(i64::MAX)))
         });
-        let (peers, targets) = match status {
-            Some(s) => (s.peers, s.targets),
-            None => (Vec::new(), Vec::new()),
+        let (peers, targets, session_labels) = match status {
+            Some(s) => (s.peers, s.targets, s.session_labels),
+            None => (Vec::new(), Vec::new(), Default::default()),
         };
         Self {
             id: node.id,
@@ -89,6 +92,7 @@ impl NodeView {
             status_at: node.last_status_at,
             peers,
             targets: (node.kind == NodeKind::Agent).then_some(targets),
+            session_labels,
             created_at: node.created_at,
             enrollment_token: None,
         }
@@ -136,9 +140,14 @@ pub fn router<N: NodeApi>() -> Router<AppState> {
         .route(&format!("{path}/{{id}}/revoke"), post(revoke::<N>))
 }
 
-fn view(state: &AppState, mut node: Node) -> NodeView {
+fn view(state: &AppState, node: Node) -> NodeView {
     let online = state.hub.is_online(node.id);
-    // Activity not flushed yet is newer than the row.
+    NodeView::new(fresh(state, node), online)
+}
+
+/// The node with its activity not flushed to the store yet (newer than the row): last seen,
+/// versions, latest status report.
+pub(crate) fn fresh(state: &AppState, mut node: Node) -> Node {
     if let Some(a) = state.activity.peek(node.kind, node.id) {
         node.last_seen_at = node.last_seen_at.max(a.seen_at);
         node.applied_version = a.applied_version.or(node.applied_version);
@@ -150,7 +159,7 @@ fn view(state: &AppState, mut node: Node) -> NodeView {
             }
         }
     }
-    NodeView::new(node, online)
+    node
 }
 
 /// The node, if it belongs to `org`; another organization's is "not found" as well.

@@ -118,6 +118,8 @@ pub struct LiveSession {
     pub share: Option<(String, Option<i64>)>,
     /// The start request's `params.message`.
     pub initial_message: Option<String>,
+    /// The start request's `params.oneshot`.
+    pub oneshot: bool,
 }
 
 const COLUMNS: &str = "id, org_id, user_id, scope, team_id, site_id, status, tags, params, \
@@ -455,12 +457,15 @@ impl Store {
             let digest: Option<String> = r.try_get("share_digest")?;
             let ttl: Option<i64> = r.try_get("ttl_secs")?;
             let params: String = r.try_get("params")?;
-            let initial_message = serde_json::from_str::<serde_json::Value>(&params)
-                .ok()
-                .and_then(|p| p.get("message")?.as_str().map(str::to_owned))
-                .filter(|m| !m.is_empty());
+            let params = serde_json::from_str::<serde_json::Value>(&params).unwrap_or_default();
+            let initial_message = params
+                .get("message")
+                .and_then(|m| m.as_str())
+                .filter(|m| !m.is_empty())
+                .map(str::to_owned);
             out.push(LiveSession {
                 initial_message,
+                oneshot: params.get("oneshot").and_then(|o| o.as_bool()) == Some(true),
                 id,
                 org_id: parse_uuid(&org)?,
                 user_id: opt_uuid(r.try_get("user_id")?)?,

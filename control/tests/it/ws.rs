@@ -299,6 +299,7 @@ async fn applied_and_status_are_visible_through_get() {
         &mut ws,
         &NodeMessage::Status(StatusReport {
             session_accesses: Vec::new(),
+            session_labels: Default::default(),
             sessions: Vec::new(),
             applied_version: snap.version,
             peers: vec![PeerStatus {
