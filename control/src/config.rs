@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub client_metadata_ca_file: Option<PathBuf>,
     /// The hostname gateways serve agent sessions at (agentapi-proxy's API).
     pub sessions_hostname: Option<String>,
+    /// The folder of the agent binaries control serves to `install.sh`.
+    pub release_dir: Option<PathBuf>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -291,6 +293,11 @@ pub struct Settings {
     pub client_metadata_roots: Vec<reqwest::Certificate>,
     /// The hostname gateways serve agent sessions at, lower case.
     pub sessions_hostname: Option<String>,
+    /// The folder of the agent binaries `install.sh` fetches (`None`: the folder of control's
+    /// own executable).
+    pub release_dir: Option<PathBuf>,
+    /// Whether the public URL was set (not the default from the listen address).
+    pub public_url_set: bool,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -344,6 +351,8 @@ pub struct RawSettings {
     pub client_metadata_ca_file: Option<PathBuf>,
     /// Sessions hostname.
     pub sessions_hostname: Option<String>,
+    /// Release folder.
+    pub release_dir: Option<PathBuf>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -379,6 +388,7 @@ impl RawSettings {
                 .client_metadata_ca_file
                 .or(file.client_metadata_ca_file),
             sessions_hostname: self.sessions_hostname.or(file.sessions_hostname),
+            release_dir: self.release_dir.or(file.release_dir),
             acme: self.acme.over(file.acme),
         }
     }
@@ -450,6 +460,7 @@ impl RawSettings {
             .secrets_key_file
             .unwrap_or_else(|| data_dir.join("secrets.key"));
         let acme = self.acme.validate()?;
+        let public_url_set = self.public_url.is_some();
         let public_url = match self.public_url {
             None => format!("http://{listen}"),
             Some(u) => {
@@ -550,7 +561,17 @@ impl RawSettings {
                 )
             }
         };
+        if let Some(dir) = &self.release_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::Invalid {
+                    setting: "release folder",
+                    message: format!("{} is not a folder", dir.display()),
+                });
+            }
+        }
         Ok(Settings {
+            public_url_set,
+            release_dir: self.release_dir,
             sessions_hostname,
             client_metadata,
             client_metadata_roots,

@@ -23,6 +23,7 @@ pub mod dns;
 pub mod error;
 pub mod hub;
 pub mod identity;
+pub mod install;
 pub mod metrics;
 pub mod oauth;
 pub mod overlay;
@@ -126,6 +127,12 @@ pub struct AppState {
     pub session_events: Arc<crate::sessions::SessionEvents>,
     /// How often the sessions status stream sends a heartbeat.
     pub session_heartbeat: Duration,
+    /// The folder of the agent binaries `install.sh` fetches (`None`: the folder of control's
+    /// own executable).
+    pub release_dir: Option<Arc<std::path::PathBuf>>,
+    /// Whether control's public URL was set (else the install script names the origin it was
+    /// fetched from).
+    pub public_url_set: bool,
 }
 
 impl AppState {
@@ -156,6 +163,8 @@ impl AppState {
             client_metadata: Arc::default(),
             session_events: Arc::default(),
             session_heartbeat: crate::sessions::HEARTBEAT,
+            release_dir: None,
+            public_url_set: false,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());
@@ -275,6 +284,7 @@ pub fn app(state: AppState) -> Router {
         .merge(totp::router())
         .merge(visitors::router())
         .merge(oauth::router())
+        .merge(install::router())
         .route("/", get(web::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))

@@ -89,6 +89,11 @@ struct Cli {
     /// /api/v1/sessions but no gateway reaches them.
     #[arg(long, env = "KAKUREMICHI_SESSIONS_HOSTNAME")]
     sessions_hostname: Option<String>,
+    /// The folder of the agent binaries served to the one-line install
+    /// (kakuremichi-agent-linux-x86_64, kakuremichi-agent-linux-aarch64, or kakuremichi-agent for
+    /// this machine's architecture) [default: the folder of this executable].
+    #[arg(long, env = "KAKUREMICHI_RELEASE_DIR")]
+    release_dir: Option<PathBuf>,
     /// ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory): control orders
     /// and renews certificates for every gateway.
     #[arg(long, env = "KAKUREMICHI_ACME_DIRECTORY")]
@@ -237,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
         client_metadata_documents: cli.client_metadata_documents,
         client_metadata_ca_file: cli.client_metadata_ca_file,
         sessions_hostname: cli.sessions_hostname,
+        release_dir: cli.release_dir,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -309,6 +315,8 @@ async fn main() -> anyhow::Result<()> {
             None => None,
         },
     });
+    state.release_dir = settings.release_dir.clone().map(std::sync::Arc::new);
+    state.public_url_set = settings.public_url_set;
     state.client_metadata = std::sync::Arc::new(
         kakuremichi_control::client_metadata::ClientMetadata::new(
             settings.client_metadata,

@@ -67,3 +67,259 @@ async fn request_crosses_a_real_nat_to_an_agent_with_no_inbound_path() {
     .await;
     assert!(seen.is_ok(), "{seen:?}\n{}", stack.logs());
 }
+
+/// Runs `script` with `sh -c` in namespace `ns`, with `env` added: (exit code, stdout, stderr).
+fn sh_in(ns: &str, script: &str, env: &[(&str, String)]) -> (i32, String, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", script])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Kills, when dropped, the agent whose pid a data folder's `agent.pid` names.
+struct InstalledAgent(std::path::PathBuf);
+
+impl InstalledAgent {
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.0.join("agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for InstalledAgent {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').map_or("", |(_, r)| r.trim_start());
+    !state.is_empty() && !state.starts_with('Z')
+}
+
+#[tokio::test]
+async fn a_fresh_host_behind_the_nat_joins_with_the_one_line_install_its_site_shows() {
+    let lab = NatLab::new().unwrap();
+    let mut opts = StackOptions::in_lab(&lab);
+    opts.control_args = vec!["--public-url".into(), opts.control_url_for_nodes.clone()];
+    let stack = Stack::start_with(opts).await.unwrap();
+    let control = stack.opts.control_url_for_nodes.clone();
+    // The fresh host's disk: its own binary folder and data folder.
+    let disk = tempfile::tempdir().unwrap();
+    let bin_dir = disk.path().join("bin");
+    let data = disk.path().join("data");
+    let _agent = InstalledAgent(data.clone());
+    let (status, site) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/sites",
+            Some(serde_json::json!({"name": "fresh-host"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{site}");
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    let token = site["enrollment_token"].as_str().unwrap().to_owned();
+    let command = site["install_command"].as_str().unwrap().to_owned();
+    assert_eq!(
+        command,
+        format!("curl -fsSL {control}/install.sh | sh -s -- --token {token}")
+    );
+    let local = format!(
+        " --bin-dir {} --data-dir {} --service none",
+        bin_dir.display(),
+        data.display()
+    );
+
+    // Bad input first: each a clear error, nothing installed.
+    let url = format!("{control}/install.sh");
+    let (code, _, err) = sh_in(
+        &lab.lan_ns,
+        &format!(
+            "curl -fsSL {url} | sh -s -- --bin-dir {} --data-dir {}",
+            bin_dir.display(),
+            data.display()
+        ),
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--token is needed"), "{err}");
+    let (code, _, err) = sh_in(
+        &lab.lan_ns,
+        &format!("curl -fsSL {url} | sh -s -- --frobnicate"),
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown option --frobnicate"), "{err}");
+    let fake = disk.path().join("fake-uname");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(
+        fake.join("uname"),
+        "#!/bin/sh\nif [ \"$1\" = -m ]; then echo riscv64; else echo Linux; fi\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        fake.join("uname"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
+    let (code, _, err) = sh_in(&lab.lan_ns, &format!("{command}{local}"), &[("PATH", path)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unsupported architecture riscv64"), "{err}");
+    assert!(!bin_dir.join("kakuremichi-agent").exists());
+    let (code, _, _) = sh_in(
+        &lab.lan_ns,
+        &format!("curl -fsS -o /dev/null {control}/download/kakuremichi-agent-linux-sparc"),
+        &[],
+    );
+    assert_ne!(code, 0);
+
+    // The one-liner, as the page shows it, on a host behind the NAT with no inbound path.
+    let (code, out, err) = sh_in(&lab.lan_ns, &format!("{command}{local}"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let ran = std::time::Instant::now();
+    assert!(out.contains("started the agent in the background"), "{out}");
+    assert!(out.contains("@reboot"), "{out}");
+    let meta = std::fs::metadata(data.join("token")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("token")).unwrap().trim(),
+        token
+    );
+    let site_path = format!("/api/v1/sites/{site_id}");
+    let until_online = |what: &'static str| {
+        let api = stack.api.clone();
+        let path = site_path.clone();
+        async move {
+            kakuremichi_e2e::wait_for(what, Duration::from_secs(20), || async {
+                Ok((api.get(&path).await?["online"] == true).then_some(()))
+            })
+            .await
+            .unwrap();
+        }
+    };
+    until_online("the installed agent to connect").await;
+    println!("online {:?} after the installer returned", ran.elapsed());
+    // It serves: a resource on the new site, to the LAN's app, through the gateway.
+    stack
+        .api
+        .create_resource(
+            "fresh.localhost",
+            &site_id,
+            &stack.opts.app_listen.to_string(),
+        )
+        .await
+        .unwrap();
+    let serves = || async {
+        kakuremichi_e2e::wait_for("the new site to serve", Duration::from_secs(20), || async {
+            let r = stack.get("fresh.localhost", "/").await?;
+            Ok((r.status() == 200).then_some(()))
+        })
+        .await
+        .unwrap();
+    };
+    serves().await;
+
+    // Safe to run twice: the same command updates and restarts the agent, same identity.
+    let first_pid = _agent.pid().unwrap();
+    let state = std::fs::read(data.join("state.json")).unwrap();
+    let (code, out, err) = sh_in(&lab.lan_ns, &format!("{command}{local}"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("stopping the agent that runs"), "{out}");
+    let second_pid = _agent.pid().unwrap();
+    assert_ne!(first_pid, second_pid);
+    assert!(!alive(first_pid), "the first agent still runs");
+    assert_eq!(std::fs::read(data.join("state.json")).unwrap(), state);
+    until_online("the agent to connect again").await;
+    serves().await;
+
+    // A regenerated token (the old credential revoked): the new one-liner enrolls the host again.
+    let (status, fresh) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            &format!("{site_path}/enrollment-token"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{fresh}");
+    let again = fresh["install_command"].as_str().unwrap().to_owned();
+    assert_ne!(again, command);
+    let (code, out, err) = sh_in(&lab.lan_ns, &format!("{again}{local}"), &[]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("enrolls again"), "{out}");
+    until_online("the agent to enroll again").await;
+    serves().await;
+    assert!(alive(_agent.pid().unwrap()));
+
+    // Where systemd runs: a unit, enabled and restarted (systemctl stands in for systemd here,
+    // which this machine does not run).
+    let units = disk.path().join("systemd");
+    let stub = disk.path().join("stub");
+    std::fs::create_dir_all(&stub).unwrap();
+    let calls = disk.path().join("systemctl.calls");
+    std::fs::write(
+        stub.join("systemctl"),
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        stub.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:{}", stub.display(), std::env::var("PATH").unwrap());
+    let local_systemd = local.replace("--service none", "--service systemd");
+    let (code, out, err) = sh_in(
+        &lab.lan_ns,
+        &format!("{again}{local_systemd} -- --session-command 'agentapi server --port {{port}}'"),
+        &[
+            ("PATH", path),
+            ("KAKUREMICHI_SYSTEMD_DIR", units.display().to_string()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let unit = std::fs::read_to_string(units.join("kakuremichi-agent.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .unwrap()
+        .to_owned();
+    for part in [
+        format!("'{}'", bin_dir.join("kakuremichi-agent").display()),
+        format!("--control '{control}'"),
+        format!("--token-file '{}'", data.join("token").display()),
+        format!("--data-dir '{}'", data.display()),
+        "--allow-insecure-control".to_owned(),
+        "'--session-command' 'agentapi server --port {port}'".to_owned(),
+    ] {
+        assert!(exec.contains(&part), "{part} not in {exec}");
+    }
+    assert!(unit.contains("Restart=always"), "{unit}");
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        "daemon-reload\nenable kakuremichi-agent.service\nrestart kakuremichi-agent.service\n"
+    );
+}

@@ -57,6 +57,9 @@ pub struct NodeView {
     /// The one-time enrollment token, only in the answer that created it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment_token: Option<Secret>,
+    /// Sites only, beside the token: the one-line install that enrolls a host with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_command: Option<String>,
 }
 
 impl NodeView {
@@ -95,6 +98,7 @@ impl NodeView {
             session_labels,
             created_at: node.created_at,
             enrollment_token: None,
+            install_command: None,
         }
     }
 }
@@ -104,6 +108,21 @@ impl NodeView {
 pub struct TokenView {
     /// The new one-time enrollment token.
     pub enrollment_token: Secret,
+    /// Sites only: the one-line install that enrolls a host with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub install_command: Option<String>,
+}
+
+/// The one-line install for a site's new token (`None` for a gateway).
+fn install_command(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    kind: NodeKind,
+    token: &Secret,
+) -> Option<String> {
+    (kind == NodeKind::Agent).then(|| {
+        crate::install::command(&crate::install::control_url(state, headers), token.expose())
+    })
 }
 
 /// What sets the sites and gateways routers apart: the node kind, the path, and the bodies of
@@ -175,6 +194,7 @@ async fn owned(state: &AppState, org: Org, kind: NodeKind, id: Uuid) -> Result<N
 
 async fn create<N: NodeApi>(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     org: Org,
     ApiJson(body): ApiJson<N::Create>,
 ) -> Result<(StatusCode, ApiJson<NodeView>), ApiError> {
@@ -186,6 +206,7 @@ async fn create<N: NodeApi>(
         .await?;
     tracing::info!(node_id = %node.id, %kind, "node created");
     let mut v = view(&state, node);
+    v.install_command = install_command(&state, &headers, kind, &token);
     v.enrollment_token = Some(token);
     Ok((StatusCode::CREATED, ApiJson(v)))
 }
@@ -242,6 +263,7 @@ async fn remove<N: NodeApi>(
 
 async fn regenerate_token<N: NodeApi>(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     org: Org,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<ApiJson<TokenView>, ApiError> {
@@ -249,6 +271,7 @@ async fn regenerate_token<N: NodeApi>(
     let token = state.store.regenerate_enrollment_token(N::KIND, id).await?;
     tracing::info!(node_id = %id, kind = %N::KIND, "enrollment token regenerated; credential revoked");
     Ok(ApiJson(TokenView {
+        install_command: install_command(&state, &headers, N::KIND, &token),
         enrollment_token: token,
     }))
 }
