@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The body is over the limit.
     #[error("request body is larger than 1 MiB")]
     PayloadTooLarge,
+    /// Well formed, but it cannot be done (e.g. an `Idempotency-Key` reused for another request).
+    #[error("{0}")]
+    Unprocessable(String),
     /// Anything else; the cause is logged and masked in the answer.
     #[error("internal error")]
     Internal(String),
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -28,6 +28,7 @@ use crate::secrets::{self, HashError};
 use crate::world::{World, WorldNode};
 
 mod certificates;
+mod idempotency;
 mod identity;
 mod oauth;
 mod orgs;
@@ -41,6 +42,7 @@ mod visitors;
 pub use certificates::{
     CertSource, CertStatus, Certificate, ChallengeKind, Issued, StoredChallenge,
 };
+pub use idempotency::{IdempotencyBegin, IDEMPOTENCY_TTL_MS};
 pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
     ACCESS_PERMISSION, API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,

@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod config;
 pub mod enroll;
 pub mod gateways;
+pub mod idempotency;
 pub mod keys;
 pub mod nodes;
 pub mod orgs;
@@ -100,6 +101,11 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(roles::router())
         .merge(orgs::router())
         .merge(crate::sessions::router())
+        // Inside the key check: replays are per API key.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotency,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
         .merge(enroll::router())
         .merge(crate::sessions::public_router())

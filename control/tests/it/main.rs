@@ -5,6 +5,7 @@
 
 mod api;
 mod common;
+mod idempotency;
 mod oauth;
 mod store;
 mod tenants;
