@@ -4,6 +4,7 @@
 //! `/{id}/messages`, `/{id}/status`, `/{id}/events`) and shares it. The `kakuremichi` binary is
 //! its CLI (`kakuremichi sessions start|search|rm|open|tail|send|mcp`).
 
+pub mod admin;
 pub mod mcp;
 
 use std::collections::BTreeMap;
@@ -26,7 +27,7 @@ pub enum ClientError {
         message: String,
     },
     /// The endpoint could not be reached, or the connection broke.
-    #[error("cannot reach the sessions endpoint: {0}")]
+    #[error("cannot reach the endpoint: {0}")]
     Transport(#[from] reqwest::Error),
     /// An answer this client cannot read.
     #[error("unexpected answer: {0}")]

@@ -1,6 +1,8 @@
-//! `kakuremichi`: the command line of kakuremichi's agent sessions.
+//! `kakuremichi`: kakuremichi's command line.
 //!
-//! `kakuremichi sessions start|search|rm|open|tail|send|mcp`, against the gateways' sessions
+//! `kakuremichi login`, then `kakuremichi sites|gateways|resources|policies|users|keys|roles
+//! list|get|create|update|rm|token` against control's `/api/v1` (tables, or `--json`); and
+//! `kakuremichi sessions start|search|rm|open|tail|send|mcp` against the gateways' sessions
 //! hostname or control's `/api/v1/sessions`, with a personal API key.
 
 #![allow(clippy::print_stdout)] // A CLI: its output is stdout.
@@ -13,6 +15,9 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt as _;
 use kakuremichi_client::{Client, StartRequest};
 
+mod cli_admin;
+use cli_admin as admin;
+
 #[derive(Debug, Parser)]
 #[command(name = "kakuremichi", version, about = "kakuremichi's command line")]
 struct Cli {
@@ -22,6 +27,32 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Top {
+    /// Check an API key against control and keep it (with control's URL, in a 0600 file) for
+    /// the next commands.
+    Login {
+        /// Control's URL (https://control.example.com).
+        #[arg(long, env = "KAKUREMICHI_CONTROL")]
+        control: String,
+        /// The API key (an admin key, or a personal or scoped one).
+        #[arg(long, env = "KAKUREMICHI_API_KEY", hide_env_values = true)]
+        api_key: String,
+    },
+    /// Forget the saved login.
+    Logout,
+    /// Sites (agents): list, get, create NAME, update, rm, token (a new one-line install).
+    Sites(ObjectArgs),
+    /// Gateways: list, get, create NAME --set endpoint=HOST:PORT, update, rm, token.
+    Gateways(ObjectArgs),
+    /// Resources: list, get, create HOSTNAME --set site_id=SITE --set target=HOST:PORT, ...
+    Resources(ObjectArgs),
+    /// Access policies: create NAME --set 'access:={"roles":["member"]}', ...
+    Policies(ObjectArgs),
+    /// Users: create EMAIL --set password=... --set 'roles:=["member"]', ...
+    Users(ObjectArgs),
+    /// API keys: create NAME --set 'scopes:=["site:read"]' (the secret is shown once), rm.
+    Keys(ObjectArgs),
+    /// Roles and their permissions.
+    Roles(ObjectArgs),
     /// Agent sessions.
     Sessions {
         /// The sessions endpoint: the gateways' sessions hostname (https://agents.example.com)
@@ -36,6 +67,66 @@ enum Top {
         connect_to: Option<SocketAddr>,
         #[command(subcommand)]
         command: Sessions,
+    },
+}
+
+/// What every object command takes.
+#[derive(Debug, clap::Args)]
+struct ObjectArgs {
+    /// Control's URL [default: the saved login's].
+    #[arg(long, env = "KAKUREMICHI_CONTROL")]
+    control: Option<String>,
+    /// The API key [default: the saved login's].
+    #[arg(long, env = "KAKUREMICHI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print control's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Debug, Subcommand)]
+enum Verb {
+    /// List them.
+    List,
+    /// One, by id or name.
+    Get {
+        /// Its id or name.
+        id: String,
+    },
+    /// Create one.
+    Create {
+        /// Its name (a resource's hostname, a user's email).
+        name: Option<String>,
+        /// KEY=VALUE (a string) or KEY:=JSON (repeatable); site_id takes a site's name too.
+        #[arg(long = "set", short)]
+        set: Vec<String>,
+        /// The whole JSON body (the --set pairs go over it).
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Change one (PATCH).
+    Update {
+        /// Its id or name.
+        id: String,
+        /// KEY=VALUE or KEY:=JSON (repeatable).
+        #[arg(long = "set", short)]
+        set: Vec<String>,
+        /// The whole JSON body.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Delete (revoke, for a key) one.
+    Rm {
+        /// Its id or name.
+        id: String,
+    },
+    /// A new enrollment token for a site or gateway (its old credential is revoked): prints the
+    /// token and, for a site, the one-line install.
+    Token {
+        /// Its id or name.
+        id: String,
     },
 }
 
@@ -119,12 +210,27 @@ fn pairs(list: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Top::Sessions {
-        endpoint,
-        api_key,
-        connect_to,
-        command,
-    } = Cli::parse().command;
+    let (endpoint, api_key, connect_to, command) = match Cli::parse().command {
+        Top::Sessions {
+            endpoint,
+            api_key,
+            connect_to,
+            command,
+        } => (endpoint, api_key, connect_to, command),
+        Top::Login { control, api_key } => return admin::login(&control, &api_key).await,
+        Top::Logout => {
+            let had = kakuremichi_client::admin::Login::forget()?;
+            println!("{}", if had { "logged out" } else { "no saved login" });
+            return Ok(());
+        }
+        Top::Sites(a) => return admin::run("sites", a).await,
+        Top::Gateways(a) => return admin::run("gateways", a).await,
+        Top::Resources(a) => return admin::run("resources", a).await,
+        Top::Policies(a) => return admin::run("policies", a).await,
+        Top::Users(a) => return admin::run("users", a).await,
+        Top::Keys(a) => return admin::run("keys", a).await,
+        Top::Roles(a) => return admin::run("roles", a).await,
+    };
     let client = Client::new(&endpoint, &api_key, connect_to)?;
     match command {
         Sessions::Start {

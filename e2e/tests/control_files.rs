@@ -66,3 +66,155 @@ async fn a_generated_admin_key_is_written_to_a_private_file_and_never_printed() 
     let api = Api::new(&format!("http://127.0.0.1:{port}"), key);
     api.get("/api/v1/sites").await.unwrap();
 }
+
+/// Runs `kakuremichi <args>` with its login kept in `config`: (success, stdout, stderr).
+fn kakuremichi(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin("kakuremichi").unwrap())
+        .args(args)
+        .env("KAKUREMICHI_CONFIG_DIR", config)
+        .env_remove("KAKUREMICHI_CONTROL")
+        .env_remove("KAKUREMICHI_API_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_logs_in_once_and_manages_sites_resources_and_keys_of_a_real_control() {
+    let stack = kakuremichi_e2e::Stack::start().await.unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let control = stack.opts.control_url_for_test.clone();
+    let cfg = config.path();
+
+    // Without a login: a clear error; a wrong key is refused and nothing is kept.
+    let (ok, _, err) = kakuremichi(cfg, &["sites", "list"]);
+    assert!(!ok && err.contains("kakuremichi login"), "{err}");
+    let (ok, _, err) = kakuremichi(
+        cfg,
+        &["login", "--control", &control, "--api-key", "kma_wrong"],
+    );
+    assert!(!ok && err.contains("401"), "{err}");
+    assert!(!cfg.join("login.json").exists());
+    let (ok, out, err) = kakuremichi(
+        cfg,
+        &[
+            "login",
+            "--control",
+            &control,
+            "--api-key",
+            &stack.opts.admin_key,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("logged in"), "{out}");
+    assert_eq!(mode(&cfg.join("login.json")), 0o600);
+
+    // Sites: a table, then JSON; a new one with its one-line install.
+    let (ok, out, err) = kakuremichi(cfg, &["sites", "list"]);
+    assert!(ok, "{err}");
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("ID"), "{out}");
+    assert!(out.contains(&stack.site_id), "{out}");
+    let (ok, out, err) = kakuremichi(cfg, &["sites", "create", "branch-office"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("enrollment token (shown once): "), "{out}");
+    assert!(out.contains("install on the host: curl -fsSL"), "{out}");
+    let (ok, out, _) = kakuremichi(cfg, &["sites", "get", "branch-office", "--json"]);
+    assert!(ok);
+    let site: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(site["name"], "branch-office");
+    assert_eq!(site["online"], false);
+
+    // A resource by the site's name, served through the gateway.
+    let stack_site = stack
+        .api
+        .get(&format!("/api/v1/sites/{}", stack.site_id))
+        .await
+        .unwrap();
+    let site_name = stack_site["name"].as_str().unwrap();
+    let target = stack.opts.app_listen.to_string();
+    let (ok, out, err) = kakuremichi(
+        cfg,
+        &[
+            "resources",
+            "create",
+            "cli.localhost",
+            "--set",
+            &format!("site_id={site_name}"),
+            "--set",
+            &format!("target={target}"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("cli.localhost"), "{out}");
+    wait_for(
+        "the CLI's resource to serve",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.get("cli.localhost", "/").await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = kakuremichi(
+        cfg,
+        &[
+            "resources",
+            "update",
+            "cli.localhost",
+            "--set",
+            "name=from the CLI",
+        ],
+    );
+    assert!(ok && out.contains("from the CLI"), "{out}{err}");
+
+    // A scoped key, its secret shown once; then gone.
+    let (ok, out, err) = kakuremichi(
+        cfg,
+        &["keys", "create", "ci", "--set", "scopes:=[\"site:read\"]"],
+    );
+    assert!(ok, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (shown once): "))
+        .unwrap_or_default();
+    assert!(secret.len() > 20, "{out}");
+    let (ok, _, err) = kakuremichi(cfg, &["keys", "rm", "ci"]);
+    assert!(ok, "{err}");
+    let (_, out, _) = kakuremichi(cfg, &["keys", "list", "--json"]);
+    assert!(!out.contains("\"ci\""), "{out}");
+
+    // Bad input: clear errors, nothing changed.
+    let (ok, _, err) = kakuremichi(cfg, &["sites", "get", "nowhere"]);
+    assert!(!ok && err.contains("no site named \"nowhere\""), "{err}");
+    let (ok, _, err) = kakuremichi(
+        cfg,
+        &["resources", "create", "x.localhost", "--set", "target"],
+    );
+    assert!(!ok && err.contains("is not KEY=VALUE"), "{err}");
+    let (ok, _, err) = kakuremichi(
+        cfg,
+        &[
+            "resources",
+            "create",
+            "bad host!",
+            "--set",
+            &format!("site_id={site_name}"),
+            "--set",
+            "target=127.0.0.1:1",
+        ],
+    );
+    assert!(!ok && err.contains("400"), "{err}");
+    let (ok, _, _) = kakuremichi(cfg, &["resources", "rm", "cli.localhost"]);
+    assert!(ok);
+    let (ok, _, _) = kakuremichi(cfg, &["sites", "rm", "branch-office"]);
+    assert!(ok);
+    let (ok, out, _) = kakuremichi(cfg, &["logout"]);
+    assert!(ok && out.contains("logged out"));
+    assert!(!cfg.join("login.json").exists());
+}
