@@ -24,15 +24,15 @@ pub async fn login(control: &str, key: &str) -> anyhow::Result<()> {
 }
 
 fn client(a: &ObjectArgs) -> anyhow::Result<Admin> {
+    client_of(a.control.clone(), a.api_key.clone())
+}
+
+fn client_of(control: Option<String>, api_key: Option<String>) -> anyhow::Result<Admin> {
     let saved = Login::load()?;
-    let control = a
-        .control
-        .clone()
+    let control = control
         .or_else(|| saved.as_ref().map(|l| l.control.clone()))
         .context("no control URL: run `kakuremichi login --control URL --api-key KEY` first")?;
-    let key = a
-        .api_key
-        .clone()
+    let key = api_key
         .or_else(|| saved.as_ref().map(|l| l.api_key.clone()))
         .context("no API key: run `kakuremichi login --control URL --api-key KEY` first")?;
     Ok(Admin::new(&control, &key)?)
@@ -191,4 +191,106 @@ pub async fn run(name: &str, a: ObjectArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn list(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    }
+}
+
+/// `kakuremichi apply` (`run`) and `kakuremichi diff`.
+pub async fn apply(
+    path: &str,
+    prune: bool,
+    control: Option<String>,
+    api_key: Option<String>,
+    run: bool,
+) -> anyhow::Result<()> {
+    use kakuremichi_client::apply::{self, Current, Step};
+    let text = if path == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+    };
+    let file = apply::parse(&text).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    let api = client_of(control, api_key)?;
+    let mut current = Current {
+        sites: list(api.get("/sites").await?),
+        gateways: list(api.get("/gateways").await?),
+        policies: list(api.get("/policies").await?),
+        resources: list(api.get("/resources").await?),
+    };
+    let steps = apply::plan(&file, &current, prune);
+    if steps.is_empty() {
+        println!("no changes: control matches {path}");
+        return Ok(());
+    }
+    for s in &steps {
+        println!("{s}");
+    }
+    if !run {
+        return Ok(());
+    }
+    let id_by_name = |objects: &[Value], name: &str| -> Option<String> {
+        objects
+            .iter()
+            .find(|o| o["name"] == name)
+            .and_then(|o| o["id"].as_str().map(str::to_owned))
+    };
+    for step in &steps {
+        match step {
+            Step::Create { kind, name, body }
+            | Step::Update {
+                kind, name, body, ..
+            } => {
+                let mut body = body.clone();
+                if let Some(Value::String(site)) = body.remove("site") {
+                    let id = id_by_name(&current.sites, &site)
+                        .with_context(|| format!("{kind} {name:?}: no site named {site:?}"))?;
+                    body.insert("site_id".into(), Value::String(id));
+                }
+                if let Some(Value::String(policy)) = body.remove("policy") {
+                    let id = id_by_name(&current.policies, &policy)
+                        .with_context(|| format!("{kind} {name:?}: no policy named {policy:?}"))?;
+                    body.insert("policy_id".into(), Value::String(id));
+                }
+                let body = Value::Object(body);
+                let made = match step {
+                    Step::Update { id, .. } => {
+                        api.call(
+                            reqwest::Method::PATCH,
+                            &format!("/{kind}/{id}"),
+                            Some(&body),
+                        )
+                        .await
+                    }
+                    _ => {
+                        api.call(reqwest::Method::POST, &format!("/{kind}"), Some(&body))
+                            .await
+                    }
+                }
+                .with_context(|| format!("{step}"))?;
+                println!("done: {step}");
+                if let Some(t) = made["install_command"].as_str() {
+                    println!("  install site {name:?} on its host: {t}");
+                } else if let Some(t) = made["enrollment_token"].as_str() {
+                    println!("  enrollment token of {kind} {name:?} (shown once): {t}");
+                }
+                match *kind {
+                    "sites" => current.sites.push(made),
+                    "policies" => current.policies.push(made),
+                    _ => {}
+                }
+            }
+            Step::Delete { kind, id, .. } => {
+                api.call(reqwest::Method::DELETE, &format!("/{kind}/{id}"), None)
+                    .await
+                    .with_context(|| format!("{step}"))?;
+                println!("done: {step}");
+            }
+        }
+    }
+    Ok(())
 }

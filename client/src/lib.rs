@@ -5,6 +5,7 @@
 //! its CLI (`kakuremichi sessions start|search|rm|open|tail|send|mcp`).
 
 pub mod admin;
+pub mod apply;
 pub mod mcp;
 
 use std::collections::BTreeMap;

@@ -39,6 +39,38 @@ enum Top {
     },
     /// Forget the saved login.
     Logout,
+    /// Make control match a declarative file (YAML): prints the plan, then carries it out.
+    Apply {
+        /// The file (kakuremichi.yaml; - for stdin).
+        #[arg(long, short)]
+        file: String,
+        /// Also delete what the file no longer names (in each kind the file lists).
+        #[arg(long)]
+        prune: bool,
+        /// Control's URL [default: the saved login's].
+        #[arg(long, env = "KAKUREMICHI_CONTROL")]
+        control: Option<String>,
+        /// The API key [default: the saved login's].
+        #[arg(long, env = "KAKUREMICHI_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Print the plan `apply` would carry out, changing nothing.
+    Diff {
+        /// The file (kakuremichi.yaml; - for stdin).
+        #[arg(long, short)]
+        file: String,
+        /// Plan the deletes of --prune too.
+        #[arg(long)]
+        prune: bool,
+        /// Control's URL [default: the saved login's].
+        #[arg(long, env = "KAKUREMICHI_CONTROL")]
+        control: Option<String>,
+        /// The API key [default: the saved login's].
+        #[arg(long, env = "KAKUREMICHI_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Print the JSON Schema of the declarative file.
+    Schema,
     /// Sites (agents): list, get, create NAME, update, rm, token (a new one-line install).
     Sites(ObjectArgs),
     /// Gateways: list, get, create NAME --set endpoint=HOST:PORT, update, rm, token.
@@ -221,6 +253,25 @@ async fn main() -> anyhow::Result<()> {
         Top::Logout => {
             let had = kakuremichi_client::admin::Login::forget()?;
             println!("{}", if had { "logged out" } else { "no saved login" });
+            return Ok(());
+        }
+        Top::Apply {
+            file,
+            prune,
+            control,
+            api_key,
+        } => return admin::apply(&file, prune, control, api_key, true).await,
+        Top::Diff {
+            file,
+            prune,
+            control,
+            api_key,
+        } => return admin::apply(&file, prune, control, api_key, false).await,
+        Top::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&kakuremichi_client::apply::schema())?
+            );
             return Ok(());
         }
         Top::Sites(a) => return admin::run("sites", a).await,

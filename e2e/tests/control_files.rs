@@ -218,3 +218,164 @@ async fn the_cli_logs_in_once_and_manages_sites_resources_and_keys_of_a_real_con
     assert!(ok && out.contains("logged out"));
     assert!(!cfg.join("login.json").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_makes_control_match_a_file_twice_changes_nothing_and_prune_removes_the_rest() {
+    let stack = kakuremichi_e2e::Stack::start().await.unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let cfg = config.path();
+    let control = stack.opts.control_url_for_test.clone();
+    let (ok, _, err) = kakuremichi(
+        cfg,
+        &[
+            "login",
+            "--control",
+            &control,
+            "--api-key",
+            &stack.opts.admin_key,
+        ],
+    );
+    assert!(ok, "{err}");
+    let site = stack
+        .api
+        .get(&format!("/api/v1/sites/{}", stack.site_id))
+        .await
+        .unwrap();
+    let site = site["name"].as_str().unwrap().to_owned();
+    let app = stack.opts.app_listen.to_string();
+    let file = cfg.join("kakuremichi.yaml");
+    let yaml = format!(
+        "# yaml-language-server: $schema=../docs/kakuremichi.schema.json
+sites:
+  - name: {site}
+  - name: branch
+policies:
+  - name: staff
+    access: {{roles: [member]}}
+resources:
+  - hostname: declared.localhost
+    site: {site}
+    target: {app}
+  - hostname: guarded.localhost
+    site: {site}
+    target: {app}
+    policy: staff
+"
+    );
+    std::fs::write(&file, &yaml).unwrap();
+    let f = file.to_str().unwrap();
+    let resources = || async {
+        stack
+            .api
+            .get("/api/v1/resources")
+            .await
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(resources().await, 1);
+
+    // diff: the plan, nothing changed.
+    let (ok, out, err) = kakuremichi(cfg, &["diff", "-f", f]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "+ create sites \"branch\" (name)",
+            "+ create policies \"staff\" (access, name)",
+            "+ create resources \"declared.localhost\" (hostname, site, target)",
+            "+ create resources \"guarded.localhost\" (hostname, policy, site, target)",
+        ],
+        "{out}"
+    );
+    assert_eq!(resources().await, 1);
+
+    // apply: made, served; the new site's install line printed.
+    let (ok, out, err) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("install site \"branch\" on its host: curl -fsSL"),
+        "{out}"
+    );
+    assert_eq!(resources().await, 3);
+    wait_for(
+        "the declared resource to serve",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.get("declared.localhost", "/").await?;
+            Ok((r.status() == 200).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the guarded one to ask for sign-in",
+        Duration::from_secs(15),
+        || async {
+            let r = stack.get("guarded.localhost", "/").await?;
+            Ok((r.status() != 200 && r.status() != 404 && r.status() != 502).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    // Twice: nothing to do.
+    let (ok, out, err) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("no changes: control matches {f}"));
+
+    // A change: one update.
+    std::fs::write(
+        &file,
+        yaml.replace(
+            "  - hostname: declared.localhost\n",
+            "  - hostname: declared.localhost\n    name: Declared app\n",
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("~ update resources \"declared.localhost\": name"),
+        "{out}"
+    );
+    let (_, out, _) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(out.starts_with("no changes"), "{out}");
+
+    // Gone from the file: kept without --prune, deleted with it (with everything else of the
+    // kinds the file lists that it does not name: the stack's demo resource).
+    let fewer: String = yaml
+        .split("  - hostname: guarded.localhost")
+        .next()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&file, &fewer).unwrap();
+    let (_, out, _) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(out.starts_with("no changes"), "{out}");
+    assert_eq!(resources().await, 3);
+    let (ok, out, err) = kakuremichi(cfg, &["apply", "-f", f, "--prune"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("- delete resources \"guarded.localhost\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("- delete resources \"demo.localhost\""),
+        "{out}"
+    );
+    assert_eq!(resources().await, 1);
+    let (_, out, _) = kakuremichi(cfg, &["apply", "-f", f, "--prune"]);
+    assert!(out.starts_with("no changes"), "{out}");
+
+    // A bad file: its line, nothing done.
+    std::fs::write(&file, "sites:\n  - name: x\n    nmae: y\n").unwrap();
+    let (ok, _, err) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(
+        !ok && err.contains("line 3") && err.contains("nmae"),
+        "{err}"
+    );
+    std::fs::write(&file, "sites: [ {name: x}\n").unwrap();
+    let (ok, _, err) = kakuremichi(cfg, &["apply", "-f", f]);
+    assert!(!ok && err.contains("line"), "{err}");
+    assert_eq!(resources().await, 1);
+}
