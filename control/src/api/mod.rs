@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod keys;
 pub mod nodes;
 pub mod orgs;
+pub mod page;
 pub mod passcodes;
 pub mod policies;
 pub mod providers;

@@ -56,8 +56,17 @@ async fn create(
     Ok((StatusCode::CREATED, ApiJson(p)))
 }
 
-async fn list(State(state): State<AppState>, org: Org) -> Result<ApiJson<Vec<Policy>>, ApiError> {
-    Ok(ApiJson(state.store.list_policies(org.0).await?))
+async fn list(
+    State(state): State<AppState>,
+    org: Org,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    pq: Result<
+        axum::extract::Query<super::page::PageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<axum::response::Response, ApiError> {
+    let q = super::page::query(pq)?;
+    super::page::page(state.store.list_policies(org.0).await?, &q, &uri)
 }
 
 async fn one(

@@ -623,14 +623,20 @@ async fn create(
 async fn list(
     State(state): State<AppState>,
     org: Org,
-) -> Result<ApiJson<Vec<ResourceView>>, ApiError> {
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    pq: Result<
+        axum::extract::Query<super::page::PageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<axum::response::Response, ApiError> {
+    let q = super::page::query(pq)?;
     let all = state.store.list_resources().await?;
-    Ok(ApiJson(
-        all.into_iter()
-            .filter(|r| r.org_id == org.0)
-            .map(Into::into)
-            .collect(),
-    ))
+    let views: Vec<ResourceView> = all
+        .into_iter()
+        .filter(|r| r.org_id == org.0)
+        .map(Into::into)
+        .collect();
+    super::page::page(views, &q, &uri)
 }
 
 /// The resource, if it belongs to `org`; another organization's is "not found" as well.

@@ -197,9 +197,19 @@ async fn create(
     Ok((StatusCode::CREATED, ApiJson(u.into())))
 }
 
-async fn list(State(state): State<AppState>, org: Org) -> Result<ApiJson<Vec<UserView>>, ApiError> {
+async fn list(
+    State(state): State<AppState>,
+    org: Org,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    pq: Result<
+        axum::extract::Query<super::page::PageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<axum::response::Response, ApiError> {
+    let q = super::page::query(pq)?;
     let all = state.store.list_users(org.0).await?;
-    Ok(ApiJson(all.into_iter().map(Into::into).collect()))
+    let views: Vec<UserView> = all.into_iter().map(Into::into).collect();
+    super::page::page(views, &q, &uri)
 }
 
 async fn one(

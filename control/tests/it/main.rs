@@ -6,6 +6,7 @@
 mod api;
 mod common;
 mod idempotency;
+mod lists;
 mod oauth;
 mod store;
 mod tenants;
