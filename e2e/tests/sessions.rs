@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kakuremichi_agent::sessions::{
     HostConfig, HostError, Limits, Phase, SessionHost, SessionInfo, StartError, StartRequest,
@@ -107,7 +107,9 @@ fn host(dir: &Path, extra: &[&str], ports_n: u16) -> (SessionHost, u16) {
             first_port: first,
             ports: ports_n,
             start_timeout: Duration::from_secs(10),
-            grace: Duration::from_secs(2),
+            // Long, so that a stop that waits out the grace (a server kept from its graceful
+            // exit) shows; a stop that works takes milliseconds.
+            grace: Duration::from_secs(10),
             probe_every: Duration::from_millis(20),
             ..Limits::default()
         },
@@ -267,9 +269,17 @@ async fn a_session_starts_with_its_environment_answers_messages_and_ends_with_it
 
     // Its group holds the server and the child it started; ending the session ends both.
     assert!(group_members(pgid).len() >= 2, "{:?}", group_members(pgid));
+    let asked = Instant::now();
     host.stop(id).await.unwrap();
     let stopped = until_phase(&host, id, Phase::Stopped).await;
     assert_eq!(stopped.pid, None);
+    // SIGTERM ended it: the agent let go of its `/events` stream, which would otherwise hold
+    // the server's graceful exit until SIGKILL at the end of the 10 s grace.
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the stop took {:?}",
+        asked.elapsed()
+    );
     wait_for("the group to be gone", Duration::from_secs(5), || async {
         Ok(group_members(pgid).is_empty().then_some(()))
     })

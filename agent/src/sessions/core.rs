@@ -45,7 +45,7 @@ impl Default for Limits {
             max_sessions: 100,
             start_timeout: Duration::from_secs(60),
             grace: Duration::from_secs(10),
-            first_probe: Duration::from_millis(5),
+            first_probe: Duration::from_millis(1),
             probe_every: Duration::from_millis(50),
             keep_ended: Duration::from_secs(600),
             skip_taken_port: Duration::from_secs(60),

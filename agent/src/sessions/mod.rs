@@ -437,12 +437,16 @@ impl Shell {
                             self.followers.insert(id, (task, false));
                         }
                         self.first_message(id);
-                        if phase.ended() {
-                            self.procs.remove(&id);
-                            self.requests.remove(&id);
+                        // A held `/events` stream would keep a gracefully stopping server
+                        // (Go's `Shutdown`, axum's) waiting until the grace ends.
+                        if phase == Phase::Stopping || phase.ended() {
                             if let Some((task, _)) = self.followers.remove(&id) {
                                 task.abort();
                             }
+                        }
+                        if phase.ended() {
+                            self.procs.remove(&id);
+                            self.requests.remove(&id);
                             // Its folder goes when it is forgotten, or at the agent's next start.
                             let _ = std::fs::write(info.dir.join(ENDED_FILE), b"");
                         }

@@ -377,7 +377,7 @@ async fn session_messages(fake: &std::path::Path) -> anyhow::Result<()> {
         .call(
             reqwest::Method::POST,
             "/api/v1/api-keys",
-            Some(serde_json::json!({"name": "bench", "user_id": user["id"], "scopes": ["session:create", "session:list", "session:access"]})),
+            Some(serde_json::json!({"name": "bench", "user_id": user["id"], "scopes": ["session:create", "session:list", "session:access", "session:delete"]})),
         )
         .await?;
     anyhow::ensure!(status == 201, "key: {key}");
@@ -456,6 +456,22 @@ async fn session_messages(fake: &std::path::Path) -> anyhow::Result<()> {
         g50 - d50,
         g99 - d99
     );
+    // End the session (its process outlives a killed agent, by design: it would be resumed).
+    http.delete(format!("http://{gw}/sessions/{id}"))
+        .header("host", HOST)
+        .header("x-api-key", &key)
+        .send()
+        .await?;
+    kakuremichi_e2e::wait_for("the session to end", Duration::from_secs(30), || async {
+        let gone = http
+            .get(&direct)
+            .header("host", "localhost")
+            .send()
+            .await
+            .is_err();
+        Ok(gone.then_some(()))
+    })
+    .await?;
     Ok(())
 }
 
