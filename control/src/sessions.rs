@@ -15,12 +15,13 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{any, get, post};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use futures_util::Stream;
 use kakuremichi_proto::NodeKind;
 use serde::Deserialize;
@@ -120,13 +121,13 @@ pub async fn audit_accesses(
 }
 
 /// The routes under `/api/v1/sessions` that need an API key.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/sessions/start", post(start))
         .route("/sessions/search", get(search))
         .route("/sessions/sessions/status/stream", get(status_stream))
         .route("/sessions/sessions/status/wait", get(status_wait))
-        .route("/sessions/sessions/{id}", axum::routing::delete(delete))
+        .route("/sessions/sessions/{id}", crate::api::doc::delete(delete))
         .route("/sessions/sessions/{id}/messages/wait", get(messages_wait))
         .route(
             "/sessions/sessions/{id}/share",
@@ -137,8 +138,8 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The routes under `/api/v1/sessions` open to anyone.
-pub fn public_router() -> Router<AppState> {
-    Router::new().route(
+pub fn public_router() -> ApiRouter<AppState> {
+    ApiRouter::new().route(
         "/sessions/health",
         get(|| async { Json(json!({"status": "ok"})) }),
     )

@@ -379,3 +379,54 @@ resources:
     assert!(!ok && err.contains("line"), "{err}");
     assert_eq!(resources().await, 1);
 }
+
+/// The OpenAPI description a running control serves, without a key, passes an OpenAPI 3.1
+/// validator from npm (@seriousme/openapi-schema-validator: the official schema of the version,
+/// then every `$ref` resolved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_control_serves_validates_as_openapi_3_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_tcp_port();
+    let _control = Proc::spawn(
+        "control",
+        &bin("kakuremichi-control").unwrap(),
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            dir.path().join("data").display().to_string(),
+        ],
+        &[],
+        None,
+        dir.path().join("control.log"),
+    )
+    .unwrap();
+    let http = kakuremichi_e2e::test_http_client();
+    let doc = wait_for(
+        "control's OpenAPI document",
+        Duration::from_secs(20),
+        || async {
+            let Ok(r) = http
+                .get(format!("http://127.0.0.1:{port}/api/v1/openapi.json"))
+                .send()
+                .await
+            else {
+                return Ok(None);
+            };
+            anyhow::ensure!(r.status() == 200, "{}", r.status());
+            Ok(Some(r.text().await?))
+        },
+    )
+    .await
+    .unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, &doc).unwrap();
+    let out = kakuremichi_e2e::sso::run_script(
+        "openapi.mjs",
+        &serde_json::json!({"file": file.display().to_string()}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["valid"], true, "{out}");
+    assert_eq!(out["version"], "3.1", "{out}");
+}

@@ -162,7 +162,7 @@ pub fn embedded_id(prefix: &str, secret: &str) -> Option<Uuid> {
 }
 
 /// Who may reach an HTTP resource. A route without one is public.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessPolicy {
     /// Users allowed by e-mail address (lower case). Empty lists together mean "any signed-in
@@ -205,7 +205,7 @@ pub struct AccessPolicy {
 }
 
 /// What a matching [`AccessRule`] does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuleAction {
     /// The request passes without sign-in (webhooks, health checks, native apps); the app gets
@@ -221,7 +221,7 @@ pub enum RuleAction {
 
 /// One rule of an [`AccessPolicy`]: it matches a request when every condition given matches
 /// (an empty list matches anything).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessRule {
     /// What a match does.
@@ -235,6 +235,7 @@ pub struct AccessRule {
     pub methods: Vec<String>,
     /// Client address ranges (`203.0.113.0/24`, `::1/128`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
     pub cidrs: Vec<ipnet::IpNet>,
 }
 
@@ -339,7 +340,9 @@ impl AccessPolicy {
 }
 
 /// Which plain headers name the user to the app (the signed assertion is always sent).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityHeaders {
     /// `Remote-User`, `Remote-Email`, `Remote-Name`, `Remote-Groups`.

@@ -511,7 +511,7 @@ pub struct PeerConfig {
 }
 
 /// The transport a route forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RouteProtocol {
     /// HTTP/1.1 reverse proxy, routed by `Host`.
@@ -601,7 +601,9 @@ impl Route {
 }
 
 /// Per-resource limits a gateway enforces; an absent field takes the gateway's own setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// HTTP: the largest request body, in bytes; a larger one is answered 413.
@@ -639,7 +641,9 @@ pub struct Backend {
 
 /// How a gateway spreads requests (HTTP) or connections and flows (TCP, UDP) over a route's
 /// healthy targets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     /// Each target in turn.
@@ -656,7 +660,7 @@ impl Balance {
 }
 
 /// An active health check an agent runs against one target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// HTTP check: `GET` this path (with the resource's hostname as `Host`); absent: a TCP

@@ -2,18 +2,18 @@
 //! filtered by `action` (exact, or a prefix ending in `*`), `actor`, `outcome`, `since` (unix ms)
 //! and `limit` (default 100, at most 1000).
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::Router;
 
 use super::{ApiJson, Org};
 use crate::store::{AuditEntry, AuditFilter};
 use crate::{ApiError, AppState};
 
 /// The audit router.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/audit", get(list))
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new().route("/audit", get(list))
 }
 
 async fn list(

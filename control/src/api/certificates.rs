@@ -1,10 +1,10 @@
 //! `/certificates`: TLS certificates control keeps for every gateway, ordered by ACME (HTTP-01,
 //! TLS-ALPN-01, or DNS-01 for wildcards) or uploaded. Private keys never leave through the API.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{get, post};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::Router;
 use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -89,8 +89,8 @@ impl From<Certificate> for CertificateView {
 }
 
 /// The certificates router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/certificates", get(list).post(create))
         .route("/certificates/{id}", get(one).delete(remove))
         .route("/certificates/{id}/renew", post(renew))

@@ -1,8 +1,8 @@
 //! `GET /config/version`.
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use serde::Serialize;
 
 use super::ApiJson;
@@ -16,8 +16,8 @@ pub struct VersionView {
 }
 
 /// The config router.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/config/version", get(version))
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new().route("/config/version", get(version))
 }
 
 async fn version(State(state): State<AppState>) -> Result<ApiJson<VersionView>, ApiError> {

@@ -1,16 +1,16 @@
 //! `POST /enroll`: a node trades its one-time enrollment token for a credential.
 
+use crate::api::doc::post;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
-use axum::routing::post;
-use axum::Router;
 use kakuremichi_proto::{check_protocol_version, EnrollRequest, EnrollResponse};
 
 use super::ApiJson;
 use crate::{ApiError, AppState};
 
 /// The enrollment router (no admin key: the token is the credential).
-pub fn router() -> Router<AppState> {
-    Router::new().route("/enroll", post(enroll))
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new().route("/enroll", post(enroll))
 }
 
 async fn enroll(

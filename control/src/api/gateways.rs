@@ -1,6 +1,6 @@
 //! `/gateways`: public gateways, with the endpoint agents dial.
 
-use axum::Router;
+use crate::api::doc::ApiRouter;
 use kakuremichi_proto::NodeKind;
 use serde::Deserialize;
 
@@ -54,6 +54,6 @@ impl NodeApi for Gateways {
 }
 
 /// The gateways router.
-pub fn router() -> Router<AppState> {
+pub fn router() -> ApiRouter<AppState> {
     nodes::router::<Gateways>()
 }

@@ -2,10 +2,11 @@
 //! expiry and the last time used, shown once, revocable with immediate effect. Accepted by the
 //! API as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{delete, get};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::{Extension, Router};
+use axum::Extension;
 use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -50,8 +51,8 @@ pub struct CreatedKey {
 }
 
 /// The API keys router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/api-keys", get(list).post(create))
         .route("/api-keys/{id}", delete(revoke))
 }

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod certificates;
 pub mod config;
+pub mod doc;
 pub mod enroll;
 pub mod gateways;
 pub mod idempotency;
@@ -24,7 +25,6 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use kakuremichi_proto::{Secret, NODE_WS_PATH};
 
@@ -83,10 +83,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Org {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// The `/api/v1` router. Everything but `/enroll` and `/nodes/connect` needs the admin key.
-pub fn router(state: AppState) -> Router<AppState> {
+/// Every route under `/api/v1` that needs an API key, and every one open to anyone.
+fn routes() -> (doc::ApiRouter<AppState>, doc::ApiRouter<AppState>) {
     let ws_path = NODE_WS_PATH.strip_prefix("/api/v1").unwrap_or(NODE_WS_PATH);
-    Router::new()
+    let authenticated = doc::ApiRouter::new()
         .merge(sites::router())
         .merge(gateways::router())
         .merge(resources::router())
@@ -101,16 +101,55 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(providers::router())
         .merge(roles::router())
         .merge(orgs::router())
-        .merge(crate::sessions::router())
+        .merge(crate::sessions::router());
+    let public = doc::ApiRouter::new()
+        .merge(enroll::router())
+        .merge(crate::sessions::public_router())
+        .route(
+            ws_path,
+            doc::get(crate::hub::connect)
+                .summary("the WebSocket of a gateway or an agent (its node credentials)"),
+        )
+        .route(
+            "/openapi.json",
+            doc::get(openapi_json).summary("this API's OpenAPI 3.1 description"),
+        )
+        .public();
+    (authenticated, public)
+}
+
+/// The OpenAPI 3.1 document of `/api/v1`, built from [`routes`].
+pub fn openapi() -> serde_json::Value {
+    let (authenticated, public) = routes();
+    let (_, mut docs) = authenticated.into_parts();
+    docs.extend(public.into_parts().1);
+    doc::openapi(&docs)
+}
+
+async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let body = DOC.get_or_init(|| openapi().to_string());
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.as_str(),
+    )
+        .into_response()
+}
+
+/// The `/api/v1` router. Everything but `/enroll`, `/sessions/health`, `/openapi.json` and
+/// `/nodes/connect` needs an API key.
+pub fn router(state: AppState) -> Router<AppState> {
+    let (authenticated, public) = routes();
+    authenticated
+        .into_parts()
+        .0
         // Inside the key check: replays are per API key.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::idempotency,
         ))
         .route_layer(axum::middleware::from_fn_with_state(state, require_admin))
-        .merge(enroll::router())
-        .merge(crate::sessions::public_router())
-        .route(ws_path, get(crate::hub::connect))
+        .merge(public.into_parts().0)
 }
 
 /// Every permission a scoped API key may hold: `<thing>:read` for `GET`, `<thing>:write` for the

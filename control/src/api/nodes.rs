@@ -3,10 +3,10 @@
 
 use std::net::Ipv4Addr;
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{get, post};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::Router;
 use kakuremichi_proto::{NodeKind, PeerStatus, Secret, TargetStatus, WgPublicKey};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -144,9 +144,9 @@ pub trait NodeApi: 'static {
 
 /// The router of one node kind: list, create, get, update, delete, regenerate the token (which
 /// revokes the current credential), revoke.
-pub fn router<N: NodeApi>() -> Router<AppState> {
+pub fn router<N: NodeApi>() -> ApiRouter<AppState> {
     let path = N::PATH;
-    Router::new()
+    ApiRouter::new()
         .route(path, get(list::<N>).post(create::<N>))
         .route(
             &format!("{path}/{{id}}"),

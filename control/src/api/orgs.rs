@@ -3,10 +3,11 @@
 //! (answering with the new organization's admin key, shown once), adds existing accounts to
 //! them (`/orgs/{id}/members`), and deletes empty ones.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{get, post};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Extension;
 use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -47,8 +48,8 @@ pub struct CreatedOrg {
 }
 
 /// The organizations router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/orgs", get(list).post(create))
         .route("/orgs/{id}", get(one).patch(update).delete(remove))
         .route("/orgs/{id}/members", post(add_member))

@@ -2,10 +2,10 @@
 //! without an account (hashed with argon2id; never shown again). Replacing or removing it ends
 //! the sessions it opened.
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use kakuremichi_proto::Secret;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -25,8 +25,8 @@ pub struct SetPasscode {
 }
 
 /// The passcode router.
-pub fn router() -> Router<AppState> {
-    Router::new().route(
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new().route(
         "/resources/{id}/passcode",
         get(show).put(set).delete(remove),
     )

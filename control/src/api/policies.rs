@@ -3,10 +3,10 @@
 //! resource that follows it with one config push. Permissions: `resource:read` and
 //! `resource:write`.
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use kakuremichi_proto::identity::AccessPolicy;
 use kakuremichi_proto::RouteProtocol;
 use serde::Deserialize;
@@ -38,8 +38,8 @@ pub struct PatchPolicy {
 }
 
 /// The policies router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/policies", get(list).post(create))
         .route("/policies/{id}", get(one).patch(update).delete(remove))
 }

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use kakuremichi_proto::Secret;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -48,8 +48,8 @@ pub struct CreateProvider {
 }
 
 /// The identity providers router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/identity-providers", get(list).post(create))
         .route("/identity-providers/{id}", get(one).delete(remove))
 }

@@ -2,10 +2,10 @@
 //! private targets through sites. A resource's own `site_id`/`target` is its primary target;
 //! `/resources/{id}/targets` adds and removes further ones, which gateways balance over.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{delete, get, post};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::Router;
 use kakuremichi_proto::identity::AccessPolicy;
 use kakuremichi_proto::{Balance, HealthCheck, Limits, NodeKind, RouteProtocol};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use crate::store::{
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /resources`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateResource {
     /// Display name; defaults to the hostname (HTTP) or `tcp-<port>` (TCP).
@@ -60,7 +60,7 @@ pub struct CreateResource {
 }
 
 /// A target: `{site_id, target}` (body of `POST /resources/{id}/targets`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetBody {
     /// The site whose agent reaches it.
@@ -229,7 +229,7 @@ fn check_proxy_protocol(on: Option<bool>, protocol: RouteProtocol) -> Result<(),
 }
 
 /// A health check as the API takes it; absent fields get their defaults.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckBody {
     /// HTTP check: `GET` this path; absent: a TCP connect.
@@ -320,7 +320,7 @@ impl HealthCheckBody {
 }
 
 /// Body of `PATCH /resources/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateResource {
     /// New name.
@@ -358,7 +358,7 @@ pub struct UpdateResource {
 }
 
 /// One target of a resource as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct TargetView {
     /// Id (the resource's own id for the primary target).
     pub id: Uuid,
@@ -390,7 +390,7 @@ impl TargetView {
 }
 
 /// A resource as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct ResourceView {
     /// Id.
     pub id: Uuid,
@@ -487,11 +487,35 @@ impl From<Resource> for ResourceView {
 }
 
 /// The resources router.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/resources", get(list).post(create))
-        .route("/resources/{id}", get(one).patch(update).delete(remove))
-        .route("/resources/{id}/targets", post(add_target))
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
+        .route(
+            "/resources",
+            get(list)
+                .summary("resources, with ?q, ?sort, ?limit and ?cursor")
+                .returns::<Vec<ResourceView>>(200)
+                .post(create)
+                .summary("publishes an app of a site")
+                .body::<CreateResource>()
+                .returns::<ResourceView>(201),
+        )
+        .route(
+            "/resources/{id}",
+            get(one)
+                .returns::<ResourceView>(200)
+                .patch(update)
+                .summary("changes the fields given; null clears an optional one")
+                .body::<UpdateResource>()
+                .returns::<ResourceView>(200)
+                .delete(remove),
+        )
+        .route(
+            "/resources/{id}/targets",
+            post(add_target)
+                .summary("adds a target to balance over")
+                .body::<TargetBody>()
+                .returns::<TargetView>(201),
+        )
         .route("/resources/{id}/targets/{target_id}", delete(remove_target))
 }
 

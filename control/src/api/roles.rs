@@ -1,10 +1,10 @@
 //! `/roles`: the built-in roles and custom ones, each a named set of permissions. A user's
 //! permissions are the union of their roles'; a custom role's change applies at the next request.
 
+use crate::api::doc::get;
+use crate::api::doc::ApiRouter;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::{invalid, ApiJson, ApiPath, Org, PERMISSIONS};
@@ -48,8 +48,8 @@ pub struct RoleView {
 }
 
 /// The roles router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/roles", get(list).post(create))
         .route("/roles/{name}", get(one).patch(update).delete(remove))
 }

@@ -2,10 +2,10 @@
 //! resource without an account, with an expiry, an optional number of uses, and revocation that
 //! ends the sessions they opened.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{delete, get};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
-use axum::Router;
 use kakuremichi_proto::identity::GATEWAY_AUTH_PREFIX;
 use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
@@ -44,8 +44,8 @@ pub struct CreatedLink {
 }
 
 /// The share links router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/resources/{id}/share-links", get(list).post(create))
         .route("/resources/{id}/share-links/{link_id}", delete(revoke))
 }

@@ -1,6 +1,6 @@
 //! `/sites`: agents' identities. Deleting a site deletes its resources.
 
-use axum::Router;
+use crate::api::doc::ApiRouter;
 use kakuremichi_proto::NodeKind;
 use serde::Deserialize;
 
@@ -44,6 +44,6 @@ impl NodeApi for Sites {
 }
 
 /// The sites router.
-pub fn router() -> Router<AppState> {
+pub fn router() -> ApiRouter<AppState> {
     nodes::router::<Sites>()
 }

@@ -1,10 +1,10 @@
 //! `/users`: people who sign in to reach protected resources; `/users/{id}/sign-out` ends every
 //! session of a user at once; `/signing-keys` shows and rotates the keys that sign their tokens.
 
+use crate::api::doc::ApiRouter;
+use crate::api::doc::{get, post};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::Router;
 use kakuremichi_proto::Secret;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -100,8 +100,8 @@ pub struct KeyView {
 }
 
 /// The users router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+pub fn router() -> ApiRouter<AppState> {
+    ApiRouter::new()
         .route("/users", get(list).post(create))
         .route("/users/{id}", get(one).patch(update).delete(remove))
         .route("/users/{id}/sign-out", post(sign_out_everywhere))

@@ -8,6 +8,7 @@ mod common;
 mod idempotency;
 mod lists;
 mod oauth;
+mod openapi;
 mod store;
 mod tenants;
 mod upgrade;
