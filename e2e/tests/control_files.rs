@@ -382,7 +382,7 @@ resources:
 
 /// The OpenAPI description a running control serves, without a key, passes an OpenAPI 3.1
 /// validator from npm (@seriousme/openapi-schema-validator: the official schema of the version,
-/// then every `$ref` resolved).
+/// then every `$ref` resolved), and control's real answers match the schemas it gives them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_control_serves_validates_as_openapi_3_1() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,12 +421,87 @@ async fn the_openapi_document_control_serves_validates_as_openapi_3_1() {
     .unwrap();
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, &doc).unwrap();
+
+    // Real answers, each checked against the schema the document gives it.
+    let key = std::fs::read_to_string(dir.path().join("data/admin-key")).unwrap();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"), key.trim());
+    let mut samples = Vec::new();
+    let mut ask = async |method: reqwest::Method, described: &str, path: &str, body| {
+        let (status, answer) = api
+            .call(method.clone(), &format!("/api/v1{path}"), body)
+            .await
+            .unwrap();
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {answer}"
+        );
+        samples.push(serde_json::json!({
+            "method": method.as_str(), "path": described, "status": status, "body": answer,
+        }));
+        answer
+    };
+    use reqwest::Method as M;
+    use serde_json::json;
+    let site = ask(M::POST, "/sites", "/sites", Some(json!({"name": "home"}))).await;
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    ask(M::GET, "/sites", "/sites", None).await;
+    ask(M::GET, "/sites", "/sites?limit=1", None).await;
+    let gw = json!({"name": "edge", "endpoint": "127.0.0.1:51820"});
+    ask(M::POST, "/gateways", "/gateways", Some(gw)).await;
+    ask(M::GET, "/gateways", "/gateways", None).await;
+    let policy = json!({"name": "staff", "access": {
+        "email_domains": ["example.com"],
+        "rules": [{"action": "allow", "paths": ["/health"], "cidrs": ["10.0.0.0/8"]}],
+    }});
+    let policy = ask(M::POST, "/policies", "/policies", Some(policy)).await;
+    ask(M::GET, "/policies", "/policies", None).await;
+    let resource = json!({"name": "app", "hostname": "app.example.com", "site_id": site_id,
+        "target": "127.0.0.1:8080", "policy_id": policy["id"]});
+    let resource = ask(M::POST, "/resources", "/resources", Some(resource)).await;
+    let rid = resource["id"].as_str().unwrap().to_owned();
+    let tcp = json!({"protocol": "tcp", "public_port": 15432, "site_id": site_id,
+        "target": "127.0.0.1:5432", "health_check": {"interval_ms": 5000}});
+    ask(M::POST, "/resources", "/resources", Some(tcp)).await;
+    ask(M::GET, "/resources", "/resources", None).await;
+    ask(
+        M::GET,
+        "/resources/{id}",
+        &format!("/resources/{rid}"),
+        None,
+    )
+    .await;
+    let patch = json!({"name": "app2", "policy_id": null, "access": {"users": ["a@example.com"]}});
+    ask(
+        M::PATCH,
+        "/resources/{id}",
+        &format!("/resources/{rid}"),
+        Some(patch),
+    )
+    .await;
+    let target = json!({"site_id": site_id, "target": "127.0.0.1:8081"});
+    let path = format!("/resources/{rid}/targets");
+    ask(M::POST, "/resources/{id}/targets", &path, Some(target)).await;
+    let user = json!({"email": "ann@example.com", "roles": ["member"]});
+    let user = ask(M::POST, "/users", "/users", Some(user)).await;
+    let path = format!("/users/{}", user["id"].as_str().unwrap());
+    ask(M::GET, "/users/{id}", &path, None).await;
+    ask(M::GET, "/users", "/users", None).await;
+    let k = json!({"name": "ci", "scopes": ["site:read"], "expires_in_days": 30});
+    ask(M::POST, "/api-keys", "/api-keys", Some(k)).await;
+    ask(M::GET, "/api-keys", "/api-keys", None).await;
+    let path = format!("/sites/{site_id}/enrollment-token");
+    ask(M::POST, "/sites/{id}/enrollment-token", &path, None).await;
+    let path = format!("/sites/{site_id}/revoke");
+    ask(M::POST, "/sites/{id}/revoke", &path, None).await;
+    ask(M::GET, "/sites/{id}", &format!("/sites/{site_id}"), None).await;
+
     let out = kakuremichi_e2e::sso::run_script(
         "openapi.mjs",
-        &serde_json::json!({"file": file.display().to_string()}),
+        &json!({"file": file.display().to_string(), "samples": samples}),
     )
     .await
     .unwrap();
     assert_eq!(out["valid"], true, "{out}");
     assert_eq!(out["version"], "3.1", "{out}");
+    assert_eq!(out["checked"], samples.len(), "{out}");
 }

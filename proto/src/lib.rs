@@ -86,7 +86,7 @@ impl fmt::Display for NodeKind {
 
 /// A secret string (enrollment token, node credential, API key). Its `Debug` and `Display`
 /// print a mask, so it never reaches a log by accident; read it with [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -117,6 +117,20 @@ impl fmt::Display for Secret {
 /// A WireGuard (X25519) public key; base64 on the wire, as `wg` prints it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WgPublicKey(pub [u8; 32]);
+
+impl schemars::JsonSchema for WgPublicKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "WgPublicKey".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "a WireGuard public key, base64 as `wg` prints it",
+            "pattern": "^[A-Za-z0-9+/]{43}=$"
+        })
+    }
+}
 
 /// A string was not a base64 WireGuard key of 32 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -780,7 +794,7 @@ pub struct AccessRefusal {
 }
 
 /// Status of one WireGuard peer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerStatus {
     /// The peer's public key.
@@ -796,7 +810,7 @@ pub struct PeerStatus {
 }
 
 /// Reachability of one agent target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetStatus {
     /// The resource's id.

@@ -33,6 +33,8 @@ pub struct Op {
     returns: Option<(u16, SchemaFn)>,
     /// Whether the route passes any method through (described as the usual five).
     proxy: bool,
+    /// A list taking `?q`, `?sort`, `?limit` and `?cursor` (`api::page`).
+    paged: bool,
 }
 
 impl Op {
@@ -43,6 +45,7 @@ impl Op {
             body: None,
             returns: None,
             proxy: false,
+            paged: false,
         }
     }
 }
@@ -141,6 +144,14 @@ impl<S> MethodDoc<S> {
     pub fn body<T: JsonSchema>(mut self) -> Self {
         if let Some(op) = self.last() {
             op.body = Some(schema_of::<T>);
+        }
+        self
+    }
+
+    /// The last added method is a list paged by `api::page`.
+    pub fn paged(mut self) -> Self {
+        if let Some(op) = self.last() {
+            op.paged = true;
         }
         self
     }
@@ -268,6 +279,32 @@ fn tag_of(path: &str) -> String {
         .to_owned()
 }
 
+fn paging_parameters() -> Vec<Value> {
+    let param = |name: &str, description: &str, schema: Value| json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema});
+    vec![
+        param(
+            "q",
+            "case-insensitive search in names, hostnames, emails, endpoints and ids",
+            json!({"type": "string"}),
+        ),
+        param(
+            "sort",
+            "a field to sort by; `-field` for descending",
+            json!({"type": "string"}),
+        ),
+        param(
+            "limit",
+            "a page of at most this many",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+        ),
+        param(
+            "cursor",
+            "where the page starts: from the previous page's `Link: rel=next`",
+            json!({"type": "string"}),
+        ),
+    ]
+}
+
 fn error_response(what: &str) -> Value {
     json!({
         "description": what,
@@ -277,9 +314,13 @@ fn error_response(what: &str) -> Value {
 
 /// The OpenAPI 3.1 document of `routes` (paths relative to `/api/v1`).
 pub fn openapi(routes: &[RouteDoc]) -> Value {
-    let mut generator = schemars::generate::SchemaSettings::draft2020_12()
-        .with(|s| s.definitions_path = "#/components/schemas/".into())
-        .into_generator();
+    // Bodies sent are described as serde reads them, answers as serde writes them (a field
+    // skipped when empty is not required in an answer); see `merge_schemas`.
+    let settings = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = "#/components/schemas/".into());
+    let mut generator = settings.clone().for_deserialize().into_generator();
+    let mut answers = settings.for_serialize().into_generator();
+    let mut answer_at = Vec::new();
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let mut tags = std::collections::BTreeSet::new();
     for route in routes {
@@ -301,16 +342,31 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
                     p
                 })
                 .collect();
+            let mut parameters = parameters;
+            if op.paged {
+                parameters.extend(paging_parameters());
+            }
             let mut responses = Map::new();
             match op.returns {
                 Some((status, schema)) => {
-                    responses.insert(
-                        status.to_string(),
-                        json!({
-                            "description": "success",
-                            "content": {"application/json": {"schema": schema(&mut generator)}}
-                        }),
-                    );
+                    let mut ok = json!({
+                        "description": "success",
+                        "content": {"application/json": {"schema": schema(&mut answers)}}
+                    });
+                    if op.paged {
+                        ok["headers"] = json!({
+                            "Link": {
+                                "description": "`<...>; rel=\"next\"` (RFC 8288) while more follow",
+                                "schema": {"type": "string"}
+                            },
+                            "X-Total-Count": {
+                                "description": "how many match, on every page",
+                                "schema": {"type": "integer"}
+                            }
+                        });
+                    }
+                    answer_at.push((path.clone(), op.method.clone(), status.to_string()));
+                    responses.insert(status.to_string(), ok);
                 }
                 None if op.proxy => {
                     responses.insert(
@@ -381,6 +437,17 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
         }
     }
     let mut schemas: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
+    let renamed = merge_schemas(&mut schemas, answers.take_definitions(true));
+    for (path, method, status) in answer_at {
+        let method = method.as_str().to_ascii_lowercase();
+        if let Some(schema) = paths.get_mut(&path).and_then(|item| {
+            item.get_mut(&method)?.pointer_mut(&format!(
+                "/responses/{status}/content/application~1json/schema"
+            ))
+        }) {
+            rename_refs(schema, &renamed);
+        }
+    }
     schemas.insert(
         "Error".into(),
         json!({
@@ -422,9 +489,90 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
     })
 }
 
+const REF_PREFIX: &str = "#/components/schemas/";
+
+/// Adds the answers' schemas to the bodies'. A name both have with different schemas (a type
+/// that is read and written, with fields skipped when empty) is kept twice: the answer's as
+/// `<name>.Response`, and every answer schema that refers to it, directly or not, too.
+/// Returns the renames, for the operations' answer schemas.
+fn merge_schemas(
+    schemas: &mut Map<String, Value>,
+    answers: Map<String, Value>,
+) -> BTreeMap<String, String> {
+    let mut renamed = BTreeMap::new();
+    loop {
+        let mut more = false;
+        for (name, schema) in &answers {
+            if renamed.contains_key(name) {
+                continue;
+            }
+            let mut schema = schema.clone();
+            rename_refs(&mut schema, &renamed);
+            if schemas.get(name).is_some_and(|s| *s != schema) {
+                renamed.insert(name.clone(), format!("{name}.Response"));
+                more = true;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    for (name, mut schema) in answers {
+        rename_refs(&mut schema, &renamed);
+        let name = renamed.get(&name).cloned().unwrap_or(name);
+        schemas.entry(name).or_insert(schema);
+    }
+    renamed
+}
+
+/// Points every `$ref` to a renamed schema at its new name.
+fn rename_refs(value: &mut Value, renamed: &BTreeMap<String, String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if key == "$ref" {
+                    if let Some(new) = v
+                        .as_str()
+                        .and_then(|r| r.strip_prefix(REF_PREFIX))
+                        .and_then(|name| renamed.get(name))
+                    {
+                        *v = Value::String(format!("{REF_PREFIX}{new}"));
+                    }
+                } else {
+                    rename_refs(v, renamed);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rename_refs(v, renamed)),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_schema_that_differs_is_kept_beside_the_body_one_with_its_referrers() {
+        let mut schemas = Map::new();
+        schemas.insert("Policy".into(), json!({"required": ["users"]}));
+        schemas.insert("Same".into(), json!({"type": "string"}));
+        let answers: Map<String, Value> = serde_json::from_value(json!({
+            "Policy": {"required": []},
+            "Same": {"type": "string"},
+            "View": {"properties": {"access": {"$ref": "#/components/schemas/Policy"}}},
+        }))
+        .unwrap();
+        let renamed = merge_schemas(&mut schemas, answers);
+        assert_eq!(renamed.len(), 1);
+        assert_eq!(schemas["Policy.Response"], json!({"required": []}));
+        assert_eq!(schemas["Policy"], json!({"required": ["users"]}));
+        assert_eq!(
+            schemas["View"]["properties"]["access"]["$ref"],
+            "#/components/schemas/Policy.Response"
+        );
+        assert!(!schemas.contains_key("Same.Response"));
+    }
 
     #[test]
     fn wildcards_become_plain_parameters_and_ids_are_unique_words() {

@@ -9,7 +9,7 @@ use super::{invalid, valid_opt};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /gateways`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGateway {
     /// Display name, unique.
@@ -19,7 +19,7 @@ pub struct CreateGateway {
 }
 
 /// Body of `PATCH /gateways/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateGateway {
     /// New name.

@@ -16,7 +16,7 @@ use crate::store::{now_ms, ApiKey, StoreError};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /api-keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// Display name.
@@ -41,7 +41,7 @@ pub struct CreateKey {
 }
 
 /// A new key: its fields and the secret, shown once.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CreatedKey {
     /// The key's fields.
     #[serde(flatten)]
@@ -53,7 +53,17 @@ pub struct CreatedKey {
 /// The API keys router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/api-keys", get(list).post(create))
+        .route(
+            "/api-keys",
+            get(list)
+                .summary("the organization's keys")
+                .paged()
+                .returns::<Vec<crate::store::ApiKey>>(200)
+                .post(create)
+                .summary("a new key; its secret is shown once")
+                .body::<CreateKey>()
+                .returns::<CreatedKey>(201),
+        )
         .route("/api-keys/{id}", delete(revoke))
 }
 

@@ -17,7 +17,7 @@ use crate::store::Node;
 use crate::{ApiError, AppState};
 
 /// A site or gateway as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct NodeView {
     /// Id (also the node id on the control channel).
     pub id: Uuid,
@@ -104,7 +104,7 @@ impl NodeView {
 }
 
 /// Answer of `POST .../enrollment-token`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct TokenView {
     /// The new one-time enrollment token.
     pub enrollment_token: Secret,
@@ -133,9 +133,9 @@ pub trait NodeApi: 'static {
     /// The collection path, e.g. `/sites`.
     const PATH: &'static str;
     /// Body of `POST {PATH}`.
-    type Create: DeserializeOwned + Send + 'static;
+    type Create: DeserializeOwned + schemars::JsonSchema + Send + 'static;
     /// Body of `PATCH {PATH}/{id}`.
-    type Update: DeserializeOwned + Send + 'static;
+    type Update: DeserializeOwned + schemars::JsonSchema + Send + 'static;
     /// The validated name and endpoint of a create body; a bad value is a 400.
     fn create_fields(body: Self::Create) -> Result<(String, Option<String>), ApiError>;
     /// The validated new name and endpoint of an update body (`None` keeps the field).
@@ -147,16 +147,38 @@ pub trait NodeApi: 'static {
 pub fn router<N: NodeApi>() -> ApiRouter<AppState> {
     let path = N::PATH;
     ApiRouter::new()
-        .route(path, get(list::<N>).post(create::<N>))
+        .route(
+            path,
+            get(list::<N>)
+                .summary("the list")
+                .paged()
+                .returns::<Vec<NodeView>>(200)
+                .post(create::<N>)
+                .summary("creates one, with its one-time enrollment token")
+                .body::<N::Create>()
+                .returns::<NodeView>(201),
+        )
         .route(
             &format!("{path}/{{id}}"),
-            get(one::<N>).patch(update::<N>).delete(remove::<N>),
+            get(one::<N>)
+                .returns::<NodeView>(200)
+                .patch(update::<N>)
+                .body::<N::Update>()
+                .returns::<NodeView>(200)
+                .delete(remove::<N>),
         )
         .route(
             &format!("{path}/{{id}}/enrollment-token"),
-            post(regenerate_token::<N>),
+            post(regenerate_token::<N>)
+                .summary("a new one-time token; the old credential is revoked")
+                .returns::<TokenView>(200),
         )
-        .route(&format!("{path}/{{id}}/revoke"), post(revoke::<N>))
+        .route(
+            &format!("{path}/{{id}}/revoke"),
+            post(revoke::<N>)
+                .summary("no credential, no key, no token; its session ends")
+                .returns::<NodeView>(200),
+        )
 }
 
 fn view(state: &AppState, node: Node) -> NodeView {

@@ -18,7 +18,7 @@ use crate::store::Policy;
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /policies`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePolicy {
     /// Name, unique in the organization.
@@ -28,7 +28,7 @@ pub struct CreatePolicy {
 }
 
 /// Body of `PATCH /policies/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchPolicy {
     /// New name.
@@ -40,8 +40,25 @@ pub struct PatchPolicy {
 /// The policies router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/policies", get(list).post(create))
-        .route("/policies/{id}", get(one).patch(update).delete(remove))
+        .route(
+            "/policies",
+            get(list)
+                .summary("named access policies")
+                .paged()
+                .returns::<Vec<Policy>>(200)
+                .post(create)
+                .body::<CreatePolicy>()
+                .returns::<Policy>(201),
+        )
+        .route(
+            "/policies/{id}",
+            get(one)
+                .returns::<Policy>(200)
+                .patch(update)
+                .body::<PatchPolicy>()
+                .returns::<Policy>(200)
+                .delete(remove),
+        )
 }
 
 async fn create(

@@ -492,7 +492,8 @@ pub fn router() -> ApiRouter<AppState> {
         .route(
             "/resources",
             get(list)
-                .summary("resources, with ?q, ?sort, ?limit and ?cursor")
+                .summary("resources")
+                .paged()
                 .returns::<Vec<ResourceView>>(200)
                 .post(create)
                 .summary("publishes an app of a site")

@@ -9,7 +9,7 @@ use super::{invalid, valid_opt};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /sites`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSite {
     /// Display name, unique.
@@ -17,7 +17,7 @@ pub struct CreateSite {
 }
 
 /// Body of `PATCH /sites/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSite {
     /// New name.

@@ -14,7 +14,7 @@ use crate::store::{NewUser, User, UserPatch};
 use crate::{secrets, validate, ApiError, AppState};
 
 /// Body of `POST /users`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// E-mail address (lower-cased, unique).
@@ -28,7 +28,7 @@ pub struct CreateUser {
 }
 
 /// Body of `PATCH /users/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     /// New name.
@@ -45,7 +45,7 @@ pub struct UpdateUser {
 }
 
 /// A user as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct UserView {
     /// Id.
     pub id: Uuid,
@@ -102,8 +102,25 @@ pub struct KeyView {
 /// The users router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/users", get(list).post(create))
-        .route("/users/{id}", get(one).patch(update).delete(remove))
+        .route(
+            "/users",
+            get(list)
+                .summary("the organization's users")
+                .paged()
+                .returns::<Vec<UserView>>(200)
+                .post(create)
+                .body::<CreateUser>()
+                .returns::<UserView>(201),
+        )
+        .route(
+            "/users/{id}",
+            get(one)
+                .returns::<UserView>(200)
+                .patch(update)
+                .body::<UpdateUser>()
+                .returns::<UserView>(200)
+                .delete(remove),
+        )
         .route("/users/{id}/sign-out", post(sign_out_everywhere))
         .route("/users/{id}/totp", post(add_totp).delete(remove_totp))
         .route("/signing-keys", get(keys))

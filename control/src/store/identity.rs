@@ -1187,7 +1187,7 @@ impl Store {
 pub const API_KEY_PREFIX: &str = "kmk";
 
 /// An API key as stored (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct ApiKey {
     /// Id (inside the key).
     pub id: Uuid,

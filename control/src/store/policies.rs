@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{corrupt, now_ms, parse_uuid, taken, Result, Store, StoreError};
 
 /// A named access policy of an organization.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Policy {
     /// Id.
     pub id: Uuid,
