@@ -35,6 +35,7 @@ pub mod serve;
 pub mod sessions;
 pub mod sso;
 pub mod store;
+pub mod times;
 pub mod totp;
 pub mod validate;
 pub mod visitors;

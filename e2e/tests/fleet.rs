@@ -313,7 +313,12 @@ async fn sigterm_with_nodes_connected_records_every_last_seen_and_logs_no_error(
     assert_eq!(sites.len(), 100);
     let stale: Vec<String> = sites
         .iter()
-        .filter(|s| s["last_seen_at"].as_i64().is_none_or(|t| t < before))
+        .filter(|s| {
+            s["last_seen_at"]
+                .as_str()
+                .and_then(kakuremichi_proto::time::parse_time_ms)
+                .is_none_or(|t| t < before)
+        })
         .map(|s| format!("{} last seen {}", s["name"], s["last_seen_at"]))
         .collect();
     assert!(

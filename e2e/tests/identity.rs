@@ -488,7 +488,7 @@ async fn wrong_passwords_are_rate_limited_and_lock_the_account_until_an_admin_un
         .get(&format!("/api/v1/users/{ann}"))
         .await
         .unwrap();
-    assert!(user["locked_until"].as_i64().is_some(), "{user}");
+    assert!(user["locked_until"].as_str().is_some(), "{user}");
 
     // The right password fails while locked (once the rate limit lets an attempt through).
     let p = right_password(&stack, &mut browser, &sign_in, &csrf).await;
@@ -1480,7 +1480,7 @@ async fn a_share_link_stops_after_its_last_use_its_expiry_and_its_revocation() {
                 v["id"].as_str().unwrap().to_owned(),
                 demo_url(stack, v["path"].as_str().unwrap()),
                 v["secret"].as_str().unwrap().to_owned(),
-                v["expires_at"].as_i64().unwrap(),
+                kakuremichi_proto::time::parse_time_ms(v["expires_at"].as_str().unwrap()).unwrap(),
             )
         }
     };

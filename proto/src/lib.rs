@@ -16,6 +16,7 @@
 
 pub mod identity;
 mod stream;
+pub mod time;
 
 pub use stream::{
     frame_datagram, StreamHeader, StreamHeaderError, StreamKind, AGENT_ERROR_HEADER, MAX_DATAGRAM,

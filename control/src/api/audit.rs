@@ -1,5 +1,5 @@
 //! `/audit`: the audit log (sign-ins, refusals, every change through the API), newest first,
-//! filtered by `action` (exact, or a prefix ending in `*`), `actor`, `outcome`, `since` (unix ms)
+//! filtered by `action` (exact, or a prefix ending in `*`), `actor`, `outcome`, `since` (RFC 3339, or unix ms)
 //! and `limit` (default 100, at most 1000).
 
 use crate::api::doc::get;

@@ -43,12 +43,15 @@ pub struct CertificateView {
     pub status: CertStatus,
     /// Validity start (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub not_before: Option<i64>,
     /// Expiry (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub not_after: Option<i64>,
     /// ACME: when the next order is due (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub next_attempt_at: Option<i64>,
     /// Failed attempts since the last success.
     pub failures: u32,
@@ -57,13 +60,15 @@ pub struct CertificateView {
     pub last_error: Option<String>,
     /// When the current chain was issued or uploaded (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub issued_at: Option<i64>,
     /// The chain (public), once issued.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chain_pem: Option<String>,
     /// Made for a resource hostname.
     pub auto_resource: bool,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
 }
 

@@ -34,15 +34,21 @@ pub struct NodeView {
     pub enrolled: bool,
     /// Has an open control session now.
     pub online: bool,
-    /// Last message from the node (unix ms).
+    /// Last message from the node.
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub last_seen_at: Option<i64>,
     /// Config version last applied by the node.
     pub applied_version: Option<u64>,
     /// Software version from the node's hello.
     pub software_version: Option<String>,
-    /// Freshest WireGuard handshake among the peers of the latest status (unix ms).
+    /// Freshest WireGuard handshake among the peers of the latest status.
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub last_handshake_at: Option<i64>,
-    /// When the latest status arrived (unix ms).
+    /// When the latest status arrived.
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub status_at: Option<i64>,
     /// Peers of the latest status.
     pub peers: Vec<PeerStatus>,
@@ -52,7 +58,9 @@ pub struct NodeView {
     /// Sites only: the labels its agent runs sessions with (`--session-label`).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub session_labels: std::collections::BTreeMap<String, String>,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
     /// The one-time enrollment token, only in the answer that created it.
     #[serde(skip_serializing_if = "Option::is_none")]

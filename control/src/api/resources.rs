@@ -416,7 +416,9 @@ pub struct ResourceView {
     pub target: String,
     /// Port on the site's overlay address leading to the target.
     pub overlay_port: u16,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
     /// How gateways spread requests over the targets.
     pub balance: Balance,

@@ -59,12 +59,16 @@ pub struct UserView {
     pub disabled: bool,
     /// Locked until (unix ms), after too many wrong passwords.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub locked_until: Option<i64>,
     /// Whether the user has a password.
     pub has_password: bool,
     /// Whether the user has a TOTP second factor.
     pub has_totp: bool,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
 }
 
@@ -92,10 +96,12 @@ pub struct KeyView {
     pub kid: String,
     /// Public key (base64url).
     pub x: String,
-    /// Created (unix ms).
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
     /// Retired (unix ms): it verifies tokens until they expire, and signs no more.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub retired_at: Option<i64>,
 }
 

@@ -38,11 +38,13 @@ pub struct User {
     pub disabled: bool,
     /// Wrong passwords since the last good sign-in.
     pub failed_sign_ins: u32,
-    /// Locked until (unix ms), after too many wrong passwords.
+    /// Locked until, after too many wrong passwords.
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub locked_until: Option<i64>,
     /// Tokens issued before this (unix seconds) are refused.
     pub sessions_not_before: i64,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
     /// Whether the user has a password.
     pub has_password: bool,
@@ -1057,7 +1059,8 @@ fn push_edge_key(
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AuditEntry {
-    /// When (unix ms).
+    /// When.
+    #[serde(serialize_with = "crate::times::ms")]
     pub at: i64,
     /// Who: `admin-key:<id>`, `user:<id>`, or `anonymous`.
     pub actor: String,
@@ -1089,7 +1092,8 @@ pub struct AuditFilter {
     pub actor: Option<String>,
     /// Only this outcome.
     pub outcome: Option<String>,
-    /// Only entries at or after this time (unix ms).
+    /// Only entries at or after this time (RFC 3339, or unix ms).
+    #[serde(default, deserialize_with = "crate::times::de_opt_ms")]
     pub since: Option<i64>,
     /// At most this many, newest first (default 100, at most 1000).
     pub limit: Option<u32>,
@@ -1200,13 +1204,19 @@ pub struct ApiKey {
     /// The user it belongs to, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<Uuid>,
-    /// Created (unix ms).
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
     /// Expires (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub expires_at: Option<i64>,
     /// Last used (unix ms, to the minute).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub last_used_at: Option<i64>,
 }
 

@@ -27,7 +27,8 @@ pub struct Organization {
     /// Members must have signed in with a second factor (TOTP or a passkey) to reach this
     /// organization's resources.
     pub require_second_factor: bool,
-    /// Created (unix ms).
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
 }
 

@@ -13,9 +13,11 @@ pub struct PasskeyInfo {
     pub id: Uuid,
     /// The user's name for it.
     pub name: String,
-    /// Created (unix ms).
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
-    /// Last used to sign in (unix ms).
+    /// Last used to sign in.
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub last_used_at: Option<i64>,
 }
 

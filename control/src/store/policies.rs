@@ -20,7 +20,9 @@ pub struct Policy {
     pub access: AccessPolicy,
     /// How many resources follow it.
     pub resources: i64,
-    /// Unix ms.
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
 }
 

@@ -18,7 +18,8 @@ pub struct CustomRole {
     pub description: String,
     /// Permissions it gives.
     pub permissions: Vec<String>,
-    /// Created (unix ms).
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
 }
 

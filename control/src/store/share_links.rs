@@ -20,9 +20,11 @@ pub struct ShareLink {
     pub resource_id: Uuid,
     /// Display name.
     pub name: String,
-    /// Unix ms.
+    /// Created.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
-    /// Unix ms; it opens nothing after, and sessions it opened end then.
+    /// Expiry; it opens nothing after, and sessions it opened end then.
+    #[serde(serialize_with = "crate::times::ms")]
     pub expires_at: i64,
     /// How many times it may be opened; absent: until it expires.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,6 +33,7 @@ pub struct ShareLink {
     pub uses: i64,
     /// Unix ms, when revoked.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "crate::times::opt_ms")]
     pub revoked_at: Option<i64>,
 }
 

@@ -64,7 +64,8 @@ pub struct IdentityProvider {
     pub default_roles: Vec<String>,
     /// Whether an unknown person is given an account at first sign-in.
     pub auto_provision: bool,
-    /// Creation time (unix ms).
+    /// Creation time.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
 }
 

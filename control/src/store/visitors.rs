@@ -42,7 +42,8 @@ impl PasscodeKind {
 pub struct PasscodeInfo {
     /// Password or PIN.
     pub kind: PasscodeKind,
-    /// Unix ms, when set.
+    /// Created, when set.
+    #[serde(serialize_with = "crate::times::ms")]
     pub created_at: i64,
 }
 

@@ -145,3 +145,57 @@ fn the_published_copy_in_docs_is_current() {
          kakuremichi-control the_published_copy_in_docs_is_current"
     );
 }
+
+/// Times answer as RFC 3339 with milliseconds; a time asked for (`/audit?since=`) may be RFC
+/// 3339 or unix ms, and anything else is a clear 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_are_rfc3339_and_since_takes_either_form() {
+    use kakuremichi_control::times::{parse_time_ms, rfc3339_ms};
+    let db = common::sqlite().await;
+    let router = app(common::state(&db).await);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/sites")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"name":"home"}"#))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let site: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let created = site["created_at"].as_str().unwrap();
+    assert_eq!(created.len(), "2026-05-02T12:00:00.000Z".len(), "{created}");
+    let ms = parse_time_ms(created).unwrap();
+    assert_eq!(rfc3339_ms(ms), created);
+
+    let audit = |since: String| {
+        let router = router.clone();
+        async move {
+            call(
+                &router,
+                Method::GET,
+                &format!("/api/v1/audit?action=POST*&since={since}"),
+                true,
+            )
+            .await
+        }
+    };
+    for before in [rfc3339_ms(ms - 1000), (ms - 1000).to_string()] {
+        let (s, list) = audit(before.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{before}: {list}");
+        assert_eq!(list.as_array().unwrap().len(), 1, "{before}: {list}");
+        assert!(list[0]["at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    }
+    let (s, list) = audit(rfc3339_ms(ms + 60_000)).await;
+    assert_eq!(
+        (s, list.as_array().map(Vec::len)),
+        (StatusCode::OK, Some(0))
+    );
+    let (s, err) = audit("yesterday".into()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        err["message"].as_str().unwrap().contains("RFC 3339"),
+        "{err}"
+    );
+}
