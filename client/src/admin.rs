@@ -292,17 +292,14 @@ pub fn kind(name: &str) -> Option<Kind> {
     KINDS.iter().find(|(n, _)| *n == name).map(|(_, k)| *k)
 }
 
-/// A cell: strings as they are, times (`*_at` fields, Unix ms) as RFC 3339, lists joined by
+/// A cell: strings (times among them: control answers RFC 3339) as they are, lists joined by
 /// commas, nothing as `-`.
-pub fn cell(field: &str, v: &Value) -> String {
+pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
-        Value::Number(n) if field.ends_with("_at") => {
-            n.as_i64().map_or_else(|| n.to_string(), rfc3339)
-        }
         Value::Array(a) => {
-            let parts: Vec<String> = a.iter().map(|x| cell("", x)).collect();
+            let parts: Vec<String> = a.iter().map(cell).collect();
             if parts.is_empty() {
                 "-".into()
             } else {
@@ -317,7 +314,7 @@ pub fn cell(field: &str, v: &Value) -> String {
 pub fn table(columns: &[(&str, &str)], rows: &[Value]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| columns.iter().map(|(_, f)| cell(f, &r[*f])).collect())
+        .map(|r| columns.iter().map(|(_, f)| cell(&r[*f])).collect())
         .collect();
     let widths: Vec<usize> = columns
         .iter()
@@ -346,28 +343,6 @@ pub fn table(columns: &[(&str, &str)], rows: &[Value]) -> String {
         out.push(line(r.iter().map(String::as_str).collect()));
     }
     out.join("\n")
-}
-
-/// RFC 3339 (UTC, seconds) of Unix ms.
-pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
 }
 
 /// `KEY=VALUE` (a string) or `KEY:=JSON` (any JSON value) into `body`.
@@ -399,13 +374,14 @@ mod tests {
 
     #[test]
     fn cells_tables_and_sets() {
+        // Control answers times as RFC 3339: shown as they are.
         assert_eq!(
-            cell("created_at", &json!(1_777_723_200_000_i64)),
-            "2026-05-02T12:00:00Z"
+            cell(&json!("2026-05-02T12:00:00.000Z")),
+            "2026-05-02T12:00:00.000Z"
         );
-        assert_eq!(cell("roles", &json!(["a", "b"])), "a,b");
-        assert_eq!(cell("x", &Value::Null), "-");
-        assert_eq!(cell("online", &json!(true)), "true");
+        assert_eq!(cell(&json!(["a", "b"])), "a,b");
+        assert_eq!(cell(&Value::Null), "-");
+        assert_eq!(cell(&json!(true)), "true");
         let t = table(
             &[("ID", "id"), ("NAME", "name")],
             &[json!({"id": "1", "name": "home"}), json!({"id": "22"})],
