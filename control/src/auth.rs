@@ -211,11 +211,11 @@ pub(crate) fn page(status: StatusCode, title: &str, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{t} - kakuremichi</title><style>body{{font-family:system-ui,sans-serif;\
-         max-width:28rem;margin:4rem auto;padding:0 1rem}}label{{display:block;margin:.8rem 0}}\
-         input{{width:100%;padding:.4rem;box-sizing:border-box}}button{{padding:.5rem 1rem}}\
-         .error{{color:#a00}}</style></head><body><h1>{t}</h1>{body}\
-         <hr><p><small>kakuremichi</small></p></body></html>\n",
+         <meta name=\"color-scheme\" content=\"light dark\">\
+         <title>{t} - kakuremichi</title><link rel=\"icon\" href=\"data:,\">\
+         <link rel=\"stylesheet\" href=\"/ui/app.css\"></head>\
+         <body><main class=\"narrow\" id=\"main\"><h1>{t}</h1>{body}\
+         <hr><p><small>kakuremichi</small></p></main></body></html>\n",
         t = escape(title)
     );
     let mut r = (status, Html(html)).into_response();
@@ -223,7 +223,7 @@ pub(crate) fn page(status: StatusCode, title: &str, body: &str) -> Response {
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r.headers_mut().insert(
         "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self' http: https:; frame-ancestors 'none'"),
+        HeaderValue::from_static("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self' http: https:; frame-ancestors 'none'"),
     );
     r
 }
@@ -569,7 +569,13 @@ fn signed_in_page(headers: &HeaderMap, user: &User) -> Response {
                 .next()
                 .map(|(_, v)| v.into_owned())
         })
-        .filter(|n| n.starts_with("/oauth/authorize?") && !n.contains(['\r', '\n']));
+        .filter(|n| {
+            (n.starts_with("/oauth/authorize?")
+                || n == "/ui"
+                || n.starts_with("/ui/")
+                || n.starts_with("/ui?"))
+                && !n.contains(['\r', '\n'])
+        });
     if let Some(next) = next {
         let mut r = StatusCode::SEE_OTHER.into_response();
         if let Ok(v) = HeaderValue::from_str(&next) {
@@ -587,8 +593,8 @@ fn signed_in_page(headers: &HeaderMap, user: &User) -> Response {
         StatusCode::OK,
         "Signed in",
         &format!(
-            "<p>You are signed in as {}.</p><p><a href=\"/account\">Your account</a> · \
-             <a href=\"/auth/sign-out\">Sign out</a></p>",
+            "<p>You are signed in as {}.</p><p><a href=\"/ui\">Admin console</a> · \
+             <a href=\"/account\">Your account</a> · <a href=\"/auth/sign-out\">Sign out</a></p>",
             escape(&user.email)
         ),
     )
@@ -1275,6 +1281,13 @@ async fn setup_page(State(state): State<AppState>, headers: HeaderMap) -> Respon
         &setup_form(&csrf, "", "", None),
     );
     if let Some(c) = set {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    // The owner lands in the admin console once set up.
+    if let Ok(c) = HeaderValue::from_str(&format!(
+        "{NEXT_COOKIE}=%2Fui; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax{}",
+        secure(&state)
+    )) {
         r.headers_mut().append(SET_COOKIE, c);
     }
     r

@@ -55,6 +55,8 @@ struct Entry {
 #[derive(Default)]
 pub struct Hub {
     sessions: Mutex<HashMap<Uuid, Entry>>,
+    /// Bumped whenever a node comes online or goes offline (the web UI's live status).
+    changes: Changes,
     next_generation: AtomicU64,
     live: AtomicUsize,
     idle: Notify,
@@ -66,6 +68,15 @@ impl std::fmt::Debug for Hub {
             .field("sessions", &self.lock().len())
             .field("live", &self.live.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// A counter bumped on every change of who is online; watchers wait on it.
+struct Changes(tokio::sync::watch::Sender<u64>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(0))
     }
 }
 
@@ -106,6 +117,7 @@ impl Hub {
             // notify_one keeps the wake-up even if the old session is not waiting right now.
             old.replaced.notify_one();
         }
+        self.changes.0.send_modify(|n| *n += 1);
         (generation, replaced)
     }
 
@@ -116,7 +128,14 @@ impl Hub {
             .is_some_and(|e| e.generation == generation)
         {
             sessions.remove(&id);
+            drop(sessions);
+            self.changes.0.send_modify(|n| *n += 1);
         }
+    }
+
+    /// A receiver that sees a change whenever a node comes online or goes offline.
+    pub fn watch_online(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.0.subscribe()
     }
 
     /// Whether the node has an open session.

@@ -37,9 +37,9 @@ pub mod sso;
 pub mod store;
 pub mod times;
 pub mod totp;
+pub mod ui;
 pub mod validate;
 pub mod visitors;
-mod web;
 pub mod world;
 
 use std::sync::Arc;
@@ -286,7 +286,8 @@ pub fn app(state: AppState) -> Router {
         .merge(visitors::router())
         .merge(oauth::router())
         .merge(install::router())
-        .route("/", get(web::index))
+        .merge(ui::router())
+        .route("/", get(ui::index))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics::render))
         .fallback(api::not_found)

@@ -322,3 +322,50 @@ pub async fn private_resource(
     );
     Ok(())
 }
+
+/// Signs in at control's sign-in page as a browser does (CSRF cookie and field, then the session
+/// cookie) and returns the console's dashboard page.
+pub async fn sign_in_to_console(
+    control: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let cookies = |r: &reqwest::Response| -> Vec<String> {
+        r.headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+            .collect()
+    };
+    let page = http.get(format!("{control}/auth/sign-in")).send().await?;
+    let mut jar = cookies(&page);
+    let html = page.text().await?;
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .context("no CSRF field on the sign-in page")?
+        .to_owned();
+    let r = http
+        .post(format!("{control}/auth/sign-in"))
+        .header(reqwest::header::COOKIE, jar.join("; "))
+        .form(&[("email", email), ("password", password), ("csrf", &csrf)])
+        .send()
+        .await?;
+    anyhow::ensure!(
+        r.status() == 200 || r.status() == 303,
+        "sign-in answered {}",
+        r.status()
+    );
+    jar.extend(cookies(&r));
+    let ui = http
+        .get(format!("{control}/ui"))
+        .header(reqwest::header::COOKIE, jar.join("; "))
+        .send()
+        .await?;
+    anyhow::ensure!(ui.status() == 200, "/ui answered {}", ui.status());
+    Ok(ui.text().await?)
+}

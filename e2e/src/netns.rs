@@ -345,3 +345,44 @@ impl Drop for NatLab {
         self.teardown();
     }
 }
+
+/// Runs `script` with `sh -c` in namespace `ns`, with `env` added: (exit code, stdout, stderr).
+pub fn sh_in(ns: &str, script: &str, env: &[(&str, String)]) -> (i32, String, String) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", script])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running ip netns exec");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Kills, when dropped, the agent whose pid a data folder's `agent.pid` names.
+#[derive(Debug)]
+pub struct InstalledAgent(pub std::path::PathBuf);
+
+impl InstalledAgent {
+    /// The pid its `agent.pid` names.
+    pub fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.0.join("agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for InstalledAgent {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kakuremichi_e2e::netns::{NatLab, GW_PUBLIC, LAN_HOST};
+use kakuremichi_e2e::netns::{sh_in, InstalledAgent, NatLab, GW_PUBLIC, LAN_HOST};
 use kakuremichi_e2e::{Stack, StackOptions, DEMO_HOST};
 
 #[tokio::test]
@@ -66,45 +66,6 @@ async fn request_crosses_a_real_nat_to_an_agent_with_no_inbound_path() {
     )
     .await;
     assert!(seen.is_ok(), "{seen:?}\n{}", stack.logs());
-}
-
-/// Runs `script` with `sh -c` in namespace `ns`, with `env` added: (exit code, stdout, stderr).
-fn sh_in(ns: &str, script: &str, env: &[(&str, String)]) -> (i32, String, String) {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", script])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Kills, when dropped, the agent whose pid a data folder's `agent.pid` names.
-struct InstalledAgent(std::path::PathBuf);
-
-impl InstalledAgent {
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.0.join("agent.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
-
-impl Drop for InstalledAgent {
-    fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 fn alive(pid: i32) -> bool {

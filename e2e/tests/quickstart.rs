@@ -101,6 +101,21 @@ async fn quickstart_serves_demo_localhost_and_stops_cleanly() {
     let page = http.get("http://127.0.0.1:3000/").send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("kakuremichi"));
+    // The printed admin signs in to the console and sees the quickstart's fleet.
+    let password = printed
+        .split("sign in as admin@example.com with password ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no admin password in {printed}"));
+    let console = kakuremichi_e2e::identity::sign_in_to_console(
+        "http://127.0.0.1:3000",
+        "admin@example.com",
+        password,
+    )
+    .await
+    .unwrap();
+    assert!(console.contains("<h1>Dashboard</h1>"), "{console}");
+    assert!(console.contains("demo.localhost"), "{console}");
 
     let pid = child.id().to_string();
     assert!(Command::new("kill")

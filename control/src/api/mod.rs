@@ -227,29 +227,32 @@ async fn require_admin(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let key = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            ApiError::Unauthorized(
-                "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>".into(),
-            )
-        })?;
-    let key = Secret::new(key);
-    let Some(mut found) = state.store.check_api_key(&key).await? else {
-        return Err(ApiError::Unauthorized(
-            "invalid, expired or revoked API key".into(),
-        ));
-    };
-    let actor = match (found.scopes.is_none(), found.user_id) {
-        (true, _) => format!("admin-key:{}", found.id),
-        (false, Some(user)) => format!("user:{user} api-key:{}", found.id),
-        (false, None) => format!("api-key:{}", found.id),
+    // The web UI calls the API in process for its signed-in user (an extension: never sent by
+    // a client).
+    let web = req.extensions().get::<crate::ui::WebCaller>().copied();
+    let (mut found, actor) = match web {
+        Some(w) => (
+            crate::store::ApiKey {
+                id: w.session,
+                name: "web session".into(),
+                scopes: None,
+                org_id: w.org,
+                user_id: Some(w.user),
+                created_at: crate::store::now_ms(),
+                expires_at: None,
+                last_used_at: None,
+            },
+            format!("user:{} web-session:{}", w.user, w.session),
+        ),
+        None => {
+            let found = api_key(&state, req.headers()).await?;
+            let actor = match (found.scopes.is_none(), found.user_id) {
+                (true, _) => format!("admin-key:{}", found.id),
+                (false, Some(user)) => format!("user:{user} api-key:{}", found.id),
+                (false, None) => format!("api-key:{}", found.id),
+            };
+            (found, actor)
+        }
     };
     // A personal key holds what both it and its user's roles in its organization give, as of
     // now.
@@ -311,6 +314,32 @@ async fn require_admin(
             .await;
     }
     Ok(response)
+}
+
+/// The API key a request carries, checked.
+async fn api_key(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<crate::store::ApiKey, ApiError> {
+    let key = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>".into(),
+            )
+        })?;
+    let key = Secret::new(key);
+    let Some(found) = state.store.check_api_key(&key).await? else {
+        return Err(ApiError::Unauthorized(
+            "invalid, expired or revoked API key".into(),
+        ));
+    };
+    Ok(found)
 }
 
 pub(crate) async fn not_found() -> ApiError {

@@ -589,10 +589,15 @@ async fn health_metrics_and_page() {
         text.contains("kakuremichi_api_requests_total{class=\"2xx\"} "),
         "{text}"
     );
-    let (s, text, ctype) = t.raw(Method::GET, "/", None, None).await;
+    // `/` is the console, which sends a new control to set-up.
+    let (s, _, _) = t.raw(Method::GET, "/", None, None).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, _, _) = t.raw(Method::GET, "/ui", None, None).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, text, ctype) = t.raw(Method::GET, "/setup", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(ctype.unwrap().starts_with("text/html"));
-    assert!(text.contains("<title>kakuremichi</title>"));
+    assert!(text.contains("<title>Set up kakuremichi - kakuremichi</title>"), "{text}");
 }
 
 #[tokio::test]

@@ -140,3 +140,72 @@ pub async fn serve(state: AppState) -> SocketAddr {
     });
     addr
 }
+
+/// A browser of sorts: keeps cookies, follows no redirect.
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub jar: std::collections::HashMap<String, String>,
+}
+
+impl Client {
+    pub fn cookies(&self) -> String {
+        self.jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Sends with the jar's cookies, keeps the ones set: (status, Location, body).
+    pub async fn send(
+        &mut self,
+        req: reqwest::RequestBuilder,
+    ) -> (reqwest::StatusCode, Option<String>, String) {
+        let r = req
+            .header(reqwest::header::COOKIE, self.cookies())
+            .send()
+            .await
+            .unwrap();
+        for v in r.headers().get_all(reqwest::header::SET_COOKIE) {
+            let first = v.to_str().unwrap().split(';').next().unwrap();
+            let (k, v) = first.split_once('=').unwrap();
+            self.jar.insert(k.to_owned(), v.to_owned());
+        }
+        let location = r
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| l.to_str().unwrap().to_owned());
+        (r.status(), location, r.text().await.unwrap())
+    }
+
+    /// Calls the API with the admin key; a failure panics.
+    pub async fn api(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let req = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base))
+            .bearer_auth(ADMIN_KEY)
+            .json(&body);
+        let (status, _, text) = self.send(req).await;
+        assert!(status.is_success(), "{path}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// The value of the hidden input `name` in a page.
+pub fn hidden(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} in {html}"))
+        + marker.len();
+    let end = html[start..].find('"').unwrap() + start;
+    html[start..end]
+        .replace("&amp;", "&")
+        .replace("&quot;", "\"")
+}

@@ -11,5 +11,6 @@ mod oauth;
 mod openapi;
 mod store;
 mod tenants;
+mod ui;
 mod upgrade;
 mod ws;

@@ -6,69 +6,15 @@
 use std::collections::HashMap;
 
 use base64::Engine as _;
-use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-use crate::common::{self, ADMIN_KEY};
+use crate::common::{self, hidden, Client, ADMIN_KEY};
 
 const RESOURCE: &str = "http://mcp.localhost:8080/mcp";
 const REDIRECT: &str = "http://127.0.0.1:9999/callback";
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    jar: HashMap<String, String>,
-}
-
-impl Client {
-    fn cookies(&self) -> String {
-        self.jar
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    async fn send(&mut self, req: reqwest::RequestBuilder) -> (StatusCode, Option<String>, String) {
-        let r = req.header(COOKIE, self.cookies()).send().await.unwrap();
-        for v in r.headers().get_all(SET_COOKIE) {
-            let first = v.to_str().unwrap().split(';').next().unwrap();
-            let (k, v) = first.split_once('=').unwrap();
-            self.jar.insert(k.to_owned(), v.to_owned());
-        }
-        let location = r
-            .headers()
-            .get(LOCATION)
-            .map(|l| l.to_str().unwrap().to_owned());
-        (r.status(), location, r.text().await.unwrap())
-    }
-
-    async fn api(&mut self, method: Method, path: &str, body: Value) -> Value {
-        let req = self
-            .http
-            .request(method, format!("{}/api/v1{path}", self.base))
-            .bearer_auth(ADMIN_KEY)
-            .json(&body);
-        let (status, _, text) = self.send(req).await;
-        assert!(status.is_success(), "{path}: {status} {text}");
-        serde_json::from_str(&text).unwrap()
-    }
-}
-
-fn hidden(html: &str, name: &str) -> String {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html
-        .find(&marker)
-        .unwrap_or_else(|| panic!("no {name} in {html}"))
-        + marker.len();
-    let end = html[start..].find('"').unwrap() + start;
-    html[start..end]
-        .replace("&amp;", "&")
-        .replace("&quot;", "\"")
-}
 
 fn challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))

@@ -41,6 +41,21 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::start_with(opts).await.context(
         "starting the quickstart (are ports 3000, 8080, 8443, 9000 and UDP 51820 free?)",
     )?;
+    // The admin who signs in to the console.
+    let admin_password = Alphanumeric.sample_string(&mut rand::thread_rng(), 16);
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({
+                "email": "admin@example.com", "name": "Admin", "password": admin_password,
+                "roles": ["owner"]
+            })),
+        )
+        .await
+        .context("creating the admin")?;
+    anyhow::ensure!(status == 201, "creating the admin: {status} {body}");
     // A second resource that needs sign-in, and a user who may reach it.
     let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 16);
     kakuremichi_e2e::identity::private_resource(
@@ -65,7 +80,8 @@ kakuremichi is running.
       (the app sees who you are: Remote-User and a signed Kakuremichi-Jwt-Assertion, which
        http://private.localhost:8080/identity verifies against
        http://127.0.0.1:3000/.well-known/kakuremichi/jwks.json)
-  Control (admin UI and API):    http://127.0.0.1:3000/
+  Admin console:                 http://127.0.0.1:3000/
+      sign in as admin@example.com with password {admin_password}
   Admin API key (shown once):    {admin_key}
       try: curl -H 'Authorization: Bearer {admin_key}' http://127.0.0.1:3000/api/v1/resources
   Data folders and logs:         {}

@@ -1,0 +1,539 @@
+//! The admin web UI under `/ui`: pages rendered on the server from minijinja templates embedded
+//! from `web/templates`, one stylesheet and one small script (no inline script or style: the
+//! pages' CSP forbids both), and Server-Sent Events for what changes live (who is online).
+//!
+//! Every page reads and changes through the REST API, called in process as the signed-in user
+//! in the organization they chose ([`WebCaller`]): what a page may do is what the user's roles
+//! give, validation and audit are the API's own, and the UI cannot drift from the API.
+
+mod pages;
+
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::auth::{cookie_value, csrf_token, current_session, NEXT_COOKIE};
+use crate::AppState;
+
+/// The cookie holding the organization chosen in the switcher.
+const ORG_COOKIE: &str = "kakuremichi_org";
+
+/// The UI's Content-Security-Policy: scripts and styles only from control's own files.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+    base-uri 'none'";
+
+const CSS: &str = include_str!("../../../web/app.css");
+const JS: &str = include_str!("../../../web/app.js");
+
+static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
+    let mut env = minijinja::Environment::new();
+    env.add_filter("when", when);
+    // HTML-escape text as the rest of control does (minijinja's own escapes `/` too, which
+    // only makes paths and commands longer).
+    env.set_formatter(|out, state, value| match value.as_str() {
+        Some(s) if !value.is_safe() && state.auto_escape() == minijinja::AutoEscape::Html => out
+            .write_str(&crate::auth::escape(s))
+            .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string())),
+        _ => minijinja::escape_formatter(out, state, value),
+    });
+    for (name, source) in [
+        (
+            "layout.html",
+            include_str!("../../../web/templates/layout.html"),
+        ),
+        (
+            "dashboard.html",
+            include_str!("../../../web/templates/dashboard.html"),
+        ),
+        (
+            "nodes.html",
+            include_str!("../../../web/templates/nodes.html"),
+        ),
+        (
+            "site.html",
+            include_str!("../../../web/templates/site.html"),
+        ),
+        (
+            "resources.html",
+            include_str!("../../../web/templates/resources.html"),
+        ),
+        (
+            "resource.html",
+            include_str!("../../../web/templates/resource.html"),
+        ),
+        (
+            "audit.html",
+            include_str!("../../../web/templates/audit.html"),
+        ),
+        (
+            "confirm.html",
+            include_str!("../../../web/templates/confirm.html"),
+        ),
+        (
+            "message.html",
+            include_str!("../../../web/templates/message.html"),
+        ),
+    ] {
+        if let Err(e) = env.add_template(name, source) {
+            // Templates are part of the binary; a broken one is a build mistake the tests catch.
+            tracing::error!(template = name, error = %e, "a UI template does not parse");
+        }
+    }
+    env
+});
+
+/// A time as the API writes it (`2026-05-02T12:00:00.000Z`) for people: `2026-05-02 12:00:00
+/// UTC`; `-` for none.
+fn when(v: minijinja::Value) -> String {
+    match v.as_str() {
+        Some(t) if t.len() >= 19 => format!("{} {} UTC", &t[..10], &t[11..19]),
+        Some(t) => t.to_owned(),
+        None => "-".to_owned(),
+    }
+}
+
+/// The router of `/ui`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ui", get(pages::dashboard))
+        .route("/ui/events", get(pages::events))
+        .route("/ui/org", post(pages::switch_org))
+        .route("/ui/sites", get(pages::sites).post(pages::create_site))
+        .route("/ui/sites/{id}", get(pages::site))
+        .route("/ui/sites/{id}/token", post(pages::site_token))
+        .route(
+            "/ui/sites/{id}/delete",
+            get(pages::confirm_delete_site).post(pages::delete_site),
+        )
+        .route("/ui/gateways", get(pages::gateways))
+        .route(
+            "/ui/resources",
+            get(pages::resources).post(pages::create_resource),
+        )
+        .route("/ui/resources/{id}", get(pages::resource))
+        .route(
+            "/ui/resources/{id}/delete",
+            get(pages::confirm_delete_resource).post(pages::delete_resource),
+        )
+        .route("/ui/audit", get(pages::audit))
+        .layer(axum::middleware::from_fn(headers))
+        .route("/ui/app.css", get(css))
+        .route("/ui/app.js", get(js))
+}
+
+/// `/`: the UI.
+pub(crate) async fn index() -> Response {
+    redirect("/ui")
+}
+
+async fn css() -> Response {
+    asset("text/css; charset=utf-8", CSS)
+}
+
+async fn js() -> Response {
+    asset("text/javascript; charset=utf-8", JS)
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (CONTENT_TYPE, kind),
+            (CACHE_CONTROL, "public, max-age=300"),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Security headers on every page: the CSP, no caching, no sniffing, no framing.
+async fn headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        axum::http::header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    r
+}
+
+/// The identity the UI's in-process API calls carry: a signed-in user's session in an
+/// organization. Only the UI inserts it (an extension, never read from the wire).
+#[derive(Debug, Clone, Copy)]
+pub struct WebCaller {
+    /// The user.
+    pub user: Uuid,
+    /// The web session.
+    pub session: Uuid,
+    /// The organization acted in.
+    pub org: Uuid,
+}
+
+/// An organization the user belongs to.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct OrgChoice {
+    id: Uuid,
+    name: String,
+    current: bool,
+}
+
+/// The signed-in user of a page, in the organization they chose, with what their roles give.
+#[derive(Debug)]
+pub(crate) struct Caller {
+    pub web: WebCaller,
+    pub email: String,
+    pub orgs: Vec<OrgChoice>,
+    pub permissions: BTreeSet<String>,
+    pub csrf: String,
+    pub set_csrf: Option<HeaderValue>,
+    /// The request's headers (Host names control in install commands).
+    pub headers: HeaderMap,
+    pub peer: Option<axum::extract::ConnectInfo<std::net::SocketAddr>>,
+}
+
+impl Caller {
+    /// Whether the user's roles give `permission` here.
+    pub fn may(&self, permission: &str) -> bool {
+        self.permissions.contains(permission)
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Response> {
+        let headers = parts.headers.clone();
+        let Some((session, user)) = current_session(state, &headers).await else {
+            return Err(sign_in_first(state, parts).await);
+        };
+        let memberships = match state.store.memberships_of(user.id).await {
+            Ok(m) => m,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let wanted = cookie_value(&headers, ORG_COOKIE).and_then(|v| v.parse::<Uuid>().ok());
+        let usable: Vec<_> = memberships
+            .into_iter()
+            .filter(|(o, _)| session.org_id.is_none_or(|s| s == o.id))
+            .collect();
+        let Some(chosen) = wanted
+            .and_then(|w| usable.iter().find(|(o, _)| o.id == w))
+            .or_else(|| usable.first())
+            .map(|(o, roles)| (o.id, roles.clone()))
+        else {
+            return Err(message(
+                StatusCode::FORBIDDEN,
+                "No organization",
+                "You are signed in, but you belong to no organization here. Ask an owner to add you.",
+            ));
+        };
+        let permissions = match state.store.permissions_of(chosen.0, &chosen.1).await {
+            Ok(p) => p,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        let (csrf, set_csrf) = csrf_token(state, &headers);
+        Ok(Caller {
+            web: WebCaller {
+                user: user.id,
+                session: session.id,
+                org: chosen.0,
+            },
+            email: user.email,
+            orgs: usable
+                .iter()
+                .map(|(o, _)| OrgChoice {
+                    id: o.id,
+                    name: o.name.clone(),
+                    current: o.id == chosen.0,
+                })
+                .collect(),
+            permissions,
+            csrf,
+            set_csrf,
+            headers,
+            peer: parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .cloned(),
+        })
+    }
+}
+
+/// Where a browser with no session goes: set-up while there is no user, else sign-in, coming
+/// back here afterwards.
+async fn sign_in_first(state: &AppState, parts: &axum::http::request::Parts) -> Response {
+    if matches!(state.store.count_users().await, Ok(0)) {
+        return redirect("/setup");
+    }
+    let back = parts
+        .uri
+        .path_and_query()
+        .map_or("/ui", |p| p.as_str())
+        .to_owned();
+    let mut r = redirect("/auth/sign-in");
+    if parts.method == Method::GET && back.starts_with("/ui") {
+        let v: String = url::form_urlencoded::byte_serialize(back.as_bytes()).collect();
+        if let Ok(c) = HeaderValue::from_str(&format!(
+            "{NEXT_COOKIE}={v}; Path=/; Max-Age=600; HttpOnly; SameSite=Lax{}",
+            crate::auth::secure(state)
+        )) {
+            r.headers_mut().append(SET_COOKIE, c);
+        }
+    }
+    r
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "the web UI cannot read the store");
+    message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Try again shortly",
+        "Control cannot read its store right now.",
+    )
+}
+
+/// A 303 to `to`.
+pub(crate) fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(LOCATION, v);
+    }
+    r
+}
+
+/// A page with a title and one message, outside the signed-in layout.
+pub(crate) fn message(status: StatusCode, title: &str, text: &str) -> Response {
+    render_page(
+        status,
+        "message.html",
+        minijinja::context! { title, text, bare => true },
+    )
+}
+
+fn render_page(status: StatusCode, template: &str, ctx: minijinja::Value) -> Response {
+    match TEMPLATES.get_template(template).and_then(|t| t.render(ctx)) {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => {
+            tracing::error!(template, error = %e, "cannot render a UI page");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Html("<!doctype html><title>Error</title><p>This page cannot be shown.</p>"),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// One navigation entry.
+#[derive(Serialize)]
+struct Nav {
+    href: &'static str,
+    label: &'static str,
+    current: bool,
+}
+
+/// The navigation: every section the user's roles let them read.
+const SECTIONS: [(&str, &str, &str); 5] = [
+    ("/ui", "Dashboard", ""),
+    ("/ui/sites", "Sites", "site:read"),
+    ("/ui/gateways", "Gateways", "gateway:read"),
+    ("/ui/resources", "Resources", "resource:read"),
+    ("/ui/audit", "Audit log", "audit:read"),
+];
+
+/// Renders `template` inside the signed-in layout; `page` is the page's own context.
+pub(crate) fn render(
+    caller: &Caller,
+    status: StatusCode,
+    section: &str,
+    template: &str,
+    title: &str,
+    page: minijinja::Value,
+) -> Response {
+    let nav: Vec<Nav> = SECTIONS
+        .iter()
+        .filter(|(_, _, p)| p.is_empty() || caller.may(p))
+        .map(|(href, label, _)| Nav {
+            href,
+            label,
+            current: *href == section,
+        })
+        .collect();
+    let ctx = minijinja::context! {
+        title,
+        nav,
+        email => &caller.email,
+        orgs => &caller.orgs,
+        csrf => &caller.csrf,
+        ..page
+    };
+    let mut r = render_page(status, template, ctx);
+    if let Some(c) = caller.set_csrf.clone() {
+        r.headers_mut().append(SET_COOKIE, c);
+    }
+    r
+}
+
+/// An answer of the API.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The error message of a failed call.
+    pub fn error(&self) -> String {
+        self.body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .map_or_else(
+                || format!("control answered {}", self.status),
+                str::to_owned,
+            )
+    }
+
+    /// The `rel="next"` cursor of a list.
+    pub fn next_cursor(&self) -> Option<String> {
+        let link = self.headers.get("link")?.to_str().ok()?;
+        let url = link.split(';').next()?.trim().trim_matches(['<', '>']);
+        url::Url::parse(&format!("http://x{url}"))
+            .ok()?
+            .query_pairs()
+            .find(|(k, _)| k == "cursor")
+            .map(|(_, v)| v.into_owned())
+    }
+
+    /// `X-Total-Count`.
+    pub fn total(&self) -> Option<u64> {
+        self.headers
+            .get("x-total-count")?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()
+    }
+}
+
+/// Calls `/api/v1{path}` in process as the caller.
+pub(crate) async fn api(
+    state: &AppState,
+    caller: &Caller,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("/api/v1{path}"));
+    if let Some(host) = caller.headers.get(axum::http::header::HOST) {
+        req = req.header(axum::http::header::HOST, host);
+    }
+    if let Some(proto) = caller.headers.get("x-forwarded-proto") {
+        req = req.header("x-forwarded-proto", proto);
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header(CONTENT_TYPE, "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let Ok(mut req) = req.body(body) else {
+        return failed("cannot build the request");
+    };
+    req.extensions_mut().insert(caller.web);
+    if let Some(peer) = caller.peer {
+        req.extensions_mut().insert(peer);
+    }
+    let app = Router::new()
+        .nest("/api/v1", crate::api::router(state.clone()))
+        .fallback(crate::api::not_found)
+        .with_state(state.clone());
+    let res = match tower::ServiceExt::oneshot(app, req).await {
+        Ok(r) => r,
+        Err(e) => match e {},
+    };
+    let (parts, body) = res.into_parts();
+    let bytes = match axum::body::to_bytes(body, crate::MAX_BODY_BYTES * 64).await {
+        Ok(b) => b,
+        Err(_) => return failed("cannot read the answer"),
+    };
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        },
+    }
+}
+
+fn failed(why: &str) -> Answer {
+    Answer {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        headers: HeaderMap::new(),
+        body: serde_json::json!({ "error": { "message": why } }),
+    }
+}
+
+/// The page for an API answer that is not a success the page expected.
+pub(crate) fn api_failure(caller: &Caller, section: &str, a: &Answer) -> Response {
+    let status = if a.status.is_success() {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        a.status
+    };
+    let title = match status {
+        StatusCode::NOT_FOUND => "Not found",
+        StatusCode::FORBIDDEN => "Not allowed",
+        _ => "Something went wrong",
+    };
+    render(
+        caller,
+        status,
+        section,
+        "message.html",
+        title,
+        minijinja::context! { text => a.error() },
+    )
+}
+
+/// The refusal of a posted form without this browser's CSRF token (`None`: it has it).
+pub(crate) fn csrf_refusal(headers: &HeaderMap, sent: &str) -> Option<Response> {
+    if crate::auth::csrf_ok(headers, sent) {
+        None
+    } else {
+        Some(message(
+            StatusCode::FORBIDDEN,
+            "This form expired",
+            "The form was sent without this browser's security token (CSRF). Go back, reload the page and send it again.",
+        ))
+    }
+}
+
+/// The `State` extractor, re-exported for the pages.
+pub(crate) type St = State<AppState>;

@@ -1,0 +1,324 @@
+//! The admin web UI over real HTTP: set-up and sign-in journeys into it, pages that act through
+//! the API as the signed-in user (their roles, the API's validation and audit), CSRF on every
+//! form, the CSP on every page, markup in names shown as text.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{self, hidden, Client, ADMIN_KEY};
+
+async fn start() -> (Client, common::TestDb) {
+    let db = common::sqlite().await;
+    let store =
+        db.store
+            .clone()
+            .with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+                [5; 32],
+            )));
+    store
+        .ensure_admin_key(Some(&kakuremichi_proto::Secret::new(ADMIN_KEY)))
+        .await
+        .unwrap();
+    store.ensure_signing_key().await.unwrap();
+    let state = kakuremichi_control::AppState::new(store);
+    let c = Client {
+        base: format!("http://{}", common::serve(state).await),
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        jar: Default::default(),
+    };
+    (c, db)
+}
+
+fn fresh(c: &Client) -> Client {
+    Client {
+        base: c.base.clone(),
+        http: c.http.clone(),
+        jar: Default::default(),
+    }
+}
+
+async fn get(c: &mut Client, path: &str) -> (StatusCode, Option<String>, String) {
+    let url = format!("{}{path}", c.base);
+    c.send(c.http.get(url)).await
+}
+
+async fn post(
+    c: &mut Client,
+    path: &str,
+    form: &[(&str, &str)],
+) -> (StatusCode, Option<String>, String) {
+    let url = format!("{}{path}", c.base);
+    c.send(c.http.post(url).form(form)).await
+}
+
+/// Sets up the owner through `/setup` as a browser does; the browser is signed in after.
+async fn set_up_owner(c: &mut Client) {
+    let (s, to, _) = get(c, "/ui").await;
+    assert_eq!((s, to.as_deref()), (StatusCode::SEE_OTHER, Some("/setup")));
+    let (s, _, page) = get(c, "/setup").await;
+    assert_eq!(s, StatusCode::OK);
+    let csrf = hidden(&page, "csrf");
+    let (s, to, body) = post(
+        c,
+        "/setup",
+        &[
+            ("admin_key", ADMIN_KEY),
+            ("email", "owner@example.com"),
+            ("name", "Owner"),
+            ("password", "correct horse battery"),
+            ("csrf", &csrf),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{body}");
+    assert_eq!(to.as_deref(), Some("/ui"), "set-up lands in the console");
+}
+
+async fn sign_in(c: &mut Client, email: &str) -> (StatusCode, Option<String>) {
+    let (_, _, page) = get(c, "/auth/sign-in").await;
+    let csrf = hidden(&page, "csrf");
+    let (s, to, _) = post(
+        c,
+        "/auth/sign-in",
+        &[
+            ("email", email),
+            ("password", "correct horse battery"),
+            ("csrf", &csrf),
+        ],
+    )
+    .await;
+    (s, to)
+}
+
+#[tokio::test]
+async fn a_new_control_sends_the_browser_to_set_up_then_sign_in_brings_it_back_to_the_page() {
+    let (mut c, _db) = start().await;
+    let (s, to, _) = get(&mut c, "/").await;
+    assert_eq!((s, to.as_deref()), (StatusCode::SEE_OTHER, Some("/ui")));
+    set_up_owner(&mut c).await;
+    let r = c
+        .http
+        .get(format!("{}/ui", c.base))
+        .header(reqwest::header::COOKIE, c.cookies())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["content-security-policy"],
+        kakuremichi_control::ui::CSP
+    );
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let page = r.text().await.unwrap();
+    assert!(!page.contains("<script>"), "no inline script: {page}");
+    assert!(!page.contains("style="), "no inline style: {page}");
+    for link in ["/ui/sites", "/ui/gateways", "/ui/resources", "/ui/audit"] {
+        assert!(page.contains(&format!("href=\"{link}\"")), "{link}: {page}");
+    }
+    for asset in ["/ui/app.css", "/ui/app.js"] {
+        let (s, _, body) = get(&mut c, asset).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(body.len() > 500, "{asset}");
+    }
+
+    // Another browser, not signed in: to the sign-in page, then back to where it was going.
+    let mut other = fresh(&c);
+    let (s, to, _) = get(&mut other, "/ui/resources?q=x").await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/auth/sign-in"))
+    );
+    let (s, to) = sign_in(&mut other, "owner@example.com").await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(to.as_deref(), Some("/ui/resources?q=x"));
+    let (s, _, page) = get(&mut other, "/ui/resources?q=x").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("No resource matches"), "{page}");
+}
+
+#[tokio::test]
+async fn pages_act_through_the_api_as_the_signed_in_user_with_csrf_and_escaping() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (_, _, page) = get(&mut c, "/ui/sites").await;
+    assert!(page.contains("No site yet"), "an empty state: {page}");
+    let csrf = hidden(&page, "csrf");
+
+    // Without the CSRF token: refused, nothing made.
+    let (s, _, body) = post(&mut c, "/ui/sites", &[("name", "sneaky")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, _, body) = post(&mut c, "/ui/sites", &[("name", "sneaky"), ("csrf", "x")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let sites = c.api(Method::GET, "/sites", Value::Null).await;
+    assert_eq!(sites, json!([]));
+
+    // Bad input: the API's message beside the field, what was typed kept.
+    let (s, _, page) = post(&mut c, "/ui/sites", &[("name", "  "), ("csrf", &csrf)]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(page.contains("name must not be empty"), "{page}");
+    assert!(page.contains("aria-invalid=\"true\""), "{page}");
+
+    // A name that is markup is text; the page shows the one-line install once.
+    let name = "<script>alert(1)</script>";
+    let (s, _, page) = post(&mut c, "/ui/sites", &[("name", name), ("csrf", &csrf)]).await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    assert!(!page.contains(name), "{page}");
+    assert!(page.contains("<h1>&lt;script&gt;alert(1)&lt;"), "{page}");
+    assert!(
+        page.replace("&#x2f;", "/").contains(&format!(
+            "curl -fsSL {}/install.sh | sh -s -- --token kme_",
+            c.base
+        )),
+        "{page}"
+    );
+    assert!(
+        page.contains("systemctl enable --now kakuremichi-agent"),
+        "{page}"
+    );
+    let site = c.api(Method::GET, "/sites", Value::Null).await[0].clone();
+    let site_id = site["id"].as_str().unwrap().to_owned();
+    let (s, _, page) = get(&mut c, &format!("/ui/sites/{site_id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        !page.contains("--token"),
+        "the token is shown only once: {page}"
+    );
+    assert!(page.contains(&format!("data-live=\"{site_id}\"")), "{page}");
+
+    // A resource: a bad target is refused with the API's words beside its field.
+    let (_, _, page) = get(&mut c, "/ui/resources").await;
+    let form = |target: &'static str| {
+        let (csrf, site_id) = (csrf.clone(), site_id.clone());
+        move || {
+            vec![
+                ("csrf", csrf.clone()),
+                ("hostname", "app.example.com".to_owned()),
+                ("site_id", site_id.clone()),
+                ("target", target.to_owned()),
+            ]
+        }
+    };
+    assert!(page.contains("Create resource"), "{page}");
+    let bad = form("not a target")();
+    let bad: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (s, _, page) = post(&mut c, "/ui/resources", &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"error-target\""), "{page}");
+    assert!(page.contains("value=\"app.example.com\""), "kept: {page}");
+    let good = form("127.0.0.1:8080")();
+    let good: Vec<(&str, &str)> = good.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (s, to, page) = post(&mut c, "/ui/resources", &good).await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
+    let to = to.unwrap();
+    assert!(to.starts_with("/ui/resources/"), "{to}");
+    let (s, _, page) = get(&mut c, &to).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("app.example.com"), "{page}");
+
+    // The API audited the changes as the user, through the web session.
+    let audit = c.api(Method::GET, "/audit?action=POST*", Value::Null).await;
+    let actors: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert!(
+        actors
+            .iter()
+            .any(|a| a.starts_with("user:") && a.contains(" web-session:")),
+        "{audit}"
+    );
+    let (s, _, page) = get(&mut c, "/ui/audit?action=POST*").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("POST /api/v1/resources"), "{page}");
+    let (s, _, page) = get(&mut c, "/ui/audit?since=yesterday").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(page.contains("role=\"alert\""), "{page}");
+
+    // Deleting asks first, names what goes with it, and needs the token.
+    let (s, _, page) = get(&mut c, &format!("/ui/sites/{site_id}/delete")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("app.example.com"), "{page}");
+    let (s, _, _) = post(&mut c, &format!("/ui/sites/{site_id}/delete"), &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, to, _) = post(
+        &mut c,
+        &format!("/ui/sites/{site_id}/delete"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/sites"))
+    );
+    assert_eq!(c.api(Method::GET, "/sites", Value::Null).await, json!([]));
+    assert_eq!(
+        c.api(Method::GET, "/resources", Value::Null).await,
+        json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_user_sees_and_does_only_what_their_roles_give() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    c.api(
+        Method::POST,
+        "/roles",
+        json!({"name": "visitor", "permissions": ["resource:access"]}),
+    )
+    .await;
+    for (email, role) in [("vi@example.com", "viewer"), ("me@example.com", "visitor")] {
+        c.api(
+            Method::POST,
+            "/users",
+            json!({"email": email, "password": "correct horse battery", "roles": [role]}),
+        )
+        .await;
+    }
+    // A viewer reads the fleet, cannot change it, and never sees the audit log.
+    let mut viewer = fresh(&c);
+    sign_in(&mut viewer, "vi@example.com").await;
+    let (s, _, page) = get(&mut viewer, "/ui").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("href=\"/ui/sites\""), "{page}");
+    assert!(!page.contains("href=\"/ui/audit\""), "{page}");
+    let (s, _, page) = get(&mut viewer, "/ui/sites").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("home"), "{page}");
+    assert!(!page.contains("Create site"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, page) = post(
+        &mut viewer,
+        "/ui/sites",
+        &[("name", "mine"), ("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("site:write"), "the API's reason: {page}");
+    let (s, _, _) = get(&mut viewer, "/ui/audit").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A visitor (reaches resources, reads nothing): no fleet in the navigation.
+    let mut member = fresh(&c);
+    sign_in(&mut member, "me@example.com").await;
+    let (s, _, page) = get(&mut member, "/ui").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!page.contains("href=\"/ui/sites\""), "{page}");
+    let (s, _, _) = get(&mut member, "/ui/sites").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Sign-out ends the UI too.
+    let (_, _, page) = get(&mut member, "/ui").await;
+    let csrf = hidden(&page, "csrf");
+    post(&mut member, "/auth/sign-out", &[("csrf", &csrf)]).await;
+    let (s, to, _) = get(&mut member, "/ui").await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/auth/sign-in"))
+    );
+}

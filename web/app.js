@@ -1,0 +1,37 @@
+// kakuremichi admin UI: live status (Server-Sent Events) and copy buttons. Everything works
+// without it; it only saves reloads and typing.
+"use strict";
+(function () {
+  function live() {
+    var ids = document.body.dataset.live;
+    if (!ids || !window.EventSource) return;
+    var es = new EventSource("/ui/events?nodes=" + encodeURIComponent(ids));
+    es.addEventListener("nodes", function (e) {
+      var changes;
+      try { changes = JSON.parse(e.data); } catch (_) { return; }
+      changes.forEach(function (c) {
+        document.querySelectorAll('[data-node="' + c.id + '"]').forEach(function (el) {
+          el.textContent = c.online ? "online" : "offline";
+          el.classList.toggle("online", c.online);
+          el.classList.toggle("offline", !c.online);
+        });
+        if (c.online) {
+          document.querySelectorAll('[data-installed="' + c.id + '"]').forEach(function (el) { el.textContent = "yes"; });
+        }
+      });
+    });
+  }
+  function copy() {
+    document.querySelectorAll("button[data-copy]").forEach(function (b) {
+      b.addEventListener("click", function () {
+        var el = document.getElementById(b.dataset.copy);
+        if (!el || !navigator.clipboard) return;
+        navigator.clipboard.writeText(el.textContent).then(function () {
+          b.textContent = "Copied";
+          setTimeout(function () { b.textContent = "Copy"; }, 1500);
+        }, function () {});
+      });
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { live(); copy(); });
+})();
