@@ -94,6 +94,7 @@ await drive(async ({ args, browser, page }) => {
 
   // 3. A resource on it.
   await page.click('nav >> text=Resources');
+  await page.click('text=New resource');
   await page.fill('#r-hostname', args.app_host);
   await page.selectOption('#r-site', { label: 'home-lab' });
   await page.fill('#r-target', args.target);
@@ -136,7 +137,8 @@ await drive(async ({ args, browser, page }) => {
   // Every page a navigation link reaches answers 200 without a console error, and passes axe.
   await page.goto(args.control + '/ui');
   const links = await page.$$eval('nav a', (as) => as.map((a) => a.href));
-  for (const url of [...new Set([...links, out.site_url, out.resource_url])]) {
+  const more = [out.site_url, out.resource_url, args.control + '/ui/resources/new'];
+  for (const url of [...new Set([...links, ...more])]) {
     const r = await page.goto(url);
     out.pages.push({ url, status: r.status() });
     await audit(url);

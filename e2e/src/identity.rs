@@ -330,6 +330,23 @@ pub async fn sign_in_to_console(
     email: &str,
     password: &str,
 ) -> anyhow::Result<String> {
+    let jar = console_cookies(control, email, password).await?;
+    let ui = reqwest::Client::new()
+        .get(format!("{control}/ui"))
+        .header(reqwest::header::COOKIE, jar)
+        .send()
+        .await?;
+    anyhow::ensure!(ui.status() == 200, "/ui answered {}", ui.status());
+    Ok(ui.text().await?)
+}
+
+/// Signs in at control's sign-in page as a browser does and returns the `Cookie` header value
+/// its pages then need.
+pub async fn console_cookies(
+    control: &str,
+    email: &str,
+    password: &str,
+) -> anyhow::Result<String> {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
@@ -361,11 +378,5 @@ pub async fn sign_in_to_console(
         r.status()
     );
     jar.extend(cookies(&r));
-    let ui = http
-        .get(format!("{control}/ui"))
-        .header(reqwest::header::COOKIE, jar.join("; "))
-        .send()
-        .await?;
-    anyhow::ensure!(ui.status() == 200, "/ui answered {}", ui.status());
-    Ok(ui.text().await?)
+    Ok(jar.join("; "))
 }

@@ -76,7 +76,7 @@ pub fn page<T: serde::Serialize>(
             )))
         }
     };
-    let mut rows: Vec<Value> = match q.q.as_deref().map(str::to_lowercase) {
+    let rows: Vec<Value> = match q.q.as_deref().map(str::to_lowercase) {
         None => rows,
         Some(text) => rows
             .into_iter()
@@ -105,14 +105,18 @@ pub fn page<T: serde::Serialize>(
         return Err(ApiError::BadRequest(format!("sort {field:?}: not a field")));
     }
     let key = |r: &Value| (sort_key(&r[field.as_str()]), sort_key(&r["id"]));
-    rows.sort_by(|a, b| {
-        let o = key(a).cmp(&key(b));
+    // Each row's key once (not twice per comparison).
+    let mut keyed: Vec<((String, String), Value)> =
+        rows.into_iter().map(|r| (key(&r), r)).collect();
+    keyed.sort_by(|a, b| {
+        let o = a.0.cmp(&b.0);
         if descending {
             o.reverse()
         } else {
             o
         }
     });
+    let (keys, mut rows): (Vec<(String, String)>, Vec<Value>) = keyed.into_iter().unzip();
     let total = rows.len();
     let start = match &q.cursor {
         None => 0,
@@ -122,9 +126,9 @@ pub fn page<T: serde::Serialize>(
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .ok_or_else(|| ApiError::BadRequest("cursor: not one this API gave".into()))?;
-            rows.iter()
-                .position(|r| {
-                    let o = key(r).cmp(&after);
+            keys.iter()
+                .position(|k| {
+                    let o = k.cmp(&after);
                     if descending {
                         o == Ordering::Less
                     } else {
@@ -136,9 +140,9 @@ pub fn page<T: serde::Serialize>(
     };
     let end = (start + limit).min(total);
     let next = (end < total).then(|| {
-        let last = key(&rows[end - 1]);
+        let last = &keys[end - 1];
         base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(&last).unwrap_or_default())
+            .encode(serde_json::to_vec(last).unwrap_or_default())
     });
     let page: Vec<Value> = rows.drain(start..end).collect();
     let mut resp = axum::Json(page).into_response();

@@ -74,6 +74,10 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
             include_str!("../../../web/templates/resource.html"),
         ),
         (
+            "resource_new.html",
+            include_str!("../../../web/templates/resource_new.html"),
+        ),
+        (
             "audit.html",
             include_str!("../../../web/templates/audit.html"),
         ),
@@ -89,6 +93,8 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
         if let Err(e) = env.add_template(name, source) {
             // Templates are part of the binary; a broken one is a build mistake the tests catch.
             tracing::error!(template = name, error = %e, "a UI template does not parse");
+            #[cfg(test)]
+            panic!("{name}: {e:#}");
         }
     }
     env
@@ -122,6 +128,7 @@ pub fn router() -> Router<AppState> {
             "/ui/resources",
             get(pages::resources).post(pages::create_resource),
         )
+        .route("/ui/resources/new", get(pages::new_resource))
         .route("/ui/resources/{id}", get(pages::resource))
         .route(
             "/ui/resources/{id}/delete",
@@ -304,7 +311,7 @@ async fn sign_in_first(state: &AppState, parts: &axum::http::request::Parts) -> 
     r
 }
 
-fn unavailable(e: &dyn std::fmt::Display) -> Response {
+pub(crate) fn unavailable(e: &dyn std::fmt::Display) -> Response {
     tracing::error!(error = %e, "the web UI cannot read the store");
     message(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -537,3 +544,27 @@ pub(crate) fn csrf_refusal(headers: &HeaderMap, sent: &str) -> Option<Response> 
 
 /// The `State` extractor, re-exported for the pages.
 pub(crate) type St = State<AppState>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_template_parses_and_the_layout_renders_bare() {
+        for name in TEMPLATES.templates().map(|(n, _)| n.to_owned()).collect::<Vec<_>>() {
+            assert!(TEMPLATES.get_template(&name).is_ok(), "{name}");
+        }
+        assert_eq!(TEMPLATES.templates().count(), 10, "a template failed to parse");
+        let r = message(StatusCode::OK, "T", "<b>x</b>");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn times_read_as_utc_and_none_as_a_dash() {
+        assert_eq!(
+            when(minijinja::Value::from("2026-05-02T12:00:00.000Z")),
+            "2026-05-02 12:00:00 UTC"
+        );
+        assert_eq!(when(minijinja::Value::from(())), "-");
+    }
+}

@@ -509,15 +509,7 @@ pub(crate) async fn resources(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    resources_page(
-        &state,
-        &caller,
-        &q,
-        StatusCode::OK,
-        &ResourceForm::default(),
-        None,
-    )
-    .await
+    resources_page(&state, &caller, &q, StatusCode::OK).await
 }
 
 /// The resource creation form (HTTP: a hostname, a site and a target).
@@ -541,22 +533,25 @@ async fn resources_page(
     caller: &Caller,
     q: &ListQuery,
     status: StatusCode,
-    form: &ResourceForm,
-    error: Option<(String, String)>,
 ) -> Response {
     let path = format!("/resources?{}", q.api_query("name"));
-    let (a, sites) = tokio::join!(
-        api(state, caller, Method::GET, &path, None),
-        api(state, caller, Method::GET, "/sites?limit=1000", None),
-    );
+    let a = api(state, caller, Method::GET, &path, None).await;
     if !a.status.is_success() {
         return api_failure(caller, "/ui/resources", &a);
     }
-    let sites = list(&sites);
-    let names: HashMap<&str, &str> = sites
-        .iter()
-        .filter_map(|s| Some((s.get("id")?.as_str()?, s.get("name")?.as_str()?)))
-        .collect();
+    // Site names from the config snapshot control keeps (not a list of every site per page).
+    let names: HashMap<String, String> = match state.world().await {
+        Ok(w) => w
+            .sites
+            .iter()
+            .filter(|s| s.org_id == caller.web.org)
+            .map(|s| (s.id.to_string(), s.name.clone()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the config snapshot for site names");
+            HashMap::new()
+        }
+    };
     let rows: Vec<Value> = list(&a)
         .into_iter()
         .map(|mut r| {
@@ -564,14 +559,13 @@ async fn resources_page(
                 .get("site_id")
                 .and_then(Value::as_str)
                 .and_then(|s| names.get(s))
-                .map(|s| (*s).to_owned());
+                .cloned();
             if let (Some(o), Some(s)) = (r.as_object_mut(), site) {
                 o.insert("site_name".into(), s.into());
             }
             r
         })
         .collect();
-    let (field, message) = error.unzip();
     render(
         caller,
         status,
@@ -584,12 +578,45 @@ async fn resources_page(
             q => &q.q,
             sort => &q.sort,
             next => q.next("/ui/resources", &a),
-            sites,
-            form,
-            field,
-            error => message,
             can_create => caller.may("resource:write"),
         },
+    )
+}
+
+/// `GET /ui/resources/new`: the form that publishes an app.
+pub(crate) async fn new_resource(State(state): St, caller: Caller) -> Response {
+    new_resource_page(&state, &caller, StatusCode::OK, &ResourceForm::default(), None).await
+}
+
+async fn new_resource_page(
+    state: &AppState,
+    caller: &Caller,
+    status: StatusCode,
+    form: &ResourceForm,
+    error: Option<(String, String)>,
+) -> Response {
+    let mut sites: Vec<(String, String)> = match state.world().await {
+        Ok(w) => w
+            .sites
+            .iter()
+            .filter(|s| s.org_id == caller.web.org)
+            .map(|s| (s.id.to_string(), s.name.clone()))
+            .collect(),
+        Err(e) => return super::unavailable(&e),
+    };
+    sites.sort_by(|a, b| a.1.to_lowercase().cmp(&b.1.to_lowercase()));
+    let sites: Vec<Value> = sites
+        .into_iter()
+        .map(|(id, name)| json!({ "id": id, "name": name }))
+        .collect();
+    let (field, message) = error.unzip();
+    render(
+        caller,
+        status,
+        "/ui/resources",
+        "resource_new.html",
+        "New resource",
+        minijinja::context! { sites, form, field, error => message },
     )
 }
 
@@ -616,10 +643,9 @@ pub(crate) async fn create_resource(
         let (state, caller, form) = (&state, &caller, &form);
         let field = field.to_owned();
         async move {
-            resources_page(
+            new_resource_page(
                 state,
                 caller,
-                &ListQuery::default(),
                 StatusCode::BAD_REQUEST,
                 form,
                 Some((field, message)),

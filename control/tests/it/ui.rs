@@ -191,6 +191,8 @@ async fn pages_act_through_the_api_as_the_signed_in_user_with_csrf_and_escaping(
 
     // A resource: a bad target is refused with the API's words beside its field.
     let (_, _, page) = get(&mut c, "/ui/resources").await;
+    assert!(page.contains("href=\"/ui/resources/new\""), "{page}");
+    let (_, _, page) = get(&mut c, "/ui/resources/new").await;
     let form = |target: &'static str| {
         let (csrf, site_id) = (csrf.clone(), site_id.clone());
         move || {

@@ -51,6 +51,10 @@ struct Args {
     /// the command) beside starting the same command by hand and polling it every millisecond.
     #[arg(long)]
     sessions: bool,
+    /// Measure the admin console: response time p50/p99 of its pages with 1,000 sites and
+    /// 1,000 resources beside the API list each stands on, and the bytes each page ships.
+    #[arg(long)]
+    ui: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -348,6 +352,101 @@ async fn sessions() -> anyhow::Result<()> {
     session_messages(&fake).await
 }
 
+/// The console's pages with 1,000 sites and 1,000 resources: time to the last byte over
+/// loopback (keep-alive, one at a time, rounds alternating between the pages and the API list
+/// beside them), and the bytes a first visit loads (the page, its stylesheet and its script).
+async fn ui() -> anyhow::Result<()> {
+    const N: usize = 1000;
+    const ROUNDS: usize = 300;
+    let stack = Stack::start_with(StackOptions::loopback()).await?;
+    let control = stack.opts.control_url_for_test.clone();
+    let password = "correct horse battery";
+    let (status, body) = stack
+        .api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/users",
+            Some(serde_json::json!({"email": "owner@example.com", "password": password, "roles": ["owner"]})),
+        )
+        .await?;
+    anyhow::ensure!(status == 201, "{status} {body}");
+    println!("creating {N} sites and {N} resources...");
+    for i in 0..N {
+        let (status, site) = stack
+            .api
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/sites",
+                Some(serde_json::json!({"name": format!("site-{i:04}")})),
+            )
+            .await?;
+        anyhow::ensure!(status == 201, "{status} {site}");
+        let (status, r) = stack
+            .api
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/resources",
+                Some(serde_json::json!({
+                    "hostname": format!("app-{i:04}.example.com"), "site_id": site["id"],
+                    "target": "127.0.0.1:9"
+                })),
+            )
+            .await?;
+        anyhow::ensure!(status == 201, "{status} {r}");
+    }
+    let cookie =
+        kakuremichi_e2e::identity::console_cookies(&control, "owner@example.com", password).await?;
+    let http = reqwest::Client::new();
+    let pages = [
+        ("dashboard /ui", "/ui", true),
+        ("resources /ui/resources", "/ui/resources", true),
+        ("sites /ui/sites", "/ui/sites", true),
+        ("resources searched /ui/resources?q=app-05", "/ui/resources?q=app-05", true),
+        ("API: /api/v1/resources?limit=50", "/api/v1/resources?limit=50", false),
+        ("API: /api/v1/sites?limit=50", "/api/v1/sites?limit=50", false),
+    ];
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); pages.len()];
+    let mut bytes = vec![0usize; pages.len()];
+    for round in 0..ROUNDS {
+        for (i, (_, path, console)) in pages.iter().enumerate() {
+            let req = http.get(format!("{control}{path}"));
+            let req = if *console {
+                req.header(reqwest::header::COOKIE, &cookie)
+            } else {
+                req.bearer_auth(&stack.opts.admin_key)
+            };
+            let t = Instant::now();
+            let r = req.send().await?;
+            anyhow::ensure!(r.status() == 200, "{path}: {}", r.status());
+            let body = r.bytes().await?;
+            // The first rounds warm up.
+            if round >= 10 {
+                times[i].push(t.elapsed());
+            }
+            bytes[i] = body.len();
+        }
+    }
+    let mut assets = 0;
+    for a in ["/ui/app.css", "/ui/app.js"] {
+        assets += http.get(format!("{control}{a}")).send().await?.bytes().await?.len();
+    }
+    println!();
+    println!("| with {N} sites and {N} resources | p50 (ms) | p99 (ms) | first visit (KB: page + CSS + JS) |");
+    println!("| --- | --- | --- | --- |");
+    for (i, (name, _, console)) in pages.iter().enumerate() {
+        let (p50, p99) = p50_p99(std::mem::take(&mut times[i]));
+        let kb = if *console {
+            format!("{:.1}", (bytes[i] + assets) as f64 / 1024.0)
+        } else {
+            format!("({:.1} JSON)", bytes[i] as f64 / 1024.0)
+        };
+        println!("| {name} | {p50:.1} | {p99:.1} | {kb} |");
+    }
+    println!();
+    println!("control RSS after: {:.0} MiB", mib(stack.control.rss_kib()));
+    Ok(())
+}
+
 /// `GET /{id}/messages` through a gateway (API key, tunnel, the agent's session stream) beside
 /// the same call on the agent's host, alternating rounds of 100 sequential keep-alive calls.
 async fn session_messages(fake: &std::path::Path) -> anyhow::Result<()> {
@@ -491,6 +590,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.sessions {
         return sessions().await;
+    }
+    if args.ui {
+        return ui().await;
     }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {
