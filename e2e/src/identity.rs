@@ -342,11 +342,7 @@ pub async fn sign_in_to_console(
 
 /// Signs in at control's sign-in page as a browser does and returns the `Cookie` header value
 /// its pages then need.
-pub async fn console_cookies(
-    control: &str,
-    email: &str,
-    password: &str,
-) -> anyhow::Result<String> {
+pub async fn console_cookies(control: &str, email: &str, password: &str) -> anyhow::Result<String> {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;

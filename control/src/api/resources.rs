@@ -657,12 +657,16 @@ async fn list(
     >,
 ) -> Result<axum::response::Response, ApiError> {
     let q = super::page::query(pq)?;
-    let all = state.store.list_resources().await?;
-    let views: Vec<ResourceView> = all
-        .into_iter()
+    // The resources of the newest config version, which control keeps loaded for its nodes (the
+    // same rows the store would give, without reading them again per request).
+    let world = state.world().await?;
+    let mut mine: Vec<&Resource> = world
+        .resources
+        .iter()
         .filter(|r| r.org_id == org.0)
-        .map(Into::into)
         .collect();
+    mine.sort_by_key(|r| (r.created_at, r.id));
+    let views: Vec<ResourceView> = mine.into_iter().cloned().map(Into::into).collect();
     super::page::page(views, &q, &uri)
 }
 

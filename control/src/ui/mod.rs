@@ -551,10 +551,18 @@ mod tests {
 
     #[test]
     fn every_template_parses_and_the_layout_renders_bare() {
-        for name in TEMPLATES.templates().map(|(n, _)| n.to_owned()).collect::<Vec<_>>() {
+        for name in TEMPLATES
+            .templates()
+            .map(|(n, _)| n.to_owned())
+            .collect::<Vec<_>>()
+        {
             assert!(TEMPLATES.get_template(&name).is_ok(), "{name}");
         }
-        assert_eq!(TEMPLATES.templates().count(), 10, "a template failed to parse");
+        assert_eq!(
+            TEMPLATES.templates().count(),
+            10,
+            "a template failed to parse"
+        );
         let r = message(StatusCode::OK, "T", "<b>x</b>");
         assert_eq!(r.status(), StatusCode::OK);
     }

@@ -585,7 +585,14 @@ async fn resources_page(
 
 /// `GET /ui/resources/new`: the form that publishes an app.
 pub(crate) async fn new_resource(State(state): St, caller: Caller) -> Response {
-    new_resource_page(&state, &caller, StatusCode::OK, &ResourceForm::default(), None).await
+    new_resource_page(
+        &state,
+        &caller,
+        StatusCode::OK,
+        &ResourceForm::default(),
+        None,
+    )
+    .await
 }
 
 async fn new_resource_page(
@@ -604,7 +611,7 @@ async fn new_resource_page(
             .collect(),
         Err(e) => return super::unavailable(&e),
     };
-    sites.sort_by(|a, b| a.1.to_lowercase().cmp(&b.1.to_lowercase()));
+    sites.sort_by_cached_key(|a| a.1.to_lowercase());
     let sites: Vec<Value> = sites
         .into_iter()
         .map(|(id, name)| json!({ "id": id, "name": name }))

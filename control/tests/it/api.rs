@@ -597,7 +597,10 @@ async fn health_metrics_and_page() {
     let (s, text, ctype) = t.raw(Method::GET, "/setup", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(ctype.unwrap().starts_with("text/html"));
-    assert!(text.contains("<title>Set up kakuremichi - kakuremichi</title>"), "{text}");
+    assert!(
+        text.contains("<title>Set up kakuremichi - kakuremichi</title>"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

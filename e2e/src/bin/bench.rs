@@ -401,9 +401,21 @@ async fn ui() -> anyhow::Result<()> {
         ("dashboard /ui", "/ui", true),
         ("resources /ui/resources", "/ui/resources", true),
         ("sites /ui/sites", "/ui/sites", true),
-        ("resources searched /ui/resources?q=app-05", "/ui/resources?q=app-05", true),
-        ("API: /api/v1/resources?limit=50", "/api/v1/resources?limit=50", false),
-        ("API: /api/v1/sites?limit=50", "/api/v1/sites?limit=50", false),
+        (
+            "resources searched /ui/resources?q=app-05",
+            "/ui/resources?q=app-05",
+            true,
+        ),
+        (
+            "API: /api/v1/resources?limit=50",
+            "/api/v1/resources?limit=50",
+            false,
+        ),
+        (
+            "API: /api/v1/sites?limit=50",
+            "/api/v1/sites?limit=50",
+            false,
+        ),
     ];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); pages.len()];
     let mut bytes = vec![0usize; pages.len()];
@@ -428,7 +440,13 @@ async fn ui() -> anyhow::Result<()> {
     }
     let mut assets = 0;
     for a in ["/ui/app.css", "/ui/app.js"] {
-        assets += http.get(format!("{control}{a}")).send().await?.bytes().await?.len();
+        assets += http
+            .get(format!("{control}{a}"))
+            .send()
+            .await?
+            .bytes()
+            .await?
+            .len();
     }
     println!();
     println!("| with {N} sites and {N} resources | p50 (ms) | p99 (ms) | first visit (KB: page + CSS + JS) |");
