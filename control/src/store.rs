@@ -719,6 +719,15 @@ impl Store {
         });
     }
 
+    /// Reads the config version from the database and publishes it when it is newer than the
+    /// one known here (another replica's change whose notification has not arrived yet), so that
+    /// what is read from [`crate::AppState::world`] next is at least that new.
+    pub async fn catch_up(&self) -> Result<u64> {
+        let v = self.config_version().await?;
+        self.publish(v);
+        Ok(v)
+    }
+
     /// The current config version, from the database.
     pub async fn config_version(&self) -> Result<u64> {
         let v: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")

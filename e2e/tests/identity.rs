@@ -743,11 +743,19 @@ async fn first_run_set_up_creates_the_owner_once_with_the_admin_key() {
         )
         .await
         .unwrap();
-    assert_eq!(done.status, StatusCode::OK, "{}", done.body);
+    // Set-up lands in the admin console, signed in as the owner.
+    assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
+    let console = done.location.clone().unwrap();
+    assert!(console.ends_with("/ui"), "{console}");
+    let console = browser
+        .go(&stack, Method::GET, &console, None)
+        .await
+        .unwrap();
+    assert_eq!(console.status, StatusCode::OK, "{}", console.body);
     assert!(
-        done.body.contains("signed in as owner@example.com"),
+        console.body.contains("owner@example.com") && console.body.contains("<h1>Dashboard</h1>"),
         "{}",
-        done.body
+        console.body
     );
     let users = stack.api.get("/api/v1/users").await.unwrap();
     assert_eq!(users[0]["email"], "owner@example.com");

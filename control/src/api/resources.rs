@@ -658,7 +658,9 @@ async fn list(
 ) -> Result<axum::response::Response, ApiError> {
     let q = super::page::query(pq)?;
     // The resources of the newest config version, which control keeps loaded for its nodes (the
-    // same rows the store would give, without reading them again per request).
+    // same rows the store would give, without reading them again per request). One small read
+    // first: a change another replica just made is listed too.
+    state.store.catch_up().await?;
     let world = state.world().await?;
     let mut mine: Vec<&Resource> = world
         .resources

@@ -7,6 +7,7 @@
 //! give, validation and audit are the API's own, and the UI cannot drift from the API.
 
 mod pages;
+mod people;
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -82,6 +83,14 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
             include_str!("../../../web/templates/audit.html"),
         ),
         (
+            "users.html",
+            include_str!("../../../web/templates/users.html"),
+        ),
+        (
+            "providers.html",
+            include_str!("../../../web/templates/providers.html"),
+        ),
+        (
             "confirm.html",
             include_str!("../../../web/templates/confirm.html"),
         ),
@@ -135,6 +144,17 @@ pub fn router() -> Router<AppState> {
             get(pages::confirm_delete_resource).post(pages::delete_resource),
         )
         .route("/ui/audit", get(pages::audit))
+        .route("/ui/users", get(people::users).post(people::create_user))
+        .route("/ui/users/{id}/state", post(people::user_state))
+        .route("/ui/resources/{id}/access", post(people::resource_access))
+        .route(
+            "/ui/providers",
+            get(people::providers).post(people::create_provider),
+        )
+        .route(
+            "/ui/providers/{id}/delete",
+            get(people::confirm_delete_provider).post(people::delete_provider),
+        )
         .layer(axum::middleware::from_fn(headers))
         .route("/ui/app.css", get(css))
         .route("/ui/app.js", get(js))
@@ -361,11 +381,13 @@ struct Nav {
 }
 
 /// The navigation: every section the user's roles let them read.
-const SECTIONS: [(&str, &str, &str); 5] = [
+const SECTIONS: [(&str, &str, &str); 7] = [
     ("/ui", "Dashboard", ""),
     ("/ui/sites", "Sites", "site:read"),
     ("/ui/gateways", "Gateways", "gateway:read"),
     ("/ui/resources", "Resources", "resource:read"),
+    ("/ui/users", "Users", "user:read"),
+    ("/ui/providers", "Single sign-on", "identity_provider:read"),
     ("/ui/audit", "Audit log", "audit:read"),
 ];
 
@@ -560,7 +582,7 @@ mod tests {
         }
         assert_eq!(
             TEMPLATES.templates().count(),
-            10,
+            12,
             "a template failed to parse"
         );
         let r = message(StatusCode::OK, "T", "<b>x</b>");

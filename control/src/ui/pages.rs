@@ -697,14 +697,30 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
         return api_failure(&caller, "/ui/resources", &a);
     }
     let site_id = a.body.get("site_id").and_then(Value::as_str).unwrap_or("");
-    let site = api(
-        &state,
-        &caller,
-        Method::GET,
-        &format!("/sites/{site_id}"),
-        None,
-    )
-    .await;
+    let site_path = format!("/sites/{site_id}");
+    let (site, roles) = tokio::join!(
+        api(&state, &caller, Method::GET, &site_path, None),
+        api(&state, &caller, Method::GET, "/roles", None),
+    );
+    let access = a.body.get("access").filter(|v| v.is_object());
+    let strings = |field: &str| -> Vec<String> {
+        access
+            .and_then(|x| x.get(field))
+            .and_then(Value::as_array)
+            .map(|v| {
+                v.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (access_roles, access_domains) = (strings("roles"), strings("email_domains"));
+    let roles: Vec<Value> = list(&roles)
+        .into_iter()
+        .filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
+        .map(|name| json!({ "name": name, "checked": access_roles.contains(&name) }))
+        .collect();
     let name = a
         .body
         .get("name")
@@ -722,6 +738,10 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
             details => serde_json::to_string_pretty(&a.body).unwrap_or_default(),
             can_write => caller.may("resource:write"),
             live => site_id,
+            protected => access.is_some(),
+            policy => a.body.get("policy_id").is_some_and(|p| !p.is_null()),
+            roles,
+            domains => access_domains.join(", "),
         },
     )
 }

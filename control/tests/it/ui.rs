@@ -324,3 +324,202 @@ async fn a_user_sees_and_does_only_what_their_roles_give() {
         (StatusCode::SEE_OTHER, Some("/auth/sign-in"))
     );
 }
+
+#[tokio::test]
+async fn users_are_made_disabled_and_enabled_and_a_resource_is_protected_from_its_page() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/users").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("owner@example.com"), "{page}");
+    let csrf = hidden(&page, "csrf");
+
+    // Bad input: the API's message, what was typed and ticked kept.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/users",
+        &[
+            ("csrf", &csrf),
+            ("email", "not-an-address"),
+            ("role", "viewer"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("value=\"not-an-address\""), "{page}");
+    assert!(page.contains("value=\"viewer\" checked"), "{page}");
+    // Two roles, from repeated checkboxes.
+    let (s, to, page) = post(
+        &mut c,
+        "/ui/users",
+        &[
+            ("csrf", &csrf),
+            ("email", "ann@example.com"),
+            ("password", "correct horse battery"),
+            ("role", "member"),
+            ("role", "viewer"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/users")),
+        "{page}"
+    );
+    let users = c.api(Method::GET, "/users?q=ann", Value::Null).await;
+    let ann = users[0].clone();
+    let mut roles: Vec<&str> = ann["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    roles.sort_unstable();
+    assert_eq!(roles, ["member", "viewer"]);
+    let ann_id = ann["id"].as_str().unwrap().to_owned();
+    let state_path = format!("/ui/users/{ann_id}/state");
+    let (s, _, _) = post(&mut c, &state_path, &[("disabled", "true")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, _) = post(
+        &mut c,
+        &state_path,
+        &[("csrf", &csrf), ("disabled", "true")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let ann = c
+        .api(Method::GET, &format!("/users/{ann_id}"), Value::Null)
+        .await;
+    assert_eq!(ann["disabled"], true);
+    let mut as_ann = fresh(&c);
+    let (s, _) = sign_in(&mut as_ann, "ann@example.com").await;
+    assert_ne!(s, StatusCode::SEE_OTHER, "a disabled user cannot sign in");
+    let (s, _, _) = post(
+        &mut c,
+        &state_path,
+        &[("csrf", &csrf), ("disabled", "false")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let ann = c
+        .api(Method::GET, &format!("/users/{ann_id}"), Value::Null)
+        .await;
+    assert_eq!(ann["disabled"], false);
+
+    // A resource's access, from its page: sign-in with roles and domains, then public again.
+    let site = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    let r = c
+        .api(
+            Method::POST,
+            "/resources",
+            json!({"hostname": "app.example.com", "site_id": site["id"], "target": "127.0.0.1:1"}),
+        )
+        .await;
+    let id = r["id"].as_str().unwrap();
+    let (_, _, page) = get(&mut c, &format!("/ui/resources/{id}")).await;
+    assert!(page.contains("Who may reach it"), "{page}");
+    assert!(page.contains("value=\"public\" checked"), "{page}");
+    let access = format!("/ui/resources/{id}/access");
+    let (s, _, _) = post(&mut c, &access, &[("mode", "sign-in")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, to, _) = post(
+        &mut c,
+        &access,
+        &[
+            ("csrf", &csrf),
+            ("mode", "sign-in"),
+            ("role", "member"),
+            ("email_domains", "example.com, corp.example"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert_eq!(to.as_deref(), Some(format!("/ui/resources/{id}").as_str()));
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert_eq!(r["access"]["roles"], json!(["member"]));
+    assert_eq!(
+        r["access"]["email_domains"],
+        json!(["example.com", "corp.example"])
+    );
+    let (_, _, page) = get(&mut c, &format!("/ui/resources/{id}")).await;
+    assert!(page.contains("value=\"sign-in\" checked"), "{page}");
+    assert!(page.contains("value=\"member\" checked"), "{page}");
+    let (s, _, _) = post(&mut c, &access, &[("csrf", &csrf), ("mode", "public")]).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert!(r["access"].is_null(), "{r}");
+}
+
+#[tokio::test]
+async fn a_single_sign_on_provider_is_added_from_its_page_and_deleted_after_confirming() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/providers").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("No provider yet"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let mut form = vec![
+        ("csrf", csrf.as_str()),
+        ("kind", "oidc"),
+        ("name", "corp"),
+        ("display_name", "Corp SSO"),
+        ("issuer", "https://id.example.com/realms/main"),
+        ("client_id", "kakuremichi"),
+        ("client_secret", "s3cret-value"),
+        ("role_claim", "groups"),
+        ("role_map", "engineers = member, viewer\nbroken line"),
+        ("default_role", "viewer"),
+        ("auto_provision", "on"),
+    ];
+    // A role map line without `=`: its line number, and everything typed kept (not the secret).
+    let (s, _, page) = post(&mut c, "/ui/providers", &form).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("role map, line 2"), "{page}");
+    assert!(
+        page.contains("value=\"https://id.example.com/realms/main\""),
+        "{page}"
+    );
+    assert!(!page.contains("s3cret-value"), "{page}");
+    form[8] = ("role_map", "engineers = member, viewer\n\nops = admin");
+    let (s, to, page) = post(&mut c, "/ui/providers", &form).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/providers")),
+        "{page}"
+    );
+    let list = c.api(Method::GET, "/identity-providers", Value::Null).await;
+    assert_eq!(
+        list[0]["role_map"]["engineers"],
+        json!(["member", "viewer"])
+    );
+    assert_eq!(list[0]["role_map"]["ops"], json!(["admin"]));
+    assert_eq!(list[0]["default_roles"], json!(["viewer"]));
+    let (_, _, page) = get(&mut c, "/ui/providers").await;
+    assert!(
+        page.contains(&format!("{}/auth/sso/corp/callback", c.base)),
+        "{page}"
+    );
+    assert!(!page.contains("s3cret-value"), "{page}");
+    let id = list[0]["id"].as_str().unwrap();
+    let (s, _, page) = get(&mut c, &format!("/ui/providers/{id}/delete")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Delete provider corp"), "{page}");
+    let (s, to, _) = post(
+        &mut c,
+        &format!("/ui/providers/{id}/delete"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/providers"))
+    );
+    assert_eq!(
+        c.api(Method::GET, "/identity-providers", Value::Null).await,
+        json!([])
+    );
+}
