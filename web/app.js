@@ -21,6 +21,20 @@
       });
     });
   }
+  // Agent sessions: the API's status stream (one JSON object per event).
+  function sessions() {
+    if (document.body.dataset.sessions !== "live" || !window.EventSource) return;
+    var es = new EventSource("/ui/sessions/events");
+    es.onmessage = function (e) {
+      var c;
+      try { c = JSON.parse(e.data); } catch (_) { return; }
+      document.querySelectorAll('[data-session="' + c.session_id + '"]').forEach(function (el) {
+        el.textContent = c.status;
+        el.classList.toggle("online", c.status === "active" || c.status === "running");
+        el.classList.toggle("offline", c.status === "stopped" || c.status === "failed");
+      });
+    };
+  }
   function copy() {
     document.querySelectorAll("button[data-copy]").forEach(function (b) {
       b.addEventListener("click", function () {
@@ -33,5 +47,5 @@
       });
     });
   }
-  document.addEventListener("DOMContentLoaded", function () { live(); copy(); });
+  document.addEventListener("DOMContentLoaded", function () { live(); sessions(); copy(); });
 })();

@@ -684,6 +684,7 @@ impl Agent {
         StatusReport {
             session_accesses: Vec::new(),
             session_labels: self.session_labels(),
+            traffic: Vec::new(),
             sessions: self.session_states(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),

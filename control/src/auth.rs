@@ -212,7 +212,7 @@ pub(crate) fn page(status: StatusCode, title: &str, body: &str) -> Response {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta name=\"color-scheme\" content=\"light dark\">\
-         <title>{t} - kakuremichi</title><link rel=\"icon\" href=\"data:,\">\
+         <title>{t} - kakuremichi</title><link rel=\"icon\" href=\"/ui/icon.svg\" type=\"image/svg+xml\">\
          <link rel=\"stylesheet\" href=\"/ui/app.css\"></head>\
          <body><main class=\"narrow\" id=\"main\"><h1>{t}</h1>{body}\
          <hr><p><small>kakuremichi</small></p></main></body></html>\n",

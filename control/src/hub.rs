@@ -648,6 +648,11 @@ async fn handle(
                         .await;
                 }
             }
+            // Request counts go to the console's graphs, not into the stored status.
+            let traffic = std::mem::take(&mut report.traffic);
+            if kind == NodeKind::Gateway {
+                state.traffic.record(&traffic, now);
+            }
             let accesses = std::mem::take(&mut report.session_accesses);
             if kind == NodeKind::Gateway && !accesses.is_empty() {
                 crate::sessions::audit_accesses(state, id, accesses).await;

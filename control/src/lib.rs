@@ -37,6 +37,7 @@ pub mod sso;
 pub mod store;
 pub mod times;
 pub mod totp;
+pub mod traffic;
 pub mod ui;
 pub mod validate;
 pub mod visitors;
@@ -107,6 +108,8 @@ pub struct AppState {
     pub timing: HubTiming,
     /// Node activity not yet written to the store.
     pub activity: Arc<Activity>,
+    /// Requests per minute per resource, from gateways' reports (the console's graphs).
+    pub traffic: Arc<crate::traffic::Traffic>,
     /// Handshake slots.
     handshakes: Arc<Semaphore>,
     /// The world of the newest config version seen, shared by all sessions.
@@ -153,6 +156,7 @@ impl AppState {
             metrics: Arc::default(),
             timing,
             activity: Arc::default(),
+            traffic: Arc::default(),
             handshakes: Arc::new(Semaphore::new(timing.max_handshakes.max(1))),
             world: Arc::default(),
             shutdown: Arc::new(shutdown),

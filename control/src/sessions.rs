@@ -534,6 +534,14 @@ fn session_json(s: &AgentSession) -> Value {
         // The old API's field: the session's port on its agent's loopback.
         v["port"] = json!(p);
     }
+    // Ours: whether a share link that has not expired exists (its token only from `/share`).
+    let now = crate::store::now_ms();
+    if s.share
+        .as_ref()
+        .is_some_and(|sh| sh.expires_at.is_none_or(|e| e > now))
+    {
+        v["shared"] = json!(true);
+    }
     v
 }
 
@@ -626,18 +634,27 @@ async fn status_stream(
 ) -> Result<Response, ApiError> {
     let caller = Caller::of(&state, &key).await?;
     let rx = state.session_events.subscribe();
-    let stream = futures_util::stream::unfold((rx, caller), |(mut rx, caller)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(s) if caller.sees(&s) => {
-                    let event = Event::default().data(status_event(&s).to_string());
-                    return Some((Ok::<_, Infallible>(event), (rx, caller)));
+    // The stream ends when control shuts down (a graceful shutdown waits for open streams).
+    let shutdown = state.shutdown_signal();
+    let stream = futures_util::stream::unfold(
+        (rx, caller, shutdown),
+        |(mut rx, caller, mut shutdown)| async move {
+            loop {
+                let next = tokio::select! {
+                    n = rx.recv() => n,
+                    () = crate::until_set(&mut shutdown) => return None,
+                };
+                match next {
+                    Ok(s) if caller.sees(&s) => {
+                        let event = Event::default().data(status_event(&s).to_string());
+                        return Some((Ok::<_, Infallible>(event), (rx, caller, shutdown)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
             }
-        }
-    });
+        },
+    );
     Ok(sse(stream, state.session_heartbeat))
 }
 
@@ -870,6 +887,7 @@ mod tests {
                 refusals: Vec::new(),
                 sessions: Vec::new(),
                 session_accesses: Vec::new(),
+                traffic: Vec::new(),
                 session_labels: labels
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

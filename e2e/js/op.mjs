@@ -1,11 +1,12 @@
 // A real OpenID Provider on loopback for the SSO tests: npm oidc-provider with its development
 // login and consent pages (any password; the login names one of the accounts below).
 //
-// usage: node op.mjs <port> <client_id> <client_secret> <redirect_uri>
+// usage: node op.mjs <port> <client_id> <client_secret> <redirect_uri> [<host>]
+// (host: the address to listen on and name in the issuer; 127.0.0.1 when left out)
 // Prints "ready <issuer>" once it listens.
 import Provider from 'oidc-provider';
 
-const [port, clientId, clientSecret, redirectUri] = process.argv.slice(2);
+const [port, clientId, clientSecret, redirectUri, host = '127.0.0.1'] = process.argv.slice(2);
 if (!redirectUri) {
   console.error('usage: node op.mjs <port> <client_id> <client_secret> <redirect_uri>');
   process.exit(2);
@@ -17,7 +18,7 @@ const accounts = {
   mallory: { email: 'mallory@example.com', email_verified: false, name: 'Mallory', groups: ['engineers'] },
 };
 
-const issuer = `http://127.0.0.1:${port}`;
+const issuer = `http://${host}:${port}`;
 const provider = new Provider(issuer, {
   clients: [{
     client_id: clientId,
@@ -42,4 +43,4 @@ const provider = new Provider(issuer, {
   },
 });
 provider.on('server_error', (ctx, err) => console.error('op server_error', err));
-provider.listen(Number(port), '127.0.0.1', () => console.log(`ready ${issuer}`));
+provider.listen(Number(port), host, () => console.log(`ready ${issuer}`));

@@ -1135,6 +1135,7 @@ async fn session(
             _ = status_tick.tick() => Some(NodeMessage::Status(StatusReport {
                 session_accesses: Vec::new(),
                 session_labels: Default::default(),
+                traffic: Vec::new(),
                 sessions: Vec::new(),
                 applied_version: applied.unwrap_or(0),
                 peers: Vec::new(),

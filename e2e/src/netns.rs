@@ -307,6 +307,23 @@ impl NatLab {
         Ok(())
     }
 
+    /// Lets the harness reach the gateway namespace's public address ([`GW_PUBLIC`]) too, as a
+    /// browser on the internet reaches a control whose public URL names that address. Only that
+    /// address: the gateway namespace does not forward, so the NAT and the LAN stay out of reach.
+    pub fn route_harness_to_public_side(&self) -> anyhow::Result<()> {
+        let public = std::net::Ipv4Addr::from(GW_PUBLIC).to_string();
+        run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{public}/32"),
+            "via",
+            "198.18.0.2",
+            "dev",
+            &self.root_if,
+        ])
+    }
+
     /// Runs a command inside namespace `ns` and returns its standard output.
     pub fn exec_output(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new("ip")

@@ -49,6 +49,16 @@ pub struct Op {
 impl Op {
     /// Starts the provider with one client whose redirect URI is `redirect_uri`.
     pub async fn start(dir: &Path, redirect_uri: &str) -> anyhow::Result<Op> {
+        Op::start_on(dir, std::net::Ipv4Addr::LOCALHOST, redirect_uri).await
+    }
+
+    /// Starts the provider listening on `host` (an address of this namespace), its issuer named
+    /// by that address.
+    pub async fn start_on(
+        dir: &Path,
+        host: std::net::Ipv4Addr,
+        redirect_uri: &str,
+    ) -> anyhow::Result<Op> {
         let js = js_dir()?;
         let port = free_tcp_port();
         let client_id = "kakuremichi".to_owned();
@@ -62,12 +72,13 @@ impl Op {
                 client_id.clone(),
                 client_secret.clone(),
                 redirect_uri.to_owned(),
+                host.to_string(),
             ],
             &[],
             None,
             dir.join("op.log"),
         )?;
-        let issuer = format!("http://127.0.0.1:{port}");
+        let issuer = format!("http://{host}:{port}");
         let discovery = format!("{issuer}/.well-known/openid-configuration");
         let http = crate::identity::client();
         wait_for(

@@ -298,6 +298,7 @@ impl Gateway {
         StatusReport {
             session_accesses: self.inner.proxy.session_accesses().take(),
             session_labels: Default::default(),
+            traffic: self.inner.metrics.traffic_since_last(),
             sessions: Vec::new(),
             applied_version: self.applied_version(),
             peers: self.inner.tunnel.peer_statuses(),
@@ -394,6 +395,7 @@ impl NodeHooks for Gateway {
     }
 
     fn undelivered(&self, report: StatusReport) {
+        self.inner.metrics.traffic_undelivered(&report.traffic);
         self.inner.proxy.refusals().restore(report.refusals);
         self.inner
             .proxy

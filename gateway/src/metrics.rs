@@ -81,6 +81,8 @@ pub struct Metrics {
     pool: std::sync::OnceLock<Arc<crate::balance::BackendPool>>,
     /// UDP datagrams through the tunnel: [to the agent, to the client] x [QUIC datagram, stream].
     udp_datagrams: [[AtomicU64; 2]; 2],
+    /// Per resource, the (requests, 5xx) totals the last status report counted up to.
+    reported: Mutex<BTreeMap<uuid::Uuid, (u64, u64)>>,
 }
 
 impl Metrics {
@@ -140,6 +142,52 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
             .or_default() += 1;
+    }
+
+    /// Requests each resource answered since the last call (for control's status report),
+    /// from the cumulative counters; [`Metrics::traffic_undelivered`] gives back a report that
+    /// did not reach control, so its requests are in the next one.
+    pub fn traffic_since_last(&self) -> Vec<kakuremichi_proto::ResourceTraffic> {
+        let totals: Vec<(uuid::Uuid, u64, u64)> = self
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, c)| {
+                let classes: Vec<u64> = c
+                    .classes
+                    .iter()
+                    .map(|n| n.load(Ordering::Relaxed))
+                    .collect();
+                (*id, classes.iter().sum(), classes[4])
+            })
+            .collect();
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (id, requests, errors) in totals {
+            let last = reported.entry(id).or_default();
+            let delta = kakuremichi_proto::ResourceTraffic {
+                resource_id: id,
+                requests: requests.saturating_sub(last.0),
+                errors: errors.saturating_sub(last.1),
+            };
+            *last = (requests, errors);
+            if delta.requests > 0 {
+                out.push(delta);
+            }
+        }
+        out
+    }
+
+    /// A report's traffic that did not reach control: counted again in the next one.
+    pub fn traffic_undelivered(&self, traffic: &[kakuremichi_proto::ResourceTraffic]) {
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for t in traffic {
+            if let Some(last) = reported.get_mut(&t.resource_id) {
+                last.0 = last.0.saturating_sub(t.requests);
+                last.1 = last.1.saturating_sub(t.errors);
+            }
+        }
     }
 
     /// Sets the number of open client connections.
@@ -462,6 +510,49 @@ mod tests {
         assert!(text.contains("kakuremichi_gateway_routes 3\n"));
         assert!(text.contains("kakuremichi_gateway_peers 1\n"));
         assert!(text.contains("kakuremichi_gateway_peer_handshake_age_seconds{peer=\"k\"} 4\n"));
+    }
+
+    #[test]
+    fn traffic_reports_what_came_since_the_last_one_and_an_undelivered_one_comes_again() {
+        let m = Metrics::default();
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let ms = std::time::Duration::from_millis(1);
+        for status in [200, 200, 503] {
+            m.resource(a).record(status, ms);
+        }
+        m.resource(b).record(404, ms);
+        let first = m.traffic_since_last();
+        assert_eq!(
+            first,
+            [
+                kakuremichi_proto::ResourceTraffic {
+                    resource_id: a,
+                    requests: 3,
+                    errors: 1
+                },
+                kakuremichi_proto::ResourceTraffic {
+                    resource_id: b,
+                    requests: 1,
+                    errors: 0
+                },
+            ]
+        );
+        // Nothing new: nothing reported (a quiet resource costs the report nothing).
+        assert_eq!(m.traffic_since_last(), []);
+        m.resource(a).record(200, ms);
+        let second = m.traffic_since_last();
+        assert_eq!(second[0].requests, 1);
+        // That report was lost: its request is counted again with the next one's.
+        m.traffic_undelivered(&second);
+        m.resource(a).record(500, ms);
+        assert_eq!(
+            m.traffic_since_last(),
+            [kakuremichi_proto::ResourceTraffic {
+                resource_id: a,
+                requests: 2,
+                errors: 1
+            }]
+        );
     }
 
     #[test]

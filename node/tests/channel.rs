@@ -32,6 +32,7 @@ impl NodeHooks for Hooks {
         StatusReport {
             session_accesses: Vec::new(),
             session_labels: Default::default(),
+            traffic: Vec::new(),
             sessions: Vec::new(),
             applied_version: 0,
             peers: vec![],

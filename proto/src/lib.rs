@@ -755,6 +755,22 @@ pub struct StatusReport {
     /// against a new session's tags to choose where it runs.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub session_labels: std::collections::BTreeMap<String, String>,
+    /// Gateway only: requests each resource answered since the last report (the admin
+    /// console's request rates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<ResourceTraffic>,
+}
+
+/// Requests one resource answered at a gateway since its last status report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceTraffic {
+    /// The resource.
+    pub resource_id: Uuid,
+    /// Requests answered (any status).
+    pub requests: u64,
+    /// Of those, answered with a 5xx status.
+    pub errors: u64,
 }
 
 /// Requests from one client that reached one agent session through a gateway, counted.
@@ -1092,6 +1108,7 @@ mod tests {
             NodeMessage::Status(StatusReport {
                 session_accesses: Vec::new(),
                 session_labels: Default::default(),
+                traffic: Vec::new(),
                 sessions: Vec::new(),
                 applied_version: 4,
                 peers: vec![PeerStatus {

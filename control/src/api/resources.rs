@@ -520,6 +520,119 @@ pub fn router() -> ApiRouter<AppState> {
                 .returns::<TargetView>(201),
         )
         .route("/resources/{id}/targets/{target_id}", delete(remove_target))
+        .route(
+            "/resources/stats",
+            get(stats)
+                .summary("each resource's requests per minute (last 30 minutes) and health")
+                .paged()
+                .returns::<Vec<ResourceStats>>(200),
+        )
+}
+
+/// A resource's recent traffic at the gateways and the health of its targets.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ResourceStats {
+    /// The resource's id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// HTTP: its hostname.
+    pub hostname: Option<String>,
+    /// TCP and UDP: its public port.
+    pub public_port: Option<u16>,
+    /// Requests answered per minute by the gateways connected to this control, the last 30
+    /// minutes, oldest first (the current minute last).
+    pub requests_per_minute: Vec<u64>,
+    /// Of those, 5xx answers.
+    pub errors_per_minute: Vec<u64>,
+    /// Requests in the last 30 minutes.
+    pub requests_30m: u64,
+    /// 5xx answers in the last 30 minutes.
+    pub errors_30m: u64,
+    /// `healthy` (every target its agent tried answered), `unhealthy` (one failed),
+    /// `offline` (its site's agent is not connected) or `unknown` (no report yet).
+    pub health: String,
+    /// The targets whose last check failed, with the agent's error.
+    pub failing: Vec<FailingTarget>,
+}
+
+/// A target that failed its agent's last check.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct FailingTarget {
+    /// The target.
+    pub target: String,
+    /// Why, as the agent saw it.
+    pub error: Option<String>,
+}
+
+async fn stats(
+    State(state): State<AppState>,
+    org: Org,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    pq: Result<
+        axum::extract::Query<super::page::PageQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<axum::response::Response, ApiError> {
+    let q = super::page::query(pq)?;
+    state.store.catch_up().await?;
+    let (world, agents) = tokio::join!(state.world(), state.store.list_nodes(NodeKind::Agent));
+    let (world, agents) = (world?, agents?);
+    // What connected agents last reported of each resource's targets (a resource may have
+    // targets on several sites), and which sites are connected.
+    let mut online_sites = std::collections::HashSet::new();
+    let mut reports: std::collections::HashMap<Uuid, Vec<kakuremichi_proto::TargetStatus>> =
+        std::collections::HashMap::new();
+    for n in agents.into_iter().filter(|n| n.org_id == org.0) {
+        if !state.hub.is_online(n.id) {
+            continue;
+        }
+        online_sites.insert(n.id);
+        let n = super::nodes::fresh(&state, n);
+        for t in n.last_status.map(|s| s.targets).unwrap_or_default() {
+            reports.entry(t.resource_id).or_default().push(t);
+        }
+    }
+    let now = crate::store::now_ms();
+    let rows: Vec<ResourceStats> = world
+        .resources
+        .iter()
+        .filter(|r| r.org_id == org.0)
+        .map(|r| {
+            let series = state.traffic.series(r.id, now);
+            let mine = reports.get(&r.id).map(Vec::as_slice).unwrap_or_default();
+            let failing: Vec<FailingTarget> = mine
+                .iter()
+                .filter(|t| !t.reachable)
+                .map(|t| FailingTarget {
+                    target: t.target.clone(),
+                    error: t.error.clone(),
+                })
+                .collect();
+            let health = if !failing.is_empty() {
+                "unhealthy"
+            } else if !mine.is_empty() {
+                "healthy"
+            } else if !online_sites.contains(&r.site_id) {
+                "offline"
+            } else {
+                "unknown"
+            };
+            ResourceStats {
+                id: r.id,
+                name: r.name.clone(),
+                hostname: (!r.hostname.is_empty()).then(|| r.hostname.clone()),
+                public_port: r.public_port,
+                requests_30m: series.requests.iter().sum(),
+                errors_30m: series.errors.iter().sum(),
+                requests_per_minute: series.requests,
+                errors_per_minute: series.errors,
+                health: health.to_owned(),
+                failing,
+            }
+        })
+        .collect();
+    super::page::page(rows, &q, &uri)
 }
 
 async fn create(

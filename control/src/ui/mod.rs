@@ -6,8 +6,12 @@
 //! in the organization they chose ([`WebCaller`]): what a page may do is what the user's roles
 //! give, validation and audit are the API's own, and the UI cannot drift from the API.
 
+mod keys;
 mod pages;
 mod people;
+mod policies;
+mod roles;
+mod sessions;
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -37,6 +41,7 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 
 const CSS: &str = include_str!("../../../web/app.css");
 const JS: &str = include_str!("../../../web/app.js");
+const ICON: &str = include_str!("../../../web/icon.svg");
 
 static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
     let mut env = minijinja::Environment::new();
@@ -89,6 +94,26 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
         (
             "providers.html",
             include_str!("../../../web/templates/providers.html"),
+        ),
+        (
+            "keys.html",
+            include_str!("../../../web/templates/keys.html"),
+        ),
+        (
+            "policies.html",
+            include_str!("../../../web/templates/policies.html"),
+        ),
+        (
+            "policy.html",
+            include_str!("../../../web/templates/policy.html"),
+        ),
+        (
+            "roles.html",
+            include_str!("../../../web/templates/roles.html"),
+        ),
+        (
+            "sessions.html",
+            include_str!("../../../web/templates/sessions.html"),
         ),
         (
             "confirm.html",
@@ -155,9 +180,44 @@ pub fn router() -> Router<AppState> {
             "/ui/providers/{id}/delete",
             get(people::confirm_delete_provider).post(people::delete_provider),
         )
+        .route("/ui/keys", get(keys::keys).post(keys::create_key))
+        .route(
+            "/ui/keys/{id}/revoke",
+            get(keys::confirm_revoke_key).post(keys::revoke_key),
+        )
+        .route(
+            "/ui/policies",
+            get(policies::policies).post(policies::create_policy),
+        )
+        .route(
+            "/ui/policies/{id}",
+            get(policies::policy).post(policies::update_policy),
+        )
+        .route(
+            "/ui/policies/{id}/delete",
+            get(policies::confirm_delete_policy).post(policies::delete_policy),
+        )
+        .route("/ui/roles", get(roles::roles).post(roles::create_role))
+        .route(
+            "/ui/roles/{name}",
+            get(roles::role).post(roles::update_role),
+        )
+        .route(
+            "/ui/roles/{name}/delete",
+            get(roles::confirm_delete_role).post(roles::delete_role),
+        )
+        .route("/ui/sessions", get(sessions::sessions))
+        .route("/ui/sessions/events", get(sessions::events))
+        .route("/ui/sessions/{id}/share", post(sessions::share))
+        .route(
+            "/ui/sessions/{id}/stop",
+            get(sessions::confirm_stop).post(sessions::stop),
+        )
         .layer(axum::middleware::from_fn(headers))
         .route("/ui/app.css", get(css))
         .route("/ui/app.js", get(js))
+        .route("/ui/icon.svg", get(icon))
+        .route("/favicon.ico", get(icon))
 }
 
 /// `/`: the UI.
@@ -171,6 +231,10 @@ async fn css() -> Response {
 
 async fn js() -> Response {
     asset("text/javascript; charset=utf-8", JS)
+}
+
+async fn icon() -> Response {
+    asset("image/svg+xml", ICON)
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -381,13 +445,17 @@ struct Nav {
 }
 
 /// The navigation: every section the user's roles let them read.
-const SECTIONS: [(&str, &str, &str); 7] = [
+const SECTIONS: [(&str, &str, &str); 11] = [
     ("/ui", "Dashboard", ""),
     ("/ui/sites", "Sites", "site:read"),
     ("/ui/gateways", "Gateways", "gateway:read"),
     ("/ui/resources", "Resources", "resource:read"),
+    ("/ui/policies", "Access policies", "resource:read"),
     ("/ui/users", "Users", "user:read"),
+    ("/ui/roles", "Roles", "role:read"),
     ("/ui/providers", "Single sign-on", "identity_provider:read"),
+    ("/ui/sessions", "Agent sessions", "session:list"),
+    ("/ui/keys", "API keys", "api_key:read"),
     ("/ui/audit", "Audit log", "audit:read"),
 ];
 
@@ -474,6 +542,34 @@ pub(crate) async fn api(
     path: &str,
     body: Option<Value>,
 ) -> Answer {
+    let res = match api_response(state, caller, method, path, body).await {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    let (parts, body) = res.into_parts();
+    let bytes = match axum::body::to_bytes(body, crate::MAX_BODY_BYTES * 64).await {
+        Ok(b) => b,
+        Err(_) => return failed("cannot read the answer"),
+    };
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        },
+    }
+}
+
+/// Calls `/api/v1{path}` in process as the caller; the answer as it comes (a stream stays one).
+pub(crate) async fn api_response(
+    state: &AppState,
+    caller: &Caller,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Response, Answer> {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("/api/v1{path}"));
@@ -491,7 +587,7 @@ pub(crate) async fn api(
         None => Body::empty(),
     };
     let Ok(mut req) = req.body(body) else {
-        return failed("cannot build the request");
+        return Err(failed("cannot build the request"));
     };
     req.extensions_mut().insert(caller.web);
     if let Some(peer) = caller.peer {
@@ -501,23 +597,9 @@ pub(crate) async fn api(
         .nest("/api/v1", crate::api::router(state.clone()))
         .fallback(crate::api::not_found)
         .with_state(state.clone());
-    let res = match tower::ServiceExt::oneshot(app, req).await {
-        Ok(r) => r,
+    match tower::ServiceExt::oneshot(app, req).await {
+        Ok(r) => Ok(r),
         Err(e) => match e {},
-    };
-    let (parts, body) = res.into_parts();
-    let bytes = match axum::body::to_bytes(body, crate::MAX_BODY_BYTES * 64).await {
-        Ok(b) => b,
-        Err(_) => return failed("cannot read the answer"),
-    };
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-        },
     }
 }
 
@@ -564,6 +646,78 @@ pub(crate) fn csrf_refusal(headers: &HeaderMap, sent: &str) -> Option<Response> 
     }
 }
 
+/// A posted form's fields in order, repeated ones kept.
+pub(crate) struct Fields(pub Vec<(String, String)>);
+
+impl Fields {
+    pub fn parse(body: &[u8]) -> Self {
+        Fields(
+            url::form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    pub fn one(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// Every value of `name` in order, empty ones kept (rows of a table, field by field).
+    pub fn each(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, v)| k == name && !v.trim().is_empty())
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+}
+
+/// The names of the caller's organization's sites by id, from the config snapshot control
+/// keeps (not a list of every site per page).
+pub(crate) async fn site_names(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<Vec<(String, String)>, crate::store::StoreError> {
+    Ok(state
+        .world()
+        .await?
+        .sites
+        .iter()
+        .filter(|s| s.org_id == caller.web.org)
+        .map(|s| (s.id.to_string(), s.name.clone()))
+        .collect())
+}
+
+/// The organization's roles (a `/roles` answer) as checkboxes: name, description, and whether
+/// `chosen` holds it.
+pub(crate) fn role_choices(roles: &Value, chosen: &[String]) -> Vec<Value> {
+    roles
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| {
+            let name = r.get("name")?.as_str()?;
+            Some(serde_json::json!({
+                "name": name,
+                "description": r.get("description").cloned().unwrap_or(Value::Null),
+                "checked": chosen.iter().any(|c| c == name),
+            }))
+        })
+        .collect()
+}
+
 /// The `State` extractor, re-exported for the pages.
 pub(crate) type St = State<AppState>;
 
@@ -579,10 +733,28 @@ mod tests {
             .collect::<Vec<_>>()
         {
             assert!(TEMPLATES.get_template(&name).is_ok(), "{name}");
+            // A page's markup outside its blocks would land above the layout.
+            let source = TEMPLATES.get_template(&name).unwrap().source().to_owned();
+            assert!(
+                name == "layout.html" || source.starts_with("{% extends \"layout.html\" %}"),
+                "{name} does not start with the layout"
+            );
+            if name != "layout.html" {
+                let outside = source
+                    .split("{% block content %}")
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("{% extends \"layout.html\" %}")
+                    .trim();
+                assert!(
+                    outside.is_empty(),
+                    "{name}: {outside:?} lies outside its block"
+                );
+            }
         }
         assert_eq!(
             TEMPLATES.templates().count(),
-            12,
+            17,
             "a template failed to parse"
         );
         let r = message(StatusCode::OK, "T", "<b>x</b>");

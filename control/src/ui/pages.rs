@@ -115,7 +115,10 @@ pub(crate) async fn dashboard(State(state): St, caller: Caller) -> Response {
     let (sites, gateways, resources, audit, certificates) = tokio::join!(
         get("/sites?limit=10&sort=online", "site:read"),
         get("/gateways?limit=10&sort=online", "gateway:read"),
-        get("/resources?limit=10&sort=-created_at", "resource:read"),
+        get(
+            "/resources/stats?limit=10&sort=-requests_30m",
+            "resource:read"
+        ),
         get("/audit?limit=10", "audit:read"),
         get("/certificates", "certificate:read"),
     );
@@ -138,6 +141,24 @@ pub(crate) async fn dashboard(State(state): St, caller: Caller) -> Response {
             json!({ "rows": list(a), "total": a.total(), "error": (!a.status.is_success()).then(|| a.error()) })
         })
     };
+    let mut resources = section(&resources);
+    if let Some(rows) = resources
+        .as_mut()
+        .and_then(|a| a.get_mut("rows"))
+        .and_then(Value::as_array_mut)
+    {
+        for r in rows {
+            let per_minute: Vec<u64> = r["requests_per_minute"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect();
+            r["spark"] = sparkline(&per_minute).into();
+            r["peak"] = per_minute.iter().max().copied().unwrap_or(0).into();
+        }
+    }
     let mut audit = section(&audit);
     if let Some(rows) = audit
         .as_mut()
@@ -161,12 +182,33 @@ pub(crate) async fn dashboard(State(state): St, caller: Caller) -> Response {
         minijinja::context! {
             sites => section(&sites),
             gateways => section(&gateways),
-            resources => section(&resources),
+            resources,
             audit,
             expiring,
             live => live.join(","),
         },
     )
+}
+
+/// The points of a sparkline of `values` in a 120 x 24 box (SVG `polyline`), the highest
+/// value at the top; all zeros make a flat line at the bottom.
+fn sparkline(values: &[u64]) -> String {
+    let (w, h) = (120.0_f64, 24.0_f64);
+    let peak = values.iter().max().copied().unwrap_or(0).max(1) as f64;
+    let step = if values.len() > 1 {
+        w / (values.len() - 1) as f64
+    } else {
+        0.0
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let y = 1.0 + (h - 2.0) * (1.0 - *v as f64 / peak);
+            format!("{:.1},{:.1}", i as f64 * step, y)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `GET /ui/sites`.
@@ -539,14 +581,8 @@ async fn resources_page(
     if !a.status.is_success() {
         return api_failure(caller, "/ui/resources", &a);
     }
-    // Site names from the config snapshot control keeps (not a list of every site per page).
-    let names: HashMap<String, String> = match state.world().await {
-        Ok(w) => w
-            .sites
-            .iter()
-            .filter(|s| s.org_id == caller.web.org)
-            .map(|s| (s.id.to_string(), s.name.clone()))
-            .collect(),
+    let names: HashMap<String, String> = match super::site_names(state, caller).await {
+        Ok(n) => n.into_iter().collect(),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the config snapshot for site names");
             HashMap::new()
@@ -602,13 +638,8 @@ async fn new_resource_page(
     form: &ResourceForm,
     error: Option<(String, String)>,
 ) -> Response {
-    let mut sites: Vec<(String, String)> = match state.world().await {
-        Ok(w) => w
-            .sites
-            .iter()
-            .filter(|s| s.org_id == caller.web.org)
-            .map(|s| (s.id.to_string(), s.name.clone()))
-            .collect(),
+    let mut sites = match super::site_names(state, caller).await {
+        Ok(n) => n,
         Err(e) => return super::unavailable(&e),
     };
     sites.sort_by_cached_key(|a| a.1.to_lowercase());
@@ -698,10 +729,19 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
     }
     let site_id = a.body.get("site_id").and_then(Value::as_str).unwrap_or("");
     let site_path = format!("/sites/{site_id}");
-    let (site, roles) = tokio::join!(
+    let (site, roles, policies) = tokio::join!(
         api(&state, &caller, Method::GET, &site_path, None),
         api(&state, &caller, Method::GET, "/roles", None),
+        api(&state, &caller, Method::GET, "/policies", None),
     );
+    let followed = a.body.get("policy_id").and_then(Value::as_str);
+    let policies: Vec<Value> = list(&policies)
+        .iter()
+        .filter_map(|p| {
+            let id = p.get("id")?.as_str()?;
+            Some(json!({ "id": id, "name": p.get("name")?, "selected": Some(id) == followed }))
+        })
+        .collect();
     let access = a.body.get("access").filter(|v| v.is_object());
     let strings = |field: &str| -> Vec<String> {
         access
@@ -716,11 +756,7 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
             .unwrap_or_default()
     };
     let (access_roles, access_domains) = (strings("roles"), strings("email_domains"));
-    let roles: Vec<Value> = list(&roles)
-        .into_iter()
-        .filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
-        .map(|name| json!({ "name": name, "checked": access_roles.contains(&name) }))
-        .collect();
+    let roles = super::role_choices(&roles.body, &access_roles);
     let name = a
         .body
         .get("name")
@@ -739,7 +775,8 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
             can_write => caller.may("resource:write"),
             live => site_id,
             protected => access.is_some(),
-            policy => a.body.get("policy_id").is_some_and(|p| !p.is_null()),
+            policy => followed.is_some(),
+            policies,
             roles,
             domains => access_domains.join(", "),
         },

@@ -9,36 +9,8 @@ use axum::response::Response;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{api, api_failure, csrf_refusal, redirect, render, Caller, St};
+use super::{api, api_failure, csrf_refusal, redirect, render, role_choices, Caller, Fields, St};
 use crate::AppState;
-
-/// A posted form's fields in order, repeated ones kept.
-struct Fields(Vec<(String, String)>);
-
-impl Fields {
-    fn parse(body: &[u8]) -> Self {
-        Fields(
-            url::form_urlencoded::parse(body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-        )
-    }
-
-    fn one(&self, name: &str) -> &str {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map_or("", |(_, v)| v.as_str())
-    }
-
-    fn all(&self, name: &str) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(k, v)| k == name && !v.trim().is_empty())
-            .map(|(_, v)| v.trim().to_owned())
-            .collect()
-    }
-}
 
 /// `GET /ui/users`.
 pub(crate) async fn users(State(state): St, caller: Caller) -> Response {
@@ -59,25 +31,7 @@ async fn users_page(
     if !users.status.is_success() {
         return api_failure(caller, "/ui/users", &users);
     }
-    let chosen = form.all("role");
-    let roles: Vec<Value> = roles
-        .body
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|mut r| {
-            let name = r
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned();
-            if let Some(o) = r.as_object_mut() {
-                o.insert("checked".into(), chosen.contains(&name).into());
-            }
-            r
-        })
-        .collect();
+    let roles = role_choices(&roles.body, &form.all("role"));
     render(
         caller,
         status,
@@ -206,14 +160,23 @@ pub(crate) async fn resource_access(
             .into();
         access
     };
-    let a = api(
-        &state,
-        &caller,
-        Method::PATCH,
-        &path,
-        Some(json!({ "access": access })),
-    )
-    .await;
+    let mut change = json!({ "access": access });
+    if form.0.iter().any(|(k, _)| k == "policy") {
+        change["policy_id"] = match form.one("policy") {
+            "" => Value::Null,
+            p => match p.parse::<Uuid>() {
+                Ok(id) => id.to_string().into(),
+                Err(_) => {
+                    return super::message(
+                        StatusCode::BAD_REQUEST,
+                        "Unknown policy",
+                        "The form named a policy that is not one. Reload the page.",
+                    )
+                }
+            },
+        };
+    }
+    let a = api(&state, &caller, Method::PATCH, &path, Some(change)).await;
     if !a.status.is_success() {
         return api_failure(&caller, "/ui/resources", &a);
     }
@@ -239,16 +202,7 @@ async fn providers_page(
     if !list.status.is_success() {
         return api_failure(caller, "/ui/providers", &list);
     }
-    let chosen = form.all("default_role");
-    let roles: Vec<Value> = roles
-        .body
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_owned))
-        .map(|name| json!({ "name": name, "checked": chosen.contains(&name) }))
-        .collect();
+    let roles = role_choices(&roles.body, &form.all("default_role"));
     let control = crate::install::control_url(state, &caller.headers);
     let field = |k: &str| form.one(k).to_owned();
     render(

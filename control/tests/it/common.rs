@@ -179,6 +179,14 @@ impl Client {
         (r.status(), location, r.text().await.unwrap())
     }
 
+    /// Sends with the jar's cookies; the answer unread (a stream stays open until dropped).
+    pub async fn send_raw(&self, req: reqwest::RequestBuilder) -> reqwest::Response {
+        req.header(reqwest::header::COOKIE, self.cookies())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Calls the API with the admin key; a failure panics.
     pub async fn api(
         &mut self,

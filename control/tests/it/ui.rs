@@ -523,3 +523,440 @@ async fn a_single_sign_on_provider_is_added_from_its_page_and_deleted_after_conf
         json!([])
     );
 }
+
+#[tokio::test]
+async fn an_api_key_is_made_on_its_page_shown_once_and_revoked_after_confirming() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/keys").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("admin key (every permission)"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, _) = post(
+        &mut c,
+        "/ui/keys",
+        &[("name", "ci"), ("scope", "site:read")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+
+    // Bad input: the API's message (or the page's own), what was typed and ticked kept.
+    let (s, _, page) = post(&mut c, "/ui/keys", &[("csrf", &csrf), ("name", "ci")]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("give at least one permission"), "{page}");
+    assert!(page.contains("value=\"ci\""), "{page}");
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/keys",
+        &[
+            ("csrf", &csrf),
+            ("name", "ci"),
+            ("scope", "site:read"),
+            ("expires_in_days", "soon"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("is not a number of days"), "{page}");
+    assert!(page.contains("value=\"site:read\" checked"), "{page}");
+
+    // A personal key: its secret on the answer, once, and it works.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/keys",
+        &[
+            ("csrf", &csrf),
+            ("name", "ci"),
+            ("kind", "personal"),
+            ("scope", "site:read"),
+            ("scope", "resource:read"),
+            ("expires_in_days", "30"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    let start = page.find("kmk_").expect("the secret on the page");
+    let secret: String = page[start..]
+        .chars()
+        .take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '_' || *ch == '-')
+        .collect();
+    let sites = c
+        .http
+        .get(format!("{}/api/v1/sites", c.base))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sites.status(), StatusCode::OK);
+    let (_, _, page) = get(&mut c, "/ui/keys").await;
+    assert!(!page.contains(&secret), "the secret is shown again");
+    assert!(page.contains("personal: owner@example.com (you)"), "{page}");
+    assert!(page.contains("site:read, resource:read"), "{page}");
+    // A service token.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/keys",
+        &[
+            ("csrf", &csrf),
+            ("name", "deploy-bot"),
+            ("kind", "service"),
+            ("scope", "resource:write"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    let keys = c.api(Method::GET, "/api-keys", Value::Null).await;
+    let bot = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "deploy-bot")
+        .unwrap();
+    assert!(bot.get("user_id").is_none(), "{bot}");
+    let ci = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "ci")
+        .unwrap();
+    let id = ci["id"].as_str().unwrap();
+
+    // Revoked after confirming: refused from then on.
+    let (s, _, page) = get(&mut c, &format!("/ui/keys/{id}/revoke")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Revoke API key ci"), "{page}");
+    let (s, _, _) = post(&mut c, &format!("/ui/keys/{id}/revoke"), &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, to, _) = post(&mut c, &format!("/ui/keys/{id}/revoke"), &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/keys"))
+    );
+    let sites = c
+        .http
+        .get(format!("{}/api/v1/sites", c.base))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sites.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn agent_sessions_are_listed_shared_and_stopped_from_their_page() {
+    let (mut c, db) = start().await;
+    set_up_owner(&mut c).await;
+    let (_, _, page) = get(&mut c, "/ui/sessions").await;
+    assert!(page.contains("No agent session yet"), "{page}");
+    assert!(page.contains("--sessions-hostname"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let site = c
+        .api(Method::POST, "/sites", json!({"name": "dev-box"}))
+        .await;
+    let owner = c.api(Method::GET, "/users?q=owner", Value::Null).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let session = db
+        .store
+        .create_agent_session(
+            kakuremichi_control::store::NewAgentSession {
+                org_id: kakuremichi_control::store::DEFAULT_ORG,
+                user_id: Some(owner),
+                scope: "user".into(),
+                team_id: None,
+                site_id: site["id"].as_str().unwrap().parse().unwrap(),
+                tags: [("description".to_owned(), "fix <the> build".to_owned())].into(),
+                params: json!({"agent_type": "claude"}),
+                ttl_secs: None,
+            },
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let id = session.id;
+    let (s, _, page) = get(&mut c, "/ui/sessions").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("fix &lt;the&gt; build"), "{page}");
+    assert!(page.contains("dev-box"), "site named: {page}");
+    assert!(page.contains(&format!("data-session=\"{id}\"")), "{page}");
+    assert!(page.contains("data-sessions=\"live\""), "{page}");
+    assert!(!page.contains("Revoke share link"), "{page}");
+
+    // Its status stream, as the page's script reads it.
+    let events = c
+        .send_raw(c.http.get(format!("{}/ui/sessions/events", c.base)))
+        .await;
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(
+        events.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    drop(events);
+
+    // A read-only share link: shown, then revoked.
+    let share = format!("/ui/sessions/{id}/share");
+    let (s, _, _) = post(&mut c, &share, &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, page) = post(&mut c, &share, &[("csrf", &csrf)]).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("/s/kms_"), "{page}");
+    assert!(page.contains("Revoke share link"), "{page}");
+    let (s, to, _) = post(&mut c, &share, &[("csrf", &csrf), ("revoke", "1")]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/sessions"))
+    );
+    let (_, _, page) = get(&mut c, "/ui/sessions").await;
+    assert!(!page.contains("Revoke share link"), "{page}");
+
+    // Stopped after confirming.
+    let (s, _, page) = get(&mut c, &format!("/ui/sessions/{id}/stop")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains(&format!("Stop session {id}")), "{page}");
+    let (s, to, _) = post(
+        &mut c,
+        &format!("/ui/sessions/{id}/stop"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/sessions"))
+    );
+    let stopped = db
+        .store
+        .agent_session(kakuremichi_control::store::DEFAULT_ORG, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped.status, "stopped");
+    let (_, _, page) = get(&mut c, "/ui/sessions").await;
+    assert!(!page.contains("data-sessions=\"live\""), "{page}");
+}
+
+#[tokio::test]
+async fn a_custom_role_is_made_changed_and_deleted_from_its_page() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/roles").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("(built in)"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, _) = post(&mut c, "/ui/roles", &[("name", "auditor")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    // Bad input: the API's message, what was typed and ticked kept.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/roles",
+        &[
+            ("csrf", &csrf),
+            ("name", "Not A Name"),
+            ("description", "reads the log"),
+            ("permission", "audit:read"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("field-error"), "{page}");
+    assert!(page.contains("value=\"reads the log\""), "{page}");
+    assert!(page.contains("value=\"audit:read\" checked"), "{page}");
+    let (s, to, page) = post(
+        &mut c,
+        "/ui/roles",
+        &[
+            ("csrf", &csrf),
+            ("name", "auditor"),
+            ("description", "reads the log"),
+            ("permission", "audit:read"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/roles")),
+        "{page}"
+    );
+    let role = c.api(Method::GET, "/roles/auditor", Value::Null).await;
+    assert_eq!(role["permissions"], json!(["audit:read"]));
+    // Changed from its own page.
+    let (s, _, page) = get(&mut c, "/ui/roles/auditor").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("value=\"audit:read\" checked"), "{page}");
+    let (s, to, _) = post(
+        &mut c,
+        "/ui/roles/auditor",
+        &[
+            ("csrf", &csrf),
+            ("description", "reads the log and users"),
+            ("permission", "audit:read"),
+            ("permission", "user:read"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/roles"))
+    );
+    let role = c.api(Method::GET, "/roles/auditor", Value::Null).await;
+    assert_eq!(role["permissions"], json!(["audit:read", "user:read"]));
+    // A built-in role shows what it gives, with no form.
+    let (_, _, page) = get(&mut c, "/ui/roles/owner").await;
+    assert!(!page.contains("Save role"), "{page}");
+    // Deleted after confirming.
+    let (s, _, page) = get(&mut c, "/ui/roles/auditor/delete").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Delete role auditor"), "{page}");
+    let (s, to, _) = post(&mut c, "/ui/roles/auditor/delete", &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/roles"))
+    );
+    let roles = c.api(Method::GET, "/roles", Value::Null).await;
+    assert!(
+        !roles
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "auditor"),
+        "{roles}"
+    );
+}
+
+#[tokio::test]
+async fn an_access_policy_gets_ordered_rules_from_its_editor_and_a_resource_follows_it() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/policies").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("No access policy yet"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, page) = post(&mut c, "/ui/policies", &[("csrf", &csrf), ("name", "")]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("field-error"), "{page}");
+    let (s, to, _) = post(
+        &mut c,
+        "/ui/policies",
+        &[("csrf", &csrf), ("name", "staff")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let at = to.unwrap();
+    assert!(at.starts_with("/ui/policies/"), "{at}");
+    let id = at.trim_start_matches("/ui/policies/").to_owned();
+    let (s, _, page) = get(&mut c, &at).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("No rule: every request needs sign-in"),
+        "{page}"
+    );
+
+    // Editor buttons redraw the form, unsaved; what was typed stays.
+    let rule =
+        |action: &'static str, paths: &'static str, methods: &'static str, cidrs: &'static str| {
+            [
+                ("rule_action", action),
+                ("rule_paths", paths),
+                ("rule_methods", methods),
+                ("rule_cidrs", cidrs),
+            ]
+        };
+    let mut form: Vec<(&str, &str)> = vec![
+        ("csrf", &csrf),
+        ("name", "staff"),
+        ("role", "member"),
+        ("email_domains", "example.com"),
+    ];
+    form.extend(rule("allow", "/hooks/*", "post", ""));
+    form.extend(rule("deny", "/admin/*", "", "10.0.0.0/8"));
+    form.push(("op", "add"));
+    let (s, _, page) = post(&mut c, &at, &form).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("not saved yet"), "{page}");
+    assert!(page.contains("Rule 3: action"), "{page}");
+    assert!(page.contains("value=\"/admin/*\""), "{page}");
+    let saved = c
+        .api(Method::GET, &format!("/policies/{id}"), Value::Null)
+        .await;
+    assert!(saved["access"].get("rules").is_none(), "not saved: {saved}");
+    form.pop();
+    form.push(("op", "up:1"));
+    let (_, _, page) = post(&mut c, &at, &form).await;
+    let first = page.find("value=\"/admin/*\"").unwrap();
+    let second = page.find("value=\"/hooks/*\"").unwrap();
+    assert!(first < second, "moved up");
+
+    // A bad address range: the API's message, the form as typed (in the order now shown).
+    form.truncate(4);
+    form.extend(rule("deny", "/admin/*", "", "10.0.0.0/99"));
+    form.extend(rule("allow", "/hooks/*", "post", ""));
+    let (s, _, page) = post(&mut c, &at, &form).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("field-error"), "{page}");
+    assert!(page.contains("value=\"10.0.0.0/99\""), "{page}");
+    // Saved: the rules in the order shown.
+    form[7] = ("rule_cidrs", "10.0.0.0/8");
+    let (s, to, page) = post(&mut c, &at, &form).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some(at.as_str())),
+        "{page}"
+    );
+    let saved = c
+        .api(Method::GET, &format!("/policies/{id}"), Value::Null)
+        .await;
+    assert_eq!(saved["access"]["roles"], json!(["member"]));
+    assert_eq!(saved["access"]["email_domains"], json!(["example.com"]));
+    assert_eq!(
+        saved["access"]["rules"],
+        json!([
+            {"action": "deny", "paths": ["/admin/*"], "cidrs": ["10.0.0.0/8"]},
+            {"action": "allow", "paths": ["/hooks/*"], "methods": ["POST"]},
+        ])
+    );
+
+    // A resource follows it from the resource's page; the policy cannot go while it does.
+    let site = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    let r = c
+        .api(
+            Method::POST,
+            "/resources",
+            json!({"hostname": "app.example.com", "site_id": site["id"], "target": "127.0.0.1:1"}),
+        )
+        .await;
+    let rid = r["id"].as_str().unwrap();
+    let (_, _, page) = get(&mut c, &format!("/ui/resources/{rid}")).await;
+    assert!(
+        page.contains(&format!("<option value=\"{id}\">staff</option>")),
+        "{page}"
+    );
+    let (s, _, _) = post(
+        &mut c,
+        &format!("/ui/resources/{rid}/access"),
+        &[("csrf", &csrf), ("mode", "public"), ("policy", &id)],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let r = c
+        .api(Method::GET, &format!("/resources/{rid}"), Value::Null)
+        .await;
+    assert_eq!(r["policy_id"], json!(id));
+    let (s, _, page) = post(&mut c, &format!("{at}/delete"), &[("csrf", &csrf)]).await;
+    assert!(s.is_client_error(), "{s}: {page}");
+    let (s, _, _) = post(
+        &mut c,
+        &format!("/ui/resources/{rid}/access"),
+        &[("csrf", &csrf), ("mode", "public"), ("policy", "")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (s, _, page) = get(&mut c, &format!("{at}/delete")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Delete policy staff"), "{page}");
+    let (s, to, _) = post(&mut c, &format!("{at}/delete"), &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/policies"))
+    );
+}

@@ -300,6 +300,7 @@ async fn applied_and_status_are_visible_through_get() {
         &NodeMessage::Status(StatusReport {
             session_accesses: Vec::new(),
             session_labels: Default::default(),
+            traffic: Vec::new(),
             sessions: Vec::new(),
             applied_version: snap.version,
             peers: vec![PeerStatus {
@@ -592,4 +593,112 @@ async fn a_client_that_sends_no_request_headers_is_dropped() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn gateways_traffic_and_agents_target_reports_make_each_resources_stats() {
+    let s = Server::start().await;
+    let gw = s.enrolled(NodeKind::Gateway, "edge", 1).await;
+    let site = s.enrolled(NodeKind::Agent, "home", 2).await;
+    let mut ids = Vec::new();
+    for (host, target) in [
+        ("up.example.com", "127.0.0.1:1"),
+        ("down.example.com", "127.0.0.1:2"),
+    ] {
+        let r = s
+            .api(
+                reqwest::Method::POST,
+                "/resources",
+                Some(serde_json::json!({"hostname": host, "site_id": site.node_id, "target": target})),
+            )
+            .await;
+        ids.push(uuid::Uuid::parse_str(r["id"].as_str().unwrap()).unwrap());
+    }
+    // Before anyone reports: no requests, health unknown (its site is not connected: offline).
+    let stats = s.api(reqwest::Method::GET, "/resources/stats", None).await;
+    assert_eq!(stats.as_array().unwrap().len(), 2, "{stats}");
+    assert_eq!(stats[0]["health"], "offline", "{stats}");
+    assert_eq!(
+        stats[0]["requests_per_minute"].as_array().unwrap().len(),
+        30
+    );
+
+    let report = |traffic, targets| {
+        NodeMessage::Status(StatusReport {
+            session_accesses: Vec::new(),
+            session_labels: Default::default(),
+            traffic,
+            sessions: Vec::new(),
+            applied_version: 0,
+            peers: vec![],
+            targets,
+            refusals: vec![],
+        })
+    };
+    let mut agent = s.connect().await;
+    send(&mut agent, &hello(&site, site.credential.expose(), 1, 2)).await;
+    recv(&mut agent).await;
+    recv(&mut agent).await;
+    send(
+        &mut agent,
+        &report(
+            vec![],
+            vec![
+                kakuremichi_proto::TargetStatus {
+                    resource_id: ids[0],
+                    target: "127.0.0.1:1".into(),
+                    reachable: true,
+                    error: None,
+                },
+                kakuremichi_proto::TargetStatus {
+                    resource_id: ids[1],
+                    target: "127.0.0.1:2".into(),
+                    reachable: false,
+                    error: Some("connection refused".into()),
+                },
+            ],
+        ),
+    )
+    .await;
+    let mut gateway = s.connect().await;
+    send(&mut gateway, &hello(&gw, gw.credential.expose(), 1, 1)).await;
+    recv(&mut gateway).await;
+    recv(&mut gateway).await;
+    for requests in [5, 7] {
+        send(
+            &mut gateway,
+            &report(
+                vec![kakuremichi_proto::ResourceTraffic {
+                    resource_id: ids[0],
+                    requests,
+                    errors: 1,
+                }],
+                vec![],
+            ),
+        )
+        .await;
+    }
+    let mut stats = Value::Null;
+    for _ in 0..100 {
+        stats = s
+            .api(
+                reqwest::Method::GET,
+                "/resources/stats?sort=-requests_30m",
+                None,
+            )
+            .await;
+        if stats[0]["requests_30m"] == 12 && stats[1]["health"] == "unhealthy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats[0]["id"], ids[0].to_string(), "{stats}");
+    assert_eq!(stats[0]["requests_30m"], 12, "{stats}");
+    assert_eq!(stats[0]["errors_30m"], 2, "{stats}");
+    assert_eq!(stats[0]["health"], "healthy", "{stats}");
+    assert_eq!(stats[1]["health"], "unhealthy", "{stats}");
+    assert_eq!(
+        stats[1]["failing"][0]["error"], "connection refused",
+        "{stats}"
+    );
 }
