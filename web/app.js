@@ -35,6 +35,20 @@
       });
     };
   }
+  // The resource form: only the fields of the chosen kind (HTTP, TCP, UDP) are shown.
+  function protocolForm() {
+    document.querySelectorAll("form[data-protocol-form]").forEach(function (f) {
+      function show() {
+        var chosen = f.querySelector("input[name=protocol]:checked");
+        var p = chosen ? chosen.value : "http";
+        f.querySelectorAll("[data-for]").forEach(function (el) {
+          el.hidden = el.dataset.for.split(" ").indexOf(p) < 0;
+        });
+      }
+      f.querySelectorAll("input[name=protocol]").forEach(function (r) { r.addEventListener("change", show); });
+      show();
+    });
+  }
   function copy() {
     document.querySelectorAll("button[data-copy]").forEach(function (b) {
       b.addEventListener("click", function () {
@@ -47,5 +61,5 @@
       });
     });
   }
-  document.addEventListener("DOMContentLoaded", function () { live(); sessions(); copy(); });
+  document.addEventListener("DOMContentLoaded", function () { live(); sessions(); protocolForm(); copy(); });
 })();

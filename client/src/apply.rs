@@ -1,9 +1,10 @@
-//! Declarative configuration: a YAML (or JSON) file naming sites, gateways, policies and
-//! resources, and the plan that makes control match it (`kakuremichi diff` prints it,
-//! `kakuremichi apply` carries it out). Objects are matched by name (a resource by its hostname,
-//! else its name); only the fields the file gives are compared, so applying the same file twice
-//! changes nothing. With `prune`, an object of a kind the file lists but does not name is
-//! deleted.
+//! Declarative configuration: a YAML (or JSON) file naming roles, users, sites, gateways,
+//! policies and resources, and the plan that makes control match it (`kakuremichi diff` prints
+//! it, `kakuremichi apply` carries it out). Objects are matched by name (a resource by its
+//! hostname, else its name; a user by e-mail); only the fields the file gives are compared (lists
+//! of names, such as a role's permissions, in any order), so applying the same file twice changes
+//! nothing. With `prune`, an object of a kind the file lists but does not name is deleted, except
+//! built-in roles and users: a user is never deleted by a file (`disabled: true` stops them).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,12 @@ use serde_json::{Map, Value};
 #[serde(deny_unknown_fields)]
 #[schemars(title = "kakuremichi declarative configuration")]
 pub struct ConfigFile {
+    /// Custom roles, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<RoleSpec>>,
+    /// Users, by e-mail address (never deleted by `--prune`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<UserSpec>>,
     /// Sites (agents), by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sites: Option<Vec<SiteSpec>>,
@@ -28,6 +35,37 @@ pub struct ConfigFile {
     /// Resources, by hostname (HTTP) or name (TCP, UDP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Vec<ResourceSpec>>,
+}
+
+/// A custom role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    /// Its name (`a-z 0-9 _ - : .`, not a built-in one).
+    pub name: String,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The permissions it gives (`resource:read`, `audit:read`, ...).
+    pub permissions: Vec<String>,
+}
+
+/// A user. A password is never in a file: users without one sign in by single sign-on, or
+/// get one from an administrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// E-mail address (what identifies the user).
+    pub email: String,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Roles (built-in or custom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// Disabled: every session ends and sign-in is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
 }
 
 /// A site.
@@ -143,6 +181,22 @@ pub fn parse(text: &str) -> Result<ConfigFile, FileError> {
     let mut seen = BTreeMap::new();
     let names = [
         (
+            "roles",
+            file.roles
+                .iter()
+                .flatten()
+                .map(|r| r.name.clone())
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "users",
+            file.users
+                .iter()
+                .flatten()
+                .map(|u| u.email.to_lowercase())
+                .collect::<Vec<_>>(),
+        ),
+        (
             "sites",
             file.sites
                 .iter()
@@ -192,6 +246,10 @@ fn resource_key(r: &ResourceSpec) -> Option<String> {
 /// What control holds now: each kind's objects as the API lists them.
 #[derive(Debug, Clone, Default)]
 pub struct Current {
+    /// `GET /roles` (built-in ones too).
+    pub roles: Vec<Value>,
+    /// `GET /users`.
+    pub users: Vec<Value>,
     /// `GET /sites`.
     pub sites: Vec<Value>,
     /// `GET /gateways`.
@@ -207,7 +265,7 @@ pub struct Current {
 pub enum Step {
     /// `POST` `body` to the kind's collection.
     Create {
-        /// `sites`, `gateways`, `policies`, `resources`.
+        /// `roles`, `users`, `sites`, `gateways`, `policies`, `resources`.
         kind: &'static str,
         /// Its name.
         name: String,
@@ -279,8 +337,27 @@ fn by_name<'a>(list: &'a [Value], field: &str, name: &str) -> Option<&'a Value> 
     list.iter().find(|o| o[field] == name)
 }
 
+/// What the API's path names an object by: its id, or a role's name.
 fn id_of(v: &Value) -> String {
-    v["id"].as_str().unwrap_or_default().to_owned()
+    v["id"]
+        .as_str()
+        .or_else(|| v["name"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Whether two lists of names hold the same names, in any order.
+fn same_set(current: &Value, want: &Value) -> bool {
+    let names = |v: &Value| -> Option<std::collections::BTreeSet<String>> {
+        v.as_array()?
+            .iter()
+            .map(|x| x.as_str().map(str::to_lowercase))
+            .collect()
+    };
+    match (names(current), names(want)) {
+        (Some(c), Some(w)) => c == w,
+        _ => current == want,
+    }
 }
 
 fn name_of(list: &[Value], id: &Value) -> Option<String> {
@@ -323,8 +400,8 @@ pub fn plan(file: &ConfigFile, current: &Current, prune: bool) -> Vec<Step> {
                 }
             }
         }
-        if prune && listed {
-            for cur in have {
+        if prune && listed && kind != "users" {
+            for cur in have.iter().filter(|c| c["built_in"] != true) {
                 let name = cur[field]
                     .as_str()
                     .or_else(|| cur["name"].as_str())
@@ -350,6 +427,67 @@ pub fn plan(file: &ConfigFile, current: &Current, prune: bool) -> Vec<Step> {
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    // Roles and users: lists of names compare in any order.
+    let sets = |cur: &Value, want: &Map<String, Value>| -> Map<String, Value> {
+        want.iter()
+            .filter(|(k, v)| {
+                let c = &cur[k.as_str()];
+                match k.as_str() {
+                    "name" | "email" => false,
+                    "permissions" | "roles" => !same_set(c, v),
+                    _ => !holds(c, v),
+                }
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    kind_steps(
+        "roles",
+        "name",
+        file.roles
+            .iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    obj(serde_json::to_value(r).unwrap_or_default()),
+                )
+            })
+            .collect(),
+        &current.roles,
+        file.roles.is_some(),
+        &sets,
+    );
+    let users: Vec<Value> = current
+        .users
+        .iter()
+        .map(|u| {
+            let mut u = u.clone();
+            if let Some(e) = u["email"].as_str().map(str::to_lowercase) {
+                u["email"] = e.into();
+            }
+            u
+        })
+        .collect();
+    kind_steps(
+        "users",
+        "email",
+        file.users
+            .iter()
+            .flatten()
+            .map(|u| {
+                let mut u = u.clone();
+                u.email = u.email.to_lowercase();
+                (
+                    u.email.clone(),
+                    obj(serde_json::to_value(&u).unwrap_or_default()),
+                )
+            })
+            .collect(),
+        &users,
+        file.users.is_some(),
+        &sets,
+    );
     kind_steps(
         "sites",
         "name",
@@ -495,6 +633,7 @@ resources:
                 "id": "r1", "name": "app.example.com", "hostname": "app.example.com",
                 "site_id": "s1", "policy_id": "p1", "target": "127.0.0.1:9000", "balance": "round_robin",
             })],
+            ..Current::default()
         };
         assert_eq!(plan(&file, &now, true), []);
         // A change: one update of the changed fields; a removal: a delete only with prune.
@@ -523,6 +662,58 @@ resources:
                 id: "r1".into()
             }]
         );
+    }
+
+    #[test]
+    fn roles_and_users_compare_lists_in_any_order_and_prune_spares_built_ins_and_users() {
+        let file = parse(
+            "roles:\n  - name: auditor\n    permissions: [user:read, audit:read]\n\
+             users:\n  - email: Ann@Example.com\n    roles: [member, auditor]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            plan(&file, &Current::default(), true)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "+ create roles \"auditor\" (name, permissions)",
+                "+ create users \"ann@example.com\" (email, roles)",
+            ]
+        );
+        let now = Current {
+            roles: vec![
+                json!({"name": "owner", "built_in": true, "permissions": ["site:read"]}),
+                json!({"name": "auditor", "built_in": false, "permissions": ["audit:read", "user:read"]}),
+                json!({"name": "old", "built_in": false, "permissions": []}),
+            ],
+            users: vec![
+                json!({"id": "u1", "email": "ann@example.com", "roles": ["auditor", "member"], "disabled": false}),
+                json!({"id": "u2", "email": "owner@example.com", "roles": ["owner"]}),
+            ],
+            ..Current::default()
+        };
+        // Only the custom role the file does not name goes; no user, no built-in role.
+        assert_eq!(
+            plan(&file, &now, true),
+            [Step::Delete {
+                kind: "roles",
+                name: "old".into(),
+                id: "old".into()
+            }]
+        );
+        let disabled = parse("users:\n  - email: ann@example.com\n    disabled: true\n").unwrap();
+        assert_eq!(
+            plan(&disabled, &now, true)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["~ update users \"ann@example.com\": disabled"]
+        );
+        let e = parse("users:\n  - email: a@x.io\n  - email: A@x.io\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "users: \"a@x.io\" is named twice");
     }
 
     #[test]

@@ -217,6 +217,16 @@ pub async fn apply(
     let file = apply::parse(&text).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
     let api = client_of(control, api_key)?;
     let mut current = Current {
+        roles: if file.roles.is_some() {
+            list(api.get("/roles").await?)
+        } else {
+            Vec::new()
+        },
+        users: if file.users.is_some() {
+            list(api.get("/users").await?)
+        } else {
+            Vec::new()
+        },
         sites: list(api.get("/sites").await?),
         gateways: list(api.get("/gateways").await?),
         policies: list(api.get("/policies").await?),

@@ -47,7 +47,7 @@ pub use identity::{
     ApiKey, AuditEntry, AuditFilter, NewUser, PublishedKey, Session, Signer, User, UserPatch,
     ACCESS_PERMISSION, API_KEY_PREFIX, BUILT_IN_ROLES, SESSION_PREFIX,
 };
-pub use oauth::{GrantRefusal, OAuthClient, OAuthCode, OAuthGrant};
+pub use oauth::{GrantRefusal, OAuthClient, OAuthCode, OAuthGrant, OAuthGrantInfo};
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use policies::Policy;

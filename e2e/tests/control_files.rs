@@ -246,6 +246,14 @@ async fn apply_makes_control_match_a_file_twice_changes_nothing_and_prune_remove
     let file = cfg.join("kakuremichi.yaml");
     let yaml = format!(
         "# yaml-language-server: $schema=../docs/kakuremichi.schema.json
+roles:
+  - name: auditor
+    description: reads the log
+    permissions: [user:read, audit:read]
+users:
+  - email: Ann@Example.com
+    name: Ann
+    roles: [auditor, member]
 sites:
   - name: {site}
   - name: branch
@@ -282,6 +290,8 @@ resources:
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
         [
+            "+ create roles \"auditor\" (description, name, permissions)",
+            "+ create users \"ann@example.com\" (email, name, roles)",
             "+ create sites \"branch\" (name)",
             "+ create policies \"staff\" (access, name)",
             "+ create resources \"declared.localhost\" (hostname, site, target)",
@@ -319,6 +329,10 @@ resources:
     )
     .await
     .unwrap();
+    let ann = stack.api.get("/api/v1/users?q=ann").await.unwrap();
+    assert_eq!(ann[0]["name"], "Ann", "{ann}");
+    let auditor = stack.api.get("/api/v1/roles/auditor").await.unwrap();
+    assert_eq!(auditor["description"], "reads the log", "{auditor}");
     // Twice: nothing to do.
     let (ok, out, err) = kakuremichi(cfg, &["apply", "-f", f]);
     assert!(ok, "{err}");

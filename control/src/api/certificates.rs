@@ -14,7 +14,7 @@ use crate::store::{CertSource, CertStatus, Certificate, ChallengeKind, Issued};
 use crate::{certs, validate, ApiError, AppState};
 
 /// Body of `POST /certificates`: either `names` (ACME) or `chain_pem` with `key_pem` (upload).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCertificate {
     /// ACME: the names, e.g. `["app.example.com"]` or `["*.example.com", "example.com"]`.
@@ -28,7 +28,7 @@ pub struct CreateCertificate {
 }
 
 /// A certificate as the API shows it (never its key).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CertificateView {
     /// Id.
     pub id: Uuid,
@@ -44,14 +44,17 @@ pub struct CertificateView {
     /// Validity start (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub not_before: Option<i64>,
     /// Expiry (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub not_after: Option<i64>,
     /// ACME: when the next order is due (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub next_attempt_at: Option<i64>,
     /// Failed attempts since the last success.
     pub failures: u32,
@@ -61,6 +64,7 @@ pub struct CertificateView {
     /// When the current chain was issued or uploaded (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub issued_at: Option<i64>,
     /// The chain (public), once issued.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +73,7 @@ pub struct CertificateView {
     pub auto_resource: bool,
     /// Creation time.
     #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
 }
 
@@ -96,9 +101,26 @@ impl From<Certificate> for CertificateView {
 /// The certificates router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/certificates", get(list).post(create))
-        .route("/certificates/{id}", get(one).delete(remove))
-        .route("/certificates/{id}/renew", post(renew))
+        .route(
+            "/certificates",
+            get(list)
+                .summary("the organization's certificates (never their keys)")
+                .returns::<Vec<CertificateView>>(200)
+                .post(create)
+                .summary("an ACME order by names, or an upload of a chain and its key")
+                .body::<CreateCertificate>()
+                .returns::<CertificateView>(201),
+        )
+        .route(
+            "/certificates/{id}",
+            get(one).returns::<CertificateView>(200).delete(remove),
+        )
+        .route(
+            "/certificates/{id}/renew",
+            post(renew)
+                .summary("an ACME order now")
+                .returns::<CertificateView>(200),
+        )
 }
 
 /// The longest accepted chain or key (PEM).

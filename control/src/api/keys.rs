@@ -171,14 +171,9 @@ async fn create(
 async fn list(
     State(state): State<AppState>,
     org: Org,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
-    pq: Result<
-        axum::extract::Query<super::page::PageQuery>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    paged: super::page::Paged,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = super::page::query(pq)?;
-    super::page::page(state.store.list_api_keys(org.0).await?, &q, &uri)
+    paged.page(state.store.list_api_keys(org.0).await?)
 }
 
 async fn revoke(

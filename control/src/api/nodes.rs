@@ -244,20 +244,15 @@ async fn create<N: NodeApi>(
 async fn list<N: NodeApi>(
     State(state): State<AppState>,
     org: Org,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
-    pq: Result<
-        axum::extract::Query<super::page::PageQuery>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    paged: super::page::Paged,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = super::page::query(pq)?;
     let nodes = state.store.list_nodes(N::KIND).await?;
     let views: Vec<NodeView> = nodes
         .into_iter()
         .filter(|n| n.org_id == org.0)
         .map(|n| view(&state, n))
         .collect();
-    super::page::page(views, &q, &uri)
+    paged.page(views)
 }
 
 async fn one<N: NodeApi>(

@@ -33,6 +33,38 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// A list request's query and URI (for the next page's link); a bad query is an [`ApiError`].
+#[derive(Debug, Clone)]
+pub struct Paged {
+    /// The query.
+    pub q: PageQuery,
+    /// The request's URI as the client sent it.
+    pub uri: Uri,
+}
+
+impl Paged {
+    /// Answers `items` searched, sorted and paged (see [`page`]).
+    pub fn page<T: serde::Serialize>(&self, items: Vec<T>) -> Result<Response, ApiError> {
+        page(items, &self.q, &self.uri)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Paged {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let q = query(Query::<PageQuery>::from_request_parts(parts, state).await)?;
+        let uri = parts
+            .extensions
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(|| parts.uri.clone(), |o| o.0.clone());
+        Ok(Paged { q, uri })
+    }
+}
+
 /// [`PageQuery`] with an [`ApiError`] for a bad query.
 pub fn query(q: Result<Query<PageQuery>, QueryRejection>) -> Result<PageQuery, ApiError> {
     q.map(|Query(q)| q)

@@ -521,6 +521,20 @@ pub fn router() -> ApiRouter<AppState> {
         )
         .route("/resources/{id}/targets/{target_id}", delete(remove_target))
         .route(
+            "/resources/oauth-grants",
+            get(oauth_grants)
+                .summary("what MCP and other OAuth clients were let reach, by whom")
+                .paged()
+                .returns::<Vec<crate::store::OAuthGrantInfo>>(200),
+        )
+        .route(
+            "/resources/oauth-grants/{id}",
+            delete(revoke_oauth_grant).summary(
+                "revokes a grant: its refresh tokens get nothing and its access tokens are \
+                 refused at every gateway",
+            ),
+        )
+        .route(
             "/resources/stats",
             get(stats)
                 .summary("each resource's requests per minute (last 30 minutes) and health")
@@ -565,16 +579,31 @@ pub struct FailingTarget {
     pub error: Option<String>,
 }
 
+async fn oauth_grants(
+    State(state): State<AppState>,
+    org: Org,
+    paged: super::page::Paged,
+) -> Result<axum::response::Response, ApiError> {
+    paged.page(state.store.oauth_grants(org.0).await?)
+}
+
+async fn revoke_oauth_grant(
+    State(state): State<AppState>,
+    org: Org,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    if !state.store.revoke_oauth_grant(org.0, id).await? {
+        return Err(ApiError::NotFound("OAuth grant not found".into()));
+    }
+    tracing::info!(grant = %id, "OAuth grant revoked by an administrator");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn stats(
     State(state): State<AppState>,
     org: Org,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
-    pq: Result<
-        axum::extract::Query<super::page::PageQuery>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    paged: super::page::Paged,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = super::page::query(pq)?;
     state.store.catch_up().await?;
     let (world, agents) = tokio::join!(state.world(), state.store.list_nodes(NodeKind::Agent));
     let (world, agents) = (world?, agents?);
@@ -632,7 +661,7 @@ async fn stats(
             }
         })
         .collect();
-    super::page::page(rows, &q, &uri)
+    paged.page(rows)
 }
 
 async fn create(
@@ -763,13 +792,8 @@ async fn create(
 async fn list(
     State(state): State<AppState>,
     org: Org,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
-    pq: Result<
-        axum::extract::Query<super::page::PageQuery>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    paged: super::page::Paged,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = super::page::query(pq)?;
     // The resources of the newest config version, which control keeps loaded for its nodes (the
     // same rows the store would give, without reading them again per request). One small read
     // first: a change another replica just made is listed too.
@@ -782,7 +806,7 @@ async fn list(
         .collect();
     mine.sort_by_key(|r| (r.created_at, r.id));
     let views: Vec<ResourceView> = mine.into_iter().cloned().map(Into::into).collect();
-    super::page::page(views, &q, &uri)
+    paged.page(views)
 }
 
 /// The resource, if it belongs to `org`; another organization's is "not found" as well.

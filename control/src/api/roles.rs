@@ -12,7 +12,7 @@ use crate::store::{CustomRole, BUILT_IN_ROLES};
 use crate::{validate, ApiError, AppState};
 
 /// Body of `POST /roles`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRole {
     /// Name (`a-z 0-9 _ - : .`), not a built-in one.
@@ -25,7 +25,7 @@ pub struct CreateRole {
 }
 
 /// Body of `PATCH /roles/{name}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRole {
     /// New description.
@@ -35,7 +35,7 @@ pub struct UpdateRole {
 }
 
 /// A role as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct RoleView {
     /// Name.
     pub name: String,
@@ -50,8 +50,25 @@ pub struct RoleView {
 /// The roles router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/roles", get(list).post(create))
-        .route("/roles/{name}", get(one).patch(update).delete(remove))
+        .route(
+            "/roles",
+            get(list)
+                .summary("the built-in roles and the organization's own")
+                .returns::<Vec<RoleView>>(200)
+                .post(create)
+                .body::<CreateRole>()
+                .returns::<RoleView>(201),
+        )
+        .route(
+            "/roles/{name}",
+            get(one)
+                .returns::<RoleView>(200)
+                .patch(update)
+                .summary("a custom role's description or permissions")
+                .body::<UpdateRole>()
+                .returns::<RoleView>(200)
+                .delete(remove),
+        )
 }
 
 fn built_in_view(name: &str) -> Option<RoleView> {

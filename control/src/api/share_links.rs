@@ -19,7 +19,7 @@ use crate::{validate, ApiError, AppState};
 pub const MAX_LIFE_SECS: u32 = 365 * 86_400;
 
 /// Body of `POST /resources/{id}/share-links`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateLink {
     /// Display name (default `share link`).
@@ -32,7 +32,7 @@ pub struct CreateLink {
 
 /// A new link: its fields, its secret and the path to open on the resource's hostname (shown
 /// once).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CreatedLink {
     /// The link's fields.
     #[serde(flatten)]
@@ -46,7 +46,16 @@ pub struct CreatedLink {
 /// The share links router.
 pub fn router() -> ApiRouter<AppState> {
     ApiRouter::new()
-        .route("/resources/{id}/share-links", get(list).post(create))
+        .route(
+            "/resources/{id}/share-links",
+            get(list)
+                .summary("a resource's share links")
+                .returns::<Vec<ShareLink>>(200)
+                .post(create)
+                .summary("a link that lets whoever opens it in; its secret is shown once")
+                .body::<CreateLink>()
+                .returns::<CreatedLink>(201),
+        )
         .route("/resources/{id}/share-links/{link_id}", delete(revoke))
 }
 

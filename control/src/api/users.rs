@@ -223,16 +223,11 @@ async fn create(
 async fn list(
     State(state): State<AppState>,
     org: Org,
-    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
-    pq: Result<
-        axum::extract::Query<super::page::PageQuery>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    paged: super::page::Paged,
 ) -> Result<axum::response::Response, ApiError> {
-    let q = super::page::query(pq)?;
     let all = state.store.list_users(org.0).await?;
     let views: Vec<UserView> = all.into_iter().map(Into::into).collect();
-    super::page::page(views, &q, &uri)
+    paged.page(views)
 }
 
 async fn one(

@@ -19,7 +19,7 @@ const KEY_PURPOSE: &str = "certificate private key";
 const ACCOUNT_PURPOSE: &str = "acme account";
 
 /// Where a certificate comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CertSource {
     /// Ordered and renewed by control.
@@ -29,7 +29,7 @@ pub enum CertSource {
 }
 
 /// How an ACME certificate proves control of its names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum ChallengeKind {
     /// A token served over plain HTTP on port 80 by every gateway.
     #[serde(rename = "http-01")]
@@ -63,7 +63,7 @@ impl ChallengeKind {
 }
 
 /// Where a certificate stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CertStatus {
     /// Not issued yet.

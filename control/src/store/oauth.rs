@@ -88,6 +88,37 @@ pub enum GrantRefusal {
     Expired,
 }
 
+/// A live grant as administrators see it: who let which client reach which resource.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct OAuthGrantInfo {
+    /// The grant (the `sid` of its access tokens).
+    pub id: Uuid,
+    /// The client's id at control.
+    pub client_id: Uuid,
+    /// The client's name.
+    pub client_name: String,
+    /// The user who consented.
+    pub user_id: Uuid,
+    /// Their e-mail address.
+    pub user_email: String,
+    /// The resource (the access tokens' audience).
+    pub resource: String,
+    /// Granted scope (space-separated).
+    pub scope: String,
+    /// First tokens issued.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
+    pub created_at: i64,
+    /// Tokens last issued (a refresh).
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
+    pub last_used_at: i64,
+    /// When its newest refresh token expires.
+    #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
+    pub expires_at: i64,
+}
+
 fn row_to_grant(r: &AnyRow) -> Result<OAuthGrant> {
     let g = |c: &str| -> Result<Uuid> { parse_uuid(&r.try_get::<String, _>(c)?) };
     Ok(OAuthGrant {
@@ -319,6 +350,55 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(Ok(grant))
+    }
+
+    /// The grants of `org` not revoked whose refresh tokens have not all expired, newest first.
+    pub async fn oauth_grants(&self, org: Uuid) -> Result<Vec<OAuthGrantInfo>> {
+        let rows = sqlx::query(
+            "SELECT t.grant_id, t.client_id, c.name AS client_name, t.user_id,              COALESCE(u.email, '') AS user_email, t.resource, t.scope,              MIN(t.created_at) AS first_at, MAX(t.created_at) AS last_at,              MAX(t.expires_at) AS expires_at FROM oauth_refresh_tokens t              JOIN oauth_clients c ON c.id = t.client_id              LEFT JOIN users u ON u.id = t.user_id              WHERE t.org_id = $1 AND NOT EXISTS              (SELECT 1 FROM oauth_revoked_grants g WHERE g.grant_id = t.grant_id)              GROUP BY t.grant_id, t.client_id, c.name, t.user_id, u.email, t.resource, t.scope              HAVING MAX(t.expires_at) > $2 ORDER BY last_at DESC, t.grant_id",
+        )
+        .bind(org.to_string())
+        .bind(now_ms())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let g = |c: &str| -> Result<Uuid> { parse_uuid(&r.try_get::<String, _>(c)?) };
+                Ok(OAuthGrantInfo {
+                    id: g("grant_id")?,
+                    client_id: g("client_id")?,
+                    client_name: r.try_get("client_name")?,
+                    user_id: g("user_id")?,
+                    user_email: r.try_get("user_email")?,
+                    resource: r.try_get("resource")?,
+                    scope: r.try_get("scope")?,
+                    created_at: r.try_get("first_at")?,
+                    last_used_at: r.try_get("last_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes a grant of `org` (an administrator's choice): its refresh tokens get nothing
+    /// more and its access tokens are refused at every gateway. `false`: no such live grant.
+    pub async fn revoke_oauth_grant(&self, org: Uuid, grant: Uuid) -> Result<bool> {
+        let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let known = sqlx::query_scalar::<_, String>(
+            "SELECT grant_id FROM oauth_refresh_tokens t WHERE t.grant_id = $1 AND t.org_id = $2              AND NOT EXISTS (SELECT 1 FROM oauth_revoked_grants g WHERE g.grant_id = t.grant_id)",
+        )
+        .bind(grant.to_string())
+        .bind(org.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if !known {
+            return Ok(false);
+        }
+        Self::revoke_grant_in(&mut tx, grant, now_ms()).await?;
+        self.commit_bumped(tx).await?;
+        Ok(true)
     }
 
     /// Whether a grant was revoked.

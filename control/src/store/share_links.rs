@@ -12,7 +12,7 @@ use crate::secrets;
 use kakuremichi_proto::Secret;
 
 /// A share link, as the API shows it (never its secret after creation).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct ShareLink {
     /// Id (inside the secret).
     pub id: Uuid,
@@ -22,9 +22,11 @@ pub struct ShareLink {
     pub name: String,
     /// Created.
     #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub created_at: i64,
     /// Expiry; it opens nothing after, and sessions it opened end then.
     #[serde(serialize_with = "crate::times::ms")]
+    #[schemars(with = "crate::times::DateTime")]
     pub expires_at: i64,
     /// How many times it may be opened; absent: until it expires.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,6 +36,7 @@ pub struct ShareLink {
     /// Unix ms, when revoked.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[serde(serialize_with = "crate::times::opt_ms")]
+    #[schemars(with = "Option<crate::times::DateTime>")]
     pub revoked_at: Option<i64>,
 }
 

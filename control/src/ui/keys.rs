@@ -2,14 +2,13 @@
 //! machines) with what they may do, when they expire and were last used; a new key's secret is
 //! shown once, on the page that made it; revoking one takes effect at once.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{api, api_failure, csrf_refusal, redirect, render, Caller, Fields, St};
+use super::{api, api_failure, render, Caller, Fields, Posted, St};
 use crate::AppState;
 
 /// `GET /ui/keys`.
@@ -97,16 +96,7 @@ async fn keys_page(
 
 /// `POST /ui/keys`: a personal key (acting with the signed-in user's roles, never more) or a
 /// service token; the page that answers shows the secret, once.
-pub(crate) async fn create_key(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    body: Bytes,
-) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
+pub(crate) async fn create_key(State(state): St, caller: Caller, Posted(form): Posted) -> Response {
     let again = |message: String| {
         let (state, caller, form) = (&state, &caller, &form);
         async move {
@@ -197,28 +187,9 @@ pub(crate) async fn confirm_revoke_key(
     )
 }
 
-/// `POST /ui/keys/{id}/revoke`.
-pub(crate) async fn revoke_key(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    body: Bytes,
-) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
-    let a = api(
-        &state,
-        &caller,
-        Method::DELETE,
-        &format!("/api-keys/{id}"),
-        None,
-    )
-    .await;
-    if !a.status.is_success() {
-        return api_failure(&caller, "/ui/keys", &a);
-    }
-    redirect("/ui/keys")
-}
+super::confirmed_delete!(
+    /// `POST /ui/keys/{id}/revoke`.
+    revoke_key,
+    "/api-keys",
+    "/ui/keys"
+);

@@ -6,12 +6,16 @@
 //! in the organization they chose ([`WebCaller`]): what a page may do is what the user's roles
 //! give, validation and audit are the API's own, and the UI cannot drift from the API.
 
+mod certificates;
 mod keys;
+mod mcp;
 mod pages;
 mod people;
 mod policies;
+mod resource_form;
 mod roles;
 mod sessions;
+mod share;
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -116,6 +120,11 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
             include_str!("../../../web/templates/sessions.html"),
         ),
         (
+            "certificates.html",
+            include_str!("../../../web/templates/certificates.html"),
+        ),
+        ("mcp.html", include_str!("../../../web/templates/mcp.html")),
+        (
             "confirm.html",
             include_str!("../../../web/templates/confirm.html"),
         ),
@@ -160,9 +169,9 @@ pub fn router() -> Router<AppState> {
         .route("/ui/gateways", get(pages::gateways))
         .route(
             "/ui/resources",
-            get(pages::resources).post(pages::create_resource),
+            get(pages::resources).post(resource_form::create_resource),
         )
-        .route("/ui/resources/new", get(pages::new_resource))
+        .route("/ui/resources/new", get(resource_form::new_resource))
         .route("/ui/resources/{id}", get(pages::resource))
         .route(
             "/ui/resources/{id}/delete",
@@ -172,6 +181,11 @@ pub fn router() -> Router<AppState> {
         .route("/ui/users", get(people::users).post(people::create_user))
         .route("/ui/users/{id}/state", post(people::user_state))
         .route("/ui/resources/{id}/access", post(people::resource_access))
+        .route("/ui/resources/{id}/share-links", post(share::create))
+        .route(
+            "/ui/resources/{id}/share-links/{link}/revoke",
+            get(share::confirm_revoke).post(share::revoke),
+        )
         .route(
             "/ui/providers",
             get(people::providers).post(people::create_provider),
@@ -205,6 +219,20 @@ pub fn router() -> Router<AppState> {
         .route(
             "/ui/roles/{name}/delete",
             get(roles::confirm_delete_role).post(roles::delete_role),
+        )
+        .route(
+            "/ui/certificates",
+            get(certificates::certificates).post(certificates::create),
+        )
+        .route("/ui/certificates/{id}/renew", post(certificates::renew))
+        .route(
+            "/ui/certificates/{id}/delete",
+            get(certificates::confirm_delete).post(certificates::delete),
+        )
+        .route("/ui/mcp", get(mcp::mcp))
+        .route(
+            "/ui/mcp/grants/{id}/revoke",
+            get(mcp::confirm_revoke).post(mcp::revoke),
         )
         .route("/ui/sessions", get(sessions::sessions))
         .route("/ui/sessions/events", get(sessions::events))
@@ -445,7 +473,7 @@ struct Nav {
 }
 
 /// The navigation: every section the user's roles let them read.
-const SECTIONS: [(&str, &str, &str); 11] = [
+const SECTIONS: [(&str, &str, &str); 13] = [
     ("/ui", "Dashboard", ""),
     ("/ui/sites", "Sites", "site:read"),
     ("/ui/gateways", "Gateways", "gateway:read"),
@@ -454,6 +482,8 @@ const SECTIONS: [(&str, &str, &str); 11] = [
     ("/ui/users", "Users", "user:read"),
     ("/ui/roles", "Roles", "role:read"),
     ("/ui/providers", "Single sign-on", "identity_provider:read"),
+    ("/ui/certificates", "Certificates", "certificate:read"),
+    ("/ui/mcp", "MCP", "resource:read"),
     ("/ui/sessions", "Agent sessions", "session:list"),
     ("/ui/keys", "API keys", "api_key:read"),
     ("/ui/audit", "Audit log", "audit:read"),
@@ -646,6 +676,68 @@ pub(crate) fn csrf_refusal(headers: &HeaderMap, sent: &str) -> Option<Response> 
     }
 }
 
+/// A posted form that carries this browser's CSRF token (else the request is refused with
+/// the page that says so); its fields.
+pub(crate) struct Posted(pub Fields);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = req.headers().clone();
+        let body = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = Fields::parse(&body);
+        match csrf_refusal(&headers, form.one("csrf")) {
+            Some(r) => Err(r),
+            None => Ok(Posted(form)),
+        }
+    }
+}
+
+/// Carries out a form's action through the API: a redirect to `then` when it worked, else the
+/// page saying why (in `section`).
+pub(crate) async fn act(
+    state: &AppState,
+    caller: &Caller,
+    (method, path, body): (Method, &str, Option<Value>),
+    section: &str,
+    then: &str,
+) -> Response {
+    let a = api(state, caller, method, path, body).await;
+    if a.status.is_success() {
+        redirect(then)
+    } else {
+        api_failure(caller, section, &a)
+    }
+}
+
+/// A handler for the confirmed form of a deletion (or revocation): `DELETE /api/v1<api>/<id>`
+/// as the signed-in user, then back to `back` (or the page saying why not).
+macro_rules! confirmed_delete {
+    ($(#[$doc:meta])* $name:ident, $api:literal, $back:literal) => {
+        $(#[$doc])*
+        pub(crate) async fn $name(
+            axum::extract::State(state): super::St,
+            caller: super::Caller,
+            axum::extract::Path(id): axum::extract::Path<uuid::Uuid>,
+            _: super::Posted,
+        ) -> axum::response::Response {
+            let path = format!(concat!($api, "/{}"), id);
+            super::act(
+                &state,
+                &caller,
+                (axum::http::Method::DELETE, &path, None),
+                $back,
+                $back,
+            )
+            .await
+        }
+    };
+}
+pub(crate) use confirmed_delete;
+
 /// A posted form's fields in order, repeated ones kept.
 pub(crate) struct Fields(pub Vec<(String, String)>);
 
@@ -754,7 +846,7 @@ mod tests {
         }
         assert_eq!(
             TEMPLATES.templates().count(),
-            17,
+            19,
             "a template failed to parse"
         );
         let r = message(StatusCode::OK, "T", "<b>x</b>");

@@ -554,22 +554,6 @@ pub(crate) async fn resources(
     resources_page(&state, &caller, &q, StatusCode::OK).await
 }
 
-/// The resource creation form (HTTP: a hostname, a site and a target).
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-pub(crate) struct ResourceForm {
-    #[serde(default)]
-    #[serde(skip_serializing)]
-    csrf: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    hostname: String,
-    #[serde(default)]
-    site_id: String,
-    #[serde(default)]
-    target: String,
-}
-
 async fn resources_page(
     state: &AppState,
     caller: &Caller,
@@ -619,120 +603,57 @@ async fn resources_page(
     )
 }
 
-/// `GET /ui/resources/new`: the form that publishes an app.
-pub(crate) async fn new_resource(State(state): St, caller: Caller) -> Response {
-    new_resource_page(
-        &state,
-        &caller,
-        StatusCode::OK,
-        &ResourceForm::default(),
-        None,
-    )
-    .await
-}
-
-async fn new_resource_page(
-    state: &AppState,
-    caller: &Caller,
-    status: StatusCode,
-    form: &ResourceForm,
-    error: Option<(String, String)>,
-) -> Response {
-    let mut sites = match super::site_names(state, caller).await {
-        Ok(n) => n,
-        Err(e) => return super::unavailable(&e),
-    };
-    sites.sort_by_cached_key(|a| a.1.to_lowercase());
-    let sites: Vec<Value> = sites
-        .into_iter()
-        .map(|(id, name)| json!({ "id": id, "name": name }))
-        .collect();
-    let (field, message) = error.unzip();
-    render(
-        caller,
-        status,
-        "/ui/resources",
-        "resource_new.html",
-        "New resource",
-        minijinja::context! { sites, form, field, error => message },
-    )
-}
-
-/// Which form field an API message is about (for the message beside it).
-fn field_of(message: &str, fields: &[&str]) -> String {
-    let m = message.to_lowercase();
-    fields
-        .iter()
-        .find(|f| m.contains(&f.replace('_', " ")) || m.contains(*f))
-        .map_or_else(String::new, |f| (*f).to_owned())
-}
-
-/// `POST /ui/resources`.
-pub(crate) async fn create_resource(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    Form(form): Form<ResourceForm>,
-) -> Response {
-    if let Some(r) = csrf_refusal(&headers, &form.csrf) {
-        return r;
-    }
-    let again = |message: String, field: &str| {
-        let (state, caller, form) = (&state, &caller, &form);
-        let field = field.to_owned();
-        async move {
-            new_resource_page(
-                state,
-                caller,
-                StatusCode::BAD_REQUEST,
-                form,
-                Some((field, message)),
-            )
-            .await
-        }
-    };
-    let Ok(site) = form.site_id.parse::<Uuid>() else {
-        return again("choose the site the app runs next to".into(), "site_id").await;
-    };
-    let mut body = json!({ "site_id": site, "target": form.target.trim() });
-    for (k, v) in [("name", &form.name), ("hostname", &form.hostname)] {
-        if !v.trim().is_empty() {
-            body[k] = v.trim().into();
-        }
-    }
-    let a = api(&state, &caller, Method::POST, "/resources", Some(body)).await;
-    if a.status == StatusCode::CREATED {
-        let id = a.body.get("id").and_then(Value::as_str).unwrap_or("");
-        return redirect(&format!("/ui/resources/{id}"));
-    }
-    if a.status.is_client_error() && a.status != StatusCode::FORBIDDEN {
-        let m = a.error();
-        let f = field_of(&m, &["hostname", "target", "name", "site"]);
-        let f = if f == "site" { "site_id".to_owned() } else { f };
-        return again(m, &f).await;
-    }
-    api_failure(&caller, "/ui/resources", &a)
-}
-
 /// `GET /ui/resources/{id}`.
 pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uuid>) -> Response {
+    resource_page(&state, &caller, id, StatusCode::OK, ShareNotice::default()).await
+}
+
+/// What the share links part of a resource's page says after a form: a link just made (shown
+/// once) or why none was.
+#[derive(Debug, Default)]
+pub(crate) struct ShareNotice {
+    pub created: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// A resource's page.
+pub(crate) async fn resource_page(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    status: StatusCode,
+    share: ShareNotice,
+) -> Response {
     let a = api(
-        &state,
-        &caller,
+        state,
+        caller,
         Method::GET,
         &format!("/resources/{id}"),
         None,
     )
     .await;
     if !a.status.is_success() {
-        return api_failure(&caller, "/ui/resources", &a);
+        return api_failure(caller, "/ui/resources", &a);
     }
+    let links = if a.body["protocol"] == "http" && caller.may("resource:write") {
+        let l = api(
+            state,
+            caller,
+            Method::GET,
+            &format!("/resources/{id}/share-links"),
+            None,
+        )
+        .await;
+        list(&l)
+    } else {
+        Vec::new()
+    };
     let site_id = a.body.get("site_id").and_then(Value::as_str).unwrap_or("");
     let site_path = format!("/sites/{site_id}");
     let (site, roles, policies) = tokio::join!(
-        api(&state, &caller, Method::GET, &site_path, None),
-        api(&state, &caller, Method::GET, "/roles", None),
-        api(&state, &caller, Method::GET, "/policies", None),
+        api(state, caller, Method::GET, &site_path, None),
+        api(state, caller, Method::GET, "/roles", None),
+        api(state, caller, Method::GET, "/policies", None),
     );
     let followed = a.body.get("policy_id").and_then(Value::as_str);
     let policies: Vec<Value> = list(&policies)
@@ -763,8 +684,8 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
         .and_then(Value::as_str)
         .unwrap_or("resource");
     render(
-        &caller,
-        StatusCode::OK,
+        caller,
+        status,
         "/ui/resources",
         "resource.html",
         name,
@@ -776,9 +697,14 @@ pub(crate) async fn resource(State(state): St, caller: Caller, Path(id): Path<Uu
             live => site_id,
             protected => access.is_some(),
             policy => followed.is_some(),
+            mcp => access.and_then(|x| x.get("mcp")) == Some(&Value::Bool(true)),
+            api_keys => access.and_then(|x| x.get("api_keys")) == Some(&Value::Bool(true)),
             policies,
             roles,
             domains => access_domains.join(", "),
+            links,
+            link_created => share.created,
+            link_error => share.error,
         },
     )
 }

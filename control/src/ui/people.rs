@@ -2,14 +2,13 @@
 //! everywhere) and a resource's access form (public, or signed-in users with roles and e-mail
 //! domains). Forms with repeated fields (`role=a&role=b`) are read as pairs.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{api, api_failure, csrf_refusal, redirect, render, role_choices, Caller, Fields, St};
+use super::{api, api_failure, redirect, render, role_choices, Caller, Fields, Posted, St};
 use crate::AppState;
 
 /// `GET /ui/users`.
@@ -53,14 +52,9 @@ async fn users_page(
 /// `POST /ui/users`: a user with a password and roles.
 pub(crate) async fn create_user(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let mut user = json!({ "email": form.one("email").trim(), "roles": form.all("role") });
     if !form.one("name").trim().is_empty() {
         user["name"] = form.one("name").trim().into();
@@ -89,15 +83,10 @@ pub(crate) async fn create_user(
 /// working at every gateway within seconds), `false` enables; `sign_out=1` ends every session.
 pub(crate) async fn user_state(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(id): Path<Uuid>,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let a = if form.one("sign_out") == "1" {
         api(
             &state,
@@ -129,15 +118,10 @@ pub(crate) async fn user_state(
 /// keys, service keys...) is kept.
 pub(crate) async fn resource_access(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(id): Path<Uuid>,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let path = format!("/resources/{id}");
     let access = if form.one("mode") == "public" {
         Value::Null
@@ -158,6 +142,13 @@ pub(crate) async fn resource_access(
             .filter(|d| !d.is_empty())
             .collect::<Vec<_>>()
             .into();
+        for flag in ["mcp", "api_keys"] {
+            if form.one(flag) == "on" {
+                access[flag] = true.into();
+            } else if let Some(o) = access.as_object_mut() {
+                o.remove(flag);
+            }
+        }
         access
     };
     let mut change = json!({ "access": access });
@@ -258,14 +249,9 @@ fn role_map(text: &str) -> Result<serde_json::Map<String, Value>, String> {
 /// `POST /ui/providers`.
 pub(crate) async fn create_provider(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let again = |message: String| {
         let (state, caller, form) = (&state, &caller, &form);
         async move { providers_page(state, caller, StatusCode::BAD_REQUEST, form, Some(message)).await }
@@ -343,28 +329,9 @@ pub(crate) async fn confirm_delete_provider(
     )
 }
 
-/// `POST /ui/providers/{id}/delete`: users who signed in with it keep their accounts.
-pub(crate) async fn delete_provider(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    body: Bytes,
-) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
-    let a = api(
-        &state,
-        &caller,
-        Method::DELETE,
-        &format!("/identity-providers/{id}"),
-        None,
-    )
-    .await;
-    if !a.status.is_success() {
-        return api_failure(&caller, "/ui/providers", &a);
-    }
-    redirect("/ui/providers")
-}
+super::confirmed_delete!(
+    /// `POST /ui/providers/{id}/delete`: users who signed in with it keep their accounts.
+    delete_provider,
+    "/identity-providers",
+    "/ui/providers"
+);

@@ -4,14 +4,13 @@
 //! yet saved, and said so); "Save policy" sends the whole policy to the API, whose validation
 //! messages come back beside what was typed.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{api, api_failure, csrf_refusal, redirect, render, role_choices, Caller, Fields, St};
+use super::{api, api_failure, redirect, render, role_choices, Caller, Fields, Posted, St};
 use crate::AppState;
 
 /// `GET /ui/policies`.
@@ -48,14 +47,9 @@ async fn policies_page(
 /// `POST /ui/policies`: a policy by name (any signed-in user until its page says more).
 pub(crate) async fn create_policy(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let name = form.one("name").trim();
     let a = api(
         &state,
@@ -330,15 +324,10 @@ async fn policy_page(
 /// `POST /ui/policies/{id}`: an editor button (`op`) redraws the form; otherwise it is saved.
 pub(crate) async fn update_policy(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(id): Path<Uuid>,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let path = format!("/policies/{id}");
     let saved = api(&state, &caller, Method::GET, &path, None).await;
     if !saved.status.is_success() {
@@ -421,31 +410,12 @@ pub(crate) async fn confirm_delete_policy(
     )
 }
 
-/// `POST /ui/policies/{id}/delete`.
-pub(crate) async fn delete_policy(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    body: Bytes,
-) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
-    let a = api(
-        &state,
-        &caller,
-        Method::DELETE,
-        &format!("/policies/{id}"),
-        None,
-    )
-    .await;
-    if !a.status.is_success() {
-        return api_failure(&caller, "/ui/policies", &a);
-    }
-    redirect("/ui/policies")
-}
+super::confirmed_delete!(
+    /// `POST /ui/policies/{id}/delete`.
+    delete_policy,
+    "/policies",
+    "/ui/policies"
+);
 
 #[cfg(test)]
 mod tests {

@@ -2,13 +2,12 @@
 //! permissions it gives; custom roles made, changed (a change applies at the next request of
 //! everyone holding the role) and deleted after a confirmation.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::{api, api_failure, csrf_refusal, redirect, render, Caller, Fields, St};
+use super::{act, api, api_failure, redirect, render, Caller, Fields, Posted, St};
 use crate::api::PERMISSIONS;
 use crate::AppState;
 
@@ -85,14 +84,9 @@ async fn roles_page(
 /// `POST /ui/roles`: a custom role.
 pub(crate) async fn create_role(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let role = json!({
         "name": form.one("name").trim(),
         "description": form.one("description").trim(),
@@ -144,15 +138,10 @@ fn role_path(name: &str) -> String {
 /// `POST /ui/roles/{name}`: its description and permissions.
 pub(crate) async fn update_role(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(name): Path<String>,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let change = json!({
         "description": form.one("description").trim(),
         "permissions": form.all("permission"),
@@ -205,18 +194,16 @@ pub(crate) async fn confirm_delete_role(caller: Caller, Path(name): Path<String>
 /// `POST /ui/roles/{name}/delete`.
 pub(crate) async fn delete_role(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(name): Path<String>,
-    body: Bytes,
+    _: Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
-    let a = api(&state, &caller, Method::DELETE, &role_path(&name), None).await;
-    if !a.status.is_success() {
-        return api_failure(&caller, "/ui/roles", &a);
-    }
-    redirect("/ui/roles")
+    act(
+        &state,
+        &caller,
+        (Method::DELETE, &role_path(&name), None),
+        "/ui/roles",
+        "/ui/roles",
+    )
+    .await
 }

@@ -5,14 +5,13 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{api, api_failure, api_response, csrf_refusal, redirect, render, Caller, Fields, St};
+use super::{api, api_failure, api_response, redirect, render, Caller, Posted, St};
 use crate::AppState;
 
 /// The sessions of one search (`scope=user` or `team`).
@@ -120,15 +119,10 @@ pub(crate) async fn events(State(state): St, caller: Caller) -> Response {
 /// (anyone holding it may look, without signing in, until it is revoked).
 pub(crate) async fn share(
     State(state): St,
-    headers: HeaderMap,
     caller: Caller,
     Path(id): Path<Uuid>,
-    body: Bytes,
+    Posted(form): Posted,
 ) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
     let path = format!("/sessions/sessions/{id}/share");
     if form.one("revoke") == "1" {
         let a = api(&state, &caller, Method::DELETE, &path, None).await;
@@ -164,28 +158,9 @@ pub(crate) async fn confirm_stop(caller: Caller, Path(id): Path<Uuid>) -> Respon
     )
 }
 
-/// `POST /ui/sessions/{id}/stop`.
-pub(crate) async fn stop(
-    State(state): St,
-    headers: HeaderMap,
-    caller: Caller,
-    Path(id): Path<Uuid>,
-    body: Bytes,
-) -> Response {
-    let form = Fields::parse(&body);
-    if let Some(r) = csrf_refusal(&headers, form.one("csrf")) {
-        return r;
-    }
-    let a = api(
-        &state,
-        &caller,
-        Method::DELETE,
-        &format!("/sessions/sessions/{id}"),
-        None,
-    )
-    .await;
-    if !a.status.is_success() {
-        return api_failure(&caller, "/ui/sessions", &a);
-    }
-    redirect("/ui/sessions")
-}
+super::confirmed_delete!(
+    /// `POST /ui/sessions/{id}/stop`.
+    stop,
+    "/sessions/sessions",
+    "/ui/sessions"
+);

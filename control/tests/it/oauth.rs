@@ -371,6 +371,66 @@ async fn an_mcp_client_registers_gets_consent_exchanges_a_code_and_rotates_refre
         (StatusCode::BAD_REQUEST, Some("invalid_grant")),
         "the whole grant is revoked: {e}"
     );
+    // Administrators see each live grant (who let which client reach what) and revoke one.
+    let (_, to, _) = code_with(&mut c, &client_id, vec![]).await;
+    let (_, third) = exchange(query(&to.unwrap())["code"].clone(), vec![]).await;
+    let sid = self::payload(third["access_token"].as_str().unwrap())["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let grants = c
+        .api(Method::GET, "/resources/oauth-grants", Value::Null)
+        .await;
+    let grant = grants
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == sid.as_str())
+        .unwrap_or_else(|| panic!("{grants}"))
+        .clone();
+    assert_eq!(grant["user_email"], "ann@example.com");
+    assert_eq!(grant["resource"], RESOURCE);
+    assert!(grant["client_name"].as_str().is_some_and(|n| !n.is_empty()));
+    let replayed = self::payload(first["access_token"].as_str().unwrap())["sid"].clone();
+    assert!(
+        !grants
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["id"] == replayed),
+        "a grant revoked by a replay is not listed: {grants}"
+    );
+    let revoke = |path: String| {
+        c.http
+            .delete(format!("{base}/api/v1{path}"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+    };
+    let r = revoke(format!("/resources/oauth-grants/{sid}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (s, e) = refresh(third["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(
+        (s, e["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant")),
+        "a revoked grant refreshes nothing: {e}"
+    );
+    let r = revoke(format!("/resources/oauth-grants/{sid}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let grants = c
+        .api(Method::GET, "/resources/oauth-grants", Value::Null)
+        .await;
+    assert!(
+        !grants
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["id"] == sid.as_str()),
+        "{grants}"
+    );
 
     // At the authorization endpoint: a redirect URI one character off is a page (nothing goes
     // to it); the rest go back to the client with an error.

@@ -960,3 +960,313 @@ async fn an_access_policy_gets_ordered_rules_from_its_editor_and_a_resource_foll
         (StatusCode::SEE_OTHER, Some("/ui/policies"))
     );
 }
+
+#[tokio::test]
+async fn the_resource_form_publishes_tcp_and_balanced_http_with_checks_and_limits() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let home = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    c.api(Method::POST, "/sites", json!({"name": "backup"}))
+        .await;
+    let home_id = home["id"].as_str().unwrap().to_owned();
+    let (s, _, page) = get(&mut c, "/ui/resources/new").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("value=\"udp\""), "{page}");
+    let csrf = hidden(&page, "csrf");
+
+    // A word where the port goes: said beside the port, everything typed kept.
+    let mut form = vec![
+        ("csrf", csrf.as_str()),
+        ("protocol", "tcp"),
+        ("public_port", "ssh"),
+        ("site_id", home_id.as_str()),
+        ("target", "127.0.0.1:22"),
+        ("health_check", "on"),
+        ("hc_interval", "1000"),
+        ("idle_timeout", "600000"),
+        ("proxy_protocol", "on"),
+    ];
+    let (s, _, page) = post(&mut c, "/ui/resources", &form).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"error-public_port\""), "{page}");
+    assert!(page.contains("&quot;ssh&quot; is not a whole number"), "{page}");
+    assert!(page.contains("value=\"tcp\" checked"), "{page}");
+    assert!(page.contains("value=\"127.0.0.1:22\""), "{page}");
+    // The API's own refusal, beside its field (a health check timeout longer than its interval).
+    form[2] = ("public_port", "2222");
+    form.push(("hc_timeout", "5000"));
+    let (s, _, page) = post(&mut c, "/ui/resources", &form).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"error-"), "{page}");
+    assert!(page.contains("timeout_ms"), "{page}");
+    form.pop();
+    let (s, to, page) = post(&mut c, "/ui/resources", &form).await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
+    let id = to.unwrap().trim_start_matches("/ui/resources/").to_owned();
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert_eq!(r["protocol"], "tcp", "{r}");
+    assert_eq!(r["public_port"], 2222, "{r}");
+    assert_eq!(r["health_check"]["interval_ms"], 1000, "{r}");
+    assert_eq!(r["limits"]["idle_timeout_ms"], 600000, "{r}");
+
+    // HTTP over two sites, the busiest target avoided, a health check on a path.
+    let (s, to, page) = post(
+        &mut c,
+        "/ui/resources",
+        &[
+            ("csrf", &csrf),
+            ("protocol", "http"),
+            ("hostname", "app.example.com"),
+            ("site_id", &home_id),
+            ("target", "127.0.0.1:8080"),
+            ("more_targets", "backup 127.0.0.1:8080"),
+            ("balance", "least_outstanding"),
+            ("sticky", "on"),
+            ("health_check", "on"),
+            ("hc_path", "/healthz"),
+            ("max_body", "1048576"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER, "{page}");
+    let id = to.unwrap().trim_start_matches("/ui/resources/").to_owned();
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert_eq!(r["balance"], "least_outstanding", "{r}");
+    assert_eq!(r["sticky"], true, "{r}");
+    assert_eq!(r["health_check"]["path"], "/healthz", "{r}");
+    assert_eq!(r["limits"]["max_request_body_bytes"], 1048576, "{r}");
+    assert_eq!(r["targets"].as_array().map(Vec::len), Some(2), "{r}");
+}
+
+#[tokio::test]
+async fn a_resource_becomes_an_mcp_server_from_its_page_and_the_mcp_page_lists_it() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/mcp").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("No MCP server yet"), "{page}");
+    assert!(page.contains("No client holds access yet"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let site = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    let r = c
+        .api(
+            Method::POST,
+            "/resources",
+            json!({"hostname": "tools.example.com", "site_id": site["id"], "target": "127.0.0.1:1"}),
+        )
+        .await;
+    let id = r["id"].as_str().unwrap();
+    let (s, _, _) = post(
+        &mut c,
+        &format!("/ui/resources/{id}/access"),
+        &[
+            ("csrf", &csrf),
+            ("mode", "sign-in"),
+            ("role", "member"),
+            ("mcp", "on"),
+            ("api_keys", "on"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert_eq!(r["access"]["mcp"], true, "{r}");
+    assert_eq!(r["access"]["api_keys"], true, "{r}");
+    let (_, _, page) = get(&mut c, &format!("/ui/resources/{id}")).await;
+    assert!(page.contains("name=\"mcp\" checked"), "{page}");
+    let (_, _, page) = get(&mut c, "/ui/mcp").await;
+    assert!(page.contains("https://tools.example.com/"), "{page}");
+    assert!(page.contains("roles member"), "{page}");
+    // Unticked: no longer an MCP server.
+    let (s, _, _) = post(
+        &mut c,
+        &format!("/ui/resources/{id}/access"),
+        &[("csrf", &csrf), ("mode", "sign-in"), ("role", "member")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let r = c
+        .api(Method::GET, &format!("/resources/{id}"), Value::Null)
+        .await;
+    assert!(r["access"].get("mcp").is_none(), "{r}");
+    // A grant that is not there: a clear 404 page.
+    let (s, _, page) = get(
+        &mut c,
+        &format!("/ui/mcp/grants/{}/revoke", uuid::Uuid::new_v4()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{page}");
+}
+
+#[tokio::test]
+async fn a_certificate_is_uploaded_listed_with_its_expiry_and_deleted_after_confirming() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/certificates").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("No certificate yet"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    // No ACME CA here: the API says so, in the ACME form, the names kept.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/certificates",
+        &[
+            ("csrf", &csrf),
+            ("kind", "acme"),
+            ("names", "app.example.com"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"acme-error\""), "{page}");
+    assert!(page.contains("no ACME CA configured"), "{page}");
+    assert!(page.contains("value=\"app.example.com\""), "{page}");
+    // A broken upload: the upload form's message.
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/certificates",
+        &[
+            ("csrf", &csrf),
+            ("kind", "upload"),
+            ("chain_pem", "nope"),
+            ("key_pem", "nope"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"upload-error\""), "{page}");
+    let made = rcgen::generate_simple_self_signed(vec!["up.example.com".to_owned()]).unwrap();
+    let key = made.signing_key.serialize_pem();
+    let (s, to, page) = post(
+        &mut c,
+        "/ui/certificates",
+        &[
+            ("csrf", &csrf),
+            ("kind", "upload"),
+            ("chain_pem", &made.cert.pem()),
+            ("key_pem", &key),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/certificates")),
+        "{page}"
+    );
+    let (_, _, page) = get(&mut c, "/ui/certificates").await;
+    assert!(page.contains("up.example.com"), "{page}");
+    assert!(page.contains("days left"), "{page}");
+    assert!(!page.contains("PRIVATE KEY"), "the key is never shown");
+    let certs = c.api(Method::GET, "/certificates", Value::Null).await;
+    let id = certs[0]["id"].as_str().unwrap();
+    let (s, _, page) = get(&mut c, &format!("/ui/certificates/{id}/delete")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("Delete certificate for up.example.com"),
+        "{page}"
+    );
+    let (s, to, _) = post(
+        &mut c,
+        &format!("/ui/certificates/{id}/delete"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/certificates"))
+    );
+    assert_eq!(
+        c.api(Method::GET, "/certificates", Value::Null).await,
+        json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_share_link_is_made_on_its_resources_page_shown_once_and_revoked() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let site = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    let r = c
+        .api(
+            Method::POST,
+            "/resources",
+            json!({"hostname": "docs.example.com", "site_id": site["id"], "target": "127.0.0.1:1",
+                   "access": {"roles": ["member"]}}),
+        )
+        .await;
+    let id = r["id"].as_str().unwrap();
+    let at = format!("/ui/resources/{id}");
+    let (_, _, page) = get(&mut c, &at).await;
+    assert!(page.contains("Make a share link"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let links = format!("{at}/share-links");
+    let (s, _, _) = post(&mut c, &links, &[("name", "x")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, page) = post(
+        &mut c,
+        &links,
+        &[
+            ("csrf", &csrf),
+            ("name", "for bob"),
+            ("expires_in_hours", "soon"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("is not a number of hours"), "{page}");
+    let (s, _, page) = post(
+        &mut c,
+        &links,
+        &[
+            ("csrf", &csrf),
+            ("name", "for bob"),
+            ("expires_in_hours", "48"),
+            ("max_uses", "3"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    assert!(
+        page.contains("https://docs.example.com/.kakuremichi/auth/share/"),
+        "{page}"
+    );
+    let made = c
+        .api(
+            Method::GET,
+            &format!("/resources/{id}/share-links"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(made[0]["name"], "for bob");
+    assert_eq!(made[0]["max_uses"], 3);
+    let link = made[0]["id"].as_str().unwrap();
+    let (_, _, page) = get(&mut c, &at).await;
+    assert!(page.contains("0 of 3"), "{page}");
+    assert!(
+        !page.contains("/.kakuremichi/auth/share/"),
+        "shown once: {page}"
+    );
+    let revoke = format!("{links}/{link}/revoke");
+    let (s, _, page) = get(&mut c, &revoke).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Revoke share link"), "{page}");
+    let (s, to, _) = post(&mut c, &revoke, &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some(at.as_str()))
+    );
+    let made = c
+        .api(
+            Method::GET,
+            &format!("/resources/{id}/share-links"),
+            Value::Null,
+        )
+        .await;
+    assert!(made[0]["revoked_at"].is_string(), "{made}");
+}
