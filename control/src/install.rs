@@ -75,16 +75,25 @@ async fn script(State(state): State<AppState>, headers: HeaderMap) -> Response {
 /// The file serving `kakuremichi-agent-linux-<arch>` in `dir`: that name, or, for this machine's
 /// own architecture, a plain `kakuremichi-agent` (control's own release folder).
 pub fn agent_binary(dir: &Path, arch: &str) -> Option<PathBuf> {
-    if !ARCHES.contains(&arch) {
+    release_binary(dir, "kakuremichi-agent", arch)
+}
+
+/// `program` (`kakuremichi-agent` or `kakuremichi-gateway`) for `arch` in `dir`: its
+/// `-linux-<arch>` file, or the plain one when it is this machine's architecture.
+pub fn release_binary(dir: &Path, program: &str, arch: &str) -> Option<PathBuf> {
+    if !ARCHES.contains(&arch) || !PROGRAMS.contains(&program) {
         return None;
     }
-    let named = dir.join(format!("kakuremichi-agent-linux-{arch}"));
+    let named = dir.join(format!("{program}-linux-{arch}"));
     if named.is_file() {
         return Some(named);
     }
-    let plain = dir.join("kakuremichi-agent");
+    let plain = dir.join(program);
     (arch == std::env::consts::ARCH && plain.is_file()).then_some(plain)
 }
+
+/// The programs control serves from its release folder.
+pub const PROGRAMS: [&str; 2] = ["kakuremichi-agent", "kakuremichi-gateway"];
 
 fn release_dir(state: &AppState) -> Option<PathBuf> {
     match &state.release_dir {
@@ -103,14 +112,19 @@ async fn download(
         Some(n) => (n, true),
         None => (file.as_str(), false),
     };
-    let arch = name
-        .strip_prefix("kakuremichi-agent-linux-")
+    let (program, arch) = PROGRAMS
+        .iter()
+        .find_map(|p| {
+            name.strip_prefix(p)
+                .and_then(|rest| rest.strip_prefix("-linux-"))
+                .map(|arch| (*p, arch))
+        })
         .ok_or_else(|| ApiError::NotFound(format!("no download {file}")))?;
     let path = release_dir(&state)
-        .and_then(|d| agent_binary(&d, arch))
+        .and_then(|d| release_binary(&d, program, arch))
         .ok_or_else(|| {
             ApiError::NotFound(format!(
-                "no agent binary for linux-{arch} in control's release folder (it serves {})",
+                "no {program} binary for linux-{arch} in control's release folder (it serves {})",
                 ARCHES.join(", ")
             ))
         })?;
@@ -205,6 +219,14 @@ mod tests {
         assert!(agent_binary(dir.path(), other).is_some());
         assert_eq!(agent_binary(dir.path(), "../../etc/passwd"), None);
         assert_eq!(agent_binary(dir.path(), "riscv64"), None);
+        assert_eq!(release_binary(dir.path(), "sh", other), None);
+        std::fs::write(
+            dir.path()
+                .join(format!("kakuremichi-gateway-linux-{other}")),
+            b"x",
+        )
+        .unwrap();
+        assert!(release_binary(dir.path(), "kakuremichi-gateway", other).is_some());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 // Prints one JSON line: { steps: [...], online_at, reloaded, console_errors, axe: [...],
 //   csrf_status, csp_blocked, pwned, escaped_title, app_text, dashboard: { health, requests },
 //   sso_signed_in_at, sso_app_text,
-//   before_revoke_status, refused_status, revoke_lag_ms, pages: [...] }
+//   before_revoke_status, refused_status, revoke_lag_ms, policy_rule, pages: [...] }
 import { readFileSync, writeFileSync, existsSync, mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { drive } from './chromium.mjs';
@@ -223,10 +223,27 @@ await drive(async ({ args, browser, page }) => {
   out.pwned = await page.evaluate(() => window.__pwned ?? null);
   injecting = false;
 
-  // Every page a navigation link reaches answers 200 without a console error, and passes axe.
+  // An access policy with a rule, from the editor.
+  await page.click('nav >> text=Access policies');
+  await page.fill('#p-name', 'staff');
+  await Promise.all([page.waitForURL(/\/ui\/policies\/[0-9a-f-]+$/), page.click('text=Create policy')]);
+  out.policy_url = page.url();
+  await Promise.all([page.waitForResponse((r) => r.request().method() === 'POST'), page.click('text=Add a rule')]);
+  await page.waitForSelector('#rule-1-paths');
+  await page.fill('#rule-1-paths', '/hooks/*');
+  await page.selectOption('#rule-1-action', 'allow');
+  await Promise.all([page.waitForURL(out.policy_url), page.click('button:has-text("Save policy") >> nth=0')]);
+  out.policy_rule = await page.inputValue('#rule-1-paths');
+  await shot('policy-rule');
+
+  // Every page a navigation link reaches answers 200 without a console error, and passes axe
+  // (with the pages of one object of each kind and the confirmations).
+  await page.goto(args.control + '/ui/gateways');
+  const gatewayPage = await page.$eval('td a[href^="/ui/gateways/"]', (a) => a.href);
   await page.goto(args.control + '/ui');
   const links = await page.$$eval('nav a', (as) => as.map((a) => a.href));
-  const more = [out.site_url, out.resource_url, args.control + '/ui/resources/new'];
+  const more = [out.site_url, out.resource_url, args.control + '/ui/resources/new', gatewayPage,
+    out.policy_url, args.control + '/ui/roles/owner', out.site_url + '/delete', out.resource_url + '/delete'];
   for (const url of [...new Set([...links, ...more])]) {
     const r = await page.goto(url);
     out.pages.push({ url, status: r.status() });

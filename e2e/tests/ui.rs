@@ -152,8 +152,9 @@ async fn an_admin_walks_the_web_ui_from_set_up_to_an_app_served_from_behind_a_na
     assert_eq!(out["escaped_title"], "<script>window.__pwned = 1</script>");
     assert_eq!(out["console_errors"], serde_json::json!([]));
     assert_eq!(out["axe"], serde_json::json!([]), "axe-core");
+    assert_eq!(out["policy_rule"], "/hooks/*", "{out}");
     let pages = out["pages"].as_array().unwrap();
-    assert!(pages.len() >= 6, "{pages:?}");
+    assert!(pages.len() >= 20, "{pages:?}");
     for p in pages {
         assert_eq!(p["status"], 200, "{p}");
     }

@@ -7,6 +7,7 @@
 //! give, validation and audit are the API's own, and the UI cannot drift from the API.
 
 mod certificates;
+mod gateways;
 mod keys;
 mod mcp;
 mod pages;
@@ -125,6 +126,10 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
         ),
         ("mcp.html", include_str!("../../../web/templates/mcp.html")),
         (
+            "gateway.html",
+            include_str!("../../../web/templates/gateway.html"),
+        ),
+        (
             "confirm.html",
             include_str!("../../../web/templates/confirm.html"),
         ),
@@ -166,7 +171,13 @@ pub fn router() -> Router<AppState> {
             "/ui/sites/{id}/delete",
             get(pages::confirm_delete_site).post(pages::delete_site),
         )
-        .route("/ui/gateways", get(pages::gateways))
+        .route("/ui/gateways", get(pages::gateways).post(gateways::create))
+        .route("/ui/gateways/{id}", get(gateways::gateway))
+        .route("/ui/gateways/{id}/token", post(gateways::token))
+        .route(
+            "/ui/gateways/{id}/delete",
+            get(gateways::confirm_delete).post(gateways::delete),
+        )
         .route(
             "/ui/resources",
             get(pages::resources).post(resource_form::create_resource),
@@ -846,7 +857,7 @@ mod tests {
         }
         assert_eq!(
             TEMPLATES.templates().count(),
-            19,
+            20,
             "a template failed to parse"
         );
         let r = message(StatusCode::OK, "T", "<b>x</b>");

@@ -228,7 +228,7 @@ async fn sites_page(
     name: &str,
     error: Option<String>,
 ) -> Response {
-    nodes_page(state, caller, q, status, "sites", name, error).await
+    nodes_page(state, caller, q, status, "sites", (name, ""), error).await
 }
 
 /// `GET /ui/gateways`.
@@ -237,7 +237,28 @@ pub(crate) async fn gateways(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    nodes_page(&state, &caller, &q, StatusCode::OK, "gateways", "", None).await
+    nodes_page(
+        &state,
+        &caller,
+        &q,
+        StatusCode::OK,
+        "gateways",
+        ("", ""),
+        None,
+    )
+    .await
+}
+
+/// The gateways list with the creation form as typed (`name`, `endpoint`) and its error.
+pub(crate) async fn gateways_page(
+    state: &AppState,
+    caller: &Caller,
+    status: StatusCode,
+    typed: (&str, &str),
+    error: Option<String>,
+) -> Response {
+    let q = ListQuery::default();
+    nodes_page(state, caller, &q, status, "gateways", typed, error).await
 }
 
 async fn nodes_page(
@@ -246,7 +267,7 @@ async fn nodes_page(
     q: &ListQuery,
     status: StatusCode,
     kind: &str,
-    name: &str,
+    (name, endpoint): (&str, &str),
     error: Option<String>,
 ) -> Response {
     let base = format!("/ui/{kind}");
@@ -285,8 +306,9 @@ async fn nodes_page(
             sort => &q.sort,
             next => q.next(&base, &a),
             live => live.join(","),
-            can_create => kind == "sites" && caller.may(write),
+            can_create => caller.may(write),
             name,
+            endpoint,
             error,
         },
     )
@@ -401,10 +423,10 @@ fn site_view(caller: &Caller, status: StatusCode, site: &Value, fresh: bool) -> 
         .map(str::to_owned);
     let systemd = token
         .zip(control.as_deref())
-        .map(|(t, c)| snippets::systemd(c, t));
+        .map(|(t, c)| snippets::systemd(c, t, snippets::Program::Agent));
     let container = token
         .zip(control.as_deref())
-        .map(|(t, c)| snippets::container(c, t));
+        .map(|(t, c)| snippets::container(c, t, snippets::Program::Agent));
     render(
         caller,
         status,
@@ -422,10 +444,41 @@ fn site_view(caller: &Caller, status: StatusCode, site: &Value, fresh: bool) -> 
     )
 }
 
-/// The install page's snippets for those who install by hand.
-mod snippets {
-    /// The unit the one-liner installs.
-    const UNIT: &str = include_str!("../../../deploy/systemd/kakuremichi-agent.service");
+/// The install pages' snippets for those who install by hand: the agent's and a gateway's.
+pub(crate) mod snippets {
+    /// The units the one-liner (agent) and the gateway page install.
+    const AGENT_UNIT: &str = include_str!("../../../deploy/systemd/kakuremichi-agent.service");
+    const GATEWAY_UNIT: &str = include_str!("../../../deploy/systemd/kakuremichi-gateway.service");
+
+    /// Which program: `agent` or `gateway`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Program {
+        Agent,
+        Gateway,
+    }
+
+    impl Program {
+        fn name(self) -> &'static str {
+            match self {
+                Program::Agent => "agent",
+                Program::Gateway => "gateway",
+            }
+        }
+
+        fn env(self) -> &'static str {
+            match self {
+                Program::Agent => "AGENT",
+                Program::Gateway => "GATEWAY",
+            }
+        }
+
+        fn unit(self) -> &'static str {
+            match self {
+                Program::Agent => AGENT_UNIT,
+                Program::Gateway => GATEWAY_UNIT,
+            }
+        }
+    }
 
     fn insecure(control: &str) -> &'static str {
         if control.starts_with("http://") {
@@ -435,42 +488,45 @@ mod snippets {
         }
     }
 
-    fn fetch(control: &str) -> String {
+    fn fetch(control: &str, p: Program) -> String {
+        let n = p.name();
         format!(
-            "sudo curl -fsSL -o /usr/local/bin/kakuremichi-agent \\\n  \
-             {control}/download/kakuremichi-agent-linux-$(uname -m)\n\
-             sudo chmod 0755 /usr/local/bin/kakuremichi-agent\n"
+            "sudo curl -fsSL -o /usr/local/bin/kakuremichi-{n} \\\n  \
+             {control}/download/kakuremichi-{n}-linux-$(uname -m)\n\
+             sudo chmod 0755 /usr/local/bin/kakuremichi-{n}\n"
         )
     }
 
     /// The binary, the token in a 0600 file, the unit, started.
-    pub(super) fn systemd(control: &str, token: &str) -> String {
-        let unit = UNIT.replace(
-            "--data-dir /var/lib/kakuremichi-agent",
-            &format!("--data-dir /var/lib/kakuremichi-agent{}", insecure(control)),
-        );
+    pub(crate) fn systemd(control: &str, token: &str, p: Program) -> String {
+        let (n, e) = (p.name(), p.env());
+        let data = format!("--data-dir /var/lib/kakuremichi-{n}");
+        let unit = p
+            .unit()
+            .replace(&data, &format!("{data}{}", insecure(control)));
         format!(
             "{}sudo install -d -m 0700 /etc/kakuremichi\n\
-             printf 'KAKUREMICHI_AGENT_CONTROL=%s\\nKAKUREMICHI_AGENT_TOKEN=%s\\n' \\\n  \
-             '{control}' '{token}' | sudo tee /etc/kakuremichi/agent.env >/dev/null\n\
-             sudo chmod 0600 /etc/kakuremichi/agent.env\n\
-             sudo tee /etc/systemd/system/kakuremichi-agent.service >/dev/null <<'UNIT'\n\
+             printf 'KAKUREMICHI_{e}_CONTROL=%s\\nKAKUREMICHI_{e}_TOKEN=%s\\n' \\\n  \
+             '{control}' '{token}' | sudo tee /etc/kakuremichi/{n}.env >/dev/null\n\
+             sudo chmod 0600 /etc/kakuremichi/{n}.env\n\
+             sudo tee /etc/systemd/system/kakuremichi-{n}.service >/dev/null <<'UNIT'\n\
              {unit}UNIT\n\
              sudo systemctl daemon-reload\n\
-             sudo systemctl enable --now kakuremichi-agent",
-            fetch(control)
+             sudo systemctl enable --now kakuremichi-{n}",
+            fetch(control, p)
         )
     }
 
     /// The binary, run in a container with its state in a volume.
-    pub(super) fn container(control: &str, token: &str) -> String {
+    pub(crate) fn container(control: &str, token: &str, p: Program) -> String {
+        let (n, e) = (p.name(), p.env());
         format!(
-            "{}docker run -d --name kakuremichi-agent --restart unless-stopped --network host \\\n  \
-             -e KAKUREMICHI_AGENT_CONTROL='{control}' -e KAKUREMICHI_AGENT_TOKEN='{token}' \\\n  \
-             -v kakuremichi-agent:/var/lib/kakuremichi-agent \\\n  \
-             -v /usr/local/bin/kakuremichi-agent:/usr/local/bin/kakuremichi-agent:ro \\\n  \
-             debian:stable-slim kakuremichi-agent --data-dir /var/lib/kakuremichi-agent{}",
-            fetch(control),
+            "{}docker run -d --name kakuremichi-{n} --restart unless-stopped --network host \\\n  \
+             -e KAKUREMICHI_{e}_CONTROL='{control}' -e KAKUREMICHI_{e}_TOKEN='{token}' \\\n  \
+             -v kakuremichi-{n}:/var/lib/kakuremichi-{n} \\\n  \
+             -v /usr/local/bin/kakuremichi-{n}:/usr/local/bin/kakuremichi-{n}:ro \\\n  \
+             debian:stable-slim kakuremichi-{n} --data-dir /var/lib/kakuremichi-{n}{}",
+            fetch(control, p),
             insecure(control)
         )
     }

@@ -989,7 +989,10 @@ async fn the_resource_form_publishes_tcp_and_balanced_http_with_checks_and_limit
     let (s, _, page) = post(&mut c, "/ui/resources", &form).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
     assert!(page.contains("id=\"error-public_port\""), "{page}");
-    assert!(page.contains("&quot;ssh&quot; is not a whole number"), "{page}");
+    assert!(
+        page.contains("&quot;ssh&quot; is not a whole number"),
+        "{page}"
+    );
     assert!(page.contains("value=\"tcp\" checked"), "{page}");
     assert!(page.contains("value=\"127.0.0.1:22\""), "{page}");
     // The API's own refusal, beside its field (a health check timeout longer than its interval).
@@ -1269,4 +1272,70 @@ async fn a_share_link_is_made_on_its_resources_page_shown_once_and_revoked() {
         )
         .await;
     assert!(made[0]["revoked_at"].is_string(), "{made}");
+}
+
+#[tokio::test]
+async fn a_gateway_is_made_from_its_page_shown_how_to_run_given_a_new_token_and_deleted() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let (s, _, page) = get(&mut c, "/ui/gateways").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("New gateway"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, _) = post(&mut c, "/ui/gateways", &[("name", "edge-1")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/gateways",
+        &[
+            ("csrf", &csrf),
+            ("name", " "),
+            ("endpoint", "gw.example.com:51820"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("id=\"gateway-error\""), "{page}");
+    assert!(page.contains("value=\"gw.example.com:51820\""), "{page}");
+    let (s, _, page) = post(
+        &mut c,
+        "/ui/gateways",
+        &[
+            ("csrf", &csrf),
+            ("name", "edge-1"),
+            ("endpoint", "gw.example.com:51820"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    assert!(page.contains("kakuremichi-gateway --control"), "{page}");
+    assert!(page.contains("KAKUREMICHI_GATEWAY_TOKEN="), "{page}");
+    assert!(page.contains("open UDP 51820"), "{page}");
+    assert!(
+        page.contains("/download/kakuremichi-gateway-linux-$(uname -m)"),
+        "{page}"
+    );
+    let gws = c.api(Method::GET, "/gateways", Value::Null).await;
+    let id = gws[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(gws[0]["endpoint"], "gw.example.com:51820");
+    // Its page later: no token.
+    let at = format!("/ui/gateways/{id}");
+    let (s, _, page) = get(&mut c, &at).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!page.contains("--token"), "{page}");
+    let (s, _, page) = post(&mut c, &format!("{at}/token"), &[("csrf", &csrf)]).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("--token kme_"), "{page}");
+    let (s, _, page) = get(&mut c, &format!("{at}/delete")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Delete gateway edge-1"), "{page}");
+    let (s, to, _) = post(&mut c, &format!("{at}/delete"), &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/gateways"))
+    );
+    assert_eq!(
+        c.api(Method::GET, "/gateways", Value::Null).await,
+        json!([])
+    );
 }
