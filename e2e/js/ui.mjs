@@ -243,7 +243,8 @@ await drive(async ({ args, browser, page }) => {
   await page.goto(args.control + '/ui');
   const links = await page.$$eval('nav a', (as) => as.map((a) => a.href));
   const more = [out.site_url, out.resource_url, args.control + '/ui/resources/new', gatewayPage,
-    out.policy_url, args.control + '/ui/roles/owner', out.site_url + '/delete', out.resource_url + '/delete'];
+    out.policy_url, args.control + '/ui/roles/owner', out.site_url + '/delete', out.resource_url + '/delete',
+    args.control + '/ui/account'];
   for (const url of [...new Set([...links, ...more])]) {
     const r = await page.goto(url);
     out.pages.push({ url, status: r.status() });

@@ -403,8 +403,13 @@ pub fn openapi(routes: &[RouteDoc]) -> Value {
             }
             if route.authenticated {
                 operation["security"] = json!([{"apiKey": []}, {"bearer": []}]);
-                operation["x-kakuremichi-permission"] =
-                    json!(super::permission(&op.method, &route.path));
+                // `self`: any user's own key (the `/me` routes), whatever their roles.
+                let needed = super::permission(&op.method, &route.path);
+                operation["x-kakuremichi-permission"] = if needed.is_empty() {
+                    json!("self")
+                } else {
+                    json!(needed)
+                };
             } else {
                 operation["security"] = json!([]);
             }

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod gateways;
 pub mod idempotency;
 pub mod keys;
+pub mod me;
 pub mod nodes;
 pub mod orgs;
 pub mod page;
@@ -98,6 +99,7 @@ fn routes() -> (doc::ApiRouter<AppState>, doc::ApiRouter<AppState>) {
         .merge(users::router())
         .merge(audit::router())
         .merge(keys::router())
+        .merge(me::router())
         .merge(providers::router())
         .merge(roles::router())
         .merge(orgs::router())
@@ -184,7 +186,8 @@ pub const PERMISSIONS: &[&str] = &[
     "org:write",
 ];
 
-/// The permission a request under `/api/v1` needs (`path` without the prefix).
+/// The permission a request under `/api/v1` needs (`path` without the prefix); empty for
+/// `/me`, which any user's own key may use.
 pub fn permission(method: &axum::http::Method, path: &str) -> String {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     if first == "sessions" {
@@ -193,6 +196,10 @@ pub fn permission(method: &axum::http::Method, path: &str) -> String {
             .strip_prefix("sessions")
             .unwrap_or("");
         return crate::sessions::permission(method, rest).to_owned();
+    }
+    if first == "me" {
+        // One's own account: any user's key may, whatever their roles.
+        return String::new();
     }
     let thing = match first {
         "sites" => "site",
@@ -280,7 +287,7 @@ async fn require_admin(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let needed = permission(&method, &path);
-    if !allows(found.scopes.as_deref(), &needed) {
+    if !needed.is_empty() && !allows(found.scopes.as_deref(), &needed) {
         tracing::warn!(key_id = %found.id, permission = %needed, "API key lacks a permission");
         return Err(ApiError::Forbidden(format!(
             "this API key does not have the {needed} permission{}",

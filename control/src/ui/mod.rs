@@ -6,6 +6,7 @@
 //! in the organization they chose ([`WebCaller`]): what a page may do is what the user's roles
 //! give, validation and audit are the API's own, and the UI cannot drift from the API.
 
+mod account;
 mod certificates;
 mod gateways;
 mod keys;
@@ -126,6 +127,10 @@ static TEMPLATES: LazyLock<minijinja::Environment<'static>> = LazyLock::new(|| {
         ),
         ("mcp.html", include_str!("../../../web/templates/mcp.html")),
         (
+            "account.html",
+            include_str!("../../../web/templates/account.html"),
+        ),
+        (
             "gateway.html",
             include_str!("../../../web/templates/gateway.html"),
         ),
@@ -239,6 +244,13 @@ pub fn router() -> Router<AppState> {
         .route(
             "/ui/certificates/{id}/delete",
             get(certificates::confirm_delete).post(certificates::delete),
+        )
+        .route("/ui/account", get(account::account))
+        .route("/ui/account/password", post(account::password))
+        .route("/ui/account/keys", post(account::create_key))
+        .route(
+            "/ui/account/keys/{id}/revoke",
+            get(account::confirm_revoke_key).post(account::revoke_key),
         )
         .route("/ui/mcp", get(mcp::mcp))
         .route(
@@ -857,7 +869,7 @@ mod tests {
         }
         assert_eq!(
             TEMPLATES.templates().count(),
-            20,
+            21,
             "a template failed to parse"
         );
         let r = message(StatusCode::OK, "T", "<b>x</b>");

@@ -352,6 +352,14 @@ const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/orgs/{id}"),
     ("DELETE", "/orgs/{id}"),
     ("POST", "/orgs/{id}/members"),
+    ("GET", "/resources/stats"),
+    ("GET", "/resources/oauth-grants"),
+    ("DELETE", "/resources/oauth-grants/{id}"),
+    ("GET", "/me"),
+    ("GET", "/me/api-keys"),
+    ("POST", "/me/api-keys"),
+    ("DELETE", "/me/api-keys/{id}"),
+    ("POST", "/me/password"),
 ];
 
 #[test]
@@ -383,8 +391,11 @@ fn the_walk_covers_every_route() {
             );
             continue;
         }
-        for line in text.lines() {
-            let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+        // Each `.route(` and what follows up to the next one (or the end of the router's
+        // function): the path, on its line or the next, and the handlers' methods.
+        for chunk in text.split(".route(").skip(1) {
+            let chunk = chunk.split("\n}\n").next().unwrap_or("");
+            let Some(rest) = chunk.trim_start().strip_prefix('"') else {
                 continue;
             };
             let Some((route, handlers)) = rest.split_once('"') else {
@@ -402,8 +413,10 @@ fn the_walk_covers_every_route() {
             }
         }
     }
-    // Node enrollment is by one-time token, not by organization key.
+    // Node enrollment is by one-time token, not by organization key; the API's description
+    // is public.
     found.remove(&("POST".to_owned(), "/enroll".to_owned()));
+    found.remove(&("GET".to_owned(), "/openapi.json".to_owned()));
     let walked: BTreeSet<_> = ROUTES
         .iter()
         .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
@@ -447,6 +460,7 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
             "identity-providers" => &a.provider,
             "orgs" => &a.org,
             "policies" => &a.policy,
+            "me" => &a.api_key,
             _ => "deployer",
         };
         let path = pattern
@@ -472,6 +486,8 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
             ("PATCH", "/roles/{name}") => Some(json!({"description": "taken"})),
             ("POST", "/orgs/{id}/members") => Some(json!({"email": "someone@beta.example"})),
             ("POST", "/orgs") => Some(json!({"name": "gamma"})),
+            ("POST", "/me/api-keys") => Some(json!({"name": "mine"})),
+            ("POST", "/me/password") => Some(json!({"new_password": "a long new password"})),
             ("PATCH", _) => Some(json!({"name": "taken"})),
             (
                 "POST",
@@ -510,8 +526,14 @@ async fn organization_b_can_neither_see_nor_touch_nor_reach_organization_a() {
                 | "/identity-providers"
                 | "/roles"
                 | "/orgs"
-                | "/policies",
+                | "/policies"
+                | "/resources/stats"
+                | "/resources/oauth-grants",
             ) => &[StatusCode::OK],
+            // B's key is its organization's admin key, which is no user's: no "me".
+            (_, "/me" | "/me/api-keys" | "/me/api-keys/{id}" | "/me/password") => {
+                &[StatusCode::BAD_REQUEST]
+            }
             // Instance-wide facts that belong to no organization.
             ("GET", "/config/version" | "/signing-keys") => &[StatusCode::OK],
             // A's site or user named in B's request: the same answer as for one that does not exist.

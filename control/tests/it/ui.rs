@@ -1339,3 +1339,162 @@ async fn a_gateway_is_made_from_its_page_shown_how_to_run_given_a_new_token_and_
         json!([])
     );
 }
+
+#[tokio::test]
+async fn a_member_makes_and_revokes_their_own_key_and_changes_their_password_on_the_account_page() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    c.api(
+        Method::POST,
+        "/users",
+        json!({"email": "mia@example.com", "password": "correct horse battery", "roles": ["member"]}),
+    )
+    .await;
+    // A service token has no "me".
+    let token = c
+        .api(
+            Method::POST,
+            "/api-keys",
+            json!({"name": "bot", "scopes": ["site:read"], "service": true}),
+        )
+        .await;
+    let r = c
+        .http
+        .get(format!("{}/api/v1/me", c.base))
+        .bearer_auth(token["secret"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let mut mia = fresh(&c);
+    sign_in(&mut mia, "mia@example.com").await;
+    let (s, _, page) = get(&mut mia, "/ui/account").await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("mia@example.com"), "{page}");
+    assert!(page.contains("<dd>member</dd>"), "{page}");
+    let csrf = hidden(&page, "csrf");
+
+    // Her own key: shown once, acting with her roles only.
+    let (s, _, _) = post(&mut mia, "/ui/account/keys", &[("name", "laptop")]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, _, page) = post(
+        &mut mia,
+        "/ui/account/keys",
+        &[
+            ("csrf", &csrf),
+            ("name", "laptop"),
+            ("expires_in_days", "30"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{page}");
+    let start = page.find("kmk_").expect("the secret on the page");
+    let secret: String = page[start..]
+        .chars()
+        .take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '_' || *ch == '-')
+        .collect();
+    let with_key = |method: Method, path: &str| {
+        c.http
+            .request(method, format!("{}/api/v1{path}", c.base))
+            .bearer_auth(&secret)
+            .json(&json!({"name": "nope"}))
+            .send()
+    };
+    assert_eq!(
+        with_key(Method::GET, "/sites").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        with_key(Method::POST, "/sites").await.unwrap().status(),
+        StatusCode::FORBIDDEN,
+        "a member's key cannot create sites"
+    );
+    let (_, _, page) = get(&mut mia, "/ui/account").await;
+    assert!(!page.contains(&secret), "shown once");
+    let keys = with_key(Method::GET, "/me/api-keys")
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let id = keys[0]["id"].as_str().unwrap().to_owned();
+    let (s, _, page) = get(&mut mia, &format!("/ui/account/keys/{id}/revoke")).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let (s, to, _) = post(
+        &mut mia,
+        &format!("/ui/account/keys/{id}/revoke"),
+        &[("csrf", &csrf)],
+    )
+    .await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some("/ui/account"))
+    );
+    assert_eq!(
+        with_key(Method::GET, "/sites").await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Her password: the current one first; then the new one signs her in.
+    let (s, _, page) = post(
+        &mut mia,
+        "/ui/account/password",
+        &[
+            ("csrf", &csrf),
+            ("current_password", "wrong wrong wrong"),
+            ("new_password", "staple battery horse"),
+            ("repeat_password", "staple battery horse"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("that is not your password"), "{page}");
+    let (s, _, page) = post(
+        &mut mia,
+        "/ui/account/password",
+        &[
+            ("csrf", &csrf),
+            ("current_password", "correct horse battery"),
+            ("new_password", "staple battery horse"),
+            ("repeat_password", "staple battery hose"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{page}");
+    assert!(page.contains("differ"), "{page}");
+    let (s, _, page) = post(
+        &mut mia,
+        "/ui/account/password",
+        &[
+            ("csrf", &csrf),
+            ("current_password", "correct horse battery"),
+            ("new_password", "staple battery horse"),
+            ("repeat_password", "staple battery horse"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("Your password is changed"), "{page}");
+    let mut again = fresh(&c);
+    let (_, _, login) = get(&mut again, "/auth/sign-in").await;
+    let csrf2 = hidden(&login, "csrf");
+    let (_, _, page) = post(
+        &mut again,
+        "/auth/sign-in",
+        &[
+            ("email", "mia@example.com"),
+            ("password", "staple battery horse"),
+            ("csrf", &csrf2),
+        ],
+    )
+    .await;
+    assert!(
+        page.contains("You are signed in as mia@example.com"),
+        "{page}"
+    );
+}
