@@ -1,7 +1,8 @@
 //! The UI's gateway pages: a gateway made with its name and public WireGuard endpoint, then its
 //! page with how to run it (the token shown only then: a systemd recipe, a container), its
 //! state live (online, last handshake, version), a new token, and deletion after a
-//! confirmation.
+//! confirmation; and the revocation of a site or a gateway (its credential ends at once, it
+//! stays listed, a new token brings it back), after a confirmation.
 
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode};
@@ -157,3 +158,80 @@ super::confirmed_delete!(
     "/gateways",
     "/ui/gateways"
 );
+
+/// A revocation's confirmation for a site or a gateway (`kind`: `sites` or `gateways`).
+async fn confirm_revoke(state: &AppState, caller: &Caller, kind: &str, id: Uuid) -> Response {
+    let back = format!("/ui/{kind}/{id}");
+    let a = api(state, caller, Method::GET, &format!("/{kind}/{id}"), None).await;
+    if !a.status.is_success() {
+        return api_failure(caller, &format!("/ui/{kind}"), &a);
+    }
+    let what = if kind == "sites" { "site" } else { "gateway" };
+    let name = a.body["name"].as_str().unwrap_or("");
+    render(
+        caller,
+        StatusCode::OK,
+        &format!("/ui/{kind}"),
+        "confirm.html",
+        &format!("Revoke {what} {name}?"),
+        minijinja::context! {
+            what,
+            verb => "Revoke",
+            name,
+            action => format!("{back}/revoke"),
+            back,
+            note => "Its credential, key and token stop working and its connection ends at once; it stays listed, and a new token brings it back.",
+            also => Vec::<String>::new(),
+        },
+    )
+}
+
+/// `GET /ui/sites/{id}/revoke`.
+pub(crate) async fn confirm_revoke_site(
+    State(state): St,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Response {
+    confirm_revoke(&state, &caller, "sites", id).await
+}
+
+/// `GET /ui/gateways/{id}/revoke`.
+pub(crate) async fn confirm_revoke_gateway(
+    State(state): St,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Response {
+    confirm_revoke(&state, &caller, "gateways", id).await
+}
+
+async fn revoke(state: &AppState, caller: &Caller, kind: &str, id: Uuid) -> Response {
+    let back = format!("/ui/{kind}/{id}");
+    super::act(
+        state,
+        caller,
+        (Method::POST, &format!("/{kind}/{id}/revoke"), None),
+        &format!("/ui/{kind}"),
+        &back,
+    )
+    .await
+}
+
+/// `POST /ui/sites/{id}/revoke`.
+pub(crate) async fn revoke_site(
+    State(state): St,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    _: Posted,
+) -> Response {
+    revoke(&state, &caller, "sites", id).await
+}
+
+/// `POST /ui/gateways/{id}/revoke`.
+pub(crate) async fn revoke_gateway(
+    State(state): St,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    _: Posted,
+) -> Response {
+    revoke(&state, &caller, "gateways", id).await
+}

@@ -180,6 +180,14 @@ pub fn router() -> Router<AppState> {
         .route("/ui/gateways/{id}", get(gateways::gateway))
         .route("/ui/gateways/{id}/token", post(gateways::token))
         .route(
+            "/ui/gateways/{id}/revoke",
+            get(gateways::confirm_revoke_gateway).post(gateways::revoke_gateway),
+        )
+        .route(
+            "/ui/sites/{id}/revoke",
+            get(gateways::confirm_revoke_site).post(gateways::revoke_site),
+        )
+        .route(
             "/ui/gateways/{id}/delete",
             get(gateways::confirm_delete).post(gateways::delete),
         )

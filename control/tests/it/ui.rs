@@ -1498,3 +1498,47 @@ async fn a_member_makes_and_revokes_their_own_key_and_changes_their_password_on_
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn an_installed_site_is_revoked_after_confirming_and_a_new_install_command_brings_it_back() {
+    let (mut c, _db) = start().await;
+    set_up_owner(&mut c).await;
+    let site = c.api(Method::POST, "/sites", json!({"name": "home"})).await;
+    let id = site["id"].as_str().unwrap().to_owned();
+    let r = c
+        .http
+        .post(format!("{}/api/v1/enroll", c.base))
+        .json(&json!({
+            "protocol_version": 1,
+            "kind": "agent",
+            "token": site["enrollment_token"],
+            "public_key": kakuremichi_proto::WgPublicKey([7; 32]).to_base64(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let at = format!("/ui/sites/{id}");
+    let (_, _, page) = get(&mut c, &at).await;
+    assert!(page.contains("Revoke site…"), "{page}");
+    let csrf = hidden(&page, "csrf");
+    let (s, _, page) = get(&mut c, &format!("{at}/revoke")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("Revoke site home"), "{page}");
+    let (s, _, _) = post(&mut c, &format!("{at}/revoke"), &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "no CSRF token");
+    let (s, to, _) = post(&mut c, &format!("{at}/revoke"), &[("csrf", &csrf)]).await;
+    assert_eq!(
+        (s, to.as_deref()),
+        (StatusCode::SEE_OTHER, Some(at.as_str()))
+    );
+    let now = c
+        .api(Method::GET, &format!("/sites/{id}"), Value::Null)
+        .await;
+    assert_eq!(now["enrolled"], false, "{now}");
+    let (_, _, page) = get(&mut c, &at).await;
+    assert!(!page.contains("Revoke site…"), "{page}");
+    let (s, _, page) = post(&mut c, &format!("{at}/token"), &[("csrf", &csrf)]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("--token kme_"), "{page}");
+}
