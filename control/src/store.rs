@@ -563,7 +563,12 @@ pub struct Store {
     session_life_ms: i64,
     /// The gateways' agent-sessions hostname, if control runs that endpoint.
     sessions_host: Option<String>,
+    /// SQLite or PostgreSQL.
+    backend: Backend,
 }
+
+/// The PostgreSQL advisory lock of first-run seeding ("kakuremi" in ASCII).
+const SEEDING_LOCK: i64 = 0x6b61_6b75_7265_6d69;
 
 /// How long a session (and every token minted from it) lasts.
 pub const SESSION_LIFE_MS: i64 = 24 * 3600 * 1000;
@@ -638,7 +643,21 @@ impl Store {
             public_url: "http://127.0.0.1:3000".into(),
             session_life_ms: SESSION_LIFE_MS,
             sessions_host: None,
+            backend,
         })
+    }
+
+    /// Holds, until `tx` ends, the lock under which first-run seeding happens (the admin key, the
+    /// signing key): replicas started together on an empty PostgreSQL database take turns, and
+    /// each after the first finds what the first made. (SQLite has one writer already.)
+    pub(crate) async fn seeding_lock(&self, tx: &mut Transaction<'static, Any>) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(SEEDING_LOCK)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The same store, sealing private keys with `sealer`.
@@ -758,8 +777,10 @@ impl Store {
     /// generates one. Returns the key only when it was generated here (to show it once).
     pub async fn ensure_admin_key(&self, initial: Option<&Secret>) -> Result<Option<Secret>> {
         let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        self.seeding_lock(&mut tx).await?;
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
         if count > 0 {
             return Ok(None);
@@ -786,8 +807,9 @@ impl Store {
             .bind(id.to_string())
             .bind(secrets::digest(&key))
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(generated.then_some(key))
     }
 

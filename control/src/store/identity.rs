@@ -681,14 +681,15 @@ impl Store {
     /// Makes sure a current signing key exists (needs the sealer).
     pub async fn ensure_signing_key(&self) -> Result<()> {
         let _w = self.write.lock().await;
+        let mut tx = self.pool.begin().await?;
+        self.seeding_lock(&mut tx).await?;
         let current: Option<String> =
             sqlx::query_scalar("SELECT kid FROM signing_keys WHERE retired_at IS NULL")
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *tx)
                 .await?;
         if current.is_some() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
         self.insert_signing_key(&mut tx).await?;
         self.commit_bumped(tx).await?;
         Ok(())

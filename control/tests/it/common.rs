@@ -67,6 +67,20 @@ pub async fn sqlite() -> TestDb {
 
 /// A store in a fresh schema `t_<random>`; panics (fails the test) if PostgreSQL is unreachable.
 pub async fn postgres() -> TestDb {
+    let (url, guard) = empty_postgres().await;
+    let store = Store::connect_with(&url, OverlayNet::DEFAULT, 4)
+        .await
+        .unwrap();
+    TestDb {
+        store,
+        backend: "postgres",
+        _dir: None,
+        _schema: Some(guard),
+    }
+}
+
+/// The URL of a fresh, empty PostgreSQL schema (nothing migrated), and its guard.
+pub async fn empty_postgres() -> (String, SchemaGuard) {
     let base = postgres_url();
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(&base)
@@ -81,16 +95,10 @@ pub async fn postgres() -> TestDb {
         schema: schema.clone(),
     };
     let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-    let store = Store::connect_with(&url, OverlayNet::DEFAULT, 4)
-        .await
-        .unwrap();
-    TestDb {
-        store,
-        backend: "postgres",
-        _dir: None,
-        _schema: Some(guard),
-    }
+    (
+        format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+        guard,
+    )
 }
 
 /// Runs a store test body.

@@ -10,6 +10,7 @@ use kakuremichi_proto::{ConfigSnapshot, NodeKind, RouteProtocol, Secret, WgPubli
 
 use kakuremichi_control::secrets;
 
+use crate::common;
 use crate::on_both_backends;
 
 fn key(b: u8) -> WgPublicKey {
@@ -2207,4 +2208,50 @@ async fn limits_and_proxy_protocol_are_stored_and_pushed(store: Store) {
             .await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+/// Three replicas started at the same moment on an empty PostgreSQL database all come up: the
+/// migrations and the first-run seeding take turns, the first seeds, the others find its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_together_on_an_empty_postgres_all_come_up_with_one_set_of_keys() {
+    for initial in [
+        Some(kakuremichi_proto::Secret::new(common::ADMIN_KEY)),
+        None,
+    ] {
+        let (url, _guard) = common::empty_postgres().await;
+        let start = |url: String, initial: Option<kakuremichi_proto::Secret>| async move {
+            let store = kakuremichi_control::store::Store::connect_with(
+                &url,
+                kakuremichi_control::overlay::OverlayNet::DEFAULT,
+                4,
+            )
+            .await?
+            .with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+                [5; 32],
+            )));
+            store.ensure_signing_key().await?;
+            let made = store.ensure_admin_key(initial.as_ref()).await?;
+            Ok::<_, kakuremichi_control::store::StoreError>((store, made))
+        };
+        let (a, b, c) = tokio::join!(
+            start(url.clone(), initial.clone()),
+            start(url.clone(), initial.clone()),
+            start(url.clone(), initial.clone()),
+        );
+        let started = [a, b, c]
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("a replica did not come up: {e}")))
+            .collect::<Vec<_>>();
+        // One admin key made (and printed by one replica only when generated), one signing key.
+        let generated = started.iter().filter(|(_, made)| made.is_some()).count();
+        assert_eq!(generated, usize::from(initial.is_none()), "{initial:?}");
+        let store = &started[0].0;
+        let keys = store
+            .list_api_keys(kakuremichi_control::store::DEFAULT_ORG)
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let published = store.published_keys(0).await.unwrap();
+        assert_eq!(published.len(), 1, "{published:?}");
+    }
 }
