@@ -395,7 +395,13 @@ impl InstalledAgent {
 
 impl Drop for InstalledAgent {
     fn drop(&mut self) {
-        if let Some(pid) = self.pid() {
+        // Only if that pid is still an agent: once the agent has ended, its pid may be another
+        // process's (a test's gateway, say), which must not be killed for it.
+        let is_agent = |pid: i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("kakuremichi-agent"))
+        };
+        if let Some(pid) = self.pid().filter(|p| *p > 1 && is_agent(*p)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
