@@ -22,8 +22,10 @@ pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
     #[arg(long, env = "KAKUREMICHI_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Control's base URL, e.g. https://control.example.com (defaults to the enrolled one); plain
-    /// http:// only to loopback, unless --allow-insecure-control.
+    /// Control's base URL, e.g. https://control.example.com (defaults to the enrolled one), or a
+    /// comma-separated list of the URLs of several control replicas
+    /// (https://c1.example.com,https://c2.example.com); plain http:// only to loopback, unless
+    /// --allow-insecure-control.
     #[arg(long, env = "KAKUREMICHI_AGENT_CONTROL")]
     pub control: Option<String>,
     /// One-time enrollment token (first start only); see also --token-file.

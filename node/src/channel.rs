@@ -1,6 +1,10 @@
 //! The control-channel client: one long-lived task per node that keeps a WebSocket to control,
 //! receives config snapshots, hands them to the node, acknowledges what was applied and reports
 //! status. It reconnects forever with jittered backoff; the data plane never waits for it.
+//!
+//! With several control URLs (control replicas, a comma-separated list), the channel starts at a
+//! random one and, when its session fails or is lost, moves on to the next within a short
+//! jittered delay; only once every URL failed in a row does it back off ([`Failover`]).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,13 +16,13 @@ use kakuremichi_proto::{
     check_protocol_version, ConfigSnapshot, ControlMessage, NodeKind, NodeMessage, RefuseReason,
     Secret, StatusReport, WgPublicKey, NODE_WS_PATH, PROTOCOL_VERSION,
 };
-use rand::Rng as _;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::backoff::Backoff;
+use crate::control_url::{control_urls, redact_url};
+use crate::failover::Failover;
 use crate::state::NodeState;
 
 /// What the node binary provides to the channel.
@@ -46,7 +50,8 @@ pub trait NodeHooks: Send + Sync + 'static {
 /// Settings of the control channel.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
-    /// Control's base URL (`http://` or `https://`); the socket uses `ws://` or `wss://`.
+    /// Control's base URL (`http://` or `https://`), or a comma-separated list of them (control
+    /// replicas); the socket uses `ws://` or `wss://`.
     pub control_url: String,
     /// This node's kind.
     pub kind: NodeKind,
@@ -68,7 +73,8 @@ pub struct ChannelConfig {
     pub idle_timeout: Duration,
     /// Timeout of connecting and of the hello/welcome exchange.
     pub handshake_timeout: Duration,
-    /// First reconnect delay.
+    /// First reconnect delay, and the longest wait before trying another control URL that did
+    /// not fail yet in this outage.
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
@@ -114,7 +120,7 @@ pub enum ChannelState {
     },
 }
 
-/// Turns a control base URL into the node socket URL.
+/// Turns a control base URL into the node socket URL (one URL; see [`ws_urls`] for a list).
 pub fn ws_url(control_url: &str) -> String {
     let base = control_url.trim().trim_end_matches('/');
     let base = if let Some(rest) = base.strip_prefix("https://") {
@@ -125,6 +131,14 @@ pub fn ws_url(control_url: &str) -> String {
         base.to_owned()
     };
     format!("{base}{NODE_WS_PATH}")
+}
+
+/// The node socket URLs of a control URL or comma-separated list of them, in order.
+pub fn ws_urls(control_url: &str) -> Vec<String> {
+    control_urls(control_url)
+        .iter()
+        .map(|u| ws_url(u))
+        .collect()
 }
 
 enum SessionEnd {
@@ -141,32 +155,45 @@ enum SessionEnd {
 }
 
 /// Runs the control channel forever (abort the task to stop it). `applied_version` is the version
-/// of the cached config the node already runs, announced in the hello.
+/// of the cached config the node already runs, announced in the hello. With several control URLs
+/// the channel starts at a random one and moves on when a session fails, is lost or control is
+/// busy (see [`Failover`]); a refusal is retried at the same URL after
+/// [`ChannelConfig::refused_retry`].
 pub async fn run_channel<H: NodeHooks>(
     config: ChannelConfig,
     hooks: Arc<H>,
     mut applied_version: Option<u64>,
     state: watch::Sender<ChannelState>,
 ) {
+    let mut urls = ws_urls(&config.control_url);
+    if urls.is_empty() {
+        // Checked at start; should it be empty anyway, fail on the URL as given, visibly.
+        urls.push(ws_url(&config.control_url));
+    }
     let seed = rand::random::<u64>();
-    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max, seed);
+    let mut failover = Failover::new(urls.len(), config.backoff_base, config.backoff_max, seed);
     let mut in_outage = false;
-    let url = ws_url(&config.control_url);
+    // The URL of the last welcomed session, to log the URL in use when it changes.
+    let mut connected_to: Option<usize> = None;
     loop {
         state.send_replace(ChannelState::Connecting);
+        let index = failover.current();
+        let url = redact_url(&urls[index]);
         let mut welcomed = false;
         let end = session(
             &config,
-            &url,
+            &urls[index],
             &*hooks,
             &mut applied_version,
             &state,
             &mut welcomed,
+            connected_to != Some(index),
         )
         .await;
         if welcomed {
-            backoff.reset();
+            failover.welcomed();
             in_outage = false;
+            connected_to = Some(index);
         }
         let delay = match end {
             SessionEnd::Failed(error) | SessionEnd::Lost(error) => {
@@ -180,13 +207,11 @@ pub async fn run_channel<H: NodeHooks>(
                     );
                     in_outage = true;
                 }
-                backoff.next_delay()
+                failover.failed()
             }
             SessionEnd::Busy(after) => {
                 tracing::debug!(%url, ?after, "control is busy; retrying later");
-                // Up to half again as long, so that a refused crowd does not come back at once.
-                let jitter = rand::thread_rng().gen_range(0..=after.as_millis() as u64 / 2);
-                after + Duration::from_millis(jitter)
+                failover.busy(after)
             }
             SessionEnd::Refused(reason, message) => {
                 in_outage = true;
@@ -236,6 +261,8 @@ fn encode(msg: &NodeMessage) -> Result<Message, String> {
         .map_err(|e| format!("encoding a message failed: {e}"))
 }
 
+/// One session with control at `url`; `new_url`: this URL differs from the last welcomed
+/// session's, so the welcome names it.
 async fn session<H: NodeHooks>(
     config: &ChannelConfig,
     url: &str,
@@ -243,6 +270,7 @@ async fn session<H: NodeHooks>(
     applied: &mut Option<u64>,
     state: &watch::Sender<ChannelState>,
     welcomed: &mut bool,
+    new_url: bool,
 ) -> SessionEnd {
     let connect = timeout(
         config.handshake_timeout,
@@ -327,7 +355,11 @@ async fn session<H: NodeHooks>(
     }
     *welcomed = true;
     state.send_replace(ChannelState::Connected);
-    tracing::info!(%url, node_id = %config.node_id, "connected to control");
+    if new_url {
+        tracing::info!(url = %redact_url(url), node_id = %config.node_id, "connected to control");
+    } else {
+        tracing::info!(node_id = %config.node_id, "connected to control");
+    }
 
     let mut last_rx = Instant::now();
     let mut status_tick = tokio::time::interval(config.status_interval);
@@ -454,5 +486,21 @@ mod tests {
             ws_url("https://control.example.com"),
             "wss://control.example.com/api/v1/nodes/connect"
         );
+    }
+
+    #[test]
+    fn ws_urls_map_each_control_url() {
+        assert_eq!(
+            ws_urls("https://c1.example.com/, http://127.0.0.1:3000"),
+            [
+                "wss://c1.example.com/api/v1/nodes/connect",
+                "ws://127.0.0.1:3000/api/v1/nodes/connect"
+            ]
+        );
+        assert_eq!(
+            ws_urls("http://127.0.0.1:3000/"),
+            ["ws://127.0.0.1:3000/api/v1/nodes/connect"]
+        );
+        assert!(ws_urls(",").is_empty());
     }
 }

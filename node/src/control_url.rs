@@ -6,7 +6,13 @@
 //! `http://` control URL unless its host is loopback (`127.0.0.0/8`, `::1`, `localhost` or a name
 //! ending in `.localhost`, which resolve to loopback), or the operator opted out with
 //! `--allow-insecure-control` (a lab, a test network).
+//!
+//! The control URL may be a comma-separated list of base URLs, one per control replica
+//! (`https://c1.example.com,https://c2.example.com`): [`control_urls`] splits it, and
+//! [`check_control_urls`] applies the rule above to each member. The list stays one string wherever
+//! it is stored (`--control`, `control` in the `--config` file, `control_url` in `state.json`).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv6Addr};
 
 use reqwest::Url;
@@ -27,6 +33,15 @@ pub enum ControlUrlError {
     Scheme {
         /// The URL as given.
         url: String,
+    },
+    /// The list of control URLs holds no URL (empty, or only commas and white space).
+    #[error(
+        "no control URL in {given:?}: expected e.g. https://control.example.com, or several \
+         separated by commas"
+    )]
+    Empty {
+        /// The list as given.
+        given: String,
     },
     /// Plain `http://` to a host that is not loopback, and insecure control was not allowed.
     #[error(
@@ -65,6 +80,45 @@ pub fn check_control_url(url: &str, allow_insecure: bool) -> Result<(), ControlU
         _ => Err(ControlUrlError::Scheme {
             url: trimmed.to_owned(),
         }),
+    }
+}
+
+/// The members of a control URL list: `s` split on `,`, each trimmed of white space and of
+/// trailing `/`, empty members dropped. A single URL gives a list of one; nothing gives an empty
+/// list (which [`check_control_urls`] refuses).
+pub fn control_urls(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|u| u.trim().trim_end_matches('/'))
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`check_control_url`] applied to each member of the comma-separated list `s` (see
+/// [`control_urls`]): the first bad member is the error, named in it; a list without any URL is
+/// [`ControlUrlError::Empty`]. Returns the members.
+pub fn check_control_urls(s: &str, allow_insecure: bool) -> Result<Vec<String>, ControlUrlError> {
+    let urls = control_urls(s);
+    if urls.is_empty() {
+        return Err(ControlUrlError::Empty {
+            given: s.to_owned(),
+        });
+    }
+    for url in &urls {
+        check_control_url(url, allow_insecure)?;
+    }
+    Ok(urls)
+}
+
+/// `url` fit for a log line: a `user:password@` before the host is replaced by `***@`, so that
+/// nothing a URL could carry as a credential is written out.
+pub fn redact_url(url: &str) -> Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_len].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***{}", &url[..start], &rest[at..])),
+        None => Cow::Borrowed(url),
     }
 }
 
@@ -182,6 +236,103 @@ mod tests {
         for host in ["10.0.0.1", "[2001:db8::1]", "localhost.example", "", "[::1"] {
             assert!(!is_loopback_host(host), "{host}");
         }
+    }
+
+    #[test]
+    fn a_list_is_split_trimmed_and_slashes_dropped() {
+        assert_eq!(
+            control_urls(
+                " https://c1.example.com/ ,https://c2.example.com//,, \t,http://127.0.0.1:3000"
+            ),
+            [
+                "https://c1.example.com",
+                "https://c2.example.com",
+                "http://127.0.0.1:3000"
+            ]
+        );
+        assert!(control_urls("").is_empty());
+        assert!(control_urls(" , ,").is_empty());
+    }
+
+    #[test]
+    fn a_single_url_is_a_list_of_one() {
+        assert_eq!(
+            control_urls("https://control.example.com/"),
+            ["https://control.example.com"]
+        );
+        assert_eq!(
+            check_control_urls("http://127.0.0.1:3000/", false),
+            Ok(vec!["http://127.0.0.1:3000".to_owned()])
+        );
+        assert_eq!(
+            check_control_urls("http://10.0.0.1:3000", false),
+            Err(ControlUrlError::Insecure {
+                url: "http://10.0.0.1:3000".into()
+            })
+        );
+    }
+
+    #[test]
+    fn every_url_of_a_list_is_checked_and_the_bad_one_named() {
+        assert_eq!(
+            check_control_urls("https://c1.example.com, https://c2.example.com/", false),
+            Ok(vec![
+                "https://c1.example.com".to_owned(),
+                "https://c2.example.com".to_owned()
+            ])
+        );
+        let err =
+            check_control_urls("https://c1.example.com,http://c2.example.com", false).unwrap_err();
+        assert_eq!(
+            err,
+            ControlUrlError::Insecure {
+                url: "http://c2.example.com".into()
+            }
+        );
+        assert!(
+            err.to_string()
+                .contains("http://c2.example.com is not HTTPS"),
+            "{err}"
+        );
+        // The flag covers every member, garbage stays garbage.
+        assert!(check_control_urls("http://c1.example.com,http://c2.example.com", true).is_ok());
+        let err = check_control_urls("https://c1.example.com,c2.example.com", true).unwrap_err();
+        assert!(matches!(err, ControlUrlError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("\"c2.example.com\""), "{err}");
+        let err =
+            check_control_urls("ftp://c1.example.com , https://c2.example.com", true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "control URL \"ftp://c1.example.com\" must start with http:// or https://"
+        );
+    }
+
+    #[test]
+    fn an_empty_list_is_refused() {
+        for given in ["", "  ", ",", " , / ,"] {
+            let err = check_control_urls(given, true).unwrap_err();
+            assert_eq!(
+                err,
+                ControlUrlError::Empty {
+                    given: given.into()
+                }
+            );
+            assert!(err.to_string().starts_with("no control URL in"), "{err}");
+        }
+    }
+
+    #[test]
+    fn user_info_is_redacted_for_logs() {
+        assert_eq!(
+            redact_url("wss://control.example.com/api/v1/nodes/connect"),
+            "wss://control.example.com/api/v1/nodes/connect"
+        );
+        assert_eq!(
+            redact_url("https://user:pw@control.example.com:8443/a@b"),
+            "https://***@control.example.com:8443/a@b"
+        );
+        assert_eq!(redact_url("ws://a@b@127.0.0.1"), "ws://***@127.0.0.1");
+        assert_eq!(redact_url("http://h/?q=a@b"), "http://h/?q=a@b");
     }
 
     #[test]

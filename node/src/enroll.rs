@@ -1,5 +1,10 @@
 //! Enrollment: trading a one-time token for a node credential, and the startup logic both
 //! binaries share (use `state.json` if present, else enroll and save it).
+//!
+//! The control URL may be a comma-separated list (several control replicas, see
+//! [`crate::control_url`]): enrollment tries them in order, going on to the next one when a replica
+//! cannot be reached (cannot connect, timeout, 5xx) and stopping at the first definite answer
+//! (enrolled, token refused, redirect…). The whole list is recorded in `state.json`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +14,7 @@ use kakuremichi_proto::{
 };
 use serde::Deserialize;
 
+use crate::control_url::{control_urls, redact_url};
 use crate::state::{ensure_dir, NodeState, PrivateKey, StateError};
 
 /// Enrollment or loading the node state failed.
@@ -54,12 +60,31 @@ pub enum EnrollError {
         "control enrolled this node as a {0}: the token was issued for the other kind of node"
     )]
     KindMismatch(NodeKind),
-    /// The control URL is not http(s).
+    /// The control URL (a member of the list) is not http(s).
     #[error("control URL {0:?} must start with http:// or https://")]
     BadUrl(String),
+    /// The list of control URLs holds no URL.
+    #[error("no control URL in {0:?}: expected e.g. https://control.example.com")]
+    NoUrl(String),
+    /// Several control URLs were given and none could be reached: each one's failure (an
+    /// [`EnrollError::Http`] or a 5xx [`EnrollError::Refused`]) with its control URL.
+    #[error("enrollment failed at every control URL: {}", list_failures(.0))]
+    AllFailed(Vec<(String, EnrollError)>),
     /// Reading or writing the data dir failed.
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+fn list_failures(failures: &[(String, EnrollError)]) -> String {
+    failures
+        .iter()
+        .map(|(url, error)| match error {
+            // Names its URL already.
+            EnrollError::Http { .. } => error.to_string(),
+            _ => format!("{}: {error}", redact_url(url)),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[derive(Deserialize)]
@@ -75,45 +100,103 @@ struct ErrorDetail {
     message: String,
 }
 
-/// Normalizes a control URL (trims a trailing slash) and checks its scheme.
+/// Normalizes a control URL or a comma-separated list of them (see
+/// [`crate::control_url::control_urls`]: white space, trailing slashes and empty members dropped),
+/// checks the scheme of each and joins them again with `,`.
 pub fn normalize_control_url(url: &str) -> Result<String, EnrollError> {
-    let trimmed = url.trim().trim_end_matches('/');
-    if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
-        Ok(trimmed.to_owned())
-    } else {
-        Err(EnrollError::BadUrl(url.to_owned()))
+    let urls = control_urls(url);
+    if urls.is_empty() {
+        return Err(EnrollError::NoUrl(url.to_owned()));
     }
+    if let Some(bad) = urls
+        .iter()
+        .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+    {
+        return Err(EnrollError::BadUrl(bad.clone()));
+    }
+    Ok(urls.join(","))
 }
 
-/// `POST {control}/api/v1/enroll`.
+/// `POST {control}/api/v1/enroll`, at each URL of the comma-separated list `control_url` in turn
+/// until one gives a definite answer: a replica that cannot be reached (no connection, timeout,
+/// 5xx) is skipped, anything else (the enrollment, a refused token, a redirect) is the result.
+/// When none could be reached: the one failure for a single URL, else
+/// [`EnrollError::AllFailed`].
 pub async fn enroll(
     control_url: &str,
     kind: NodeKind,
     token: &Secret,
     public_key: WgPublicKey,
 ) -> Result<EnrollResponse, EnrollError> {
-    let base = normalize_control_url(control_url)?;
-    let url = format!("{base}{ENROLL_PATH}");
-    let http = |e: reqwest::Error| {
-        let e = e.without_url();
-        let mut error = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            error = format!("{error}: {c}");
-            cause = c.source();
-        }
-        EnrollError::Http {
-            url: url.clone(),
-            error,
-        }
-    };
+    let bases = control_urls(&normalize_control_url(control_url)?);
     // Redirects are not followed: a 307/308 would resend the token, possibly to plain http:// or
-    // another host, past the check of the control URL.
+    // another host, past the check of the control URL. A replica that does not answer a
+    // connection at all is given up sooner than one that is slow to answer.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(http)?;
+        .map_err(|e| EnrollError::Http {
+            url: control_url.to_owned(),
+            error: error_chain(e),
+        })?;
+    let mut failures = Vec::new();
+    for (i, base) in bases.iter().enumerate() {
+        match enroll_at(&client, base, kind, token, public_key).await {
+            Ok(answer) => return Ok(answer),
+            Err(Attempt::Definite(error)) => return Err(error),
+            Err(Attempt::Unreachable(error)) => {
+                if i + 1 < bases.len() {
+                    tracing::warn!(
+                        url = %redact_url(base),
+                        %error,
+                        "control cannot be reached; trying the next control URL"
+                    );
+                }
+                failures.push((base.clone(), error));
+            }
+        }
+    }
+    match failures.len() {
+        1 => Err(failures.remove(0).1),
+        _ => Err(EnrollError::AllFailed(failures)),
+    }
+}
+
+/// How one control URL failed.
+enum Attempt {
+    /// The replica could not be reached or failed (5xx): another one may do.
+    Unreachable(EnrollError),
+    /// Control answered: another replica would answer the same (or the token is spent).
+    Definite(EnrollError),
+}
+
+/// A reqwest error with its causes, without the URL (the caller names it).
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut error = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        error = format!("{error}: {c}");
+        cause = c.source();
+    }
+    error
+}
+
+/// `POST {base}/api/v1/enroll` at one control URL.
+async fn enroll_at(
+    client: &reqwest::Client,
+    base: &str,
+    kind: NodeKind,
+    token: &Secret,
+    public_key: WgPublicKey,
+) -> Result<EnrollResponse, Attempt> {
+    let url = format!("{base}{ENROLL_PATH}");
+    let http = |e: reqwest::Error| EnrollError::Http {
+        url: url.clone(),
+        error: error_chain(e),
+    };
     let request = EnrollRequest {
         protocol_version: PROTOCOL_VERSION,
         kind,
@@ -125,7 +208,7 @@ pub async fn enroll(
         .json(&request)
         .send()
         .await
-        .map_err(http)?;
+        .map_err(|e| Attempt::Unreachable(http(e)))?;
     let status = response.status();
     if status.is_redirection() {
         let location = response
@@ -136,13 +219,13 @@ pub async fn enroll(
             .chars()
             .take(300)
             .collect::<String>();
-        return Err(EnrollError::Refused {
+        return Err(Attempt::Definite(EnrollError::Refused {
             status: status.as_u16(),
             message: format!(
                 "redirected to {location}: enrollment does not follow redirects, give the URL \
                  control is served at as --control"
             ),
-        });
+        }));
     }
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
@@ -152,20 +235,33 @@ pub async fn enroll(
             Err(_) if text.trim().is_empty() => status.to_string(),
             Err(_) => text.chars().take(300).collect(),
         };
-        return Err(EnrollError::Refused {
+        let error = EnrollError::Refused {
             status: status.as_u16(),
             message,
+        };
+        // A 5xx is this replica failing (or the proxy in front of it), not control's verdict.
+        return Err(if status.is_server_error() {
+            Attempt::Unreachable(error)
+        } else {
+            Attempt::Definite(error)
         });
     }
-    let answer: EnrollResponse = response.json().await.map_err(http)?;
+    // Control took the token: another replica would only say it was used, so an unreadable
+    // answer is the error to show.
+    let answer: EnrollResponse = response
+        .json()
+        .await
+        .map_err(|e| Attempt::Definite(http(e)))?;
     if answer.kind != kind {
-        return Err(EnrollError::KindMismatch(answer.kind));
+        return Err(Attempt::Definite(EnrollError::KindMismatch(answer.kind)));
     }
     Ok(answer)
 }
 
 /// The startup logic of both binaries: if `<data_dir>/state.json` exists, use it (the token is
-/// ignored); otherwise generate a key, enroll with `token` and save the state.
+/// ignored; a changed `control_url` is saved); otherwise generate a key, enroll with `token`
+/// (trying each URL of the list, see [`enroll`]) and save the state. `control_url` is one URL or a
+/// comma-separated list; the state records it normalized, the whole list.
 pub async fn load_or_enroll(
     data_dir: &Path,
     control_url: &str,
@@ -190,7 +286,18 @@ pub async fn load_or_enroll(
             );
         }
         if state.control_url != control_url {
-            tracing::info!(old = %state.control_url, new = %control_url, "control URL changed");
+            let redact = |list: &str| {
+                control_urls(list)
+                    .iter()
+                    .map(|u| redact_url(u).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            tracing::info!(
+                old = %redact(&state.control_url),
+                new = %redact(&control_url),
+                "control URL changed"
+            );
             state.control_url = control_url;
             state.save(data_dir)?;
         }
@@ -292,6 +399,161 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, EnrollError::WrongKind { .. }), "{err}");
+    }
+
+    fn enrolled_agent() -> String {
+        serde_json::json!({
+            "node_id": "01234567-89ab-cdef-0123-456789abcdef",
+            "kind": "agent",
+            "credential": "kmn_cred",
+            "overlay_address": "100.64.0.9"
+        })
+        .to_string()
+    }
+
+    /// A URL on 127.0.0.1 nothing listens at.
+    async fn closed_port() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn a_list_of_control_urls_is_normalized_member_by_member() {
+        assert_eq!(
+            normalize_control_url(" https://c1.example.com/ ,, https://c2.example.com// ").unwrap(),
+            "https://c1.example.com,https://c2.example.com"
+        );
+        assert_eq!(
+            normalize_control_url("http://127.0.0.1:3000/").unwrap(),
+            "http://127.0.0.1:3000"
+        );
+        let err = normalize_control_url("https://c1.example.com,c2.example.com").unwrap_err();
+        assert!(
+            matches!(&err, EnrollError::BadUrl(u) if u == "c2.example.com"),
+            "{err}"
+        );
+        let err = normalize_control_url(" , ").unwrap_err();
+        assert!(matches!(err, EnrollError::NoUrl(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn enrollment_goes_on_to_the_next_url_when_one_cannot_be_reached() {
+        let closed = closed_port().await;
+        let (url, server) = one_shot("200 OK", enrolled_agent()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let list = format!("{closed}, {url}");
+        let state = load_or_enroll(
+            dir.path(),
+            &list,
+            NodeKind::Agent,
+            Some(&Secret::new("kme_token")),
+        )
+        .await
+        .unwrap();
+        let request = server.await.unwrap();
+        assert!(request.contains("\"token\":\"kme_token\""), "{request}");
+        assert_eq!(state.credential.expose(), "kmn_cred");
+        // The whole list is recorded, normalized.
+        let expected = format!("{closed},{}", url.trim_end_matches('/'));
+        assert_eq!(state.control_url, expected);
+        assert_eq!(
+            NodeState::load(dir.path()).unwrap().unwrap().control_url,
+            expected
+        );
+    }
+
+    #[tokio::test]
+    async fn enrollment_goes_on_to_the_next_url_after_a_5xx() {
+        let (failing, first) = one_shot("503 Service Unavailable", "no upstream".into()).await;
+        let (url, second) = one_shot("200 OK", enrolled_agent()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = load_or_enroll(
+            dir.path(),
+            &format!("{failing},{url}"),
+            NodeKind::Agent,
+            Some(&Secret::new("kme_token")),
+        )
+        .await
+        .unwrap();
+        assert!(first.await.unwrap().starts_with("POST /api/v1/enroll "));
+        assert!(second.await.unwrap().starts_with("POST /api/v1/enroll "));
+        assert_eq!(state.credential.expose(), "kmn_cred");
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_final_and_the_next_url_is_not_tried() {
+        let body = r#"{"error":{"code":"invalid_token","message":"the enrollment token is unknown or was already used"}}"#;
+        let (refusing, _server) = one_shot("401 Unauthorized", body.into()).await;
+        let next = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let next_url = format!("http://{}", next.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_or_enroll(
+            dir.path(),
+            &format!("{refusing},{next_url}"),
+            NodeKind::Agent,
+            Some(&Secret::new("kme_token")),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, EnrollError::Refused { status: 401, .. }),
+            "{err}"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), next.accept())
+                .await
+                .is_err(),
+            "the second control URL was tried"
+        );
+        assert!(NodeState::load(dir.path()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn every_url_unreachable_names_each_failure() {
+        let a = closed_port().await;
+        let (b, _server) = one_shot("502 Bad Gateway", String::new()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_or_enroll(
+            dir.path(),
+            &format!("{a},{b}"),
+            NodeKind::Agent,
+            Some(&Secret::new("kme_token")),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, EnrollError::AllFailed(f) if f.len() == 2),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "enrollment failed at every control URL: enrollment request to {a}/api/v1/enroll \
+                 failed: "
+            )),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!(
+                "; {}: control refused the enrollment (502): 502 Bad Gateway",
+                b.trim_end_matches('/')
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("kme_token"), "{text}");
+        assert!(NodeState::load(dir.path()).unwrap().is_none());
+        // A single URL keeps its own error.
+        let err = load_or_enroll(
+            dir.path(),
+            &a,
+            NodeKind::Agent,
+            Some(&Secret::new("kme_token")),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, EnrollError::Http { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! What gateways and agents share: enrollment, the on-disk node state and config cache, the
-//! rule for the control URL ([`control_url`]: HTTPS unless control is on loopback), the
-//! control-channel client, a sans-IO jittered backoff, and the parts of a node runtime that do not
+//! rule for the control URL ([`control_url`]: HTTPS unless control is on loopback; a
+//! comma-separated list of URLs for several control replicas), the control-channel client, a
+//! sans-IO jittered backoff and the sans-IO choice of the control replica to try next
+//! ([`failover`]), and the parts of a node runtime that do not
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
 //! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the
 //! apply skeleton both kinds run ([`runtime`]), the settings every node binary has
@@ -16,6 +18,7 @@ pub mod backoff;
 pub mod channel;
 pub mod control_url;
 pub mod enroll;
+pub mod failover;
 pub mod memory;
 pub mod plan;
 pub mod process;
@@ -27,8 +30,9 @@ pub mod tunnel;
 pub use applied::{AppliedConfig, ApplyError, Applying};
 pub use backoff::Backoff;
 pub use channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
-pub use control_url::{check_control_url, ControlUrlError};
+pub use control_url::{check_control_url, check_control_urls, control_urls, ControlUrlError};
 pub use enroll::{enroll, load_or_enroll, EnrollError};
+pub use failover::Failover;
 pub use runtime::{begin_apply, Apply};
 pub use settings::{ConfigError, NodeSettings};
 pub use state::{write_atomic, ConfigCache, NodeState, PrivateKey, StateError};

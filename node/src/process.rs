@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
-use crate::control_url::check_control_url;
+use crate::control_url::check_control_urls;
 use crate::settings::NodeSettings;
 use crate::state::NodeState;
 
@@ -51,12 +51,13 @@ pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
 }
 
 /// The node's identity: `state.json` if it enrolled before, else a fresh enrollment with the
-/// token. The control URL defaults to the enrolled one; either way it must pass
-/// [`check_control_url`] before the token or the credential is sent to it.
+/// token. The control URL (one, or a comma-separated list for several control replicas) defaults
+/// to the enrolled one; either way each URL must pass [`check_control_urls`] before the token or
+/// the credential is sent to it.
 pub async fn load_identity(settings: &NodeSettings, kind: NodeKind) -> anyhow::Result<NodeState> {
     let control = match &settings.control {
         Some(c) => {
-            check_control_url(c, settings.allow_insecure_control).context("--control")?;
+            check_control_urls(c, settings.allow_insecure_control).context("--control")?;
             c.clone()
         }
         None => {
@@ -69,7 +70,7 @@ pub async fn load_identity(settings: &NodeSettings, kind: NodeKind) -> anyhow::R
                         kind.to_string().to_uppercase()
                     )
                 })?;
-            check_control_url(&url, settings.allow_insecure_control).with_context(|| {
+            check_control_urls(&url, settings.allow_insecure_control).with_context(|| {
                 format!(
                     "the control URL this node enrolled with ({}); pass --control to change it",
                     NodeState::path(&settings.data_dir).display()
@@ -219,6 +220,36 @@ mod tests {
             Some("https://control.example.com".to_owned()),
             "a refused --control does not touch the state"
         );
+    }
+
+    #[tokio::test]
+    async fn every_enrolled_control_url_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        enrolled(dir.path(), "https://c1.example.com,http://10.0.0.2:3000");
+        let err = load_identity(&settings(dir.path(), None, false), NodeKind::Agent)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("http://10.0.0.2:3000 is not HTTPS"), "{text}");
+        // A list on --control replaces the enrolled one, normalized.
+        let got = load_identity(
+            &settings(
+                dir.path(),
+                Some(" https://c1.example.com/ , https://c2.example.com/"),
+                false,
+            ),
+            NodeKind::Agent,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            got.control_url,
+            "https://c1.example.com,https://c2.example.com"
+        );
+        let err = load_identity(&settings(dir.path(), Some(","), false), NodeKind::Agent)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no control URL"), "{err:#}");
     }
 
     #[tokio::test]

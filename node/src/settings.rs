@@ -1,5 +1,5 @@
-//! The settings every node binary has (control URL, enrollment token, data dir, WireGuard
-//! address) and the helpers both binaries use to merge their command line over a TOML file.
+//! The settings every node binary has (control URL, or a comma-separated list of them for several
+//! control replicas; enrollment token, data dir, WireGuard address) and the helpers both binaries use to merge their command line over a TOML file.
 //!
 //! The command line itself stays in each binary: flags, environment variable names, defaults
 //! and the file's keys are part of each binary's interface. Flags that are the same on both
@@ -16,12 +16,13 @@ use kakuremichi_tunnel::QuicSettings;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::control_url::{check_control_url, ControlUrlError};
+use crate::control_url::{check_control_urls, ControlUrlError};
 
 /// The settings shared by gateways and agents, validated.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
-    /// Control URL if given (else the enrolled one).
+    /// Control URL if given (else the enrolled one); may be a comma-separated list of the URLs of
+    /// several control replicas.
     pub control: Option<String>,
     /// Enrollment token (from `--token` or `--token-file`).
     pub token: Option<Secret>,
@@ -147,7 +148,7 @@ pub struct ControlArgs {
 /// `token_file` and `allow_insecure_control` of each binary's file, which copies them here.
 #[derive(Debug, Clone, Default)]
 pub struct ControlFile {
-    /// `control`.
+    /// `control` (one URL, or several separated by commas).
     pub control: Option<String>,
     /// `token`.
     pub token: Option<Secret>,
@@ -160,7 +161,8 @@ pub struct ControlFile {
 /// Where control is and how to enroll with it, validated.
 #[derive(Debug, Clone)]
 pub struct ControlSettings {
-    /// The control URL, if given (else the enrolled one is used, and checked at start).
+    /// The control URL, if given (else the enrolled one is used, and checked at start): one URL
+    /// or a comma-separated list of them (control replicas), as written.
     pub control: Option<String>,
     /// The enrollment token, if given.
     pub token: Option<Secret>,
@@ -170,8 +172,9 @@ pub struct ControlSettings {
 
 impl ControlArgs {
     /// The command line (`control` and `token` are the binary's own `--control` and `--token`)
-    /// over the file, validated: the control URL must be HTTPS unless it is on loopback or insecure
-    /// control is allowed (by the flag, its environment variable or the file), and the token
+    /// over the file, validated: each control URL of the comma-separated list (one or more) must be
+    /// HTTPS unless it is on loopback or insecure control is allowed (by the flag, its environment
+    /// variable or the file), and the token
     /// comes from `--token` or `--token-file`, never both. The command line wins over the file for
     /// the token as a whole: `--token-file` there overrides `token` in the file.
     pub fn resolve(
@@ -184,7 +187,7 @@ impl ControlArgs {
             self.allow_insecure_control || file.allow_insecure_control.unwrap_or(false);
         let control = control.or(file.control);
         if let Some(url) = &control {
-            check_control_url(url, allow_insecure_control)?;
+            check_control_urls(url, allow_insecure_control)?;
         }
         let token = match enrollment_token(token, self.token_file, "--token and --token-file")? {
             Some(token) => Some(token),
@@ -374,6 +377,48 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("is not a valid URL"), "{err}");
+    }
+
+    #[test]
+    fn a_list_of_control_urls_is_checked_url_by_url() {
+        let list = "https://c1.example.com/, http://127.0.0.1:3000";
+        let ok = resolve(
+            ControlArgs::default(),
+            Some(list),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.control.as_deref(), Some(list));
+        // From the file too.
+        let file = ControlFile {
+            control: Some("https://c1.example.com,https://c2.example.com".into()),
+            ..Default::default()
+        };
+        assert!(resolve(ControlArgs::default(), None, None, file).is_ok());
+        let err = resolve(
+            ControlArgs::default(),
+            Some("https://c1.example.com,http://c2.example.com:3000"),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("control URL http://c2.example.com:3000 is not HTTPS"),
+            "{err}"
+        );
+        let err = resolve(
+            ControlArgs::default(),
+            Some(" , "),
+            None,
+            ControlFile::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ControlUrl(ControlUrlError::Empty { .. })),
+            "{err}"
+        );
     }
 
     #[test]

@@ -397,3 +397,83 @@ async fn busy_is_retried_after_the_delay_with_jitter_and_is_not_a_refusal() {
     assert_eq!(applied.recv().await, Some(4));
     task.abort();
 }
+
+#[tokio::test]
+async fn moves_to_another_control_replica_when_its_own_dies() {
+    let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let mut cfg = config(a_addr);
+    // Trailing slashes and spaces are fine; a long backoff shows the move does not wait for it.
+    cfg.control_url = format!("http://{a_addr}/ , http://{b_addr}");
+    cfg.backoff_base = Duration::from_millis(100);
+    cfg.backoff_max = Duration::from_secs(30);
+    let (tx, mut applied) = mpsc::unbounded_channel();
+    let (state_tx, mut state) = watch::channel(ChannelState::Connecting);
+    let task = tokio::spawn(run_channel(
+        cfg,
+        Arc::new(Hooks { applied: tx }),
+        None,
+        state_tx,
+    ));
+    // The node picks one replica, whichever.
+    let (mut ws, first_is_a) = tokio::select! {
+        ws = accept(&a) => (ws, true),
+        ws = accept(&b) => (ws, false),
+    };
+    assert!(matches!(recv(&mut ws).await, NodeMessage::Hello { .. }));
+    send(
+        &mut ws,
+        ControlMessage::Welcome {
+            protocol_version: 1,
+            node_id: NODE,
+        },
+    )
+    .await;
+    send(&mut ws, ControlMessage::Config(snapshot(4))).await;
+    assert_eq!(applied.recv().await, Some(4));
+    assert_eq!(
+        recv_non_status(&mut ws).await,
+        NodeMessage::Applied { version: 4 }
+    );
+    state
+        .wait_for(|s| *s == ChannelState::Connected)
+        .await
+        .unwrap();
+    // That replica dies; the other one gets the node well within a second.
+    let other = if first_is_a {
+        drop(a);
+        b
+    } else {
+        drop(b);
+        a
+    };
+    drop(ws);
+    let started = std::time::Instant::now();
+    let mut ws = tokio::time::timeout(Duration::from_secs(5), accept(&other))
+        .await
+        .expect("the node did not move to the other replica");
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "moving took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(
+        recv(&mut ws).await,
+        NodeMessage::Hello {
+            applied_version: Some(4),
+            ..
+        }
+    ));
+    send(
+        &mut ws,
+        ControlMessage::Welcome {
+            protocol_version: 1,
+            node_id: NODE,
+        },
+    )
+    .await;
+    send(&mut ws, ControlMessage::Config(snapshot(5))).await;
+    assert_eq!(applied.recv().await, Some(5));
+    task.abort();
+}
