@@ -10,7 +10,8 @@
 //! sent, or refuses the node if it was deleted or its credential revoked. One live session per
 //! node: a newer one replaces the older ([`RefuseReason::Replaced`]). Activity (applied versions,
 //! status, last seen) is coalesced in [`crate::activity::Activity`]; online state is the set of
-//! open sessions in this process.
+//! open sessions in this process, joined with those other control replicas hold
+//! ([`crate::replicas`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -60,6 +61,8 @@ pub struct Hub {
     next_generation: AtomicU64,
     live: AtomicUsize,
     idle: Notify,
+    /// Nodes whose sessions other control replicas hold (from the store, every second).
+    remote: Mutex<HashMap<Uuid, NodeKind>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -138,14 +141,45 @@ impl Hub {
         self.changes.0.subscribe()
     }
 
-    /// Whether the node has an open session.
-    pub fn is_online(&self, id: Uuid) -> bool {
-        self.lock().contains_key(&id)
+    fn remote(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, NodeKind>> {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many nodes of a kind have an open session.
+    /// Whether the node has an open session, here or on another control replica.
+    pub fn is_online(&self, id: Uuid) -> bool {
+        self.lock().contains_key(&id) || self.remote().contains_key(&id)
+    }
+
+    /// How many nodes of a kind have an open session, here or on another control replica.
     pub fn online_count(&self, kind: NodeKind) -> usize {
+        let local = self.local_nodes();
+        let remote = self
+            .remote()
+            .iter()
+            .filter(|(id, k)| **k == kind && !local.contains_key(id))
+            .count();
+        local.values().filter(|k| **k == kind).count() + remote
+    }
+
+    /// How many nodes of a kind have an open session with this replica.
+    pub fn connected_here(&self, kind: NodeKind) -> usize {
         self.lock().values().filter(|e| e.kind == kind).count()
+    }
+
+    /// The nodes whose sessions this replica holds.
+    pub fn local_nodes(&self) -> HashMap<Uuid, NodeKind> {
+        self.lock().iter().map(|(id, e)| (*id, e.kind)).collect()
+    }
+
+    /// Replaces the nodes other replicas hold; watchers of [`Hub::watch_online`] hear of a
+    /// change.
+    pub fn set_remote(&self, nodes: HashMap<Uuid, NodeKind>) {
+        let mut remote = self.remote();
+        if *remote != nodes {
+            *remote = nodes;
+            drop(remote);
+            self.changes.0.send_modify(|n| *n += 1);
+        }
     }
 
     /// Session tasks alive (welcomed or still in their handshake).

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod overlay;
 pub mod passkeys;
+pub mod replicas;
 pub mod roles;
 pub mod seal;
 pub mod secrets;
@@ -137,6 +138,8 @@ pub struct AppState {
     /// Whether control's public URL was set (else the install script names the origin it was
     /// fetched from).
     pub public_url_set: bool,
+    /// This process as one of control's replicas (whether it runs the singleton work).
+    pub replica: Arc<crate::replicas::Replica>,
 }
 
 impl AppState {
@@ -170,6 +173,7 @@ impl AppState {
             session_heartbeat: crate::sessions::HEARTBEAT,
             release_dir: None,
             public_url_set: false,
+            replica: Arc::default(),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(state.clone().flush_until_shutdown());

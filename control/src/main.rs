@@ -301,6 +301,8 @@ async fn main() -> anyhow::Result<()> {
         ..HubTiming::default()
     };
     let mut state = AppState::with_timing(store.clone(), timing);
+    // With PostgreSQL, replicas may share the database: one leads the singleton work, by lock.
+    state.replica = std::sync::Arc::new(kakuremichi_control::replicas::Replica::new(sqlite));
     state.acme = settings.acme.clone().map(std::sync::Arc::new);
     state.sign_in = std::sync::Arc::new(kakuremichi_control::identity::SignInLimits::new(
         settings.sign_in_per_minute,
@@ -348,8 +350,29 @@ async fn main() -> anyhow::Result<()> {
         version = store.config_version().await.unwrap_or_default(),
         "kakuremichi control is up"
     );
+    use kakuremichi_control::replicas;
+    if !sqlite {
+        let url = settings.database_url.clone();
+        tokio::spawn(replicas::follow_changes(
+            store.clone(),
+            url.clone(),
+            state.shutdown_signal(),
+        ));
+        tokio::spawn(replicas::lead(
+            state.replica.clone(),
+            url,
+            state.shutdown_signal(),
+        ));
+        tokio::spawn(replicas::heartbeat(state.clone(), bound.to_string()));
+    }
+    // The singleton work: on the replica that leads.
     if let Some(acme) = settings.acme.clone() {
-        tokio::spawn(kakuremichi_control::acme::run(state.clone(), acme));
+        let st = state.clone();
+        tokio::spawn(replicas::while_leader(
+            state.replica.watch_leader(),
+            "certificates",
+            move || kakuremichi_control::acme::run(st.clone(), acme.clone()),
+        ));
     }
     // Gateways' API-key assertions live for a session's life: push fresh ones at a third of it.
     let refresh = (settings.session_life / 3).clamp(
@@ -357,17 +380,24 @@ async fn main() -> anyhow::Result<()> {
         std::time::Duration::from_secs(3600),
     );
     let refresher = store.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(refresh);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            if let Err(e) = refresher.refresh_edge_credentials().await {
-                tracing::warn!(error = %e, "cannot refresh the gateways' API-key assertions");
+    tokio::spawn(replicas::while_leader(
+        state.replica.watch_leader(),
+        "credential refresh",
+        move || {
+            let refresher = refresher.clone();
+            async move {
+                let mut tick = tokio::time::interval(refresh);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = refresher.refresh_edge_credentials().await {
+                        tracing::warn!(error = %e, "cannot refresh the gateways' API-key assertions");
+                    }
+                }
             }
-        }
-    });
+        },
+    ));
     let router = app(state.clone());
     let shutdown_state = state.clone();
     let options = ServeOptions {
@@ -394,6 +424,13 @@ async fn main() -> anyhow::Result<()> {
     match state.flush_activity().await {
         Ok(n) => tracing::info!(nodes = n, "recorded the nodes' last activity"),
         Err(e) => tracing::error!(error = %e, "cannot record the nodes' last activity"),
+    }
+    if !sqlite {
+        // Gone now rather than when its heartbeat is stale: its nodes are already elsewhere.
+        let hour_ago = kakuremichi_control::store::now_ms() - 3_600_000;
+        if let Err(e) = store.replica_gone(state.replica.id, hour_ago).await {
+            tracing::warn!(error = %e, "cannot forget this replica in the store");
+        }
     }
     store.close().await;
     tracing::info!("stopped");

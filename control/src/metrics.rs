@@ -42,7 +42,7 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HELP kakuremichi_nodes_online Nodes with an open control session.\n# TYPE kakuremichi_nodes_online gauge"
+        "# HELP kakuremichi_nodes_online Nodes with an open control session, with any replica.\n# TYPE kakuremichi_nodes_online gauge"
     );
     for kind in [NodeKind::Gateway, NodeKind::Agent] {
         let _ = writeln!(
@@ -51,6 +51,22 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             state.hub.online_count(kind)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP kakuremichi_nodes_connected_here Nodes whose control session this replica holds.\n# TYPE kakuremichi_nodes_connected_here gauge"
+    );
+    for kind in [NodeKind::Gateway, NodeKind::Agent] {
+        let _ = writeln!(
+            out,
+            "kakuremichi_nodes_connected_here{{kind=\"{kind}\"}} {}",
+            state.hub.connected_here(kind)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kakuremichi_control_leader 1 on the control replica that runs the singleton work.\n# TYPE kakuremichi_control_leader gauge\nkakuremichi_control_leader {}",
+        u8::from(state.replica.is_leader())
+    );
     let _ = writeln!(
         out,
         "# HELP kakuremichi_config_version The current config version.\n# TYPE kakuremichi_config_version gauge\nkakuremichi_config_version {}",

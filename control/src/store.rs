@@ -3,9 +3,9 @@
 //!
 //! Every change that affects any node's snapshot bumps the config version in the same
 //! transaction, then publishes the new version on a `tokio::sync::watch` channel
-//! ([`Store::subscribe`]). WebSocket sessions recompute their snapshot on each new version. The
-//! channel's sender is exposed ([`Store::signal`]) so that another source, such as a Postgres
-//! `LISTEN` task for several control replicas, can feed the same signal.
+//! ([`Store::subscribe`]). WebSocket sessions recompute their snapshot on each new version. On
+//! PostgreSQL the same transaction also sends `NOTIFY` on [`CONFIG_CHANNEL`], so that every other
+//! control replica publishes the version too ([`crate::replicas`]).
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -34,6 +34,7 @@ mod oauth;
 mod orgs;
 mod passkeys;
 mod policies;
+mod replicas;
 mod roles;
 mod sessions;
 mod share_links;
@@ -51,6 +52,7 @@ pub use oauth::{GrantRefusal, OAuthClient, OAuthCode, OAuthGrant, OAuthGrantInfo
 pub use orgs::{Organization, DEFAULT_ORG};
 pub use passkeys::PasskeyInfo;
 pub use policies::Policy;
+pub use replicas::{Heartbeat, ReplicaRow};
 pub use roles::CustomRole;
 pub use sessions::{AgentSession, LiveSession, NewAgentSession, SessionShareInfo};
 pub use share_links::{ShareLink, ShareRefusal};
@@ -567,6 +569,10 @@ pub struct Store {
     backend: Backend,
 }
 
+/// The PostgreSQL notification channel of config versions: every replica `LISTEN`s on it and
+/// publishes each version it hears ([`crate::replicas::follow_changes`]).
+pub const CONFIG_CHANNEL: &str = "kakuremichi_config";
+
 /// The PostgreSQL advisory lock of first-run seeding ("kakuremi" in ASCII).
 const SEEDING_LOCK: i64 = 0x6b61_6b75_7265_6d69;
 
@@ -645,6 +651,11 @@ impl Store {
             sessions_host: None,
             backend,
         })
+    }
+
+    /// SQLite or PostgreSQL.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Holds, until `tx` ends, the lock under which first-run seeding happens (the admin key, the
@@ -727,7 +738,7 @@ impl Store {
         &self.signal
     }
 
-    fn publish(&self, version: u64) {
+    pub(crate) fn publish(&self, version: u64) {
         self.signal.send_if_modified(|v| {
             if version > *v {
                 *v = version;
@@ -766,6 +777,14 @@ impl Store {
 
     async fn commit_bumped(&self, mut tx: Transaction<'static, Any>) -> Result<u64> {
         let v = Self::bump(&mut tx).await?;
+        if self.backend == Backend::Postgres {
+            // Delivered to every replica's LISTEN when (and only if) the transaction commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CONFIG_CHANNEL)
+                .bind(v.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         self.publish(v);
         Ok(v)

@@ -185,6 +185,10 @@ pub struct ControlOptions {
     pub database_url: Option<String>,
     /// The admin key it is seeded with.
     pub admin_key: String,
+    /// `KAKUREMICHI_SECRETS_KEY_FILE`: replicas on one database share it. `None`: in the data dir.
+    pub secrets_key_file: Option<PathBuf>,
+    /// Further flags.
+    pub args: Vec<String>,
 }
 
 impl ControlOptions {
@@ -196,6 +200,8 @@ impl ControlOptions {
             log: dir.join("control.log"),
             database_url: None,
             admin_key: TEST_ADMIN_KEY.to_string(),
+            secrets_key_file: None,
+            args: Vec::new(),
         }
     }
 }
@@ -224,15 +230,20 @@ fn spawn_control(opts: &ControlOptions) -> anyhow::Result<Proc> {
     if let Some(url) = &opts.database_url {
         envs.push(("KAKUREMICHI_DATABASE_URL", url.clone()));
     }
+    if let Some(file) = &opts.secrets_key_file {
+        envs.push(("KAKUREMICHI_SECRETS_KEY_FILE", file.display().to_string()));
+    }
+    let mut args = vec![
+        "--listen".into(),
+        opts.listen.to_string(),
+        "--data-dir".into(),
+        opts.data_dir.display().to_string(),
+    ];
+    args.extend(opts.args.iter().cloned());
     Proc::spawn(
         "control",
         &bin("kakuremichi-control")?,
-        &[
-            "--listen".into(),
-            opts.listen.to_string(),
-            "--data-dir".into(),
-            opts.data_dir.display().to_string(),
-        ],
+        &args,
         &envs,
         None,
         opts.log.clone(),
@@ -692,6 +703,8 @@ pub struct SimNode {
     sessions_lost: AtomicU64,
     snapshots: AtomicU64,
     unreadable: AtomicU64,
+    /// Which of the fleet's control URLs it uses now (several: control replicas).
+    control: std::sync::atomic::AtomicUsize,
     log: Mutex<NodeLog>,
 }
 
@@ -711,6 +724,7 @@ impl SimNode {
             sessions_lost: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             unreadable: AtomicU64::new(0),
+            control: std::sync::atomic::AtomicUsize::new(0),
             log: Mutex::new(NodeLog::default()),
         }
     }
@@ -747,6 +761,11 @@ impl SimNode {
             log.versions.remove(0);
         }
         log.versions.push((version, now));
+    }
+
+    /// The index, among the fleet's control URLs, of the one it uses now.
+    pub fn control_index(&self) -> usize {
+        self.control.load(Ordering::SeqCst)
     }
 
     /// Whether it has a welcomed session now.
@@ -1164,7 +1183,7 @@ async fn session(
 }
 
 /// A simulated node's life: sessions forever, with the real node's delays between them.
-async fn run_node(node: Arc<SimNode>, url: Arc<str>, t: Arc<Timing>) {
+async fn run_node(node: Arc<SimNode>, urls: Arc<[Arc<str>]>, t: Arc<Timing>) {
     if !t.start_spread.is_zero() {
         let spread = u64::try_from(t.start_spread.as_millis()).unwrap_or(u64::MAX);
         let wait = rand::thread_rng().gen_range(0..=spread);
@@ -1176,16 +1195,31 @@ async fn run_node(node: Arc<SimNode>, url: Arc<str>, t: Arc<Timing>) {
         attempt: 0,
     };
     let mut applied: Option<u64> = None;
+    // URLs failed in a row in this outage.
+    let mut failed_in_a_row = 0usize;
     loop {
         let mut welcomed = false;
-        let end = session(&node, &url, &t, &mut applied, &mut welcomed).await;
+        let index = node.control.load(Ordering::SeqCst) % urls.len().max(1);
+        let end = session(&node, &urls[index], &t, &mut applied, &mut welcomed).await;
         if node.connected.swap(false, Ordering::SeqCst) {
             node.sessions_lost.fetch_add(1, Ordering::Relaxed);
         }
         if welcomed {
             backoff.reset();
+            failed_in_a_row = 0;
         }
         let delay = match end {
+            SessionEnd::Failed | SessionEnd::Lost if urls.len() > 1 => {
+                node.control
+                    .store((index + 1) % urls.len(), Ordering::SeqCst);
+                failed_in_a_row += 1;
+                if failed_in_a_row < urls.len() {
+                    let base = u64::try_from(t.backoff_base.as_millis()).unwrap_or(100);
+                    Duration::from_millis(rand::thread_rng().gen_range(0..=base))
+                } else {
+                    backoff.next_delay()
+                }
+            }
             SessionEnd::Failed | SessionEnd::Lost => backoff.next_delay(),
             SessionEnd::Busy(after) => busy_delay(after),
             SessionEnd::Refused => t.refused_retry,
@@ -1312,7 +1346,22 @@ impl Fleet {
     /// Starts one task per identity against control at `control_url` (`http://host:port`).
     /// Must be called within a tokio runtime.
     pub fn start(control_url: &str, identities: Vec<SimIdentity>, timing: Timing) -> Fleet {
-        let url: Arc<str> = ws_url(control_url).into();
+        Self::start_over(&[control_url.to_owned()], identities, timing)
+    }
+
+    /// Starts one task per identity against several control replicas: node `i` starts with
+    /// `control_urls[i % n]` and, as the real node does, moves to the next URL when its session
+    /// fails or is lost (after a short jitter while some URL is untried in the outage, with the
+    /// backoff once all failed).
+    pub fn start_over(
+        control_urls: &[String],
+        identities: Vec<SimIdentity>,
+        timing: Timing,
+    ) -> Fleet {
+        let urls: Arc<[Arc<str>]> = control_urls
+            .iter()
+            .map(|u| Arc::<str>::from(ws_url(u)))
+            .collect();
         let timing = Arc::new(timing);
         let started = Instant::now();
         let nodes: Vec<Arc<SimNode>> = identities
@@ -1321,7 +1370,11 @@ impl Fleet {
             .collect();
         let tasks = nodes
             .iter()
-            .map(|n| tokio::spawn(run_node(n.clone(), url.clone(), timing.clone())))
+            .enumerate()
+            .map(|(i, n)| {
+                n.control.store(i % urls.len().max(1), Ordering::SeqCst);
+                tokio::spawn(run_node(n.clone(), urls.clone(), timing.clone()))
+            })
             .collect();
         Fleet {
             nodes,

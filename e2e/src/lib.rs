@@ -55,11 +55,67 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
 /// port once came back as control's listen port). No port is handed out twice.
 static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
-fn fresh_port(pick: impl Fn() -> u16) -> u16 {
+/// Where test ports are picked: below the kernel's ephemeral range (32768 and up), so that no
+/// outgoing connection of any process takes one as its source port between the pick and the bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// Claims of ports across test processes: nextest runs each test in a process of its own, and a
+/// port picked by one (bound, released) could otherwise be picked by another before the first
+/// one's server binds it. A claim is a file named after the port holding the claimer's pid; it
+/// holds while that process lives.
+fn claims_dir() -> PathBuf {
+    std::env::temp_dir().join("kakuremichi-e2e-ports")
+}
+
+fn claim(port: u16) -> bool {
+    let dir = claims_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(port.to_string());
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write as _;
+                return f
+                    .write_all(std::process::id().to_string().as_bytes())
+                    .is_ok();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let alive = holder
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                // An empty file is a claim being written: leave it to its writer.
+                if alive || holder.is_empty() {
+                    return false;
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn fresh_port() -> u16 {
+    use rand::Rng as _;
     let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    for _ in 0..1000 {
-        let port = pick();
-        if port != 0 && !handed.contains(&port) {
+    let mut rng = rand::thread_rng();
+    for _ in 0..10_000 {
+        let port = rng.gen_range(TEST_PORTS);
+        if handed.contains(&port) {
+            continue;
+        }
+        // Free for both TCP and UDP on loopback and on every address.
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("0.0.0.0", port)).is_ok();
+        if free && claim(port) {
             handed.push(port);
             return port;
         }
@@ -67,24 +123,16 @@ fn fresh_port(pick: impl Fn() -> u16) -> u16 {
     0
 }
 
-/// A free TCP port on loopback (bound then released), never one handed out before.
+/// A free TCP port on loopback, never one handed out before to this or another running test
+/// process, and outside the ephemeral range.
 pub fn free_tcp_port() -> u16 {
-    fresh_port(|| {
-        TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
-    })
+    fresh_port()
 }
 
-/// A free UDP port on loopback, never one handed out before.
+/// A free UDP port on loopback, never one handed out before to this or another running test
+/// process, and outside the ephemeral range.
 pub fn free_udp_port() -> u16 {
-    fresh_port(|| {
-        UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
-    })
+    fresh_port()
 }
 
 /// A child process that is killed when dropped. Its stdout and stderr go to `log`.
@@ -718,8 +766,39 @@ impl Stack {
         .await;
         match res {
             Ok(()) => Ok(started.elapsed()),
-            Err(e) => Err(e.context(self.logs())),
+            Err(e) => Err(e.context(format!("{}\n{}", self.logs(), self.diagnosis()))),
         }
+    }
+
+    /// Whether each process still runs (its state in `/proc`: `Z` once it has ended) and the
+    /// sockets on the gateway's and the app's ports, for failure messages.
+    pub fn diagnosis(&self) -> String {
+        let mut out = String::from("--- processes ---\n");
+        for p in [&self.control, &self.gateway, &self.agent, &self.app] {
+            let state = p
+                .pid()
+                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+                .and_then(|stat| {
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+                })
+                .unwrap_or_else(|| "gone".into());
+            out.push_str(&format!("{} pid {:?}: state {state}\n", p.name, p.pid()));
+        }
+        let ports = [
+            self.opts.gateway_http_listen.port(),
+            self.opts.app_listen.port(),
+        ];
+        if let Ok(ss) = Command::new("ss").args(["-tanpH"]).output() {
+            out.push_str("--- sockets on those ports ---\n");
+            for line in String::from_utf8_lossy(&ss.stdout).lines() {
+                if ports.iter().any(|p| line.contains(&format!(":{p} "))) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
     }
 
     /// Every line every process logged so far.
@@ -808,7 +887,7 @@ fn is_loopback_host(host: &str) -> bool {
     }
 }
 
-fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
+pub fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
     let data = dir.join("gateway");
     std::fs::create_dir_all(&data)?;
     let mut args = vec![
@@ -836,7 +915,7 @@ fn start_gateway(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow
     )
 }
 
-fn start_agent(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
+pub fn start_agent(opts: &StackOptions, dir: &Path, token: Option<&str>) -> anyhow::Result<Proc> {
     start_agent_named(opts, dir, "agent", token)
 }
 

@@ -684,10 +684,21 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         self.seeding_lock(&mut tx).await?;
         let current: Option<String> =
-            sqlx::query_scalar("SELECT kid FROM signing_keys WHERE retired_at IS NULL")
+            sqlx::query_scalar("SELECT private_sealed FROM signing_keys WHERE retired_at IS NULL")
                 .fetch_optional(&mut *tx)
                 .await?;
-        if current.is_some() {
+        if let Some(sealed) = current {
+            // Another replica (or an earlier run) sealed it: this one must be able to open it.
+            if let Some(sealer) = self.sealer.as_deref() {
+                if sealer.open(KEY_PURPOSE, &sealed).is_err() {
+                    return Err(StoreError::Invalid(
+                        "the signing key in the database was sealed with another secrets key: \
+                         every control replica on one database needs the same secrets key file \
+                         (--secrets-key-file; copy the first replica's)"
+                            .into(),
+                    ));
+                }
+            }
             return Ok(());
         }
         self.insert_signing_key(&mut tx).await?;
