@@ -36,10 +36,17 @@ pub enum ApiError {
     /// Well formed, but it cannot be done (e.g. an `Idempotency-Key` reused for another request).
     #[error("{0}")]
     Unprocessable(String),
+    /// The store cannot be reached now (PostgreSQL restarting, say): 503 with `Retry-After`; the
+    /// cause is logged and masked in the answer.
+    #[error("control cannot reach its database right now; try again in a few seconds")]
+    Unavailable(String),
     /// Anything else; the cause is logged and masked in the answer.
     #[error("internal error")]
     Internal(String),
 }
+
+/// The `Retry-After` (seconds) of a 503 while the database is away.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 2;
 
 impl ApiError {
     /// The HTTP status and machine-readable code.
@@ -53,6 +60,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -66,13 +74,24 @@ impl IntoResponse for ApiError {
                 tracing::error!(%cause, "internal error answering an API request");
                 "internal error".to_owned()
             }
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(%cause, "the database is unavailable; answering 503");
+                self.to_string()
+            }
             other => other.to_string(),
         };
-        (
+        let mut resp = (
             status,
             Json(json!({"error": {"code": code, "message": message}, "message": message})),
         )
-            .into_response()
+            .into_response();
+        if matches!(self, ApiError::Unavailable(_)) {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(UNAVAILABLE_RETRY_AFTER_SECS),
+            );
+        }
+        resp
     }
 }
 
@@ -87,6 +106,7 @@ impl From<StoreError> for ApiError {
             }
             e @ StoreError::Expired => ApiError::Unauthorized(e.to_string()),
             e @ StoreError::KeyInUse => ApiError::Conflict(e.to_string()),
+            StoreError::Unavailable(cause) => ApiError::Unavailable(cause),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -242,6 +242,21 @@ impl AppState {
         Ok(w)
     }
 
+    /// Tells this replica's listeners (status streams, long polls) that an agent session
+    /// changed, and the other replicas', which load it from the store
+    /// ([`crate::replicas::follow_changes`]).
+    pub async fn session_changed(&self, s: crate::store::AgentSession) {
+        let payload = format!("{}:{}:{}", self.replica.id, s.org_id, s.id);
+        self.session_events.publish(s);
+        if let Err(e) = self
+            .store
+            .notify(crate::replicas::SESSIONS_CHANNEL, &payload)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot tell the other replicas of an agent session's change");
+        }
+    }
+
     /// Adds a line to the audit log (a failure to write is logged, never fatal).
     pub async fn audit(&self, entry: crate::store::AuditEntry) {
         if let Err(e) = self.store.record_audit(&entry).await {

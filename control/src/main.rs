@@ -353,11 +353,7 @@ async fn main() -> anyhow::Result<()> {
     use kakuremichi_control::replicas;
     if !sqlite {
         let url = settings.database_url.clone();
-        tokio::spawn(replicas::follow_changes(
-            store.clone(),
-            url.clone(),
-            state.shutdown_signal(),
-        ));
+        tokio::spawn(replicas::follow_changes(state.clone(), url.clone()));
         tokio::spawn(replicas::lead(
             state.replica.clone(),
             url,

@@ -87,9 +87,16 @@ impl Replica {
     }
 }
 
+/// The PostgreSQL notification channel of agent sessions' changes: `replica:org:session`.
+pub const SESSIONS_CHANNEL: &str = "kakuremichi_sessions";
+
 /// Publishes every config version another replica commits: `LISTEN` on the config channel, and
-/// a read of the version every [`POLL`] (and after every reconnect). Runs until `shutdown`.
-pub async fn follow_changes(store: Store, url: String, mut shutdown: watch::Receiver<bool>) {
+/// a read of the version every [`POLL`] (and after every reconnect); and every agent session
+/// another replica saw change, loaded from the store, to this replica's status streams and long
+/// polls. Runs until shutdown.
+pub async fn follow_changes(state: AppState, url: String) {
+    let store = state.store.clone();
+    let mut shutdown = state.shutdown_signal();
     loop {
         let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
             Ok(l) => l,
@@ -101,7 +108,10 @@ pub async fn follow_changes(store: Store, url: String, mut shutdown: watch::Rece
                 continue;
             }
         };
-        if let Err(e) = listener.listen(crate::store::CONFIG_CHANNEL).await {
+        if let Err(e) = listener
+            .listen_all([crate::store::CONFIG_CHANNEL, SESSIONS_CHANNEL])
+            .await
+        {
             tracing::warn!(error = %e, "cannot listen for config changes; polling");
             if poll_until(&store, &mut shutdown, POLL).await {
                 return;
@@ -112,6 +122,9 @@ pub async fn follow_changes(store: Store, url: String, mut shutdown: watch::Rece
         loop {
             tokio::select! {
                 n = listener.try_recv() => match n {
+                    Ok(Some(n)) if n.channel() == SESSIONS_CHANNEL => {
+                        session_from_another_replica(&state, n.payload()).await;
+                    }
                     Ok(Some(n)) => match n.payload().parse::<u64>() {
                         Ok(v) => {
                             tracing::trace!(version = v, "config change from another replica");
@@ -129,6 +142,28 @@ pub async fn follow_changes(store: Store, url: String, mut shutdown: watch::Rece
                 () = tokio::time::sleep(POLL) => catch_up(&store).await,
                 () = crate::until_set(&mut shutdown) => return,
             }
+        }
+    }
+}
+
+/// `replica:org:session`: unless this replica sent it, loads the session and tells this
+/// replica's listeners.
+async fn session_from_another_replica(state: &AppState, payload: &str) {
+    let mut parts = payload.splitn(3, ':').map(Uuid::parse_str);
+    let (Some(Ok(replica)), Some(Ok(org)), Some(Ok(id))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        tracing::debug!(payload, "an unreadable agent-session notification");
+        return;
+    };
+    if replica == state.replica.id {
+        return;
+    }
+    match state.store.agent_session(org, id).await {
+        Ok(Some(s)) => state.session_events.publish(s),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, session_id = %id, "cannot load a changed agent session")
         }
     }
 }

@@ -60,7 +60,8 @@ impl SessionEvents {
         let _ = self.tx.send(s);
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<AgentSession> {
+    /// A receiver of every change published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentSession> {
         self.tx.subscribe()
     }
 }
@@ -71,7 +72,7 @@ pub async fn on_report(state: &AppState, site: Uuid, states: &[kakuremichi_proto
         Ok(changed) => {
             for s in changed {
                 tracing::info!(session_id = %s.id, site_id = %site, status = %s.status, "agent session changed");
-                state.session_events.publish(s);
+                state.session_changed(s).await;
             }
         }
         Err(e) => {
@@ -431,7 +432,7 @@ async fn start(
         .await?;
     tracing::info!(session_id = %session.id, site_id = %site, by = %caller.name, "agent session started");
     let id = session.id;
-    state.session_events.publish(session);
+    state.session_changed(session).await;
     Ok(Json(json!({ "session_id": id })))
 }
 
@@ -613,7 +614,7 @@ async fn delete(
         .await?
     {
         if let Some(s) = state.store.agent_session(caller.org, s.id).await? {
-            state.session_events.publish(s);
+            state.session_changed(s).await;
         }
     }
     tracing::info!(session_id = %s.id, by = %caller.name, "agent session deleted");

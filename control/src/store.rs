@@ -100,6 +100,9 @@ pub enum StoreError {
     /// The database said no.
     #[error("database error: {0}")]
     Db(sqlx::Error),
+    /// The database cannot be reached now (restarting, unreachable, busy); try again shortly.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     /// Migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -118,9 +121,33 @@ impl From<sqlx::Error> for StoreError {
             .is_some_and(|d| d.is_unique_violation());
         if unique {
             StoreError::Conflict("a value that must be unique is already in use".into())
+        } else if unavailable(&e) {
+            StoreError::Unavailable(e.to_string())
         } else {
             StoreError::Db(e)
         }
+    }
+}
+
+/// Whether `e` says the database cannot be reached now (rather than that a statement is wrong):
+/// no connection within the pool's wait, a connection refused or broken, PostgreSQL shutting
+/// down or starting (SQLSTATE classes 08 and 57P), SQLite busy past its timeout.
+fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+            c.starts_with("08")
+                || c.starts_with("57P")
+                // SQLite: SQLITE_BUSY (5) and its extended codes.
+                || c == "5"
+                || c == "517"
+                || c == "261"
+        }),
+        _ => false,
     }
 }
 
@@ -569,6 +596,9 @@ pub struct Store {
     backend: Backend,
 }
 
+/// How long a request waits for a PostgreSQL connection before it is answered 503.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The PostgreSQL notification channel of config versions: every replica `LISTEN`s on it and
 /// publishes each version it hears ([`crate::replicas::follow_changes`]).
 pub const CONFIG_CHANNEL: &str = "kakuremichi_config";
@@ -628,13 +658,23 @@ impl Store {
                         Ok(())
                     })
                 }),
-            Backend::Postgres => AnyPoolOptions::new().max_connections(max_conns),
+            // While PostgreSQL is away (restarting, unreachable), a request waits this long for
+            // a connection and is then answered 503 with Retry-After, not held for 30 s.
+            Backend::Postgres => AnyPoolOptions::new()
+                .max_connections(max_conns)
+                .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT),
         };
         let pool = options.connect(url).await?;
-        match backend {
-            Backend::Sqlite => sqlx::migrate!("../migrations/sqlite").run(&pool).await?,
-            Backend::Postgres => sqlx::migrate!("../migrations/postgres").run(&pool).await?,
-        }
+        // A migration a newer release applied is not an error: during a rolling upgrade a
+        // replica of the version before may (re)start on the database the new one migrated.
+        // Migrations only ever expand (add tables, nullable columns, indexes) in the release that
+        // needs them and contract in a later one, so the older code runs on the newer schema.
+        let mut migrator = match backend {
+            Backend::Sqlite => sqlx::migrate!("../migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("../migrations/postgres"),
+        };
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
         let version: i64 = sqlx::query_scalar("SELECT version FROM config_state WHERE id = 1")
             .fetch_one(&pool)
             .await?;
@@ -651,6 +691,18 @@ impl Store {
             sessions_host: None,
             backend,
         })
+    }
+
+    /// `NOTIFY channel, payload` on PostgreSQL (other replicas listen); nothing on SQLite.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// SQLite or PostgreSQL.

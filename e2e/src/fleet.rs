@@ -837,7 +837,7 @@ impl SimNode {
         }
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "{} {} ({}): connected {}, latest version {:?}, last error {:?}",
             self.identity.kind,
@@ -1849,4 +1849,126 @@ pub async fn touch_every_agent(
     .await?;
     let version = api.config_version().await?;
     Ok((since, version))
+}
+
+// ------------------------------------------------------------------------------------------------
+// A PostgreSQL of the test's own
+
+/// A PostgreSQL server of one test's own (initdb in a temporary folder, on a free loopback port,
+/// run as user `postgres`), which the test may stop and start again: the machine's shared
+/// PostgreSQL serves every other test at the same time and is never restarted. Stopped when
+/// dropped.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Makes a new cluster (trust auth, user `postgres`, no fsync) and starts it.
+    pub fn start_new() -> anyhow::Result<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL's server is needed (package postgresql; scripts/setup)")?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("pg_ctl").exists())
+            .max()
+            .context("no /usr/lib/postgresql/*/bin/pg_ctl")?;
+        let dir = tempfile::Builder::new()
+            .prefix("kakuremichi-pg")
+            .tempdir()?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let pg = PrivatePostgres {
+            dir,
+            bin,
+            port: free_tcp_port(),
+        };
+        let status = std::process::Command::new("chown")
+            .args(["postgres:", &pg.dir.path().display().to_string()])
+            .status()
+            .context("chown")?;
+        if !status.success() {
+            bail!("cannot give {} to user postgres", pg.dir.path().display());
+        }
+        pg.as_postgres(&[
+            &pg.bin.join("initdb").display().to_string(),
+            "-D",
+            &pg.data().display().to_string(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ])?;
+        pg.start()?;
+        Ok(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn as_postgres(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("runuser (package util-linux)")?;
+        if !out.status.success() {
+            bail!(
+                "{args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.as_postgres(&[
+            &self.bin.join("pg_ctl").display().to_string(),
+            "-D",
+            &self.data().display().to_string(),
+            "-o",
+            &options,
+            "-l",
+            &self.dir.path().join("server.log").display().to_string(),
+            "-w",
+            "start",
+        ])
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`): open connections
+    /// break, and it recovers from its log at the next start.
+    pub fn stop_immediate(&self) -> anyhow::Result<()> {
+        self.as_postgres(&[
+            &self.bin.join("pg_ctl").display().to_string(),
+            "-D",
+            &self.data().display().to_string(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ])
+    }
+
+    /// Its URL (database `postgres`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.stop_immediate();
+    }
 }

@@ -1,6 +1,7 @@
 //! Store tests, each on SQLite and on PostgreSQL.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use kakuremichi_control::activity::NodeActivity;
 use kakuremichi_control::store::{
@@ -2254,4 +2255,138 @@ async fn replicas_started_together_on_an_empty_postgres_all_come_up_with_one_set
         let published = store.published_keys(0).await.unwrap();
         assert_eq!(published.len(), 1, "{published:?}");
     }
+}
+
+/// Rolling upgrade: a replica of the version before (re)starts on a database a newer release has
+/// already migrated further (a migration it does not know is recorded), and comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_the_version_before_starts_on_a_database_a_newer_release_migrated() {
+    use sqlx::Connection as _;
+    let (url, _guard) = common::empty_postgres().await;
+    let connect = || {
+        kakuremichi_control::store::Store::connect_with(
+            &url,
+            kakuremichi_control::overlay::OverlayNet::DEFAULT,
+            2,
+        )
+    };
+    connect().await.unwrap().close().await;
+    // What a newer release leaves: one more (additive) migration applied.
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE from_a_newer_release (id TEXT PRIMARY KEY)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999999, 'from a newer release', TRUE, '\\x00'::bytea, 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let store = connect()
+        .await
+        .unwrap_or_else(|e| panic!("the older replica did not start: {e}"));
+    assert!(store.config_version().await.is_ok());
+}
+
+/// A replica started with another secrets key than the one that sealed the database's signing
+/// key refuses to start, saying which file to copy, rather than serve tokens nobody can check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_secrets_key_refuses_to_start_and_says_why() {
+    let (url, _guard) = common::empty_postgres().await;
+    let with_key = |key: u8| {
+        let url = url.clone();
+        async move {
+            let store = kakuremichi_control::store::Store::connect_with(
+                &url,
+                kakuremichi_control::overlay::OverlayNet::DEFAULT,
+                2,
+            )
+            .await?
+            .with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+                [key; 32],
+            )));
+            store.ensure_signing_key().await
+        }
+    };
+    with_key(1).await.unwrap();
+    with_key(1).await.unwrap();
+    let err = with_key(2).await.unwrap_err().to_string();
+    assert!(err.contains("secrets key"), "{err}");
+}
+
+/// Two replicas on one PostgreSQL: a config change committed through one is published on the
+/// other's signal (NOTIFY), and an agent session's change reported to one reaches the other's
+/// status streams and long polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_hears_the_other_replicas_config_changes_and_session_changes() {
+    let (url, _guard) = common::empty_postgres().await;
+    let open = || async {
+        kakuremichi_control::store::Store::connect_with(
+            &url,
+            kakuremichi_control::overlay::OverlayNet::DEFAULT,
+            4,
+        )
+        .await
+        .unwrap()
+        .with_sealer(std::sync::Arc::new(kakuremichi_control::seal::Sealer::new(
+            [3; 32],
+        )))
+    };
+    let a = kakuremichi_control::AppState::new(open().await);
+    let b = kakuremichi_control::AppState::new(open().await);
+    tokio::spawn(kakuremichi_control::replicas::follow_changes(
+        b.clone(),
+        url.clone(),
+    ));
+    let mut sessions = b.session_events.subscribe();
+    let mut versions = b.store.subscribe();
+
+    let (site, _) = a
+        .store
+        .create_node(NodeKind::Agent, DEFAULT_ORG, "box", None)
+        .await
+        .unwrap();
+    let made = a.store.config_version().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while *versions.borrow_and_update() < made {
+            versions.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the other replica publishes the version");
+
+    let session = a
+        .store
+        .create_agent_session(
+            kakuremichi_control::store::NewAgentSession {
+                org_id: DEFAULT_ORG,
+                user_id: None,
+                scope: "user".into(),
+                team_id: None,
+                site_id: site.id,
+                tags: Default::default(),
+                params: serde_json::json!({}),
+                ttl_secs: None,
+            },
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    // The listening connection may still be opening: say it again until heard (at most 10 s).
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            a.session_changed(session.clone()).await;
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(500), sessions.recv()).await
+            {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("the other replica hears of the session");
+    assert_eq!(heard.id, session.id);
 }

@@ -7,6 +7,11 @@
 //! table.
 //!
 //! `kakuremichi-fleet --nodes 1000 --gateways 2 --backend sqlite|postgres`
+//!
+//! With `--replicas N` (PostgreSQL): N control replicas started together on one fresh schema,
+//! the fleet spread over them (each node given every URL, moving on when its replica dies):
+//! fan-out of changes made through each replica in turn, RSS and CPU per replica, and how long
+//! the nodes of a SIGKILLed replica take to be back on the others.
 
 #![allow(clippy::print_stdout)]
 
@@ -60,6 +65,9 @@ struct Args {
     /// Seconds any one wait (connect, fan-out, reconnect) may take.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Control replicas on one PostgreSQL (more than 1 implies `--backend postgres`).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 /// The table: (section, metric, value).
@@ -107,12 +115,22 @@ fn storm_rows(table: &mut Table, section: &str, c: &Counters) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.replicas > 1 {
+        args.backend = Backend::Postgres;
+    }
     let schema = match args.backend {
         Backend::Sqlite => None,
         Backend::Postgres => Some(PgSchema::create(&args.postgres_url).await?),
     };
-    let result = run(&args, schema.as_ref()).await;
+    let result = if args.replicas > 1 {
+        match &schema {
+            Some(s) => run_replicas(&args, s).await,
+            None => bail!("--replicas needs PostgreSQL"),
+        }
+    } else {
+        run(&args, schema.as_ref()).await
+    };
     if let Some(s) = &schema {
         if let Err(e) = s.drop_schema().await {
             eprintln!("[fleet] could not drop schema {}: {e:#}", s.schema);
@@ -120,15 +138,203 @@ async fn main() -> anyhow::Result<()> {
     }
     let table = result?;
     table.print(&format!(
-        "kakuremichi control at fleet scale: {} agents + {} gateways, {} backend",
+        "kakuremichi control at fleet scale: {} agents + {} gateways, {} backend, {} replica(s)",
         args.nodes,
         args.gateways,
         match args.backend {
             Backend::Sqlite => "SQLite",
             Backend::Postgres => "PostgreSQL",
-        }
+        },
+        args.replicas
     ));
     Ok(())
+}
+
+/// Raises this process's open-files limit for `sockets` sockets (nodes, crowd, controls).
+fn raise_nofile(sockets: usize) {
+    let want = (sockets as u64) * 2 + 1024;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got < want => eprintln!(
+            "[fleet] RLIMIT_NOFILE is {got} (hard limit), below the {want} wanted: expect \
+             connect errors"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("[fleet] cannot raise RLIMIT_NOFILE: {e}"),
+    }
+}
+
+/// Several replicas on one schema: see the crate doc.
+async fn run_replicas(args: &Args, schema: &PgSchema) -> anyhow::Result<Table> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut t = Table::default();
+    raise_nofile(args.nodes + args.gateways);
+    let dir = tempfile::Builder::new()
+        .prefix("kakuremichi-fleet")
+        .disable_cleanup(std::env::var_os("KAKUREMICHI_E2E_KEEP").is_some())
+        .tempdir()?;
+    let key_file = dir.path().join("secrets.key");
+    std::fs::write(&key_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")?;
+    let started = Instant::now();
+    let starts = (0..args.replicas).map(|i| {
+        let mut o = ControlOptions::in_dir(&dir.path().join(format!("replica{i}")));
+        o.log = dir.path().join(format!("replica{i}.log"));
+        o.database_url = Some(schema.url());
+        o.secrets_key_file = Some(key_file.clone());
+        FleetControl::start(o)
+    });
+    let mut replicas = futures_util::future::try_join_all(starts).await?;
+    t.row(
+        "start",
+        &format!(
+            "{} replicas started together on an empty schema",
+            args.replicas
+        ),
+        secs(started.elapsed()),
+    );
+    let urls: Vec<String> = replicas.iter().map(FleetControl::url).collect();
+    let apis: Vec<_> = replicas.iter().map(|r| r.api.clone()).collect();
+
+    let enrollment = enroll_fleet(&apis[0], args.nodes, args.gateways.max(1), args.concurrency)
+        .await
+        .map_err(|e| e.context(replicas[0].log_tail(30)))?;
+    let n_nodes = args.nodes + args.gateways.max(1);
+    t.row(
+        "enroll",
+        &format!("{} sites + {} gateways", args.nodes, args.gateways.max(1)),
+        secs(enrollment.elapsed()),
+    );
+    let gateway_id = enrollment.gateways[0].node_id;
+    let fleet = Fleet::start_over(&urls, enrollment.all(), Timing::default());
+    let connected = fleet.wait_connected(timeout).await?;
+    t.row(
+        "connect",
+        &format!(
+            "all {n_nodes} welcomed, spread over {} replicas",
+            args.replicas
+        ),
+        secs(connected),
+    );
+
+    // Steady state: RSS and CPU per replica.
+    let ticks = clock_ticks_per_second() as f64;
+    let before: Vec<Option<u64>> = replicas
+        .iter()
+        .map(|r| r.pid().and_then(cpu_ticks))
+        .collect();
+    let window = Duration::from_secs(args.steady_secs);
+    tokio::time::sleep(window).await;
+    for (i, r) in replicas.iter().enumerate() {
+        let cpu = match (before[i], r.pid().and_then(cpu_ticks)) {
+            (Some(a), Some(b)) => format!(
+                "{:.1}%",
+                (b.saturating_sub(a)) as f64 / ticks / window.as_secs_f64() * 100.0
+            ),
+            _ => "n/a".into(),
+        };
+        let held = fleet
+            .nodes()
+            .iter()
+            .filter(|n| n.control_index() == i)
+            .count();
+        t.row(
+            "steady",
+            &format!("replica {i}: nodes held, RSS, CPU over {}", secs(window)),
+            format!(
+                "{held}, {}, {cpu}",
+                r.rss_kib().map(mib).unwrap_or_else(|| "n/a".into())
+            ),
+        );
+    }
+
+    // Fan-out of changes through each replica in turn.
+    for c in 0..args.changes {
+        let via = usize::from(c) % replicas.len();
+        let (since, version) =
+            touch_every_agent(&apis[via], gateway_id, &format!("127.0.0.1:{}", 31000 + c)).await?;
+        let lat = fleet
+            .wait_version(Select::Agents, version, since, timeout)
+            .await?;
+        let s: Summary = lat.summary();
+        t.row(
+            "fan-out",
+            &format!(
+                "change {} through replica {via}: all {} agents (p50 / p99 / max)",
+                c + 1,
+                args.nodes
+            ),
+            format!("{} / {} / {}", ms(s.p50), ms(s.p99), ms(s.max)),
+        );
+    }
+
+    // One replica SIGKILLed: its nodes back on the others.
+    let victim = 0;
+    let on_victim: Vec<_> = fleet
+        .nodes()
+        .iter()
+        .filter(|n| n.control_index() == victim)
+        .cloned()
+        .collect();
+    let samplers: Vec<_> = replicas
+        .iter()
+        .skip(1)
+        .filter_map(|r| r.pid())
+        .map(|pid| RssSampler::start(pid, Duration::from_millis(100)))
+        .collect();
+    // Taken before the kill: a node may be welcomed elsewhere before the kill has been reaped.
+    let killed = Instant::now();
+    replicas[victim].kill();
+    let deadline = killed + timeout;
+    let back = loop {
+        let all_back = on_victim
+            .iter()
+            .all(|n| n.is_connected() && n.last_welcome().is_some_and(|w| w >= killed));
+        if all_back {
+            break on_victim
+                .iter()
+                .filter_map(|n| n.last_welcome())
+                .max()
+                .map_or(Duration::ZERO, |w| w.duration_since(killed));
+        }
+        if Instant::now() > deadline {
+            let lagging: Vec<String> = on_victim
+                .iter()
+                .filter(|n| !(n.is_connected() && n.last_welcome().is_some_and(|w| w >= killed)))
+                .map(|n| n.describe())
+                .collect();
+            bail!(
+                "{} of the killed replica's {} nodes were not back within {timeout:?} (fleet: \
+                 {}); for example:\n{}",
+                lagging.len(),
+                on_victim.len(),
+                fleet.counters(),
+                lagging[..lagging.len().min(3)].join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    t.row(
+        "replica killed",
+        &format!(
+            "its {} nodes back on the other replicas (SIGKILL to last welcome)",
+            on_victim.len()
+        ),
+        secs(back),
+    );
+    for (i, s) in samplers.into_iter().enumerate() {
+        let peak = s.stop().await;
+        t.row(
+            "replica killed",
+            &format!("replica {}: RSS peak while taking them over", i + 1),
+            mib(peak.peak_kib),
+        );
+    }
+    let still = fleet.connected_count();
+    t.row(
+        "replica killed",
+        "nodes connected after",
+        format!("{still} of {n_nodes}"),
+    );
+    Ok(t)
 }
 
 async fn run(args: &Args, schema: Option<&PgSchema>) -> anyhow::Result<Table> {
