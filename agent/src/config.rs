@@ -39,6 +39,9 @@ pub struct Cli {
     /// How to reach control: --token-file, --allow-insecure-control.
     #[command(flatten)]
     pub control_access: ControlArgs,
+    /// --log-format.
+    #[command(flatten)]
+    pub log: kakuremichi_node::settings::LogArgs,
     /// Folder for state.json and config.json [default: ./kakuremichi-agent].
     #[arg(long, env = "KAKUREMICHI_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -11,7 +11,7 @@ use kakuremichi_proto::NodeKind;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    process::run_main(run(cli))
+    process::run_main(cli.log.log_format, run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -14,10 +14,22 @@ use kakuremichi_control::{app, AppState, HubTiming};
 use kakuremichi_proto::Secret;
 use tracing_subscriber::EnvFilter;
 
+/// How control logs (`--log-format`), as the gateway and the agent do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line: timestamp, level, target, message, fields and spans.
+    Json,
+}
+
 /// kakuremichi control: REST API, node WebSocket hub and store.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text or as JSON objects (the filter is RUST_LOG, default info).
+    #[arg(long, env = "KAKUREMICHI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Address to listen on (API, web UI, node WebSocket). Default 127.0.0.1:3000.
     #[arg(long, env = "KAKUREMICHI_CONTROL_LISTEN")]
     listen: Option<String>,
@@ -130,8 +142,10 @@ struct Cli {
 
 /// Writes a generated admin key to `<data dir>/admin-key`, readable by the owner only, and says
 /// where it is: the key itself never reaches the terminal or the logs.
+/// Writes a generated admin key to a private file and says where: a banner on standard output,
+/// or (`banner` false: JSON logs, whose every line must be an object) a log event.
 #[allow(clippy::print_stdout)]
-fn save_admin_key(data_dir: &Path, key: &Secret) -> anyhow::Result<()> {
+fn save_admin_key(data_dir: &Path, key: &Secret, banner: bool) -> anyhow::Result<()> {
     let path = data_dir.join("admin-key");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -142,6 +156,14 @@ fn save_admin_key(data_dir: &Path, key: &Secret) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     writeln!(file, "{}", key.expose())
         .with_context(|| format!("cannot write {}", path.display()))?;
+    if !banner {
+        tracing::warn!(
+            path = %path.display(),
+            "a new admin API key was generated and written to this file (readable by this user \
+             only); use it as Authorization: Bearer <key>, keep it somewhere safe and delete the file"
+        );
+        return Ok(());
+    }
     println!();
     println!("================================================================================");
     println!(" kakuremichi: a new admin API key was generated and written to");
@@ -212,12 +234,15 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    );
+    match log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let file = match &cli.config {
         Some(path) => FileConfig::read(path)?,
         None => FileConfig::default(),
@@ -293,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot set up the admin key")?
     {
-        save_admin_key(&settings.data_dir, &key)?;
+        save_admin_key(&settings.data_dir, &key, log_format == LogFormat::Text)?;
     }
 
     let timing = HubTiming {

@@ -41,6 +41,9 @@ pub struct Cli {
     /// How to reach control: --token-file, --allow-insecure-control.
     #[command(flatten)]
     pub control_access: ControlArgs,
+    /// --log-format.
+    #[command(flatten)]
+    pub log: kakuremichi_node::settings::LogArgs,
     /// Folder for state.json, config.json and peers.json.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

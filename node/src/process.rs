@@ -17,16 +17,22 @@ use crate::control_url::check_control_urls;
 use crate::settings::NodeSettings;
 use crate::state::NodeState;
 
-/// Logs to stderr (filter from `RUST_LOG`, default `info`), runs `run` on a Tokio runtime and
-/// turns its result into the exit code; an error is logged with its causes.
-pub fn run_main(run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    tracing_subscriber::fmt()
+/// Logs to stderr as `format` says (filter from `RUST_LOG`, default `info`), runs `run` on a Tokio
+/// runtime and turns its result into the exit code; an error is logged with its causes.
+pub fn run_main(
+    format: crate::settings::LogFormat,
+    run: impl Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        crate::settings::LogFormat::Text => builder.init(),
+        crate::settings::LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
     // Every client connection and upstream socket is a file: take the hard limit.
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%error, "cannot raise the open-files limit");

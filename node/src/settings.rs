@@ -128,6 +128,25 @@ impl QuicArgs {
 /// How the node reaches control, on the command line: the flags both binaries share, with the same
 /// environment variables (`#[command(flatten)]`). `--control` and `--token` stay in each binary,
 /// as their environment variables name it; [`ControlArgs::resolve`] takes them.
+/// How the binary logs: human-readable lines or one JSON object a line, for log shippers
+/// (`--log-format`, `KAKUREMICHI_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line: timestamp, level, target, message, fields and spans.
+    Json,
+}
+
+/// The logging flags of both binaries (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as text or as JSON objects (the filter is RUST_LOG, default info).
+    #[arg(long, env = "KAKUREMICHI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControlArgs {
     /// Read the one-time enrollment token from this file (trimmed) instead of --token, so it stays
