@@ -70,6 +70,8 @@ pub struct AgentOptions {
     pub quic: kakuremichi_tunnel::QuicSettings,
     /// How agent sessions run (`None`: this agent runs none).
     pub sessions: Option<crate::sessions::HostConfig>,
+    /// The UDP-blocked fallback (`None`: off).
+    pub fallback: Option<kakuremichi_node::relay::FallbackSettings>,
 }
 
 impl std::fmt::Debug for AgentOptions {
@@ -80,6 +82,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("private_key", &"***")
             .field("quic", &self.quic)
             .field("sessions", &self.sessions)
+            .field("fallback", &self.fallback)
             .finish()
     }
 }
@@ -130,7 +133,8 @@ impl Agent {
             options.wg_listen,
             true,
             options.quic.clone(),
-        );
+        )
+        .with_fallback(options.fallback);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Agent);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

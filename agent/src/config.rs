@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use kakuremichi_node::relay::FallbackSettings;
 use kakuremichi_node::settings::{
     parse_secret, read_config_file, ControlArgs, ControlFile, QuicArgs, QuicFile,
 };
 use kakuremichi_node::NodeSettings;
 use kakuremichi_proto::Secret;
+use kakuremichi_tunnel::PathSettings;
 use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;
@@ -51,6 +53,11 @@ pub struct Cli {
     /// QUIC sizes inside the tunnel.
     #[command(flatten)]
     pub quic: QuicArgs,
+    /// The gateways' HTTPS port: when UDP to a gateway gets no answer (blocked by a firewall),
+    /// WireGuard is carried over a WebSocket there, and UDP is tried again every few seconds.
+    /// 0 turns the fallback off [default: 443].
+    #[arg(long, env = "KAKUREMICHI_AGENT_UDP_FALLBACK_PORT")]
+    pub udp_fallback_port: Option<u16>,
     /// Agent sessions.
     #[command(flatten)]
     pub sessions: SessionArgs,
@@ -122,6 +129,7 @@ pub struct FileConfig {
     wg_listen: Option<SocketAddr>,
     #[serde(default)]
     quic: QuicFile,
+    udp_fallback_port: Option<u16>,
     session_command: Option<String>,
     session_dir: Option<PathBuf>,
     session_env_dir: Option<PathBuf>,
@@ -147,6 +155,19 @@ impl Cli {
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         self.resolve_all().map(|(node, _)| node)
+    }
+
+    /// The UDP-blocked fallback (`None`: off), from the command line or the config file.
+    pub fn resolve_fallback(&self) -> Result<Option<FallbackSettings>, ConfigError> {
+        let file: FileConfig = read_config_file(self.config.as_deref())?;
+        let port = self
+            .udp_fallback_port
+            .or(file.udp_fallback_port)
+            .unwrap_or(443);
+        Ok((port != 0).then(|| FallbackSettings {
+            port,
+            path: PathSettings::default(),
+        }))
     }
 
     /// [`Cli::resolve`], and how sessions run.

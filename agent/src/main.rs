@@ -15,6 +15,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let fallback = cli.resolve_fallback().context("invalid settings")?;
     let (settings, sessions) = cli.resolve_all().context("invalid settings")?;
     let state = process::load_identity(&settings, NodeKind::Agent).await?;
 
@@ -24,6 +25,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         private_key: state.private_key.0,
         quic: settings.quic.clone(),
         sessions: Some(sessions),
+        fallback,
     });
     let cached_version =
         process::serve_cached_config(agent.cached_config(), |s| agent.apply(s, false)).await?;

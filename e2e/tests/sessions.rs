@@ -485,6 +485,7 @@ async fn the_agent_runs_the_sessions_its_config_lists_and_reports_them() {
         private_key: [7; 32],
         quic: Default::default(),
         sessions: Some(sessions),
+        fallback: None,
     });
     let spec = |id: Uuid| SessionSpec {
         id,

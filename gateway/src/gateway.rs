@@ -158,6 +158,7 @@ impl Gateway {
             options.https_port,
             Arc::clone(&pool),
         ));
+        proxy.serve_relays(tunnel.clone());
         let hints = EndpointHints::load(&options.data_dir);
         let config = AppliedConfig::new(&options.data_dir, NodeKind::Gateway);
         Self {

@@ -373,6 +373,8 @@ pub struct Proxy {
     sessions: RwLock<Option<Arc<SessionsTable>>>,
     session_accesses: SessionAccessBook,
     control_http: reqwest::Client,
+    /// The tunnel relays (the UDP-blocked fallback) attach to.
+    relay_tunnel: std::sync::OnceLock<kakuremichi_node::NodeTunnel>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -414,7 +416,14 @@ impl Proxy {
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
+            relay_tunnel: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Takes WireGuard relays (the agents' UDP-blocked fallback) at
+    /// [`crate::relay::RELAY_PATH`] on the HTTPS listener, for `tunnel`.
+    pub fn serve_relays(&self, tunnel: kakuremichi_node::NodeTunnel) {
+        let _ = self.relay_tunnel.set(tunnel);
     }
 
     /// Sets what the gateway knows about identity (from each snapshot).
@@ -616,6 +625,17 @@ impl Proxy {
         let accept = req.headers().get(header::ACCEPT).cloned();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if crate::relay::is_relay_request(&req) && self.relay_tunnel.get().is_some() {
+            let response = crate::relay::accept(
+                req,
+                self.relay_tunnel.get(),
+                client,
+                proto == "https",
+                |why| full(why.to_owned()),
+            );
+            tracing::debug!(%client, status = response.status().as_u16(), "relay request");
+            return response;
+        }
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
             let answer = self
                 .routes

@@ -352,6 +352,14 @@ impl CertResolver {
     }
 }
 
+/// The certificate the relay's TLS name gets: self-signed, made once per process. Agents do
+/// not verify it (WireGuard inside authenticates the gateway).
+fn relay_certificate() -> Option<Arc<CertifiedKey>> {
+    static CERT: std::sync::OnceLock<Option<Arc<CertifiedKey>>> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| self_signed(crate::relay::RELAY_SERVER_NAME))
+        .clone()
+}
+
 fn self_signed(name: &str) -> Option<Arc<CertifiedKey>> {
     let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).ok()?;
     let key = PrivateKeyDer::try_from(made.signing_key.serialize_der()).ok()?;
@@ -373,6 +381,9 @@ impl ResolvesServerCert for CertResolver {
             let cert = self.acme_challenge_for(&name);
             tracing::info!(%name, answered = cert.is_some(), "TLS-ALPN-01 validation handshake");
             return cert;
+        }
+        if name == crate::relay::RELAY_SERVER_NAME {
+            return relay_certificate();
         }
         let cert = self.certificate_for(&name);
         if cert.is_none() {

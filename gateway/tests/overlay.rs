@@ -225,6 +225,7 @@ async fn setup() -> Setup {
         private_key: agent_key,
         quic: Default::default(),
         sessions: None,
+        fallback: None,
     });
     agent
         .apply(

@@ -22,6 +22,7 @@ pub mod failover;
 pub mod memory;
 pub mod plan;
 pub mod process;
+pub mod relay;
 pub mod runtime;
 pub mod settings;
 pub mod state;

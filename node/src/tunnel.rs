@@ -2,11 +2,14 @@
 //! settings change, shared by whatever sends or receives through it.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kakuremichi_proto::{OverlayConfig, PeerStatus, WgPublicKey};
 use kakuremichi_tunnel::{Incoming, QuicSettings, Tunnel, TunnelConfig, TunnelError};
+use tokio::task::AbortHandle;
+
+use crate::relay::{Fallback, FallbackSettings};
 
 /// How often binding a fixed UDP port is retried while the previous tunnel's socket closes.
 const BIND_ATTEMPTS: u32 = 20;
@@ -21,6 +24,8 @@ pub struct NodeTunnel {
     listen: SocketAddr,
     dials: bool,
     quic: QuicSettings,
+    fallback: Option<FallbackSettings>,
+    fallback_task: Arc<Mutex<Option<AbortHandle>>>,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -44,6 +49,26 @@ impl NodeTunnel {
             listen,
             dials,
             quic,
+            fallback: None,
+            fallback_task: Arc::default(),
+        }
+    }
+
+    /// The same slot, carrying WireGuard over a WebSocket on the gateways' HTTPS port when UDP
+    /// to a gateway gets no answer (agents; see [`crate::relay`]).
+    pub fn with_fallback(mut self, fallback: Option<FallbackSettings>) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    fn stop_fallback(&self) {
+        if let Some(task) = self
+            .fallback_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
         }
     }
 
@@ -57,6 +82,7 @@ impl NodeTunnel {
     /// socket may take a moment to close.
     pub async fn bind(&self, overlay: &OverlayConfig) -> Result<Incoming, TunnelError> {
         let old = self.slot.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.stop_fallback();
         if let Some(old) = old {
             tracing::info!("overlay settings changed: restarting the tunnel");
             old.shutdown();
@@ -87,6 +113,11 @@ impl NodeTunnel {
             overlay = %overlay.address,
             "WireGuard tunnel bound"
         );
+        if let Some(settings) = self.fallback {
+            let task = tokio::spawn(Fallback::run(tunnel.clone(), settings));
+            *self.fallback_task.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(task.abort_handle());
+        }
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(tunnel);
         Ok(incoming)
     }
@@ -111,6 +142,7 @@ impl NodeTunnel {
 
     /// Stops the tunnel, if bound.
     pub fn shutdown(&self) {
+        self.stop_fallback();
         if let Some(t) = self.current() {
             t.shutdown();
         }

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UdpSocket;
@@ -22,6 +24,7 @@ use tracing::{debug, trace};
 use crate::core::{
     ConnectError, ConnectFailure, Core, DatagramError, Event, StreamError, StreamId,
 };
+use crate::path::{PathEvent, PathSettings, PathWatch, Via};
 use crate::udp::{BatchSocket, SendQueue};
 use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
 
@@ -29,6 +32,11 @@ use crate::{PeerSpec, PeerStats, TunnelConfig, TunnelError, MAX_DATAGRAM_SIZE};
 const RECV_BUDGET: usize = 1024;
 /// Datagrams collected under the lock before they are sent.
 const SEND_BATCH: usize = 256;
+/// Datagrams from relays waiting for the driver (all relays together); more are dropped, as a
+/// full socket buffer drops them.
+const RELAY_IN: usize = 4096;
+/// Datagrams waiting to go out on one relay; more are dropped.
+const RELAY_OUT: usize = 1024;
 
 struct State {
     core: Core,
@@ -36,6 +44,28 @@ struct State {
     write_wakers: HashMap<StreamId, Waker>,
     datagram_wakers: HashMap<StreamId, Waker>,
     connects: HashMap<StreamId, oneshot::Sender<Result<(), ConnectFailure>>>,
+    /// Destinations whose datagrams go over a relay instead of UDP, by relay id.
+    relays: HashMap<SocketAddr, (u64, mpsc::Sender<Bytes>)>,
+    /// Whether UDP reaches each destination (only once someone asked, see
+    /// [`Tunnel::watch_paths`]).
+    paths: Option<(PathWatch, mpsc::UnboundedSender<PathEvent>)>,
+}
+
+impl State {
+    /// Detaches `dst`'s relay (if it is still relay `id`, when given).
+    fn detach_relay(&mut self, dst: SocketAddr, id: Option<u64>, now: Instant) {
+        if self
+            .relays
+            .get(&dst)
+            .is_some_and(|(current, _)| id.is_none_or(|id| id == *current))
+        {
+            self.relays.remove(&dst);
+            if let Some((paths, _)) = &mut self.paths {
+                paths.handle_relay_detached(dst, now);
+            }
+            debug!(%dst, "relay detached");
+        }
+    }
 }
 
 struct Shared {
@@ -44,6 +74,8 @@ struct Shared {
     closed: AtomicBool,
     handles: AtomicUsize,
     local_addr: SocketAddr,
+    relay_in: mpsc::Sender<(SocketAddr, Bytes)>,
+    relay_ids: AtomicU64,
 }
 
 impl Shared {
@@ -136,6 +168,7 @@ impl Tunnel {
             addr: config.listen,
             source,
         })?;
+        let (relay_tx, relay_rx) = mpsc::channel(RELAY_IN);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
@@ -143,14 +176,18 @@ impl Tunnel {
                 write_wakers: HashMap::new(),
                 datagram_wakers: HashMap::new(),
                 connects: HashMap::new(),
+                relays: HashMap::new(),
+                paths: None,
             }),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
             handles: AtomicUsize::new(2),
             local_addr,
+            relay_in: relay_tx,
+            relay_ids: AtomicU64::new(1),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(shared.clone(), socket, tx));
+        tokio::spawn(run(shared.clone(), socket, relay_rx, tx));
         debug!(%local_addr, overlay = %config.overlay_address, "tunnel started");
         Ok((
             Tunnel {
@@ -238,6 +275,130 @@ impl Tunnel {
     pub fn shutdown(&self) {
         self.shared.close();
     }
+
+    /// Starts watching whether UDP reaches each destination (see [`crate::path`]) and returns
+    /// the reports: `Blocked(dst)` when `dst` should be given a relay
+    /// ([`Tunnel::attach_relay`]), `Restored(dst)` when UDP works again (the relay was detached
+    /// already). Agents watch; gateways only take relays their peers open. Calling it again
+    /// replaces the previous watch.
+    pub fn watch_paths(&self, settings: PathSettings) -> mpsc::UnboundedReceiver<PathEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.with_core(|st| {
+            let mut watch = PathWatch::new(settings);
+            let now = Instant::now();
+            for dst in st.relays.keys() {
+                watch.handle_relay_attached(*dst, now);
+            }
+            st.paths = Some((watch, tx));
+        });
+        self.shared.notify.notify_one();
+        rx
+    }
+
+    /// Carries the datagrams for `dst` over a relay from now on, instead of UDP (replacing any
+    /// relay `dst` had): the core's datagrams to `dst` come out of [`Relay::recv`], and what is
+    /// given to [`Relay::send`] reaches the core as if it had come from `dst` over UDP.
+    ///
+    /// On an agent, `dst` is the gateway's UDP endpoint, so nothing above the driver notices.
+    /// On a gateway, `dst` is an address no UDP datagram can come from (see
+    /// [`relay_address`]): WireGuard authenticates the peer's packets and moves the peer's
+    /// endpoint to it, exactly as when a peer roams.
+    pub fn attach_relay(&self, dst: SocketAddr) -> Relay {
+        let id = self.shared.relay_ids.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(RELAY_OUT);
+        if self.shared.closed.load(Ordering::Acquire) {
+            // Never carries anything: `recv` ends at once.
+            drop(tx);
+            return Relay {
+                shared: self.shared.clone(),
+                dst,
+                id,
+                rx,
+            };
+        }
+        self.shared.with_core(|st| {
+            st.relays.insert(dst, (id, tx));
+            if let Some((paths, _)) = &mut st.paths {
+                paths.handle_relay_attached(dst, Instant::now());
+            }
+        });
+        debug!(%dst, id, "relay attached");
+        Relay {
+            shared: self.shared.clone(),
+            dst,
+            id,
+            rx,
+        }
+    }
+}
+
+/// The address standing for relay number `n` on a gateway: in 100::/64, the IPv6 discard-only
+/// prefix (RFC 6666), so no real datagram comes from it and nothing sent to it leaves the host.
+pub fn relay_address(n: u64) -> SocketAddr {
+    let ip =
+        std::net::Ipv6Addr::from(0x0100_0000_0000_0000_0000_0000_0000_0000u128 | u128::from(n));
+    SocketAddr::new(ip.into(), 1)
+}
+
+/// One destination's datagrams carried over something other than UDP (a WebSocket, for the
+/// UDP-blocked fallback). Dropping it detaches it: UDP carries the datagrams again.
+pub struct Relay {
+    shared: Arc<Shared>,
+    dst: SocketAddr,
+    id: u64,
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("dst", &self.dst)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// The destination this relay stands for.
+    pub fn destination(&self) -> SocketAddr {
+        self.dst
+    }
+
+    /// Hands a datagram that arrived over the relay to the tunnel, as if it came from the
+    /// destination. Dropped (like a UDP datagram in a full socket buffer) when the driver is
+    /// behind; `false` once the tunnel has shut down.
+    pub fn send(&self, datagram: Bytes) -> bool {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.shared.relay_in.try_send((self.dst, datagram)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                trace!(dst = %self.dst, "relay datagram dropped: driver busy");
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The next datagram the tunnel sends to the destination; `None` once the relay was
+    /// detached (UDP works again, or another relay replaced it) or the tunnel shut down.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+
+    /// The next datagram for the destination if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let (dst, id) = (self.dst, self.id);
+        self.shared
+            .with_core(|st| st.detach_relay(dst, Some(id), Instant::now()));
+    }
 }
 
 /// UDP socket buffers to ask for; the kernel caps them at net.core.{r,w}mem_max.
@@ -272,11 +433,14 @@ fn shut_down() -> io::Error {
 async fn run(
     shared: Arc<Shared>,
     socket: BatchSocket,
+    mut relay_rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     accept_tx: mpsc::UnboundedSender<TunnelStream>,
 ) {
     let mut socket = socket;
     let mut queue = SendQueue::new(SEND_BATCH, MAX_DATAGRAM_SIZE, socket.max_segments());
     let mut accepted: Vec<TunnelStream> = Vec::new();
+    // A datagram from a relay, taken while waiting.
+    let mut pending_relay: Option<(SocketAddr, Bytes)> = None;
     let sleep = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(sleep);
     loop {
@@ -290,19 +454,72 @@ async fn run(
             let now = Instant::now();
             let mut received = 0;
             while received < RECV_BUDGET {
-                let n = socket.recv_batch(|from, d| st.core.handle_datagram(from, d, now));
+                let State { core, paths, .. } = &mut *st;
+                let n = socket.recv_batch(|from, d| {
+                    if let Some((paths, _)) = paths {
+                        paths.handle_udp_received(from, now);
+                    }
+                    core.handle_datagram(from, d, now);
+                });
                 if n == 0 {
                     break;
                 }
                 received += n;
             }
+            if let Some((from, d)) = pending_relay.take() {
+                st.core.handle_datagram(from, &d, now);
+            }
+            while received < 2 * RECV_BUDGET {
+                let Ok((from, d)) = relay_rx.try_recv() else {
+                    break;
+                };
+                st.core.handle_datagram(from, &d, now);
+                received += 1;
+            }
             if st.core.poll_timeout().is_some_and(|t| t <= now) {
                 st.core.handle_timeout(now);
             }
+            if let Some((paths, _)) = &mut st.paths {
+                if paths.poll_timeout().is_some_and(|t| t <= now) {
+                    paths.handle_timeout(now);
+                }
+            }
             while let Some(slot) = queue.slot() {
-                match st.core.poll_transmit(now, slot) {
-                    Some(t) => queue.commit(t.dst, t.len),
-                    None => break,
+                let Some(t) = st.core.poll_transmit(now, slot) else {
+                    break;
+                };
+                if st.relays.is_empty() && st.paths.is_none() {
+                    queue.commit(t.dst, t.len);
+                    continue;
+                }
+                let datagram = &slot[..t.len];
+                let via = match &mut st.paths {
+                    Some((paths, _)) => paths.route(t.dst, datagram, now),
+                    None if st.relays.contains_key(&t.dst) => Via::Relay,
+                    None => Via::Udp,
+                };
+                let relay = match via {
+                    Via::Relay => st.relays.get(&t.dst),
+                    Via::Udp => None,
+                };
+                match relay.map(|(id, tx)| (*id, tx.try_send(Bytes::copy_from_slice(datagram)))) {
+                    None => queue.commit(t.dst, t.len),
+                    Some((_, Ok(()))) => {}
+                    Some((_, Err(mpsc::error::TrySendError::Full(_)))) => {
+                        trace!(dst = %t.dst, "relay full: datagram dropped");
+                    }
+                    Some((id, Err(mpsc::error::TrySendError::Closed(_)))) => {
+                        st.detach_relay(t.dst, Some(id), now);
+                    }
+                }
+            }
+            if let Some((paths, events)) = &mut st.paths {
+                while let Some(event) = paths.poll_event() {
+                    debug!(?event, "path");
+                    if let PathEvent::Restored(dst) = event {
+                        st.relays.remove(&dst);
+                    }
+                    let _ = events.send(event);
                 }
             }
             while let Some(event) = st.core.poll_event() {
@@ -344,7 +561,13 @@ async fn run(
                     w.wake();
                 }
             }
-            deadline = st.core.poll_timeout();
+            deadline = match (
+                st.core.poll_timeout(),
+                st.paths.as_ref().and_then(|(p, _)| p.poll_timeout()),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         for stream in accepted.drain(..) {
             // A dropped `Incoming` drops (and so resets) the stream.
@@ -364,6 +587,7 @@ async fn run(
         tokio::select! {
             biased;
             _ = shared.notify.notified() => {}
+            r = relay_rx.recv() => pending_relay = r,
             r = socket.socket().readable() => {
                 if let Err(e) = r {
                     trace!(error = %e, "udp readiness error");
@@ -372,6 +596,7 @@ async fn run(
             _ = &mut sleep => {}
         }
     }
+    shared.state.lock().relays.clear();
     // Fail everything still waiting.
     let mut st = shared.state.lock();
     st.connects.clear();

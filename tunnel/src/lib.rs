@@ -18,6 +18,7 @@ pub mod core;
 pub mod driver;
 mod ip;
 mod net;
+pub mod path;
 pub mod tls;
 mod udp;
 mod wg;
@@ -30,8 +31,9 @@ pub use crate::core::{
     ConnectError, ConnectFailure, Core, DatagramError, Event, StreamError, StreamId, Transmit,
     MAX_DATAGRAM_SIZE, STREAM_DATAGRAMS,
 };
-pub use crate::driver::{Incoming, StreamDatagrams, Tunnel, TunnelStream};
+pub use crate::driver::{relay_address, Incoming, Relay, StreamDatagrams, Tunnel, TunnelStream};
 pub use crate::net::QUIC_PORT;
+pub use crate::path::{PathEvent, PathSettings};
 
 /// Settings of one tunnel endpoint (a gateway or an agent).
 #[derive(Clone)]

@@ -73,6 +73,21 @@ pub fn client_crypto() -> Result<Arc<QuicClientConfig>, String> {
         .clone()
 }
 
+/// A TLS client configuration for a connection whose payload is WireGuard datagrams (the relay
+/// WebSocket of the UDP-blocked fallback): WireGuard authenticates the gateway, so this accepts
+/// any certificate (still checking the handshake signature), TLS 1.3 only, with `alpn`.
+pub fn relay_client_config(alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(InsideTunnel(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Accepts any certificate (WireGuard authenticated the peer), checks the handshake signature.
 #[derive(Debug)]
 struct InsideTunnel(Arc<CryptoProvider>);

@@ -357,3 +357,80 @@ async fn gateway_restart_on_the_same_port_resumes_within_five_seconds() {
     assert!(restart.elapsed() < Duration::from_secs(6));
     drop(agent);
 }
+
+/// Carries datagrams between two relays (what the WebSocket does in the fallback).
+fn bridge(mut a: kakuremichi_tunnel::Relay, mut b: kakuremichi_tunnel::Relay) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                d = a.recv() => match d { Some(d) => { b.send(d); } None => break },
+                d = b.recv() => match d { Some(d) => { a.send(d); } None => break },
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_whose_udp_is_black_holed_is_reported_blocked_and_reached_over_a_relay() {
+    use kakuremichi_tunnel::{relay_address, PathEvent, PathSettings};
+    let gw_key = generate_private_key();
+    let agent_key = generate_private_key();
+    let config = |key, ip, dials| TunnelConfig {
+        private_key: key,
+        overlay_address: ip,
+        mtu: 1420,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dials,
+        quic: Default::default(),
+    };
+    let (gateway, _gw_incoming) = Tunnel::bind(config(gw_key, GW_IP, false)).await.unwrap();
+    let (agent, agent_incoming) = Tunnel::bind(config(agent_key, AGENT_IP, true))
+        .await
+        .unwrap();
+    spawn_echo(agent_incoming);
+    // The agent's configured gateway endpoint swallows everything: UDP "blocked".
+    let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let hole = black_hole.local_addr().unwrap();
+    let mut events = agent.watch_paths(PathSettings {
+        blocked_after: Duration::from_millis(300),
+        probe_every: Duration::from_secs(60),
+    });
+    gateway.set_peers(vec![PeerSpec {
+        public_key: public_key(&agent_key),
+        allowed_ip: AGENT_IP,
+        endpoint: None,
+        persistent_keepalive: None,
+    }]);
+    agent.set_peers(vec![PeerSpec {
+        public_key: public_key(&gw_key),
+        allowed_ip: GW_IP,
+        endpoint: Some(hole),
+        persistent_keepalive: Some(25),
+    }]);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("no path event within 5 s")
+        .unwrap();
+    assert_eq!(event, PathEvent::Blocked(hole));
+    assert!(gateway.peer_stats()[0].last_handshake.is_none());
+
+    // The relay: the agent's datagrams for `hole` reach the gateway as if from a relay address.
+    bridge(
+        agent.attach_relay(hole),
+        gateway.attach_relay(relay_address(1)),
+    );
+    let stream = tokio::time::timeout(Duration::from_secs(10), gateway.connect(AGENT_IP))
+        .await
+        .expect("no connection over the relay")
+        .unwrap();
+    echo_roundtrip(stream, pattern(1 << 20, 3)).await;
+    let stats = gateway.peer_stats();
+    assert_eq!(
+        stats[0].endpoint,
+        Some(relay_address(1)),
+        "the gateway roamed to the relay"
+    );
+    // While relayed, nothing more is reported.
+    assert!(events.try_recv().is_err());
+    drop(black_hole);
+}

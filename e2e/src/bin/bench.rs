@@ -55,6 +55,11 @@ struct Args {
     /// 1,000 resources beside the API list each stands on, and the bytes each page ships.
     #[arg(long)]
     ui: bool,
+    /// Measure the UDP-blocked fallback: the agent behind a NAT (network namespaces), HTTP
+    /// download, upload and requests/s through the gateway over UDP, then with UDP dropped in
+    /// the agent's namespace (WireGuard over the WebSocket on the gateway's HTTPS port).
+    #[arg(long)]
+    fallback: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -612,6 +617,9 @@ async fn main() -> anyhow::Result<()> {
     if args.ui {
         return ui().await;
     }
+    if args.fallback {
+        return fallback(secs, args.connections).await;
+    }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {
             bail!("{tool} is missing: run scripts/setup");
@@ -815,6 +823,105 @@ async fn idle_connections_cost(
 }
 
 /// Download, upload and requests/s (32 connections with reqwest-free wrk, and 500) through `addr`.
+async fn fallback(secs: Duration, connections: usize) -> anyhow::Result<()> {
+    for tool in ["curl", "wrk", "iptables"] {
+        if which(tool).is_none() {
+            bail!("{tool} is missing: run scripts/setup");
+        }
+    }
+    const HTTPS_PORT: u16 = 8443;
+    let lab = kakuremichi_e2e::netns::NatLab::new()?;
+    let mut opts = StackOptions::in_lab(&lab);
+    opts.gateway_args.extend([
+        "--https-listen".into(),
+        format!("0.0.0.0:{HTTPS_PORT}"),
+        "--tls-self-signed".into(),
+        "--max-connections-per-client".into(),
+        "100000".into(),
+    ]);
+    opts.agent_args
+        .extend(["--udp-fallback-port".into(), HTTPS_PORT.to_string()]);
+    let stack = Stack::start_with(opts).await?;
+    let gateway = stack.opts.gateway_http_for_test;
+    println!("over UDP (agent behind the NAT)...");
+    let udp = http_row(
+        "kakuremichi, agent behind a NAT, WireGuard over UDP",
+        gateway,
+        Some(DEMO_HOST),
+        secs,
+        connections,
+        None,
+    )?;
+    for chain in ["OUTPUT", "INPUT"] {
+        lab.exec_output(
+            &lab.lan_ns,
+            &["iptables", "-I", chain, "-p", "udp", "-j", "DROP"],
+        )?;
+    }
+    let blocked = Instant::now();
+    kakuremichi_e2e::wait_for("the fallback", Duration::from_secs(20), || async {
+        let log = std::fs::read_to_string(stack.agent.log_path()).unwrap_or_default();
+        let ok = log.contains("relay open")
+            && matches!(
+                tokio::time::timeout(Duration::from_secs(1), stack.get(DEMO_HOST, "/")).await,
+                Ok(Ok(r)) if r.status() == 200
+            );
+        Ok(ok.then_some(()))
+    })
+    .await?;
+    println!(
+        "UDP dropped: served over the fallback after {:.2} s",
+        blocked.elapsed().as_secs_f64()
+    );
+    let (ws, gw_peak, agent_peak) = with_peak_rss(&stack, || {
+        http_row(
+            "same, UDP dropped: WireGuard over the WebSocket on the HTTPS port",
+            gateway,
+            Some(DEMO_HOST),
+            secs,
+            connections,
+            None,
+        )
+    });
+    let ws = ws?;
+    println!();
+    println!("| path | single-stream HTTP download (Mbit/s) | single-stream HTTP upload (Mbit/s) | HTTP requests/s ({connections} connections) | HTTP requests/s (500 connections) |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in [&udp, &ws] {
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
+        let e = |n: u64| {
+            if n > 0 {
+                format!(" ({n} errors)")
+            } else {
+                String::new()
+            }
+        };
+        println!(
+            "| {} | {} | {} | {}{} | {}{} |",
+            r.path,
+            f(r.http_download_mbit),
+            f(r.http_upload_mbit),
+            f(r.http_rps),
+            e(r.http_errors),
+            f(r.rps_500),
+            e(r.rps_500_errors)
+        );
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    };
+    println!(
+        "\nfallback / UDP: download {}, upload {}, requests/s {} and {} (500 connections); \
+         peak RSS over the fallback: gateway {gw_peak:.0} MiB, agent {agent_peak:.0} MiB",
+        ratio(ws.http_download_mbit, udp.http_download_mbit),
+        ratio(ws.http_upload_mbit, udp.http_upload_mbit),
+        ratio(ws.http_rps, udp.http_rps),
+        ratio(ws.rps_500, udp.rps_500),
+    );
+    Ok(())
+}
+
 fn http_row(
     path: &'static str,
     addr: SocketAddr,
