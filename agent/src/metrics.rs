@@ -568,7 +568,7 @@ mod tests {
         let sample = Sample {
             peers: vec![
                 PeerStatus {
-                    public_key: key.clone(),
+                    public_key: key,
                     endpoint: None,
                     last_handshake_age_ms: Some(2500),
                     tx_bytes: 5,
