@@ -36,6 +36,7 @@ use tracing::Instrument as _;
 
 use crate::apply::plan;
 use crate::health::HealthChecks;
+use crate::metrics::{CountedBody, CountedIo, Metrics, Refusal, ResourceCounters};
 use crate::sessions::{SessionHost, StartRequest};
 use uuid::Uuid;
 
@@ -95,8 +96,9 @@ struct Inner {
     targets: watch::Sender<Targets>,
     /// The gateways' overlay addresses: the only peers streams are taken from.
     gateways: Mutex<HashSet<Ipv4Addr>>,
-    http: Client<HttpConnector, Body>,
+    http: Client<HttpConnector, CountedBody<Body>>,
     config: AppliedConfig,
+    metrics: Arc<Metrics>,
     resolved: Mutex<HashMap<String, SocketAddr>>,
     /// Overlay port -> the last outcome of a flow to its target.
     target_status: Mutex<HashMap<u16, TargetStatus>>,
@@ -154,6 +156,7 @@ impl Agent {
                 gateways: Mutex::new(HashSet::new()),
                 http,
                 config,
+                metrics: Arc::default(),
                 resolved: Mutex::new(HashMap::new()),
                 target_status: Mutex::new(HashMap::new()),
                 health: Arc::new(HealthChecks::default()),
@@ -207,6 +210,15 @@ impl Agent {
             .iter()
             .map(|t| (t.port, t.clone()))
             .collect();
+        self.inner.metrics.set_gateways(
+            snapshot
+                .peers
+                .iter()
+                .map(|p| (p.public_key.to_string(), p.name.clone())),
+        );
+        self.inner
+            .metrics
+            .retain_resources(&snapshot.targets.iter().map(|t| t.resource_id).collect());
         // Flows watch the map: those whose target is gone or changed end now.
         self.inner.targets.send_replace(Arc::new(targets));
         *self
@@ -303,6 +315,7 @@ impl Agent {
             .contains(&stream.peer());
         if !known_gateway {
             tracing::debug!("stream from a peer that is not a configured gateway: reset");
+            self.inner.metrics.refused(Refusal::UnknownPeer);
             stream.abort();
             return;
         }
@@ -315,6 +328,7 @@ impl Agent {
             }
             Err(_) => {
                 tracing::debug!("no stream header in time: reset");
+                self.inner.metrics.refused(Refusal::HeaderTimeout);
                 stream.abort();
                 return;
             }
@@ -323,15 +337,18 @@ impl Agent {
             Ok(h) => h,
             Err(error) => {
                 tracing::debug!(%error, "bad stream header: reset");
+                self.inner.metrics.refused(Refusal::BadHeader);
                 stream.abort();
                 return;
             }
         };
         if header.kind == StreamKind::Health {
+            let _open = self.inner.metrics.accepted(header.kind);
             self.inner.health.serve_stream(stream).await;
             return;
         }
         if header.kind == StreamKind::Session {
+            let _open = self.inner.metrics.accepted(header.kind);
             self.serve_session(stream, header.resource_id).await;
             return;
         }
@@ -343,9 +360,11 @@ impl Agent {
                 resource_id = %header.resource_id,
                 "stream for a resource this agent does not serve there: reset"
             );
+            self.inner.metrics.refused(Refusal::UnknownResource);
             stream.abort();
             return;
         };
+        let _open = self.inner.metrics.accepted(header.kind);
         let span = tracing::debug_span!("flow", resource_id = %target.resource_id, target = %target.target);
         let flow = async {
             match header.kind {
@@ -456,11 +475,30 @@ impl Agent {
         }
     }
 
-    async fn proxy_to_target(
+    /// The counters of a target's resource (`None` for an agent session's server: session ids
+    /// would make labels without bound).
+    fn counters(&self, target: &Target) -> Option<Arc<ResourceCounters>> {
+        (target.port != 0).then(|| self.inner.metrics.resource(target.resource_id))
+    }
+
+    /// Forwards one request to the target and counts it (status class, time to the response
+    /// head, body bytes both ways).
+    async fn proxy_to_target(&self, req: Request<Body>, target: &Target) -> Response<AgentBody> {
+        let counters = self.counters(target);
+        let response = self.exchange(req, target, counters.as_ref()).await;
+        if let Some(c) = &counters {
+            c.record_request(response.status().as_u16());
+        }
+        response
+    }
+
+    async fn exchange(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         target: &Target,
+        counters: Option<&Arc<ResourceCounters>>,
     ) -> Response<AgentBody> {
+        let mut req = req.map(|b| CountedBody::new(b, counters.cloned(), true));
         let path = req
             .uri()
             .path_and_query()
@@ -473,20 +511,28 @@ impl Agent {
         *req.uri_mut() = uri;
         let upgrading = req.headers().contains_key(header::UPGRADE);
         let gateway_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let sent = std::time::Instant::now();
         match self.inner.http.request(req).await {
             Ok(mut response) => {
+                if let Some(c) = counters {
+                    c.record_response_time(sent.elapsed());
+                }
                 self.record(target, None);
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(gateway_upgrade) = gateway_upgrade {
                         let target_upgrade = hyper::upgrade::on(&mut response);
                         tokio::spawn(
-                            join_upgrades(gateway_upgrade, target_upgrade).in_current_span(),
+                            join_upgrades(gateway_upgrade, target_upgrade, counters.cloned())
+                                .in_current_span(),
                         );
                     }
                 }
-                response.map(|b| b.boxed_unsync())
+                response.map(|b| CountedBody::new(b, counters.cloned(), false).boxed_unsync())
             }
             Err(error) => {
+                if let Some(c) = counters.filter(|_| error.is_connect()) {
+                    c.record_dial_failure();
+                }
                 let message = if error.is_connect() {
                     "the target refused the connection"
                 } else {
@@ -506,15 +552,18 @@ impl Agent {
             TcpStream::connect(target.target.as_str()),
         )
         .await;
-        let mut tcp = match dialed {
+        let counters = self.inner.metrics.resource(target.resource_id);
+        let tcp = match dialed {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
+                counters.record_dial_failure();
                 self.record(target, Some(e.to_string()));
                 tracing::debug!(error = %e, "target refused: reset");
                 stream.abort();
                 return;
             }
             Err(_) => {
+                counters.record_dial_failure();
                 self.record(target, Some("connecting timed out".into()));
                 tracing::debug!("target timed out: reset");
                 stream.abort();
@@ -523,6 +572,7 @@ impl Agent {
         };
         let _ = tcp.set_nodelay(true);
         self.record(target, None);
+        let mut tcp = CountedIo::new(tcp, counters);
         match tokio::io::copy_bidirectional_with_sizes(
             &mut stream,
             &mut tcp,
@@ -541,15 +591,19 @@ impl Agent {
     /// the same two ways. The flow ends when the gateway closes the stream (its idle
     /// timeout) or the target is unreachable (ICMP).
     async fn relay_udp(&self, stream: TunnelStream, target: &Target) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = self.inner.metrics.resource(target.resource_id);
         let resolved = match tokio::net::lookup_host(target.target.as_str()).await {
             Ok(mut addrs) => addrs.next(),
             Err(e) => {
+                counters.record_dial_failure();
                 self.record(target, Some(e.to_string()));
                 stream.abort();
                 return;
             }
         };
         let Some(addr) = resolved else {
+            counters.record_dial_failure();
             self.record(target, Some("the target name has no address".into()));
             stream.abort();
             return;
@@ -568,6 +622,7 @@ impl Agent {
             }
         };
         if let Err(e) = socket.connect(addr).await {
+            counters.record_dial_failure();
             self.record(target, Some(e.to_string()));
             stream.abort();
             return;
@@ -577,6 +632,7 @@ impl Agent {
         let (mut from_gateway, mut to_gateway) = tokio::io::split(stream);
         let socket = std::sync::Arc::new(socket);
         let sender = std::sync::Arc::clone(&socket);
+        let sent = Arc::clone(&counters);
         // Gateway to target, framed on the stream: a framed read must not be cancelled, so it has
         // its own task.
         let mut forward = tokio::spawn(async move {
@@ -590,8 +646,11 @@ impl Agent {
                 if n > buf.len() || from_gateway.read_exact(&mut buf[..n]).await.is_err() {
                     return;
                 }
-                if let Err(error) = sender.send(&buf[..n]).await {
-                    tracing::debug!(%error, "cannot send a datagram to the target");
+                match sender.send(&buf[..n]).await {
+                    Ok(n) => {
+                        sent.bytes_to_target.fetch_add(n as u64, Relaxed);
+                    }
+                    Err(error) => tracing::debug!(%error, "cannot send a datagram to the target"),
                 }
             }
         });
@@ -600,6 +659,7 @@ impl Agent {
             tokio::select! {
                 r = socket.recv(&mut buf) => match r {
                     Ok(n) => {
+                        counters.bytes_from_target.fetch_add(n as u64, Relaxed);
                         // A QUIC datagram when it fits one (lost, not resent, if the tunnel loses
                         // it), the stream otherwise.
                         let d = &buf[..n];
@@ -623,11 +683,14 @@ impl Agent {
                     }
                 },
                 d = datagrams.recv() => match d {
-                    Ok(d) => {
-                        if let Err(error) = socket.send(&d).await {
+                    Ok(d) => match socket.send(&d).await {
+                        Ok(n) => {
+                            counters.bytes_to_target.fetch_add(n as u64, Relaxed);
+                        }
+                        Err(error) => {
                             tracing::debug!(%error, "cannot send a datagram to the target");
                         }
-                    }
+                    },
                     Err(_) => break,
                 },
                 _ = &mut forward => break,
@@ -657,6 +720,19 @@ impl Agent {
                 error,
             },
         );
+    }
+
+    /// The Prometheus text of the agent's metrics; `control_connected`: whether the control
+    /// channel is up.
+    pub fn render_metrics(&self, control_connected: bool) -> String {
+        let status = self.status();
+        self.inner.metrics.render(&crate::metrics::Sample {
+            peers: status.peers,
+            targets: status.targets,
+            sessions: status.sessions.iter().map(|s| s.phase).collect(),
+            applied_version: status.applied_version,
+            control_connected,
+        })
     }
 
     /// The status report: applied version, gateway peers, target health (the health check's
@@ -870,7 +946,11 @@ async fn target_changed(targets: &mut watch::Receiver<Targets>, mine: &Target) {
 
 /// Joins an upgraded exchange (WebSocket and the like) between the gateway's stream and the
 /// target's connection.
-async fn join_upgrades(gateway: hyper::upgrade::OnUpgrade, target: hyper::upgrade::OnUpgrade) {
+async fn join_upgrades(
+    gateway: hyper::upgrade::OnUpgrade,
+    target: hyper::upgrade::OnUpgrade,
+    counters: Option<Arc<ResourceCounters>>,
+) {
     let (gateway, target) = match tokio::join!(gateway, target) {
         (Ok(g), Ok(t)) => (g, t),
         (g, t) => {
@@ -885,7 +965,15 @@ async fn join_upgrades(gateway: hyper::upgrade::OnUpgrade, target: hyper::upgrad
     let mut gateway = TokioIo::new(gateway);
     let mut target = TokioIo::new(target);
     match tokio::io::copy_bidirectional(&mut gateway, &mut target).await {
-        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+        Ok((up, down)) => {
+            if let Some(c) = counters {
+                c.bytes_to_target
+                    .fetch_add(up, std::sync::atomic::Ordering::Relaxed);
+                c.bytes_from_target
+                    .fetch_add(down, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::debug!(up, down, "upgraded connection closed");
+        }
         Err(error) => tracing::debug!(%error, "upgraded connection ended"),
     }
 }

@@ -50,6 +50,9 @@ pub struct Cli {
     /// WireGuard UDP bind address; port 0 picks an ephemeral port [default: 0.0.0.0:0].
     #[arg(long, env = "KAKUREMICHI_AGENT_WG_LISTEN")]
     pub wg_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at /metrics on this address (e.g. 127.0.0.1:9102).
+    #[arg(long, env = "KAKUREMICHI_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// QUIC sizes inside the tunnel.
     #[command(flatten)]
     pub quic: QuicArgs,
@@ -127,6 +130,7 @@ pub struct FileConfig {
     allow_insecure_control: Option<bool>,
     data_dir: Option<PathBuf>,
     wg_listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     quic: QuicFile,
     udp_fallback_port: Option<u16>,
@@ -147,14 +151,25 @@ pub struct FileConfig {
     session_labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Validated settings: the agent has only those every node has.
+/// Validated node settings: those every node has.
 pub type Settings = NodeSettings;
+
+/// Everything the agent binary was told.
+#[derive(Debug)]
+pub struct AgentSettings {
+    /// What every node has.
+    pub node: Settings,
+    /// How sessions run.
+    pub sessions: HostConfig,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
 
 impl Cli {
     /// Merges the command line (and environment) over the config file, applies defaults and
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        self.resolve_all().map(|(node, _)| node)
+        self.resolve_all().map(|all| all.node)
     }
 
     /// The UDP-blocked fallback (`None`: off), from the command line or the config file.
@@ -170,9 +185,10 @@ impl Cli {
         }))
     }
 
-    /// [`Cli::resolve`], and how sessions run.
-    pub fn resolve_all(self) -> Result<(Settings, HostConfig), ConfigError> {
+    /// [`Cli::resolve`], how sessions run and the metrics address.
+    pub fn resolve_all(self) -> Result<AgentSettings, ConfigError> {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
+        let metrics_listen = self.metrics_listen.or(file.metrics_listen);
         let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
@@ -224,7 +240,11 @@ impl Cli {
             },
             &node.data_dir,
         )?;
-        Ok((node, sessions))
+        Ok(AgentSettings {
+            node,
+            sessions,
+            metrics_listen,
+        })
     }
 }
 
@@ -478,18 +498,51 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_from_flag_or_file_and_a_bad_one_is_refused() {
+        let s = Cli::parse_from(["kakuremichi-agent", "--metrics-listen", "127.0.0.1:9102"])
+            .resolve_all()
+            .unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9102".parse().unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "metrics_listen = \"[::1]:9102\"\n").unwrap();
+        let s = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
+            .resolve_all()
+            .unwrap();
+        assert_eq!(s.metrics_listen, Some("[::1]:9102".parse().unwrap()));
+        std::fs::write(&path, "metrics_listen = \"nowhere\"\n").unwrap();
+        let err = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
+            .resolve_all()
+            .unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
+        assert!(Cli::try_parse_from(["kakuremichi-agent", "--metrics-listen", "nowhere"]).is_err());
+        use clap::CommandFactory as _;
+        let env = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "metrics_listen")
+            .and_then(|a| a.get_env())
+            .and_then(|e| e.to_str())
+            .map(str::to_owned);
+        assert_eq!(env.as_deref(), Some("KAKUREMICHI_AGENT_METRICS_LISTEN"));
+    }
+
+    #[test]
     fn session_settings_default_and_refuse_bad_values() {
-        let (node, s) =
-            Cli::parse_from(["kakuremichi-agent", "--control", "http://127.0.0.1:3000"])
-                .resolve_all()
-                .unwrap();
+        let AgentSettings {
+            node,
+            sessions: s,
+            metrics_listen,
+        } = Cli::parse_from(["kakuremichi-agent", "--control", "http://127.0.0.1:3000"])
+            .resolve_all()
+            .unwrap();
+        assert_eq!(metrics_listen, None, "no metrics unless asked");
         assert_eq!(
             s.command,
             ["agentapi", "server", "--port", "{port}", "--", "claude"]
         );
         assert_eq!(s.work_dir, node.data_dir.join("sessions"));
         assert_eq!((s.limits.first_port, s.limits.ports), (3284, 100));
-        let (_, s) = Cli::parse_from([
+        let s = Cli::parse_from([
             "kakuremichi-agent",
             "--session-ports",
             "4000-4009",
@@ -503,7 +556,8 @@ mod tests {
             "zone=",
         ])
         .resolve_all()
-        .unwrap();
+        .unwrap()
+        .sessions;
         assert_eq!(
             s.labels
                 .iter()
@@ -536,9 +590,10 @@ mod tests {
             "session_ports = \"5000-5001\"\n[session_labels]\nrepo = \"web\"\n",
         )
         .unwrap();
-        let (_, s) = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
+        let s = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
             .resolve_all()
-            .unwrap();
+            .unwrap()
+            .sessions;
         assert_eq!((s.limits.first_port, s.limits.ports), (5000, 2));
         assert_eq!(s.labels.get("repo").map(String::as_str), Some("web"));
     }

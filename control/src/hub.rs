@@ -516,6 +516,7 @@ async fn push_snapshot(
     if !send(socket, &msg).await {
         return Push::Failed;
     }
+    state.metrics.snapshot_sent(me.kind);
     tracing::debug!(version, "snapshot sent");
     if let ControlMessage::Config(snap) = msg {
         *last = Some(snap);

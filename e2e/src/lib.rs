@@ -8,6 +8,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod acme;
+pub mod dashboard;
 pub mod fleet;
 pub mod identity;
 pub mod netns;

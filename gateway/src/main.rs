@@ -98,14 +98,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let metrics_task = match settings.metrics_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-            tracing::info!(%addr, "serving metrics at /metrics");
-            Some(tokio::spawn(kakuremichi_gateway::metrics::serve_metrics(
-                listener,
-                gateway.metrics(),
-            )))
+            let metrics = gateway.metrics();
+            Some(kakuremichi_node::metrics::listen(addr, move || metrics.render()).await?)
         }
         None => None,
     };

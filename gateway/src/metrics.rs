@@ -2,16 +2,9 @@
 //! and a latency histogram, refused and open connections, routes, peers.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 /// One peer's counters, as last sampled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,43 +440,11 @@ impl Metrics {
                 );
             }
         }
+        drop(peers);
+        let mut process = kakuremichi_metrics::Exposition::new();
+        kakuremichi_metrics::write_resident_memory(&mut process);
+        out.push_str(&process.into_text());
         out
-    }
-}
-
-/// Serves `GET /metrics` on `listener` forever.
-pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let metrics = Arc::clone(&metrics);
-                    async move {
-                        let mut response = if req.uri().path() == "/metrics" {
-                            let mut r = Response::new(Full::new(Bytes::from(metrics.render())));
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                            );
-                            r
-                        } else {
-                            Response::new(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        if req.uri().path() != "/metrics" {
-                            *response.status_mut() = StatusCode::NOT_FOUND;
-                        }
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

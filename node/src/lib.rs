@@ -6,8 +6,8 @@
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
 //! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the
 //! apply skeleton both kinds run ([`runtime`]), the settings every node binary has
-//! ([`settings`]), the process scaffolding of the binaries ([`process`]) and returning freed heap
-//! memory after a load ([`memory`]).
+//! ([`settings`]), the process scaffolding of the binaries ([`process`]), serving Prometheus metrics on
+//! their own listener ([`metrics`]) and returning freed heap memory after a load ([`memory`]).
 //!
 //! This crate knows nodes, not traffic: it must never know about HTTP routing or agent targets
 //! (those belong to `kakuremichi-gateway` and `kakuremichi-agent`), and the control channel it runs
@@ -20,6 +20,7 @@ pub mod control_url;
 pub mod enroll;
 pub mod failover;
 pub mod memory;
+pub mod metrics;
 pub mod plan;
 pub mod process;
 pub mod relay;

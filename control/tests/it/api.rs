@@ -589,6 +589,18 @@ async fn health_metrics_and_page() {
         text.contains("kakuremichi_api_requests_total{class=\"2xx\"} "),
         "{text}"
     );
+    let timed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kakuremichi_api_request_duration_seconds_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(timed >= 1, "the API request was timed\n{text}");
+    assert!(text.contains("kakuremichi_api_request_duration_seconds_bucket{le=\"+Inf\"} "));
+    assert!(
+        text.contains("kakuremichi_config_snapshots_sent_total{kind=\"agent\"} 0\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
     // `/` is the console, which sends a new control to set-up.
     let (s, _, _) = t.raw(Method::GET, "/", None, None).await;
     assert_eq!(s, StatusCode::SEE_OTHER);
