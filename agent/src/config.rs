@@ -9,6 +9,7 @@ use kakuremichi_node::settings::{
 };
 use kakuremichi_node::NodeSettings;
 use kakuremichi_proto::Secret;
+use kakuremichi_telemetry::TracesEndpoint;
 use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;
@@ -137,6 +138,7 @@ pub struct FileConfig {
     /// `[session_labels]`: KEY = "VALUE".
     #[serde(default)]
     session_labels: std::collections::BTreeMap<String, String>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -146,12 +148,15 @@ impl Cli {
     /// Merges the command line (and environment) over the config file, applies defaults and
     /// validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
-        self.resolve_all().map(|(node, _)| node)
+        self.resolve_all().map(|(node, _, _)| node)
     }
 
-    /// [`Cli::resolve`], and how sessions run.
-    pub fn resolve_all(self) -> Result<(Settings, HostConfig), ConfigError> {
+    /// [`Cli::resolve`], how sessions run, and where traces go (`--otlp-endpoint`), if anywhere.
+    pub fn resolve_all(
+        self,
+    ) -> Result<(Settings, HostConfig, Option<TracesEndpoint>), ConfigError> {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
+        let otlp = self.log.traces(file.otlp_endpoint.as_deref())?;
         let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
@@ -203,7 +208,7 @@ impl Cli {
             },
             &node.data_dir,
         )?;
-        Ok((node, sessions))
+        Ok((node, sessions, otlp))
     }
 }
 

@@ -15,8 +15,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (settings, sessions) = cli.resolve_all().context("invalid settings")?;
+    let (settings, sessions, otlp) = cli.resolve_all().context("invalid settings")?;
     let state = process::load_identity(&settings, NodeKind::Agent).await?;
+    kakuremichi_node::traces::start(otlp.as_ref(), NodeKind::Agent, &state)?;
 
     let agent = Agent::new(AgentOptions {
         data_dir: settings.data_dir.clone(),

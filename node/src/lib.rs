@@ -25,6 +25,7 @@ pub mod process;
 pub mod runtime;
 pub mod settings;
 pub mod state;
+pub mod traces;
 pub mod tunnel;
 
 pub use applied::{AppliedConfig, ApplyError, Applying};
