@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn session_settings_default_and_refuse_bad_values() {
-        let (node, s) =
+        let (node, s, _) =
             Cli::parse_from(["kakuremichi-agent", "--control", "http://127.0.0.1:3000"])
                 .resolve_all()
                 .unwrap();
@@ -473,7 +473,7 @@ mod tests {
         );
         assert_eq!(s.work_dir, node.data_dir.join("sessions"));
         assert_eq!((s.limits.first_port, s.limits.ports), (3284, 100));
-        let (_, s) = Cli::parse_from([
+        let (_, s, _) = Cli::parse_from([
             "kakuremichi-agent",
             "--session-ports",
             "4000-4009",
@@ -520,10 +520,43 @@ mod tests {
             "session_ports = \"5000-5001\"\n[session_labels]\nrepo = \"web\"\n",
         )
         .unwrap();
-        let (_, s) = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
+        let (_, s, _) = Cli::parse_from(["kakuremichi-agent", "--config", path.to_str().unwrap()])
             .resolve_all()
             .unwrap();
         assert_eq!((s.limits.first_port, s.limits.ports), (5000, 2));
         assert_eq!(s.labels.get("repo").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn the_otlp_endpoint_comes_from_the_flag_over_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "otlp_endpoint = \"http://file:4318\"\n").unwrap();
+        let config = path.to_str().unwrap();
+        let (_, _, otlp) = Cli::parse_from(["kakuremichi-agent", "--config", config])
+            .resolve_all()
+            .unwrap();
+        assert_eq!(
+            otlp,
+            Some(TracesEndpoint::Url("http://file:4318/v1/traces".into()))
+        );
+        let (_, _, otlp) = Cli::parse_from([
+            "kakuremichi-agent",
+            "--config",
+            config,
+            "--otlp-endpoint",
+            "https://flag/",
+        ])
+        .resolve_all()
+        .unwrap();
+        assert_eq!(
+            otlp,
+            Some(TracesEndpoint::Url("https://flag/v1/traces".into()))
+        );
+        assert!(
+            Cli::parse_from(["kakuremichi-agent", "--otlp-endpoint", "flag:4318"])
+                .resolve_all()
+                .is_err()
+        );
     }
 }
