@@ -512,7 +512,18 @@ impl Agent {
         let upgrading = req.headers().contains_key(header::UPGRADE);
         let gateway_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let sent = std::time::Instant::now();
-        match self.inner.http.request(req).await {
+        let span = forward_span(&mut req, target);
+        let result = self.inner.http.request(req).instrument(span.clone()).await;
+        let _entered = span.enter();
+        match &result {
+            Ok(response) => {
+                span.record("http.response.status_code", response.status().as_u16());
+            }
+            Err(_) => {
+                span.record("otel.status_code", "error");
+            }
+        }
+        match result {
             Ok(mut response) => {
                 if let Some(c) = counters {
                     c.record_response_time(sent.elapsed());
@@ -946,6 +957,31 @@ async fn target_changed(targets: &mut watch::Receiver<Targets>, mine: &Target) {
 
 /// Joins an upgraded exchange (WebSocket and the like) between the gateway's stream and the
 /// target's connection.
+/// With traces exported, the span of one request forwarded to its target: a child of the
+/// gateway's span (the `traceparent` it sent: the gateway is a configured peer, authenticated by
+/// the tunnel), and the parent the app sees in the `traceparent` it gets. Without, a disabled
+/// span and the request as it came.
+fn forward_span<B>(req: &mut Request<B>, target: &Target) -> tracing::Span {
+    if !kakuremichi_telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let method = req.method().as_str();
+    let span = tracing::info_span!(
+        "forward",
+        otel.name = method,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        url.path = req.uri().path(),
+        server.address = target.target.as_str(),
+        http.response.status_code = tracing::field::Empty,
+        kakuremichi.resource.id = %target.resource_id,
+    );
+    kakuremichi_telemetry::continue_from(&span, req.headers());
+    kakuremichi_telemetry::inject(&span, req.headers_mut());
+    span
+}
+
 async fn join_upgrades(
     gateway: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,

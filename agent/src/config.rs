@@ -11,6 +11,7 @@ use kakuremichi_node::settings::{
 use kakuremichi_node::NodeSettings;
 use kakuremichi_proto::Secret;
 use kakuremichi_tunnel::PathSettings;
+use kakuremichi_telemetry::TracesEndpoint;
 use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;
@@ -149,6 +150,7 @@ pub struct FileConfig {
     /// `[session_labels]`: KEY = "VALUE".
     #[serde(default)]
     session_labels: std::collections::BTreeMap<String, String>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Validated node settings: those every node has.
@@ -163,6 +165,8 @@ pub struct AgentSettings {
     pub sessions: HostConfig,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where traces go (`--otlp-endpoint`), if anywhere.
+    pub otlp: Option<TracesEndpoint>,
 }
 
 impl Cli {
@@ -185,10 +189,12 @@ impl Cli {
         }))
     }
 
-    /// [`Cli::resolve`], how sessions run and the metrics address.
+    /// [`Cli::resolve`], how sessions run, the metrics address and where traces go
+    /// (`--otlp-endpoint`), if anywhere.
     pub fn resolve_all(self) -> Result<AgentSettings, ConfigError> {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
         let metrics_listen = self.metrics_listen.or(file.metrics_listen);
+        let otlp = self.log.traces(file.otlp_endpoint.as_deref())?;
         let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
@@ -244,6 +250,7 @@ impl Cli {
             node,
             sessions,
             metrics_listen,
+            otlp,
         })
     }
 }
@@ -532,6 +539,7 @@ mod tests {
             node,
             sessions: s,
             metrics_listen,
+            ..
         } = Cli::parse_from(["kakuremichi-agent", "--control", "http://127.0.0.1:3000"])
             .resolve_all()
             .unwrap();
@@ -596,5 +604,40 @@ mod tests {
             .sessions;
         assert_eq!((s.limits.first_port, s.limits.ports), (5000, 2));
         assert_eq!(s.labels.get("repo").map(String::as_str), Some("web"));
+    }
+
+    #[test]
+    fn the_otlp_endpoint_comes_from_the_flag_over_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.toml");
+        std::fs::write(&path, "otlp_endpoint = \"http://file:4318\"\n").unwrap();
+        let config = path.to_str().unwrap();
+        let otlp = Cli::parse_from(["kakuremichi-agent", "--config", config])
+            .resolve_all()
+            .unwrap()
+            .otlp;
+        assert_eq!(
+            otlp,
+            Some(TracesEndpoint::Url("http://file:4318/v1/traces".into()))
+        );
+        let otlp = Cli::parse_from([
+            "kakuremichi-agent",
+            "--config",
+            config,
+            "--otlp-endpoint",
+            "https://flag/",
+        ])
+        .resolve_all()
+        .unwrap()
+        .otlp;
+        assert_eq!(
+            otlp,
+            Some(TracesEndpoint::Url("https://flag/v1/traces".into()))
+        );
+        assert!(
+            Cli::parse_from(["kakuremichi-agent", "--otlp-endpoint", "flag:4318"])
+                .resolve_all()
+                .is_err()
+        );
     }
 }

@@ -19,6 +19,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let all = cli.resolve_all().context("invalid settings")?;
     let settings = all.node;
     let state = process::load_identity(&settings, NodeKind::Agent).await?;
+    kakuremichi_node::traces::start(all.otlp.as_ref(), NodeKind::Agent, &state)?;
 
     let agent = Agent::new(AgentOptions {
         data_dir: settings.data_dir.clone(),

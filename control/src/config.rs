@@ -63,6 +63,8 @@ pub struct FileConfig {
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
+    /// The OTLP/HTTP collector traces go to (`--otlp-endpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// ACME settings before validation (command line/env over the `[acme]` table).

@@ -321,5 +321,35 @@ pub fn app(state: AppState) -> Router {
             metrics::count_requests,
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(trace_requests))
         .with_state(state)
+}
+
+/// With traces exported (`--otlp-endpoint`), every request is a server span. A client's
+/// `traceparent` is linked, not continued: whoever reaches control does not choose its trace
+/// ids.
+async fn trace_requests(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if !kakuremichi_telemetry::enabled() {
+        return next.run(req).await;
+    }
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = method.as_str(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method.as_str(),
+        url.path = req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    kakuremichi_telemetry::link_to(&span, req.headers());
+    let response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
 }

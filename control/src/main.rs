@@ -12,7 +12,6 @@ use kakuremichi_control::serve::{serve, ServeOptions};
 use kakuremichi_control::store::{Backend, Store};
 use kakuremichi_control::{app, AppState, HubTiming};
 use kakuremichi_proto::Secret;
-use tracing_subscriber::EnvFilter;
 
 /// How control logs (`--log-format`), as the gateway and the agent do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,6 +29,11 @@ struct Cli {
     /// Log lines as text or as JSON objects (the filter is RUST_LOG, default info).
     #[arg(long, env = "KAKUREMICHI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g. http://127.0.0.1:4318
+    /// (/v1/traces is appended). Without it (nor the standard OTEL_EXPORTER_OTLP_ENDPOINT),
+    /// nothing is exported.
+    #[arg(long, env = "KAKUREMICHI_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Address to listen on (API, web UI, node WebSocket). Default 127.0.0.1:3000.
     #[arg(long, env = "KAKUREMICHI_CONTROL_LISTEN")]
     listen: Option<String>,
@@ -236,17 +240,16 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = cli.log_format;
-    let logs = tracing_subscriber::fmt().with_env_filter(
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    );
-    match log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
+    kakuremichi_telemetry::init(log_format == LogFormat::Json);
     let file = match &cli.config {
         Some(path) => FileConfig::read(path)?,
         None => FileConfig::default(),
     };
+    let traces = kakuremichi_telemetry::traces_endpoint(
+        cli.otlp_endpoint
+            .as_deref()
+            .or(file.otlp_endpoint.as_deref()),
+    )?;
     let settings = RawSettings {
         listen: cli.listen,
         data_dir: cli.data_dir,
@@ -328,6 +331,18 @@ async fn main() -> anyhow::Result<()> {
     let mut state = AppState::with_timing(store.clone(), timing);
     // With PostgreSQL, replicas may share the database: one leads the singleton work, by lock.
     state.replica = std::sync::Arc::new(kakuremichi_control::replicas::Replica::new(sqlite));
+    if let Some(endpoint) = &traces {
+        let id = state.replica.id.to_string();
+        kakuremichi_telemetry::start(
+            endpoint,
+            kakuremichi_telemetry::Service {
+                name: "kakuremichi-control",
+                instance_id: id.clone(),
+                attributes: vec![("kakuremichi.replica.id", id)],
+            },
+        )
+        .context("cannot start exporting traces (--otlp-endpoint)")?;
+    }
     state.acme = settings.acme.clone().map(std::sync::Arc::new);
     state.sign_in = std::sync::Arc::new(kakuremichi_control::identity::SignInLimits::new(
         settings.sign_in_per_minute,
@@ -455,5 +470,7 @@ async fn main() -> anyhow::Result<()> {
     }
     store.close().await;
     tracing::info!("stopped");
+    // The spans still queued go out (blocking: off the runtime's threads).
+    let _ = tokio::task::spawn_blocking(kakuremichi_telemetry::shutdown).await;
     Ok(())
 }

@@ -140,6 +140,7 @@ pub struct FileConfig {
     max_connections_per_client: Option<usize>,
     max_header_bytes: Option<usize>,
     max_quic_handshakes: Option<usize>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Validated settings.
@@ -165,6 +166,8 @@ pub struct Settings {
     pub https: Option<HttpsSettings>,
     /// Where TCP resources' public ports are bound.
     pub tcp_listen_ip: std::net::IpAddr,
+    /// Where traces go (`--otlp-endpoint`), if anywhere.
+    pub otlp: Option<kakuremichi_telemetry::TracesEndpoint>,
 }
 
 /// The HTTPS listener's settings.
@@ -250,7 +253,9 @@ impl Cli {
                     .into(),
             )
         })?;
+        let otlp = self.log.traces(file.otlp_endpoint.as_deref())?;
         Ok(Settings {
+            otlp,
             node: NodeSettings {
                 control: control.control,
                 token: control.token,

@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.resolve().context("invalid settings")?;
     let state = process::load_identity(&settings.node, NodeKind::Gateway).await?;
+    kakuremichi_node::traces::start(settings.otlp.as_ref(), NodeKind::Gateway, &state)?;
 
     let gateway = Gateway::new(GatewayOptions {
         data_dir: settings.node.data_dir.clone(),

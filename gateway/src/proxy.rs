@@ -356,6 +356,10 @@ pub fn rewrite_request_headers(
     }
 }
 
+/// The server span of a request, in its extensions while traces are exported.
+#[derive(Debug, Clone)]
+struct RequestSpan(tracing::Span);
+
 /// The reverse proxy: routes, upstream and metrics.
 pub struct Proxy {
     routes: Arc<RwLock<Arc<RouteTable>>>,
@@ -614,8 +618,65 @@ impl Proxy {
         self.handle_boxed(req, client, proto).await
     }
 
-    /// Handles one request with a boxed body (what HTTP/3 hands over).
+    /// Handles one request with a boxed body (what HTTP/3 hands over). With traces exported,
+    /// the request is a server span ([`Proxy::request_span`]) whose context the forwarded
+    /// request carries (`traceparent`).
     pub async fn handle_boxed(
+        &self,
+        mut req: Request<RequestBody>,
+        client: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
+        if !kakuremichi_telemetry::enabled() {
+            return self.serve(req, client, proto).await;
+        }
+        let span = self.request_span(&req, client, proto);
+        req.extensions_mut().insert(RequestSpan(span.clone()));
+        let response = self
+            .serve(req, client, proto)
+            .instrument(span.clone())
+            .await;
+        let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "error");
+        }
+        response
+    }
+
+    /// The server span of one request (OpenTelemetry's HTTP conventions). A trusted proxy's
+    /// `traceparent` is continued; any other client's starts a new trace linked to it, so the
+    /// internet cannot choose trace ids or join its requests to another trace.
+    fn request_span(
+        &self,
+        req: &Request<RequestBody>,
+        client: SocketAddr,
+        proto: &'static str,
+    ) -> tracing::Span {
+        let method = req.method().as_str();
+        let span = tracing::info_span!(
+            "request",
+            otel.name = method,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = method,
+            url.path = req.uri().path(),
+            url.scheme = if proto == "http" { "http" } else { "https" },
+            server.address = request_host(req.uri(), req.headers()).as_deref().unwrap_or(""),
+            client.address = %client.ip(),
+            network.protocol.version = ?req.version(),
+            http.response.status_code = tracing::field::Empty,
+            kakuremichi.resource.id = tracing::field::Empty,
+        );
+        if trusted(client.ip(), &self.trusted_proxies) {
+            kakuremichi_telemetry::continue_from(&span, req.headers());
+        } else {
+            kakuremichi_telemetry::link_to(&span, req.headers());
+        }
+        span
+    }
+
+    async fn serve(
         &self,
         req: Request<RequestBody>,
         client: SocketAddr,
@@ -668,6 +729,12 @@ impl Proxy {
                     None,
                 ),
                 Some(target) => {
+                    if let Some(RequestSpan(s)) = req.extensions().get::<RequestSpan>() {
+                        s.record(
+                            "kakuremichi.resource.id",
+                            tracing::field::display(target.resource_id),
+                        );
+                    }
                     let span = tracing::debug_span!(
                         "request",
                         resource_id = %target.resource_id,
@@ -796,13 +863,20 @@ impl Proxy {
                 .handshake::<_, RequestBody>(TokioIo::new(io))
                 .await
                 .map_err(io::Error::other)?;
+            // The connection outlives this request (it is kept for the next ones): it must
+            // not hold the request's exported span open.
+            let span = if kakuremichi_telemetry::enabled() {
+                tracing::Span::none()
+            } else {
+                tracing::Span::current()
+            };
             tokio::spawn(
                 async move {
                     if let Err(error) = conn.with_upgrades().await {
                         tracing::debug!(%error, "upstream stream ended");
                     }
                 }
-                .in_current_span(),
+                .instrument(span),
             );
             Ok::<_, io::Error>(sender)
         };
@@ -867,6 +941,10 @@ impl Proxy {
                 trusted_proxies: &self.trusted_proxies,
             },
         );
+        // The agent's span is a child of this request's (traces exported only).
+        if let Some(RequestSpan(span)) = req.extensions().get::<RequestSpan>().cloned() {
+            kakuremichi_telemetry::inject(&span, req.headers_mut());
+        }
 
         // A request with no body can be sent again; one with a body only while it is unread.
         let replayable = req.body().is_end_stream() && client_upgrade.is_none();

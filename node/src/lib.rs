@@ -27,6 +27,7 @@ pub mod relay;
 pub mod runtime;
 pub mod settings;
 pub mod state;
+pub mod traces;
 pub mod tunnel;
 
 pub use applied::{AppliedConfig, ApplyError, Applying};

@@ -18,21 +18,14 @@ use crate::settings::NodeSettings;
 use crate::state::NodeState;
 
 /// Logs to stderr as `format` says (filter from `RUST_LOG`, default `info`), runs `run` on a Tokio
-/// runtime and turns its result into the exit code; an error is logged with its causes.
+/// runtime and turns its result into the exit code; an error is logged with its causes. Traces,
+/// if `run` started them, are flushed at the end.
 pub fn run_main(
     format: crate::settings::LogFormat,
     run: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match format {
-        crate::settings::LogFormat::Text => builder.init(),
-        crate::settings::LogFormat::Json => builder.json().with_current_span(true).init(),
-    }
+    // Traces (if asked) start once the node knows its id: `crate::traces::start`.
+    kakuremichi_telemetry::init(format == crate::settings::LogFormat::Json);
     // Every client connection and upstream socket is a file: take the hard limit.
     if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(%error, "cannot raise the open-files limit");
@@ -47,13 +40,16 @@ pub fn run_main(
     };
     // After a load, give what the allocator keeps back to the system.
     runtime.spawn(crate::memory::return_freed_memory());
-    match runtime.block_on(run) {
+    let code = match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The spans still queued go out before the process ends.
+    kakuremichi_telemetry::shutdown();
+    code
 }
 
 /// The node's identity: `state.json` if it enrolled before, else a fresh enrollment with the

@@ -145,6 +145,23 @@ pub struct LogArgs {
     /// Log lines as text or as JSON objects (the filter is RUST_LOG, default info).
     #[arg(long, env = "KAKUREMICHI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g. http://127.0.0.1:4318
+    /// (/v1/traces is appended). Without it (nor the standard OTEL_EXPORTER_OTLP_ENDPOINT),
+    /// nothing is exported.
+    #[arg(long, env = "KAKUREMICHI_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl LogArgs {
+    /// Where traces go: `--otlp-endpoint` (or `otlp_endpoint` from the `--config` file, given here),
+    /// else the standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables, else nowhere.
+    pub fn traces(
+        &self,
+        file: Option<&str>,
+    ) -> Result<Option<kakuremichi_telemetry::TracesEndpoint>, ConfigError> {
+        kakuremichi_telemetry::traces_endpoint(self.otlp_endpoint.as_deref().or(file))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Default, clap::Args)]
