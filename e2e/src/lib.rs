@@ -11,6 +11,7 @@ pub mod acme;
 pub mod dashboard;
 pub mod fleet;
 pub mod identity;
+pub mod load;
 pub mod netns;
 pub mod sso;
 
@@ -69,9 +70,15 @@ fn claims_dir() -> PathBuf {
 }
 
 fn claim(port: u16) -> bool {
+    claim_name(&port.to_string())
+}
+
+/// Claims `name` (a port, or another resource tests share, such as a subnet) for this process
+/// while it lives; false if a live process holds it.
+pub(crate) fn claim_name(name: &str) -> bool {
     let dir = claims_dir();
     let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join(port.to_string());
+    let path = dir.join(name);
     for _ in 0..2 {
         match std::fs::OpenOptions::new()
             .write(true)
@@ -100,6 +107,15 @@ fn claim(port: u16) -> bool {
         }
     }
     false
+}
+
+/// Gives up this process's claim of `name`, if it holds it.
+pub(crate) fn release_name(name: &str) {
+    let path = claims_dir().join(name);
+    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+    if holder.trim() == std::process::id().to_string() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 fn fresh_port() -> u16 {

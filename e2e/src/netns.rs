@@ -10,6 +10,9 @@
 //! The gateway's namespace has no route to the LAN and the NAT drops every new flow from outside,
 //! so the agent has no inbound path: only the flows it opens come back. All addresses sit in
 //! 198.18.0.0/15, the block set aside for benchmarks and tests, inside namespaces this lab made.
+//!
+//! [`RoutedHost`] is a smaller lab: one namespace behind a router namespace whose forwarding a
+//! test can black-hole port by port (a gateway cut off from control).
 
 use std::process::Command;
 
@@ -71,6 +74,38 @@ impl NatLab {
     /// Builds the lab. Names carry the process id so parallel runs do not collide.
     pub fn new() -> anyhow::Result<NatLab> {
         available()?;
+        // One lab at a time on this machine, across test processes and test runs: the link to
+        // the harness has fixed addresses, and a second lab's would take the first one's
+        // traffic. Wait for the claim and for the address to be free (a lab of a process that
+        // does not claim, or one left behind).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        let holder = |addrs: &str| {
+            addrs
+                .lines()
+                .find(|l| l.contains(" 198.18.0.1/"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_owned())
+        };
+        let mut claimed = false;
+        loop {
+            claimed = claimed || crate::claim_name(NAT_LAB_CLAIM);
+            let addrs = Command::new("ip")
+                .args(["-o", "-4", "addr", "show"])
+                .output()
+                .context("running ip addr show")?;
+            let held = holder(&String::from_utf8_lossy(&addrs.stdout));
+            if claimed && held.is_none() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "another NAT lab is up ({}): it has the harness-side link's addresses",
+                    held.map_or("a test process holds the claim".into(), |i| format!(
+                        "interface {i} holds 198.18.0.1"
+                    ))
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         let id = std::process::id() % 100_000;
         let lab = NatLab {
             gw_ns: format!("kmgw{id}"),
@@ -360,8 +395,12 @@ impl NatLab {
 impl Drop for NatLab {
     fn drop(&mut self) {
         self.teardown();
+        crate::release_name(NAT_LAB_CLAIM);
     }
 }
+
+/// The claim that one [`NatLab`] at a time holds.
+const NAT_LAB_CLAIM: &str = "nat-lab";
 
 /// Runs `script` with `sh -c` in namespace `ns`, with `env` added: (exit code, stdout, stderr).
 pub fn sh_in(ns: &str, script: &str, env: &[(&str, String)]) -> (i32, String, String) {
@@ -407,5 +446,183 @@ impl Drop for InstalledAgent {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// One namespace (`host_ns`) that reaches the harness's own only through a router namespace
+/// (`router_ns`), on a /24 of its own in 198.18.16.0-198.18.255.255 (claimed across test
+/// processes, so several hosts run at once, beside a [`NatLab`]):
+///
+/// ```text
+///  harness (root ns)             ns router                        ns host
+///  198.18.k.1 ---veth--- 198.18.k.2   198.18.k.5 ---veth--- 198.18.k.6
+///  control, agents, clients                                       a gateway
+/// ```
+/// A node in the host talks to control, agents and clients in the harness's namespace across
+/// the router, where [`RoutedHost::cut_tcp_port`] drops a port's packets both ways: a black
+/// hole, in which nothing is refused, reset or closed.
+#[derive(Debug)]
+pub struct RoutedHost {
+    /// The namespace of the host.
+    pub host_ns: String,
+    /// The namespace of the router between the host and the harness.
+    pub router_ns: String,
+    /// The harness's address on the link to the router: where the host reaches services of
+    /// the harness's namespace (listening on it or on 0.0.0.0).
+    pub harness_addr: std::net::Ipv4Addr,
+    /// The host's address, as the harness's namespace reaches it.
+    pub host_addr: std::net::Ipv4Addr,
+    root_if: String,
+}
+
+impl RoutedHost {
+    /// Builds the router and the host. Names carry the process id.
+    pub fn new() -> anyhow::Result<RoutedHost> {
+        available()?;
+        let id = std::process::id() % 100_000;
+        let in_use = Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .context("running ip addr show")?;
+        let in_use = String::from_utf8_lossy(&in_use.stdout).into_owned();
+        let start = 16 + (id % 240) as u8;
+        let k = (0..240u8)
+            .map(|i| 16 + (start - 16 + i) % 240)
+            .find(|k| {
+                !in_use.contains(&format!(" 198.18.{k}."))
+                    && crate::claim_name(&format!("net-198.18.{k}"))
+            })
+            .context("no free /24 in 198.18.16.0-198.18.255.255")?;
+        let host = RoutedHost {
+            host_ns: format!("kmch{id}"),
+            router_ns: format!("kmcr{id}"),
+            harness_addr: std::net::Ipv4Addr::new(198, 18, k, 1),
+            host_addr: std::net::Ipv4Addr::new(198, 18, k, 6),
+            root_if: format!("kmc{id}a"),
+        };
+        host.teardown();
+        host.build(k, id).context("building the routed host")?;
+        Ok(host)
+    }
+
+    fn build(&self, k: u8, id: u32) -> anyhow::Result<()> {
+        let (router, host) = (&self.router_ns, &self.host_ns);
+        let (r0, r1, h0) = (
+            format!("kmc{id}b"),
+            format!("kmc{id}c"),
+            format!("kmc{id}d"),
+        );
+        for ns in [router, host] {
+            run(&["ip", "netns", "add", ns])?;
+            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &self.root_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &r0,
+        ])?;
+        run(&["ip", "link", "set", &r0, "netns", router])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("198.18.{k}.1/30"),
+            "dev",
+            &self.root_if,
+        ])?;
+        run(&["ip", "link", "set", &self.root_if, "up"])?;
+        in_ns(
+            router,
+            &["ip", "addr", "add", &format!("198.18.{k}.2/30"), "dev", &r0],
+        )?;
+        in_ns(router, &["ip", "link", "set", &r0, "up"])?;
+        run(&[
+            "ip", "link", "add", &r1, "type", "veth", "peer", "name", &h0,
+        ])?;
+        run(&["ip", "link", "set", &r1, "netns", router])?;
+        run(&["ip", "link", "set", &h0, "netns", host])?;
+        in_ns(
+            router,
+            &["ip", "addr", "add", &format!("198.18.{k}.5/30"), "dev", &r1],
+        )?;
+        in_ns(router, &["ip", "link", "set", &r1, "up"])?;
+        in_ns(
+            host,
+            &["ip", "addr", "add", &format!("198.18.{k}.6/30"), "dev", &h0],
+        )?;
+        in_ns(host, &["ip", "link", "set", &h0, "up"])?;
+        in_ns(router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        in_ns(
+            host,
+            &[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{k}.5"),
+            ],
+        )?;
+        run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("198.18.{k}.4/30"),
+            "via",
+            &format!("198.18.{k}.2"),
+            "dev",
+            &self.root_if,
+        ])?;
+        Ok(())
+    }
+
+    /// The router drops, both ways, every TCP packet to or from `port` (a service's port in
+    /// the harness's namespace) until [`RoutedHost::restore_tcp_port`].
+    pub fn cut_tcp_port(&self, port: u16) -> anyhow::Result<()> {
+        let p = port.to_string();
+        for dir in ["--dport", "--sport"] {
+            in_ns(
+                &self.router_ns,
+                &[
+                    "iptables", "-I", "FORWARD", "-p", "tcp", dir, &p, "-j", "DROP",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Takes away the drops of [`RoutedHost::cut_tcp_port`].
+    pub fn restore_tcp_port(&self, port: u16) -> anyhow::Result<()> {
+        let p = port.to_string();
+        for dir in ["--dport", "--sport"] {
+            in_ns(
+                &self.router_ns,
+                &[
+                    "iptables", "-D", "FORWARD", "-p", "tcp", dir, &p, "-j", "DROP",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn teardown(&self) {
+        for ns in [&self.host_ns, &self.router_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.root_if])
+            .output();
+    }
+}
+
+impl Drop for RoutedHost {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }

@@ -9,14 +9,13 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kakuremichi_e2e::fleet::{
     enroll_fleet, ms, touch_every_agent, ControlOptions, Fleet, FleetControl, PgSchema,
     PrivatePostgres, Select, Timing,
 };
+use kakuremichi_e2e::load::{Figures, Load, LoadOptions};
 use kakuremichi_e2e::{
     start_agent, start_demo_app, start_gateway, test_http_client, wait_for, Api, Stack,
     StackOptions, DEMO_HOST, TEST_ADMIN_KEY,
@@ -73,36 +72,27 @@ async fn holder(db: &str, id: Uuid) -> Option<String> {
     .flatten()
 }
 
-/// Keeps `GET /` on the demo resource going through the gateway on one keep-alive connection
-/// after another, counting answers and failures, until `stop`.
-fn keep_alive_load(
-    gateway: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let http = test_http_client();
-        while !stop.load(Ordering::SeqCst) {
-            let r = http
-                .get(format!("http://{gateway}/"))
-                .header(reqwest::header::HOST, DEMO_HOST)
-                .send()
-                .await;
-            match r {
-                Ok(r) if r.status() == 200 => {
-                    let _ = r.bytes().await;
-                    ok.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok(r) => failed
-                    .lock()
-                    .unwrap()
-                    .push(format!("status {}", r.status())),
-                Err(e) => failed.lock().unwrap().push(e.to_string()),
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+/// Keep-alive load through the real gateway while control replicas or their database fail: a
+/// few clients, each `GET /` on one connection every 20 ms.
+fn data_plane_load(gateway: std::net::SocketAddr) -> Load {
+    let mut opts = LoadOptions::new(4, vec![gateway], DEMO_HOST);
+    opts.path = "/".into();
+    opts.pause = Duration::from_millis(20);
+    Load::start(opts)
+}
+
+/// The load's figures over its whole run; asserts that nothing failed.
+async fn no_failure(load: Load, from: Instant, what: &str) -> Figures {
+    let clients = load.options().clients;
+    let records = load.stop().await;
+    let figures = Figures::of(&records, clients, from, Instant::now(), None, |_| false);
+    println!("keep-alive load through the real path {what}: {figures}");
+    assert!(
+        figures.unexpected.is_empty(),
+        "requests through the data plane failed {what}: {}",
+        figures.unexpected_sample()
+    );
+    figures
 }
 
 /// Changes the simulated gateway's endpoint through `api` (which touches every agent's snapshot)
@@ -299,15 +289,8 @@ async fn three_replicas_on_postgres_share_changes_presence_and_lead_and_survive_
     }
 
     // Keep-alive load through the real path from now on.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load = keep_alive_load(
-        stack.gateway_http_for_test,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let load_from = Instant::now();
+    let load = data_plane_load(stack.gateway_http_for_test);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Kill the leader, then the replica the real agent is on (if it is another): each time, that
@@ -429,19 +412,7 @@ async fn three_replicas_on_postgres_share_changes_presence_and_lead_and_survive_
     )
     .await;
 
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
-    let failures = failed.lock().unwrap().clone();
-    println!(
-        "keep-alive load through the real path during both kills: {} answered, {} failed",
-        ok.load(Ordering::SeqCst),
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "requests through the data plane failed while control replicas were killed: {:?}",
-        &failures[..failures.len().min(5)]
-    );
+    no_failure(load, load_from, "during both kills").await;
     let by_replica: HashMap<usize, usize> =
         fleet.nodes().iter().fold(HashMap::new(), |mut m, n| {
             *m.entry(n.control_index()).or_default() += 1;
@@ -505,15 +476,8 @@ async fn postgres_restarted_under_load_api_answers_503_with_retry_after_and_noth
         );
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load = keep_alive_load(
-        stack.opts.gateway_http_for_test,
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    );
+    let load_from = Instant::now();
+    let load = data_plane_load(stack.opts.gateway_http_for_test);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     pg.stop_immediate().expect("stopping PostgreSQL");
@@ -592,19 +556,9 @@ async fn postgres_restarted_under_load_api_answers_503_with_retry_after_and_noth
         "nothing half-written while away: {text}"
     );
 
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
-    let failures = failed.lock().unwrap().clone();
     println!(
-        "PostgreSQL back: API answering {} after the start; through the data plane meanwhile {} \
-         answered, {} failed",
-        ms(back),
-        ok.load(Ordering::SeqCst),
-        failures.len()
+        "PostgreSQL back: API answering {} after the start",
+        ms(back)
     );
-    assert!(
-        failures.is_empty(),
-        "the data plane noticed: {:?}",
-        &failures[..failures.len().min(5)]
-    );
+    no_failure(load, load_from, "while PostgreSQL was restarted").await;
 }

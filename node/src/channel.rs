@@ -47,6 +47,10 @@ pub trait NodeHooks: Send + Sync + 'static {
     }
 }
 
+/// The default [`ChannelConfig::connect_timeout`]: the kernel's first SYN and its resend 1 s
+/// later, each with a second to be answered, time enough on any path a node should use.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Settings of the control channel.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
@@ -71,7 +75,14 @@ pub struct ChannelConfig {
     pub ping_interval: Duration,
     /// Reconnect when control said nothing for this long.
     pub idle_timeout: Duration,
-    /// Timeout of connecting and of the hello/welcome exchange.
+    /// Timeout of one TCP connection attempt to one of control's addresses. An attempt that
+    /// gets no answer (a path that drops packets) is given up after it and a new one made a
+    /// backoff later: a new attempt sends its SYN at once, where the kernel would resend the
+    /// first one only 1, 3, 7 s after it, so a path that works again is found within this plus
+    /// a backoff, not seconds later.
+    pub connect_timeout: Duration,
+    /// Timeout of resolving control's host, of TLS and the upgrade once connected, and of the
+    /// hello/welcome exchange.
     pub handshake_timeout: Duration,
     /// First reconnect delay, and the longest wait before trying another control URL that did
     /// not fail yet in this outage.
@@ -96,6 +107,7 @@ impl ChannelConfig {
             status_interval: Duration::from_secs(5),
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
+            connect_timeout: CONNECT_TIMEOUT,
             handshake_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
@@ -272,15 +284,9 @@ async fn session<H: NodeHooks>(
     welcomed: &mut bool,
     new_url: bool,
 ) -> SessionEnd {
-    let connect = timeout(
-        config.handshake_timeout,
-        tokio_tungstenite::connect_async(url),
-    )
-    .await;
-    let ws = match connect {
-        Err(_) => return SessionEnd::Failed("connect timed out".into()),
-        Ok(Err(e)) => return SessionEnd::Failed(e.to_string()),
-        Ok(Ok((ws, _response))) => ws,
+    let ws = match open(config, url).await {
+        Ok(ws) => ws,
+        Err(e) => return SessionEnd::Failed(e),
     };
     let (mut sink, mut stream) = ws.split();
 
@@ -460,6 +466,69 @@ async fn session<H: NodeHooks>(
             }
         }
     }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the WebSocket at `url` as `connect_async` does (resolve, TCP, TLS for `wss://`, the
+/// upgrade), but with each TCP attempt bounded by [`ChannelConfig::connect_timeout`] and the
+/// rest by [`ChannelConfig::handshake_timeout`].
+async fn open(config: &ChannelConfig, url: &str) -> Result<Socket, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let request = url
+        .into_client_request()
+        .map_err(|e| format!("control URL: {e}"))?;
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .ok_or_else(|| "no host in the control URL".to_owned())?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let addrs: Vec<std::net::SocketAddr> = match timeout(
+        config.handshake_timeout,
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    {
+        Err(_) => return Err(format!("resolving {host} timed out")),
+        Ok(Err(e)) => return Err(format!("resolving {host}: {e}")),
+        Ok(Ok(addrs)) => addrs.collect(),
+    };
+    let mut error = format!("{host} has no address");
+    for addr in addrs {
+        let tcp = match timeout(config.connect_timeout, tokio::net::TcpStream::connect(addr)).await
+        {
+            Err(_) => {
+                error = format!("connecting to {addr} timed out");
+                continue;
+            }
+            Ok(Err(e)) => {
+                error = format!("connecting to {addr}: {e}");
+                continue;
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
+        return match timeout(
+            config.handshake_timeout,
+            tokio_tungstenite::client_async_tls_with_config(request, tcp, None, None),
+        )
+        .await
+        {
+            Err(_) => Err(format!("the WebSocket handshake with {addr} timed out")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok((ws, _response))) => Ok(ws),
+        };
+    }
+    Err(error)
 }
 
 fn message_name(msg: &ControlMessage) -> &'static str {

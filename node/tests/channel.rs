@@ -54,6 +54,7 @@ fn config(addr: SocketAddr) -> ChannelConfig {
         status_interval: Duration::from_millis(100),
         ping_interval: Duration::from_secs(15),
         idle_timeout: Duration::from_secs(45),
+        connect_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
         backoff_base: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
@@ -475,5 +476,60 @@ async fn moves_to_another_control_replica_when_its_own_dies() {
     .await;
     send(&mut ws, ControlMessage::Config(snapshot(5))).await;
     assert_eq!(applied.recv().await, Some(5));
+    task.abort();
+}
+
+/// A listening socket whose accept queue is full, and the connections that fill it: the kernel
+/// drops every further SYN to it without an answer, as a path that black-holes packets does.
+async fn black_hole() -> (TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await
+    {
+        fill.push(s);
+        assert!(fill.len() < 100, "the accept queue never filled");
+    }
+    (listener, fill)
+}
+
+#[tokio::test]
+async fn a_connection_attempt_that_gets_no_answer_is_made_afresh_so_control_is_found_soon_after_its_path_works_again(
+) {
+    let (listener, fill) = black_hole().await;
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = config(addr);
+    cfg.connect_timeout = Duration::from_millis(300);
+    cfg.handshake_timeout = Duration::from_secs(10);
+    let (tx, _applied) = mpsc::unbounded_channel();
+    let (state_tx, _state) = watch::channel(ChannelState::Connecting);
+    let task = tokio::spawn(run_channel(
+        cfg,
+        Arc::new(Hooks { applied: tx }),
+        None,
+        state_tx,
+    ));
+    // Every SYN is dropped for 8.5 s. One attempt left to the kernel would have its SYN resent
+    // 1, 2, 3, 4, 5, 6 and 8 s after the first (Linux 6.7 and later; 1, 3 and 7 s before), all
+    // dropped, and next at 12 s (15 s), after the 10 s handshake timeout.
+    tokio::time::sleep(Duration::from_millis(8500)).await;
+    // The path works again.
+    for _ in 0..fill.len() {
+        drop(listener.accept().await.unwrap());
+    }
+    drop(fill);
+    let opened = std::time::Instant::now();
+    let mut ws = tokio::time::timeout(Duration::from_secs(5), accept(&listener))
+        .await
+        .expect("the node did not connect");
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "connected {took:?} after the path worked again: within a connect timeout and a backoff"
+    );
+    assert!(matches!(recv(&mut ws).await, NodeMessage::Hello { .. }));
     task.abort();
 }

@@ -1,6 +1,6 @@
 //! The demo private app: a small HTTP server that the quickstart publishes and the end-to-end tests
 //! and benchmarks reach through the tunnel. It serves deterministic bodies of any size, hashes or
-//! echoes or discards uploads, echoes WebSocket messages, streams server-sent events (`/sse/{n}/{interval_ms}`), shows the request headers it got, says which address it listens on (`/whoami`), and answers late on request.
+//! echoes or discards uploads, echoes WebSocket messages, streams server-sent events (`/sse/{n}/{interval_ms}`), shows the request headers it got, says which address it listens on (`/whoami`, or after a wait: `/whoami/slow/{ms}`), and answers late on request.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -193,6 +193,7 @@ async fn set_health(
 
 fn app(listen: SocketAddr, jwks_url: String) -> Router {
     let whoami = listen.to_string();
+    let whoami_late = whoami.clone();
     // `/healthz` answers 503 after `POST /healthz/fail`, 200 again after `POST /healthz/ok`.
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let fail_flag = healthy.clone();
@@ -200,6 +201,13 @@ fn app(listen: SocketAddr, jwks_url: String) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/whoami", get(move || async move { whoami }))
+        .route(
+            "/whoami/slow/{ms}",
+            get(move |Path(ms): Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                whoami_late
+            }),
+        )
         .route("/healthz", get(move || health(healthy.clone())))
         .route(
             "/healthz/fail",
