@@ -18,7 +18,7 @@ use crate::listener::ListenerLimits;
 pub use kakuremichi_node::ConfigError;
 
 /// The kakuremichi gateway: public HTTP reverse proxy into the WireGuard overlay.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "kakuremichi-gateway", version, about)]
 pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
@@ -44,6 +44,9 @@ pub struct Cli {
     /// --log-format.
     #[command(flatten)]
     pub log: kakuremichi_node::settings::LogArgs,
+    /// --shutdown-grace.
+    #[command(flatten)]
+    pub shutdown: kakuremichi_node::reload::ShutdownArgs,
     /// Folder for state.json, config.json and peers.json.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -140,6 +143,7 @@ pub struct FileConfig {
     max_connections_per_client: Option<usize>,
     max_header_bytes: Option<usize>,
     max_quic_handshakes: Option<usize>,
+    shutdown_grace: Option<String>,
 }
 
 /// Validated settings.
@@ -165,10 +169,12 @@ pub struct Settings {
     pub https: Option<HttpsSettings>,
     /// Where TCP resources' public ports are bound.
     pub tcp_listen_ip: std::net::IpAddr,
+    /// How long requests in flight may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// The HTTPS listener's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpsSettings {
     /// Listen address.
     pub listen: SocketAddr,
@@ -250,7 +256,9 @@ impl Cli {
                     .into(),
             )
         })?;
+        let shutdown_grace = self.shutdown.resolve(file.shutdown_grace.as_deref())?;
         Ok(Settings {
+            shutdown_grace,
             node: NodeSettings {
                 control: control.control,
                 token: control.token,

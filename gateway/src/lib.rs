@@ -19,6 +19,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ports;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod tcp;
 pub mod tls;
