@@ -16,7 +16,7 @@ pub use kakuremichi_node::ConfigError;
 use crate::sessions::{HostConfig, DEFAULT_COMMAND};
 
 /// The kakuremichi agent: publishes private apps through kakuremichi gateways.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "kakuremichi-agent", version, about)]
 pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
@@ -42,6 +42,9 @@ pub struct Cli {
     /// --log-format.
     #[command(flatten)]
     pub log: kakuremichi_node::settings::LogArgs,
+    /// --shutdown-grace.
+    #[command(flatten)]
+    pub shutdown: kakuremichi_node::reload::ShutdownArgs,
     /// Folder for state.json and config.json [default: ./kakuremichi-agent].
     #[arg(long, env = "KAKUREMICHI_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -137,6 +140,18 @@ pub struct FileConfig {
     /// `[session_labels]`: KEY = "VALUE".
     #[serde(default)]
     session_labels: std::collections::BTreeMap<String, String>,
+    shutdown_grace: Option<String>,
+}
+
+/// Everything the agent's command line and file say, validated.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// What every node has.
+    pub node: Settings,
+    /// How sessions run.
+    pub sessions: HostConfig,
+    /// How long streams in flight may take to finish after SIGTERM.
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// Validated settings: the agent has only those every node has.
@@ -151,7 +166,13 @@ impl Cli {
 
     /// [`Cli::resolve`], and how sessions run.
     pub fn resolve_all(self) -> Result<(Settings, HostConfig), ConfigError> {
+        self.resolve_agent().map(|a| (a.node, a.sessions))
+    }
+
+    /// Every setting of the agent.
+    pub fn resolve_agent(self) -> Result<AgentSettings, ConfigError> {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
+        let shutdown_grace = self.shutdown.resolve(file.shutdown_grace.as_deref())?;
         let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
@@ -203,7 +224,11 @@ impl Cli {
             },
             &node.data_dir,
         )?;
-        Ok((node, sessions))
+        Ok(AgentSettings {
+            node,
+            sessions,
+            shutdown_grace,
+        })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod apply;
 pub mod config;
 pub mod health;
+pub mod reload;
 pub mod sessions;
 
 pub use agent::{Agent, AgentOptions};
