@@ -111,6 +111,10 @@ struct Inner {
     sessions_refused: Mutex<HashMap<Uuid, String>>,
     /// Woken when a session changes, so that control hears of it at once.
     status_wake: Arc<tokio::sync::Notify>,
+    /// Set on SIGTERM: new streams are refused while the ones in flight finish.
+    draining: std::sync::atomic::AtomicBool,
+    /// Streams being forwarded now.
+    in_flight: watch::Sender<usize>,
 }
 
 /// The agent: cheap to clone.
@@ -164,6 +168,8 @@ impl Agent {
                 sessions_seen: Mutex::new(HashSet::new()),
                 sessions_refused: Mutex::new(HashMap::new()),
                 status_wake: Arc::new(tokio::sync::Notify::new()),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                in_flight: watch::Sender::new(0),
             }),
         }
     }
@@ -298,8 +304,25 @@ impl Agent {
 
     async fn accept_loop(self, mut incoming: Incoming) {
         while let Some(stream) = incoming.accept().await {
+            if self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                // Shutting down: the gateway answers this request from elsewhere or says so.
+                stream.abort();
+                continue;
+            }
             let span = tracing::debug_span!("stream", gateway = %stream.peer());
-            tokio::spawn(self.clone().forward(stream).instrument(span));
+            let in_flight = InFlight::new(&self.inner.in_flight);
+            let agent = self.clone();
+            tokio::spawn(
+                async move {
+                    agent.forward(stream).await;
+                    drop(in_flight);
+                }
+                .instrument(span),
+            );
         }
         tracing::debug!("tunnel closed: accept loop ends");
     }
@@ -928,6 +951,24 @@ impl Agent {
         self.inner.sessions.get()
     }
 
+    /// Refuses new streams from now on and waits until the streams in flight end, for at most
+    /// `grace`; returns how many were still open then (and are cut when the agent stops).
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut open = self.inner.in_flight.subscribe();
+        let _ = tokio::time::timeout(grace, open.wait_for(|n| *n == 0)).await;
+        let left = *open.borrow();
+        drop(open);
+        left
+    }
+
+    /// Streams being forwarded now.
+    pub fn streams_in_flight(&self) -> usize {
+        *self.inner.in_flight.borrow()
+    }
+
     /// Ends every session (SIGTERM, SIGKILL after the grace period) and waits for them.
     pub async fn stop_sessions(&self) {
         if let Some(host) = self.inner.sessions.get() {
@@ -939,6 +980,22 @@ impl Agent {
     pub fn shutdown(&self) {
         self.inner.health.stop();
         self.inner.tunnel.shutdown();
+    }
+}
+
+/// One stream counted in flight until dropped.
+struct InFlight(watch::Sender<usize>);
+
+impl InFlight {
+    fn new(count: &watch::Sender<usize>) -> InFlight {
+        count.send_modify(|n| *n += 1);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

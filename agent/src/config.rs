@@ -19,7 +19,7 @@ pub use kakuremichi_node::ConfigError;
 use crate::sessions::{HostConfig, DEFAULT_COMMAND};
 
 /// The kakuremichi agent: publishes private apps through kakuremichi gateways.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "kakuremichi-agent", version, about)]
 pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
@@ -45,6 +45,9 @@ pub struct Cli {
     /// --log-format.
     #[command(flatten)]
     pub log: kakuremichi_node::settings::LogArgs,
+    /// --shutdown-grace.
+    #[command(flatten)]
+    pub shutdown: kakuremichi_node::reload::ShutdownArgs,
     /// Folder for state.json and config.json [default: ./kakuremichi-agent].
     #[arg(long, env = "KAKUREMICHI_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -151,13 +154,14 @@ pub struct FileConfig {
     #[serde(default)]
     session_labels: std::collections::BTreeMap<String, String>,
     otlp_endpoint: Option<String>,
+    shutdown_grace: Option<String>,
 }
 
 /// Validated node settings: those every node has.
 pub type Settings = NodeSettings;
 
-/// Everything the agent binary was told.
-#[derive(Debug)]
+/// Everything the agent's command line and file say, validated.
+#[derive(Debug, Clone)]
 pub struct AgentSettings {
     /// What every node has.
     pub node: Settings,
@@ -167,6 +171,8 @@ pub struct AgentSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// Where traces go (`--otlp-endpoint`), if anywhere.
     pub otlp: Option<TracesEndpoint>,
+    /// How long streams in flight may take to finish after SIGTERM.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Cli {
@@ -195,6 +201,7 @@ impl Cli {
         let file: FileConfig = read_config_file(self.config.as_deref())?;
         let metrics_listen = self.metrics_listen.or(file.metrics_listen);
         let otlp = self.log.traces(file.otlp_endpoint.as_deref())?;
+        let shutdown_grace = self.shutdown.resolve(file.shutdown_grace.as_deref())?;
         let sessions_args = self.sessions.clone();
         let control = self.control_access.resolve(
             self.control,
@@ -251,6 +258,7 @@ impl Cli {
             sessions,
             metrics_listen,
             otlp,
+            shutdown_grace,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod apply;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod reload;
 pub mod sessions;
 
 pub use agent::{Agent, AgentOptions};

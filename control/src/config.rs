@@ -60,6 +60,8 @@ pub struct FileConfig {
     pub sessions_hostname: Option<String>,
     /// The folder of the agent binaries control serves to `install.sh`.
     pub release_dir: Option<PathBuf>,
+    /// How long requests in flight may take to finish after SIGTERM (`10s`, `500ms`, `0`).
+    pub shutdown_grace: Option<String>,
     /// Certificates by ACME (`[acme]`).
     #[serde(default)]
     pub acme: AcmeRaw,
@@ -300,6 +302,8 @@ pub struct Settings {
     pub release_dir: Option<PathBuf>,
     /// Whether the public URL was set (not the default from the listen address).
     pub public_url_set: bool,
+    /// How long requests in flight may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// Default sign-in attempts per minute from one client address.
@@ -313,7 +317,7 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
 
 /// Raw settings before validation (each from the command line/env, else the file, else default).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RawSettings {
     /// Listen address.
     pub listen: Option<String>,
@@ -355,6 +359,8 @@ pub struct RawSettings {
     pub sessions_hostname: Option<String>,
     /// Release folder.
     pub release_dir: Option<PathBuf>,
+    /// Shutdown grace period.
+    pub shutdown_grace: Option<String>,
     /// ACME.
     pub acme: AcmeRaw,
 }
@@ -391,6 +397,7 @@ impl RawSettings {
                 .or(file.client_metadata_ca_file),
             sessions_hostname: self.sessions_hostname.or(file.sessions_hostname),
             release_dir: self.release_dir.or(file.release_dir),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
             acme: self.acme.over(file.acme),
         }
     }
@@ -571,7 +578,15 @@ impl RawSettings {
                 });
             }
         }
+        let shutdown_grace = match &self.shutdown_grace {
+            None => DEFAULT_SHUTDOWN_GRACE,
+            Some(g) => parse_grace(g).ok_or_else(|| ConfigError::Invalid {
+                setting: "shutdown grace period",
+                message: format!("{g:?} is not 0 to an hour, such as 10, 10s, 500ms or 2m"),
+            })?,
+        };
         Ok(Settings {
+            shutdown_grace,
             public_url_set,
             release_dir: self.release_dir,
             sessions_hostname,
@@ -605,6 +620,133 @@ impl RawSettings {
     }
 }
 
+/// The shutdown grace period when none is given.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A shutdown grace period: whole seconds (`5`) or a number with a unit (`500ms`, `5s`, `2m`,
+/// `1h`); from 0 (stop at once) to an hour. The same as the gateway's and the agent's.
+pub fn parse_grace(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (d <= Duration::from_secs(3600)).then_some(d)
+}
+
+/// One setting that differs between the settings in force and the file read again on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key, as the `--config` file spells it.
+    pub key: &'static str,
+    /// Applied at once; `false`: only at a restart (the old value stays).
+    pub live: bool,
+}
+
+/// What a SIGHUP changes in a running control (a pure function, as rathole's
+/// `calculate_events`): the settings in force and those read again (the command line and the
+/// environment still win over the file) become the list of changed keys, and the settings in
+/// force afterwards. Only `shutdown_grace` changes live; everything else is bound into the
+/// listener, the store, the hub or the certificate tasks at start, so a change is reported
+/// (the caller logs a WARN naming it) and the old value kept until a restart.
+pub fn reload(running: &RawSettings, file: &RawSettings) -> (Vec<Change>, RawSettings) {
+    let mut changes = Vec::new();
+    let mut next = running.clone();
+    let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_owned());
+    let show = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    let (o, n) = (running, file);
+    if o.shutdown_grace != n.shutdown_grace {
+        changes.push(Change {
+            key: "shutdown_grace",
+            live: true,
+        });
+        next.shutdown_grace = n.shutdown_grace.clone();
+    }
+    let restart = [
+        ("listen", show(&o.listen), show(&n.listen)),
+        ("data_dir", show(&o.data_dir), show(&n.data_dir)),
+        ("database_url", show(&o.database_url), show(&n.database_url)),
+        ("overlay_cidr", show(&o.overlay_cidr), show(&n.overlay_cidr)),
+        (
+            "initial_admin_key",
+            show(&secret(&o.initial_admin_key)),
+            show(&secret(&n.initial_admin_key)),
+        ),
+        (
+            "database_max_connections",
+            show(&o.database_max_connections),
+            show(&n.database_max_connections),
+        ),
+        (
+            "enrollment_token_ttl",
+            show(&o.enrollment_token_ttl),
+            show(&n.enrollment_token_ttl),
+        ),
+        (
+            "max_connections",
+            show(&o.max_connections),
+            show(&n.max_connections),
+        ),
+        (
+            "max_handshakes",
+            show(&o.max_handshakes),
+            show(&n.max_handshakes),
+        ),
+        (
+            "secrets_key_file",
+            show(&o.secrets_key_file),
+            show(&n.secrets_key_file),
+        ),
+        ("public_url", show(&o.public_url), show(&n.public_url)),
+        (
+            "sign_in_per_minute",
+            show(&o.sign_in_per_minute),
+            show(&n.sign_in_per_minute),
+        ),
+        ("session_life", show(&o.session_life), show(&n.session_life)),
+        (
+            "passcode_attempts_per_minute",
+            show(&o.passcode_attempts_per_minute),
+            show(&n.passcode_attempts_per_minute),
+        ),
+        (
+            "smtp_url",
+            show(&secret(&o.smtp_url)),
+            show(&secret(&n.smtp_url)),
+        ),
+        ("smtp_from", show(&o.smtp_from), show(&n.smtp_from)),
+        (
+            "client_metadata_documents",
+            show(&o.client_metadata_documents),
+            show(&n.client_metadata_documents),
+        ),
+        (
+            "client_metadata_ca_file",
+            show(&o.client_metadata_ca_file),
+            show(&n.client_metadata_ca_file),
+        ),
+        (
+            "sessions_hostname",
+            show(&o.sessions_hostname),
+            show(&n.sessions_hostname),
+        ),
+        ("release_dir", show(&o.release_dir), show(&n.release_dir)),
+        ("acme", show(&o.acme), show(&n.acme)),
+    ];
+    for (key, old, new) in restart {
+        if old != new {
+            changes.push(Change { key, live: false });
+        }
+    }
+    (changes, next)
+}
+
 /// A duration written as a number and a unit: `90s`, `30m`, `24h`, `7d`; from 1 s to 365 days.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -621,6 +763,64 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (1..=365 * 86_400)
         .contains(&secs)
         .then(|| Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    fn raw(toml: &str) -> RawSettings {
+        RawSettings {
+            listen: Some("127.0.0.1:3000".into()),
+            ..Default::default()
+        }
+        .over(toml::from_str(toml).unwrap())
+    }
+
+    #[test]
+    fn the_grace_period_reloads_live_and_the_rest_waits_for_a_restart() {
+        let old = raw("shutdown_grace = \"5s\"\nmax_handshakes = 64\n");
+        assert_eq!(
+            old.clone().validate().unwrap().shutdown_grace,
+            Duration::from_secs(5)
+        );
+        let (none, _) = reload(&old, &old.clone());
+        assert!(none.is_empty(), "{none:?}");
+        // The command line's listen wins over the file's, so it does not change.
+        let new = raw(
+            "shutdown_grace = \"1s\"\nmax_handshakes = 8\nlisten = \"0.0.0.0:1\"\n\
+             smtp_url = \"smtp://a\"\n[acme]\ndirectory = \"https://x\"\n",
+        );
+        let (changes, next) = reload(&old, &new);
+        let keys: Vec<(&str, bool)> = changes.iter().map(|c| (c.key, c.live)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("shutdown_grace", true),
+                ("max_handshakes", false),
+                ("smtp_url", false),
+                ("acme", false)
+            ]
+        );
+        assert_eq!(next.shutdown_grace.as_deref(), Some("1s"));
+        assert_eq!(next.max_handshakes, Some(64));
+        assert_eq!(next.smtp_url, None);
+    }
+
+    #[test]
+    fn grace_periods_are_checked() {
+        assert_eq!(parse_grace("0"), Some(Duration::ZERO));
+        assert_eq!(parse_grace("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grace("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_grace("2m"), Some(Duration::from_secs(120)));
+        for bad in ["", "2h", "1.5s", "-1", "soon"] {
+            assert_eq!(parse_grace(bad), None, "{bad:?}");
+        }
+        let err = raw("shutdown_grace = \"a while\"\n")
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("shutdown grace"), "{err}");
+    }
 }
 
 #[cfg(test)]

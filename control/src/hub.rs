@@ -575,7 +575,14 @@ async fn run(
                             return;
                         }
                     }
-                    Message::Close(_) => return,
+                    Message::Close(frame) => {
+                        tracing::info!(
+                            code = frame.as_ref().map(|f| f.code),
+                            reason = frame.as_ref().map(|f| f.reason.as_str()).unwrap_or(""),
+                            "node closed its session"
+                        );
+                        return;
+                    }
                     Message::Binary(_) => tracing::warn!("ignoring a binary frame"),
                     Message::Ping(_) | Message::Pong(_) => state.activity.seen(kind, id, now_ms()),
                 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use kakuremichi_control::config::{FileConfig, RawSettings};
-use kakuremichi_control::serve::{serve, ServeOptions};
+use kakuremichi_control::serve::{serve_until, ServeOptions};
 use kakuremichi_control::store::{Backend, Store};
 use kakuremichi_control::{app, AppState, HubTiming};
 use kakuremichi_proto::Secret;
@@ -140,8 +140,13 @@ struct Cli {
     #[arg(long, env = "KAKUREMICHI_ACME_GATEWAY_WAIT")]
     acme_gateway_wait: Option<String>,
     /// TOML file with the same settings (snake_case keys); the command line and env win.
+    /// SIGHUP reads it again.
     #[arg(long, env = "KAKUREMICHI_CONTROL_CONFIG")]
     config: Option<PathBuf>,
+    /// On SIGTERM or ctrl-c: stop accepting at once, then let requests in flight finish for at
+    /// most this long (5, 5s, 500ms, 2m; 0 to an hour). Default 10s.
+    #[arg(long, env = "KAKUREMICHI_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<String>,
 }
 
 /// Writes a generated admin key to `<data dir>/admin-key`, readable by the owner only, and says
@@ -241,6 +246,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = cli.log_format;
     kakuremichi_telemetry::init(log_format == LogFormat::Json);
+    // Before anything else: a SIGHUP must reload, never end the process.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let config_path = cli.config.clone();
     let file = match &cli.config {
         Some(path) => FileConfig::read(path)?,
         None => FileConfig::default(),
@@ -250,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
             .as_deref()
             .or(file.otlp_endpoint.as_deref()),
     )?;
-    let settings = RawSettings {
+    let from_cli = RawSettings {
         listen: cli.listen,
         data_dir: cli.data_dir,
         database_url: cli.database_url,
@@ -271,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         client_metadata_ca_file: cli.client_metadata_ca_file,
         sessions_hostname: cli.sessions_hostname,
         release_dir: cli.release_dir,
+        shutdown_grace: cli.shutdown_grace,
         acme: kakuremichi_control::config::AcmeRaw {
             directory: cli.acme_directory,
             contact: cli.acme_contact,
@@ -282,9 +292,25 @@ async fn main() -> anyhow::Result<()> {
             dns_tsig_secret_file: cli.acme_dns_tsig_secret_file,
             gateway_wait: cli.acme_gateway_wait,
         },
-    }
-    .over(file)
-    .validate()?;
+    };
+    let raw = from_cli.clone().over(file);
+    let settings = raw.clone().validate()?;
+    let (grace_tx, grace_rx) = tokio::sync::watch::channel(settings.shutdown_grace);
+    // SIGHUP: read the file again; apply what can change live, name what needs a restart.
+    #[cfg(unix)]
+    let reloads = match hangups {
+        Ok(mut hangups) => Some(tokio::spawn(async move {
+            let mut running = raw;
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config file");
+                running = reload(running, &from_cli, config_path.as_deref(), &grace_tx);
+            }
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: no config reloads");
+            None
+        }
+    };
     // A thousand nodes need a thousand sockets: take the hard limit.
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "cannot raise the open-files limit");
@@ -440,20 +466,31 @@ async fn main() -> anyhow::Result<()> {
         max_connections: settings.max_connections,
         ..ServeOptions::default()
     };
-    serve(
+    let stopping = std::sync::Arc::new(std::sync::OnceLock::new());
+    let stopping_at = stopping.clone();
+    serve_until(
         listener,
         router,
         options,
         async move {
             shutdown_signal().await;
+            let _ = stopping_at.set(tokio::time::Instant::now());
             // Stops accepting (serve), and tells every node session to close: nodes reconnect
             // with their jittered backoff, to this control once it is back or to another one.
             shutdown_state.shutdown();
         },
-        Duration::from_secs(10),
+        grace_rx.clone(),
     )
     .await;
-    let left = state.hub.wait_idle(Duration::from_secs(5)).await;
+    #[cfg(unix)]
+    let _ = reloads.map(|r| r.abort());
+    // What is left of the grace period (at most 5 s) for node sessions to close.
+    let grace = *grace_rx.borrow();
+    let spent = stopping.get().map(|t| t.elapsed()).unwrap_or_default();
+    let left = state
+        .hub
+        .wait_idle(grace.saturating_sub(spent).min(Duration::from_secs(5)))
+        .await;
     if left > 0 {
         tracing::warn!(sessions = left, "node sessions still open at shutdown");
     }
@@ -469,8 +506,58 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     store.close().await;
-    tracing::info!("stopped");
+    tracing::info!(
+        elapsed = ?stopping.get().map(|t| t.elapsed()).unwrap_or_default(),
+        "stopped"
+    );
     // The spans still queued go out (blocking: off the runtime's threads).
     let _ = tokio::task::spawn_blocking(kakuremichi_telemetry::shutdown).await;
     Ok(())
+}
+
+/// One SIGHUP: reads the config file again under the same command line and environment and
+/// applies what can change live; a file that does not read or validate changes nothing.
+/// Returns the raw settings in force afterwards.
+fn reload(
+    running: RawSettings,
+    from_cli: &RawSettings,
+    path: Option<&Path>,
+    grace: &tokio::sync::watch::Sender<Duration>,
+) -> RawSettings {
+    let Some(path) = path else {
+        tracing::info!("no --config file: nothing to reload");
+        return running;
+    };
+    let fresh = FileConfig::read(path)
+        .map(|file| from_cli.clone().over(file))
+        .and_then(|raw| raw.clone().validate().map(|s| (raw, s)));
+    let (raw, validated) = match fresh {
+        Ok(f) => f,
+        Err(error) => {
+            tracing::error!(
+                %error,
+                "config reload failed: the file is not valid; keeping the config in force"
+            );
+            return running;
+        }
+    };
+    let (changes, next) = kakuremichi_control::config::reload(&running, &raw);
+    if changes.iter().any(|c| c.key == "shutdown_grace") {
+        grace.send_replace(validated.shutdown_grace);
+    }
+    for c in changes.iter().filter(|c| !c.live) {
+        tracing::warn!(
+            key = c.key,
+            "config reload: {} changed, but it takes effect only at a restart; keeping the old \
+             value",
+            c.key
+        );
+    }
+    let live: Vec<&str> = changes.iter().filter(|c| c.live).map(|c| c.key).collect();
+    if live.is_empty() {
+        tracing::info!("config reloaded: nothing to change");
+    } else {
+        tracing::info!(keys = ?live, "config reloaded");
+    }
+    next
 }

@@ -51,6 +51,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    serve_until(listener, router, options, shutdown, watch::channel(drain).1).await;
+}
+
+/// [`serve`], with a drain period read when `shutdown` resolves (a config reload may change it).
+pub async fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+    drain: watch::Receiver<Duration>,
+) {
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
     let (stop, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -125,5 +136,14 @@ pub async fn serve(
     // Wait for HTTP connections to finish (upgraded sessions hold their slot too; they end on
     // the state's own shutdown signal).
     let all = u32::try_from(options.max_connections.max(1)).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(drain, slots.acquire_many(all)).await;
+    let drain = *drain.borrow();
+    if tokio::time::timeout(drain, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = ?drain,
+            "connections still open at the end of the shutdown grace period are cut"
+        );
+    }
 }

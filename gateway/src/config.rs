@@ -18,7 +18,7 @@ use crate::listener::ListenerLimits;
 pub use kakuremichi_node::ConfigError;
 
 /// The kakuremichi gateway: public HTTP reverse proxy into the WireGuard overlay.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "kakuremichi-gateway", version, about)]
 pub struct Cli {
     /// TOML file with the same settings (command line and environment win).
@@ -44,6 +44,9 @@ pub struct Cli {
     /// --log-format.
     #[command(flatten)]
     pub log: kakuremichi_node::settings::LogArgs,
+    /// --shutdown-grace.
+    #[command(flatten)]
+    pub shutdown: kakuremichi_node::reload::ShutdownArgs,
     /// Folder for state.json, config.json and peers.json.
     #[arg(long, env = "KAKUREMICHI_GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -141,6 +144,7 @@ pub struct FileConfig {
     max_header_bytes: Option<usize>,
     max_quic_handshakes: Option<usize>,
     otlp_endpoint: Option<String>,
+    shutdown_grace: Option<String>,
 }
 
 /// Validated settings.
@@ -168,10 +172,12 @@ pub struct Settings {
     pub tcp_listen_ip: std::net::IpAddr,
     /// Where traces go (`--otlp-endpoint`), if anywhere.
     pub otlp: Option<kakuremichi_telemetry::TracesEndpoint>,
+    /// How long requests in flight may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 /// The HTTPS listener's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpsSettings {
     /// Listen address.
     pub listen: SocketAddr,
@@ -254,8 +260,10 @@ impl Cli {
             )
         })?;
         let otlp = self.log.traces(file.otlp_endpoint.as_deref())?;
+        let shutdown_grace = self.shutdown.resolve(file.shutdown_grace.as_deref())?;
         Ok(Settings {
             otlp,
+            shutdown_grace,
             node: NodeSettings {
                 control: control.control,
                 token: control.token,

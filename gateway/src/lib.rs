@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod ports;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod routing;
 pub mod tcp;
 pub mod tls;

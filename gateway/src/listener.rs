@@ -192,7 +192,8 @@ pub async fn serve_http_with(
     shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    accept_loop(listener, proxy, limits, None, shutdown, drain).await;
+    let live = LiveSettings::fixed(limits, drain);
+    accept_loop(listener, proxy, live, None, shutdown).await;
 }
 
 /// Like [`serve_http_with`], with TLS: HTTP/1.1 and HTTP/2 (by ALPN) over rustls. The TLS
@@ -207,26 +208,65 @@ pub async fn serve_https_with(
     shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    accept_loop(
-        listener,
-        proxy,
-        limits,
-        Some((tls, alt_svc)),
-        shutdown,
-        drain,
-    )
-    .await;
+    let live = LiveSettings::fixed(limits, drain);
+    accept_loop(listener, proxy, live, Some((tls, alt_svc)), shutdown).await;
 }
 
+/// What a listener reads again for every connection, so that a config reload changes it: its
+/// limits (the header-read timeout and the largest head; the connection caps are fixed when it
+/// starts) and how long it drains.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    /// The limits.
+    pub limits: watch::Receiver<ListenerLimits>,
+    /// The grace period in-flight requests have once `shutdown` turns true.
+    pub drain: watch::Receiver<Duration>,
+}
+
+impl LiveSettings {
+    /// Settings that never change.
+    pub fn fixed(limits: ListenerLimits, drain: Duration) -> LiveSettings {
+        LiveSettings {
+            limits: watch::channel(limits).1,
+            drain: watch::channel(drain).1,
+        }
+    }
+}
+
+/// [`serve_http_with`] with settings a reload can change.
+pub async fn serve_http_live(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    live: LiveSettings,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_loop(listener, proxy, live, None, shutdown).await;
+}
+
+/// [`serve_https_with`] with settings a reload can change.
+pub async fn serve_https_live(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    live: LiveSettings,
+    tls: Arc<rustls::ServerConfig>,
+    alt_svc: Option<http::HeaderValue>,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept_loop(listener, proxy, live, Some((tls, alt_svc)), shutdown).await;
+}
+
+/// Accepts until `shutdown`, then closes the listening socket at once (new connections are
+/// refused, so clients and load balancers move to another gateway rather than wait in a backlog
+/// nobody reads), asks every connection to finish (idle keep-alive connections close now, the
+/// others after their request in flight) and waits for them for at most the drain period.
 async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    limits: ListenerLimits,
+    live: LiveSettings,
     tls: Option<(Arc<rustls::ServerConfig>, Option<http::HeaderValue>)>,
     mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
 ) {
-    let admission = Admission::new(&limits);
+    let admission = Admission::new(&live.limits.borrow());
     let metrics: Arc<Metrics> = proxy.metrics();
     let acceptor = tls.map(|(config, alt_svc)| (tokio_rustls::TlsAcceptor::from(config), alt_svc));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -254,6 +294,7 @@ async fn accept_loop(
         };
         metrics.set_open_connections(admission.open());
         let _ = stream.set_nodelay(true);
+        let limits = *live.limits.borrow();
         let proxy = Arc::clone(&proxy);
         let mut shutdown = shutdown.clone();
         let done = done_tx.clone();
@@ -295,8 +336,20 @@ async fn accept_loop(
             metrics.set_open_connections(admission.open());
         });
     }
+    // Refuse new connections from now on; what waits in the backlog is reset too.
+    drop(listener);
     drop(done_tx);
-    let _ = tokio::time::timeout(drain, done_rx.recv()).await;
+    let drain = *live.drain.borrow();
+    let open = admission.open();
+    if tokio::time::timeout(drain, done_rx.recv()).await.is_err() {
+        tracing::warn!(
+            open = admission.open(),
+            grace = ?drain,
+            "connections still open at the end of the shutdown grace period are cut"
+        );
+    } else if open > 0 {
+        tracing::info!(connections = open, "in-flight requests finished");
+    }
 }
 
 fn http1_builder(limits: &ListenerLimits) -> hyper::server::conn::http1::Builder {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use kakuremichi_gateway::config::Cli;
+use kakuremichi_gateway::listener::LiveSettings;
 use kakuremichi_gateway::{Gateway, GatewayOptions, ProxyTimeouts};
 use kakuremichi_node::process;
 use kakuremichi_proto::NodeKind;
@@ -17,7 +18,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.resolve().context("invalid settings")?;
+    // Before anything else: a SIGHUP must reload, never end the process.
+    let hangups = process::hangups();
+    let settings = cli.clone().resolve().context("invalid settings")?;
     let state = process::load_identity(&settings.node, NodeKind::Gateway).await?;
     kakuremichi_node::traces::start(settings.otlp.as_ref(), NodeKind::Gateway, &state)?;
 
@@ -43,12 +46,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {}", settings.http_listen))?;
     tracing::info!(addr = %settings.http_listen, "serving HTTP");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(kakuremichi_gateway::serve_http_with(
+    let (limits_tx, limits_rx) = watch::channel(settings.limits);
+    let (grace_tx, grace_rx) = watch::channel(settings.shutdown_grace);
+    let live = LiveSettings {
+        limits: limits_rx,
+        drain: grace_rx.clone(),
+    };
+    let server = tokio::spawn(kakuremichi_gateway::listener::serve_http_live(
         listener,
         gateway.proxy(),
-        settings.limits,
+        live.clone(),
         shutdown_rx.clone(),
-        Duration::from_secs(10),
     ));
 
     let https_server = match &settings.https {
@@ -85,15 +93,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
-            Some(tokio::spawn(kakuremichi_gateway::serve_https_with(
-                listener,
-                gateway.proxy(),
-                settings.limits,
-                tls,
-                alt_svc,
-                shutdown_rx.clone(),
-                Duration::from_secs(10),
-            )))
+            Some(tokio::spawn(
+                kakuremichi_gateway::listener::serve_https_live(
+                    listener,
+                    gateway.proxy(),
+                    live.clone(),
+                    tls,
+                    alt_svc,
+                    shutdown_rx.clone(),
+                ),
+            ))
         }
     };
 
@@ -128,20 +137,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     });
 
+    // SIGHUP: read the file again and apply what can change live.
+    let reloads = {
+        let proxy = gateway.proxy();
+        let mut running = settings.clone();
+        tokio::spawn(process::serve_hangups(hangups, move || {
+            let fresh = match cli.clone().resolve() {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::error!(
+                        %error,
+                        "config reload failed: the file is not valid; keeping the config in force"
+                    );
+                    return;
+                }
+            };
+            let (changes, next) = kakuremichi_gateway::reload::reload(&running, &fresh);
+            proxy.set_trusted_proxies(next.trusted_proxies.clone());
+            proxy.set_timeouts(ProxyTimeouts {
+                connect: next.connect_timeout,
+                response: next.upstream_timeout,
+                body: next.body_timeout,
+            });
+            limits_tx.send_replace(next.limits);
+            grace_tx.send_replace(next.shutdown_grace);
+            changes.log();
+            running = next;
+        }))
+    };
+
     process::shutdown_signal().await;
-    channel.abort();
+    let started = tokio::time::Instant::now();
+    let grace = *grace_rx.borrow();
+    tracing::info!(
+        ?grace,
+        "closing the listeners; requests in flight have the grace period to finish"
+    );
+    // Stop accepting at once (the listeners close their sockets), and let requests in flight
+    // finish within the grace period while control hears that this gateway is leaving.
+    let _ = shutdown_tx.send(true);
+    reloads.abort();
     control_watch.abort();
+    let leave = channel.leave(Duration::from_secs(1).min(grace.max(Duration::from_millis(100))));
+    let drain = async {
+        let _ = server.await;
+        if let Some(s) = https_server {
+            let _ = s.await;
+        }
+    };
+    tokio::join!(leave, drain);
     memory.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = shutdown_tx.send(true);
-    let _ = server.await;
-    if let Some(s) = https_server {
-        let _ = s.await;
-    }
     gateway.stop_tcp().await;
     gateway.remember_endpoints();
     gateway.shutdown();
+    tracing::info!(elapsed = ?started.elapsed(), "stopped");
     Ok(())
 }

@@ -364,9 +364,11 @@ struct RequestSpan(tracing::Span);
 pub struct Proxy {
     routes: Arc<RwLock<Arc<RouteTable>>>,
     upstream: Arc<dyn Upstream>,
-    timeouts: ProxyTimeouts,
+    /// Changed live by a config reload.
+    timeouts: RwLock<ProxyTimeouts>,
     metrics: Arc<Metrics>,
-    trusted_proxies: Vec<IpNet>,
+    /// Changed live by a config reload.
+    trusted_proxies: RwLock<Arc<Vec<IpNet>>>,
     https_port: Option<u16>,
     pool: Arc<BackendPool>,
     idle: Arc<IdleStreams>,
@@ -384,7 +386,7 @@ pub struct Proxy {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("timeouts", &self.timeouts)
+            .field("timeouts", &self.timeouts())
             .finish_non_exhaustive()
     }
 }
@@ -403,9 +405,9 @@ impl Proxy {
         Self {
             routes,
             upstream,
-            timeouts,
+            timeouts: RwLock::new(timeouts),
             metrics,
-            trusted_proxies,
+            trusted_proxies: RwLock::new(Arc::new(trusted_proxies)),
             https_port,
             pool,
             idle: Arc::default(),
@@ -428,6 +430,24 @@ impl Proxy {
     /// [`crate::relay::RELAY_PATH`] on the HTTPS listener, for `tunnel`.
     pub fn serve_relays(&self, tunnel: kakuremichi_node::NodeTunnel) {
         let _ = self.relay_tunnel.set(tunnel);
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> ProxyTimeouts {
+        *self.timeouts.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the timeouts (a config reload); requests already waiting keep theirs.
+    pub fn set_timeouts(&self, timeouts: ProxyTimeouts) {
+        *self.timeouts.write().unwrap_or_else(|e| e.into_inner()) = timeouts;
+    }
+
+    /// Replaces the proxies whose forwarded headers are believed (a config reload).
+    pub fn set_trusted_proxies(&self, proxies: Vec<IpNet>) {
+        *self
+            .trusted_proxies
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(proxies);
     }
 
     /// Sets what the gateway knows about identity (from each snapshot).
@@ -769,7 +789,7 @@ impl Proxy {
                         }
                     }
                     let bytes_in = Arc::clone(&counters);
-                    let idle = target.idle_timeout_or(self.timeouts.body);
+                    let idle = target.idle_timeout_or(self.timeouts().body);
                     let (head, body) = req.into_parts();
                     let (guarded, tripped) = Guarded::new(body, max_body, Some(idle));
                     let req = Request::from_parts(head, guarded.boxed_unsync());
@@ -880,7 +900,7 @@ impl Proxy {
             );
             Ok::<_, io::Error>(sender)
         };
-        match tokio::time::timeout(self.timeouts.connect, attempt).await {
+        match tokio::time::timeout(self.timeouts().connect, attempt).await {
             Ok(Ok(sender)) => Ok(sender),
             Ok(Err(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => {
                 tracing::debug!(error = %e, "agent busy");
@@ -931,6 +951,12 @@ impl Proxy {
             .sticky
             .then(|| sticky_backend(req.headers(), target))
             .flatten();
+        let trusted_proxies = Arc::clone(
+            &self
+                .trusted_proxies
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         rewrite_request_headers(
             req.headers_mut(),
             client.ip(),
@@ -938,7 +964,7 @@ impl Proxy {
             upgrade.as_ref(),
             &Forwarding {
                 proto,
-                trusted_proxies: &self.trusted_proxies,
+                trusted_proxies: &trusted_proxies,
             },
         );
         // The agent's span is a child of this request's (traces exported only).
@@ -1003,7 +1029,7 @@ impl Proxy {
             let response_timeout = target
                 .limits
                 .response_timeout_ms
-                .map_or(self.timeouts.response, |ms| {
+                .map_or(self.timeouts().response, |ms| {
                     Duration::from_millis(u64::from(ms))
                 });
             // The response timeout counts from when the whole request is sent: a long upload

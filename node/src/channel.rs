@@ -164,6 +164,8 @@ enum SessionEnd {
     Busy(Duration),
     /// Control speaks an unsupported protocol version.
     Incompatible(String),
+    /// The node is shutting down.
+    Stopped,
 }
 
 /// Runs the control channel forever (abort the task to stop it). `applied_version` is the version
@@ -174,8 +176,22 @@ enum SessionEnd {
 pub async fn run_channel<H: NodeHooks>(
     config: ChannelConfig,
     hooks: Arc<H>,
+    applied_version: Option<u64>,
+    state: watch::Sender<ChannelState>,
+) {
+    let (_never, stop) = watch::channel(false);
+    run_channel_until(config, hooks, applied_version, state, stop).await;
+}
+
+/// [`run_channel`] until `stop` turns true (or its sender is dropped): a welcomed session then
+/// says goodbye with a WebSocket close frame (`1001 going away`, "node shutting down"), so
+/// control sees the node leave on purpose rather than lose its socket, and the task returns.
+pub async fn run_channel_until<H: NodeHooks>(
+    config: ChannelConfig,
+    hooks: Arc<H>,
     mut applied_version: Option<u64>,
     state: watch::Sender<ChannelState>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut urls = ws_urls(&config.control_url);
     if urls.is_empty() {
@@ -200,6 +216,7 @@ pub async fn run_channel<H: NodeHooks>(
             &state,
             &mut welcomed,
             connected_to != Some(index),
+            &mut stop,
         )
         .await;
         if welcomed {
@@ -208,6 +225,10 @@ pub async fn run_channel<H: NodeHooks>(
             connected_to = Some(index);
         }
         let delay = match end {
+            SessionEnd::Stopped => {
+                state.send_replace(ChannelState::Connecting);
+                return;
+            }
             SessionEnd::Failed(error) | SessionEnd::Lost(error) => {
                 if in_outage {
                     tracing::debug!(%url, %error, "control channel still down");
@@ -263,8 +284,24 @@ pub async fn run_channel<H: NodeHooks>(
                 config.refused_retry
             }
         };
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => return,
+        }
     }
+}
+
+/// Resolves once `stop` is true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The close frame a node sends when it shuts down.
+fn goodbye() -> Message {
+    Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: "node shutting down".into(),
+    }))
 }
 
 fn encode(msg: &NodeMessage) -> Result<Message, String> {
@@ -274,7 +311,8 @@ fn encode(msg: &NodeMessage) -> Result<Message, String> {
 }
 
 /// One session with control at `url`; `new_url`: this URL differs from the last welcomed
-/// session's, so the welcome names it.
+/// session's, so the welcome names it. Once welcomed, `stop` ends it with a close frame.
+#[allow(clippy::too_many_arguments)]
 async fn session<H: NodeHooks>(
     config: &ChannelConfig,
     url: &str,
@@ -283,8 +321,14 @@ async fn session<H: NodeHooks>(
     state: &watch::Sender<ChannelState>,
     welcomed: &mut bool,
     new_url: bool,
+    stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
-    let ws = match open(config, url).await {
+    let connect = tokio::select! {
+        c = open(config, url) => c,
+        // Not welcomed yet: nothing to say goodbye on.
+        () = stopped(stop) => return SessionEnd::Stopped,
+    };
+    let ws = match connect {
         Ok(ws) => ws,
         Err(e) => return SessionEnd::Failed(e),
     };
@@ -308,7 +352,7 @@ async fn session<H: NodeHooks>(
     }
 
     // The first answer must be Welcome or Refused.
-    let first = timeout(config.handshake_timeout, async {
+    let answer = timeout(config.handshake_timeout, async {
         loop {
             match stream.next().await {
                 None => return Err("control closed the socket before welcome".to_owned()),
@@ -326,8 +370,11 @@ async fn session<H: NodeHooks>(
                 Some(Ok(_)) => continue,
             }
         }
-    })
-    .await;
+    });
+    let first = tokio::select! {
+        f = answer => f,
+        () = stopped(stop) => return SessionEnd::Stopped,
+    };
     match first {
         Err(_) => return SessionEnd::Failed("no welcome from control within the timeout".into()),
         Ok(Err(e)) => return SessionEnd::Failed(e),
@@ -442,6 +489,21 @@ async fn session<H: NodeHooks>(
             _ = ping_tick.tick() => {
                 nonce = nonce.wrapping_add(1);
                 Some(NodeMessage::Ping { nonce })
+            }
+            () = stopped(stop) => {
+                // Tell control this node is leaving, and wait (briefly) for its close in return.
+                let _ = timeout(Duration::from_secs(1), async {
+                    if sink.send(goodbye()).await.is_ok() {
+                        while let Some(Ok(frame)) = stream.next().await {
+                            if matches!(frame, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    }
+                })
+                .await;
+                tracing::info!("told control this node is leaving");
+                return SessionEnd::Stopped;
             }
             _ = idle_tick.tick() => {
                 if last_rx.elapsed() > config.idle_timeout {

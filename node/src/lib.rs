@@ -6,8 +6,10 @@
 //! depend on its kind: the WireGuard tunnel slot ([`NodeTunnel`]), the applied snapshot
 //! ([`AppliedConfig`]), snapshot diff helpers ([`plan`]), the
 //! apply skeleton both kinds run ([`runtime`]), the settings every node binary has
-//! ([`settings`]), the process scaffolding of the binaries ([`process`]), serving Prometheus metrics on
-//! their own listener ([`metrics`]) and returning freed heap memory after a load ([`memory`]).
+//! ([`settings`]), the process scaffolding of the binaries ([`process`]: signals, draining),
+//! SIGHUP reloads of the config file ([`reload`]), serving Prometheus metrics on their own
+//! listener ([`metrics`]), the UDP-blocked fallback ([`relay`]) and returning freed heap memory
+//! after a load ([`memory`]).
 //!
 //! This crate knows nodes, not traffic: it must never know about HTTP routing or agent targets
 //! (those belong to `kakuremichi-gateway` and `kakuremichi-agent`), and the control channel it runs
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod plan;
 pub mod process;
 pub mod relay;
+pub mod reload;
 pub mod runtime;
 pub mod settings;
 pub mod state;
@@ -32,7 +35,7 @@ pub mod tunnel;
 
 pub use applied::{AppliedConfig, ApplyError, Applying};
 pub use backoff::Backoff;
-pub use channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
+pub use channel::{run_channel, run_channel_until, ChannelConfig, ChannelState, NodeHooks};
 pub use control_url::{check_control_url, check_control_urls, control_urls, ControlUrlError};
 pub use enroll::{enroll, load_or_enroll, EnrollError};
 pub use failover::Failover;

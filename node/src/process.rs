@@ -12,7 +12,7 @@ use kakuremichi_proto::{ConfigSnapshot, NodeKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::channel::{run_channel, ChannelConfig, ChannelState, NodeHooks};
+use crate::channel::{run_channel_until, ChannelConfig, ChannelState, NodeHooks};
 use crate::control_url::check_control_urls;
 use crate::settings::NodeSettings;
 use crate::state::NodeState;
@@ -112,22 +112,80 @@ where
     Ok(Some(version))
 }
 
-/// Starts the control channel for this node (abort the task to stop it); the receiver follows
-/// the channel's state.
+/// Starts the control channel for this node; the receiver follows the channel's state.
 pub fn spawn_channel<H: NodeHooks>(
     state: &NodeState,
     data_dir: PathBuf,
     hooks: Arc<H>,
     applied_version: Option<u64>,
-) -> (JoinHandle<()>, watch::Receiver<ChannelState>) {
+) -> (Channel, watch::Receiver<ChannelState>) {
     let (state_tx, state_rx) = watch::channel(ChannelState::Connecting);
-    let task = tokio::spawn(run_channel(
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_channel_until(
         ChannelConfig::new(state, data_dir),
         hooks,
         applied_version,
         state_tx,
+        stop_rx,
     ));
-    (task, state_rx)
+    (Channel { task, stop }, state_rx)
+}
+
+/// The running control channel of a node.
+#[derive(Debug)]
+pub struct Channel {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Channel {
+    /// Tells control this node is leaving (a WebSocket close frame, when connected) and stops
+    /// the channel; gives up after `within`.
+    pub async fn leave(self, within: std::time::Duration) {
+        self.stop.send_replace(true);
+        let mut task = self.task;
+        if tokio::time::timeout(within, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+/// SIGHUP, from the start of the process (installing the handler early also keeps SIGHUP's
+/// default action, ending the process, away). `None` where signals are not available.
+pub fn hangups() -> Option<impl futures_util::Stream<Item = ()> + Unpin> {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut s) => Some(Box::pin(futures_util::stream::poll_fn(move |cx| {
+                s.poll_recv(cx)
+            }))),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP: no config reloads");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None::<futures_util::stream::Pending<()>>
+    }
+}
+
+/// Serves SIGHUPs from `hangups` (made by [`hangups`] at start): on each, `reload` runs (it
+/// reads and applies the config file and logs what it did). Never returns.
+pub async fn serve_hangups<S>(hangups: Option<S>, mut reload: impl FnMut())
+where
+    S: futures_util::Stream<Item = ()> + Unpin,
+{
+    use futures_util::StreamExt as _;
+    let Some(mut hups) = hangups else {
+        return std::future::pending().await;
+    };
+    while hups.next().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config file");
+        reload();
+    }
+    std::future::pending().await
 }
 
 /// Waits for Ctrl-C or, on Unix, SIGTERM.

@@ -412,7 +412,7 @@ impl Proxy {
             access: None,
         };
         let (head, body) = req.into_parts();
-        let (guarded, tripped) = Guarded::new(body, None, Some(self.timeouts.body));
+        let (guarded, tripped) = Guarded::new(body, None, Some(self.timeouts().body));
         let req = Request::from_parts(head, guarded.boxed_unsync());
         let span = tracing::debug_span!("session", session_id = %s.id, site_id = %s.site_id);
         match self
