@@ -10,8 +10,8 @@ use kakuremichi_node::settings::{
 };
 use kakuremichi_node::NodeSettings;
 use kakuremichi_proto::Secret;
-use kakuremichi_tunnel::PathSettings;
 use kakuremichi_telemetry::TracesEndpoint;
+use kakuremichi_tunnel::PathSettings;
 use serde::Deserialize;
 
 pub use kakuremichi_node::ConfigError;

@@ -688,7 +688,13 @@ impl Proxy {
             http.response.status_code = tracing::field::Empty,
             kakuremichi.resource.id = tracing::field::Empty,
         );
-        if trusted(client.ip(), &self.trusted_proxies) {
+        let proxies = Arc::clone(
+            &self
+                .trusted_proxies
+                .read()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        if trusted(client.ip(), &proxies) {
             kakuremichi_telemetry::continue_from(&span, req.headers());
         } else {
             kakuremichi_telemetry::link_to(&span, req.headers());
