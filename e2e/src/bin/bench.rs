@@ -60,6 +60,11 @@ struct Args {
     /// the agent's namespace (WireGuard over the WebSocket on the gateway's HTTPS port).
     #[arg(long)]
     fallback: bool,
+    /// Measure this many concurrent keep-alive client connections, each sending requests back
+    /// to back for `--seconds`: through one gateway, beside the same clients on the app
+    /// directly; requests/s, errors, and the gateway's RSS per connection.
+    #[arg(long)]
+    keepalive: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -620,6 +625,9 @@ async fn main() -> anyhow::Result<()> {
     if args.fallback {
         return fallback(secs, args.connections).await;
     }
+    if let Some(n) = args.keepalive {
+        return keepalive(n, secs).await;
+    }
     for tool in ["iperf3", "curl", "wg", "wrk"] {
         if which(tool).is_none() {
             bail!("{tool} is missing: run scripts/setup");
@@ -918,6 +926,156 @@ async fn fallback(secs: Duration, connections: usize) -> anyhow::Result<()> {
         ratio(ws.http_upload_mbit, udp.http_upload_mbit),
         ratio(ws.http_rps, udp.http_rps),
         ratio(ws.rps_500, udp.rps_500),
+    );
+    Ok(())
+}
+
+/// One keep-alive client: requests `GET /bytes/1024` on one connection back to back until
+/// `until`; returns (responses, errors).
+async fn keepalive_client(
+    addr: SocketAddr,
+    host: &'static str,
+    start: tokio::time::Instant,
+    until: tokio::time::Instant,
+) -> (u64, u64) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tokio::time::sleep_until(start).await;
+    let request = format!("GET /bytes/1024 HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let Ok(Ok(mut conn)) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    else {
+        return (0, 1);
+    };
+    let mut buf = vec![0u8; 4096];
+    let (mut ok, mut errors) = (0u64, 0u64);
+    while tokio::time::Instant::now() < until {
+        if conn.write_all(request.as_bytes()).await.is_err() {
+            return (ok, errors + 1);
+        }
+        // Read the head, then the body by Content-Length.
+        let mut have = 0;
+        let done = loop {
+            let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf[have..])).await
+            else {
+                break None;
+            };
+            if n == 0 {
+                break None;
+            }
+            have += n;
+            let text = &buf[..have];
+            if let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&text[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if have >= end + 4 + length {
+                    break Some(head.starts_with("http/1.1 200"));
+                }
+            }
+            if have == buf.len() {
+                break None;
+            }
+        };
+        match done {
+            Some(true) => ok += 1,
+            Some(false) => errors += 1,
+            None => return (ok, errors + 1),
+        }
+    }
+    (ok, errors)
+}
+
+/// `n` keep-alive clients against `addr` for `secs`: (requests/s, errors).
+async fn keepalive_run(
+    n: usize,
+    addr: SocketAddr,
+    host: &'static str,
+    secs: Duration,
+) -> (f64, u64) {
+    // Connections open over the first 2 s, so the measurement is of serving, not of a SYN flood.
+    let t0 = tokio::time::Instant::now();
+    let until = t0 + Duration::from_secs(2) + secs;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let start = t0
+                + Duration::from_secs(2) * u32::try_from(i).unwrap_or(0)
+                    / u32::try_from(n).unwrap_or(1);
+            tokio::spawn(keepalive_client(addr, host, start, until))
+        })
+        .collect();
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let (o, e) = t.await.unwrap_or((0, 1));
+        ok += o;
+        errors += e;
+    }
+    (ok as f64 / (secs.as_secs_f64() + 1.0), errors)
+}
+
+async fn keepalive(n: usize, secs: Duration) -> anyhow::Result<()> {
+    let want = u64::try_from(n).unwrap_or(u64::MAX).saturating_mul(3) + 1024;
+    if let Err(e) = rlimit::increase_nofile_limit(want) {
+        println!("cannot raise the open-file limit to {want}: {e}");
+    }
+    let mut opts = StackOptions::loopback();
+    opts.gateway_args = vec![
+        "--max-connections-per-client".into(),
+        "1000000".into(),
+        "--max-connections".into(),
+        (n * 2).to_string(),
+    ];
+    let stack = Stack::start_with(opts).await?;
+    let gateway = stack.opts.gateway_http_for_test;
+    println!("{n} keep-alive clients on the app directly...");
+    let direct = keepalive_run(n, stack.opts.app_listen, DEMO_HOST, secs).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = stack.gateway.rss_kib().context("gateway RSS")?;
+    println!("{n} keep-alive clients through the gateway...");
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(idle));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        let pid = stack.gateway.pid();
+        tokio::spawn(async move {
+            loop {
+                if let Some(kib) = pid.and_then(kakuremichi_e2e::rss_kib) {
+                    peak.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let through = keepalive_run(n, gateway, DEMO_HOST, secs).await;
+    sampler.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = stack.gateway.rss_kib().unwrap_or(0);
+    println!();
+    println!("| path | {n} keep-alive connections: requests/s | errors |");
+    println!("| --- | ---: | ---: |");
+    println!("| direct (no tunnel) | {:.0} | {} |", direct.0, direct.1);
+    println!(
+        "| kakuremichi: gateway -> WireGuard -> agent | {:.0} | {} |",
+        through.0, through.1
+    );
+    println!(
+        "\nthrough / direct: {:.2}; gateway RSS {:.0} MiB idle, {:.0} MiB peak ({:.1} KiB per \
+         connection), {:.0} MiB 5 s after",
+        if direct.0 > 0.0 {
+            through.0 / direct.0
+        } else {
+            0.0
+        },
+        idle as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        peak.saturating_sub(idle) as f64 / n as f64,
+        after as f64 / 1024.0
     );
     Ok(())
 }
