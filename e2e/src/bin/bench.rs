@@ -202,11 +202,25 @@ async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
             .context("no nonce cookie")?
     );
     let gw = stack.opts.gateway_http_for_test;
+    // What the app receives on each path: the request head's size decides how many QUIC
+    // packets a request costs inside the tunnel.
+    for host in [DEMO_HOST, "private.localhost"] {
+        let seen = app_head_size(gw, host, &cookie).await?;
+        println!("request head the app receives via {host}: {seen} bytes");
+    }
     // Paired rounds, A B B A then B A A B: a drift of the machine within a round (which on this
     // VM is as large as the effect) weighs on both paths alike, and each round gives one ratio.
     // Both paths send the same Cookie header, so that only the check and what it adds differ.
     const ROUNDS: usize = 6;
     let (mut public, mut private, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time of each process per request on each path: (clock ticks, requests).
+    let procs = [
+        ("gateway", stack.gateway.pid()),
+        ("agent", stack.agent.pid()),
+        ("app", stack.app.pid()),
+    ];
+    let mut cpu_public = [(0.0f64, 0.0f64); 3];
+    let mut cpu_private = [(0.0f64, 0.0f64); 3];
     for round in 0..ROUNDS {
         let order = if round % 2 == 0 {
             [false, true, true, false]
@@ -220,8 +234,20 @@ async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
             } else {
                 DEMO_HOST
             };
+            let before = cpu_ticks(&procs);
             let (rps, e) = wrk_with(gw, Some(host), Some(cookie.as_str()), secs, connections)?;
             anyhow::ensure!(e == 0, "{e} errors on {host}");
+            let after = cpu_ticks(&procs);
+            let requests = rps * secs.as_secs_f64();
+            let spent = if signed_in {
+                &mut cpu_private
+            } else {
+                &mut cpu_public
+            };
+            for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+                spent[i].0 += (a - b) as f64;
+                spent[i].1 += requests;
+            }
             if signed_in {
                 s_sum += rps;
                 private.push(rps);
@@ -258,7 +284,67 @@ async fn identity(secs: Duration, connections: usize) -> anyhow::Result<()> {
         "cost of sign-in: median {median:.1}% (rounds {clo:.1}% to {chi:.1}%), mean to mean {:.1}%",
         (1.0 - savg / pavg) * 100.0
     );
+    // /proc counts in USER_HZ, 100 on Linux.
+    let hz = 100.0;
+    let per = |(ticks, n): (f64, f64)| ticks / hz / n.max(1.0) * 1e6;
+    println!("| CPU per request (us) | public | behind sign-in |");
+    println!("| --- | ---: | ---: |");
+    for (i, (name, _)) in procs.iter().enumerate() {
+        println!(
+            "| {name} | {:.1} | {:.1} |",
+            per(cpu_public[i]),
+            per(cpu_private[i])
+        );
+    }
     Ok(())
+}
+
+/// User plus system CPU time of each process so far, in clock ticks (0 for one not running).
+fn cpu_ticks(procs: &[(&str, Option<u32>)]) -> Vec<u64> {
+    procs
+        .iter()
+        .map(|(_, pid)| {
+            let Some(pid) = pid else { return 0 };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return 0;
+            };
+            // After the command name in parentheses: fields 3.. ; utime and stime are 14 and 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let get = |i: usize| {
+                f.get(i - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            get(14) + get(15)
+        })
+        .collect()
+}
+
+/// The size of the HTTP/1.1 head the demo app receives for `GET /headers` sent to the gateway
+/// as wrk sends its requests (`Host: host` and `cookie`, a `Cookie: ...` header line).
+async fn app_head_size(gw: SocketAddr, host: &str, cookie: &str) -> anyhow::Result<usize> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(gw).await?;
+    let req =
+        format!("GET /headers HTTP/1.1\r\nHost: {host}\r\n{cookie}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    // The JSON object, whether the body came with a length or chunked.
+    let body = match (text.find('{'), text.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &text[a..=b],
+        _ => bail!("no JSON object in the answer: {text}"),
+    };
+    let headers: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(body).with_context(|| format!("not a JSON object: {body}"))?;
+    // "GET /bytes/1024 HTTP/1.1\r\n", each "name: value\r\n", the blank line.
+    let lines: usize = headers
+        .iter()
+        .map(|(k, v)| k.len() + 2 + v.as_str().map_or(0, str::len) + 2)
+        .sum();
+    Ok("GET /bytes/1024 HTTP/1.1\r\n".len() + lines + 2)
 }
 
 /// p50 and p99 of `samples`, in milliseconds.
