@@ -169,7 +169,8 @@ impl EdgeIdentity {
 /// A verified token, with what every request that presents it needs, computed once: the ids
 /// revocation is checked by, the nonce cookie that matched, the headers the app gets.
 pub(crate) struct Cached {
-    token: Box<str>,
+    /// The token itself, also the assertion header's value (shared, not copied, by it).
+    token: HeaderValue,
     claims: Arc<SessionClaims>,
     kid: String,
     /// `sid` and `sub` parsed (`None`: not a UUID, so the token is malformed).
@@ -204,7 +205,8 @@ impl Cached {
         };
         self.headers[i].get_or_init(|| {
             let mut h = HeaderMap::new();
-            add_identity_headers(&mut h, style, &self.claims, &self.token);
+            add_identity_headers(&mut h, style, &self.claims, "");
+            h.insert(ASSERTION_HEADER, self.token.clone());
             h.into_iter()
                 .filter_map(|(k, v)| Some((k?, v)))
                 .collect::<Vec<_>>()
@@ -266,7 +268,7 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
-            .filter(|c| *c.token == *token)
+            .filter(|c| c.token.as_bytes() == token.as_bytes())
             .cloned();
         let cached = match hit {
             Some(c) => c,
@@ -324,8 +326,10 @@ impl TokenCache {
         let ids = Uuid::try_parse(&c.sid)
             .ok()
             .zip(Uuid::try_parse(&c.sub).ok());
+        let token = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(token.as_bytes()))
+            .map_err(|_| TokenError::Malformed)?;
         Ok(Cached {
-            token: token.into(),
+            token,
             claims: Arc::new(c),
             kid,
             ids,
