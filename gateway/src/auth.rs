@@ -166,6 +166,9 @@ impl EdgeIdentity {
     }
 }
 
+/// Headers to add to a request, built once.
+type Headers = Box<[(HeaderName, HeaderValue)]>;
+
 /// A verified token, with what every request that presents it needs, computed once: the ids
 /// revocation is checked by, the nonce cookie that matched, the headers the app gets.
 pub(crate) struct Cached {
@@ -178,7 +181,7 @@ pub(crate) struct Cached {
     /// The nonce cookie whose SHA-256 is the `nonce` claim, once a request showed it.
     nonce: OnceLock<Box<str>>,
     /// The identity headers of each [`IdentityHeaders`] style, built on first use.
-    headers: [OnceLock<Box<[(HeaderName, HeaderValue)]>>; 3],
+    headers: [OnceLock<Headers>; 3],
 }
 
 impl Cached {
