@@ -1741,17 +1741,23 @@ mod tests {
         )])
     }
 
-    #[test]
-    fn a_cached_session_still_needs_its_own_nonce_and_gets_the_headers_of_each_style() {
+    /// A gateway's identity config, its token cache, a member's session token (bound to the
+    /// nonce `the-nonce`) and a policy that lets members in.
+    fn a_member_signed_in() -> (EdgeIdentity, TokenCache, String, AccessPolicy) {
         let k1 = key("k1");
         let id = identity(&[&k1], vec![], vec![]);
-        let cache = TokenCache::default();
         let token = sign(&k1, &claims(Uuid::new_v4(), Uuid::new_v4()));
-        let get = Method::GET;
-        let mut policy = AccessPolicy {
+        let policy = AccessPolicy {
             roles: vec!["member".into()],
             ..Default::default()
         };
+        (id, TokenCache::default(), token, policy)
+    }
+
+    #[test]
+    fn a_cached_session_still_needs_its_own_nonce_and_gets_the_headers_of_each_style() {
+        let (id, cache, token, mut policy) = a_member_signed_in();
+        let get = Method::GET;
         let run = |policy: &AccessPolicy, nonce: &str| {
             let mut h = signed_in(&token, nonce);
             check(Some(&id), &cache, policy, &mut h, &ask(&get, "/", true)).map(|_| h)
@@ -1796,15 +1802,8 @@ mod tests {
     #[test]
     #[ignore]
     fn check_cost() {
-        let k1 = key("k1");
-        let id = identity(&[&k1], vec![], vec![]);
-        let cache = TokenCache::default();
-        let token = sign(&k1, &claims(Uuid::new_v4(), Uuid::new_v4()));
+        let (id, cache, token, policy) = a_member_signed_in();
         let get = Method::GET;
-        let policy = AccessPolicy {
-            roles: vec!["member".into()],
-            ..Default::default()
-        };
         // As a browser sends them: the gateway's two cookies only.
         let base = headers(&[(
             "cookie",
