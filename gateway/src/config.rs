@@ -44,6 +44,9 @@ pub struct Cli {
     /// --log-format.
     #[command(flatten)]
     pub log: kakuremichi_node::settings::LogArgs,
+    /// --worker-threads.
+    #[command(flatten)]
+    pub runtime: kakuremichi_node::settings::RuntimeArgs,
     /// --shutdown-grace.
     #[command(flatten)]
     pub shutdown: kakuremichi_node::reload::ShutdownArgs,

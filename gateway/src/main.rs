@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    process::run_main(cli.log.log_format, run(cli))
+    process::run_main(cli.log.log_format, cli.runtime.worker_threads(), run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -18,10 +18,11 @@ use crate::settings::NodeSettings;
 use crate::state::NodeState;
 
 /// Logs to stderr as `format` says (filter from `RUST_LOG`, default `info`), runs `run` on a Tokio
-/// runtime and turns its result into the exit code; an error is logged with its causes. Traces,
+/// runtime of `worker_threads` threads and turns its result into the exit code; an error is logged with its causes. Traces,
 /// if `run` started them, are flushed at the end.
 pub fn run_main(
     format: crate::settings::LogFormat,
+    worker_threads: usize,
     run: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     // Traces (if asked) start once the node knows its id: `crate::traces::start`.
@@ -31,7 +32,12 @@ pub fn run_main(
         tracing::warn!(%error, "cannot raise the open-files limit");
     }
     crate::memory::limit_arenas();
-    let runtime = match tokio::runtime::Runtime::new() {
+    tracing::debug!(worker_threads, "starting the runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.max(1))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(r) => r,
         Err(error) => {
             tracing::error!(%error, "cannot start the runtime");
