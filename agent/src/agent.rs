@@ -3,8 +3,10 @@
 //!
 //! Every stream starts with a [`StreamHeader`] naming a resource and its overlay port; a stream
 //! whose header does not match a configured target exactly is reset before anything is dialed.
-//! HTTP streams carry one request each, forwarded over a keep-alive pool of kernel TCP
-//! connections per target; TCP streams are copied both ways. A flow ends (its stream reset)
+//! HTTP streams (the gateway keeps each for request after request) are piped byte for byte to a
+//! kernel TCP connection to their target ([`crate::pipe`]), or, with traces exported, parsed
+//! and forwarded over a keep-alive pool to carry the agent's span; TCP streams are copied both
+//! ways. A flow ends (its stream reset)
 //! as soon as a snapshot removes its resource or changes its target.
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +38,9 @@ use tracing::Instrument as _;
 
 use crate::apply::plan;
 use crate::health::HealthChecks;
+use crate::http1;
 use crate::metrics::{CountedBody, CountedIo, Metrics, Refusal, ResourceCounters};
+use crate::pipe::{self, Outcome, PipeHooks};
 use crate::sessions::{SessionHost, StartRequest};
 use uuid::Uuid;
 
@@ -391,7 +395,11 @@ impl Agent {
         let span = tracing::debug_span!("flow", resource_id = %target.resource_id, target = %target.target);
         let flow = async {
             match header.kind {
-                StreamKind::Http => self.serve_http(stream, &target).await,
+                // With traces exported, each request is parsed to carry the agent's span.
+                StreamKind::Http if kakuremichi_telemetry::enabled() => {
+                    self.serve_http(stream, &target).await;
+                }
+                StreamKind::Http => self.pipe_http(stream, &target).await,
                 StreamKind::Tcp => self.copy_tcp(stream, &target).await,
                 StreamKind::Udp => self.relay_udp(stream, &target).await,
                 StreamKind::Health | StreamKind::Session => {}
@@ -495,6 +503,40 @@ impl Agent {
             .await;
         if let Err(error) = served {
             tracing::debug!(%error, "HTTP stream ended with an error");
+        }
+    }
+
+    /// Pipes the HTTP exchanges on the stream to connections to the target, byte for byte
+    /// ([`crate::pipe`]).
+    async fn pipe_http(&self, mut stream: TunnelStream, target: &Target) {
+        let counters = self.inner.metrics.resource(target.resource_id);
+        let hooks = PipeCounters {
+            agent: self,
+            target,
+            counters: &counters,
+        };
+        let dial = || async {
+            let tcp = tokio::time::timeout(
+                TARGET_CONNECT_TIMEOUT,
+                TcpStream::connect(target.target.as_str()),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out")
+            })??;
+            let _ = tcp.set_nodelay(true);
+            Ok(CountedIo::new(tcp, Arc::clone(&counters)))
+        };
+        match pipe::pipe(&mut stream, dial, &hooks).await {
+            Outcome::Done => tracing::trace!("HTTP stream closed"),
+            Outcome::Cut => {
+                tracing::debug!("the target closed in the middle of an exchange: reset");
+                stream.abort();
+            }
+            Outcome::Failed(error) => {
+                tracing::debug!(%error, "HTTP stream failed: reset");
+                stream.abort();
+            }
         }
     }
 
@@ -1012,8 +1054,6 @@ async fn target_changed(targets: &mut watch::Receiver<Targets>, mine: &Target) {
     }
 }
 
-/// Joins an upgraded exchange (WebSocket and the like) between the gateway's stream and the
-/// target's connection.
 /// With traces exported, the span of one request forwarded to its target: a child of the
 /// gateway's span (the `traceparent` it sent: the gateway is a configured peer, authenticated by
 /// the tunnel), and the parent the app sees in the `traceparent` it gets. Without, a disabled
@@ -1039,6 +1079,8 @@ fn forward_span<B>(req: &mut Request<B>, target: &Target) -> tracing::Span {
     span
 }
 
+/// Joins an upgraded exchange (WebSocket and the like) between the gateway's stream and the
+/// target's connection.
 async fn join_upgrades(
     gateway: hyper::upgrade::OnUpgrade,
     target: hyper::upgrade::OnUpgrade,
@@ -1092,6 +1134,36 @@ fn agent_error(status: StatusCode, message: &str) -> Response<AgentBody> {
         .headers_mut()
         .insert(AGENT_ERROR_HEADER, HeaderValue::from_static("1"));
     response
+}
+
+/// What a pipe reports, counted for its target.
+struct PipeCounters<'a> {
+    agent: &'a Agent,
+    target: &'a Target,
+    counters: &'a Arc<ResourceCounters>,
+}
+
+impl PipeHooks for PipeCounters<'_> {
+    fn dialed(&self, result: Result<(), &std::io::Error>) {
+        match result {
+            Ok(()) => self.agent.record(self.target, None),
+            Err(error) => {
+                // Answered with the agent's own 502.
+                self.counters.record_dial_failure();
+                self.counters.record_request(502);
+                tracing::warn!(%error, "target request failed: the target refused the connection");
+                self.agent.record(
+                    self.target,
+                    Some(format!("the target refused the connection: {error}")),
+                );
+            }
+        }
+    }
+
+    fn response(&self, response: http1::Response) {
+        self.counters.record_request(response.status);
+        self.counters.record_response_time(response.waited);
+    }
 }
 
 impl NodeHooks for Agent {

@@ -10,7 +10,9 @@ pub mod agent;
 pub mod apply;
 pub mod config;
 pub mod health;
+pub mod http1;
 pub mod metrics;
+pub mod pipe;
 pub mod reload;
 pub mod sessions;
 
