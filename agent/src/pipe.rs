@@ -257,6 +257,11 @@ where
             hooks.response(r);
         }
         match downward {
+            // The gateway is done and every answer passed: the target's connection is closed
+            // here rather than waiting for the target to close it (not all do on a half-close).
+            Poll::Pending if up.eof && up.is_empty() && down.is_empty() && exchange.is_idle() => {
+                Poll::Ready(Leg::Ended(Outcome::Done))
+            }
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => Poll::Ready(target_closed(exchange, up)),
             Poll::Ready(Err(CopyError::Read(e))) if closed(&e) && exchange.is_idle() => {
@@ -494,6 +499,30 @@ mod tests {
         assert!(exchange.is_idle(), "{exchange:?}");
         assert!(matches!(r.outcome.await.unwrap(), Outcome::Done));
         assert_eq!(r.seen.refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_gateway_closing_its_side_ends_the_pipe_even_if_the_app_never_closes() {
+        let mut r = rig();
+        let (end, mut app) = app_pair();
+        r.apps.send(end).unwrap();
+        r.gateway.write_all(GET).await.unwrap();
+        read_n(&mut app, GET.len()).await;
+        // The gateway is done sending before the answer comes.
+        r.gateway.shutdown().await.unwrap();
+        assert_eq!(
+            read_to_end(&mut app).await,
+            b"",
+            "the app sees the gateway's end"
+        );
+        app.write_all(OK).await.unwrap();
+        // The app keeps its side open; the pipe still ends once the answer has passed.
+        assert_eq!(read_to_end(&mut r.gateway).await, OK);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), r.outcome)
+            .await
+            .expect("the pipe ends without the app closing");
+        assert!(matches!(outcome.unwrap(), Outcome::Done));
+        drop(app);
     }
 
     #[tokio::test]
