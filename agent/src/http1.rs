@@ -200,6 +200,15 @@ impl Exchange {
             && self.response.partial.is_empty()
     }
 
+    /// Whether every request whose head was seen has had its whole final response (so a reset
+    /// from the target now loses nothing it answered).
+    pub fn answered_all(&self) -> bool {
+        self.is_tracking()
+            && self.pending.is_empty()
+            && self.response.body == Body::Head
+            && self.response.partial.is_empty()
+    }
+
     /// The next final response seen, oldest first.
     pub fn poll_response(&mut self) -> Option<Response> {
         self.responses.pop_front()
@@ -238,6 +247,10 @@ impl Exchange {
         match self.response.body {
             Body::UntilClose | Body::Raw => Eof::End,
             _ if self.is_idle() => Eof::Idle,
+            // It answered every request whose head it got, and closed while the next one (or
+            // the body of the one it answered early, say with a 413) was still coming: its
+            // answers stand, and the rest is its choice to refuse.
+            _ if self.answered_all() => Eof::End,
             _ => Eof::Cut,
         }
     }
@@ -589,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_response_and_a_cut_request_are_not_idle() {
+    fn a_cut_response_is_cut_and_an_early_answer_stands() {
         let mut ex = Exchange::new();
         let now = t0();
         ex.handle_request_bytes(GET, now);
@@ -598,9 +611,19 @@ mod tests {
         let mut ex = Exchange::new();
         ex.handle_request_bytes(&POST_CHUNKED[..70], now);
         assert_eq!(ex.handle_response_eof(), Eof::Cut);
+        // Closing on a request still being sent, with every earlier one answered, ends the
+        // connection in order: an early answer (a 413 to an upload) stands.
         let mut ex = Exchange::new();
         ex.handle_request_bytes(&GET[..5], now);
-        assert_eq!(ex.handle_response_eof(), Eof::Cut);
+        assert_eq!(ex.handle_response_eof(), Eof::End);
+        let mut ex = Exchange::new();
+        ex.handle_request_bytes(&POST_CHUNKED[..70], now);
+        ex.handle_response_bytes(
+            b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            now,
+        );
+        assert_eq!(statuses(&mut ex), [413]);
+        assert_eq!(ex.handle_response_eof(), Eof::End);
     }
 
     #[test]

@@ -264,7 +264,9 @@ where
             }
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => Poll::Ready(target_closed(exchange, up)),
-            Poll::Ready(Err(CopyError::Read(e))) if closed(&e) && exchange.is_idle() => {
+            // A reset (the target closed with bytes of ours unread) after it answered all it
+            // was asked loses nothing: as a close.
+            Poll::Ready(Err(CopyError::Read(e))) if closed(&e) && exchange.answered_all() => {
                 Poll::Ready(target_closed(exchange, up))
             }
             Poll::Ready(Err(CopyError::Read(e) | CopyError::Write(e))) => {
@@ -523,6 +525,24 @@ mod tests {
             .expect("the pipe ends without the app closing");
         assert!(matches!(outcome.unwrap(), Outcome::Done));
         drop(app);
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_an_upload_reaches_the_gateway_whole() {
+        let mut r = rig();
+        let (end, mut app) = app_pair();
+        r.apps.send(end).unwrap();
+        let head = b"POST /u HTTP/1.1\r\ncontent-length: 1000000\r\n\r\n";
+        r.gateway.write_all(head).await.unwrap();
+        r.gateway.write_all(&[7; 1000]).await.unwrap();
+        read_n(&mut app, head.len()).await;
+        let refused =
+            b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        app.write_all(refused).await.unwrap();
+        drop(app);
+        assert_eq!(read_to_end(&mut r.gateway).await, refused);
+        assert!(matches!(r.outcome.await.unwrap(), Outcome::Done));
+        assert_eq!(*r.seen.statuses.lock().unwrap(), [413]);
     }
 
     #[tokio::test]
